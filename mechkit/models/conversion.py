@@ -1,0 +1,193 @@
+"""Hugging Face models (from a folder or a GGUF file) turned into TransformerLens models.
+
+The path is the one TransformerLens takes for its own hub models, fed from local files:
+``transformers`` loads the model (dequantizing GGUF tensors to float32 through the ``gguf``
+package), TransformerLens builds its config from the Hugging Face config and maps the weights
+with its per-architecture converter, and :meth:`HookedTransformer.load_and_process_state_dict`
+applies the processing in :class:`Processing`. GGUF conversions are cached (see
+:mod:`mechkit.models.weight_cache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mechkit.models.weight_cache import cache_key, cached_folder, write_folder_atomically
+
+__all__ = ["Processing", "load_gguf", "load_hf_folder", "build_hooked"]
+
+# Rotary models allocate an [n_ctx, n_ctx] causal mask per layer; SmolLM2's 8192 would cost
+# 2 GiB over 30 layers. 2048 tokens covers interpretability work; pass n_ctx to go further.
+DEFAULT_MAX_CTX = 2048
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Processing:
+    """How the weights were processed after loading: the same on every load.
+
+    The defaults keep the model's logits equal to the original network's (up to float error):
+    folding the norms' scales into the next weights changes no output, while centring the
+    unembedding would shift every logit by a per-position constant.
+
+    Attributes:
+        fold_ln: norm weights (and biases) folded into the following linear maps; the norm
+            hooks then see the pure normalization (``RMSPre``/``LNPre``).
+        center_writing_weights: weights writing to the residual stream made mean-zero (LayerNorm
+            models only; a no-op for RMSNorm ones). Off: it changes the residual stream.
+        center_unembed: unembedding made mean-zero over the vocabulary. Off: logits would then
+            differ from the original model's by a constant per position.
+        fold_value_biases: value biases folded into the attention output bias. Off: each head's
+            output keeps its own value bias, so head outputs are what the model computes.
+    """
+
+    fold_ln: bool = True
+    center_writing_weights: bool = False
+    center_unembed: bool = False
+    fold_value_biases: bool = False
+
+    def as_dict(self) -> dict[str, bool]:
+        return dataclasses.asdict(self)
+
+
+def _tl_config(hf_config_dir: Path, name: str, processing: Processing, n_ctx: int | None, **kw):
+    """TransformerLens's config for the Hugging Face config saved in ``hf_config_dir``."""
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+
+    hf_cfg = json.loads((hf_config_dir / "config.json").read_text())
+    max_pos = hf_cfg.get("max_position_embeddings") or hf_cfg.get("n_positions")
+    if n_ctx is None and max_pos is not None and max_pos > DEFAULT_MAX_CTX:
+        n_ctx = DEFAULT_MAX_CTX
+    # TransformerLens guesses the architecture from words such as "llama" in the path, so the
+    # config is read from a folder whose name says nothing.
+    with tempfile.TemporaryDirectory() as neutral:
+        (Path(neutral) / "config.json").write_text(json.dumps(hf_cfg))
+        cfg = get_pretrained_model_config(
+            neutral, fold_ln=processing.fold_ln, n_ctx=n_ctx, dtype=torch.float32, **kw
+        )
+    cfg.model_name = name
+    return cfg
+
+
+def build_hooked(cfg: Any, tokenizer: Any) -> Any:
+    """An empty HookedTransformer for ``cfg`` (weights uninitialised, on the CPU)."""
+    import warnings
+
+    from transformer_lens import HookedTransformer
+
+    with warnings.catch_warnings():  # TransformerLens 3.9 deprecates the class for 4.x
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+
+
+def _convert(
+    hf_model: Any, tokenizer: Any, hf_config_dir: Path, name: str, processing, n_ctx, **kw
+):  # noqa: E501
+    """Map a loaded Hugging Face model onto a processed HookedTransformer (on the CPU)."""
+    from transformer_lens.loading_from_pretrained import get_pretrained_state_dict
+
+    cfg = _tl_config(hf_config_dir, name, processing, n_ctx, **kw)
+    state_dict = get_pretrained_state_dict(str(hf_config_dir), cfg, hf_model=hf_model)
+    model = build_hooked(cfg, tokenizer)
+    model.load_and_process_state_dict(
+        state_dict, refactor_factored_attn_matrices=False, **processing.as_dict()
+    )
+    return model
+
+
+def _save_hf_config(hf_model: Any, folder: Path) -> None:
+    config = hf_model.config
+    config.architectures = [type(hf_model).__name__]  # GGUF-built configs carry none
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights were dequantized on load
+    config.save_pretrained(folder)
+
+
+def _gguf_add_bos(path: Path) -> bool:
+    """Whether the GGUF file's tokenizer metadata asks for a BOS token in front of the text."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
+    return bool(field.parts[field.data[0]][0]) if field is not None else False
+
+
+def load_gguf(path: Path, name: str, processing: Processing, n_ctx: int | None = None):
+    """A processed HookedTransformer from a GGUF file, through the cache.
+
+    Returns:
+        (model, from_cache): the model on the CPU in float32, and whether the cache served it.
+    """
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    key = cache_key(path, {**processing.as_dict(), "n_ctx": n_ctx})
+    folder = cached_folder(name, key)
+    from_cache = folder is not None
+    if folder is None:
+
+        def fill(tmp: Path) -> None:
+            from transformers import AutoModelForCausalLM
+
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32
+            ).eval()
+            _save_hf_config(hf_model, tmp)
+            tokenizer.save_pretrained(tmp / "tokenizer")
+            add_bos = _gguf_add_bos(path)
+            model = _convert(
+                hf_model, tokenizer, tmp, name, processing, n_ctx, default_prepend_bos=add_bos
+            )
+            params = {k: v.detach().contiguous() for k, v in model.named_parameters()}
+            save_file(params, tmp / "weights.safetensors")
+            meta = {
+                "name": name,
+                "source": str(path.resolve()),
+                "processing": processing.as_dict(),
+                "n_ctx": model.cfg.n_ctx,
+                "default_prepend_bos": add_bos,
+                "format": 1,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+
+        folder = write_folder_atomically(name, key, fill)
+
+    meta = json.loads((folder / "meta.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    cfg = _tl_config(
+        folder, name, processing, meta["n_ctx"], default_prepend_bos=meta["default_prepend_bos"]
+    )
+    model = build_hooked(cfg, tokenizer)
+    _load_parameters(model, load_file(folder / "weights.safetensors"))
+    return model, from_cache
+
+
+def _load_parameters(model: Any, params: dict[str, torch.Tensor]) -> None:
+    """Load saved parameters; the buffers (masks, rotary tables) are rebuilt by the model."""
+    missing, unexpected = model.load_state_dict(params, strict=False, assign=True)
+    param_names = {k for k, _ in model.named_parameters()}
+    missing_params = [k for k in missing if k in param_names]
+    if missing_params or unexpected:
+        raise RuntimeError(  # the cache does not fit this version of the code
+            f"Cached weights do not fit the model: missing {missing_params[:5]}, "
+            f"unexpected {list(unexpected)[:5]}. Delete the cache folder and load again."
+        )
+
+
+def load_hf_folder(folder: Path, name: str, processing: Processing, n_ctx: int | None = None):
+    """A processed HookedTransformer from a local Hugging Face model folder (no cache needed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        _save_hf_config(hf_model, Path(tmp))
+        return _convert(hf_model, tokenizer, Path(tmp), name, processing, n_ctx)
