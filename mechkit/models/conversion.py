@@ -88,8 +88,14 @@ def build_hooked(cfg: Any, tokenizer: Any) -> Any:
 
 
 def _convert(
-    hf_model: Any, tokenizer: Any, hf_config_dir: Path, name: str, processing, n_ctx, **kw
-):  # noqa: E501
+    hf_model: Any,
+    tokenizer: Any,
+    hf_config_dir: Path,
+    name: str,
+    processing: Processing,
+    n_ctx: int | None,
+    **kw: Any,
+) -> Any:
     """Map a loaded Hugging Face model onto a processed HookedTransformer (on the CPU)."""
     from transformer_lens.loading_from_pretrained import get_pretrained_state_dict
 
