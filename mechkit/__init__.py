@@ -18,12 +18,51 @@ from mechkit.errors import (
     UnknownModelError,
     UnsupportedModelError,
 )
+from mechkit.interventions import Add, Captured, Patch, Transform, Zero, capture, intervene
+from mechkit.metrics import (
+    CrossEntropy,
+    KLDivergence,
+    LogitDiff,
+    Metric,
+    Normalized,
+    ProbDiff,
+    cross_entropy,
+    kl_divergence,
+    logit_diff,
+    normalize,
+    prob_diff,
+)
 from mechkit.models import BUILTIN_MODELS, ModelInfo, Processing, load_model, model_info
+from mechkit.prompts import PromptPairs, tokenize_answer
+from mechkit.sites import COMPONENTS, Site, validate_sites
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Add",
     "BUILTIN_MODELS",
+    "COMPONENTS",
+    "Captured",
+    "CrossEntropy",
+    "KLDivergence",
+    "LogitDiff",
+    "Metric",
+    "Normalized",
+    "Patch",
+    "ProbDiff",
+    "PromptPairs",
+    "Site",
+    "Transform",
+    "Zero",
+    "capture",
+    "cross_entropy",
+    "intervene",
+    "kl_divergence",
+    "logit_diff",
+    "normalize",
+    "prob_diff",
+    "tokenize_answer",
+    "validate_sites",
     "DatasetFormatError",
     "DeviceError",
     "EmptyDatasetError",

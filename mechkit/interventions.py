@@ -1,0 +1,188 @@
+"""Interventions: small objects that change one site's activation, applied only in a scope.
+
+Each intervention names a :class:`~mechkit.sites.Site` and says what to do with the part of the
+activation the site selects. They take effect only inside :func:`intervene`, which is built on
+TransformerLens's ``model.hooks()``: leaving the ``with`` block removes every hook, also when a
+hook, the forward pass or the user's own code raises.
+
+    >>> clean_z = ...  # (batch, pos, d_head), e.g. from mk.capture
+    >>> with mk.intervene(model, mk.Patch(mk.Site("z", layer=5, head=1), clean_z)):
+    ...     logits = model(corrupt_tokens)
+
+:func:`capture` is the reading counterpart: it records activations at sites during a forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mechkit.errors import InvalidSiteError, ShapeError
+from mechkit.sites import Site, validate_sites
+
+__all__ = ["Intervention", "Patch", "Zero", "Add", "Transform", "intervene", "capture", "Captured"]
+
+
+class Intervention:
+    """Base class: a site and a rule that maps the selected activation to its new value."""
+
+    site: Site
+
+    def new_value(self, selected: Tensor) -> Tensor:
+        """The replacement for ``selected`` (the part of the activation the site picks)."""
+        raise NotImplementedError
+
+    def apply(self, activation: Tensor, site: Site) -> Tensor:
+        """The whole activation with the site's part replaced (a new tensor; autograd-safe)."""
+        idx = site.index(activation.ndim)
+        selected = activation[idx]
+        value = self.new_value(selected)
+        try:
+            value = torch.broadcast_to(
+                value.to(activation.device, activation.dtype), selected.shape
+            )
+        except RuntimeError:
+            raise ShapeError(
+                f"{type(self).__name__} at {site.label!r} ({site.hook_name}): expected a value "
+                f"broadcastable to the selected shape {tuple(selected.shape)} (activation "
+                f"{tuple(activation.shape)}); got shape {tuple(value.shape)}. Hint: select a "
+                "head or position on the Site, or reshape the value."
+            ) from None
+        out = activation.clone()
+        out[idx] = value
+        return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Patch(Intervention):
+    """Replace the site's activation with ``value`` (broadcast to the selected shape).
+
+    Example:
+        >>> mk.Patch(mk.Site("resid_pre", layer=3, position=5), clean_resid)  # (batch, d_model)
+    """
+
+    site: Site
+    value: Tensor
+
+    def new_value(self, selected: Tensor) -> Tensor:
+        return self.value
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Zero(Intervention):
+    """Set the site's activation to zero (zero ablation)."""
+
+    site: Site
+
+    def new_value(self, selected: Tensor) -> Tensor:
+        return torch.zeros_like(selected)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Add(Intervention):
+    """Add ``scale * vector`` to the site's activation (a steering vector, say)."""
+
+    site: Site
+    vector: Tensor
+    scale: float = 1.0
+
+    def new_value(self, selected: Tensor) -> Tensor:
+        return selected + self.scale * self.vector.to(selected.device, selected.dtype)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Transform(Intervention):
+    """Replace the site's activation with ``fn(selected)``, for anything the others don't do."""
+
+    site: Site
+    fn: Callable[[Tensor], Tensor]
+
+    def new_value(self, selected: Tensor) -> Tensor:
+        return self.fn(selected)
+
+
+def _hook_for(intervention: Intervention, site: Site) -> Callable[[Tensor, Any], Tensor]:
+    def hook(activation: Tensor, hook: Any) -> Tensor:
+        return intervention.apply(activation, site)
+
+    return hook
+
+
+@contextlib.contextmanager
+def intervene(model: Any, *interventions: Intervention) -> Iterator[Any]:
+    """Apply interventions to every forward pass of ``model`` inside the ``with`` block.
+
+    Sites are validated against the model before any hook is added. On leaving the block, by
+    any route, the model has exactly the hooks it had before.
+
+    Yields:
+        The model, for convenience.
+    """
+    for item in interventions:
+        if not isinstance(item, Intervention):
+            raise InvalidSiteError(
+                f"Expected mechkit interventions (Patch, Zero, Add, Transform); got "
+                f"{type(item).__name__}."
+            )
+    sites = validate_sites(model, [item.site for item in interventions])
+    hooks = [
+        (site.hook_name, _hook_for(item, site))
+        for item, site in zip(interventions, sites, strict=True)
+    ]
+    with model.hooks(fwd_hooks=hooks):
+        yield model
+
+
+class Captured(dict):
+    """Activations recorded by :func:`capture`, keyed by the :class:`Site` asked for.
+
+    ``captured[site]`` is the site's part of the activation, from the last forward pass.
+    """
+
+    def __getitem__(self, site: Site | str) -> Tensor:
+        if isinstance(site, str):
+            matches = [s for s in self if s.hook_name == site]
+            if len(matches) == 1:
+                return super().__getitem__(matches[0])
+        if site not in self:
+            raise KeyError(
+                f"Expected one of the captured sites {[s.label for s in self]}; got {site!r}. "
+                "Hint: captured values appear only after a forward pass inside the block."
+            )
+        return super().__getitem__(site)
+
+
+@contextlib.contextmanager
+def capture(model: Any, *sites: Site | str, grad: bool = False) -> Iterator[Captured]:
+    """Record the activations at ``sites`` during forward passes inside the ``with`` block.
+
+    Args:
+        model: the HookedTransformer.
+        *sites: sites or hook names; each stores only the part its head/position/neuron picks.
+        grad: keep the autograd graph (for gradients through the captured values); by default
+            values are detached.
+
+    Example:
+        >>> with mk.capture(model, mk.Site("resid_pre", layer=2)) as acts:
+        ...     model(tokens)
+        >>> acts[mk.Site("resid_pre", layer=2)].shape  # (batch, pos, d_model)
+    """
+    asked = [Site.from_hook_name(s, model) if isinstance(s, str) else s for s in sites]
+    resolved = validate_sites(model, asked)
+    store = Captured()
+
+    def make_hook(key: Site, site: Site) -> Callable[[Tensor, Any], None]:
+        def hook(activation: Tensor, hook: Any) -> None:
+            value = activation[site.index(activation.ndim)]
+            store[key] = value if grad else value.detach()
+
+        return hook
+
+    hooks = [(s.hook_name, make_hook(a, s)) for a, s in zip(asked, resolved, strict=True)]
+    with model.hooks(fwd_hooks=hooks):
+        yield store
