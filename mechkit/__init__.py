@@ -33,8 +33,9 @@ from mechkit.metrics import (
     prob_diff,
 )
 from mechkit.models import BUILTIN_MODELS, ModelInfo, Processing, load_model, model_info
-from mechkit.prompts import PromptPairs, tokenize_answer
+from mechkit.prompts import PromptPairs
 from mechkit.sites import COMPONENTS, Site, validate_sites
+from mechkit.tokens import tokenize_answer
 
 __version__ = "0.1.0"
 

@@ -34,15 +34,10 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from mechkit.errors import (
-    DatasetFormatError,
-    EmptyDatasetError,
-    MultiTokenAnswerError,
-    PromptLengthError,
-    ShapeError,
-)
+from mechkit.errors import DatasetFormatError, EmptyDatasetError, PromptLengthError, ShapeError
+from mechkit.tokens import encode, pad_right, tokenize_answer, tokenizer_of
 
-__all__ = ["PromptPairs", "tokenize_answer"]
+__all__ = ["PromptPairs"]
 
 _FIELDS = ("clean", "corrupt", "answer", "wrong")
 
@@ -128,12 +123,17 @@ class PromptPairs:
             )
         if not clean_rows:
             raise EmptyDatasetError("Expected at least one prompt pair; got none.")
-        clean_tokens, clean_mask = _pad(clean_rows, pad_token_id)
-        corrupt_tokens, corrupt_mask = _pad(corrupt_rows, pad_token_id)
+        clean_tokens, clean_mask = pad_right(clean_rows, pad_token_id)
+        corrupt_tokens, corrupt_mask = pad_right(corrupt_rows, pad_token_id)
         pairs = cls(
-            clean_tokens, corrupt_tokens, clean_mask, corrupt_mask, answer, wrong,
+            clean_tokens,
+            corrupt_tokens,
+            clean_mask,
+            corrupt_mask,
+            answer,
+            wrong,
             pad_token_id=pad_token_id,
-        )  # fmt: skip
+        )
         if aligned:
             pairs.require_aligned()
         return pairs
@@ -162,9 +162,7 @@ class PromptPairs:
         Raises:
             EmptyDatasetError, MultiTokenAnswerError, PromptLengthError, ShapeError.
         """
-        tokenizer = _tokenizer(model)
-        if prepend_bos is None:
-            prepend_bos = bool(model.cfg.default_prepend_bos)
+        tokenizer = tokenizer_of(model)
         lists = {"clean": clean, "corrupt": corrupt, "answers": answers, "wrongs": wrongs}
         for key, value in lists.items():
             if isinstance(value, str):
@@ -175,17 +173,17 @@ class PromptPairs:
                 "one corrupt prompt per example."
             )
 
-        def encode(text: str) -> list[int]:
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            return [tokenizer.bos_token_id, *ids] if prepend_bos else ids
-
         answer_ids = [tokenize_answer(model, a) for a in answers]
         wrong_ids = [tokenize_answer(model, w) for w in wrongs]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         pairs = cls.from_tokens(
-            [encode(t) for t in clean], [encode(t) for t in corrupt], answer_ids, wrong_ids,
-            aligned=False, pad_token_id=pad,
-        )  # fmt: skip
+            [encode(model, t, prepend_bos) for t in clean],
+            [encode(model, t, prepend_bos) for t in corrupt],
+            answer_ids,
+            wrong_ids,
+            aligned=False,
+            pad_token_id=pad,
+        )
         pairs = dataclasses.replace(
             pairs,
             clean_texts=tuple(clean),
@@ -246,9 +244,14 @@ class PromptPairs:
                 f"Expected at least one prompt pair in {path}; the file has none."
             )
         return cls.from_lists(
-            model, rows["clean"], rows["corrupt"], rows["answer"], rows["wrong"],
-            aligned=aligned, prepend_bos=prepend_bos,
-        )  # fmt: skip
+            model,
+            rows["clean"],
+            rows["corrupt"],
+            rows["answer"],
+            rows["wrong"],
+            aligned=aligned,
+            prepend_bos=prepend_bos,
+        )
 
     # ----------------------------------------------------------------------------- using
 
@@ -357,50 +360,9 @@ class PromptPairs:
         )
 
 
-def tokenize_answer(model: Any, answer: str) -> int:
-    """The single token id of ``answer`` (no BOS), or :class:`MultiTokenAnswerError`."""
-    tokenizer = _tokenizer(model)
-    ids = tokenizer.encode(answer, add_special_tokens=False)
-    if len(ids) != 1:
-        pieces = [tokenizer.decode([i]) for i in ids]
-        hint = (
-            f" Hint: most tokenizers fold the leading space into the word: try {' ' + answer!r}."
-            if not answer.startswith(" ") and len(ids) > 1
-            else " Hint: choose a word that is one token, or score its first token."
-        )
-        raise MultiTokenAnswerError(
-            f"Expected an answer that is a single token; {answer!r} tokenizes to {len(ids)} "
-            f"tokens {pieces}.{hint}"
-        )
-    return int(ids[0])
-
-
-def _tokenizer(model: Any) -> Any:
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ShapeError(
-            "Expected a model with a tokenizer to turn text into tokens; this model has none "
-            "(a toy model?). Hint: build the pairs from token ids with PromptPairs.from_tokens."
-        )
-    return tokenizer
-
-
 def _rows(batch: Sequence[Sequence[int]] | Tensor) -> list[list[int]]:
     if isinstance(batch, Tensor):
         if batch.ndim != 2:
             raise ShapeError(f"Expected a (batch, pos) token tensor; got {tuple(batch.shape)}.")
         return batch.tolist()
     return [list(map(int, row)) for row in batch]
-
-
-def _pad(rows: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
-    """Right-pad token rows into (batch, pos) ids and a (batch, pos) mask of real tokens."""
-    if any(len(r) == 0 for r in rows):
-        raise ShapeError("Expected every prompt to have at least one token; got an empty one.")
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = True
-    return tokens, mask
