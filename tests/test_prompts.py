@@ -68,7 +68,12 @@ def test_misaligned_pair_is_refused_with_the_pair_named(smollm2):
             [" John", " London"],
         )
     message = str(err.value)
-    assert "pair 1" in message and "5 clean vs 8 corrupt" in message and "aligned=False" in message
+    n_clean = len(smollm2.tokenizer.encode("The capital of France is", add_special_tokens=False))
+    n_corrupt = len(
+        smollm2.tokenizer.encode("The capital of the United Kingdom is", add_special_tokens=False)
+    )
+    assert "pair 1" in message and "aligned=False" in message
+    assert f"{n_clean} clean vs {n_corrupt} corrupt" in message
     pairs = mk.PromptPairs.from_lists(
         smollm2,
         ["The capital of France is"],
@@ -78,11 +83,11 @@ def test_misaligned_pair_is_refused_with_the_pair_named(smollm2):
         aligned=False,
     )
     assert not pairs.is_aligned
-    assert pairs.answer_positions("corrupt").tolist() == [7]
+    assert pairs.answer_positions("corrupt").tolist() == [n_corrupt - 1]
 
 
 def test_multi_token_answer(smollm2):
-    with pytest.raises(mk.MultiTokenAnswerError, match="tokenizes to 2 tokens"):
+    with pytest.raises(mk.MultiTokenAnswerError, match="tokenizes to 5 tokens"):
         mk.PromptPairs.from_lists(smollm2, CLEAN[:1], CORRUPT[:1], [" Maryanne-Louise"], [" John"])
 
 

@@ -86,7 +86,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-seg-len", type=int, default=50)
     # Output.
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     return p.parse_args()
 
 
@@ -120,24 +120,26 @@ def random_tokens(n: int, length: int, d_vocab: int, gen: torch.Generator) -> to
 def make_train_batch(
     batch_size: int, n_ctx: int, d_vocab: int, min_len: int, max_len: int, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Build ``[BOS] + noise(P) + r(L) + r(L) + noise`` sequences of length n_ctx.
+    """Build ``[BOS] + noise(P) + r(L) + r(L) + r(L) + ...`` sequences of length n_ctx.
 
-    Returns (tokens [B, n_ctx], seg_len [B], seg_start [B]) where seg_start is the position of the
-    first token of the first copy of r (in the full sequence, BOS included).
+    After a random-length prefix of noise, the segment r repeats with period L until the sequence
+    ends (the last copy is cut off), so at least two full copies of r always fit. Returns
+    (tokens [B, n_ctx], seg_len [B], seg_start [B]) where seg_start is the position of the first
+    token of the first copy of r in the full sequence (BOS included).
     """
     body_len = n_ctx - 1  # positions after BOS
     assert 2 * max_len <= body_len, "two copies of the longest segment must fit after BOS"
     body = random_tokens(batch_size, body_len, d_vocab, gen)  # [B, body_len]
     seg_len = torch.randint(min_len, max_len + 1, (batch_size,), generator=gen)  # [B]
-    # Offset of the first copy within the body: uniform over all placements that fit.
+    # Offset of the first copy within the body: uniform over all placements that fit two copies.
     max_offset = body_len - 2 * seg_len  # [B], >= 0
     offset = (torch.rand(batch_size, generator=gen) * (max_offset + 1)).long()  # [B]
-    # Copy r into the second slot with a gather: body position j in [offset+L, offset+2L) reads
-    # from j - L; every other position reads from itself.
+    # Repeat r with a gather: body position j >= offset + L reads from
+    # offset + (j - offset) mod L, i.e. the same place in the first copy; earlier positions
+    # (noise and the first copy itself) read from themselves.
     pos = torch.arange(body_len).unsqueeze(0)  # [1, body_len]
-    start2 = (offset + seg_len).unsqueeze(1)  # [B, 1]
-    in_copy = (pos >= start2) & (pos < start2 + seg_len.unsqueeze(1))  # [B, body_len]
-    src = pos - in_copy.long() * seg_len.unsqueeze(1)  # [B, body_len]
+    off, n = offset.unsqueeze(1), seg_len.unsqueeze(1)  # [B, 1] each
+    src = torch.where(pos >= off + n, off + (pos - off) % n, pos)  # [B, body_len]
     body = body.gather(1, src)
     bos = torch.full((batch_size, 1), BOS_TOKEN_ID, dtype=body.dtype)
     tokens = torch.cat([bos, body], dim=1)  # [B, n_ctx]
@@ -166,13 +168,14 @@ def half_masks(
     """Masks over prediction positions [B, t-1] (entry p predicts token p+1).
 
     first:    targets are the tokens of the first copy of r (unpredictable).
-    repeated: targets are the tokens of the second copy of r except its first token, i.e. the
-              predictions made from query positions inside the second copy (what induction solves).
+    repeated: targets in the later copies of r except the very first token of the second copy,
+              i.e. the predictions made from query positions inside the repeats (what induction
+              solves).
     """
     target_pos = torch.arange(1, t).unsqueeze(0)  # [1, t-1]
     s, n = seg_start.unsqueeze(1), seg_len.unsqueeze(1)  # [B, 1] each
     first = (target_pos >= s) & (target_pos < s + n)
-    repeated = (target_pos >= s + n + 1) & (target_pos < s + 2 * n)
+    repeated = target_pos >= s + n + 1
     return first, repeated
 
 

@@ -3,6 +3,7 @@ errors for names, hub models and devices that cannot be had."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import time
 from pathlib import Path
@@ -105,8 +106,12 @@ def test_bfloat16_load(smollm2):
 @torch.no_grad()
 def test_local_hugging_face_folder(smollm2, hf_smollm2, tmp_path):
     hf, tok = hf_smollm2
-    hf.config.architectures = [type(hf).__name__]
-    hf.save_pretrained(tmp_path / "smol")
+    # A GGUF-loaded model refuses save_pretrained; an unquantized copy writes a normal folder.
+    config = copy.deepcopy(hf.config)
+    del config.quantization_config
+    plain = type(hf)(config)
+    plain.load_state_dict(hf.state_dict())
+    plain.save_pretrained(tmp_path / "smol")
     tok.save_pretrained(tmp_path / "smol")
     model = mk.load_model(tmp_path / "smol", device="cpu")
     assert mk.model_info(model).source == "hf-folder"
