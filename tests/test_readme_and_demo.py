@@ -1,0 +1,51 @@
+"""The README's quickstart runs as written, and the demo job writes its report."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import mechkit as mk
+from mechkit.demo import run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_quickstart_runs(smollm2):
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quickstart\s+```python\n(.*?)```", readme, re.S).group(1)
+    out = io.StringIO()
+    namespace: dict = {}
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, "README.md quickstart", "exec"), namespace)
+    clean, patched = (
+        namespace["metric"](namespace["clean_logits"]),
+        namespace["metric"](namespace["patched"]),
+    )
+    assert abs(float(clean) - float(patched)) < 1e-4  # the claim in the README's comment
+    assert float(clean) > 2
+    assert "tensor(" in out.getvalue()
+
+
+def test_demo_writes_report(smollm2, tmp_path):
+    index = run_demo(tmp_path / "reports", "smollm2-135m")
+    page = index.read_text()
+    assert index.name == "index.html" and "smollm2-135m" in page
+    assert "&#x27; Paris&#x27;" in page or "' Paris'" in page  # top prediction shown
+    assert (tmp_path / "reports" / "next_tokens.html").is_file()
+    assert (tmp_path / "reports" / "next_tokens.csv").read_text().count("\n") > 5
+    assert not list((tmp_path / "reports").glob("*.tmp"))
+
+
+def test_cli_reports_errors_plainly(capsys):
+    from mechkit.__main__ import main
+
+    code = main(["demo", "--model", "no-such-model", "--out", "/tmp/unused"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("mechkit: error: Expected a built-in model name") and "Traceback" not in err
+    )
+    assert isinstance(mk.UnknownModelError("x"), mk.MechkitError)
