@@ -19,6 +19,7 @@ from mechkit.errors import (
     UnsupportedModelError,
 )
 from mechkit.interventions import Add, Captured, Patch, Transform, Zero, capture, intervene
+from mechkit.lens import LogitLens, logit_lens
 from mechkit.metrics import (
     CrossEntropy,
     KLDivergence,
@@ -46,6 +47,7 @@ __all__ = [
     "Captured",
     "CrossEntropy",
     "KLDivergence",
+    "LogitLens",
     "LogitDiff",
     "Metric",
     "Normalized",
@@ -59,6 +61,7 @@ __all__ = [
     "cross_entropy",
     "intervene",
     "kl_divergence",
+    "logit_lens",
     "logit_diff",
     "normalize",
     "prob_diff",

@@ -1,0 +1,322 @@
+"""The logit lens: what the residual stream predicts at every layer (nostalgebraist 2020).
+
+The residual stream before block ``l`` (and after the last block) is decoded as if it were the
+final one: ``logits_l = W_U · norm_final(h_l) + b_U``. The final normalization is **recomputed
+on h_l**: RMSNorm/LayerNorm divide by the scale of the vector they are given, and an early
+layer's residual has a much smaller norm than the last one's. Reusing the final layer's cached
+scale (what ``ActivationCache.accumulated_resid(apply_ln=True)`` does) shrinks the early
+layers' logits and flattens their distributions; it is not the logit lens.
+
+Layer entries are ``n_layers + 1``: ``resid_pre`` of each block, then ``resid_post`` of the
+last block, whose decoding is the model's own output (tested to 1e-4).
+
+Memory: logits are computed one layer and one chunk of positions at a time; only what was asked
+for is kept (top-k, targets' rank/probability/logit, and the full ``[layer, batch, pos,
+d_vocab]`` tensor only with ``keep_logits=True``).
+
+    >>> lens = mk.logit_lens(model, "The Eiffel Tower is located in the city of", top_k=3)
+    >>> lens.top_tokens[-1][0][-1]       # final layer, prompt 0, last position
+    (' Paris', ' Mont', ' Mar')
+    >>> lens.plot()                       # layer x position grid of top tokens
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechkit.errors import ShapeError
+from mechkit.tokens import encode, pad_right, tokenize_answer
+
+__all__ = ["LogitLens", "logit_lens", "decode_residual", "lens_layer_labels"]
+
+
+def lens_layer_labels(n_layers: int) -> list[str]:
+    """Labels of the lens's layer entries: ``resid_pre 0 .. resid_pre n-1, final``."""
+    return [f"resid_pre {i}" for i in range(n_layers)] + ["final"]
+
+
+def decode_residual(
+    model: Any, resid: Float[Tensor, "... d_model"]
+) -> Float[Tensor, "... d_vocab"]:
+    """Logits for a residual-stream vector: final norm recomputed on ``resid``, then unembed."""
+    normed = model.ln_final(resid)  # recomputes the scale from resid itself
+    return normed @ model.W_U + model.b_U
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LogitLens:
+    """Per-layer decodings of the residual stream.
+
+    Attributes:
+        tokens: ``(batch, pos)`` the input ids (right-padded).
+        mask: ``(batch, pos)`` True at real tokens.
+        layer_labels: ``n_layers + 1`` labels (``resid_pre 0``, ..., ``final``).
+        top_ids, top_probs: ``(layer, batch, pos, k)`` the top-k tokens and their probabilities.
+        target_ids: ``(batch, pos, n_targets)`` the tracked tokens, or None.
+        target_ranks: ``(layer, batch, pos, n_targets)`` rank (0 = top) of each tracked token.
+        target_probs, target_logits: ``(layer, batch, pos, n_targets)``.
+        logits: ``(layer, batch, pos, d_vocab)`` when ``keep_logits=True``, else None.
+        token_strs: the decoded input tokens per prompt (None without a tokenizer).
+        top_tokens: the decoded top-k tokens, ``[layer][batch][pos] -> tuple`` (None without a
+            tokenizer).
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    mask: Tensor
+    layer_labels: tuple[str, ...]
+    top_ids: Int[Tensor, "layer batch pos k"]
+    top_probs: Float[Tensor, "layer batch pos k"]
+    target_ids: Int[Tensor, "batch pos n_targets"] | None
+    target_ranks: Int[Tensor, "layer batch pos n_targets"] | None
+    target_probs: Float[Tensor, "layer batch pos n_targets"] | None
+    target_logits: Float[Tensor, "layer batch pos n_targets"] | None
+    logits: Float[Tensor, "layer batch pos d_vocab"] | None
+    token_strs: tuple[tuple[str, ...], ...] | None
+    top_tokens: tuple | None
+
+    @property
+    def probs(self) -> Float[Tensor, "layer batch pos d_vocab"]:
+        """Softmax of the kept logits (needs ``keep_logits=True``)."""
+        if self.logits is None:
+            raise ValueError(
+                "Expected a lens run with keep_logits=True; this one kept only top-k and targets "
+                "to save memory. Hint: mk.logit_lens(model, tokens, keep_logits=True)."
+            )
+        return self.logits.softmax(-1)
+
+    def to_dataframe(self) -> Any:
+        """One row per (layer, prompt, position): the top token and the targets' statistics."""
+        import pandas as pd
+
+        n_layer, n_batch, n_pos, _ = self.top_ids.shape
+        rows = []
+        for layer in range(n_layer):
+            for b in range(n_batch):
+                for p in range(n_pos):
+                    if not self.mask[b, p]:
+                        continue
+                    row = {
+                        "layer": layer,
+                        "layer_label": self.layer_labels[layer],
+                        "prompt": b,
+                        "pos": p,
+                        "token": self.token_strs[b][p]
+                        if self.token_strs
+                        else int(self.tokens[b, p]),
+                        "top_token": self.top_tokens[layer][b][p][0]
+                        if self.top_tokens
+                        else int(self.top_ids[layer, b, p, 0]),
+                        "top_prob": float(self.top_probs[layer, b, p, 0]),
+                    }
+                    if self.target_ids is not None:
+                        for t in range(self.target_ids.shape[-1]):
+                            row[f"target{t}_id"] = int(self.target_ids[b, p, t])
+                            row[f"target{t}_rank"] = int(self.target_ranks[layer, b, p, t])
+                            row[f"target{t}_prob"] = float(self.target_probs[layer, b, p, t])
+                            row[f"target{t}_logit"] = float(self.target_logits[layer, b, p, t])
+                    rows.append(row)
+        return pd.DataFrame(rows)
+
+    def plot(self, prompt: int = 0) -> Any:
+        """The layer x position grid: each cell's top token, coloured by its probability."""
+        import plotly.graph_objects as go
+
+        n_pos = int(self.mask[prompt].sum())
+        probs = self.top_probs[:, prompt, :n_pos, 0].numpy()  # (layer, pos)
+        if self.top_tokens is not None:
+            text = [[layer[prompt][p][0] for p in range(n_pos)] for layer in self.top_tokens]
+        else:
+            text = self.top_ids[:, prompt, :n_pos, 0].tolist()
+        inputs = (
+            self.token_strs[prompt][:n_pos] if self.token_strs else self.tokens[prompt].tolist()
+        )
+        x = [f"{p}: {inputs[p]!r}" for p in range(n_pos)]
+        fig = go.Figure(
+            go.Heatmap(
+                z=probs,
+                x=x,
+                y=list(self.layer_labels),
+                text=[[repr(t)[1:-1] if isinstance(t, str) else t for t in row] for row in text],
+                texttemplate="%{text}",
+                colorscale="Blues",
+                zmin=0,
+                zmax=1,
+                colorbar={"title": "p(top)"},
+                hovertemplate="%{y}<br>input %{x}<br>top %{text} p=%{z:.3f}<extra></extra>",
+            )
+        )
+        fig.update_layout(
+            title="Logit lens: top next-token prediction by layer",
+            xaxis_title="input position (token)",
+            yaxis_title="residual stream",
+            height=max(400, 22 * len(self.layer_labels) + 150),
+            width=max(700, 70 * n_pos + 200),
+        )
+        return fig
+
+    def plot_target(
+        self, target: int = 0, *, prompt: int = 0, position: int = -1, value: str = "rank"
+    ) -> Any:
+        """A line plot of one tracked token's rank (or ``"prob"``, ``"logit"``) by layer."""
+        import plotly.graph_objects as go
+
+        if self.target_ids is None:
+            raise ValueError("Expected a lens run with targets=...; this one tracked none.")
+        if position < 0:
+            position = int(self.mask[prompt].sum()) + position
+        series = {"rank": self.target_ranks, "prob": self.target_probs, "logit": self.target_logits}
+        if value not in series:
+            raise ValueError(f"Expected value in {list(series)}; got {value!r}.")
+        y = series[value][:, prompt, position, target].tolist()
+        fig = go.Figure(go.Scatter(x=list(self.layer_labels), y=y, mode="lines+markers"))
+        fig.update_layout(
+            title=f"Logit lens: {value} of token {int(self.target_ids[prompt, position, target])} "
+            f"at position {position}",
+            xaxis_title="residual stream",
+            yaxis_title=value,
+            yaxis_type="log" if value == "rank" else None,
+        )
+        return fig
+
+
+def _as_tokens(model: Any, tokens: Any, prepend_bos: bool | None) -> tuple[Tensor, Tensor]:
+    if isinstance(tokens, str):
+        tokens = [tokens]
+    if isinstance(tokens, Sequence) and tokens and isinstance(tokens[0], str):
+        tokenizer = model.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return pad_right([encode(model, t, prepend_bos) for t in tokens], pad)
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2:
+        raise ShapeError(f"Expected tokens of shape (batch, pos); got {tuple(tokens.shape)}.")
+    return tokens.long(), torch.ones_like(tokens, dtype=torch.bool)
+
+
+def _as_targets(model: Any, targets: Any, shape: tuple[int, int]) -> Tensor | None:
+    """Targets as ``(batch, pos, n_targets)`` ids."""
+    if targets is None:
+        return None
+    if isinstance(targets, str):
+        targets = [targets]
+    if isinstance(targets, Sequence) and not isinstance(targets, Tensor):
+        targets = [tokenize_answer(model, t) if isinstance(t, str) else int(t) for t in targets]
+    t = torch.as_tensor(targets, dtype=torch.long)
+    if t.ndim == 0:
+        t = t[None]
+    if t.ndim == 1:  # the same tokens tracked at every position
+        return t.expand(*shape, t.shape[0]).clone()
+    if t.ndim == 2 and tuple(t.shape) == shape:  # one target per position
+        return t[..., None]
+    if t.ndim == 3 and tuple(t.shape[:2]) == shape:
+        return t
+    raise ShapeError(
+        f"Expected targets as token strings, a list of ids, a (batch, pos) = {shape} tensor, or "
+        f"(batch, pos, n_targets); got shape {tuple(t.shape)}."
+    )
+
+
+@torch.no_grad()
+def logit_lens(
+    model: Any,
+    tokens: Any,
+    *,
+    targets: Any = None,
+    top_k: int = 5,
+    keep_logits: bool = False,
+    prepend_bos: bool | None = None,
+    chunk_tokens: int = 512,
+) -> LogitLens:
+    """Decode the residual stream at every layer and position with the final norm and unembedding.
+
+    Args:
+        model: a HookedTransformer.
+        tokens: a string, a list of strings (right-padded), or ``(batch, pos)`` token ids.
+        targets: tokens to track: strings or ids (tracked at every position), a ``(batch, pos)``
+            tensor (one per position, e.g. the next tokens), or ``(batch, pos, n_targets)``.
+        top_k: how many top tokens to keep per cell.
+        keep_logits: also keep the full ``(layer, batch, pos, d_vocab)`` logits.
+        prepend_bos: for string input; None means the model's default.
+        chunk_tokens: decode this many (batch x position) cells at a time, bounding the memory
+            to ``chunk_tokens x d_vocab`` floats beyond what is kept.
+
+    Returns:
+        A :class:`LogitLens`; its last layer entry is the model's own output.
+    """
+    tok, mask = _as_tokens(model, tokens, prepend_bos)
+    device = model.cfg.device
+    n_layers = model.cfg.n_layers
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)]
+    names.append(f"blocks.{n_layers - 1}.hook_resid_post")
+    _, cache = model.run_with_cache(tok.to(device), names_filter=lambda n: n in names)
+    resid = torch.stack([cache[n] for n in names])  # (layer, batch, pos, d_model)
+    del cache
+    n_layer, n_batch, n_pos, d_model = resid.shape
+    target_ids = _as_targets(model, targets, (n_batch, n_pos))
+    flat = resid.reshape(n_layer, n_batch * n_pos, d_model)  # (layer, cells, d_model)
+
+    top_ids = torch.empty(n_layer, n_batch * n_pos, top_k, dtype=torch.long)
+    top_probs = torch.empty(n_layer, n_batch * n_pos, top_k)
+    if target_ids is not None:
+        flat_targets = target_ids.reshape(n_batch * n_pos, -1).to(resid.device)
+        shape_t = (n_layer, n_batch * n_pos, flat_targets.shape[-1])
+        ranks = torch.empty(shape_t, dtype=torch.long)
+        t_probs, t_logits = torch.empty(shape_t), torch.empty(shape_t)
+    kept = torch.empty(n_layer, n_batch * n_pos, model.cfg.d_vocab) if keep_logits else None
+
+    for layer in range(n_layer):
+        for start in range(0, n_batch * n_pos, chunk_tokens):
+            cells = slice(start, start + chunk_tokens)
+            logits = decode_residual(model, flat[layer, cells]).float()  # (cells, d_vocab)
+            logprobs = logits.log_softmax(-1)
+            top = logprobs.topk(top_k, dim=-1)
+            top_ids[layer, cells] = top.indices.cpu()
+            top_probs[layer, cells] = top.values.exp().cpu()
+            if target_ids is not None:
+                tl = logits.gather(-1, flat_targets[cells])  # (cells, n_targets)
+                ranks[layer, cells] = (logits[:, None, :] > tl[:, :, None]).sum(-1).cpu()
+                t_logits[layer, cells] = tl.cpu()
+                t_probs[layer, cells] = logprobs.gather(-1, flat_targets[cells]).exp().cpu()
+            if kept is not None:
+                kept[layer, cells] = logits.cpu()
+
+    def grid(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.reshape(n_layer, n_batch, n_pos, *x.shape[2:])
+
+    tokenizer = getattr(model, "tokenizer", None)
+    token_strs = top_tokens = None
+    if tokenizer is not None:
+        token_strs = tuple(tuple(tokenizer.decode([t]) for t in row) for row in tok.tolist())
+        vocab = {}
+        ids = top_ids.reshape(n_layer, n_batch, n_pos, top_k).tolist()
+
+        def dec(t: int) -> str:
+            if t not in vocab:
+                vocab[t] = tokenizer.decode([t])
+            return vocab[t]
+
+        top_tokens = tuple(
+            tuple(tuple(tuple(dec(t) for t in cell) for cell in row) for row in layer_ids)
+            for layer_ids in ids
+        )
+    return LogitLens(
+        tokens=tok,
+        mask=mask,
+        layer_labels=tuple(lens_layer_labels(n_layers)),
+        top_ids=grid(top_ids),
+        top_probs=grid(top_probs),
+        target_ids=target_ids,
+        target_ranks=grid(ranks) if target_ids is not None else None,
+        target_probs=grid(t_probs) if target_ids is not None else None,
+        target_logits=grid(t_logits) if target_ids is not None else None,
+        logits=grid(kept),
+        token_strs=token_strs,
+        top_tokens=top_tokens,
+    )
