@@ -4,6 +4,13 @@
 >>> model = mk.load_model("attn-only-2l")
 """
 
+from mechkit.decomposition import (
+    Attribution,
+    ResidualDecomposition,
+    decompose_resid,
+    direct_logit_attribution,
+    neuron_attribution,
+)
 from mechkit.errors import (
     DatasetFormatError,
     DeviceError,
@@ -42,6 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Add",
+    "Attribution",
     "BUILTIN_MODELS",
     "COMPONENTS",
     "Captured",
@@ -53,16 +61,20 @@ __all__ = [
     "Normalized",
     "Patch",
     "ProbDiff",
+    "ResidualDecomposition",
     "PromptPairs",
     "Site",
     "Transform",
     "Zero",
     "capture",
     "cross_entropy",
+    "decompose_resid",
+    "direct_logit_attribution",
     "intervene",
     "kl_divergence",
     "logit_lens",
     "logit_diff",
+    "neuron_attribution",
     "normalize",
     "prob_diff",
     "tokenize_answer",

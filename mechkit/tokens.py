@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -9,7 +10,7 @@ from torch import Tensor
 
 from mechkit.errors import MultiTokenAnswerError, ShapeError
 
-__all__ = ["tokenizer_of", "encode", "tokenize_answer", "pad_right"]
+__all__ = ["tokenizer_of", "encode", "tokenize_answer", "pad_right", "token_batch"]
 
 
 def tokenizer_of(model: Any) -> Any:
@@ -68,3 +69,22 @@ def pad_right(rows: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]
         tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = True
     return tokens, mask
+
+
+def token_batch(model: Any, tokens: Any, prepend_bos: bool | None = None) -> tuple[Tensor, Tensor]:
+    """``(batch, pos)`` ids and mask from a string, a list of strings (right-padded), token ids
+    (no padding assumed), or a :class:`~mechkit.prompts.PromptPairs` (its clean prompts)."""
+    if hasattr(tokens, "clean_tokens") and hasattr(tokens, "clean_mask"):
+        return tokens.clean_tokens, tokens.clean_mask
+    if isinstance(tokens, str):
+        tokens = [tokens]
+    if isinstance(tokens, Sequence) and tokens and isinstance(tokens[0], str):
+        tokenizer = tokenizer_of(model)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return pad_right([encode(model, t, prepend_bos) for t in tokens], pad)
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        raise ShapeError(f"Expected tokens of shape (batch, pos); got {tuple(tokens.shape)}.")
+    return tokens.long(), torch.ones_like(tokens, dtype=torch.bool)

@@ -31,7 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechkit.errors import ShapeError
-from mechkit.tokens import encode, pad_right, tokenize_answer
+from mechkit.tokens import token_batch, tokenize_answer
 
 __all__ = ["LogitLens", "logit_lens", "decode_residual", "lens_layer_labels"]
 
@@ -185,21 +185,6 @@ class LogitLens:
         return fig
 
 
-def _as_tokens(model: Any, tokens: Any, prepend_bos: bool | None) -> tuple[Tensor, Tensor]:
-    if isinstance(tokens, str):
-        tokens = [tokens]
-    if isinstance(tokens, Sequence) and tokens and isinstance(tokens[0], str):
-        tokenizer = model.tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return pad_right([encode(model, t, prepend_bos) for t in tokens], pad)
-    tokens = torch.as_tensor(tokens)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2:
-        raise ShapeError(f"Expected tokens of shape (batch, pos); got {tuple(tokens.shape)}.")
-    return tokens.long(), torch.ones_like(tokens, dtype=torch.bool)
-
-
 def _as_targets(model: Any, targets: Any, shape: tuple[int, int]) -> Tensor | None:
     """Targets as ``(batch, pos, n_targets)`` ids."""
     if targets is None:
@@ -250,7 +235,7 @@ def logit_lens(
     Returns:
         A :class:`LogitLens`; its last layer entry is the model's own output.
     """
-    tok, mask = _as_tokens(model, tokens, prepend_bos)
+    tok, mask = token_batch(model, tokens, prepend_bos)
     device = model.cfg.device
     n_layers = model.cfg.n_layers
     names = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)]
