@@ -4,6 +4,7 @@
 >>> model = mk.load_model("attn-only-2l")
 """
 
+from mechkit.corpus import corpus_tokens
 from mechkit.decomposition import (
     Attribution,
     ResidualDecomposition,
@@ -26,7 +27,16 @@ from mechkit.errors import (
     UnsupportedModelError,
 )
 from mechkit.interventions import Add, Captured, Patch, Transform, Zero, capture, intervene
-from mechkit.lens import LogitLens, logit_lens
+from mechkit.lens import (
+    LensComparison,
+    LogitLens,
+    TunedLens,
+    TunedLensConfig,
+    compare_lenses,
+    decode_residual,
+    logit_lens,
+    train_tuned_lens,
+)
 from mechkit.metrics import (
     CrossEntropy,
     KLDivergence,
@@ -48,6 +58,13 @@ from mechkit.tokens import tokenize_answer
 __version__ = "0.1.0"
 
 __all__ = [
+    "train_tuned_lens",
+    "decode_residual",
+    "corpus_tokens",
+    "compare_lenses",
+    "TunedLensConfig",
+    "TunedLens",
+    "LensComparison",
     "Add",
     "Attribution",
     "BUILTIN_MODELS",

@@ -1,0 +1,87 @@
+"""The tuned lens: identity at initialisation, trained below the logit lens, saved, resumed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mechkit as mk
+from mechkit.lens import tuned_lens as tl
+
+
+def repeated_tokens(model, n: int, half: int, seed: int) -> torch.Tensor:
+    """[BOS] + r + r sequences: text on which the toy model's later layers know more."""
+    gen = torch.Generator().manual_seed(seed)
+    body = torch.randint(1, model.cfg.d_vocab, (n, half), generator=gen)
+    return torch.cat([torch.zeros(n, 1, dtype=torch.long), body, body], dim=1)
+
+
+CFG = mk.TunedLensConfig(steps=60, batch_size=8, lr=3e-3, warmup_steps=5, checkpoint_every=20)
+
+
+@pytest.fixture(scope="module")
+def trained(toy):
+    return mk.train_tuned_lens(toy, repeated_tokens(toy, 256, 20, 0), CFG, progress=False)
+
+
+def test_fresh_lens_is_the_logit_lens(smollm2):
+    tokens = smollm2.to_tokens("The capital of Japan is Tokyo, and the capital of France is")
+    fresh = mk.TunedLens(30, 576)
+    with torch.no_grad():
+        resids, _ = tl._residuals(smollm2, tokens)
+        for layer in [0, 13, 29]:
+            lens_logits = fresh.logits(smollm2, resids[layer], layer)
+            plain = mk.decode_residual(smollm2, resids[layer])
+            assert torch.equal(lens_logits, plain)
+
+
+def test_compare_lenses_matches_the_logit_lens_kl(smollm2):
+    tokens = smollm2.to_tokens(["The capital of Japan is Tokyo, and the capital of France is"])
+    table = mk.compare_lenses(smollm2, tokens)
+    lens = mk.logit_lens(smollm2, tokens, keep_logits=True)
+    logp = lens.logits.log_softmax(-1)  # (layer, batch, pos, d_vocab)
+    final = logp[-1]
+    naive = (final.exp() * (final - logp)).sum(-1).mean(dim=(1, 2))
+    assert torch.allclose(table.logit_lens_kl, naive, atol=1e-3)
+    assert table.tuned_lens_kl is None and table.logit_lens_kl[-1] < 1e-5
+
+
+def test_trained_lens_beats_the_logit_lens_on_held_out_tokens(toy, trained):
+    held_out = repeated_tokens(toy, 64, 20, seed=123)
+    table = mk.compare_lenses(toy, held_out, trained)
+    assert (table.tuned_lens_kl[:-1] < table.logit_lens_kl[:-1]).all(), table.to_dataframe()
+    assert set(table.to_dataframe().columns) == {"layer", "logit_lens_kl", "tuned_lens_kl"}
+    assert len(table.plot().data) == 2
+
+
+def test_save_and_load(trained, tmp_path):
+    trained.save(tmp_path / "lens")
+    again = mk.TunedLens.load(tmp_path / "lens")
+    assert torch.equal(again.A, trained.A) and torch.equal(again.b, trained.b)
+    assert again.meta["config"]["steps"] == CFG.steps
+    assert not list((tmp_path / "lens").glob("*.tmp"))
+
+
+def test_killed_run_resumes_to_the_same_lens(toy, tmp_path, monkeypatch):
+    tokens = repeated_tokens(toy, 64, 12, 1)
+    cfg = mk.TunedLensConfig(steps=8, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=3)
+    straight = mk.train_tuned_lens(toy, tokens, cfg, progress=False)
+
+    real = tl._residuals
+    calls = {"n": 0}
+
+    def crash_at_step_five(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("killed")
+        return real(model, batch)
+
+    monkeypatch.setattr(tl, "_residuals", crash_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        mk.train_tuned_lens(toy, tokens, cfg, checkpoint_dir=tmp_path, progress=False)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(tl, "_residuals", real)
+    resumed = mk.train_tuned_lens(toy, tokens, cfg, checkpoint_dir=tmp_path, progress=False)
+    assert torch.allclose(resumed.A, straight.A, atol=1e-6)
+    assert torch.allclose(resumed.b, straight.b, atol=1e-6)
+    assert all(p.requires_grad for p in toy.parameters())  # the model is left as it was
