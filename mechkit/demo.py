@@ -1,8 +1,9 @@
 """The main job behind ``make demo``: run mechkit's analyses on a model and write a report.
 
-The report is a folder with ``index.html`` linking each section's figures. This first version
-holds the model card and the next-token predictions of a few prompts; each technique adds its
-section as it lands.
+The report is a folder with ``index.html`` linking each section's figures (plotly HTML sharing
+one ``plotly.min.js`` in the folder, so the report opens offline) and tables (CSV). Sections:
+the model card, next-token predictions, the logit lens, direct logit attribution on IOI
+prompts, and attention-head detection. Each section is timed.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import html
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mechkit.models import load_model, model_info
-from mechkit.predictions import predict_next_tokens
 
-__all__ = ["DEMO_PROMPTS", "run_demo"]
+__all__ = ["DEMO_PROMPTS", "IOI_PAIRS", "run_demo"]
 
 DEMO_PROMPTS = (
     "When Mary and John went to the store, John gave a drink to",
@@ -25,6 +27,34 @@ DEMO_PROMPTS = (
     "The capital of Japan is",
     "def add(a, b):\n    return a",
     "One, two, three, four,",
+)
+
+# (clean, corrupt, answer, wrong): IOI prompts with their p_ABC-style corruptions
+IOI_PAIRS = (
+    (
+        "When Mary and John went to the store, John gave a drink to",
+        "When Alice and Bob went to the store, Carl gave a drink to",
+        " Mary",
+        " John",
+    ),
+    (
+        "When Tom and James went to the park, James gave a ball to",
+        "When Mike and Dan went to the park, Paul gave a ball to",
+        " Tom",
+        " James",
+    ),
+    (
+        "After Sarah and Emma arrived at the house, Emma handed a book to",
+        "After Lucy and Kate arrived at the house, Anna handed a book to",
+        " Sarah",
+        " Emma",
+    ),
+    (
+        "Then, David and Paul had lunch at the cafe. Paul gave a cup to",
+        "Then, Peter and Mark had lunch at the cafe. Alex gave a cup to",
+        " David",
+        " Paul",
+    ),
 )
 
 
@@ -40,21 +70,21 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def run_demo(out_dir: str | Path = "reports", model_name: str = "smollm2-135m") -> Path:
-    """Load ``model_name``, run the demo analyses, and write ``out_dir/index.html``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    print(f"[mechkit demo] loading {model_name} ...", flush=True)
-    model = load_model(model_name)
+def _figure(out: Path, name: str, fig: Any) -> str:
+    _write_atomically(out / name, fig.to_html(include_plotlyjs="directory", full_html=True))
+    return f'<a href="{name}">{html.escape(name)}</a>'
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _model_card(model: Any, out: Path) -> str:
     info = model_info(model)
-    print(f"[mechkit demo] loaded in {info.load_seconds:.1f} s (cache: {info.from_cache})")
-
-    preds = predict_next_tokens(model, list(DEMO_PROMPTS), k=5)
-    preds.to_dataframe().to_csv(out / "next_tokens.csv", index=False)
-    fig = preds.plot()
-    _write_atomically(out / "next_tokens.html", fig.to_html(include_plotlyjs="directory"))
-
     cfg = model.cfg
     card = {
         "layers": cfg.n_layers,
@@ -65,32 +95,106 @@ def run_demo(out_dir: str | Path = "reports", model_name: str = "smollm2-135m") 
         **{k: v for k, v in dataclasses.asdict(info).items() if k != "processing"},
         "processing": ", ".join(f"{k}={v}" for k, v in info.processing.as_dict().items()),
     }
-    rows = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-        for k, v in card.items()
+    return _table([[k, v] for k, v in card.items()], ["property", "value"])
+
+
+def _predictions(model: Any, out: Path) -> str:
+    from mechkit.predictions import predict_next_tokens
+
+    preds = predict_next_tokens(model, list(DEMO_PROMPTS), k=5)
+    preds.to_dataframe().to_csv(out / "next_tokens.csv", index=False)
+    link = _figure(out, "next_tokens.html", preds.plot())
+    rows = []
+    for i, prompt in enumerate(preds.prompts):
+        cells = zip(preds.tokens[i], preds.probs[i].tolist(), strict=True)
+        rows.append([prompt, *(f"{t!r} {p:.2f}" for t, p in cells)])
+    return (
+        f"<p>Top 5 next tokens and their probabilities ({link}, "
+        '<a href="next_tokens.csv">CSV</a>).</p>'
+        + _table(rows, ["prompt", "1", "2", "3", "4", "5"])
     )
-    pred_rows = "".join(
-        "<tr><td><pre>{}</pre></td>{}</tr>".format(
-            html.escape(prompt),
-            "".join(
-                f"<td><code>{html.escape(repr(tok))}</code> {p:.2f}</td>"
-                for tok, p in zip(preds.tokens[i], preds.probs[i].tolist(), strict=True)
-            ),
-        )
-        for i, prompt in enumerate(preds.prompts)
+
+
+def _logit_lens(model: Any, out: Path) -> str:
+    from mechkit.lens import logit_lens
+
+    clean, _, answer, _ = IOI_PAIRS[0]
+    lens = logit_lens(model, clean, targets=[answer])
+    grid = _figure(out, "logit_lens.html", lens.plot())
+    rank = _figure(out, "logit_lens_answer_rank.html", lens.plot_target(0, value="rank"))
+    ranks = lens.target_ranks[:, 0, -1, 0].tolist()
+    first = next((i for i, r in enumerate(ranks) if r == 0), None)
+    where = lens.layer_labels[first] if first is not None else "never"
+    return (
+        f"<p>Each layer's residual stream decoded with the final norm (recomputed per layer) and "
+        f"the unembedding, on <code>{html.escape(clean)}</code>: {grid}. The rank of "
+        f"<code>{html.escape(repr(answer))}</code> by layer: {rank}; it first becomes the top "
+        f"prediction at <b>{html.escape(where)}</b>.</p>"
     )
+
+
+def _dla(model: Any, out: Path) -> str:
+    from mechkit.decomposition import direct_logit_attribution
+    from mechkit.prompts import PromptPairs
+
+    clean, corrupt, answers, wrongs = (list(x) for x in zip(*IOI_PAIRS, strict=True))
+    pairs = PromptPairs.from_lists(model, clean, corrupt, answers, wrongs, aligned=False)
+    dla = direct_logit_attribution(model, pairs)
+    dla.to_dataframe().to_csv(out / "dla.csv", index=False)
+    link = _figure(out, "dla.html", dla.plot())
+    rows = [[label, f"{value:+.3f}"] for label, value in dla.top(10)]
+    return (
+        f"<p>Direct contribution of every head, MLP and bias to logit(IO) - logit(S) on "
+        f"{len(pairs)} IOI prompts (final-norm scale frozen; the parts sum to the model's logit "
+        f"difference, mean {float(dla.total.mean()):.2f}): {link}, "
+        '<a href="dla.csv">CSV</a>.</p>' + _table(rows, ["part", "mean contribution"])
+    )
+
+
+def _heads(model: Any, out: Path) -> str:
+    from mechkit.heads import detect_heads
+
+    parts = []
+    for kind in ("previous_token", "induction", "duplicate_token"):
+        scores = detect_heads(model, kind)
+        link = _figure(out, f"heads_{kind}.html", scores.plot())
+        top = ", ".join(f"{label} ({score:.2f})" for label, score in scores.top(5))
+        parts.append(f"<li><b>{kind}</b>: {link}; top heads {html.escape(top)}</li>")
+    return "<ul>" + "".join(parts) + "</ul>"
+
+
+SECTIONS: tuple[tuple[str, Callable[[Any, Path], str]], ...] = (
+    ("Model", _model_card),
+    ("Next-token predictions", _predictions),
+    ("Logit lens", _logit_lens),
+    ("Direct logit attribution (IOI)", _dla),
+    ("Attention heads", _heads),
+)
+
+
+def run_demo(out_dir: str | Path = "reports", model_name: str = "smollm2-135m") -> Path:
+    """Load ``model_name``, run every section, and write ``out_dir/index.html``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    print(f"[mechkit demo] loading {model_name} ...", flush=True)
+    model = load_model(model_name)
+    info = model_info(model)
+    print(f"[mechkit demo] loaded in {info.load_seconds:.1f} s (from cache: {info.from_cache})")
+    body = []
+    for title, section in SECTIONS:
+        t0 = time.perf_counter()
+        content = section(model, out)
+        seconds = time.perf_counter() - t0
+        print(f"[mechkit demo] {title}: {seconds:.1f} s", flush=True)
+        body.append(f"<h2>{html.escape(title)}</h2>{content}<p><small>{seconds:.1f} s</small></p>")
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>mechkit report: {html.escape(model_name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
-pre{{margin:0;white-space:pre-wrap}}</style></head><body>
+td{{white-space:pre-wrap}}</style></head><body>
 <h1>mechkit report: {html.escape(model_name)}</h1>
-<h2>Model</h2><table>{rows}</table>
-<h2>Next-token predictions</h2>
-<p>Top 5 next tokens with their probabilities (<a href="next_tokens.html">chart</a>,
-<a href="next_tokens.csv">CSV</a>).</p>
-<table><tr><th>prompt</th><th>1</th><th>2</th><th>3</th><th>4</th><th>5</th></tr>
-{pred_rows}</table>
+{"".join(body)}
 <p><small>Written by mechkit in {time.perf_counter() - start:.1f} s.</small></p>
 </body></html>
 """

@@ -34,7 +34,10 @@ def test_demo_writes_report(smollm2, tmp_path):
     page = index.read_text()
     assert index.name == "index.html" and "smollm2-135m" in page
     assert "&#x27; Paris&#x27;" in page or "' Paris'" in page  # top prediction shown
-    assert (tmp_path / "reports" / "next_tokens.html").is_file()
+    for figure in ["next_tokens", "logit_lens", "logit_lens_answer_rank", "dla", "heads_induction"]:
+        assert (tmp_path / "reports" / f"{figure}.html").is_file(), figure
+        assert f'href="{figure}.html"' in page
+    assert (tmp_path / "reports" / "plotly.min.js").is_file()  # the report opens offline
     assert (tmp_path / "reports" / "next_tokens.csv").read_text().count("\n") > 5
     assert not list((tmp_path / "reports").glob("*.tmp"))
 
