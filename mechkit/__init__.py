@@ -23,9 +23,11 @@ from mechkit.errors import (
     PromptLengthError,
     ShapeError,
     SiteNotFoundError,
+    UnknownKindError,
     UnknownModelError,
     UnsupportedModelError,
 )
+from mechkit.heads import HeadScores, detect_heads, render_attention
 from mechkit.interventions import Add, Captured, Patch, Transform, Zero, capture, intervene
 from mechkit.lens import (
     LensComparison,
@@ -58,6 +60,10 @@ from mechkit.tokens import tokenize_answer
 __version__ = "0.1.0"
 
 __all__ = [
+    "render_attention",
+    "detect_heads",
+    "UnknownKindError",
+    "HeadScores",
     "train_tuned_lens",
     "decode_residual",
     "corpus_tokens",

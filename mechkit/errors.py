@@ -24,6 +24,7 @@ __all__ = [
     "EmptyDatasetError",
     "DatasetFormatError",
     "ShapeError",
+    "UnknownKindError",
     "did_you_mean",
 ]
 
@@ -77,6 +78,10 @@ class DatasetFormatError(MechkitError, ValueError):
 
 class ShapeError(MechkitError, ValueError):
     """A tensor whose shape does not match what a function expects."""
+
+
+class UnknownKindError(MechkitError, ValueError):
+    """A kind (of head, score...) that is not among the ones a function knows."""
 
 
 def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
