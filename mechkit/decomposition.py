@@ -355,6 +355,21 @@ def _direction(model: Any, n_batch: int, answer: Any, wrong: Any, direction: Any
     return u, bias, what
 
 
+def _target_inputs(model, tokens, answer, wrong, direction, positions, prepend_bos):
+    """Tokens, mask, answers and positions; a PromptPairs supplies whichever were not given."""
+    from mechkit.prompts import PromptPairs
+
+    if not isinstance(tokens, PromptPairs):
+        return (*token_batch(model, tokens, prepend_bos), answer, wrong, positions)
+    pairs = tokens
+    if direction is None:
+        answer = pairs.answer if answer is None else answer
+        wrong = pairs.wrong if wrong is None else wrong
+    if isinstance(positions, int) and positions == -1:
+        positions = pairs.answer_positions()
+    return pairs.clean_tokens, pairs.clean_mask, answer, wrong, positions
+
+
 @torch.no_grad()
 def direct_logit_attribution(
     model: Any,
@@ -383,16 +398,9 @@ def direct_logit_attribution(
         layer: attribute the parts of the residual before this block (None: the final one).
         divide_by_scale: apply the final norm's scale frozen from the run (see module doc).
     """
-    from mechkit.prompts import PromptPairs
-
-    if isinstance(tokens, PromptPairs):
-        pairs = tokens
-        tok, mask = pairs.clean_tokens, pairs.clean_mask
-        answer = pairs.answer if answer is None and direction is None else answer
-        wrong = pairs.wrong if wrong is None and direction is None else wrong
-        positions = pairs.answer_positions() if positions == -1 else positions
-    else:
-        tok, mask = token_batch(model, tokens, prepend_bos)
+    tok, mask, answer, wrong, positions = _target_inputs(
+        model, tokens, answer, wrong, direction, positions, prepend_bos
+    )
     dec = _decompose(model, tok, mask, layer, positions)  # parts: (component, batch, d_model)
     u, bias, what = _direction(model, tok.shape[0], answer, wrong, direction)
     normed = _frozen_final_norm(model, dec.parts, dec.scale, divide_by_scale)
@@ -446,22 +454,15 @@ def neuron_attribution(
     position. The neurons sum to the layer's ``L{layer}.mlp`` part in
     :func:`direct_logit_attribution` (its output bias is not a neuron).
     """
-    from mechkit.prompts import PromptPairs
-
     cfg = model.cfg
     if cfg.attn_only or not 0 <= layer < cfg.n_layers:
         raise InvalidSiteError(
             f"Expected an MLP layer in [0, {cfg.n_layers}); got {layer}"
             + (" (this model is attention-only)." if cfg.attn_only else ".")
         )
-    if isinstance(tokens, PromptPairs):
-        pairs = tokens
-        tok, mask = pairs.clean_tokens, pairs.clean_mask
-        answer = pairs.answer if answer is None and direction is None else answer
-        wrong = pairs.wrong if wrong is None and direction is None else wrong
-        positions = pairs.answer_positions() if positions == -1 else positions
-    else:
-        tok, mask = token_batch(model, tokens, prepend_bos)
+    tok, mask, answer, wrong, positions = _target_inputs(
+        model, tokens, answer, wrong, direction, positions, prepend_bos
+    )
     pos = _positions(mask, positions)
     post_name = f"blocks.{layer}.mlp.hook_post"
     names = {post_name, "ln_final.hook_scale"}

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mechkit.atomic_io import write_text_atomically
 from mechkit.models import load_model, model_info
 
 __all__ = ["DEMO_PROMPTS", "IOI_PAIRS", "run_demo"]
@@ -58,20 +57,8 @@ IOI_PAIRS = (
 )
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _figure(out: Path, name: str, fig: Any) -> str:
-    _write_atomically(out / name, fig.to_html(include_plotlyjs="directory", full_html=True))
+    write_text_atomically(out / name, fig.to_html(include_plotlyjs="directory", full_html=True))
     return f'<a href="{name}">{html.escape(name)}</a>'
 
 
@@ -199,6 +186,6 @@ td{{white-space:pre-wrap}}</style></head><body>
 </body></html>
 """
     index = out / "index.html"
-    _write_atomically(index, page)
+    write_text_atomically(index, page)
     print(f"[mechkit demo] wrote {index}")
     return index

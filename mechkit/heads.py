@@ -63,6 +63,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mechkit.atomic_io import write_text_atomically
 from mechkit.errors import EmptyDatasetError, ShapeError, UnknownKindError, did_you_mean
 from mechkit.interventions import capture
 from mechkit.sites import Site
@@ -673,16 +674,7 @@ def render_attention(
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
         f"<title>{title}</title></head>\n<body>\n{html}\n</body></html>\n"
     )
-    target = Path(path) if path is not None else _fresh_html_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(document)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    target = write_text_atomically(path if path is not None else _fresh_html_path(), document)
     return AttentionView(
         path=target,
         html=html,

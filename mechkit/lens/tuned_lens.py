@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mechkit.atomic_io import write_atomically
 from mechkit.lens.logit_lens import decode_residual, lens_layer_labels
 
 __all__ = ["TunedLens", "TunedLensConfig", "train_tuned_lens", "compare_lenses", "LensComparison"]
@@ -100,9 +99,11 @@ class TunedLens(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic(folder / "lens.safetensors", lambda p: save_file(self._tensors(), p))
+        write_atomically(folder / "lens.safetensors", lambda p: save_file(self._tensors(), p))
         meta = {"n_layers": self.n_layers, "d_model": self.A.shape[1], **self.meta}
-        _atomic(folder / "lens.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+        write_atomically(
+            folder / "lens.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2))
+        )
         return folder
 
     @classmethod
@@ -118,16 +119,6 @@ class TunedLens(nn.Module):
 
     def _tensors(self) -> dict[str, Tensor]:
         return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-
-
-def _atomic(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _residuals(model: Any, tokens: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -223,7 +214,7 @@ def train_tuned_lens(
                     "optimizer": optimizer.state_dict(),
                     "step": step + 1,
                 }
-                _atomic(ckpt, lambda p, s=state: torch.save(s, p))
+                write_atomically(ckpt, lambda p, s=state: torch.save(s, p))
     finally:
         for p in model.parameters():
             p.requires_grad_(True)

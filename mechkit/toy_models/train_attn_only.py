@@ -87,6 +87,10 @@ def parse_args() -> argparse.Namespace:
     # Output.
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--pos-init", choices=["default", "sinusoidal"], default="sinusoidal")
+    p.add_argument("--norm", choices=["LN", "none"], default="LN")
+    p.add_argument("--full-frac", type=float, default=0.5)
+    p.add_argument("--min-sub", type=int, default=16)
     return p.parse_args()
 
 
@@ -107,6 +111,15 @@ def tune_glibc_malloc() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
+def sinusoidal_positions(n_ctx: int, d_model: int) -> torch.Tensor:
+    """Vaswani et al. (2017) sinusoidal position codes. Shape [n_ctx, d_model]."""
+    pos = torch.arange(n_ctx, dtype=torch.float32).unsqueeze(1)  # [n_ctx, 1]
+    freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float32) / d_model)  # [d/2]
+    angles = pos * freq  # [n_ctx, d_model/2]
+    # Interleave sin and cos: [n_ctx, d_model/2, 2] -> [n_ctx, d_model].
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(n_ctx, d_model)
+
+
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
@@ -117,8 +130,33 @@ def random_tokens(n: int, length: int, d_vocab: int, gen: torch.Generator) -> to
     return torch.randint(1, d_vocab, (n, length), generator=gen)
 
 
+def sub_vocab_tokens(
+    n: int, length: int, d_vocab: int, full_frac: float, min_sub: int, gen: torch.Generator
+) -> torch.Tensor:
+    """Uniform tokens, each sequence drawn from its own random sub-vocabulary. Shape [n, length].
+
+    A fraction full_frac of the sequences use the whole vocabulary 1..d_vocab-1. The others draw
+    from a random subset of size K, log-uniform in [min_sub, d_vocab-1], so tokens recur often
+    within the sequence (as in natural text).
+    """
+    n_tok = d_vocab - 1
+    log_k = torch.empty(n).uniform_(math.log(min_sub), math.log(n_tok), generator=gen)
+    k = log_k.exp().round().long().clamp(min_sub, n_tok)  # [n]
+    k = torch.where(torch.rand(n, generator=gen) < full_frac, n_tok, k)
+    subset = torch.rand(n, n_tok, generator=gen).argsort(dim=1) + 1  # [n, n_tok] permutations
+    idx = (torch.rand(n, length, generator=gen) * k.unsqueeze(1)).long()  # [n, length], < k
+    return subset.gather(1, idx)
+
+
 def make_train_batch(
-    batch_size: int, n_ctx: int, d_vocab: int, min_len: int, max_len: int, gen: torch.Generator
+    batch_size: int,
+    n_ctx: int,
+    d_vocab: int,
+    min_len: int,
+    max_len: int,
+    gen: torch.Generator,
+    full_frac: float = 1.0,
+    min_sub: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Build ``[BOS] + noise(P) + r(L) + r(L) + r(L) + ...`` sequences of length n_ctx.
 
@@ -129,7 +167,7 @@ def make_train_batch(
     """
     body_len = n_ctx - 1  # positions after BOS
     assert 2 * max_len <= body_len, "two copies of the longest segment must fit after BOS"
-    body = random_tokens(batch_size, body_len, d_vocab, gen)  # [B, body_len]
+    body = sub_vocab_tokens(batch_size, body_len, d_vocab, full_frac, min_sub, gen)
     seg_len = torch.randint(min_len, max_len + 1, (batch_size,), generator=gen)  # [B]
     # Offset of the first copy within the body: uniform over all placements that fit two copies.
     max_offset = body_len - 2 * seg_len  # [B], >= 0
@@ -272,12 +310,16 @@ def main() -> None:
         # LayerNorm (with learned scale and bias) before each attention layer and the unembed, as
         # in the original attention-only toy models; it keeps the residual stream's scale stable so
         # the sharp attention patterns that induction needs train quickly and reliably.
-        "normalization_type": "LN",
+        "normalization_type": None if args.norm == "none" else args.norm,
         "positional_embedding_type": "standard",
         "act_fn": "relu",  # unused: there are no MLPs
         "seed": args.seed,
     }
     model = HookedTransformer(HookedTransformerConfig(**config))  # the config seeds the init
+    if args.pos_init == "sinusoidal":
+        with torch.no_grad():
+            model.pos_embed.W_pos.copy_(sinusoidal_positions(args.n_ctx, args.d_model))
+            model.pos_embed.W_pos.mul_(model.cfg.initializer_range)
     model.train()
 
     optimizer = torch.optim.AdamW(
@@ -292,9 +334,12 @@ def main() -> None:
         cosine = 0.5 * (1 + math.cos(math.pi * progress))
         return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * cosine)
 
-    # Separate generators: training data, and held-out evaluation data (never seen in training).
+    # Separate generators: training data, the final held-out evaluation, and a small fixed probe
+    # batch used to track the head scores during training (neither is ever trained on).
     train_gen = torch.Generator().manual_seed(args.seed)
     eval_gen = torch.Generator().manual_seed(args.seed + 1_000_003)
+    probe_gen = torch.Generator().manual_seed(args.seed + 2_000_003)
+    probe_tokens = make_repeat_batch(16, args.eval_seg_len, args.d_vocab, probe_gen)
 
     curve = []
     window = {"loss": 0.0, "first": 0.0, "repeated": 0.0, "n": 0}
@@ -303,7 +348,14 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         tokens, seg_len, seg_start = make_train_batch(
-            args.batch_size, args.n_ctx, args.d_vocab, args.min_seg_len, args.max_seg_len, train_gen
+            args.batch_size,
+            args.n_ctx,
+            args.d_vocab,
+            args.min_seg_len,
+            args.max_seg_len,
+            train_gen,
+            args.full_frac,
+            args.min_sub,
         )
         logits = model(tokens)  # [B, n_ctx, d_vocab]
         loss_pos = per_position_loss(logits, tokens)  # [B, n_ctx-1]
@@ -323,11 +375,17 @@ def main() -> None:
             k = window.pop("n")
             point = {"step": step + 1, **{key: round(v / k, 5) for key, v in window.items()}}
             point["lr"] = lr_at(step)
+            probe = evaluate(model, probe_tokens, args.eval_seg_len)
+            point["probe_prev_token_l0"] = round(probe["best_prev_token_head_layer0"]["score"], 4)
+            point["probe_induction_last"] = round(
+                probe["best_induction_head_last_layer"]["score"], 4
+            )
             curve.append(point)
             window = {"loss": 0.0, "first": 0.0, "repeated": 0.0, "n": 0}
             print(
                 f"step {step + 1:5d}  loss {point['loss']:.4f}  first {point['first']:.4f}  "
-                f"repeated {point['repeated']:.4f}  ({time.time() - t0:.0f}s)",
+                f"repeated {point['repeated']:.4f}  prev-token {point['probe_prev_token_l0']:.3f}  "
+                f"induction {point['probe_induction_last']:.3f}  ({time.time() - t0:.0f}s)",
                 flush=True,
             )
     train_seconds = time.time() - t0
@@ -372,9 +430,11 @@ def main() -> None:
             },
             "loss_curve": {
                 "every_n_steps": args.log_every,
-                "description": "means over the preceding window of training batches: loss "
-                "(all positions), first (predicting the first copy of r), repeated (predicting "
-                "the second copy of r except its first token)",
+                "description": "loss, first, repeated: means over the preceding window of "
+                "training batches of the loss on all positions, on predicting the first copy of r, "
+                "and on predicting the later copies of r (except the first token of the second "
+                "copy). probe_*: best layer-0 previous-token score and best last-layer induction "
+                "score on a fixed probe batch of 16 held-out [BOS] + r + r sequences",
                 "points": curve,
             },
             "final_eval": {
