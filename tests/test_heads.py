@@ -215,7 +215,10 @@ def test_default_tokens(smollm2):
 def test_toy_has_a_previous_token_head_and_an_induction_head(toy):
     previous = detect_heads(toy, "previous_token")
     induction = detect_heads(toy, "induction")
-    assert previous.scores[0].max() > 0.9
+    # The shipped toy's previous-token head is diffuse (0.5; uniform attention scores ~0.05): it
+    # is the one layer-0 head far above the others. Its induction heads are sharp.
+    layer0 = previous.scores[0].sort(descending=True).values
+    assert layer0[0] > 0.4 and layer0[1] < 0.2
     assert induction.scores[1].max() > 0.9
     # one layer alone cannot match prefixes (Olsson et al.): layer 0 has no induction head
     assert induction.scores[0].max() < 0.5
