@@ -238,7 +238,10 @@ class Site:
                     f"has {cfg.n_layers} layers); got {self.layer}."
                 )
             site = self.with_(layer=self.layer % cfg.n_layers)
-        if site.hook_name not in model.hook_dict:
+        mlp_parts = {"mlp_pre", "mlp_post", "mlp_out", "mlp_in", "resid_mid"}
+        if site.hook_name not in model.hook_dict or (
+            getattr(cfg, "attn_only", False) and site.component in mlp_parts
+        ):  # attention-only models keep MLP hook points that never fire
             raise SiteNotFoundError(
                 f"Expected a site the model has; {site.label!r} needs hook {site.hook_name!r}, "
                 f"which this model lacks.{did_you_mean(site.hook_name, model.hook_dict)}"

@@ -148,7 +148,7 @@ def test_from_tokens_for_models_without_tokenizer(toy):
     )
     assert pairs.clean_tokens.tolist() == [[0, 5, 6, 7], [0, 8, 9, 0]]
     assert pairs.answer_positions().tolist() == [3, 2]
-    with pytest.raises(mk.ShapeError, match="no tokenizer"):
+    with pytest.raises(mk.ShapeError, match="with a tokenizer"):
         mk.PromptPairs.from_lists(toy, ["a"], ["b"], ["c"], ["d"])
     with pytest.raises(mk.ShapeError, match="as many"):
         mk.PromptPairs.from_tokens([[1, 2]], [[1, 2]], [1, 2], [3])
