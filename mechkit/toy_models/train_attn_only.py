@@ -142,7 +142,7 @@ def evaluate(model, seg_len: int = 50, n: int = 256) -> dict:
     }
 
 
-def write(model, curve: list[dict], out: Path, seconds: float) -> None:
+def write(model, curve: list[dict], out: Path, seconds: float, steps: int) -> None:
     """Write the parameters and the record, atomically."""
     from safetensors.torch import save_file
 
@@ -159,7 +159,7 @@ def write(model, curve: list[dict], out: Path, seconds: float) -> None:
             "script": "mechkit/toy_models/train_attn_only.py (defaults)",
             "data": __doc__.split("Training:")[0].split("Data: ")[1].strip(),
             "optimizer": "AdamW lr 1e-3, linear warm-up 100 steps, weight decay 0.01",
-            "steps": 2000,
+            "steps": steps,
             "batch_size": 32,
             "seeds": {"weights": 0, "data": 1},
             "wall_seconds": round(seconds, 1),
@@ -176,10 +176,11 @@ def write(model, curve: list[dict], out: Path, seconds: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    parser.add_argument("--steps", type=int, default=2000)
     args = parser.parse_args()
     start = time.perf_counter()
-    model, curve = train()
-    write(model, curve, args.out, time.perf_counter() - start)
+    model, curve = train(steps=args.steps)
+    write(model, curve, args.out, time.perf_counter() - start, args.steps)
     print(f"wrote {args.out}/attn-only-2l.safetensors and attn-only-2l.json")
 
 
