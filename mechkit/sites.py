@@ -82,6 +82,7 @@ _LAYOUT: dict[str, tuple[str, int | None, int | None, bool]] = {
 }
 _NO_LAYER = {"embed", "pos_embed", "ln_final_scale"}
 _KV = {"k", "v", "rot_k"}
+_MLP_PARTS = {"mlp_pre", "mlp_post", "mlp_out", "mlp_in", "resid_mid"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,14 +239,13 @@ class Site:
                     f"has {cfg.n_layers} layers); got {self.layer}."
                 )
             site = self.with_(layer=self.layer % cfg.n_layers)
-        mlp_parts = {"mlp_pre", "mlp_post", "mlp_out", "mlp_in", "resid_mid"}
-        if site.hook_name not in model.hook_dict or (
-            getattr(cfg, "attn_only", False) and site.component in mlp_parts
-        ):  # attention-only models keep MLP hook points that never fire
+        # attention-only models keep MLP hook points that never fire: refuse them too
+        no_mlp = getattr(cfg, "attn_only", False) and site.component in _MLP_PARTS
+        if no_mlp or site.hook_name not in model.hook_dict:
+            suggestion = "" if no_mlp else did_you_mean(site.hook_name, model.hook_dict)
             raise SiteNotFoundError(
                 f"Expected a site the model has; {site.label!r} needs hook {site.hook_name!r}, "
-                f"which this model lacks.{did_you_mean(site.hook_name, model.hook_dict)}"
-                + _missing_hook_hint(site, cfg)
+                f"which this model lacks.{suggestion}" + _missing_hook_hint(site, cfg)
             )
         if site.head is not None:
             n = (cfg.n_key_value_heads or cfg.n_heads) if site.component in _KV else cfg.n_heads
@@ -264,9 +264,7 @@ _HOOK_HINT = " Hint: list the real names with `list(model.hook_dict)`."
 
 
 def _missing_hook_hint(site: Site, cfg: Any) -> str:
-    if site.component in {"mlp_pre", "mlp_post", "mlp_out", "mlp_in", "resid_mid"} and getattr(
-        cfg, "attn_only", False
-    ):
+    if site.component in _MLP_PARTS and getattr(cfg, "attn_only", False):
         return " Hint: this model is attention-only; it has no MLP."
     if site.component in {"attn_in", "mlp_in"}:
         return " Hint: set model.set_use_split_qkv_input(True) / use_hook_mlp_in first."
