@@ -1,0 +1,6 @@
+"""Causal interventions at speed: activation patching, path patching and patching sweeps."""
+
+from mechkit.patching.activation import PATCHABLE, activation_patch
+from mechkit.patching.result import PatchResult
+
+__all__ = ["PATCHABLE", "PatchResult", "activation_patch"]

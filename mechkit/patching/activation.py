@@ -1,0 +1,519 @@
+"""Activation patching: how much of a behaviour one activation carries.
+
+Run the model on one input, overwrite one activation with its value from another run, and
+measure the metric (Vig et al. 2020; Meng et al. 2022; Heimersheim & Nanda 2024). **Denoising**
+patches clean values into the corrupt run (does this activation suffice to restore the clean
+behaviour?); **noising** patches corrupt values into the clean run (is it necessary?).
+Ablations replace the value in the clean run with zero, the mean over a reference dataset, or
+the value on a randomly drawn reference prompt (resample ablation).
+
+Results use the axes of the matching ``transformer_lens.patching`` function and equal its
+numbers (within 1e-4 in the tests), while many patches share each batched forward pass and each
+patch starts at its own layer and position from the cached reference run (see
+:mod:`mechkit.patching.engine`).
+
+    >>> pairs = mk.PromptPairs.from_lists(model, clean, corrupt, answers, wrongs)
+    >>> result = mk.activation_patch(model, pairs, site="resid_pre")
+    >>> result.scores.shape          # (layer, pos), like get_act_patch_resid_pre
+    >>> mk.activation_patch(model, pairs, site="z").scores.shape   # (layer, head)
+
+=============================  ====================  ======================================
+``site``                       ``positions="each"``  ``positions="all"``
+=============================  ====================  ======================================
+``resid_pre/mid/post``,        ``(layer, pos)``      ``(layer,)``
+``attn_out``, ``mlp_out``      (the default)
+``z q k v pattern``            ``(layer, pos, head)``  ``(layer, head)`` (the default)
+``mlp_pre``, ``mlp_post``      ``(layer, pos, neuron)``  ``(layer, neuron)`` (the default)
+a list of :class:`Site`        ``(site,)``: each site as given (its own head/position)
+=============================  ====================  ======================================
+
+``k`` and ``v`` of grouped-query models have one head per shared key/value head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from mechkit.errors import InvalidSiteError, MechkitError, PromptLengthError, ShapeError
+from mechkit.metrics import LogitDiff, Metric
+from mechkit.patching import engine
+from mechkit.patching.result import PatchResult
+from mechkit.prompts import PromptPairs
+from mechkit.sites import Site
+from mechkit.tokens import token_batch
+
+__all__ = ["activation_patch", "PATCHABLE"]
+
+_RESID = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+_HEADS = ("z", "q", "k", "v", "pattern", "attn_scores")
+_NEURONS = ("mlp_pre", "mlp_post")
+PATCHABLE: tuple[str, ...] = _RESID + _HEADS + _NEURONS
+"""The components :func:`activation_patch` sweeps."""
+
+Method = Literal["denoising", "noising", "zero", "mean", "resample"]
+
+
+@dataclasses.dataclass
+class _Cell:
+    index: tuple[int, ...]
+    site: Site  # resolved; position None means all positions
+
+
+@dataclasses.dataclass
+class Setup:
+    """Resolved inputs shared by activation and path patching."""
+
+    base_tokens: Tensor
+    source_tokens: Tensor | None
+    clean_tokens: Tensor
+    corrupt_tokens: Tensor | None
+    metric: Any
+    method: Method
+    reference_tokens: Tensor | None
+    reference_mask: Tensor | None
+
+
+def resolve_inputs(
+    model: Any,
+    clean: Any,
+    corrupt: Any,
+    metric: Any,
+    direction: str | None,
+    ablation: str | None,
+    reference: Any,
+) -> Setup:
+    """Tokens, metric and method from the user's arguments, all checked before any run."""
+    if isinstance(clean, PromptPairs):
+        if corrupt is not None and not isinstance(corrupt, PromptPairs):
+            raise MechkitError(
+                "Expected corrupt=None when clean is a PromptPairs (it holds both runs); got "
+                f"{type(corrupt).__name__}."
+            )
+        pairs = clean
+        if ablation is None or ablation != "zero":
+            pairs.require_aligned()
+        clean_tokens, corrupt_tokens = pairs.clean_tokens, pairs.corrupt_tokens
+        if metric is None:
+            metric = LogitDiff.from_pairs(pairs)
+        if reference is None and ablation in ("mean", "resample"):
+            reference = (pairs.corrupt_tokens, pairs.corrupt_mask)
+    else:
+        clean_tokens = token_batch(model, clean)[0]
+        corrupt_tokens = None if corrupt is None else token_batch(model, corrupt)[0]
+        if reference is None and ablation in ("mean", "resample") and corrupt is not None:
+            reference = token_batch(model, corrupt)
+    if metric is None:
+        raise MechkitError(
+            "Expected a metric; got None. Hint: pass mk.LogitDiff.from_pairs(pairs), any mechkit "
+            "Metric, or a function logits -> score."
+        )
+    if ablation is not None:
+        if ablation not in ("zero", "mean", "resample"):
+            raise MechkitError(
+                f"Expected ablation 'zero', 'mean' or 'resample' (or None); got {ablation!r}."
+            )
+        if direction is not None:
+            raise MechkitError(
+                f"Expected either direction or ablation; got direction={direction!r} and "
+                f"ablation={ablation!r}. Hint: an ablation always edits the clean run."
+            )
+        method: Method = ablation  # type: ignore[assignment]
+    else:
+        direction = direction or "denoising"
+        if direction not in ("denoising", "noising"):
+            raise MechkitError(
+                f"Expected direction 'denoising' or 'noising'; got {direction!r}."
+            )
+        if corrupt_tokens is None:
+            raise MechkitError(
+                f"Expected corrupt prompts for {direction}; got None. Hint: pass corrupt "
+                "prompts, or ablation='zero' / 'mean' / 'resample' to ablate in the clean run."
+            )
+        method = direction  # type: ignore[assignment]
+    if corrupt_tokens is not None and method in ("denoising", "noising"):
+        if corrupt_tokens.shape != clean_tokens.shape:
+            raise PromptLengthError(
+                f"Expected clean and corrupt token batches of the same shape (positions are "
+                f"patched one for one); got {tuple(clean_tokens.shape)} clean and "
+                f"{tuple(corrupt_tokens.shape)} corrupt. Hint: use corruptions with as many "
+                "tokens as their clean prompts."
+            )
+    ref_tokens = ref_mask = None
+    if method in ("mean", "resample"):
+        if reference is None:
+            ref_tokens, ref_mask = clean_tokens, torch.ones_like(clean_tokens, dtype=torch.bool)
+        elif isinstance(reference, tuple):
+            ref_tokens, ref_mask = reference
+        else:
+            ref_tokens, ref_mask = token_batch(model, reference)
+    if method == "denoising":
+        base, source = corrupt_tokens, clean_tokens
+    elif method == "noising":
+        base, source = clean_tokens, corrupt_tokens
+    else:
+        base, source = clean_tokens, None
+    device = model.cfg.device
+    return Setup(
+        base.to(device),  # type: ignore[union-attr]
+        None if source is None else source.to(device),
+        clean_tokens.to(device),
+        None if corrupt_tokens is None else corrupt_tokens.to(device),
+        metric,
+        method,
+        None if ref_tokens is None else ref_tokens.to(device),
+        None if ref_mask is None else ref_mask.to(device),
+    )
+
+
+def activation_patch(
+    model: Any,
+    clean: Any,
+    corrupt: Any = None,
+    metric: Any = None,
+    *,
+    site: str | Site | Sequence[Site] = "resid_pre",
+    positions: Literal["each", "all"] | Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    neurons: Sequence[int] | None = None,
+    direction: Literal["denoising", "noising"] | None = None,
+    ablation: Literal["zero", "mean", "resample"] | None = None,
+    reference: Any = None,
+    seed: int = 0,
+    memory_budget: int | str | None = None,
+    progress: bool = True,
+) -> PatchResult:
+    """Patch each activation of a sweep and measure the metric.
+
+    Args:
+        model: a HookedTransformer.
+        clean: a :class:`PromptPairs` (then ``corrupt`` stays None and the metric defaults to
+            its logit difference), or clean prompts (strings or a ``(batch, pos)`` tensor).
+        corrupt: corrupt prompts with the clean prompts' token lengths (not needed for zero
+            ablation).
+        metric: a mechkit :class:`Metric` (fast: only the answer positions are unembedded) or any
+            function ``logits (batch, pos, d_vocab) -> scalar or (batch,)``.
+        site: a component (see the module docstring), a :class:`Site`, or a list of sites.
+        positions: ``"each"`` (one patch per position), ``"all"`` (all positions at once), or a
+            list of positions (one patch each); None picks the component's usual choice.
+        layers, heads, neurons: restrict the sweep (None means all).
+        direction: ``"denoising"`` (clean values into the corrupt run; the default) or
+            ``"noising"`` (corrupt values into the clean run).
+        ablation: instead of the other run, ``"zero"``, ``"mean"`` (over ``reference``: per
+            position when its prompts have the patched prompts' length and no padding,
+            otherwise one mean over all its tokens) or ``"resample"`` (each prompt gets the
+            activation of a random ``reference`` prompt; ``seed`` fixes the draw).
+        reference: prompts for mean and resample ablation; by default the corrupt prompts (or
+            the clean ones when there are none).
+        memory_budget: bytes (or ``"2GB"``) a batch may use; None: 2 GiB on CPU, 60% of free
+            memory on CUDA. A batch that still runs out of memory is split and retried.
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`PatchResult` with ``scores`` laid out like TransformerLens's function.
+
+    Example:
+        >>> r = mk.activation_patch(model, pairs, site="resid_pre")  # (layer, pos)
+        >>> r.normalized().plot()
+    """
+    setup = resolve_inputs(model, clean, corrupt, metric, direction, ablation, reference)
+    n_batch, seq = setup.base_tokens.shape
+    axes, labels, cells = _plan_cells(model, site, positions, layers, heads, neurons, seq)
+    hook_names = {cell.site.hook_name for cell in cells}
+    base = engine.run_base(model, setup.base_tokens, hook_names)
+    sources = _source_acts(model, setup, hook_names, base, seed)
+    reader = engine.MetricReader(setup.metric, base)
+    base_value, base_per_prompt = engine.base_score(reader, base)
+    clean_score, corrupt_score = _clean_and_corrupt(model, setup, reader, base, base_value)
+
+    jobs, noop = [], []
+    for cell in cells:
+        job = _job_for(cell, base.acts[cell.site.hook_name], sources[cell.site.hook_name], seq)
+        (noop if job is None else jobs).append(job or cell)
+    shape = tuple(len(labels[a]) for a in axes)
+    scores = torch.full(shape, float("nan"))
+    per_prompt = torch.full((*shape, n_batch), float("nan"))
+    keep_per_prompt = base_per_prompt is not None
+    for cell in noop:  # source equals base there: the patched run is the base run
+        scores[cell.index] = base_value
+        if keep_per_prompt:
+            per_prompt[cell.index] = base_per_prompt
+    budget = engine.parse_budget(memory_budget, base.tokens.device)
+    bar = _progress(len(jobs), f"patching {_site_name(site)}", progress)
+    try:
+        for chunk in engine.run_jobs(model, base, jobs, reader, budget=budget, progress=bar):
+            for res in chunk:
+                scores[res.key] = res.score
+                if res.per_prompt is None:
+                    keep_per_prompt = False
+                elif keep_per_prompt:
+                    per_prompt[res.key] = res.per_prompt
+    finally:
+        if bar is not None:
+            bar.close()
+    return PatchResult(
+        scores=scores,
+        per_prompt=per_prompt if keep_per_prompt else None,
+        axes=axes,
+        labels=labels,
+        tick_labels=_tick_labels(model, axes, labels, setup.clean_tokens),
+        clean_score=clean_score,
+        corrupt_score=corrupt_score,
+        method=setup.method,
+        site=_site_name(site),
+        metric_name=_metric_name(setup.metric),
+    )
+
+
+# ----------------------------------------------------------------------------------- planning
+
+
+def _site_name(site: Any) -> str:
+    return site if isinstance(site, str) else site.label if isinstance(site, Site) else "sites"
+
+
+def _metric_name(metric: Any) -> str:
+    if isinstance(metric, Metric):
+        inner = getattr(metric, "metric", None)
+        name = type(metric).__name__
+        return f"{name}({type(inner).__name__})" if inner is not None else name
+    return getattr(metric, "__name__", type(metric).__name__)
+
+
+def _plan_cells(
+    model: Any,
+    site: Any,
+    positions: Any,
+    layers: Sequence[int] | None,
+    heads: Sequence[int] | None,
+    neurons: Sequence[int] | None,
+    seq: int,
+) -> tuple[tuple[str, ...], dict[str, list[Any]], list[_Cell]]:
+    """The result's axes, their labels, and one cell per patch, every site checked first."""
+    cfg = model.cfg
+    if isinstance(site, Site):
+        site = [site]
+    if not isinstance(site, str):
+        sites = list(site)
+        if not sites or not all(isinstance(s, Site) for s in sites):
+            raise InvalidSiteError(
+                "Expected site to be a component name, a Site or a non-empty list of Sites."
+            )
+        cells = []
+        for i, s in enumerate(sites):
+            resolved = s.resolve(model)
+            _check_patchable(resolved.component)
+            if isinstance(resolved.position, tuple):
+                raise InvalidSiteError(
+                    f"Expected one position (or None) on {resolved.label!r}; per-prompt "
+                    "positions are not supported for patching."
+                )
+            if resolved.position is not None and not 0 <= resolved.position % seq < seq:
+                raise InvalidSiteError(f"Expected a position below {seq}; got {resolved.position}.")
+            if resolved.position is not None:
+                resolved = resolved.with_(position=resolved.position % seq)
+            cells.append(_Cell((i,), resolved))
+        return ("site",), {"site": [s.label for s in sites]}, cells
+
+    _check_patchable(site)
+    if positions is None:
+        positions = "each" if site in _RESID else "all"
+    layer_list = _choose("layers", layers, cfg.n_layers)
+    if isinstance(positions, str):
+        if positions not in ("each", "all"):
+            raise MechkitError(f"Expected positions 'each', 'all' or a list; got {positions!r}.")
+        pos_list = list(range(seq)) if positions == "each" else None
+    else:
+        pos_list = _choose("positions", positions, seq)
+    axes: list[str] = ["layer"]
+    labels: dict[str, list[Any]] = {"layer": layer_list}
+    if pos_list is not None:
+        axes.append("pos")
+        labels["pos"] = pos_list
+    inner: list[tuple[str, int]] = []  # (field, value) for the last axis
+    if site in _HEADS:
+        n_heads = (cfg.n_key_value_heads or cfg.n_heads) if site in ("k", "v") else cfg.n_heads
+        head_list = _choose("heads", heads, n_heads)
+        axes.append("head")
+        labels["head"] = head_list
+        inner = [("head", h) for h in head_list]
+    elif site in _NEURONS:
+        neuron_list = _choose("neurons", neurons, cfg.d_mlp or 0)
+        axes.append("neuron")
+        labels["neuron"] = neuron_list
+        inner = [("neuron", n) for n in neuron_list]
+    cells = []
+    for li, layer in enumerate(layer_list):
+        Site(site, layer=layer).resolve(model)  # the hook exists (MLP on attn-only models...)
+        for pi, pos in enumerate(pos_list if pos_list is not None else [None]):
+            prefix = (li, pi) if pos_list is not None else (li,)
+            if not inner:
+                cells.append(_Cell(prefix, Site(site, layer=layer, position=pos)))
+            for ii, (field, value) in enumerate(inner):
+                s = Site(site, layer=layer, position=pos, **{field: value})
+                cells.append(_Cell((*prefix, ii), s))
+    return tuple(axes), labels, cells
+
+
+def _check_patchable(component: str) -> None:
+    if component not in PATCHABLE:
+        raise InvalidSiteError(
+            f"Expected a component that activation patching sweeps ({', '.join(PATCHABLE)}); "
+            f"got {component!r}. Hint: patch embeddings as resid_pre of layer 0."
+        )
+
+
+def _choose(name: str, given: Sequence[int] | None, size: int) -> list[int]:
+    if given is None:
+        return list(range(size))
+    values = [int(v) for v in given]
+    bad = [v for v in values if not -size <= v < size]
+    if bad or not values:
+        raise InvalidSiteError(
+            f"Expected {name} in [0, {size}); got {list(given)}. Hint: the model has {size}."
+        )
+    return [v % size for v in values]
+
+
+# ----------------------------------------------------------------------------------- sources
+
+
+def _source_acts(
+    model: Any, setup: Setup, hook_names: set[str], base: engine.BaseRun, seed: int
+) -> dict[str, Tensor]:
+    """The values patched in, per hook: (batch or 1, ...) broadcastable to the base's."""
+    names = sorted(hook_names)
+    if setup.method in ("denoising", "noising"):
+        return _run_acts(model, setup.source_tokens, names)
+    if setup.method == "zero":
+        return {name: torch.zeros_like(base.acts[name][:1]) for name in names}
+    ref_acts = _run_acts(model, setup.reference_tokens, names)
+    mask = setup.reference_mask
+    n_batch, seq = base.tokens.shape
+    per_position = bool(mask.all()) and mask.shape[1] == seq
+    out = {}
+    for name in names:
+        acts = ref_acts[name]
+        axis = 2 if name.endswith(("hook_pattern", "hook_attn_scores")) else 1
+        if setup.method == "mean":
+            if per_position:
+                out[name] = acts.mean(0, keepdim=True)
+            elif axis == 2:
+                raise ShapeError(
+                    "Expected reference prompts of the patched prompts' length, without "
+                    "padding, for mean-ablating attention patterns; got reference tokens of "
+                    f"shape {tuple(mask.shape)} vs {seq} positions."
+                )
+            else:
+                m = mask.to(acts.dtype).reshape(*mask.shape, *([1] * (acts.ndim - 2)))
+                total = (acts * m).sum((0, 1), keepdim=True) / m.sum()
+                out[name] = total
+        else:  # resample
+            if mask.shape[1] != seq or not bool(mask.all()):
+                raise ShapeError(
+                    f"Expected reference prompts of {seq} tokens without padding for resample "
+                    f"ablation; got reference tokens of shape {tuple(mask.shape)}."
+                )
+            generator = torch.Generator().manual_seed(seed)
+            draw = torch.randint(0, acts.shape[0], (n_batch,), generator=generator)
+            out[name] = acts[draw.to(acts.device)]
+    return out
+
+
+@torch.no_grad()
+def _run_acts(model: Any, tokens: Tensor, names: list[str]) -> dict[str, Tensor]:
+    acts: dict[str, Tensor] = {}
+
+    def keep(act: Tensor, hook: Any) -> None:
+        acts[hook.name] = act.detach().clone()
+
+    with model.hooks(fwd_hooks=[(n, keep) for n in names]):
+        model(tokens, return_type=None)
+    return acts
+
+
+def _clean_and_corrupt(
+    model: Any, setup: Setup, reader: engine.MetricReader, base: engine.BaseRun, base_value: Tensor
+) -> tuple[float | None, float | None]:
+    def score(tokens: Tensor) -> float:
+        return float(engine.base_score(reader, engine.run_base(model, tokens))[0])
+
+    if setup.method == "denoising":
+        return score(setup.clean_tokens), float(base_value)
+    corrupt = None
+    if setup.corrupt_tokens is not None and setup.corrupt_tokens.shape == setup.clean_tokens.shape:
+        corrupt = score(setup.corrupt_tokens)
+    return float(base_value), corrupt
+
+
+# ----------------------------------------------------------------------------------- jobs
+
+
+def _job_for(cell: _Cell, base_act: Tensor, source: Tensor, seq: int) -> engine.PatchJob | None:
+    """The patch of one cell, or None when the source equals the base there (a no-op)."""
+    site = cell.site
+    select = site.with_(position=None).index(base_act.ndim)
+    src_full = source.expand_as(base_act)
+    base_sel, src_sel = base_act[select], src_full[select]  # position axis is now 1
+    if site.position is not None:
+        p = site.position
+        if torch.equal(base_sel[:, p], src_sel[:, p]):
+            return None
+        start, relative = p, 0
+    else:
+        first = engine.first_difference(base_sel, src_sel, 1)
+        if first is None:
+            return None
+        start, relative = first, None
+    axis = site.position_axis
+    src = src_full.narrow(axis, start, seq - start)
+    index = site.with_(position=relative).index(base_act.ndim)
+    value = src[index]
+
+    def edit(rows: Tensor, _start: int) -> None:
+        rows[index] = value
+
+    return engine.PatchJob(cell.index, site.layer, start, {site.hook_name: edit})
+
+
+# ----------------------------------------------------------------------------------- display
+
+
+def _tick_labels(
+    model: Any, axes: tuple[str, ...], labels: dict[str, list[Any]], tokens: Tensor
+) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for axis in axes:
+        values = labels[axis]
+        if axis == "layer":
+            out[axis] = [f"L{v}" for v in values]
+        elif axis == "head":
+            out[axis] = [f"H{v}" for v in values]
+        elif axis == "neuron":
+            out[axis] = [f"N{v}" for v in values]
+        elif axis == "pos":
+            out[axis] = [f"{v} {_token_text(model, tokens, v)}" for v in values]
+        else:
+            out[axis] = [str(v) for v in values]
+    return out
+
+
+def _token_text(model: Any, tokens: Tensor, position: int) -> str:
+    tokenizer = getattr(model, "tokenizer", None)
+    token = int(tokens[0, position])
+    if tokenizer is None:
+        return f"#{token}"
+    return repr(tokenizer.decode([token]))
+
+
+def _progress(total: int, description: str, enabled: bool) -> Any:
+    if not enabled or total == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="patch", leave=False)

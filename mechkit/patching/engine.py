@@ -1,0 +1,407 @@
+"""The batched runner behind activation and path patching.
+
+A patch changes the model's computation from some block ``layer`` and some position ``start``
+on: every activation before that block, and every activation at positions before ``start``
+(causal attention), is exactly the reference run's. So instead of one full forward per patch,
+as ``transformer_lens.patching`` does, the runner
+
+1. runs the reference ("base") prompts once, keeping the residual stream entering every block
+   and every block's attention keys and values;
+2. groups patches by ``start`` and, within a group, orders them by ``layer``;
+3. runs each group as one "staircase" batch: the rows of a patch join the batch at its own
+   block (copies of the cached residual from ``start`` on), earlier positions are supplied to
+   attention as a key/value prefix from the cache, and each patch's edits are applied to its own
+   rows by hooks;
+4. reads the logits only where the metric reads them (the answer positions) when it can.
+
+The result is the same computation as the one-forward-per-patch loop, in a fraction of the
+arithmetic and in a few large batches. Work is chunked to a memory budget; a chunk that runs out
+of memory is split in two and retried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+from mechkit.errors import MechkitError, UnsupportedModelError
+from mechkit.metrics import Metric, Normalized
+
+Edit = Callable[[Tensor, int], None]
+"""An edit: changes, in place, the activation rows of one patch; gets the start position too."""
+
+
+@dataclasses.dataclass
+class PatchJob:
+    """One patched run: what changes, from which block and position on.
+
+    Attributes:
+        key: the job's cell in the result (any hashable).
+        layer: the first block whose computation the edits change.
+        start: the first position whose values the edits change.
+        edits: hook name -> in-place edit of this job's rows (activations are suffix-only:
+            position ``start`` is index 0 along the position axis; attention patterns keep every
+            key position). Edits sit only at blocks ``layer`` and later.
+        capture: hook names whose (suffix) activation of this job's rows is returned.
+    """
+
+    key: Any
+    layer: int
+    start: int
+    edits: dict[str, Edit]
+    capture: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class JobResult:
+    key: Any
+    score: Tensor  # () the metric
+    per_prompt: Tensor | None  # (batch,) when the metric gives one value per prompt
+    captured: dict[str, Tensor]
+
+
+@dataclasses.dataclass
+class BaseRun:
+    """The reference run's tokens and cached internals."""
+
+    tokens: Tensor  # (batch, pos)
+    resid_pre: list[Tensor]  # per layer (batch, pos, d_model)
+    keys: list[Tensor]  # per layer, what attention appends to its cache (batch, pos, kv, d_head)
+    values: list[Tensor]
+    logits: Tensor  # (batch, pos, d_vocab)
+    acts: dict[str, Tensor]  # requested hook activations, full
+
+    @property
+    def batch(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def seq(self) -> int:
+        return self.tokens.shape[1]
+
+
+def check_supported(model: Any) -> None:
+    cfg = model.cfg
+    if cfg.positional_embedding_type == "shortformer":
+        raise UnsupportedModelError(
+            "Expected a model whose positional information enters through the residual stream "
+            "or attention (standard or rotary); got a shortformer model, which mechkit's "
+            "patching does not support yet."
+        )
+    if getattr(cfg, "n_devices", 1) > 1:
+        raise UnsupportedModelError(
+            f"Expected a model on one device; got n_devices={cfg.n_devices}. "
+            "Hint: load the model on a single device for patching."
+        )
+
+
+@torch.no_grad()
+def run_base(model: Any, tokens: Tensor, hook_names: set[str] | frozenset = frozenset()) -> BaseRun:
+    """Run ``tokens`` block by block, keeping what the staircase runs need."""
+    check_supported(model)
+    acts: dict[str, Tensor] = {}
+
+    def keep(act: Tensor, hook: Any) -> None:
+        acts[hook.name] = act.detach().clone()
+
+    resid_pre, keys, values = [], [], []
+    with model.hooks(fwd_hooks=[(name, keep) for name in sorted(hook_names)]):
+        x = model(tokens, stop_at_layer=0)  # embeddings, as the full forward makes them
+        for block in model.blocks:
+            resid_pre.append(x)
+            entry = TransformerLensKeyValueCacheEntry.init_cache_entry(
+                model.cfg, x.device, tokens.shape[0]
+            )
+            x = block(x, past_kv_cache_entry=entry)
+            keys.append(entry.past_keys)
+            values.append(entry.past_values)
+        logits = final_logits(model, x)
+    return BaseRun(tokens, resid_pre, keys, values, logits, acts)
+
+
+def final_logits(model: Any, resid: Tensor) -> Tensor:
+    """The model's head on a final residual stream ``(batch, pos, d_model)``, as its forward."""
+    from transformer_lens.utilities.activation_functions import apply_softcap
+
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid)
+    return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
+
+
+# ----------------------------------------------------------------------------------- metrics
+
+
+def metric_positions(metric: Any) -> Tensor | None | bool:
+    """The answer positions a mechkit metric reads; False when it is a plain callable."""
+    while isinstance(metric, Normalized):
+        metric = metric.metric
+    if isinstance(metric, Metric):
+        return getattr(metric, "positions", None)
+    return False
+
+
+class MetricReader:
+    """Applies the user's metric to one patch's logits.
+
+    A mechkit :class:`Metric` reads only the answer positions, so only those logits are made; a
+    plain callable gets the full ``(batch, pos, d_vocab)`` logits, like TransformerLens's
+    patching functions give it.
+    """
+
+    def __init__(self, metric: Any, base: BaseRun) -> None:
+        if not callable(metric):
+            raise TypeError(
+                f"Expected a metric: a mechkit Metric or a function logits -> score; got "
+                f"{type(metric).__name__}. Hint: mk.LogitDiff.from_pairs(pairs)."
+            )
+        self.metric = metric
+        found = metric_positions(metric)
+        self.full = found is False
+        if self.full:
+            self.positions = None
+        elif found is None:
+            self.positions = torch.full((base.batch,), base.seq - 1, dtype=torch.long)
+        else:
+            self.positions = torch.as_tensor(found, dtype=torch.long).cpu()
+            if self.positions.shape != (base.batch,):
+                raise MechkitError(
+                    f"Expected the metric to be bound to the {base.batch} prompts being patched; "
+                    f"it reads {tuple(self.positions.shape)} answer positions. Hint: build it "
+                    "from the same PromptPairs (metric.select(rows) for a subset)."
+                )
+            if int(self.positions.max()) >= base.seq or int(self.positions.min()) < 0:
+                raise MechkitError(
+                    f"Expected answer positions inside the prompts (0..{base.seq - 1}); got "
+                    f"{self.positions.tolist()}."
+                )
+
+    def score(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(mean score, per-prompt scores or None)`` for one patch's logits."""
+        value = self.metric(logits)
+        value = torch.as_tensor(value)
+        per_prompt = None
+        if isinstance(self.metric, Metric):
+            try:
+                per_prompt = self.metric.per_prompt(logits).detach().float().cpu()
+            except ValueError:  # a normalized metric with a prompt whose span is zero
+                per_prompt = None
+        elif value.ndim == 1:
+            per_prompt, value = value.detach().float().cpu(), value.mean()
+        if value.ndim != 0:
+            raise MechkitError(
+                f"Expected the metric to return a scalar (or one value per prompt); got shape "
+                f"{tuple(value.shape)}."
+            )
+        return value.detach().float().cpu(), per_prompt
+
+
+# ----------------------------------------------------------------------------------- memory
+
+_DEFAULT_CPU_BUDGET = 2 * 1024**3
+
+
+def parse_budget(budget: int | str | None, device: torch.device) -> int:
+    """Bytes from ``2GB``-style strings or ints; None means a default for the device."""
+    if budget is None:
+        if device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(device)
+            return int(free * 0.6)
+        return _DEFAULT_CPU_BUDGET
+    if isinstance(budget, int | float):
+        value = int(budget)
+    else:
+        text = str(budget).strip().upper().replace(" ", "").removesuffix("B").removesuffix("I")
+        units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+        try:
+            value = int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+        except (ValueError, IndexError):
+            raise MechkitError(
+                f"Expected a memory budget such as '2GB', '512MB' or a number of bytes; got "
+                f"{budget!r}."
+            ) from None
+    if value <= 0:
+        raise MechkitError(f"Expected a positive memory budget; got {budget!r}.")
+    return value
+
+
+def _bytes_per_row(model: Any, seq: int, suffix: int, full_logits: bool) -> int:
+    """A generous estimate of the peak memory one row of a staircase batch needs."""
+    cfg = model.cfg
+    item = torch.finfo(cfg.dtype).bits // 8
+    d_mlp = cfg.d_mlp or 0
+    per_token = 14 * cfg.d_model + 5 * d_mlp + 4 * cfg.n_heads * seq + 6 * cfg.n_heads * cfg.d_head
+    logits = cfg.d_vocab * 4 * (2 * seq if full_logits else 2)
+    return suffix * per_token * item + logits
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+# ----------------------------------------------------------------------------------- running
+
+
+def plan_chunks(
+    model: Any, base: BaseRun, jobs: list[PatchJob], budget: int, full_logits: bool
+) -> list[list[PatchJob]]:
+    """Group jobs by start position, order by layer, and cut into chunks that fit ``budget``."""
+    groups: dict[int, list[PatchJob]] = {}
+    for job in jobs:
+        groups.setdefault(job.start, []).append(job)
+    chunks = []
+    for start in sorted(groups):
+        group = sorted(groups[start], key=lambda j: j.layer)
+        per_row = _bytes_per_row(model, base.seq, base.seq - start, full_logits)
+        per_job = per_row * base.batch
+        size = max(1, budget // per_job)
+        for i in range(0, len(group), size):
+            chunks.append(group[i : i + size])
+    return chunks
+
+
+def run_jobs(
+    model: Any,
+    base: BaseRun,
+    jobs: list[PatchJob],
+    reader: MetricReader,
+    *,
+    budget: int,
+    progress: Any = None,
+) -> Iterator[list[JobResult]]:
+    """Run ``jobs``, yielding each finished chunk's results (in no promised order)."""
+    for chunk in plan_chunks(model, base, jobs, budget, reader.full):
+        yield from _run_with_split(model, base, chunk, reader, progress)
+
+
+def _run_with_split(
+    model: Any, base: BaseRun, chunk: list[PatchJob], reader: MetricReader, progress: Any
+) -> Iterator[list[JobResult]]:
+    try:
+        results = _run_chunk(model, base, chunk, reader)
+    except (RuntimeError, torch.OutOfMemoryError) as exc:
+        if not _is_oom(exc):
+            raise
+        if len(chunk) == 1:
+            raise MechkitError(
+                f"Out of memory running one patch on {base.batch} prompts of {base.seq} tokens. "
+                "Hint: patch fewer prompts at once (a smaller batch_size)."
+            ) from exc
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(chunk) // 2
+        yield from _run_with_split(model, base, chunk[:half], reader, progress)
+        yield from _run_with_split(model, base, chunk[half:], reader, progress)
+        return
+    if progress is not None:
+        progress.update(len(chunk))
+    yield results
+
+
+@torch.no_grad()
+def _run_chunk(
+    model: Any, base: BaseRun, chunk: list[PatchJob], reader: MetricReader
+) -> list[JobResult]:
+    """One staircase batch: all jobs share ``start``; rows join at their job's layer."""
+    start = chunk[0].start
+    n_batch = base.batch
+    rows_of = {id(job): slice(i * n_batch, (i + 1) * n_batch) for i, job in enumerate(chunk)}
+    edits_at: dict[str, list[tuple[slice, Edit]]] = {}
+    captures_at: dict[str, list[tuple[int, slice]]] = {}
+    for i, job in enumerate(chunk):
+        for name, edit in job.edits.items():
+            edits_at.setdefault(name, []).append((rows_of[id(job)], edit))
+        for name in job.capture:
+            captures_at.setdefault(name, []).append((i, rows_of[id(job)]))
+    captured: list[dict[str, Tensor]] = [{} for _ in chunk]
+
+    def edit_hook(act: Tensor, hook: Any) -> Tensor:
+        out = act.clone()
+        for rows, edit in edits_at[hook.name]:
+            if rows.start < act.shape[0]:
+                edit(out[rows], start)
+        return out
+
+    def capture_hook(act: Tensor, hook: Any) -> None:
+        for i, rows in captures_at[hook.name]:
+            if rows.start < act.shape[0]:
+                captured[i][hook.name] = act[rows].clone()
+
+    hooks = [(name, edit_hook) for name in edits_at]
+    hooks += [(name, capture_hook) for name in captures_at]
+    x: Tensor | None = None
+    next_job = 0
+    with model.hooks(fwd_hooks=hooks):
+        for layer in range(chunk[0].layer, model.cfg.n_layers):
+            joining = 0
+            while next_job + joining < len(chunk) and chunk[next_job + joining].layer == layer:
+                joining += 1
+            if joining:
+                fresh = base.resid_pre[layer][:, start:].repeat(joining, 1, 1)
+                x = fresh if x is None else torch.cat([x, fresh])
+                next_job += joining
+            assert x is not None
+            copies = x.shape[0] // n_batch
+            entry = TransformerLensKeyValueCacheEntry(
+                past_keys=base.keys[layer][:, :start].repeat(copies, 1, 1, 1),
+                past_values=base.values[layer][:, :start].repeat(copies, 1, 1, 1),
+                frozen=True,
+            )
+            x = model.blocks[layer](x, past_kv_cache_entry=entry)
+    assert x is not None and next_job == len(chunk), "jobs must be sorted by layer"
+    return _score_rows(model, base, chunk, x, start, reader, captured)
+
+
+def _score_rows(
+    model: Any,
+    base: BaseRun,
+    chunk: list[PatchJob],
+    resid: Tensor,
+    start: int,
+    reader: MetricReader,
+    captured: list[dict[str, Tensor]],
+) -> list[JobResult]:
+    n_batch, copies = base.batch, len(chunk)
+    if reader.full:
+        # (copies*batch, pos, d_vocab): the unchanged prefix from the base run
+        suffix_logits = final_logits(model, resid)
+        prefix = base.logits[:, :start].repeat(copies, 1, 1)
+        logits = torch.cat([prefix, suffix_logits], dim=1)
+    else:
+        positions = reader.positions.to(resid.device)
+        relative = (positions - start).repeat(copies)  # (copies*batch,)
+        inside = relative >= 0
+        rows = torch.arange(resid.shape[0], device=resid.device)
+        picked = resid[rows, relative.clamp(min=0)]  # (copies*batch, d_model)
+        logits = final_logits(model, picked[:, None])[:, 0]  # (copies*batch, d_vocab)
+        unchanged = base.logits[torch.arange(n_batch, device=resid.device), positions]
+        logits = torch.where(inside[:, None], logits, unchanged.repeat(copies, 1))
+    results = []
+    for i, job in enumerate(chunk):
+        score, per_prompt = reader.score(logits[i * n_batch : (i + 1) * n_batch])
+        results.append(JobResult(job.key, score, per_prompt, captured[i]))
+    return results
+
+
+def base_score(reader: MetricReader, base: BaseRun) -> tuple[Tensor, Tensor | None]:
+    """The metric on the unpatched base run, read the same way as the patched runs."""
+    if reader.full:
+        return reader.score(base.logits)
+    rows = torch.arange(base.batch, device=base.logits.device)
+    return reader.score(base.logits[rows, reader.positions.to(base.logits.device)])
+
+
+def first_difference(a: Tensor, b: Tensor, position_axis: int) -> int | None:
+    """The first position where ``a`` and ``b`` differ anywhere, or None if they are equal."""
+    differs = (a != b).movedim(position_axis, 0).reshape(a.shape[position_axis], -1).any(-1)
+    hits = differs.nonzero()
+    return None if hits.numel() == 0 else int(hits[0, 0])

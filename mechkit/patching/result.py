@@ -1,0 +1,182 @@
+"""PatchResult: the scores of a patching sweep, with their axes, labels and baselines."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mechkit.errors import ShapeError
+
+__all__ = ["PatchResult"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PatchResult:
+    """Scores of patched runs, laid out like the matching ``transformer_lens.patching`` result.
+
+    Attributes:
+        scores: the metric after each patch, one axis per entry of ``axes`` (e.g.
+            ``(layer, pos)`` for the residual stream, ``(layer, head)`` for heads over all
+            positions).
+        per_prompt: the same with a trailing ``prompt`` axis, or None when the metric gives
+            only a mean.
+        axes: the axis names, e.g. ``("layer", "pos")``.
+        labels: for each axis, the value of each index (layer numbers, positions, heads...).
+        tick_labels: for each axis, display labels (positions show their token).
+        clean_score, corrupt_score: the metric on the unpatched clean and corrupt runs (None
+            when the run has no such side, e.g. a zero ablation has no corrupt run).
+        method: how values were patched: ``denoising``, ``noising``, ``zero``, ``mean`` or
+            ``resample``.
+        site: the component patched (``resid_pre``, ``z``...) or ``sites`` for a list.
+        metric_name: the metric's name, for titles.
+    """
+
+    scores: Tensor
+    per_prompt: Tensor | None
+    axes: tuple[str, ...]
+    labels: dict[str, list[Any]]
+    tick_labels: dict[str, list[str]]
+    clean_score: float | None
+    corrupt_score: float | None
+    method: str
+    site: str
+    metric_name: str
+
+    def __post_init__(self) -> None:
+        expected = tuple(len(self.labels[a]) for a in self.axes)
+        if tuple(self.scores.shape) != expected:
+            raise ShapeError(
+                f"PatchResult scores have shape {tuple(self.scores.shape)}; the labels of axes "
+                f"{self.axes} give {expected}."
+            )
+
+    @property
+    def base_score(self) -> float | None:
+        """The metric on the run that was patched (corrupt when denoising, clean otherwise)."""
+        return self.corrupt_score if self.method == "denoising" else self.clean_score
+
+    def normalized(self) -> PatchResult:
+        """Scores as ``(s - corrupt) / (clean - corrupt)``: 1 = clean behaviour, 0 = corrupt.
+
+        Raises:
+            ValueError: there is no corrupt run, or clean and corrupt scores are equal.
+        """
+        if self.clean_score is None or self.corrupt_score is None:
+            raise ValueError(
+                f"Expected clean and corrupt scores to normalize by; this {self.method} result "
+                "has no corrupt run. Hint: compare scores with result.clean_score instead."
+            )
+        span = self.clean_score - self.corrupt_score
+        if span == 0:
+            raise ValueError(
+                "Expected clean and corrupt scores that differ; they are equal, so normalized "
+                "scores are undefined."
+            )
+        per_prompt = None
+        if self.per_prompt is not None:
+            per_prompt = (self.per_prompt - self.corrupt_score) / span
+        return dataclasses.replace(
+            self,
+            scores=(self.scores - self.corrupt_score) / span,
+            per_prompt=per_prompt,
+            clean_score=1.0,
+            corrupt_score=0.0,
+            metric_name=f"normalized {self.metric_name}",
+        )
+
+    def top(self, n: int = 10, *, by_abs: bool = True) -> list[tuple[dict[str, Any], float]]:
+        """The ``n`` cells that moved the metric most from the patched run's own score."""
+        base = self.base_score if self.base_score is not None else 0.0
+        flat = self.scores.flatten() - base
+        order = (flat.abs() if by_abs else flat).argsort(descending=True)[:n]
+        out = []
+        for index in order.tolist():
+            cell = torch.unravel_index(torch.tensor(index), self.scores.shape)
+            where = {a: self.labels[a][int(i)] for a, i in zip(self.axes, cell, strict=True)}
+            out.append((where, float(self.scores.flatten()[index])))
+        return out
+
+    def to_dataframe(self) -> Any:
+        """One row per cell: a column per axis, ``score``, and ``prompt_<i>`` columns."""
+        import pandas as pd
+
+        grids = torch.meshgrid(*[torch.arange(len(self.labels[a])) for a in self.axes], indexing="ij")
+        data: dict[str, Any] = {}
+        for axis, grid in zip(self.axes, grids, strict=True):
+            data[axis] = [self.labels[axis][i] for i in grid.flatten().tolist()]
+            if axis in ("pos", "dest_pos", "src_pos"):
+                data[f"{axis}_label"] = [self.tick_labels[axis][i] for i in grid.flatten().tolist()]
+        data["score"] = self.scores.flatten().tolist()
+        if self.per_prompt is not None:
+            flat = self.per_prompt.reshape(-1, self.per_prompt.shape[-1])
+            for i in range(flat.shape[1]):
+                data[f"prompt_{i}"] = flat[:, i].tolist()
+        return pd.DataFrame(data)
+
+    def plot(self, *, title: str | None = None) -> Any:
+        """A plotly figure: a bar chart (one axis), a heatmap (two), frames over the rest."""
+        import plotly.express as px
+
+        name = title or f"{self.method} {self.site}: {self.metric_name}"
+        z = self.scores.float()
+        base = self.base_score
+        color = {"color_continuous_scale": "RdBu", "color_continuous_midpoint": base or 0.0}
+        if z.ndim == 0:
+            return px.bar(x=[self.site], y=[float(z)], title=name)
+        if z.ndim == 1:
+            axis = self.axes[0]
+            fig = px.bar(x=self.tick_labels[axis], y=z.numpy(), title=name)
+            fig.update_layout(xaxis_title=axis, yaxis_title=self.metric_name)
+            if base is not None:
+                fig.add_hline(y=base, line_dash="dot", annotation_text="unpatched")
+            return fig
+        rows, cols = self.axes[0], self.axes[-1]
+        extra = self.axes[1:-1]
+        if not extra:
+            fig = px.imshow(
+                z.numpy(),
+                x=self.tick_labels[cols],
+                y=self.tick_labels[rows],
+                labels={"x": cols, "y": rows, "color": self.metric_name},
+                aspect="auto",
+                title=name,
+                **color,
+            )
+            return fig
+        # three or more axes: the first and last as the heatmap, frames over the middle one
+        # (flattened when there are several), e.g. (layer, pos, head) -> layer x head per pos
+        middle = z.movedim(0, -2).reshape(-1, z.shape[0], z.shape[-1])  # (frames, rows, cols)
+        frames = [" ".join(str(t) for t in combo) for combo in _product(self.tick_labels, extra)]
+        fig = px.imshow(
+            middle.numpy(),
+            x=self.tick_labels[cols],
+            y=self.tick_labels[rows],
+            animation_frame=0,
+            labels={"x": cols, "y": rows, "color": self.metric_name, "animation_frame": extra[0]},
+            aspect="auto",
+            title=name,
+            **color,
+        )
+        for step, label in zip(fig.layout.sliders[0].steps, frames, strict=False):
+            step.label = label
+        return fig
+
+    def __repr__(self) -> str:
+        shape = ", ".join(f"{a}={len(self.labels[a])}" for a in self.axes)
+        return (
+            f"PatchResult({self.method} {self.site}, {shape}, metric={self.metric_name}, "
+            f"clean={_fmt(self.clean_score)}, corrupt={_fmt(self.corrupt_score)})"
+        )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _product(tick_labels: dict[str, list[str]], axes: tuple[str, ...]) -> list[tuple[str, ...]]:
+    import itertools
+
+    return list(itertools.product(*[tick_labels[a] for a in axes]))
