@@ -53,6 +53,7 @@ from mechkit.metrics import (
     prob_diff,
 )
 from mechkit.models import BUILTIN_MODELS, ModelInfo, Processing, load_model, model_info
+from mechkit.patching import PATCHABLE, PatchResult, activation_patch
 from mechkit.prompts import PromptPairs
 from mechkit.sites import COMPONENTS, Site, validate_sites
 from mechkit.tokens import tokenize_answer
@@ -60,6 +61,9 @@ from mechkit.tokens import tokenize_answer
 __version__ = "0.1.0"
 
 __all__ = [
+    "PATCHABLE",
+    "PatchResult",
+    "activation_patch",
     "render_attention",
     "detect_heads",
     "UnknownKindError",

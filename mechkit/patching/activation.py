@@ -22,7 +22,8 @@ patch starts at its own layer and position from the cached reference run (see
 =============================  ====================  ======================================
 ``resid_pre/mid/post``,        ``(layer, pos)``      ``(layer,)``
 ``attn_out``, ``mlp_out``      (the default)
-``z q k v pattern``            ``(layer, pos, head)``  ``(layer, head)`` (the default)
+``z q k v``                    ``(layer, pos, head)``  ``(layer, head)`` (the default)
+``pattern``, ``attn_scores``   ``(layer, head, pos)``  ``(layer, head)`` (the default)
 ``mlp_pre``, ``mlp_post``      ``(layer, pos, neuron)``  ``(layer, neuron)`` (the default)
 a list of :class:`Site`        ``(site,)``: each site as given (its own head/position)
 =============================  ====================  ======================================
@@ -126,23 +127,20 @@ def resolve_inputs(
     else:
         direction = direction or "denoising"
         if direction not in ("denoising", "noising"):
-            raise MechkitError(
-                f"Expected direction 'denoising' or 'noising'; got {direction!r}."
-            )
+            raise MechkitError(f"Expected direction 'denoising' or 'noising'; got {direction!r}.")
         if corrupt_tokens is None:
             raise MechkitError(
                 f"Expected corrupt prompts for {direction}; got None. Hint: pass corrupt "
                 "prompts, or ablation='zero' / 'mean' / 'resample' to ablate in the clean run."
             )
         method = direction  # type: ignore[assignment]
-    if corrupt_tokens is not None and method in ("denoising", "noising"):
-        if corrupt_tokens.shape != clean_tokens.shape:
-            raise PromptLengthError(
-                f"Expected clean and corrupt token batches of the same shape (positions are "
-                f"patched one for one); got {tuple(clean_tokens.shape)} clean and "
-                f"{tuple(corrupt_tokens.shape)} corrupt. Hint: use corruptions with as many "
-                "tokens as their clean prompts."
-            )
+    if method in ("denoising", "noising") and corrupt_tokens.shape != clean_tokens.shape:  # type: ignore[union-attr]
+        raise PromptLengthError(
+            f"Expected clean and corrupt token batches of the same shape (positions are "
+            f"patched one for one); got {tuple(clean_tokens.shape)} clean and "
+            f"{tuple(corrupt_tokens.shape)} corrupt. Hint: use corruptions with as many "
+            "tokens as their clean prompts."
+        )
     ref_tokens = ref_mask = None
     if method in ("mean", "resample"):
         if reference is None:
@@ -347,6 +345,10 @@ def _plan_cells(
         axes.append("neuron")
         labels["neuron"] = neuron_list
         inner = [("neuron", n) for n in neuron_list]
+    # attention patterns put the (query) position last, as TransformerLens's by-pos function
+    pattern_order = site in ("pattern", "attn_scores") and pos_list is not None
+    if pattern_order:
+        axes = ["layer", "head", "pos"]
     cells = []
     for li, layer in enumerate(layer_list):
         Site(site, layer=layer).resolve(model)  # the hook exists (MLP on attn-only models...)
@@ -356,7 +358,8 @@ def _plan_cells(
                 cells.append(_Cell(prefix, Site(site, layer=layer, position=pos)))
             for ii, (field, value) in enumerate(inner):
                 s = Site(site, layer=layer, position=pos, **{field: value})
-                cells.append(_Cell((*prefix, ii), s))
+                index = (li, ii, pi) if pattern_order else (*prefix, ii)
+                cells.append(_Cell(index, s))
     return tuple(axes), labels, cells
 
 

@@ -103,7 +103,9 @@ class PatchResult:
         """One row per cell: a column per axis, ``score``, and ``prompt_<i>`` columns."""
         import pandas as pd
 
-        grids = torch.meshgrid(*[torch.arange(len(self.labels[a])) for a in self.axes], indexing="ij")
+        grids = torch.meshgrid(
+            *[torch.arange(len(self.labels[a])) for a in self.axes], indexing="ij"
+        )
         data: dict[str, Any] = {}
         for axis, grid in zip(self.axes, grids, strict=True):
             data[axis] = [self.labels[axis][i] for i in grid.flatten().tolist()]

@@ -1,0 +1,300 @@
+"""Path patching: the effect of a sender through chosen receivers only (Wang et al. 2022, App. B).
+
+Activation patching a head measures all of its effects at once. Path patching isolates one
+path: run the reference prompts with the sender's output replaced by its value on the other
+prompts and **every other attention head frozen** at its reference value (MLPs are recomputed),
+record what the receivers read (the queries, keys or values of chosen heads, or the final
+residual stream), then run the reference prompts again with only the receivers' inputs replaced
+by the recorded values and measure the metric. The difference from the reference score is the
+effect of the sender on the metric through those receivers.
+
+Senders are batched: every head (and MLP) is scored in a few staircase batches of the patching
+engine (:mod:`mechkit.patching.engine`), not one forward per head.
+
+    >>> r = mk.path_patch(model, pairs, senders="heads",
+    ...                   receivers=[mk.Site("q", layer=9, head=6), mk.Site("q", layer=9, head=9)])
+    >>> r.scores.shape          # (layer, head): each head as a sender
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from mechkit.errors import InvalidSiteError
+from mechkit.patching import engine
+from mechkit.patching.activation import (
+    _clean_and_corrupt,
+    _metric_name,
+    _progress,
+    _run_acts,
+    _tick_labels,
+    resolve_inputs,
+)
+from mechkit.patching.result import PatchResult
+from mechkit.sites import Site
+
+__all__ = ["path_patch", "FINAL_RESIDUAL"]
+
+FINAL_RESIDUAL = "resid_final"
+"""Receiver name for the final residual stream (the path into the logits)."""
+
+_RECEIVER_COMPONENTS = ("q", "k", "v")
+
+
+def path_patch(
+    model: Any,
+    clean: Any,
+    corrupt: Any = None,
+    metric: Any = None,
+    *,
+    senders: Literal["heads", "mlps", "all"] | Sequence[Site] = "heads",
+    receivers: str | Site | Sequence[Site] = FINAL_RESIDUAL,
+    direction: Literal["noising", "denoising"] = "noising",
+    layers: Sequence[int] | None = None,
+    memory_budget: int | str | None = None,
+    progress: bool = True,
+) -> PatchResult:
+    """Score each sender by its effect on the metric through ``receivers`` only.
+
+    Args:
+        model: a HookedTransformer.
+        clean, corrupt: a :class:`PromptPairs` (``corrupt`` None), or two token batches of
+            the same shape.
+        metric: a mechkit Metric or a function of the logits; default: the pairs' logit
+            difference.
+        senders: ``"heads"`` (every attention head: a ``(layer, head)`` result), ``"mlps"``
+            (``(layer,)``), ``"all"`` (heads then MLPs as a ``(site,)`` list), or a list of
+            ``Site("z", layer=, head=)`` / ``Site("mlp_out", layer=)``.
+        receivers: ``"resid_final"`` (the direct path to the logits), or sites
+            ``Site("q" | "k" | "v", layer=, head=)`` (``head`` counts key/value heads for
+            ``k`` and ``v`` in grouped-query models).
+        direction: ``"noising"`` (Wang et al.: the clean run is the reference and the sender
+            carries its corrupt value) or ``"denoising"`` (the reverse).
+        layers: restrict sender layers (None: all).
+        memory_budget, progress: as for :func:`activation_patch`.
+
+    Returns:
+        A :class:`PatchResult`; a sender at or after every receiver's layer cannot reach it and
+        scores the reference value exactly.
+    """
+    setup = resolve_inputs(model, clean, corrupt, metric, direction, None, None)
+    cfg = model.cfg
+    n_batch, seq = setup.base_tokens.shape
+    receiver_sites = _receivers(model, receivers)
+    axes, labels, sender_sites = _senders(model, senders, layers)
+    names = {s.hook_name for _, s in sender_sites} | {
+        f"blocks.{j}.attn.hook_z" for j in range(cfg.n_layers)
+    }
+    base = engine.run_base(model, setup.base_tokens, names)
+    source = _run_acts(model, setup.source_tokens, sorted(names))
+    reader = engine.MetricReader(setup.metric, base)
+    base_value, base_per_prompt = engine.base_score(reader, base)
+    clean_score, corrupt_score = _clean_and_corrupt(model, setup, reader, base, base_value)
+    to_final = receiver_sites is None
+    last_receiver = cfg.n_layers if to_final else max(s.layer for s in receiver_sites)
+
+    # step 1: sender patched, every other head frozen; record the receivers' inputs
+    freeze = {j: base.acts[f"blocks.{j}.attn.hook_z"] for j in range(cfg.n_layers)}
+    jobs, noop = [], []
+    for index, site in sender_sites:
+        start = engine.first_difference(
+            base.acts[site.hook_name][
+                site.with_(position=None).index(base.acts[site.hook_name].ndim)
+            ],
+            source[site.hook_name][site.with_(position=None).index(source[site.hook_name].ndim)],
+            1,
+        )
+        if start is None or site.layer >= last_receiver:
+            noop.append(index)
+            continue
+        capture = (
+            ()
+            if to_final
+            else tuple(sorted({r.hook_name for r in receiver_sites if r.layer > site.layer}))
+        )
+        jobs.append(
+            _sender_job(
+                index, site, start, source[site.hook_name], freeze, seq, cfg.n_layers, capture
+            )
+        )
+
+    shape = tuple(len(labels[a]) for a in axes)
+    scores = torch.full(shape, float(base_value))
+    per_prompt = (
+        None if base_per_prompt is None else base_per_prompt.expand(*shape, n_batch).clone()
+    )
+    budget = engine.parse_budget(memory_budget, base.tokens.device)
+    steps = len(jobs) * (1 if to_final else 2)
+    bar = _progress(steps, "path patching", progress)
+    try:
+        recorded: dict[Any, tuple[engine.PatchJob, dict[str, Tensor]]] = {}
+        for chunk in engine.run_jobs(model, base, jobs, reader, budget=budget, progress=bar):
+            for res in chunk:
+                if to_final:
+                    _store(scores, per_prompt, res.key, res.score, res.per_prompt)
+                else:
+                    recorded[res.key] = res.captured
+        if not to_final:
+            # step 2: the reference run with only the receivers' inputs replaced
+            second = []
+            for job in jobs:
+                edits = _receiver_edits(receiver_sites, recorded[job.key], job.layer)
+                first = min(int(name.split(".")[1]) for name in edits)
+                second.append(engine.PatchJob(job.key, first, job.start, edits))
+            for chunk in engine.run_jobs(model, base, second, reader, budget=budget, progress=bar):
+                for res in chunk:
+                    _store(scores, per_prompt, res.key, res.score, res.per_prompt)
+    finally:
+        if bar is not None:
+            bar.close()
+    if per_prompt is not None and torch.isnan(per_prompt).any():
+        per_prompt = None
+    return PatchResult(
+        scores=scores,
+        per_prompt=per_prompt,
+        axes=axes,
+        labels=labels,
+        tick_labels=_tick_labels(model, axes, labels, setup.clean_tokens),
+        clean_score=clean_score,
+        corrupt_score=corrupt_score,
+        method=setup.method,
+        site="path to "
+        + (FINAL_RESIDUAL if to_final else ", ".join(r.label for r in receiver_sites)),
+        metric_name=_metric_name(setup.metric),
+    )
+
+
+def _store(
+    scores: Tensor, per_prompt: Tensor | None, key: Any, score: Tensor, pp: Tensor | None
+) -> None:
+    scores[key] = score
+    if per_prompt is not None:
+        per_prompt[key] = pp if pp is not None else float("nan")
+
+
+def _receivers(model: Any, receivers: Any) -> list[Site] | None:
+    if isinstance(receivers, str):
+        if receivers != FINAL_RESIDUAL:
+            raise InvalidSiteError(
+                f"Expected receivers {FINAL_RESIDUAL!r} or a list of Site('q'|'k'|'v', layer=, "
+                f"head=); got {receivers!r}."
+            )
+        return None
+    items = [receivers] if isinstance(receivers, Site) else list(receivers)
+    if not items:
+        raise InvalidSiteError("Expected at least one receiver; got an empty list.")
+    out = []
+    for item in items:
+        if not isinstance(item, Site) or item.component not in _RECEIVER_COMPONENTS:
+            raise InvalidSiteError(
+                f"Expected receivers as Site('q' | 'k' | 'v', layer=, head=) or "
+                f"{FINAL_RESIDUAL!r}; got {item!r}."
+            )
+        if item.head is None or item.position is not None:
+            raise InvalidSiteError(
+                f"Expected a receiver with one head and no position (all positions); got "
+                f"{item.label!r}. Hint: Site('q', layer=9, head=6)."
+            )
+        out.append(item.resolve(model))
+    return out
+
+
+def _senders(
+    model: Any, senders: Any, layers: Sequence[int] | None
+) -> tuple[tuple[str, ...], dict[str, list[Any]], list[tuple[tuple[int, ...], Site]]]:
+    cfg = model.cfg
+    layer_list = (
+        list(range(cfg.n_layers)) if layers is None else [int(v) % cfg.n_layers for v in layers]
+    )
+    has_mlp = not getattr(cfg, "attn_only", False)
+    if senders == "heads":
+        cells = [
+            ((li, h), Site("z", layer=layer, head=h))
+            for li, layer in enumerate(layer_list)
+            for h in range(cfg.n_heads)
+        ]
+        return ("layer", "head"), {"layer": layer_list, "head": list(range(cfg.n_heads))}, cells
+    if senders == "mlps":
+        if not has_mlp:
+            raise InvalidSiteError(
+                "Expected a model with MLPs for senders='mlps'; this one is attention-only."
+            )
+        cells = [((li,), Site("mlp_out", layer=layer)) for li, layer in enumerate(layer_list)]
+        return ("layer",), {"layer": layer_list}, cells
+    if senders == "all":
+        sites = [Site("z", layer=layer, head=h) for layer in layer_list for h in range(cfg.n_heads)]
+        if has_mlp:
+            sites += [Site("mlp_out", layer=layer) for layer in layer_list]
+    elif isinstance(senders, str):
+        raise InvalidSiteError(
+            f"Expected senders 'heads', 'mlps', 'all' or a list of Sites; got {senders!r}."
+        )
+    else:
+        sites = [senders] if isinstance(senders, Site) else list(senders)
+    cells = []
+    for i, site in enumerate(sites):
+        ok = isinstance(site, Site) and (
+            (site.component == "z" and site.head is not None) or site.component == "mlp_out"
+        )
+        if not ok or site.position is not None:
+            raise InvalidSiteError(
+                f"Expected senders Site('z', layer=, head=) or Site('mlp_out', layer=), all "
+                f"positions; got {site!r}."
+            )
+        cells.append(((i,), site.resolve(model)))
+    return ("site",), {"site": [s.label for _, s in cells]}, cells
+
+
+def _sender_job(
+    key: tuple[int, ...],
+    site: Site,
+    start: int,
+    source: Tensor,
+    freeze: dict[int, Tensor],
+    seq: int,
+    n_layers: int,
+    capture: tuple[str, ...],
+) -> engine.PatchJob:
+    """Sender at its source value; every attention head after it frozen at the reference."""
+    value = source.narrow(1, start, seq - start)
+    index = site.with_(position=None).index(source.ndim)
+    edits: dict[str, engine.Edit] = {}
+
+    def set_sender(rows: Tensor, _start: int) -> None:
+        rows[index] = value[index]
+
+    edits[site.hook_name] = set_sender
+    for j in range(site.layer + 1, n_layers):
+        frozen = freeze[j].narrow(1, start, seq - start)
+
+        def freeze_heads(rows: Tensor, _start: int, frozen: Tensor = frozen) -> None:
+            rows.copy_(frozen)
+
+        edits[f"blocks.{j}.attn.hook_z"] = freeze_heads
+    return engine.PatchJob(key, site.layer, start, edits, capture)
+
+
+def _receiver_edits(
+    receivers: list[Site], recorded: dict[str, Tensor], sender_layer: int
+) -> dict[str, engine.Edit]:
+    """Edits writing the recorded inputs into the receiving heads only."""
+    by_hook: dict[str, list[int]] = {}
+    for r in receivers:
+        if r.layer > sender_layer:
+            by_hook.setdefault(r.hook_name, []).append(r.head)
+    edits: dict[str, engine.Edit] = {}
+    for name, heads in by_hook.items():
+        value = recorded[name]
+        head_index = torch.tensor(sorted(set(heads)))
+
+        def write(
+            rows: Tensor, _start: int, value: Tensor = value, heads: Tensor = head_index
+        ) -> None:
+            rows[:, :, heads] = value[:, :, heads]
+
+        edits[name] = write
+    return edits
