@@ -34,7 +34,7 @@ a list of :class:`Site`        ``(site,)``: each site as given (its own head/pos
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -48,7 +48,7 @@ from mechkit.prompts import PromptPairs
 from mechkit.sites import Site
 from mechkit.tokens import token_batch
 
-__all__ = ["activation_patch", "PATCHABLE"]
+__all__ = ["activation_patch", "plan_patch", "PatchPlan", "PATCHABLE"]
 
 _RESID = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 _HEADS = ("z", "q", "k", "v", "pattern", "attn_scores")
@@ -219,8 +219,142 @@ def activation_patch(
         >>> r = mk.activation_patch(model, pairs, site="resid_pre")  # (layer, pos)
         >>> r.normalized().plot()
     """
+    plan = plan_patch(
+        model,
+        clean,
+        corrupt,
+        metric,
+        site=site,
+        positions=positions,
+        layers=layers,
+        heads=heads,
+        neurons=neurons,
+        direction=direction,
+        ablation=ablation,
+        reference=reference,
+        seed=seed,
+    )
+    done: dict[tuple[int, ...], tuple[float, list[float] | None]] = {}
+    for chunk in plan.run(memory_budget=memory_budget, progress=progress):
+        done.update(chunk)
+    return plan.result(done)
+
+
+@dataclasses.dataclass(eq=False)
+class PatchPlan:
+    """A patching sweep prepared to run: reference runs done, every cell's patch decided.
+
+    :func:`activation_patch` is ``plan_patch(...)`` then :meth:`run` then :meth:`result`; a
+    resumable sweep (``mechkit sweep``) runs the cells it has not stored yet with ``skip``.
+
+    Attributes:
+        axes, labels: the result's axes and the value of each index.
+        cells: the index of every cell, in order.
+    """
+
+    model: Any
+    setup: Setup
+    axes: tuple[str, ...]
+    labels: dict[str, list[Any]]
+    cells: list[tuple[int, ...]]
+    site_name: str
+    base: engine.BaseRun
+    reader: engine.MetricReader
+    jobs: list[engine.PatchJob]
+    noop: list[tuple[int, ...]]
+    base_value: float
+    base_per_prompt: list[float] | None
+    clean_score: float | None
+    corrupt_score: float | None
+
+    def run(
+        self,
+        *,
+        skip: set[tuple[int, ...]] | frozenset = frozenset(),
+        memory_budget: int | str | None = None,
+        progress: bool = True,
+    ) -> Iterator[dict[tuple[int, ...], tuple[float, list[float] | None]]]:
+        """Run the cells not in ``skip``; yields ``{cell: (score, per-prompt scores)}`` per batch.
+
+        Cells whose patch changes nothing (the patched value equals the run's own) are yielded
+        first, with the unpatched score, without running anything.
+        """
+        noop = {c: (self.base_value, self.base_per_prompt) for c in self.noop if c not in skip}
+        if noop:
+            yield noop
+        jobs = [job for job in self.jobs if job.key not in skip]
+        budget = engine.parse_budget(memory_budget, self.base.tokens.device)
+        bar = _progress(len(jobs), f"patching {self.site_name}", progress)
+        try:
+            for chunk in engine.run_jobs(
+                self.model, self.base, jobs, self.reader, budget=budget, progress=bar
+            ):
+                yield {
+                    res.key: (
+                        float(res.score),
+                        None if res.per_prompt is None else res.per_prompt.tolist(),
+                    )
+                    for res in chunk
+                }
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def result(self, done: dict[tuple[int, ...], tuple[float, list[float] | None]]) -> PatchResult:
+        """The :class:`PatchResult` from every cell's ``(score, per-prompt scores)``."""
+        missing = [c for c in self.cells if c not in done]
+        if missing:
+            raise MechkitError(
+                f"Expected a score for every cell of the sweep; {len(missing)} of "
+                f"{len(self.cells)} are missing (first {missing[0]})."
+            )
+        shape = tuple(len(self.labels[a]) for a in self.axes)
+        scores = torch.full(shape, float("nan"))
+        n_batch = self.base.batch
+        per_prompt: Tensor | None = torch.full((*shape, n_batch), float("nan"))
+        for cell in self.cells:
+            score, prompts = done[cell]
+            scores[cell] = score
+            if prompts is None:
+                per_prompt = None
+            elif per_prompt is not None:
+                per_prompt[cell] = torch.tensor(prompts)
+        return PatchResult(
+            scores=scores,
+            per_prompt=per_prompt,
+            axes=self.axes,
+            labels=self.labels,
+            tick_labels=_tick_labels(self.model, self.axes, self.labels, self.setup.clean_tokens),
+            clean_score=self.clean_score,
+            corrupt_score=self.corrupt_score,
+            method=self.setup.method,
+            site=self.site_name,
+            metric_name=_metric_name(self.setup.metric),
+        )
+
+
+def plan_patch(
+    model: Any,
+    clean: Any,
+    corrupt: Any = None,
+    metric: Any = None,
+    *,
+    site: str | Site | Sequence[Site] = "resid_pre",
+    positions: Literal["each", "all"] | Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    neurons: Sequence[int] | None = None,
+    direction: Literal["denoising", "noising"] | None = None,
+    ablation: Literal["zero", "mean", "resample"] | None = None,
+    reference: Any = None,
+    seed: int = 0,
+) -> PatchPlan:
+    """Check the arguments, run the reference passes, and decide every cell's patch.
+
+    Takes the arguments of :func:`activation_patch` (less the running ones).
+    """
     setup = resolve_inputs(model, clean, corrupt, metric, direction, ablation, reference)
-    n_batch, seq = setup.base_tokens.shape
+    seq = setup.base_tokens.shape[1]
     axes, labels, cells = _plan_cells(model, site, positions, layers, heads, neurons, seq)
     hook_names = {cell.site.hook_name for cell in cells}
     base = engine.run_base(model, setup.base_tokens, hook_names)
@@ -228,43 +362,28 @@ def activation_patch(
     reader = engine.MetricReader(setup.metric, base)
     base_value, base_per_prompt = engine.base_score(reader, base)
     clean_score, corrupt_score = _clean_and_corrupt(model, setup, reader, base, base_value)
-
     jobs, noop = [], []
     for cell in cells:
         job = _job_for(cell, base.acts[cell.site.hook_name], sources[cell.site.hook_name], seq)
-        (noop if job is None else jobs).append(job or cell)
-    shape = tuple(len(labels[a]) for a in axes)
-    scores = torch.full(shape, float("nan"))
-    per_prompt = torch.full((*shape, n_batch), float("nan"))
-    keep_per_prompt = base_per_prompt is not None
-    for cell in noop:  # source equals base there: the patched run is the base run
-        scores[cell.index] = base_value
-        if keep_per_prompt:
-            per_prompt[cell.index] = base_per_prompt
-    budget = engine.parse_budget(memory_budget, base.tokens.device)
-    bar = _progress(len(jobs), f"patching {_site_name(site)}", progress)
-    try:
-        for chunk in engine.run_jobs(model, base, jobs, reader, budget=budget, progress=bar):
-            for res in chunk:
-                scores[res.key] = res.score
-                if res.per_prompt is None:
-                    keep_per_prompt = False
-                elif keep_per_prompt:
-                    per_prompt[res.key] = res.per_prompt
-    finally:
-        if bar is not None:
-            bar.close()
-    return PatchResult(
-        scores=scores,
-        per_prompt=per_prompt if keep_per_prompt else None,
+        if job is None:
+            noop.append(cell.index)
+        else:
+            jobs.append(job)
+    return PatchPlan(
+        model=model,
+        setup=setup,
         axes=axes,
         labels=labels,
-        tick_labels=_tick_labels(model, axes, labels, setup.clean_tokens),
+        cells=[cell.index for cell in cells],
+        site_name=_site_name(site),
+        base=base,
+        reader=reader,
+        jobs=jobs,
+        noop=noop,
+        base_value=float(base_value),
+        base_per_prompt=None if base_per_prompt is None else base_per_prompt.tolist(),
         clean_score=clean_score,
         corrupt_score=corrupt_score,
-        method=setup.method,
-        site=_site_name(site),
-        metric_name=_metric_name(setup.metric),
     )
 
 
