@@ -53,7 +53,7 @@ from mechkit.metrics import (
     prob_diff,
 )
 from mechkit.models import BUILTIN_MODELS, ModelInfo, Processing, load_model, model_info
-from mechkit.patching import PATCHABLE, PatchResult, activation_patch
+from mechkit.patching import PATCHABLE, PatchResult, activation_patch, path_patch
 from mechkit.prompts import PromptPairs
 from mechkit.sites import COMPONENTS, Site, validate_sites
 from mechkit.tokens import tokenize_answer
@@ -64,6 +64,7 @@ __all__ = [
     "PATCHABLE",
     "PatchResult",
     "activation_patch",
+    "path_patch",
     "render_attention",
     "detect_heads",
     "UnknownKindError",
