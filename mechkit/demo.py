@@ -3,7 +3,8 @@
 The report is a folder with ``index.html`` linking each section's figures (plotly HTML sharing
 one ``plotly.min.js`` in the folder, so the report opens offline) and tables (CSV). Sections:
 the model card, next-token predictions, the logit lens, direct logit attribution on IOI
-prompts, and attention-head detection. Each section is timed.
+prompts, attention-head detection, and activation and path patching on IOI prompts. Each
+section is timed.
 """
 
 from __future__ import annotations
@@ -152,12 +153,49 @@ def _heads(model: Any, out: Path) -> str:
     return "<ul>" + "".join(parts) + "</ul>"
 
 
+def _patching(model: Any, out: Path) -> str:
+    from mechkit.patching import activation_patch, path_patch
+    from mechkit.prompts import PromptPairs
+    from mechkit.sites import Site
+
+    clean, corrupt, answers, wrongs = (list(x) for x in zip(*IOI_PAIRS, strict=True))
+    pairs = PromptPairs.from_lists(model, clean, corrupt, answers, wrongs)
+    resid = activation_patch(model, pairs, site="resid_pre", progress=False).normalized()
+    heads = activation_patch(model, pairs, site="z", progress=False).normalized()
+    resid.to_dataframe().to_csv(out / "patch_resid_pre.csv", index=False)
+    heads.to_dataframe().to_csv(out / "patch_heads.csv", index=False)
+    resid_link = _figure(out, "patch_resid_pre.html", resid.plot())
+    heads_link = _figure(out, "patch_heads.html", heads.plot())
+    top = heads.top(3)
+    receivers = [Site("q", layer=w["layer"], head=w["head"]) for w, _ in top[:2]]
+    path = path_patch(model, pairs, senders="heads", receivers=receivers, progress=False)
+    path = path.normalized()
+    path.to_dataframe().to_csv(out / "path_patch.csv", index=False)
+    path_link = _figure(out, "path_patch.html", path.plot())
+    rows = [[f"L{w['layer']}H{w['head']}", f"{v:+.3f}"] for w, v in top]
+    path_rows = [[f"L{w['layer']}H{w['head']}", f"{v:+.3f}"] for w, v in path.top(5)]
+    names = ", ".join(r.label for r in receivers)
+    return (
+        f"<p>Denoising activation patching on {len(pairs)} IOI pairs (clean values patched into "
+        "the p_ABC-style corrupt run; 1 = the clean logit difference restored, 0 = the corrupt "
+        f"one). Residual stream by layer and position: {resid_link} "
+        '(<a href="patch_resid_pre.csv">CSV</a>); each head\'s output at all positions: '
+        f'{heads_link} (<a href="patch_heads.csv">CSV</a>).</p>'
+        + _table(rows, ["head", "normalized score"])
+        + f"<p>Path patching (noising, Wang et al.): every head as a sender into the queries of "
+        f"{html.escape(names)}, the two heads above; a drop below 1 means the head feeds them "
+        f'what they need: {path_link} (<a href="path_patch.csv">CSV</a>).</p>'
+        + _table(path_rows, ["sender", "normalized score"])
+    )
+
+
 SECTIONS: tuple[tuple[str, Callable[[Any, Path], str]], ...] = (
     ("Model", _model_card),
     ("Next-token predictions", _predictions),
     ("Logit lens", _logit_lens),
     ("Direct logit attribution (IOI)", _dla),
     ("Attention heads", _heads),
+    ("Activation and path patching (IOI)", _patching),
 )
 
 
