@@ -48,6 +48,8 @@ class PatchJob:
             position ``start`` is index 0 along the position axis; attention patterns keep every
             key position). Edits sit only at blocks ``layer`` and later.
         capture: hook names whose (suffix) activation of this job's rows is returned.
+        stop: run blocks only up to this one (exclusive) and skip the metric: for jobs that
+            only capture. None runs the whole model and scores it.
     """
 
     key: Any
@@ -55,6 +57,7 @@ class PatchJob:
     start: int
     edits: dict[str, Edit]
     capture: tuple[str, ...] = ()
+    stop: int | None = None
 
 
 @dataclasses.dataclass
@@ -340,8 +343,10 @@ def _run_chunk(
     hooks += [(name, capture_hook) for name in captures_at]
     x: Tensor | None = None
     next_job = 0
+    n_layers = model.cfg.n_layers
+    stops = [n_layers if job.stop is None else job.stop for job in chunk]
     with model.hooks(fwd_hooks=hooks):
-        for layer in range(chunk[0].layer, model.cfg.n_layers):
+        for layer in range(chunk[0].layer, max(stops)):
             joining = 0
             while next_job + joining < len(chunk) and chunk[next_job + joining].layer == layer:
                 joining += 1
@@ -358,6 +363,9 @@ def _run_chunk(
             )
             x = model.blocks[layer](x, past_kv_cache_entry=entry)
     assert x is not None and next_job == len(chunk), "jobs must be sorted by layer"
+    if max(stops) < n_layers:  # capture-only jobs: no metric
+        nan = torch.tensor(float("nan"))
+        return [JobResult(job.key, nan, None, captured[i]) for i, job in enumerate(chunk)]
     return _score_rows(model, base, chunk, x, start, reader, captured)
 
 

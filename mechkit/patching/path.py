@@ -116,11 +116,12 @@ def path_patch(
             if to_final
             else tuple(sorted({r.hook_name for r in receiver_sites if r.layer > site.layer}))
         )
-        jobs.append(
-            _sender_job(
-                index, site, start, source[site.hook_name], freeze, seq, cfg.n_layers, capture
-            )
+        job = _sender_job(
+            index, site, start, source[site.hook_name], freeze, seq, cfg.n_layers, capture
         )
+        if not to_final:  # the recording pass needs blocks up to the last receiver only
+            job.stop = last_receiver + 1
+        jobs.append(job)
 
     shape = tuple(len(labels[a]) for a in axes)
     scores = torch.full(shape, float(base_value))
