@@ -586,19 +586,20 @@ def _job_for(cell: _Cell, base_act: Tensor, source: Tensor, seq: int) -> engine.
         p = site.position
         if torch.equal(base_sel[:, p], src_sel[:, p]):
             return None
-        start, relative = p, 0
+        start = p
     else:
         first = engine.first_difference(base_sel, src_sel, 1)
         if first is None:
             return None
-        start, relative = first, None
-    axis = site.position_axis
-    src = src_full.narrow(axis, start, seq - start)
-    index = site.with_(position=relative).index(base_act.ndim)
-    value = src[index]
+        start = first
+    axis, ndim = site.position_axis, base_act.ndim
 
-    def edit(rows: Tensor, _start: int) -> None:
-        rows[index] = value
+    def edit(rows: Tensor, first: int) -> None:
+        # rows cover positions first.. (first <= start); earlier source values equal the base's
+        src = src_full.narrow(axis, first, seq - first)
+        at = None if site.position is None else site.position - first
+        index = site.with_(position=at).index(ndim)
+        rows[index] = src[index]
 
     return engine.PatchJob(cell.index, site.layer, start, {site.hook_name: edit})
 

@@ -7,7 +7,8 @@ as ``transformer_lens.patching`` does, the runner
 
 1. runs the reference ("base") prompts once, keeping the residual stream entering every block
    and every block's attention keys and values;
-2. groups patches by ``start`` and, within a group, orders them by ``layer``;
+2. groups patches by ``start`` (merging small groups) and, within a group, orders them by
+   ``layer``;
 3. runs each group as one "staircase" batch: the rows of a patch join the batch at its own
    block (copies of the cached residual from ``start`` on), earlier positions are supplied to
    attention as a key/value prefix from the cache, and each patch's edits are applied to its own
@@ -33,7 +34,8 @@ from mechkit.errors import MechkitError, UnsupportedModelError
 from mechkit.metrics import Metric, Normalized
 
 Edit = Callable[[Tensor, int], None]
-"""An edit: changes, in place, the activation rows of one patch; gets the start position too."""
+"""An edit: changes, in place, one patch's rows of an activation that covers the positions from
+the batch's first computed position on (given as the second argument) to the end."""
 
 
 @dataclasses.dataclass
@@ -44,9 +46,11 @@ class PatchJob:
         key: the job's cell in the result (any hashable).
         layer: the first block whose computation the edits change.
         start: the first position whose values the edits change.
-        edits: hook name -> in-place edit of this job's rows (activations are suffix-only:
-            position ``start`` is index 0 along the position axis; attention patterns keep every
-            key position). Edits sit only at blocks ``layer`` and later.
+        edits: hook name -> in-place edit of this job's rows. Activations cover positions
+            from the batch's first computed position ``s`` on (passed to the edit; ``s <= start``,
+            since batches may merge jobs of several starts), so absolute position ``p`` is index
+            ``p - s``; attention patterns keep every key position. Edits sit only at blocks
+            ``layer`` and later.
         capture: hook names whose (suffix) activation of this job's rows is returned.
         stop: run blocks only up to this one (exclusive) and skip the metric: for jobs that
             only capture. None runs the whole model and scores it.
@@ -65,7 +69,8 @@ class JobResult:
     key: Any
     score: Tensor  # () the metric
     per_prompt: Tensor | None  # (batch,) when the metric gives one value per prompt
-    captured: dict[str, Tensor]
+    captured: dict[str, Tensor]  # suffix activations from position ``captured_from`` on
+    captured_from: int = 0
 
 
 @dataclasses.dataclass
@@ -257,19 +262,40 @@ def _is_oom(exc: BaseException) -> bool:
 def plan_chunks(
     model: Any, base: BaseRun, jobs: list[PatchJob], budget: int, full_logits: bool
 ) -> list[list[PatchJob]]:
-    """Group jobs by start position, order by layer, and cut into chunks that fit ``budget``."""
+    """Group jobs by start position, order by layer, and cut into chunks that fit ``budget``.
+
+    Groups too small to keep the hardware busy (a one-layer sweep gives one job per position)
+    are merged with the next start's group: the merged batch computes from the earliest start,
+    some redundant positions for far larger matrix products.
+    """
     groups: dict[int, list[PatchJob]] = {}
     for job in jobs:
         groups.setdefault(job.start, []).append(job)
-    chunks = []
+    merged: list[list[PatchJob]] = []
+    tokens = 0
     for start in sorted(groups):
-        group = sorted(groups[start], key=lambda j: j.layer)
-        per_row = _bytes_per_row(model, base.seq, base.seq - start, full_logits)
+        group = groups[start]
+        if merged and tokens < _MERGE_TOKENS:
+            merged[-1].extend(group)
+        else:
+            merged.append(list(group))
+            tokens = 0
+        first = merged[-1][0].start
+        tokens += len(group) * base.batch * (base.seq - first)
+    chunks = []
+    for group in merged:
+        group.sort(key=lambda j: j.layer)
+        first = min(j.start for j in group)
+        per_row = _bytes_per_row(model, base.seq, base.seq - first, full_logits)
         per_job = per_row * base.batch
         size = max(1, budget // per_job)
         for i in range(0, len(group), size):
             chunks.append(group[i : i + size])
     return chunks
+
+
+_MERGE_TOKENS = 2048
+"""Rows x positions below which a start group is merged with the next one."""
 
 
 def run_jobs(
@@ -314,8 +340,8 @@ def _run_with_split(
 def _run_chunk(
     model: Any, base: BaseRun, chunk: list[PatchJob], reader: MetricReader
 ) -> list[JobResult]:
-    """One staircase batch: all jobs share ``start``; rows join at their job's layer."""
-    start = chunk[0].start
+    """One staircase batch from the chunk's first start on; rows join at their job's layer."""
+    start = min(job.start for job in chunk)
     n_batch = base.batch
     rows_of = {id(job): slice(i * n_batch, (i + 1) * n_batch) for i, job in enumerate(chunk)}
     edits_at: dict[str, list[tuple[slice, Edit]]] = {}
@@ -365,7 +391,7 @@ def _run_chunk(
     assert x is not None and next_job == len(chunk), "jobs must be sorted by layer"
     if max(stops) < n_layers:  # capture-only jobs: no metric
         nan = torch.tensor(float("nan"))
-        return [JobResult(job.key, nan, None, captured[i]) for i, job in enumerate(chunk)]
+        return [JobResult(job.key, nan, None, captured[i], start) for i, job in enumerate(chunk)]
     return _score_rows(model, base, chunk, x, start, reader, captured)
 
 
@@ -396,7 +422,7 @@ def _score_rows(
     results = []
     for i, job in enumerate(chunk):
         score, per_prompt = reader.score(logits[i * n_batch : (i + 1) * n_batch])
-        results.append(JobResult(job.key, score, per_prompt, captured[i]))
+        results.append(JobResult(job.key, score, per_prompt, captured[i], start))
     return results
 
 

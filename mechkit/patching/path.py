@@ -132,18 +132,19 @@ def path_patch(
     steps = len(jobs) * (1 if to_final else 2)
     bar = _progress(steps, "path patching", progress)
     try:
-        recorded: dict[Any, tuple[engine.PatchJob, dict[str, Tensor]]] = {}
+        recorded: dict[Any, tuple[dict[str, Tensor], int]] = {}
         for chunk in engine.run_jobs(model, base, jobs, reader, budget=budget, progress=bar):
             for res in chunk:
                 if to_final:
                     _store(scores, per_prompt, res.key, res.score, res.per_prompt)
                 else:
-                    recorded[res.key] = res.captured
+                    recorded[res.key] = (res.captured, res.captured_from)
         if not to_final:
             # step 2: the reference run with only the receivers' inputs replaced
             second = []
             for job in jobs:
-                edits = _receiver_edits(receiver_sites, recorded[job.key], job.layer)
+                values, recorded_from = recorded[job.key]
+                edits = _receiver_edits(receiver_sites, values, recorded_from, job.layer)
                 first = min(int(name.split(".")[1]) for name in edits)
                 second.append(engine.PatchJob(job.key, first, job.start, edits))
             for chunk in engine.run_jobs(model, base, second, reader, budget=budget, progress=bar):
@@ -261,28 +262,26 @@ def _sender_job(
     capture: tuple[str, ...],
 ) -> engine.PatchJob:
     """Sender at its source value; every attention head after it frozen at the reference."""
-    value = source.narrow(1, start, seq - start)
     index = site.with_(position=None).index(source.ndim)
     edits: dict[str, engine.Edit] = {}
 
-    def set_sender(rows: Tensor, _start: int) -> None:
-        rows[index] = value[index]
+    def set_sender(rows: Tensor, first: int) -> None:
+        rows[index] = source.narrow(1, first, seq - first)[index]
 
     edits[site.hook_name] = set_sender
     for j in range(site.layer + 1, n_layers):
-        frozen = freeze[j].narrow(1, start, seq - start)
 
-        def freeze_heads(rows: Tensor, _start: int, frozen: Tensor = frozen) -> None:
-            rows.copy_(frozen)
+        def freeze_heads(rows: Tensor, first: int, frozen: Tensor = freeze[j]) -> None:
+            rows.copy_(frozen.narrow(1, first, seq - first))
 
         edits[f"blocks.{j}.attn.hook_z"] = freeze_heads
     return engine.PatchJob(key, site.layer, start, edits, capture)
 
 
 def _receiver_edits(
-    receivers: list[Site], recorded: dict[str, Tensor], sender_layer: int
+    receivers: list[Site], recorded: dict[str, Tensor], recorded_from: int, sender_layer: int
 ) -> dict[str, engine.Edit]:
-    """Edits writing the recorded inputs into the receiving heads only."""
+    """Edits writing the recorded inputs (positions ``recorded_from``..) into the receivers."""
     by_hook: dict[str, list[int]] = {}
     for r in receivers:
         if r.layer > sender_layer:
@@ -293,9 +292,12 @@ def _receiver_edits(
         head_index = torch.tensor(sorted(set(heads)))
 
         def write(
-            rows: Tensor, _start: int, value: Tensor = value, heads: Tensor = head_index
+            rows: Tensor, first: int, value: Tensor = value, heads: Tensor = head_index
         ) -> None:
-            rows[:, :, heads] = value[:, :, heads]
+            # rows cover positions first..; the recording covers recorded_from..; before the
+            # sender's start both hold the reference values, so align on the later of the two
+            skip_rows, skip_value = max(0, recorded_from - first), max(0, first - recorded_from)
+            rows[:, skip_rows:, heads] = value[:, skip_value:, heads]
 
         edits[name] = write
     return edits
