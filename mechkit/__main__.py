@@ -1,4 +1,5 @@
-"""Command line: ``mechkit demo`` (also ``python -m mechkit demo``)."""
+"""Command line: ``mechkit demo``, ``mechkit tuned-lens``, ``mechkit sweep`` (also
+``python -m mechkit ...``)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     lens.add_argument("--seq-len", type=int, default=64)
     lens.add_argument("--lr", type=float, default=1e-3)
     lens.add_argument("--eval-sequences", type=int, default=32)
+    _add_sweep_parser(commands)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args.out, args.model)
         elif args.command == "tuned-lens":
             _tuned_lens(args)
+        elif args.command == "sweep":
+            return _sweep(args)
     except MechkitError as exc:
         print(f"mechkit: error: {exc}", file=sys.stderr)
         return 2
@@ -64,6 +68,73 @@ def _tuned_lens(args: argparse.Namespace) -> None:
     df.to_csv(out / "kl_by_layer.csv", index=False)
     table.plot().write_html(out / "kl_by_layer.html", include_plotlyjs="directory")
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _add_sweep_parser(commands: argparse._SubParsersAction) -> None:
+    import textwrap
+
+    from mechkit.patching.sweep import config_help
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="run a resumable activation-patching sweep described by a YAML config",
+        description=textwrap.fill(
+            "Run the activation-patching sweeps a YAML config describes. Every finished cell is "
+            "appended to OUT/results.jsonl at once; run the same command again after a kill or "
+            "crash and it resumes where it stopped, computing no cell twice. When an entry is "
+            "complete, OUT/NAME.csv, NAME.html and NAME.png hold its table and heatmap; "
+            "OUT/run.json holds the config, mechkit's version and the status. A config whose "
+            "keys (other than device, memory_budget, format, out) differ from the one in OUT is "
+            "refused: pass --restart to discard the old results, or another --out.",
+            width=98,
+        ),
+        epilog=config_help()
+        + "\n\nexample: examples/sweep_ioi.yaml (smollm2-135m, IOI prompts, runs offline)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("config", help="the YAML config file")
+    sweep.add_argument("--out", help="output folder (overrides the config's out)")
+    sweep.add_argument(
+        "--restart", action="store_true", help="discard the results already in the output folder"
+    )
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from mechkit.patching.sweep import SweepConfigError, load_config, run_sweep
+
+    def say(message: str) -> None:
+        print(f"[mechkit sweep] {message}", file=sys.stderr, flush=True)
+
+    config = load_config(args.config)  # every key checked before the model loads
+    out = args.out or config.out or str(Path("runs") / Path(args.config).stem)
+    start = time.perf_counter()
+    try:
+        run = run_sweep(
+            config, out=out, restart=args.restart, progress=not args.no_progress, log=say
+        )
+    except KeyboardInterrupt:
+        say(f"interrupted; run the same command again to resume ({out})")
+        return 130
+    except SweepConfigError as exc:  # a key checked against the model: name the file
+        if exc.source is not None:
+            raise
+        raise SweepConfigError(exc.path, exc.detail, args.config) from None
+    print(
+        f"sweep complete: {run.cells_total} cells ({run.cells_computed} computed now) in "
+        f"{time.perf_counter() - start:.1f} s; results in {run.out}"
+    )
+    for name, result in run.results.items():
+        top = ", ".join(
+            " ".join(f"{k}={v}" for k, v in where.items()) + f": {score:.3g}"
+            for where, score in result.top(3)
+        )
+        files = ", ".join(path.name for path in run.files[name].values())
+        print(f"  {name}: {files}; top cells {top}")
+    return 0
 
 
 if __name__ == "__main__":

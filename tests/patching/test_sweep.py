@@ -1,0 +1,388 @@
+"""``mechkit sweep``: config errors name their path before any model loads; a sweep killed with
+SIGKILL and started again ends with the uninterrupted run's table, no cell computed twice; its
+scores equal :func:`mk.activation_patch` over all the prompt pairs at once.
+
+The subprocess and most runs use the toy model, whose pairs come from a token-id JSONL file
+built here; one test runs the shipped example config (IOI prompts) on smollm2-135m.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import mechkit as mk
+from mechkit.__main__ import main
+from mechkit.patching import sweep
+from mechkit.patching.sweep import SweepEntry, build_pairs, load_config, run_sweep
+
+ROOT = Path(__file__).resolve().parents[2]
+TOL = 1e-5
+
+
+def _token_pairs(n: int = 5, length: int = 5, seed: int = 3) -> list[dict]:
+    """Induction prompts for the toy: BOS, a segment, the segment again less its last token."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        draw = (torch.randperm(499, generator=generator)[: length + 1] + 1).tolist()
+        segment, wrong = draw[:length], draw[length]
+        rows.append(
+            {
+                "clean": [0, *segment, *segment[:-1]],
+                "corrupt": [0, *segment[:-1], wrong, *segment[:-1]],
+                "answer": segment[-1],
+                "wrong": wrong,
+            }
+        )
+    return rows
+
+
+def _write_config(folder: Path, name: str = "sweep.yaml", **overrides) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = folder / "pairs.jsonl"
+    if not pairs.exists():
+        pairs.write_text("".join(json.dumps(r) + "\n" for r in _token_pairs()))
+    config = {
+        "model": "attn-only-2l",
+        "prompts": {"tokens": "pairs.jsonl"},
+        "metric": "logit_diff",
+        "sweeps": [{"site": "resid_pre"}, {"site": "z", "positions": "each"}],
+        "batch_size": 2,
+        "device": "cpu",
+    }
+    config.update(overrides)
+    path = folder / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _pairs_from_file(path: Path) -> mk.PromptPairs:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return mk.PromptPairs.from_tokens(
+        [r["clean"] for r in rows],
+        [r["corrupt"] for r in rows],
+        [r["answer"] for r in rows],
+        [r["wrong"] for r in rows],
+    )
+
+
+def _journal_cells(out: Path) -> list[tuple]:
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return [(r["entry"], r["batch"], tuple(r["cell"])) for r in records if r["kind"] == "cell"]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if anything tries to load a model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(sweep, "load_model", refuse)
+
+
+# ----------------------------------------------------------------------------------- config
+
+
+BAD_VALUES = [
+    (
+        {"sweeps": [{"site": "resid_pre"}, {"site": "z", "positions": "evry"}]},
+        "sweep.yaml: sweeps[1].positions: expected 'each', 'all' or a list of integers; got 'evry'",
+    ),
+    ({"metric": "logit_dif"}, "sweep.yaml: metric: expected 'logit_diff'"),
+    ({"metric": "logit_dif"}, "Did you mean 'logit_diff'?"),
+    ({"sweeps": [{"site": "resid_pree"}]}, "sweeps[0].site: expected 'resid_pre', "),
+    ({"sweeps": [{"site": "resid_pre", "heads": [0]}]}, "sweeps[0].heads: applies to the head"),
+    (
+        {"sweeps": [{"site": "z", "layers": [0, "one"]}]},
+        "sweeps[0].layers: expected null (all layers) or a list",
+    ),
+    ({"sweeps": []}, "sweep.yaml: sweeps: expected a non-empty list"),
+    ({"batch_size": 0}, "sweep.yaml: batch_size: expected a positive integer or null; got 0"),
+    ({"memory_budget": "lots"}, "sweep.yaml: memory_budget: expected a memory budget"),
+    ({"direction": "noising", "ablation": "zero"}, "ablation: expected either a direction or"),
+    ({"ablation": "mena"}, "ablation: expected 'zero', 'mean', 'resample' or null; got 'mena'"),
+    ({"format": "csv"}, "sweep.yaml: format: expected 'jsonl' or 'parquet'; got 'csv'"),
+    ({"prompts": {"tokens": "missing.jsonl"}}, "prompts.tokens: expected an existing JSONL file"),
+    ({"prompts": {"tokens": "pairs.jsonl", "generator": "ioi"}}, "prompts: expected exactly one"),
+    ({"prompts": {"generator": "ioi", "length": 4}}, "prompts.length: applies only to generator"),
+    (
+        {"sweeps": [{"site": "z", "name": "a"}, {"site": "v", "name": "a"}]},
+        "sweeps[1].name: expected a name of its own",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), BAD_VALUES)
+def test_bad_value_is_reported_with_its_path_before_any_model_loads(
+    tmp_path, monkeypatch, capsys, no_model_load, overrides, expected
+):
+    monkeypatch.chdir(tmp_path)
+    _write_config(tmp_path, **overrides)
+    assert main(["sweep", "sweep.yaml", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mechkit: error: sweep.yaml: ") and expected in err, err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            {"sweeps": [{"site": "z", "layers": [0, 5]}]},
+            "sweeps[0].layers: expected values in [0, 2)",
+        ),
+        ({"sweeps": [{"site": "v", "heads": [4]}]}, "sweeps[0].heads: expected values in [0, 4)"),
+        ({"sweeps": [{"site": "mlp_out"}]}, "sweep.yaml: sweeps[0].site: "),
+        ({"prompts": {"generator": "ioi"}}, "sweep.yaml: prompts.generator: expected a model with"),
+    ],
+)
+def test_keys_checked_on_the_model_name_their_path(
+    tmp_path, monkeypatch, capsys, overrides, expected
+):
+    monkeypatch.chdir(tmp_path)
+    _write_config(tmp_path, **overrides)
+    assert main(["sweep", "sweep.yaml", "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("mechkit: error: sweep.yaml: ") and expected in err, err
+    assert not (tmp_path / "runs" / "sweep" / "run.json").exists()  # nothing written yet
+    assert not (tmp_path / "runs" / "sweep" / "results.jsonl").exists()
+
+
+def test_token_ids_outside_the_vocabulary_are_named(tmp_path):
+    rows = _token_pairs()
+    rows[2]["wrong"] = 612
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(
+        sweep.SweepConfigError, match=r"sweep\.yaml: prompts\.tokens: .*:3: token id 612"
+    ):
+        run_sweep(_write_config(tmp_path), out=tmp_path / "out", progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_missing_cuda_is_a_config_error(tmp_path, no_model_load):
+    with pytest.raises(sweep.SweepConfigError, match=r"sweep\.yaml: device: expected a device"):
+        load_config(_write_config(tmp_path, device="cuda"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "path", "suggestion"),
+    [
+        ({"metirc": "prob_diff"}, "sweep.yaml: metirc: unknown key", "'metric'"),
+        ({"sweeps": [{"site": "z", "layer": [0]}]}, "sweeps[0].layer: unknown key", "'layers'"),
+        ({"prompts": {"tokenz": "pairs.jsonl"}}, "prompts.tokenz: unknown key", "'tokens'"),
+    ],
+)
+def test_unknown_key_suggests_the_closest(tmp_path, no_model_load, overrides, path, suggestion):
+    with pytest.raises(sweep.SweepConfigError) as info:
+        load_config(_write_config(tmp_path, **overrides))
+    message = str(info.value)
+    assert path in message and f"Did you mean {suggestion}?" in message, message
+    assert isinstance(info.value, mk.MechkitError) and isinstance(info.value, ValueError)
+
+
+def test_key_given_twice_and_broken_yaml_are_errors(tmp_path):
+    path = _write_config(tmp_path)
+    path.write_text(path.read_text() + "metric: prob_diff\n")
+    with pytest.raises(sweep.SweepConfigError, match=r"line \d+: the key 'metric' is given twice"):
+        load_config(path)
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(sweep.SweepConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_help_documents_every_key(capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    text = capsys.readouterr().out
+    keys = [f.name for f in dataclasses.fields(sweep.SweepConfig)]
+    keys += [f"prompts.{f.name}" for f in dataclasses.fields(sweep.PromptSource)]
+    keys += [f"sweeps[].{f.name}" for f in dataclasses.fields(SweepEntry)]
+    documented = {line.split()[0] for line in text.splitlines() if line.startswith("  ")}
+    assert set(keys) <= documented, set(keys) - documented
+    for word in ("--restart", "--out", "resumes", *mk.PATCHABLE, "repeated_tokens", "parquet"):
+        assert word in text
+
+
+def test_config_round_trips_and_example_parses(no_model_load):
+    config = load_config(ROOT / "examples" / "sweep_ioi.yaml")
+    assert config.model == "smollm2-135m" and config.prompts.generator == "ioi"
+    again = sweep.config_from_dict(config.to_dict())
+    assert again == config
+
+
+# ----------------------------------------------------------------------------------- running
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_scores_equal_activation_patch_on_all_pairs(toy, tmp_path, batch_size):
+    path = _write_config(tmp_path, batch_size=batch_size)
+    run = run_sweep(path, out=tmp_path / "out", progress=False)
+    pairs = _pairs_from_file(tmp_path / "pairs.jsonl")
+    metric = mk.LogitDiff.from_pairs(pairs)
+    for name, (site, positions) in {
+        "0_resid_pre": ("resid_pre", None),
+        "1_z": ("z", "each"),
+    }.items():
+        ours = run.results[name]
+        theirs = mk.activation_patch(
+            toy, pairs, metric=metric, site=site, positions=positions, progress=False
+        )
+        assert ours.axes == theirs.axes and ours.labels == theirs.labels
+        assert torch.allclose(ours.scores, theirs.scores, atol=TOL, rtol=0)
+        assert torch.allclose(ours.per_prompt, theirs.per_prompt, atol=TOL, rtol=0)
+        assert ours.clean_score == pytest.approx(theirs.clean_score, abs=TOL)
+        assert ours.corrupt_score == pytest.approx(theirs.corrupt_score, abs=TOL)
+    assert (theirs.scores - theirs.corrupt_score).abs().max() > 1  # the sweep finds something
+    assert run.cells_computed == run.cells_total == (2 * 10 + 2 * 10 * 4) * (3 if batch_size else 1)
+
+
+def test_mean_ablation_in_batches_uses_the_whole_dataset(toy, tmp_path):
+    path = _write_config(tmp_path, ablation="mean", sweeps=[{"site": "attn_out"}])
+    run = run_sweep(path, out=tmp_path / "out", progress=False)
+    pairs = _pairs_from_file(tmp_path / "pairs.jsonl")
+    theirs = mk.activation_patch(toy, pairs, site="attn_out", ablation="mean", progress=False)
+    assert torch.allclose(run.results["0_attn_out"].scores, theirs.scores, atol=TOL, rtol=0)
+
+
+def test_outputs_are_written(tmp_path):
+    path = _write_config(tmp_path, format="parquet")
+    out = tmp_path / "out"
+    run = run_sweep(path, out=out, progress=False)
+    for name in ("0_resid_pre", "1_z"):
+        table = pd.read_csv(out / f"{name}.csv")
+        assert {"layer", "pos", "score", "normalized", "prompt_4"} <= set(table.columns)
+        assert len(table) == run.results[name].scores.numel()
+        assert "plotly.min.js" in (out / f"{name}.html").read_text()
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "plotly.min.js").is_file()
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "complete" and info["mechkit"] == mk.__version__
+    assert info["config"]["sweeps"][1]["positions"] == "each"
+    assert set(info["outputs"]) >= {"0_resid_pre.png", "1_z.csv", "results.parquet"}
+    cells = pd.read_parquet(out / "results.parquet")
+    assert len(cells) == run.cells_total == len(_journal_cells(out))
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def test_changed_config_is_refused_then_restarted(tmp_path):
+    path = _write_config(tmp_path, sweeps=[{"site": "resid_pre"}])
+    out = tmp_path / "out"
+    run_sweep(path, out=out, progress=False)
+    changed = load_config(
+        _write_config(tmp_path, "changed.yaml", sweeps=[{"site": "resid_pre", "layers": [1]}])
+    )
+    with pytest.raises(mk.MechkitError, match=r"differs in sweeps\[0\]\.layers.*--restart"):
+        run_sweep(changed, out=out, progress=False)
+    (tmp_path / "pairs.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in _token_pairs(seed=4))
+    )
+    with pytest.raises(mk.MechkitError, match=r"differs in prompts\.tokens"):
+        run_sweep(path, out=out, progress=False)  # same config, other prompts
+    run = run_sweep(changed, out=out, restart=True, progress=False)
+    assert run.results["0_resid_pre"].labels["layer"] == [1]
+    assert len(_journal_cells(out)) == run.cells_total == 3 * 10
+    # device, memory budget and format may change between runs
+    again = dataclasses.replace(changed, memory_budget="1MB", format="parquet")
+    assert run_sweep(again, out=out, progress=False).cells_computed == 0
+
+
+def test_resume_after_a_torn_journal(tmp_path):
+    path = _write_config(tmp_path)
+    full = run_sweep(path, out=tmp_path / "full", progress=False)
+    out = tmp_path / "cut"
+    run_sweep(path, out=out, progress=False)
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    kept = lines[: len(lines) // 3]
+    (out / "results.jsonl").write_text("".join(kept) + lines[len(kept)][:25])  # torn mid-line
+    info = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    resumed = run_sweep(path, out=out, progress=False)
+    done_before = sum(json.loads(line)["kind"] == "cell" for line in kept)
+    assert resumed.cells_computed == resumed.cells_total - done_before
+    assert max(Counter(_journal_cells(out)).values()) == 1
+    for name, result in full.results.items():
+        assert torch.allclose(resumed.results[name].scores, result.scores, atol=1e-6, rtol=0)
+
+
+def test_sweep_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
+    # one patch per forward pass (a tiny memory budget), so cells reach the journal one by one
+    sweeps = [
+        {"site": "resid_pre"},
+        {"site": "z", "positions": "each"},
+        {"site": "pattern", "positions": "each"},
+        {"site": "v", "positions": "each"},
+    ]
+    path = _write_config(tmp_path, sweeps=sweeps, memory_budget="1KB")
+    journal = tmp_path / "killed" / "results.jsonl"
+    command = [sys.executable, "-m", "mechkit", "sweep", str(path), "--out", str(journal.parent)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    log = (tmp_path / "stderr.txt").open("w")
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if journal.exists() and journal.read_bytes().count(b'"kind":"cell"') >= 150:
+            break
+        time.sleep(0.005)
+    assert process.poll() is None, (tmp_path / "stderr.txt").read_text()  # running: kill it now
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    log.close()
+    killed_at = len(_journal_cells(journal.parent))
+    total = (2 * 10 + 3 * 2 * 10 * 4) * 3
+    assert 150 <= killed_at < total
+    assert json.loads((journal.parent / "run.json").read_text())["status"] == "running"
+
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"{total} cells ({total - killed_at} computed now)" in done.stdout
+    cells = _journal_cells(journal.parent)
+    assert len(cells) == total and max(Counter(cells).values()) == 1  # no cell twice
+
+    reference = run_sweep(path, out=tmp_path / "uninterrupted", progress=False)
+    for name in reference.results:
+        ours = pd.read_csv(journal.parent / f"{name}.csv")
+        theirs = pd.read_csv(tmp_path / "uninterrupted" / f"{name}.csv")
+        pd.testing.assert_frame_equal(ours, theirs, check_exact=False, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_example_config_runs_on_smollm2(smollm2, tmp_path):
+    config = load_config(ROOT / "examples" / "sweep_ioi.yaml")
+    config = dataclasses.replace(  # the example, cut down to a few seconds on a CPU
+        config,
+        prompts=dataclasses.replace(config.prompts, n=2),
+        sweeps=(SweepEntry(site="resid_pre", layers=(0, 29)), SweepEntry(site="z", layers=(29,))),
+        batch_size=1,
+        device="cpu",
+    )
+    run = run_sweep(config, out=tmp_path / "ioi", progress=False)
+    pairs = build_pairs(smollm2, config)
+    resid = mk.activation_patch(smollm2, pairs, site="resid_pre", layers=[0, 29], progress=False)
+    ours = run.results["0_resid_pre"]
+    assert torch.allclose(ours.scores, resid.scores, atol=1e-4, rtol=0)
+    assert ours.clean_score > ours.corrupt_score + 1  # the IOI prompts work on this model
+    assert run.results["1_z"].scores.shape == (1, 9)
+    assert (tmp_path / "ioi" / "1_z.png").stat().st_size > 1000
+
+
+def test_two_runs_never_share_an_output_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with sweep._locked(out):  # as a sweep running in another process holds it
+        with pytest.raises(mk.MechkitError, match="another mechkit sweep holds it"):
+            run_sweep(_write_config(tmp_path), out=out, progress=False)
+    assert not (out / "results.jsonl").exists()
