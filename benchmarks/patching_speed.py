@@ -5,14 +5,16 @@
 For each number of IOI prompt pairs (the demo's pairs, repeated with fresh names when more are
 asked for), times the full residual-stream sweep (``get_act_patch_resid_pre``, layers x
 positions) and the head-output sweep over all positions (``get_act_patch_attn_head_out_all_pos``,
-layers x heads) on smollm2-135m, prints both times, the ratio and the largest difference of the
-scores. The metric is the same function on both sides (logit difference at the answer
+layers x heads) on smollm2-135m, prints both times, the ratio, the largest difference of the
+scores and the peak memory after mechkit's sweep (process RSS on CPU, which includes the
+model). The metric is the same function on both sides (logit difference at the answer
 positions). TransformerLens runs one forward pass per patch, so its sweeps take minutes here.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import torch
@@ -49,6 +51,13 @@ def ioi_pairs(model: object, n: int) -> mk.PromptPairs:
     return mk.PromptPairs.from_lists(model, clean, corrupt, answers, wrongs)
 
 
+def _peak_memory() -> str:
+    """The peak memory so far: CUDA allocations on a GPU, the process's resident set on CPU."""
+    if torch.cuda.is_available():
+        return f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, nargs="+", default=[1, 4])
@@ -71,9 +80,12 @@ def main() -> None:
             ("resid_pre", tl_patching.get_act_patch_resid_pre),
             ("z", tl_patching.get_act_patch_attn_head_out_all_pos),
         ):
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             ours = mk.activation_patch(model, pairs, site=site, progress=False)
             t_ours = time.perf_counter() - start
+            peak = _peak_memory()
             start = time.perf_counter()
             theirs = tl_fn(model, pairs.corrupt_tokens, clean_cache, tl_metric)
             t_tl = time.perf_counter() - start
@@ -81,7 +93,7 @@ def main() -> None:
             print(
                 f"{n} prompts x {pairs.clean_tokens.shape[1]} tokens, {site:9s} "
                 f"{tuple(ours.scores.shape)}: mechkit {t_ours:6.1f} s, TransformerLens "
-                f"{t_tl:6.1f} s, ratio {t_tl / t_ours:5.1f}x, max |diff| {diff:.1e}",
+                f"{t_tl:6.1f} s, ratio {t_tl / t_ours:5.1f}x, max |diff| {diff:.1e}; {peak}",
                 flush=True,
             )
 

@@ -75,6 +75,39 @@ def test_toy_full_sweeps_equal_transformer_lens(toy, toy_tokens, site, positions
     assert hook_count(toy) == 0
 
 
+@torch.no_grad()
+def test_toy_attention_scores_equal_transformer_lens_generic_patcher(toy, toy_tokens):
+    clean, corrupt = toy_tokens
+    ours = mk.activation_patch(toy, clean, corrupt, _toy_metric, site="attn_scores", progress=False)
+    _, cache = toy.run_with_cache(clean)
+    theirs = tlp.generic_activation_patch(
+        toy,
+        corrupt,
+        cache,
+        _toy_metric,
+        tlp.layer_head_pattern_patch_setter,
+        "attn_scores",
+        index_axis_names=("layer", "head"),
+    )
+    assert torch.allclose(ours.scores, theirs, atol=TOL, rtol=0)
+
+
+@torch.no_grad()
+def test_neurons_equal_a_loop_of_hooked_forwards(smollm2, pairs):
+    metric = mk.LogitDiff.from_pairs(pairs)
+    ours = mk.activation_patch(
+        smollm2, pairs, site="mlp_post", layers=[12], neurons=[7, 300, 1500], progress=False
+    )
+    assert ours.axes == ("layer", "neuron") and ours.labels["neuron"] == [7, 300, 1500]
+    _, clean = smollm2.run_with_cache(pairs.clean_tokens)
+    for i, neuron in enumerate([7, 300, 1500]):
+        site = mk.Site("mlp_post", layer=12, neuron=neuron)
+        value = clean["blocks.12.mlp.hook_post"][:, :, neuron]
+        with mk.intervene(smollm2, mk.Patch(site, value)):
+            expected = float(metric(smollm2(pairs.corrupt_tokens)))
+        assert abs(float(ours.scores[0, i]) - expected) < TOL
+
+
 def _tl_cells(model, corrupt, cache, metric, setter, name, rows, columns):
     df = pd.DataFrame(rows, columns=columns)
     return tlp.generic_activation_patch(

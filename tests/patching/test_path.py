@@ -201,3 +201,22 @@ def test_bad_senders_and_receivers_are_refused(smollm2, pairs):
     with pytest.raises(mk.InvalidSiteError, match="senders"):
         mk.path_patch(smollm2, pairs, senders="neurons", progress=False)
     assert hook_count(smollm2) == 0
+
+
+@torch.no_grad()
+def test_toy_previous_token_head_feeds_the_induction_heads_keys(toy):
+    """On repeated random tokens, the layer-0 head that matters most through the induction
+    heads' keys is the toy's previous-token head (K-composition, Elhage et al. 2021)."""
+    generator = torch.Generator().manual_seed(0)
+    segment = torch.randint(1, 500, (4, 10), generator=generator)
+    clean = torch.cat([torch.zeros(4, 1, dtype=torch.long), segment, segment[:, :-1]], dim=1)
+    corrupt = clean.clone()
+    corrupt[:, 1:11] = torch.randint(1, 500, (4, 10), generator=generator)  # break the copy
+    pairs = mk.PromptPairs.from_tokens(clean, corrupt, segment[:, -1], corrupt[:, 10])
+    receivers = [mk.Site("k", layer=1, head=h) for h in range(4)]
+    result = mk.path_patch(toy, pairs, senders="heads", receivers=receivers, progress=False)
+    drop = result.clean_score - result.scores[0]  # (head,): layer-0 senders
+    previous_token = mk.detect_heads(toy, "previous_token").scores[0].argmax()
+    assert int(drop.argmax()) == int(previous_token)
+    assert float(drop.max()) > 0.5 * (result.clean_score - result.corrupt_score)
+    assert torch.equal(result.scores[1], torch.full((4,), result.clean_score))
