@@ -56,11 +56,47 @@ from mechkit.models import BUILTIN_MODELS, ModelInfo, Processing, load_model, mo
 from mechkit.patching import PATCHABLE, PatchResult, activation_patch, path_patch
 from mechkit.prompts import PromptPairs
 from mechkit.sites import COMPONENTS, Site, validate_sites
+from mechkit.steering import (
+    ABScore,
+    Generations,
+    LogitDifference,
+    Steering,
+    SteeringSweep,
+    SteeringVector,
+    TokenProbability,
+    WordShare,
+    ablate_direction,
+    actadd_vector,
+    activations_at,
+    generate,
+    mean_difference_vector,
+    pca_vector,
+    probe_vector,
+    steer,
+    steering_sweep,
+)
 from mechkit.tokens import tokenize_answer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ABScore",
+    "Generations",
+    "LogitDifference",
+    "Steering",
+    "SteeringSweep",
+    "SteeringVector",
+    "TokenProbability",
+    "WordShare",
+    "ablate_direction",
+    "actadd_vector",
+    "activations_at",
+    "generate",
+    "mean_difference_vector",
+    "pca_vector",
+    "probe_vector",
+    "steer",
+    "steering_sweep",
     "PATCHABLE",
     "PatchResult",
     "activation_patch",

@@ -1,0 +1,314 @@
+"""Applying steering vectors: scoped hooks for forward passes and for generation.
+
+Activation addition (Turner et al. 2023) adds ``coefficient * vector`` to the residual stream at
+one layer. Where it is added matters as much as what is added, so each :class:`Steering` names
+its positions: every position, only the prompt's, only the generated tokens', or given positions
+counted from each prompt's first real token. A per-position vector (ActAdd) is added at the
+prompt's first positions, one row of the vector per token.
+
+Prompts of different lengths are **left-padded** for generation, so that every prompt ends at
+the same column and generated tokens share columns; the hooks shift each row's positions by its
+padding, and the attention mask keeps padding out of attention and out of rotary positions.
+Everything runs inside ``model.hooks()``: leaving the block, also by an exception, removes every
+hook.
+
+Directional ablation (Arditi et al. 2024) projects a direction out of the residual stream at
+every layer and position: :func:`ablate_direction`.
+
+    >>> vec = mk.mean_difference_vector(model, ["I love it"], ["I hate it"], layer=6)
+    >>> out = mk.generate(model, ["I think the movie was"], steering=mk.Steering(vec, 6.0))
+    >>> out.texts[0]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from mechkit.errors import InvalidSiteError, MechkitError, ShapeError
+from mechkit.steering.vectors import SteeringVector
+from mechkit.tokens import encode, tokenizer_of
+
+__all__ = ["Steering", "steer", "ablate_direction", "generate", "Generations"]
+
+Positions = Literal["all", "prompt", "generated"] | tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Steering:
+    """A vector, its coefficient, and where it is added.
+
+    Args:
+        vector: the :class:`SteeringVector` (its layer and site say where in the model).
+        coefficient: the multiplier (ActAdd's ``c``).
+        positions: ``"all"``; ``"prompt"`` (the prompt's tokens only); ``"generated"`` (only
+            tokens produced by :func:`generate`); or a tuple of positions counted from each
+            prompt's first real token. A per-position vector is always added at the prompt's
+            first ``len(vector)`` positions.
+    """
+
+    vector: SteeringVector
+    coefficient: float = 1.0
+    positions: Positions = "all"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vector, SteeringVector):
+            raise MechkitError(
+                f"Expected a SteeringVector; got {type(self.vector).__name__}. Hint: build one "
+                "with mk.actadd_vector, mk.mean_difference_vector, mk.pca_vector or "
+                "mk.probe_vector."
+            )
+        if isinstance(self.positions, list):
+            object.__setattr__(self, "positions", tuple(self.positions))
+        if isinstance(self.positions, str) and self.positions not in ("all", "prompt", "generated"):
+            raise MechkitError(
+                f"Expected positions 'all', 'prompt', 'generated' or a tuple of positions; got "
+                f"{self.positions!r}."
+            )
+        if self.vector.per_position and self.positions not in ("all", "prompt"):
+            raise MechkitError(
+                "Expected positions='prompt' for a per-position (ActAdd) vector: its rows go to "
+                f"the prompt's first tokens; got {self.positions!r}."
+            )
+
+
+@dataclasses.dataclass
+class _Layout:
+    """Where each row's prompt starts (left padding) and where generated tokens begin."""
+
+    prompt_start: Tensor | None = None  # (batch,) first real column of each row
+    generated_from: int | None = None  # first generated column (None: no generated tokens)
+
+
+def _as_steerings(items: Sequence[Any], coefficient: float, positions: Positions) -> list[Steering]:
+    out = []
+    for item in items:
+        if isinstance(item, Steering):
+            out.append(item)
+        elif isinstance(item, SteeringVector):
+            out.append(Steering(item, coefficient, positions))
+        else:
+            raise MechkitError(
+                f"Expected SteeringVector or Steering objects; got {type(item).__name__}."
+            )
+    return out
+
+
+def _mask(steering: Steering, layout: _Layout, batch: int, seq: int, device: Any) -> Tensor:
+    """``(batch, seq)`` where the (non-per-position) vector is added."""
+    columns = torch.arange(seq, device=device)[None, :].expand(batch, seq)
+    start = (
+        torch.zeros(batch, dtype=torch.long, device=device)
+        if layout.prompt_start is None
+        else layout.prompt_start.to(device)
+    )[:, None]
+    end = seq if layout.generated_from is None else layout.generated_from
+    real = columns >= start
+    if steering.positions == "all":
+        return real
+    if steering.positions == "prompt":
+        return real & (columns < end)
+    if steering.positions == "generated":
+        return columns >= end
+    relative = columns - start
+    wanted = torch.zeros_like(real)
+    for p in steering.positions:
+        wanted |= relative == p
+    return wanted & real
+
+
+def _hook(steering: Steering, layout: _Layout) -> Any:
+    vec = steering.vector
+
+    def add(act: Tensor, hook: Any) -> Tensor:
+        batch, seq = act.shape[:2]
+        v = vec.vector.to(act.device, act.dtype)
+        if v.shape[-1] != act.shape[-1]:
+            raise ShapeError(
+                f"Steering vector of width {v.shape[-1]} at {hook.name}, whose activations have "
+                f"width {act.shape[-1]}. Hint: build the vector on this model."
+            )
+        if vec.per_position:
+            # row k of the vector goes to each prompt's k-th real token
+            start = (
+                torch.zeros(batch, dtype=torch.long, device=act.device)
+                if layout.prompt_start is None
+                else layout.prompt_start.to(act.device)
+            )
+            k = min(v.shape[0], seq)
+            cols = start[:, None] + torch.arange(k, device=act.device)[None, :]  # (batch, k)
+            keep = cols < seq
+            rows = torch.arange(batch, device=act.device)[:, None].expand_as(cols)
+            out = act.clone()
+            out[rows[keep], cols[keep]] += steering.coefficient * v[:k].expand(batch, k, -1)[keep]
+            return out
+        where = _mask(steering, layout, batch, seq, act.device)
+        return act + steering.coefficient * where[..., None].to(act.dtype) * v
+
+    return add
+
+
+@contextlib.contextmanager
+def _steered(model: Any, steerings: list[Steering], layout: _Layout) -> Iterator[None]:
+    for s in steerings:
+        if not 0 <= s.vector.layer < model.cfg.n_layers:
+            raise InvalidSiteError(
+                f"Expected a steering layer in [0, {model.cfg.n_layers}); got {s.vector.layer}."
+            )
+        if s.vector.hook_name not in model.hook_dict:
+            raise InvalidSiteError(
+                f"Expected a residual site the model has; {s.vector.hook_name!r} is missing."
+            )
+        if s.vector.vector.shape[-1] != model.cfg.d_model:
+            raise ShapeError(
+                f"Expected a steering vector of width d_model={model.cfg.d_model}; got "
+                f"{tuple(s.vector.vector.shape)}. Hint: build the vector on this model."
+            )
+    hooks = [(s.vector.hook_name, _hook(s, layout)) for s in steerings]
+    with model.hooks(fwd_hooks=hooks):
+        yield
+
+
+@contextlib.contextmanager
+def steer(
+    model: Any,
+    *vectors: SteeringVector | Steering,
+    coefficient: float = 1.0,
+    positions: Positions = "all",
+) -> Iterator[Any]:
+    """Add steering vectors in every forward pass inside the ``with`` block.
+
+    Bare vectors get ``coefficient`` and ``positions``; :class:`Steering` objects carry their
+    own. In plain forward passes every position is a prompt position (``"generated"`` adds
+    nothing); use :func:`generate` for generation.
+
+    Example:
+        >>> with mk.steer(model, vec, coefficient=4.0):
+        ...     logits = model(tokens)   # (batch, pos, d_vocab), steered
+    """
+    steerings = _as_steerings(vectors, coefficient, positions)
+    with _steered(model, steerings, _Layout()):
+        yield model
+
+
+@contextlib.contextmanager
+def ablate_direction(
+    model: Any,
+    direction: Tensor | SteeringVector,
+    *,
+    layers: Sequence[int] | None = None,
+) -> Iterator[Any]:
+    """Project ``direction`` out of the residual stream at every layer and position.
+
+    At each chosen layer the direction's component is removed from ``resid_pre``, ``resid_mid``
+    and ``resid_post`` (so neither attention nor the MLP can write it back before the next
+    read), as in refusal-direction work (Arditi et al. 2024).
+    """
+    d = direction.vector if isinstance(direction, SteeringVector) else torch.as_tensor(direction)
+    if d.ndim != 1 or d.shape[0] != model.cfg.d_model:
+        raise ShapeError(
+            f"Expected a direction of shape ({model.cfg.d_model},); got {tuple(d.shape)}."
+        )
+    if float(d.norm()) == 0:
+        raise MechkitError("Expected a non-zero direction to ablate; got the zero vector.")
+    unit = d.float() / d.float().norm()
+    chosen = range(model.cfg.n_layers) if layers is None else layers
+
+    def project(act: Tensor, hook: Any) -> Tensor:
+        u = unit.to(act.device, act.dtype)
+        return act - (act @ u)[..., None] * u
+
+    names = [
+        f"blocks.{layer}.{name}"
+        for layer in chosen
+        for name in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+    ]
+    names = [n for n in names if n in model.hook_dict]
+    with model.hooks(fwd_hooks=[(n, project) for n in names]):
+        yield model
+
+
+# ----------------------------------------------------------------------------------- generation
+
+
+@dataclasses.dataclass(frozen=True)
+class Generations:
+    """Texts generated from prompts: ``texts[i]`` continues ``prompts[i]``."""
+
+    prompts: tuple[str, ...]
+    texts: tuple[str, ...]
+    tokens: Int[Tensor, "batch new"]
+    label: str = ""
+
+    def to_dataframe(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame({"prompt": self.prompts, "completion": self.texts})
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    prompts: str | Sequence[str],
+    *,
+    steering: Steering | SteeringVector | Sequence[Steering | SteeringVector] = (),
+    max_new_tokens: int = 20,
+    temperature: float = 1.0,
+    top_k: int | None = 50,
+    seed: int = 0,
+    prepend_bos: bool | None = None,
+    label: str = "",
+) -> Generations:
+    """Sample continuations of ``prompts``, steered, in one left-padded batch.
+
+    Args:
+        steering: vectors (coefficient 1, all positions) or :class:`Steering` objects.
+        temperature: 0 means greedy decoding.
+        top_k: sample among the ``top_k`` most likely tokens (None: all).
+        seed: the sampling generator's seed: the same seed gives the same texts.
+
+    Every step recomputes the whole sequence (no key/value cache), so each hook sees every
+    position with its true index; fine for the short generations of steering experiments.
+    """
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompt_list:
+        raise MechkitError("Expected at least one prompt to generate from; got none.")
+    items = [steering] if isinstance(steering, Steering | SteeringVector) else list(steering)
+    steerings = _as_steerings(items, 1.0, "all")
+    tokenizer = tokenizer_of(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = [encode(model, p, prepend_bos) for p in prompt_list]
+    if any(len(r) == 0 for r in rows):
+        raise MechkitError("Expected non-empty prompts; one encodes to no tokens.")
+    width = max(len(r) for r in rows)
+    device = model.cfg.device
+    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    tokens, mask = tokens.to(device), mask.to(device)
+    layout = _Layout(prompt_start=(width - mask.sum(-1)), generated_from=width)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with _steered(model, steerings, layout):
+        for _ in range(max_new_tokens):
+            logits = model(tokens, attention_mask=mask)[:, -1].float().cpu()
+            if temperature == 0:
+                next_token = logits.argmax(-1)
+            else:
+                scaled = logits / temperature
+                if top_k is not None:
+                    kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+                next_token = torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]
+            tokens = torch.cat([tokens, next_token[:, None].to(device)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    new = tokens[:, width:].cpu()
+    texts = tuple(tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in new)
+    return Generations(tuple(prompt_list), texts, new, label)

@@ -1,0 +1,302 @@
+"""Measuring steering: its effect against its cost, over layers and coefficients.
+
+A steering vector is worth what it changes minus what it breaks. :func:`steering_sweep` runs a
+grid of (layer, coefficient) settings and reports, for each, the **effect** on a behaviour the
+user chooses and the **cost** on text that has nothing to do with it:
+
+- effects (:class:`TokenProbability`, :class:`LogitDifference`, :class:`ABScore`,
+  :class:`WordShare`): a target token's probability or logit difference after given prompts,
+  the probability of the behaviour-matching answer to A/B questions, or the share of sampled
+  generations that contain given words;
+- costs: the KL divergence of the steered next-token distributions from the unsteered ones,
+  and the change in cross-entropy loss, averaged over every position of held-out text.
+
+The result keeps a few sampled generations per setting, so the numbers can be read beside what
+the model actually writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mechkit.errors import MechkitError
+from mechkit.steering.apply import Generations, Steering, _Layout, _steered, generate
+from mechkit.steering.vectors import SteeringVector
+from mechkit.tokens import encode, pad_right, tokenize_answer, tokenizer_of
+
+__all__ = [
+    "TokenProbability",
+    "LogitDifference",
+    "ABScore",
+    "WordShare",
+    "SteeringSweep",
+    "steering_sweep",
+]
+
+
+def _next_token_logits(model: Any, prompts: Sequence[str], steerings: list[Steering]) -> Tensor:
+    """``(batch, d_vocab)`` logits after each prompt's last real token, steered."""
+    rows = [encode(model, p) for p in prompts]
+    tokenizer = tokenizer_of(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens, mask = pad_right(rows, pad)
+    tokens = tokens.to(model.cfg.device)
+    last = mask.sum(-1) - 1
+    with torch.no_grad(), _steered(model, steerings, _Layout()):
+        logits = model(tokens)
+    return logits[torch.arange(len(rows)), last.to(logits.device)].float().cpu()
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenProbability:
+    """Mean probability of ``target`` as the next token after each prompt."""
+
+    prompts: tuple[str, ...]
+    target: str
+    name: str = "p(target)"
+
+    def __call__(self, model: Any, steerings: list[Steering], seed: int) -> float:
+        target = tokenize_answer(model, self.target)
+        probs = _next_token_logits(model, self.prompts, steerings).softmax(-1)
+        return float(probs[:, target].mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitDifference:
+    """Mean ``logit(target) - logit(other)`` for the next token after each prompt."""
+
+    prompts: tuple[str, ...]
+    target: str
+    other: str
+    name: str = "logit diff"
+
+    def __call__(self, model: Any, steerings: list[Steering], seed: int) -> float:
+        a, b = tokenize_answer(model, self.target), tokenize_answer(model, self.other)
+        logits = _next_token_logits(model, self.prompts, steerings)
+        return float((logits[:, a] - logits[:, b]).mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class ABScore:
+    """Behaviour score over A/B questions: mean of p(matching) / (p(A) + p(B)).
+
+    Each question ends where the model is to answer (e.g. ``"... (A) yes (B) no\\nAnswer: ("``);
+    ``matching[i]`` is ``"A"`` or ``"B"``, the answer that shows the behaviour.
+    """
+
+    questions: tuple[str, ...]
+    matching: tuple[str, ...]
+    a: str = "A"
+    b: str = "B"
+    name: str = "behaviour score"
+
+    def __post_init__(self) -> None:
+        if len(self.questions) != len(self.matching) or not self.questions:
+            raise MechkitError(
+                f"Expected one matching answer per question; got {len(self.questions)} "
+                f"questions and {len(self.matching)} answers."
+            )
+        bad = [m for m in self.matching if m not in (self.a, self.b)]
+        if bad:
+            raise MechkitError(f"Expected answers {self.a!r} or {self.b!r}; got {bad[0]!r}.")
+
+    def __call__(self, model: Any, steerings: list[Steering], seed: int) -> float:
+        a, b = tokenize_answer(model, self.a), tokenize_answer(model, self.b)
+        probs = _next_token_logits(model, self.questions, steerings).softmax(-1)
+        pa, pb = probs[:, a], probs[:, b]
+        match = torch.tensor([m == self.a for m in self.matching])
+        return float((torch.where(match, pa, pb) / (pa + pb)).mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class WordShare:
+    """Share of sampled generations that contain any of ``words`` (case-insensitive)."""
+
+    prompts: tuple[str, ...]
+    words: tuple[str, ...]
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 20
+    temperature: float = 1.0
+    name: str = "share with words"
+
+    def __call__(self, model: Any, steerings: list[Steering], seed: int) -> float:
+        prompts = [p for p in self.prompts for _ in range(self.samples_per_prompt)]
+        out = generate(
+            model,
+            prompts,
+            steering=steerings,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            seed=seed,
+        )
+        words = [w.lower() for w in self.words]
+        hits = [any(w in text.lower() for w in words) for text in out.texts]
+        return sum(hits) / len(hits)
+
+
+@torch.no_grad()
+def _cost(
+    model: Any, tokens: Tensor, reference: Tensor, steerings: list[Steering]
+) -> tuple[float, float]:
+    """(mean KL(unsteered || steered), steered loss) over every position of ``tokens``."""
+    with _steered(model, steerings, _Layout()):
+        logits = model(tokens).float()
+    logp = logits.log_softmax(-1)[:, :-1]
+    ref = reference[:, :-1]
+    kl = (ref.exp() * (ref - logp)).sum(-1).mean()
+    loss = -logp.gather(-1, tokens[:, 1:, None].to(logp.device)).mean()
+    return float(kl), float(loss)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SteeringSweep:
+    """Effect and cost of each (layer, coefficient) setting, with sample generations.
+
+    Attributes:
+        rows: one dict per setting: ``layer``, ``coefficient``, ``effect``, ``kl``, ``loss``,
+            ``delta_loss`` (steered minus unsteered loss on the held-out text).
+        effect_name: what the effect measures.
+        baseline_effect: the effect without steering; ``baseline_loss`` likewise.
+        samples: ``(layer, coefficient) -> Generations`` for the settings sampled, plus
+            ``(None, 0.0)`` for the unsteered model.
+    """
+
+    rows: tuple[dict[str, float], ...]
+    effect_name: str
+    baseline_effect: float
+    baseline_loss: float
+    samples: dict[tuple[int | None, float], Generations]
+
+    def to_dataframe(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(list(self.rows))
+
+    def plot(self) -> Any:
+        """Effect against KL cost, one line per layer through its coefficients."""
+        import plotly.express as px
+
+        df = self.to_dataframe()
+        df["layer"] = df["layer"].astype(str)
+        fig = px.line(
+            df,
+            x="kl",
+            y="effect",
+            color="layer",
+            markers=True,
+            text="coefficient",
+            hover_data=["coefficient", "delta_loss"],
+            labels={"kl": "KL from the unsteered model (nats, held-out text)"},
+            title=f"steering: {self.effect_name} against its cost",
+        )
+        fig.update_traces(textposition="top center")
+        fig.add_hline(y=self.baseline_effect, line_dash="dot", annotation_text="unsteered")
+        fig.update_layout(yaxis_title=self.effect_name)
+        return fig
+
+    def samples_table(self) -> Any:
+        """The sampled generations side by side: one row per prompt, one column per setting."""
+        import pandas as pd
+
+        columns = {}
+        for (layer, coefficient), gens in self.samples.items():
+            key = "unsteered" if layer is None else f"L{layer} x{coefficient:g}"
+            columns[key] = list(gens.texts)
+        first = next(iter(self.samples.values()))
+        return pd.DataFrame({"prompt": list(first.prompts), **columns})
+
+
+def steering_sweep(
+    model: Any,
+    vectors: Callable[[int], SteeringVector] | dict[int, SteeringVector],
+    *,
+    layers: Sequence[int],
+    coefficients: Sequence[float],
+    effect: Callable[[Any, list[Steering], int], float],
+    cost_tokens: Tensor,
+    positions: str = "all",
+    sample_prompts: Sequence[str] = (),
+    sample_settings: Sequence[tuple[int, float]] | None = None,
+    max_new_tokens: int = 24,
+    seed: int = 0,
+    progress: bool = True,
+) -> SteeringSweep:
+    """Effect against cost for every (layer, coefficient).
+
+    Args:
+        vectors: the vector for each layer (a dict, or a function ``layer -> vector``, e.g.
+            ``lambda l: mk.mean_difference_vector(model, pos, neg, layer=l)``).
+        layers, coefficients: the grid.
+        effect: an effect object (:class:`TokenProbability`, :class:`LogitDifference`,
+            :class:`ABScore`, :class:`WordShare`) or any ``(model, steerings, seed) -> float``.
+        cost_tokens: ``(batch, pos)`` held-out text unrelated to the behaviour (e.g.
+            ``mk.corpus_tokens(model, seq_len=64, split="test", max_sequences=8)``).
+        positions: where the vectors are added (see :class:`Steering`).
+        sample_prompts: prompts to generate from for the side-by-side samples.
+        sample_settings: which (layer, coefficient) settings get samples; None: every setting.
+    """
+    if not layers or not coefficients:
+        raise MechkitError("Expected at least one layer and one coefficient to sweep.")
+    cost_tokens = torch.as_tensor(cost_tokens).to(model.cfg.device)
+    if cost_tokens.ndim != 2 or cost_tokens.shape[1] < 2:
+        raise MechkitError(
+            f"Expected held-out cost tokens of shape (batch, pos >= 2); got "
+            f"{tuple(cost_tokens.shape)}. Hint: mk.corpus_tokens(model, seq_len=64, "
+            "split='test')."
+        )
+    with torch.no_grad():
+        reference = model(cost_tokens).float().log_softmax(-1)
+    _, baseline_loss = _cost(model, cost_tokens, reference, [])
+    baseline = effect(model, [], seed)
+    samples: dict[tuple[int | None, float], Generations] = {}
+
+    def sample(key: tuple[int | None, float], steerings: list[Steering]) -> None:
+        if sample_prompts:
+            samples[key] = generate(
+                model,
+                list(sample_prompts),
+                steering=steerings,
+                max_new_tokens=max_new_tokens,
+                seed=seed,
+                label="unsteered" if key[0] is None else f"L{key[0]} x{key[1]:g}",
+            )
+
+    sample((None, 0.0), [])
+    settings = [(layer, c) for layer in layers for c in coefficients]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(settings), desc="steering sweep", leave=False)
+    rows = []
+    try:
+        for layer in layers:
+            vector = vectors[layer] if isinstance(vectors, dict) else vectors(layer)
+            for c in coefficients:
+                steerings = [Steering(vector, c, positions)]
+                value = effect(model, steerings, seed)
+                kl, loss = _cost(model, cost_tokens, reference, steerings)
+                rows.append(
+                    {
+                        "layer": layer,
+                        "coefficient": float(c),
+                        "effect": value,
+                        "kl": kl,
+                        "loss": loss,
+                        "delta_loss": loss - baseline_loss,
+                    }
+                )
+                if sample_settings is None or (layer, c) in sample_settings:
+                    sample((layer, float(c)), steerings)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    name = getattr(effect, "name", getattr(effect, "__name__", "effect"))
+    return SteeringSweep(tuple(rows), name, baseline, baseline_loss, samples)

@@ -1,0 +1,137 @@
+"""Steering hooks add exactly where asked, survive padding, and never outlive their scope."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mechkit as mk
+from tests.conftest import hook_count
+
+PROMPTS = ["I think the movie was", "The food at the new restaurant on the corner was"]
+
+
+@pytest.fixture(scope="module")
+def vector(smollm2):
+    generator = torch.Generator().manual_seed(0)
+    return mk.SteeringVector(torch.randn(smollm2.cfg.d_model, generator=generator) * 3, layer=6)
+
+
+@torch.no_grad()
+def test_added_at_all_positions_equals_a_hand_written_hook(smollm2, vector):
+    tokens = smollm2.to_tokens(PROMPTS[:1])
+    with mk.steer(smollm2, vector, coefficient=2.0):
+        steered = smollm2(tokens)
+    hand = smollm2.run_with_hooks(
+        tokens,
+        fwd_hooks=[("blocks.6.hook_resid_pre", lambda act, hook: act + 2.0 * vector.vector)],
+    )
+    assert torch.allclose(steered, hand, atol=1e-5)
+    assert hook_count(smollm2) == 0
+
+
+@torch.no_grad()
+def test_given_positions_and_per_position_vectors(smollm2, vector):
+    tokens = smollm2.to_tokens(PROMPTS[:1])
+    seen = {}
+
+    def record(act, hook):
+        seen["act"] = act.clone()
+
+    with smollm2.hooks(fwd_hooks=[("blocks.6.hook_resid_pre", record)]):
+        smollm2(tokens)
+    base = seen["act"]
+    # the recording hook runs after the steering hook on the same point: it sees the sum
+    steering = mk.Steering(vector, 1.5, positions=(1, 3))
+    with (
+        mk.steer(smollm2, steering),
+        smollm2.hooks(fwd_hooks=[("blocks.6.hook_resid_pre", record)]),
+    ):
+        smollm2(tokens)
+    delta = seen["act"] - base
+    changed = delta.abs().sum(-1)[0] > 0
+    assert changed.nonzero().flatten().tolist() == [1, 3]
+    assert torch.allclose(delta[0, 1], 1.5 * vector.vector, atol=1e-4)
+    rows = torch.randn(2, smollm2.cfg.d_model)
+    per_position = mk.SteeringVector(rows, layer=6, method="actadd")
+    with (
+        mk.steer(smollm2, per_position, coefficient=2.0),
+        smollm2.hooks(fwd_hooks=[("blocks.6.hook_resid_pre", record)]),
+    ):
+        smollm2(tokens)
+    delta = seen["act"] - base
+    assert torch.allclose(delta[0, :2], 2.0 * rows, atol=1e-4)
+    assert delta[0, 2:].abs().max() == 0
+
+
+@torch.no_grad()
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(smollm2, vector):
+    steering = [mk.Steering(vector, 4.0, positions="prompt")]
+    both = mk.generate(smollm2, PROMPTS, steering=steering, max_new_tokens=6, temperature=0)
+    for i, prompt in enumerate(PROMPTS):
+        alone = mk.generate(smollm2, [prompt], steering=steering, max_new_tokens=6, temperature=0)
+        assert torch.equal(alone.tokens[0], both.tokens[i]), (prompt, alone.texts, both.texts)
+    plain = mk.generate(smollm2, PROMPTS, max_new_tokens=6, temperature=0)
+    assert plain.texts != both.texts  # the vector changes what is written
+    assert hook_count(smollm2) == 0
+
+
+@torch.no_grad()
+def test_prompt_and_generated_positions_split_at_the_prompt_end(smollm2, vector):
+    only_generated = mk.Steering(vector, 8.0, positions="generated")
+    plain = mk.generate(smollm2, PROMPTS[:1], max_new_tokens=1, temperature=0)
+    first = mk.generate(
+        smollm2, PROMPTS[:1], steering=only_generated, max_new_tokens=1, temperature=0
+    )
+    # the first new token is predicted from prompt positions only: unchanged
+    assert torch.equal(plain.tokens, first.tokens)
+    later = mk.generate(
+        smollm2, PROMPTS[:1], steering=only_generated, max_new_tokens=8, temperature=0
+    )
+    unsteered = mk.generate(smollm2, PROMPTS[:1], max_new_tokens=8, temperature=0)
+    assert not torch.equal(later.tokens, unsteered.tokens)
+
+
+def test_no_hook_left_when_generation_raises(smollm2, vector, monkeypatch):
+    calls = {"n": 0}
+    real = torch.multinomial
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("sampling failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", failing)
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        mk.generate(smollm2, PROMPTS, steering=vector, max_new_tokens=5)
+    assert hook_count(smollm2) == 0
+    with pytest.raises(ValueError), mk.steer(smollm2, vector):
+        raise ValueError("user code")
+    assert hook_count(smollm2) == 0
+
+
+@torch.no_grad()
+def test_directional_ablation_removes_the_direction_everywhere(smollm2, vector):
+    tokens = smollm2.to_tokens(PROMPTS)
+    unit = vector.vector / vector.vector.norm()
+    names = [f"blocks.{layer}.hook_resid_post" for layer in range(smollm2.cfg.n_layers)]
+    with mk.ablate_direction(smollm2, vector):
+        _, cache = smollm2.run_with_cache(tokens, names_filter=lambda n: n in names)
+    for name in names:
+        act = cache[name]
+        assert (act @ unit).abs().max() < 1e-3 * act.norm(dim=-1).max(), name
+    assert hook_count(smollm2) == 0
+
+
+def test_bad_steering_is_refused_before_running(smollm2, vector):
+    with pytest.raises(mk.MechkitError, match="positions"):
+        mk.Steering(vector, 1.0, positions="everywhere")
+    wrong_width = mk.SteeringVector(torch.ones(10), layer=3)
+    with pytest.raises(mk.ShapeError, match="width"), mk.steer(smollm2, wrong_width):
+        pass
+    far = mk.SteeringVector(torch.ones(smollm2.cfg.d_model), layer=2)
+    object.__setattr__(far, "layer", 99)
+    with pytest.raises(mk.MechkitError), mk.steer(smollm2, far):
+        pass
+    assert hook_count(smollm2) == 0
