@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Int
 from torch import Tensor
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from mechkit.errors import InvalidSiteError, MechkitError, ShapeError
 from mechkit.steering.vectors import SteeringVector
@@ -84,6 +85,7 @@ class _Layout:
 
     prompt_start: Tensor | None = None  # (batch,) first real column of each row
     generated_from: int | None = None  # first generated column (None: no generated tokens)
+    offset: int = 0  # the column of the first position in this forward pass (key/value cache)
 
 
 def _as_steerings(items: Sequence[Any], coefficient: float, positions: Positions) -> list[Steering]:
@@ -102,13 +104,13 @@ def _as_steerings(items: Sequence[Any], coefficient: float, positions: Positions
 
 def _mask(steering: Steering, layout: _Layout, batch: int, seq: int, device: Any) -> Tensor:
     """``(batch, seq)`` where the (non-per-position) vector is added."""
-    columns = torch.arange(seq, device=device)[None, :].expand(batch, seq)
+    columns = layout.offset + torch.arange(seq, device=device)[None, :].expand(batch, seq)
     start = (
         torch.zeros(batch, dtype=torch.long, device=device)
         if layout.prompt_start is None
         else layout.prompt_start.to(device)
     )[:, None]
-    end = seq if layout.generated_from is None else layout.generated_from
+    end = layout.offset + seq if layout.generated_from is None else layout.generated_from
     real = columns >= start
     if steering.positions == "all":
         return real
@@ -141,12 +143,14 @@ def _hook(steering: Steering, layout: _Layout) -> Any:
                 if layout.prompt_start is None
                 else layout.prompt_start.to(act.device)
             )
-            k = min(v.shape[0], seq)
-            cols = start[:, None] + torch.arange(k, device=act.device)[None, :]  # (batch, k)
-            keep = cols < seq
+            k = v.shape[0]
+            # (batch, k) columns of this pass holding each prompt's first k tokens
+            cols = start[:, None] + torch.arange(k, device=act.device)[None, :] - layout.offset
+            keep = (cols >= 0) & (cols < seq)
+            cols = cols.clamp(0, seq - 1)
             rows = torch.arange(batch, device=act.device)[:, None].expand_as(cols)
             out = act.clone()
-            out[rows[keep], cols[keep]] += steering.coefficient * v[:k].expand(batch, k, -1)[keep]
+            out[rows[keep], cols[keep]] += steering.coefficient * v.expand(batch, k, -1)[keep]
             return out
         where = _mask(steering, layout, batch, seq, act.device)
         return act + steering.coefficient * where[..., None].to(act.dtype) * v
@@ -273,8 +277,8 @@ def generate(
         top_k: sample among the ``top_k`` most likely tokens (None: all).
         seed: the sampling generator's seed: the same seed gives the same texts.
 
-    Every step recomputes the whole sequence (no key/value cache), so each hook sees every
-    position with its true index; fine for the short generations of steering experiments.
+    Steps after the first feed one token each, with TransformerLens's key/value cache; the
+    hooks know each pass's first column, so positions stay exact.
     """
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:
@@ -296,9 +300,13 @@ def generate(
     tokens, mask = tokens.to(device), mask.to(device)
     layout = _Layout(prompt_start=(width - mask.sum(-1)), generated_from=width)
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(rows))
+    step_input, step_mask = tokens, mask
     with _steered(model, steerings, layout):
         for _ in range(max_new_tokens):
-            logits = model(tokens, attention_mask=mask)[:, -1].float().cpu()
+            logits = model(step_input, attention_mask=step_mask, past_kv_cache=cache)
+            logits = logits[:, -1].float().cpu()
+            layout.offset += step_input.shape[1]
             if temperature == 0:
                 next_token = logits.argmax(-1)
             else:
@@ -307,8 +315,9 @@ def generate(
                     kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
                     scaled = scaled.masked_fill(scaled < kth, float("-inf"))
                 next_token = torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]
-            tokens = torch.cat([tokens, next_token[:, None].to(device)], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            step_input = next_token[:, None].to(device)
+            step_mask = torch.ones_like(step_input)
+            tokens = torch.cat([tokens, step_input], dim=1)
     new = tokens[:, width:].cpu()
     texts = tuple(tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in new)
     return Generations(tuple(prompt_list), texts, new, label)

@@ -135,3 +135,12 @@ def test_bad_steering_is_refused_before_running(smollm2, vector):
     with pytest.raises(mk.MechkitError), mk.steer(smollm2, far):
         pass
     assert hook_count(smollm2) == 0
+
+
+@torch.no_grad()
+def test_unsteered_greedy_generation_equals_transformer_lens_generate(smollm2):
+    ours = mk.generate(smollm2, PROMPTS[1], max_new_tokens=8, temperature=0)
+    theirs = smollm2.generate(
+        PROMPTS[1], max_new_tokens=8, do_sample=False, verbose=False, return_type="tokens"
+    )
+    assert ours.tokens[0].tolist() == theirs[0, -8:].tolist()
