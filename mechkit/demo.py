@@ -3,8 +3,8 @@
 The report is a folder with ``index.html`` linking each section's figures (plotly HTML sharing
 one ``plotly.min.js`` in the folder, so the report opens offline) and tables (CSV). Sections:
 the model card, next-token predictions, the logit lens, direct logit attribution on IOI
-prompts, attention-head detection, and activation and path patching on IOI prompts. Each
-section is timed.
+prompts, attention-head detection, activation and path patching on IOI prompts, and a steering
+sweep (effect against cost, with sampled generations). Each section is timed.
 """
 
 from __future__ import annotations
@@ -189,6 +189,76 @@ def _patching(model: Any, out: Path) -> str:
     )
 
 
+STEERING_PAIRS = (
+    ("I love this. It is wonderful", "I hate this. It is terrible"),
+    ("What a great day, I am so happy", "What an awful day, I am so sad"),
+    ("This is excellent and beautiful", "This is horrible and ugly"),
+    ("I really enjoyed it, fantastic", "I really disliked it, dreadful"),
+    ("The best thing ever, amazing", "The worst thing ever, disgusting"),
+    ("Such a lovely and delightful time", "Such a miserable and painful time"),
+)
+POSITIVE_WORDS = (
+    "great",
+    "perfect",
+    "wonderful",
+    "love",
+    "happy",
+    "beautiful",
+    "amazing",
+    "excellent",
+    "enjoy",
+    "delight",
+    "fantastic",
+    "best",
+    "celebrat",
+    "exciting",
+)
+STEERING_PROMPTS = (
+    "I think the movie was",
+    "The food at the restaurant was",
+    "My day today has been",
+    "The weather this weekend is",
+)
+
+
+def _steering(model: Any, out: Path) -> str:
+    from mechkit.corpus import corpus_tokens
+    from mechkit.steering import WordShare, mean_difference_vector, steering_sweep
+
+    positives, negatives = (list(x) for x in zip(*STEERING_PAIRS, strict=True))
+    vectors = {
+        layer: mean_difference_vector(model, positives, negatives, layer=layer, position="mean")
+        for layer in (4, 8, 12)
+    }
+    sweep = steering_sweep(
+        model,
+        vectors,
+        layers=list(vectors),
+        coefficients=[2.0, 4.0, 8.0],
+        effect=WordShare(STEERING_PROMPTS, POSITIVE_WORDS, samples_per_prompt=2, max_new_tokens=12),
+        cost_tokens=corpus_tokens(model, seq_len=64, split="test", max_sequences=4),
+        sample_prompts=STEERING_PROMPTS,
+        sample_settings=[(8, 4.0), (12, 4.0)],
+        max_new_tokens=16,
+        progress=False,
+    )
+    sweep.to_dataframe().to_csv(out / "steering_sweep.csv", index=False)
+    link = _figure(out, "steering_sweep.html", sweep.plot())
+    table = sweep.samples_table()
+    table.to_csv(out / "steering_samples.csv", index=False)
+    rows = [[str(v) for v in row] for row in table.itertuples(index=False)]
+    return (
+        "<p>A sentiment direction (mean difference of the residual stream over 6 positive / "
+        "negative sentence pairs, averaged over their tokens; Rimsky et al.'s CAA) added at all "
+        "positions at layers 4, 8 and 12 with coefficients 2, 4 and 8. Effect: the share of "
+        "sampled continuations of four neutral prompts (2 samples each, 12 tokens) that contain "
+        f"a positive word ({', '.join(POSITIVE_WORDS)}; unsteered: "
+        f"{sweep.baseline_effect:.2f}); cost: KL from the unsteered model on held-out text: "
+        f'{link} (<a href="steering_sweep.csv">CSV</a>). Sampled continuations (temperature '
+        "1, the same seed in every column):</p>" + _table(rows, list(table.columns))
+    )
+
+
 SECTIONS: tuple[tuple[str, Callable[[Any, Path], str]], ...] = (
     ("Model", _model_card),
     ("Next-token predictions", _predictions),
@@ -196,6 +266,7 @@ SECTIONS: tuple[tuple[str, Callable[[Any, Path], str]], ...] = (
     ("Direct logit attribution (IOI)", _dla),
     ("Attention heads", _heads),
     ("Activation and path patching (IOI)", _patching),
+    ("Steering (activation addition)", _steering),
 )
 
 
