@@ -358,10 +358,10 @@ def plan_patch(
     axes, labels, cells = _plan_cells(model, site, positions, layers, heads, neurons, seq)
     hook_names = {cell.site.hook_name for cell in cells}
     base = engine.run_base(model, setup.base_tokens, hook_names)
-    sources = _source_acts(model, setup, hook_names, base, seed)
+    sources, other_logits = _source_acts(model, setup, hook_names, base, seed)
     reader = engine.MetricReader(setup.metric, base)
     base_value, base_per_prompt = engine.base_score(reader, base)
-    clean_score, corrupt_score = _clean_and_corrupt(model, setup, reader, base, base_value)
+    clean_score, corrupt_score = _clean_and_corrupt(model, setup, reader, base_value, other_logits)
     jobs, noop = [], []
     for cell in cells:
         job = _job_for(cell, base.acts[cell.site.hook_name], sources[cell.site.hook_name], seq)
@@ -507,14 +507,15 @@ def _choose(name: str, given: Sequence[int] | None, size: int) -> list[int]:
 
 def _source_acts(
     model: Any, setup: Setup, hook_names: set[str], base: engine.BaseRun, seed: int
-) -> dict[str, Tensor]:
-    """The values patched in, per hook: (batch or 1, ...) broadcastable to the base's."""
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    """The values patched in, per hook: (batch or 1, ...) broadcastable to the base's; and the
+    logits of the other run (clean or corrupt) when they come from one."""
     names = sorted(hook_names)
     if setup.method in ("denoising", "noising"):
         return _run_acts(model, setup.source_tokens, names)
     if setup.method == "zero":
-        return {name: torch.zeros_like(base.acts[name][:1]) for name in names}
-    ref_acts = _run_acts(model, setup.reference_tokens, names)
+        return {name: torch.zeros_like(base.acts[name][:1]) for name in names}, None
+    ref_acts, _ = _run_acts(model, setup.reference_tokens, names)
     mask = setup.reference_mask
     n_batch, seq = base.tokens.shape
     per_position = bool(mask.all()) and mask.shape[1] == seq
@@ -544,32 +545,39 @@ def _source_acts(
             generator = torch.Generator().manual_seed(seed)
             draw = torch.randint(0, acts.shape[0], (n_batch,), generator=generator)
             out[name] = acts[draw.to(acts.device)]
-    return out
+    return out, None
 
 
 @torch.no_grad()
-def _run_acts(model: Any, tokens: Tensor, names: list[str]) -> dict[str, Tensor]:
+def _run_acts(model: Any, tokens: Tensor, names: list[str]) -> tuple[dict[str, Tensor], Tensor]:
+    """The activations at ``names`` and the logits of one forward pass on ``tokens``."""
     acts: dict[str, Tensor] = {}
 
     def keep(act: Tensor, hook: Any) -> None:
         acts[hook.name] = act.detach().clone()
 
     with model.hooks(fwd_hooks=[(n, keep) for n in names]):
-        model(tokens, return_type=None)
-    return acts
+        logits = model(tokens)
+    return acts, logits
 
 
 def _clean_and_corrupt(
-    model: Any, setup: Setup, reader: engine.MetricReader, base: engine.BaseRun, base_value: Tensor
+    model: Any,
+    setup: Setup,
+    reader: engine.MetricReader,
+    base_value: Tensor,
+    other_logits: Tensor | None,
 ) -> tuple[float | None, float | None]:
-    def score(tokens: Tensor) -> float:
-        return float(engine.base_score(reader, engine.run_base(model, tokens))[0])
-
+    """The metric on the clean and the corrupt run; the other run's logits are reused when the
+    source values came from it, so only ablations with corrupt prompts run one more pass."""
     if setup.method == "denoising":
-        return score(setup.clean_tokens), float(base_value)
+        return float(engine.score_logits(reader, other_logits)[0]), float(base_value)
+    if setup.method == "noising":
+        return float(base_value), float(engine.score_logits(reader, other_logits)[0])
     corrupt = None
     if setup.corrupt_tokens is not None and setup.corrupt_tokens.shape == setup.clean_tokens.shape:
-        corrupt = score(setup.corrupt_tokens)
+        with torch.no_grad():
+            corrupt = float(engine.score_logits(reader, model(setup.corrupt_tokens))[0])
     return float(base_value), corrupt
 
 

@@ -428,10 +428,15 @@ def _score_rows(
 
 def base_score(reader: MetricReader, base: BaseRun) -> tuple[Tensor, Tensor | None]:
     """The metric on the unpatched base run, read the same way as the patched runs."""
+    return score_logits(reader, base.logits)
+
+
+def score_logits(reader: MetricReader, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The metric on full ``(batch, pos, d_vocab)`` logits of an unpatched run."""
     if reader.full:
-        return reader.score(base.logits)
-    rows = torch.arange(base.batch, device=base.logits.device)
-    return reader.score(base.logits[rows, reader.positions.to(base.logits.device)])
+        return reader.score(logits)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return reader.score(logits[rows, reader.positions.to(logits.device)])
 
 
 def first_difference(a: Tensor, b: Tensor, position_axis: int) -> int | None:

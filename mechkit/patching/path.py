@@ -86,14 +86,13 @@ def path_patch(
     n_batch, seq = setup.base_tokens.shape
     receiver_sites = _receivers(model, receivers)
     axes, labels, sender_sites = _senders(model, senders, layers)
-    names = {s.hook_name for _, s in sender_sites} | {
-        f"blocks.{j}.attn.hook_z" for j in range(cfg.n_layers)
-    }
-    base = engine.run_base(model, setup.base_tokens, names)
-    source = _run_acts(model, setup.source_tokens, sorted(names))
+    sender_names = {s.hook_name for _, s in sender_sites}
+    frozen_names = {f"blocks.{j}.attn.hook_z" for j in range(cfg.n_layers)}
+    base = engine.run_base(model, setup.base_tokens, sender_names | frozen_names)
+    source, source_logits = _run_acts(model, setup.source_tokens, sorted(sender_names))
     reader = engine.MetricReader(setup.metric, base)
     base_value, base_per_prompt = engine.base_score(reader, base)
-    clean_score, corrupt_score = _clean_and_corrupt(model, setup, reader, base, base_value)
+    clean_score, corrupt_score = _clean_and_corrupt(model, setup, reader, base_value, source_logits)
     to_final = receiver_sites is None
     last_receiver = cfg.n_layers if to_final else max(s.layer for s in receiver_sites)
 
