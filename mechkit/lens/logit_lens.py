@@ -44,9 +44,18 @@ def lens_layer_labels(n_layers: int) -> list[str]:
 def decode_residual(
     model: Any, resid: Float[Tensor, "... d_model"]
 ) -> Float[Tensor, "... d_vocab"]:
-    """Logits for a residual-stream vector: final norm recomputed on ``resid``, then unembed."""
-    normed = model.ln_final(resid)  # recomputes the scale from resid itself
-    return normed @ model.W_U + model.b_U
+    """Logits for a residual-stream vector, as the model's own head makes them: the final norm
+    recomputed on ``resid``, the unembedding, and the model's logit soft-cap if it has one.
+
+    (``resid @ W_U`` reads the unembedding in place; TransformerLens's ``unembed`` copies its
+    transpose, 113 MB for SmolLM2, on every call.)
+    """
+    from transformer_lens.utilities.activation_functions import apply_softcap
+
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid)  # recomputes the scale from resid itself
+    logits = resid @ model.W_U + model.b_U
+    return apply_softcap(logits, model.cfg.output_logits_soft_cap)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -31,6 +31,7 @@ from torch import Tensor
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from mechkit.errors import MechkitError, UnsupportedModelError
+from mechkit.lens.logit_lens import decode_residual
 from mechkit.metrics import Metric, Normalized
 
 Edit = Callable[[Tensor, int], None]
@@ -128,17 +129,8 @@ def run_base(model: Any, tokens: Tensor, hook_names: set[str] | frozenset = froz
             x = block(x, past_kv_cache_entry=entry)
             keys.append(entry.past_keys)
             values.append(entry.past_values)
-        logits = final_logits(model, x)
+        logits = decode_residual(model, x)
     return BaseRun(tokens, resid_pre, keys, values, logits, acts)
-
-
-def final_logits(model: Any, resid: Tensor) -> Tensor:
-    """The model's head on a final residual stream ``(batch, pos, d_model)``, as its forward."""
-    from transformer_lens.utilities.activation_functions import apply_softcap
-
-    if model.cfg.normalization_type is not None:
-        resid = model.ln_final(resid)
-    return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
 
 
 # ----------------------------------------------------------------------------------- metrics
@@ -407,7 +399,7 @@ def _score_rows(
     n_batch, copies = base.batch, len(chunk)
     if reader.full:
         # (copies*batch, pos, d_vocab): the unchanged prefix from the base run
-        suffix_logits = final_logits(model, resid)
+        suffix_logits = decode_residual(model, resid)
         prefix = base.logits[:, :start].repeat(copies, 1, 1)
         logits = torch.cat([prefix, suffix_logits], dim=1)
     else:
@@ -416,7 +408,7 @@ def _score_rows(
         inside = relative >= 0
         rows = torch.arange(resid.shape[0], device=resid.device)
         picked = resid[rows, relative.clamp(min=0)]  # (copies*batch, d_model)
-        logits = final_logits(model, picked[:, None])[:, 0]  # (copies*batch, d_vocab)
+        logits = decode_residual(model, picked[:, None])[:, 0]  # (copies*batch, d_vocab)
         unchanged = base.logits[torch.arange(n_batch, device=resid.device), positions]
         logits = torch.where(inside[:, None], logits, unchanged.repeat(copies, 1))
     results = []

@@ -33,6 +33,7 @@ from torch import Tensor
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from mechkit.errors import InvalidSiteError, MechkitError, ShapeError
+from mechkit.lens.logit_lens import decode_residual
 from mechkit.steering.vectors import SteeringVector
 from mechkit.tokens import encode, tokenizer_of
 
@@ -256,23 +257,6 @@ class Generations:
         return pd.DataFrame({"prompt": self.prompts, "completion": self.texts})
 
 
-class _Head:
-    """The model's final norm and unembedding, as its forward applies them, with the transposed
-    unembedding made once (TransformerLens copies it, 113 MB for SmolLM2, on every call)."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.w = model.W_U.T.contiguous()
-
-    def __call__(self, resid: Tensor) -> Tensor:
-        from transformer_lens.utilities.activation_functions import apply_softcap
-
-        if self.model.cfg.normalization_type is not None:
-            resid = self.model.ln_final(resid)
-        logits = torch.nn.functional.linear(resid, self.w, self.model.b_U)
-        return apply_softcap(logits, self.model.cfg.output_logits_soft_cap)
-
-
 @torch.no_grad()
 def generate(
     model: Any,
@@ -318,7 +302,6 @@ def generate(
     layout = _Layout(prompt_start=(width - mask.sum(-1)), generated_from=width)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(rows))
-    head = _Head(model)
     step_input, step_mask = tokens, mask
     with _steered(model, steerings, layout):
         for _ in range(max_new_tokens):
@@ -328,7 +311,7 @@ def generate(
                 past_kv_cache=cache,
                 stop_at_layer=model.cfg.n_layers,  # all blocks; the head below, last column only
             )
-            logits = head(resid[:, -1:])[:, 0].float().cpu()
+            logits = decode_residual(model, resid[:, -1]).float().cpu()
             layout.offset += step_input.shape[1]
             if temperature == 0:
                 next_token = logits.argmax(-1)
