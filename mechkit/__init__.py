@@ -4,6 +4,7 @@
 >>> model = mk.load_model("attn-only-2l")
 """
 
+from mechkit.attribution import AttributionComparison, attribution_patch, compare_attribution
 from mechkit.corpus import corpus_tokens
 from mechkit.decomposition import (
     Attribution,
@@ -80,6 +81,9 @@ from mechkit.tokens import tokenize_answer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttributionComparison",
+    "attribution_patch",
+    "compare_attribution",
     "ABScore",
     "Generations",
     "LogitDifference",

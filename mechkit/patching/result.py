@@ -32,6 +32,9 @@ class PatchResult:
             ``resample``.
         site: the component patched (``resid_pre``, ``z``...) or ``sites`` for a list.
         metric_name: the metric's name, for titles.
+        estimator: ``"activation patching"`` (each cell run for real) or ``"attribution
+            patching"`` (each cell's score estimated to first order from one gradient:
+            :func:`mechkit.attribution_patch`).
     """
 
     scores: Tensor
@@ -44,6 +47,7 @@ class PatchResult:
     method: str
     site: str
     metric_name: str
+    estimator: str = "activation patching"
 
     def __post_init__(self) -> None:
         expected = tuple(len(self.labels[a]) for a in self.axes)
@@ -123,6 +127,8 @@ class PatchResult:
         import plotly.express as px
 
         name = title or f"{self.method} {self.site}: {self.metric_name}"
+        if title is None and self.estimator != "activation patching":
+            name = f"{self.estimator}, {name}"
         z = self.scores.float()
         base = self.base_score
         color = {"color_continuous_scale": "RdBu", "color_continuous_midpoint": base or 0.0}
@@ -169,7 +175,8 @@ class PatchResult:
     def __repr__(self) -> str:
         shape = ", ".join(f"{a}={len(self.labels[a])}" for a in self.axes)
         return (
-            f"PatchResult({self.method} {self.site}, {shape}, metric={self.metric_name}, "
+            f"PatchResult({self.estimator}: {self.method} {self.site}, {shape}, "
+            f"metric={self.metric_name}, "
             f"clean={_fmt(self.clean_score)}, corrupt={_fmt(self.corrupt_score)})"
         )
 
