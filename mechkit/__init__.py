@@ -28,6 +28,16 @@ from mechkit.errors import (
     UnknownModelError,
     UnsupportedModelError,
 )
+from mechkit.graph import (
+    CircuitEvaluation,
+    CircuitGraph,
+    Edge,
+    FaithfulnessCurve,
+    GraphLayout,
+    edge_attribution,
+    evaluate_circuit,
+    faithfulness_curve,
+)
 from mechkit.heads import HeadScores, detect_heads, render_attention
 from mechkit.interventions import Add, Captured, Patch, Transform, Zero, capture, intervene
 from mechkit.lens import (
@@ -81,6 +91,14 @@ from mechkit.tokens import tokenize_answer
 __version__ = "0.1.0"
 
 __all__ = [
+    "CircuitEvaluation",
+    "CircuitGraph",
+    "Edge",
+    "FaithfulnessCurve",
+    "GraphLayout",
+    "edge_attribution",
+    "evaluate_circuit",
+    "faithfulness_curve",
     "AttributionComparison",
     "attribution_patch",
     "compare_attribution",

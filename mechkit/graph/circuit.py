@@ -1,0 +1,523 @@
+"""CircuitGraph: edge scores over a model's graph, a selected circuit, and how to show it.
+
+A :class:`CircuitGraph` holds a dense ``(sender, receiver)`` score tensor (from
+:func:`mechkit.edge_attribution`) and optionally a boolean mask of the edges in a circuit.
+Selection returns a new graph with a mask; nothing is changed in place:
+
+    >>> circuit = graph.top_edges(300)            # the 300 edges of largest |score|
+    >>> circuit = graph.threshold(0.01)           # every edge with |score| >= 0.01
+    >>> circuit = graph.greedy(300)               # grown from the logits (Hanna et al. 2024)
+    >>> circuit = circuit.prune()                 # drop edges cut off from input or logits
+    >>> circuit.save("ioi.json"); mk.CircuitGraph.load("ioi.json")
+    >>> circuit.plot()                            # plotly, nodes laid out by layer
+    >>> circuit.to_dot(), circuit.to_svg()        # Graphviz source, a standalone SVG
+    >>> graph.roc(reference_edges).auc            # against a published circuit given as data
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mechkit.errors import MechkitError
+from mechkit.graph.layout import Edge, GraphLayout
+
+__all__ = ["CircuitGraph", "ROC"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CircuitGraph:
+    """Scores for every edge of a model's graph, and the circuit selected from them.
+
+    Attributes:
+        layout: the graph's senders, receivers and valid edges.
+        scores: ``(sender, receiver)`` estimated change of the metric when the edge carries the
+            ablated value (0 where no edge exists).
+        mask: ``(sender, receiver)`` bool, the edges in the circuit; None means no selection
+            (every edge).
+        method: how the scores were made (``eap``, ``eap-ig-inputs (5 steps)``, ``exact``...).
+        ablation: what a dropped edge carries (``corrupt``, ``mean``, ``zero``).
+        metric_name, clean_score, ablated_score: the metric, its value on the clean run, and with
+            every edge ablated.
+        model_name: the model the graph was scored on.
+    """
+
+    layout: GraphLayout
+    scores: Tensor
+    mask: Tensor | None = None
+    method: str = ""
+    ablation: str = "corrupt"
+    metric_name: str = ""
+    clean_score: float | None = None
+    ablated_score: float | None = None
+    model_name: str = ""
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.layout.valid.shape)
+        if tuple(self.scores.shape) != shape:
+            raise MechkitError(
+                f"Expected scores of shape (sender, receiver) = {shape}; got "
+                f"{tuple(self.scores.shape)}."
+            )
+        if self.mask is not None and tuple(self.mask.shape) != shape:
+            raise MechkitError(f"Expected a mask of shape {shape}; got {tuple(self.mask.shape)}.")
+
+    # ------------------------------------------------------------------------------- selection
+
+    @property
+    def edges(self) -> Tensor:
+        """``(sender, receiver)`` bool: the circuit's edges (every valid edge without a mask)."""
+        valid = self.layout.valid
+        return valid.clone() if self.mask is None else self.mask & valid
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.edges.sum())
+
+    def edge_names(self) -> list[str]:
+        """The circuit's edges as ``"sender->receiver"`` names, strongest first."""
+        pairs = self.edges.nonzero().tolist()
+        pairs.sort(key=lambda sr: -abs(float(self.scores[sr[0], sr[1]])))
+        layout = self.layout
+        return [f"{layout.senders[s].name}->{layout.receivers[r].name}" for s, r in pairs]
+
+    def with_edges(self, edges: Iterable[str | Edge]) -> CircuitGraph:
+        """The circuit made of exactly these edges; unknown names raise."""
+        mask = torch.zeros_like(self.layout.valid)
+        for edge in edges:
+            s, r = self.layout.edge_index(edge)
+            mask[s, r] = True
+        return dataclasses.replace(self, mask=mask)
+
+    def top_edges(self, n: int, *, absolute: bool = True) -> CircuitGraph:
+        """The ``n`` edges of largest score (by absolute value unless ``absolute=False``)."""
+        if n < 0:
+            raise MechkitError(f"Expected n >= 0 edges; got {n}.")
+        values = self._ranking(absolute)
+        order = values.flatten().argsort(descending=True)[: min(n, self.layout.n_edges)]
+        mask = torch.zeros(values.numel(), dtype=torch.bool)
+        mask[order] = True
+        return dataclasses.replace(self, mask=mask.reshape(values.shape) & self.layout.valid)
+
+    def threshold(self, value: float, *, absolute: bool = True) -> CircuitGraph:
+        """Every edge whose score (absolute unless ``absolute=False``) is at least ``value``."""
+        return dataclasses.replace(
+            self, mask=(self._ranking(absolute) >= value) & self.layout.valid
+        )
+
+    def greedy(self, n: int, *, absolute: bool = True) -> CircuitGraph:
+        """``n`` edges grown from the logits: each step adds the best edge into a node already
+        in the circuit (the logits, or a sender with an edge in it), so the circuit stays
+        connected to the output."""
+        layout = self.layout
+        values = self._ranking(absolute)
+        mask = torch.zeros_like(layout.valid)
+        reached = {"logits"}
+        sender_of = {node.name: i for i, node in enumerate(layout.senders)}
+        candidates = torch.zeros(len(layout.receivers), dtype=torch.bool)
+        for r, rec in enumerate(layout.receivers):
+            candidates[r] = any(node in reached for node in rec.nodes)
+        for _ in range(min(n, layout.n_edges)):
+            allowed = layout.valid & ~mask & candidates[None, :]
+            if not bool(allowed.any()):
+                break
+            masked = torch.where(allowed, values, torch.full_like(values, -math.inf))
+            flat = int(masked.flatten().argmax())
+            s, r = divmod(flat, values.shape[1])
+            mask[s, r] = True
+            name = layout.senders[s].name
+            if name not in reached:
+                reached.add(name)
+                for r2, rec in enumerate(layout.receivers):
+                    if name in rec.nodes:
+                        candidates[r2] = True
+        del sender_of
+        return dataclasses.replace(self, mask=mask)
+
+    def prune(self) -> CircuitGraph:
+        """Drop edges that no path connects to both the input and the logits."""
+        layout = self.layout
+        mask = self.edges
+        node_of_receiver = [rec.nodes for rec in layout.receivers]
+        while True:
+            # nodes reachable from the input through circuit edges
+            from_input = {"input"}
+            for s, r in sorted(mask.nonzero().tolist(), key=lambda sr: _order(layout, sr[0])):
+                if layout.senders[s].name in from_input:
+                    from_input.update(node_of_receiver[r])
+            # nodes that reach the logits
+            to_logits = {"logits"}
+            for s, r in sorted(mask.nonzero().tolist(), key=lambda sr: -_order(layout, sr[0])):
+                if any(node in to_logits for node in node_of_receiver[r]):
+                    to_logits.add(layout.senders[s].name)
+            keep = mask.clone()
+            for s, r in mask.nonzero().tolist():
+                src = layout.senders[s].name
+                if src not in from_input or not any(n in to_logits for n in node_of_receiver[r]):
+                    keep[s, r] = False
+            if torch.equal(keep, mask):
+                return dataclasses.replace(self, mask=keep)
+            mask = keep
+
+    def nodes_in_circuit(self) -> list[str]:
+        """Names of the nodes with an edge in the circuit (senders and fed nodes)."""
+        names: set[str] = set()
+        for s, r in self.edges.nonzero().tolist():
+            names.add(self.layout.senders[s].name)
+            names.update(self.layout.receivers[r].nodes)
+        return [n for n in self.layout.nodes if n in names]
+
+    def _ranking(self, absolute: bool) -> Tensor:
+        values = self.scores.abs() if absolute else self.scores
+        return torch.where(self.layout.valid, values, torch.full_like(values, -math.inf))
+
+    # ------------------------------------------------------------------------------- reference
+
+    def roc(self, reference: Iterable[str], *, absolute: bool = True) -> ROC:
+        """ROC of the edge ranking against a reference circuit given as data.
+
+        Args:
+            reference: edge names (``"a0.h1->a2.h3q"``), or node names (``"a9.h9"``, ``"m3"``):
+                with nodes, an edge is positive when its sender and the node it feeds are both
+                in the reference. Unknown names raise.
+        """
+        items = list(reference)
+        if not items:
+            raise MechkitError("Expected a non-empty reference circuit; got none.")
+        positive = torch.zeros_like(self.layout.valid)
+        if all("->" in item for item in items):
+            for edge in items:
+                s, r = self.layout.edge_index(edge)
+                positive[s, r] = True
+        elif any("->" in item for item in items):
+            raise MechkitError(
+                "Expected a reference of only edges or only nodes; got a mix of both."
+            )
+        else:
+            known = set(self.layout.nodes)
+            unknown = [n for n in items if n not in known]
+            if unknown:
+                from mechkit.errors import did_you_mean
+
+                raise MechkitError(
+                    f"Expected node names of this graph; got unknown {unknown[:5]}."
+                    + did_you_mean(unknown[0], known)
+                )
+            nodes = set(items) | {"input", "logits"}
+            for s, sender in enumerate(self.layout.senders):
+                for r, rec in enumerate(self.layout.receivers):
+                    if sender.name in nodes and any(n in nodes for n in rec.nodes):
+                        positive[s, r] = True
+            positive &= self.layout.valid
+        return ROC.from_scores(
+            self._ranking(absolute)[self.layout.valid], positive[self.layout.valid]
+        )
+
+    # ------------------------------------------------------------------------------- output
+
+    def to_dataframe(self) -> Any:
+        """One row per edge: ``src``, ``dst``, ``score``, ``in_circuit``, layers and kinds."""
+        import pandas as pd
+
+        layout = self.layout
+        rows = []
+        edges = self.edges
+        for s, r in layout.valid.nonzero().tolist():
+            sender, rec = layout.senders[s], layout.receivers[r]
+            rows.append({
+                "src": sender.name,
+                "dst": rec.name,
+                "score": float(self.scores[s, r]),
+                "in_circuit": bool(edges[s, r]),
+                "src_layer": sender.layer,
+                "dst_layer": rec.layer,
+                "dst_kind": rec.kind,
+            })  # fmt: skip
+        frame = pd.DataFrame(rows)
+        return frame.reindex(frame["score"].abs().sort_values(ascending=False).index)
+
+    def to_dict(self) -> dict[str, Any]:
+        edges = self.edges
+        return {
+            "format": "mechkit.circuit_graph/1",
+            "model": self.model_name,
+            "layout": self.layout.to_dict(),
+            "method": self.method,
+            "ablation": self.ablation,
+            "metric": self.metric_name,
+            "clean_score": self.clean_score,
+            "ablated_score": self.ablated_score,
+            "has_mask": self.mask is not None,
+            "edges": [
+                {
+                    "edge": f"{self.layout.senders[s].name}->{self.layout.receivers[r].name}",
+                    "score": float(self.scores[s, r]),
+                    "in_circuit": bool(edges[s, r]),
+                }
+                for s, r in self.layout.valid.nonzero().tolist()
+            ],  # fmt: skip
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the graph as JSON (atomically)."""
+        from mechkit.atomic_io import write_text_atomically
+
+        path = Path(path)
+        write_text_atomically(path, json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CircuitGraph:
+        if data.get("format") != "mechkit.circuit_graph/1":
+            raise MechkitError(
+                f"Expected a mechkit circuit graph (format 'mechkit.circuit_graph/1'); got "
+                f"format {data.get('format')!r}."
+            )
+        layout = GraphLayout.build(**data["layout"])
+        scores = torch.zeros(layout.valid.shape)
+        mask = torch.zeros_like(layout.valid)
+        for item in data["edges"]:
+            s, r = layout.edge_index(item["edge"])
+            scores[s, r] = float(item["score"])
+            mask[s, r] = bool(item.get("in_circuit", True))
+        return cls(
+            layout=layout,
+            scores=scores,
+            mask=mask if data.get("has_mask", True) else None,
+            method=data.get("method", ""),
+            ablation=data.get("ablation", "corrupt"),
+            metric_name=data.get("metric", ""),
+            clean_score=data.get("clean_score"),
+            ablated_score=data.get("ablated_score"),
+            model_name=data.get("model", ""),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> CircuitGraph:
+        """Read a graph written by :meth:`save`."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def __repr__(self) -> str:
+        return (
+            f"CircuitGraph({self.model_name or 'model'}, {self.method}, {self.n_edges} of "
+            f"{self.layout.n_edges} edges, ablation={self.ablation})"
+        )
+
+    # ------------------------------------------------------------------------------- drawing
+
+    def _drawn(self, max_edges: int) -> list[tuple[int, int]]:
+        pairs = self.edges.nonzero().tolist()
+        pairs.sort(key=lambda sr: -abs(float(self.scores[sr[0], sr[1]])))
+        return pairs[:max_edges]
+
+    def _positions(self) -> dict[str, tuple[float, float]]:
+        """Node coordinates: one row per layer (input at the bottom, logits on top)."""
+        layout = self.layout
+        width = layout.n_heads + (1 if layout.has_mlp else 0)
+        pos = {"input": ((width - 1) / 2, 0.0), "logits": ((width - 1) / 2, layout.n_layers + 1)}
+        for node in layout.senders[1:]:
+            if node.kind == "head":
+                pos[node.name] = (float(node.head), node.layer + 1.0)  # type: ignore[operator]
+            else:
+                pos[node.name] = (float(layout.n_heads), node.layer + 1.0)  # type: ignore[operator]
+        return pos
+
+    def plot(self, *, max_edges: int = 300, title: str | None = None) -> Any:
+        """An interactive plotly graph: nodes by layer and head, edges blue (positive) or red
+        (negative), their width by |score| (the ``max_edges`` strongest of the circuit)."""
+        import plotly.graph_objects as go
+
+        layout = self.layout
+        pos = self._positions()
+        drawn = self._drawn(max_edges)
+        top = max((abs(float(self.scores[s, r])) for s, r in drawn), default=1.0) or 1.0
+        fig = go.Figure()
+        for sign, colour in ((1, "rgba(33,102,172,0.6)"), (-1, "rgba(178,24,43,0.6)")):
+            for band in range(5):  # widths in five bands, a trace each
+                xs: list[Any] = []
+                ys: list[Any] = []
+                for s, r in drawn:
+                    score = float(self.scores[s, r])
+                    level = min(4, int(5 * abs(score) / top))
+                    if (score >= 0) != (sign > 0) or level != band:
+                        continue
+                    target = layout.receivers[r].nodes[0]
+                    (x0, y0), (x1, y1) = pos[layout.senders[s].name], pos[target]
+                    xs += [x0, x1, None]
+                    ys += [y0, y1, None]
+                if xs:
+                    fig.add_scatter(
+                        x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
+                        line={"color": colour, "width": 0.5 + 1.5 * band},
+                    )  # fmt: skip
+        in_circuit = set(self.nodes_in_circuit())
+        names = [n for n in layout.nodes if n in in_circuit] or list(layout.nodes)
+        fig.add_scatter(
+            x=[pos[n][0] for n in names],
+            y=[pos[n][1] for n in names],
+            mode="markers+text",
+            text=names,
+            textposition="top center",
+            marker={"size": 10, "color": ["#444" if n[0] == "a" else "#2a9d8f" for n in names]},
+            hovertext=[self._node_hover(n) for n in names],
+            hoverinfo="text",
+            showlegend=False,
+        )
+        fig.update_layout(
+            title=title or f"{self.model_name} circuit: {self.n_edges} edges ({self.method})",
+            xaxis={"visible": False},
+            yaxis={
+                "tickvals": list(range(layout.n_layers + 2)),
+                "ticktext": ["input"] + [f"L{i}" for i in range(layout.n_layers)] + ["logits"],
+            },
+            height=max(400, 28 * (layout.n_layers + 2)),
+            plot_bgcolor="white",
+        )
+        return fig
+
+    def _node_hover(self, name: str) -> str:
+        layout = self.layout
+        edges = self.edges
+        if name == "logits":
+            inbound = float(self.scores[:, -1][edges[:, -1]].abs().sum())
+            return f"logits<br>sum |score| in: {inbound:.3g}"
+        s = layout.sender_index(name)
+        out = float(self.scores[s][edges[s]].abs().sum())
+        return f"{name}<br>sum |score| out: {out:.3g}"
+
+    def to_dot(self, *, max_edges: int = 300) -> str:
+        """Graphviz source: one rank per layer, edges coloured by sign, pen width by |score|."""
+        layout = self.layout
+        drawn = self._drawn(max_edges)
+        top = max((abs(float(self.scores[s, r])) for s, r in drawn), default=1.0) or 1.0
+        nodes = self.nodes_in_circuit()
+        lines = ["digraph circuit {", "  rankdir=BT;", '  node [shape=box, fontname="Helvetica"];']
+        by_layer: dict[Any, list[str]] = {}
+        for name in nodes:
+            layer = -1 if name == "input" else layout.n_layers if name == "logits" else None
+            if layer is None:
+                layer = next(n.layer for n in layout.senders if n.name == name)
+            by_layer.setdefault(layer, []).append(name)
+        for layer in sorted(by_layer):
+            members = " ".join(f'"{n}"' for n in by_layer[layer])
+            lines.append(f"  {{ rank=same; {members} }}")
+        for s, r in drawn:
+            score = float(self.scores[s, r])
+            rec = layout.receivers[r]
+            colour = "#2166ac" if score >= 0 else "#b2182b"
+            width = 0.5 + 4.5 * abs(score) / top
+            label = rec.kind if rec.kind in ("q", "k", "v") else ""
+            lines.append(
+                f'  "{layout.senders[s].name}" -> "{rec.nodes[0]}" [color="{colour}", '
+                f'penwidth={width:.2f}, label="{label}", tooltip="{score:.4g}"];'
+            )
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def to_svg(self, *, max_edges: int = 300, scale: float = 60.0) -> str:
+        """A standalone SVG drawing (no Graphviz needed): the layout of :meth:`plot`."""
+        from html import escape
+
+        layout = self.layout
+        pos = self._positions()
+        drawn = self._drawn(max_edges)
+        top = max((abs(float(self.scores[s, r])) for s, r in drawn), default=1.0) or 1.0
+        width = (layout.n_heads + 2) * scale
+        height = (layout.n_layers + 3) * scale
+
+        def xy(name: str) -> tuple[float, float]:
+            x, y = pos[name]
+            return (x + 1) * scale, height - (y + 1) * scale
+
+        parts = [
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+            f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica" font-size="11">'
+        ]
+        for s, r in drawn:
+            score = float(self.scores[s, r])
+            (x0, y0), (x1, y1) = xy(layout.senders[s].name), xy(layout.receivers[r].nodes[0])
+            colour = "#2166ac" if score >= 0 else "#b2182b"
+            parts.append(
+                f'<line x1="{x0:.1f}" y1="{y0:.1f}" x2="{x1:.1f}" y2="{y1:.1f}" stroke="{colour}" '
+                f'stroke-opacity="0.6" stroke-width="{0.5 + 4.5 * abs(score) / top:.2f}">'
+                f"<title>{escape(layout.senders[s].name)}-&gt;{escape(layout.receivers[r].name)}"
+                f" {score:.4g}</title></line>"
+            )
+        for name in self.nodes_in_circuit():
+            x, y = xy(name)
+            parts.append(
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="#444"/>'
+                f'<text x="{x + 8:.1f}" y="{y - 6:.1f}">{escape(name)}</text>'
+            )
+        parts.append("</svg>")
+        return "\n".join(parts) + "\n"
+
+
+def _order(layout: GraphLayout, sender: int) -> float:
+    node = layout.senders[sender]
+    if node.kind == "input":
+        return -1.0
+    return 2.0 * node.layer + (1.0 if node.kind == "mlp" else 0.0)  # type: ignore[operator]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ROC:
+    """Receiver operating characteristic of a ranking against reference labels."""
+
+    fpr: Tensor
+    tpr: Tensor
+    auc: float
+    n_positive: int
+    n_negative: int
+
+    @classmethod
+    def from_scores(cls, scores: Tensor, positive: Tensor) -> ROC:
+        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        if n_pos == 0 or n_neg == 0:
+            raise MechkitError(
+                f"Expected both reference and non-reference edges; got {n_pos} and {n_neg}."
+            )
+        order = scores.argsort(descending=True, stable=True)
+        hits = positive[order].double()
+        tpr = torch.cat([torch.zeros(1), hits.cumsum(0) / n_pos])
+        fpr = torch.cat([torch.zeros(1), (1 - hits).cumsum(0) / n_neg])
+        # AUC as the probability that a positive outranks a negative (ties count half)
+        ranks = _average_ranks(scores.double())
+        auc = float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+        return cls(fpr.float(), tpr.float(), auc, n_pos, n_neg)
+
+    def plot(self, *, title: str | None = None) -> Any:
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        fig.add_scatter(x=self.fpr.tolist(), y=self.tpr.tolist(), mode="lines", name="ROC")
+        fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line_dash="dot", name="chance")
+        fig.update_layout(
+            title=title or f"ROC against the reference circuit (AUC {self.auc:.3f})",
+            xaxis_title="false positive rate",
+            yaxis_title="true positive rate",
+        )
+        return fig
+
+    def to_dataframe(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame({"fpr": self.fpr.tolist(), "tpr": self.tpr.tolist()})
+
+
+def _average_ranks(x: Tensor) -> Tensor:
+    """1-based ranks, ties sharing their mean rank."""
+    sorted_x, order = x.sort(stable=True)
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(1, len(x) + 1, dtype=x.dtype)
+    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(counts), dtype=x.dtype).index_add_(0, inverse, ranks[order])
+    ranks[order] = (sums / counts.to(x.dtype))[inverse]
+    return ranks

@@ -1,0 +1,439 @@
+"""Edge attribution: a score for every edge of the graph (EAP, EAP-IG, exact patching).
+
+The score of an edge ``u -> v`` estimates how the metric changes when the receiver ``v`` sees the
+sender ``u``'s ablated output (corrupt, mean or zero) instead of its clean one, everything else
+clean (noising):
+
+* ``"eap"`` (Syed et al. 2023): ``(a'_u - a_u) . dM/d(input_v)`` with the gradient on the clean
+  run; every edge from one forward and one backward pass per batch.
+* ``"eap-ig-inputs"`` (Hanna et al. 2024): the gradient averaged over ``steps`` runs whose input
+  embeddings move in a straight line from the ablated to the clean ones (points k/steps,
+  k = 1..steps, so ``steps=1`` is EAP).
+* ``"eap-ig-activations"``: the same integral taken per component block: for the senders of one
+  block (the input, the heads of layer L, the MLP of layer L) their outputs move from ablated to
+  clean while the rest of the model runs clean; (2 n_layers + 1) x steps passes.
+* ``"exact"``: each edge patched for real (one run per edge, batched): for small graphs and to
+  check the others.
+
+Scores are ``(sender, receiver)`` in a :class:`~mechkit.graph.CircuitGraph` (zero where no edge
+exists). Prompts of unequal length are right-padded and scored at their answer positions;
+clean and corrupt prompts of a pair must have the same length (the corrupt value of each
+position is patched).
+
+    >>> graph = mk.edge_attribution(model, pairs, method="eap-ig-inputs", steps=5)
+    >>> circuit = graph.top_edges(200).prune()
+    >>> mk.evaluate_circuit(model, circuit, pairs).faithfulness
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from mechkit.errors import MechkitError, PromptLengthError
+from mechkit.graph.circuit import CircuitGraph
+from mechkit.graph.layout import GraphLayout
+from mechkit.graph.runs import masked_logits, receiver_gradients, sender_outputs
+from mechkit.metrics import Metric
+from mechkit.prompts import PromptPairs
+from mechkit.tokens import token_batch
+
+__all__ = ["edge_attribution", "EdgeSetup", "prepare"]
+
+Method = Literal["eap", "eap-ig-inputs", "eap-ig-activations", "exact"]
+METHODS: tuple[str, ...] = ("eap", "eap-ig-inputs", "eap-ig-activations", "exact")
+Ablation = Literal["corrupt", "mean", "zero"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EdgeSetup:
+    """Checked inputs of a graph run: tokens, metric, ablated sender outputs."""
+
+    layout: GraphLayout
+    clean_tokens: Tensor
+    corrupt_tokens: Tensor | None
+    metric: Any
+    ablation: str
+    ablated: Tensor  # (batch or 1, pos or 1, sender, d_model)
+    clean_senders: Tensor  # (batch, pos, sender, d_model)
+    batch_size: int
+
+
+def prepare(
+    model: Any,
+    clean: Any,
+    corrupt: Any,
+    metric: Any,
+    *,
+    ablation: str,
+    reference: Any = None,
+    batch_size: int | None = None,
+    need_aligned: bool = True,
+) -> EdgeSetup:
+    """Tokens, metric and the ablated sender outputs, all checked before the long work."""
+    layout = GraphLayout.from_model(model)
+    if ablation not in ("corrupt", "mean", "zero"):
+        raise MechkitError(f"Expected ablation 'corrupt', 'mean' or 'zero'; got {ablation!r}.")
+    ref_tokens = ref_mask = None
+    if isinstance(clean, PromptPairs):
+        pairs = clean
+        if corrupt is not None:
+            raise MechkitError(
+                "Expected corrupt=None when clean is a PromptPairs (it holds both runs); got "
+                f"{type(corrupt).__name__}."
+            )
+        clean_tokens, corrupt_tokens = pairs.clean_tokens, pairs.corrupt_tokens
+        if need_aligned and ablation == "corrupt" and not pairs.is_aligned:
+            raise PromptLengthError(
+                "Expected each corrupt prompt to have its clean prompt's token length (edges "
+                "carry the corrupt value of the same position); some pairs differ. Hint: "
+                "ablation='mean' or 'zero' needs no aligned corruptions."
+            )
+        if metric is None:
+            from mechkit.metrics import LogitDiff
+
+            metric = LogitDiff.from_pairs(pairs)
+        if reference is None:
+            ref_tokens, ref_mask = pairs.corrupt_tokens, pairs.corrupt_mask
+    else:
+        clean_tokens = token_batch(model, clean)[0]
+        corrupt_tokens = None if corrupt is None else token_batch(model, corrupt)[0]
+        if reference is None and corrupt is not None:
+            ref_tokens, ref_mask = token_batch(model, corrupt)
+    if metric is None or not callable(metric):
+        raise MechkitError(
+            "Expected a metric: a mechkit Metric or a differentiable function logits -> score; "
+            f"got {metric!r}. Hint: mk.LogitDiff.from_pairs(pairs)."
+        )
+    if reference is not None:
+        ref_tokens, ref_mask = token_batch(model, reference)
+    device = model.cfg.device
+    clean_tokens = clean_tokens.to(device)
+    corrupt_tokens = None if corrupt_tokens is None else corrupt_tokens.to(device)
+    n_batch = clean_tokens.shape[0]
+    size = batch_size or n_batch
+    if size < n_batch and not isinstance(metric, Metric):
+        raise MechkitError(
+            "Expected a mechkit Metric (it can be restricted to a batch) when batch_size splits "
+            f"the prompts; got {type(metric).__name__}. Hint: batch_size=None."
+        )
+    clean_senders = _senders_in_batches(model, layout, clean_tokens, size)
+    if ablation == "corrupt":
+        if corrupt_tokens is None:
+            raise MechkitError(
+                "Expected corrupt prompts for ablation='corrupt'; got None. Hint: ablation="
+                "'mean' (over reference prompts) or 'zero'."
+            )
+        if corrupt_tokens.shape != clean_tokens.shape:
+            raise PromptLengthError(
+                f"Expected clean and corrupt token batches of one shape; got "
+                f"{tuple(clean_tokens.shape)} and {tuple(corrupt_tokens.shape)}."
+            )
+        ablated = _senders_in_batches(model, layout, corrupt_tokens, size)
+    elif ablation == "zero":
+        ablated = torch.zeros_like(clean_senders[:1, :1])
+    else:
+        if ref_tokens is None:
+            ref_tokens = clean_tokens
+            ref_mask = torch.ones_like(clean_tokens, dtype=torch.bool)
+        ref = _senders_in_batches(model, layout, ref_tokens.to(device), size)
+        mask = ref_mask.to(device)
+        if bool(mask.all()) and mask.shape[1] == clean_tokens.shape[1]:
+            ablated = ref.mean(0, keepdim=True)  # per position
+        else:
+            weights = mask.to(ref.dtype)[:, :, None, None]
+            ablated = ((ref * weights).sum((0, 1)) / weights.sum())[None, None]
+    return EdgeSetup(
+        layout, clean_tokens, corrupt_tokens, metric, ablation, ablated, clean_senders, size
+    )
+
+
+def _senders_in_batches(model: Any, layout: GraphLayout, tokens: Tensor, size: int) -> Tensor:
+    return torch.cat(
+        [sender_outputs(model, layout, tokens[i : i + size]) for i in range(0, len(tokens), size)]
+    )
+
+
+def edge_attribution(
+    model: Any,
+    clean: Any,
+    corrupt: Any = None,
+    metric: Any = None,
+    *,
+    method: Method = "eap",
+    steps: int = 5,
+    ablation: Ablation = "corrupt",
+    reference: Any = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> CircuitGraph:
+    """Score every edge of the model's graph.
+
+    Args:
+        model: a HookedTransformer (pre-norm; grouped-query attention supported).
+        clean: a :class:`PromptPairs` (metric defaults to its logit difference) or clean
+            prompts; ``corrupt`` then gives the corrupt prompts (same token lengths).
+        metric: a mechkit :class:`Metric` or a differentiable function logits -> score.
+        method: ``"eap"``, ``"eap-ig-inputs"``, ``"eap-ig-activations"`` or ``"exact"``.
+        steps: integration points of the EAP-IG methods (5 is typical).
+        ablation: what a dropped edge carries: the sender's output on the ``"corrupt"`` prompt,
+            its ``"mean"`` over ``reference`` prompts (default: the corrupt ones; per position
+            when they are unpadded and as long as the clean ones), or ``"zero"``.
+        batch_size: prompts per pass (None: all); exact runs also split edges to fit.
+        progress: a progress bar for the multi-pass methods.
+
+    Returns:
+        A :class:`CircuitGraph` with a score for every edge.
+
+    Example:
+        >>> graph = mk.edge_attribution(model, pairs, method="eap")
+        >>> graph.top_edges(5).edge_names()
+    """
+    if method not in METHODS:
+        from mechkit.errors import did_you_mean
+
+        raise MechkitError(
+            f"Expected method one of {', '.join(METHODS)}; got {method!r}."
+            + did_you_mean(str(method), METHODS)
+        )
+    if steps < 1:
+        raise MechkitError(f"Expected steps >= 1; got {steps}.")
+    setup = prepare(
+        model,
+        clean,
+        corrupt,
+        metric,
+        ablation=ablation,
+        reference=reference,
+        batch_size=batch_size,
+        need_aligned=True,
+    )
+    layout = setup.layout
+    if method == "exact":
+        scores, clean_score = _exact(model, setup, progress)
+    else:
+        scores, clean_score = _gradient_scores(model, setup, method, steps, progress)
+    scores = torch.where(layout.valid, scores.cpu(), torch.zeros((), dtype=scores.dtype))
+    ablated_score = _ablated_score(model, setup)
+    return CircuitGraph(
+        layout=layout,
+        scores=scores.float(),
+        mask=None,
+        method=method if method == "eap" or method == "exact" else f"{method} ({steps} steps)",
+        ablation=ablation,
+        metric_name=_metric_name(setup.metric),
+        clean_score=clean_score,
+        ablated_score=ablated_score,
+        model_name=str(model.cfg.model_name),
+    )
+
+
+def _metric_name(metric: Any) -> str:
+    return type(metric).__name__ if isinstance(metric, Metric) else getattr(metric, "__name__", "")
+
+
+def batch_metric(metric: Any, rows: slice, n_batch: int) -> Any:
+    if rows.start == 0 and rows.stop == n_batch:
+        return metric
+    return metric.select(rows)
+
+
+def mean_value(metric: Any, logits: Tensor) -> Tensor:
+    """The metric as a differentiable scalar (mean over prompts)."""
+    value = metric.per_prompt(logits).mean() if isinstance(metric, Metric) else metric(logits)
+    value = torch.as_tensor(value)
+    if value.ndim == 1:
+        value = value.mean()
+    if value.ndim != 0:
+        raise MechkitError(
+            f"Expected the metric to return a scalar or one value per prompt; got shape "
+            f"{tuple(value.shape)}."
+        )
+    return value
+
+
+def _gradient_scores(
+    model: Any, setup: EdgeSetup, method: str, steps: int, progress: bool
+) -> tuple[Tensor, float]:
+    layout = setup.layout
+    n_batch = setup.clean_tokens.shape[0]
+    scores = torch.zeros(len(layout.senders), len(layout.receivers), device=setup.ablated.device)
+    clean_total = 0.0
+    groups = _sender_groups(layout) if method == "eap-ig-activations" else [None]
+    points = [1.0] if method == "eap" else [k / steps for k in range(1, steps + 1)]
+    total = (n_batch + setup.batch_size - 1) // setup.batch_size * len(groups) * len(points)
+    bar = _bar(total, f"{method} edges", progress and total > 1)
+    try:
+        for start in range(0, n_batch, setup.batch_size):
+            rows = slice(start, min(start + setup.batch_size, n_batch))
+            weight = (rows.stop - rows.start) / n_batch
+            metric = batch_metric(setup.metric, rows, n_batch)
+            tokens = setup.clean_tokens[rows]
+            clean = setup.clean_senders[rows]
+            ablated = setup.ablated if setup.ablated.shape[0] == 1 else setup.ablated[rows]
+            delta = ablated - clean  # (batch, pos, sender, d_model)
+            for group in groups:
+                mean_grad = None
+                for alpha in points:
+                    overrides = _interpolation(layout, clean, ablated, alpha, method, group)
+                    grads, value, _ = receiver_gradients(
+                        model, layout, tokens, lambda lg, m=metric: mean_value(m, lg),
+                        overrides=overrides,
+                    )  # fmt: skip
+                    mean_grad = grads if mean_grad is None else mean_grad + grads
+                    if alpha == 1.0 and group in (None, groups[0]):
+                        clean_total += float(value) * weight
+                    if bar is not None:
+                        bar.update(1)
+                mean_grad = mean_grad / len(points)  # type: ignore[operator]
+                senders = slice(None) if group is None else slice(*group)
+                # (batch, pos, sender, d) x (batch, pos, receiver, d) -> (sender, receiver)
+                part = torch.einsum("bpsd,bprd->sr", delta[:, :, senders], mean_grad)
+                # gradients are of the batch mean: scale to the whole set's mean
+                scores[senders] += part * weight
+    finally:
+        if bar is not None:
+            bar.close()
+    return scores, clean_total
+
+
+def _sender_groups(layout: GraphLayout) -> list[tuple[int, int]]:
+    """``(first, stop)`` sender index ranges: the input, each layer's heads, each MLP."""
+    groups = [(0, 1)]
+    index = 1
+    for _ in range(layout.n_layers):
+        groups.append((index, index + layout.n_heads))
+        index += layout.n_heads
+        if layout.has_mlp:
+            groups.append((index, index + 1))
+            index += 1
+    return groups
+
+
+def _interpolation(
+    layout: GraphLayout,
+    clean: Tensor,
+    ablated: Tensor,
+    alpha: float,
+    method: str,
+    group: tuple[int, int] | None,
+) -> dict[str, Any]:
+    """Forward hooks moving the inputs (or one block's senders) alpha of the way from ablated to
+    clean; none at alpha = 1 for EAP."""
+    if method == "eap" or alpha == 1.0 and method == "eap-ig-inputs":
+        return {}
+    if method == "eap-ig-inputs" or group == (0, 1):
+        target = ablated[:, :, 0] + alpha * (clean[:, :, 0] - ablated[:, :, 0])  # (b, p, d)
+
+        def embed(act: Tensor, hook: Any) -> Tensor:
+            return target.expand_as(act).to(act.dtype)
+
+        return {"blocks.0.hook_resid_pre": embed}
+    first, stop = group  # type: ignore[misc]
+    if stop - first == 1 and layout.has_mlp and _is_mlp(layout, first):
+        layer = layout.senders[first].layer
+        value = ablated[:, :, first] + alpha * (clean[:, :, first] - ablated[:, :, first])
+
+        def mlp(act: Tensor, hook: Any) -> Tensor:
+            return value.expand_as(act).to(act.dtype)
+
+        return {f"blocks.{layer}.hook_mlp_out": mlp}
+    layer = layout.senders[first].layer
+    # head outputs are linear in z: move z itself; hook_z is (batch, pos, head, d_head), so
+    # the interpolation is applied to the head outputs' difference through W_O's pseudo-inverse
+    # would be lossy: instead the hook adds the output difference to attn_out directly.
+    diff = (1 - alpha) * (ablated[:, :, first:stop] - clean[:, :, first:stop]).sum(2)
+
+    def attn_out(act: Tensor, hook: Any) -> Tensor:
+        return act + diff.to(act.dtype)
+
+    return {f"blocks.{layer}.hook_attn_out": attn_out}
+
+
+def _is_mlp(layout: GraphLayout, index: int) -> bool:
+    return layout.senders[index].kind == "mlp"
+
+
+@torch.no_grad()
+def _exact(model: Any, setup: EdgeSetup, progress: bool) -> tuple[Tensor, float]:
+    """Every edge patched alone: M(clean, edge ablated) - M(clean)."""
+    layout = setup.layout
+    edges = layout.valid.nonzero().tolist()
+    n_batch = setup.clean_tokens.shape[0]
+    scores = torch.zeros(len(layout.senders), len(layout.receivers))
+    per_row = (
+        setup.clean_tokens.shape[1] * len(layout.senders) * layout.d_model * 4 * 3
+        + setup.clean_tokens.shape[1] * model.cfg.d_vocab * 4
+    )
+    chunk = max(1, int(1.5 * 1024**3 // max(1, per_row * n_batch)))
+    bar = _bar(len(edges), "exact edges", progress)
+    clean_value = 0.0
+    try:
+        for start in range(0, n_batch, setup.batch_size):
+            rows = slice(start, min(start + setup.batch_size, n_batch))
+            weight = (rows.stop - rows.start) / n_batch
+            metric = batch_metric(setup.metric, rows, n_batch)
+            tokens = setup.clean_tokens[rows]
+            ablated = setup.ablated if setup.ablated.shape[0] == 1 else setup.ablated[rows]
+            with torch.no_grad():
+                base = float(mean_value(metric, model(tokens)))
+            clean_value += base * weight
+            for first in range(0, len(edges), chunk):
+                part = edges[first : first + chunk]
+                keep = layout.valid.clone().expand(len(part), -1, -1).clone()
+                for i, (s, r) in enumerate(part):
+                    keep[i, s, r] = False
+                n_circ = len(part)
+                values = masked_logits(
+                    model, layout, tokens, ablated, keep.to(tokens.device),
+                    lambda lg, m=metric, c=n_circ: _per_circuit(m, lg, c),
+                )  # fmt: skip
+                for i, (s, r) in enumerate(part):
+                    scores[s, r] += (float(values[i, 0]) - base) * weight
+                if bar is not None and start == 0:
+                    bar.update(len(part))
+    finally:
+        if bar is not None:
+            bar.close()
+    return scores, clean_value
+
+
+def _per_circuit(metric: Any, logits: Tensor, n_circuits: int) -> Tensor:
+    """The mean metric of each circuit's rows: logits are ``(circuit * batch, ...)``; returns
+    ``(circuit * 1,)`` laid out as ``(circuit, 1)`` after the caller's reshape."""
+    n_batch = logits.shape[0] // n_circuits
+    values = []
+    for c in range(n_circuits):
+        values.append(mean_value(metric, logits[c * n_batch : (c + 1) * n_batch]))
+    out = torch.stack(values)  # (circuit,)
+    return out.repeat_interleave(n_batch)[:, None]
+
+
+@torch.no_grad()
+def _ablated_score(model: Any, setup: EdgeSetup) -> float:
+    """The metric with every edge ablated (the corrupt run itself for corrupt ablation)."""
+    layout = setup.layout
+    n_batch = setup.clean_tokens.shape[0]
+    total = 0.0
+    for start in range(0, n_batch, setup.batch_size):
+        rows = slice(start, min(start + setup.batch_size, n_batch))
+        metric = batch_metric(setup.metric, rows, n_batch)
+        ablated = setup.ablated if setup.ablated.shape[0] == 1 else setup.ablated[rows]
+        keep = torch.zeros(1, *layout.valid.shape, dtype=torch.bool, device=ablated.device)
+        values = masked_logits(
+            model, layout, setup.clean_tokens[rows], ablated, keep,
+            lambda lg, m=metric: _per_circuit(m, lg, 1),
+        )  # fmt: skip
+        total += float(values[0, 0]) * (rows.stop - rows.start) / n_batch
+    return total
+
+
+def _bar(total: int, description: str, enabled: bool) -> Any:
+    if not enabled or total == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, leave=False)

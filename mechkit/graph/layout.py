@@ -1,0 +1,247 @@
+"""The computational graph of a transformer as senders, receivers and edges, with one naming.
+
+Senders write into the residual stream, receivers read from it (Elhage et al. 2021; Conmy et al.
+2023; Syed et al. 2023). mechkit names them:
+
+==================  ==========================================================================
+``input``           the embeddings (token plus positional): the residual entering block 0
+``a{L}.h{H}``       attention head H of layer L (its output ``z_H @ W_O[H]``)
+``m{L}``            the MLP of layer L (sender: its output; receiver: its input)
+``a{L}.h{H}q``      the query input of head H (receiver)
+``a{L}.h{G}k``,     the key and value inputs of key/value head G (receivers); in grouped-query
+``a{L}.h{G}v``      models G counts key/value heads, shared by query heads G*r .. G*r + r - 1
+``logits``          the final residual stream, read by the unembedding (receiver)
+==================  ==========================================================================
+
+An edge ``u -> v`` (``"a0.h3->a2.h1q"``) exists when the sender ``u`` comes before the receiver
+``v`` in the forward pass: the input feeds everything; a head of layer L feeds the MLP of layer L
+(unless attention and MLP run in parallel) and every receiver of later layers.
+
+    >>> layout = GraphLayout.from_model(model)
+    >>> len(layout.senders), len(layout.receivers), layout.n_edges
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from mechkit.errors import MechkitError, UnsupportedModelError, did_you_mean
+
+__all__ = ["Node", "Edge", "Receiver", "GraphLayout"]
+
+NodeKind = Literal["input", "head", "mlp", "logits"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """A component of the graph: ``input``, ``a{L}.h{H}``, ``m{L}`` or ``logits``."""
+
+    name: str
+    kind: NodeKind
+    layer: int | None = None
+    head: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Receiver:
+    """An input read from the residual stream: ``a{L}.h{H}q|k|v``, ``m{L}`` or ``logits``.
+
+    Attributes:
+        kind: ``q``, ``k``, ``v``, ``mlp`` or ``logits``.
+        head: the query head (q) or key/value head (k, v).
+        nodes: the nodes this input feeds (a shared key/value head feeds several heads).
+    """
+
+    name: str
+    kind: Literal["q", "k", "v", "mlp", "logits"]
+    layer: int | None
+    head: int | None
+    nodes: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Edge:
+    """A path from a sender to a receiver, ``Edge("a0.h1", "a1.h0q")``."""
+
+    src: str
+    dst: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.src}->{self.dst}"
+
+    @classmethod
+    def parse(cls, name: str) -> Edge:
+        src, sep, dst = name.partition("->")
+        if not sep or not src or not dst:
+            raise MechkitError(
+                f"Expected an edge name 'sender->receiver' (e.g. 'a0.h1->a1.h0q'); got {name!r}."
+            )
+        return cls(src.strip(), dst.strip())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GraphLayout:
+    """Senders, receivers and which edges exist, for one model architecture.
+
+    Attributes:
+        n_layers, n_heads, n_kv_heads, d_model: the model's sizes.
+        has_mlp: whether blocks have MLPs; parallel: attention and MLP read the same residual.
+        senders: sender nodes in forward order (``input`` first).
+        receivers: receivers in forward order (``logits`` last).
+        valid: ``(sender, receiver)`` bool, True where the edge exists.
+    """
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    has_mlp: bool
+    parallel: bool
+    senders: tuple[Node, ...]
+    receivers: tuple[Receiver, ...]
+    valid: Tensor
+
+    @classmethod
+    def from_model(cls, model: Any) -> GraphLayout:
+        """The graph of a HookedTransformer; refuses architectures whose residual stream is not
+        a plain sum of head and MLP outputs."""
+        cfg = model.cfg
+        if getattr(cfg, "use_normalization_before_and_after", False):
+            raise UnsupportedModelError(
+                f"Expected a model whose attention and MLP outputs add to the residual stream "
+                f"directly; {cfg.model_name} normalizes them first (use_normalization_before_"
+                "and_after), so head outputs are not separate edges. Hint: use smollm2-135m or "
+                "another pre-norm model."
+            )
+        if cfg.original_architecture in ("OPTForCausalLM",) or getattr(cfg, "post_norm", False):
+            raise UnsupportedModelError(f"Expected a pre-norm model; got {cfg.model_name}.")
+        return cls.build(
+            n_layers=cfg.n_layers,
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_key_value_heads or cfg.n_heads,
+            d_model=cfg.d_model,
+            has_mlp=not cfg.attn_only,
+            parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
+        )
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        n_layers: int,
+        n_heads: int,
+        n_kv_heads: int,
+        d_model: int,
+        has_mlp: bool,
+        parallel: bool = False,
+    ) -> GraphLayout:
+        """The graph from sizes alone (also used to read a saved graph back)."""
+        if n_heads % n_kv_heads:
+            raise MechkitError(
+                f"Expected n_heads ({n_heads}) to be a multiple of n_kv_heads ({n_kv_heads})."
+            )
+        group = n_heads // n_kv_heads
+        senders: list[Node] = [Node("input", "input")]
+        order_s: list[float] = [-1.0]  # forward order: heads of L at 2L, the MLP of L at 2L+1
+        receivers: list[Receiver] = []
+        order_r: list[float] = []
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                senders.append(Node(f"a{layer}.h{head}", "head", layer, head))
+                order_s.append(2 * layer)
+            for head in range(n_heads):
+                receivers.append(
+                    Receiver(f"a{layer}.h{head}q", "q", layer, head, (f"a{layer}.h{head}",))
+                )
+                order_r.append(2 * layer)
+            for kind in ("k", "v"):
+                for kv in range(n_kv_heads):
+                    fed = tuple(f"a{layer}.h{h}" for h in range(kv * group, (kv + 1) * group))
+                    receivers.append(Receiver(f"a{layer}.h{kv}{kind}", kind, layer, kv, fed))
+                    order_r.append(2 * layer)
+            if has_mlp:
+                senders.append(Node(f"m{layer}", "mlp", layer))
+                order_s.append(2 * layer + 1)
+                receivers.append(Receiver(f"m{layer}", "mlp", layer, None, (f"m{layer}",)))
+                order_r.append(2 * layer if parallel else 2 * layer + 1)
+        receivers.append(Receiver("logits", "logits", None, None, ("logits",)))
+        order_r.append(float("inf"))
+        valid = torch.tensor(order_s)[:, None] < torch.tensor(order_r)[None, :]
+        return cls(
+            n_layers, n_heads, n_kv_heads, d_model, has_mlp, parallel,
+            tuple(senders), tuple(receivers), valid,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------- naming
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.valid.sum())
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Every node name: the senders, then ``logits``."""
+        return tuple(n.name for n in self.senders) + ("logits",)
+
+    def sender_index(self, name: str) -> int:
+        index = self._sender_map.get(name)
+        if index is None:
+            raise MechkitError(
+                f"Expected a sender node (input, a{{L}}.h{{H}}, m{{L}}); got {name!r}."
+                + did_you_mean(name, list(self._sender_map))
+            )
+        return index
+
+    def receiver_index(self, name: str) -> int:
+        index = self._receiver_map.get(name)
+        if index is None:
+            raise MechkitError(
+                f"Expected a receiver (a{{L}}.h{{H}}q|k|v, m{{L}}, logits); got {name!r}."
+                + did_you_mean(name, list(self._receiver_map))
+            )
+        return index
+
+    def edge_index(self, edge: Edge | str) -> tuple[int, int]:
+        """``(sender, receiver)`` indices of an edge; unknown or impossible edges raise."""
+        edge = Edge.parse(edge) if isinstance(edge, str) else edge
+        s, r = self.sender_index(edge.src), self.receiver_index(edge.dst)
+        if not bool(self.valid[s, r]):
+            raise MechkitError(
+                f"Expected an edge that exists in the forward pass; {edge.name!r} goes from a "
+                "later component to an earlier one (or within one layer's attention)."
+            )
+        return s, r
+
+    def edge_names(self, mask: Tensor | None = None) -> list[str]:
+        """The names of the edges where ``mask`` (default: ``valid``) is True, in index order."""
+        mask = self.valid if mask is None else mask & self.valid
+        return [
+            f"{self.senders[s].name}->{self.receivers[r].name}" for s, r in mask.nonzero().tolist()
+        ]
+
+    @functools.cached_property
+    def _sender_map(self) -> dict[str, int]:
+        return {n.name: i for i, n in enumerate(self.senders)}
+
+    @functools.cached_property
+    def _receiver_map(self) -> dict[str, int]:
+        return {r.name: i for i, r in enumerate(self.receivers)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "d_model": self.d_model,
+            "has_mlp": self.has_mlp,
+            "parallel": self.parallel,
+        }
+
+    def same_as(self, other: GraphLayout) -> bool:
+        return self.to_dict() == other.to_dict()

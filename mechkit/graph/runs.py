@@ -1,0 +1,229 @@
+"""Forward and backward passes over the graph: sender outputs, receiver gradients, and runs in
+which chosen edges carry ablated values.
+
+All of it goes through TransformerLens hooks inside :func:`graph_mode`, which turns on the
+model's per-head query/key/value inputs (``use_split_qkv_input``) and the MLP input hook for the
+duration of the run and restores the configuration afterwards, also after an exception.
+
+Sender outputs are stacked as ``(batch, pos, sender, d_model)``: the input is the residual
+entering block 0, a head's output is ``z[:, :, h] @ W_O[h]`` (the bias ``b_O`` is the same in
+every run and belongs to no edge), an MLP's its ``hook_mlp_out``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mechkit.graph.layout import GraphLayout
+
+__all__ = ["graph_mode", "sender_outputs", "receiver_gradients", "masked_logits"]
+
+
+@contextlib.contextmanager
+def graph_mode(model: Any) -> Iterator[None]:
+    """Per-head q/k/v inputs and the MLP input hook on, for the block; the config restored."""
+    cfg = model.cfg
+    old = (cfg.use_split_qkv_input, cfg.use_hook_mlp_in)
+    try:
+        model.set_use_split_qkv_input(True)
+        if not cfg.attn_only:
+            model.set_use_hook_mlp_in(True)
+        yield
+    finally:
+        model.set_use_split_qkv_input(old[0])
+        if not cfg.attn_only:
+            model.set_use_hook_mlp_in(old[1])
+
+
+def _sender_hooks(
+    model: Any, layout: GraphLayout, store: Callable[[int, int, Tensor], None]
+) -> list[tuple[str, Callable]]:
+    """Hooks that hand each sender block's outputs to ``store(first_index, count, values)``
+    with values ``(batch, pos, count, d_model)``."""
+    hooks: list[tuple[str, Callable]] = []
+
+    def on_input(act: Tensor, hook: Any) -> None:
+        store(0, 1, act[:, :, None])
+
+    hooks.append(("blocks.0.hook_resid_pre", on_input))
+    index = 1
+    for layer in range(layout.n_layers):
+        w_o = model.blocks[layer].attn.W_O  # (head, d_head, d_model)
+
+        def on_z(z: Tensor, hook: Any, first: int = index, w_o: Tensor = w_o) -> None:
+            # (batch, pos, head, d_head) x (head, d_head, d_model) -> (batch, pos, head, d_model)
+            store(first, layout.n_heads, torch.einsum("bphd,hdm->bphm", z, w_o))
+
+        hooks.append((f"blocks.{layer}.attn.hook_z", on_z))
+        index += layout.n_heads
+        if layout.has_mlp:
+
+            def on_mlp(act: Tensor, hook: Any, first: int = index) -> None:
+                store(first, 1, act[:, :, None])
+
+            hooks.append((f"blocks.{layer}.hook_mlp_out", on_mlp))
+            index += 1
+    return hooks
+
+
+def _receiver_hook_names(layout: GraphLayout) -> list[tuple[str, int, int]]:
+    """``(hook name, first receiver index, count)`` per receiver hook, in forward order."""
+    out = []
+    index = 0
+    for layer in range(layout.n_layers):
+        out.append((f"blocks.{layer}.hook_q_input", index, layout.n_heads))
+        index += layout.n_heads
+        out.append((f"blocks.{layer}.hook_k_input", index, layout.n_kv_heads))
+        index += layout.n_kv_heads
+        out.append((f"blocks.{layer}.hook_v_input", index, layout.n_kv_heads))
+        index += layout.n_kv_heads
+        if layout.has_mlp:
+            out.append((f"blocks.{layer}.hook_mlp_in", index, 1))
+            index += 1
+    out.append((f"blocks.{layout.n_layers - 1}.hook_resid_post", index, 1))
+    return out
+
+
+@torch.no_grad()
+def sender_outputs(model: Any, layout: GraphLayout, tokens: Tensor) -> Tensor:
+    """Every sender's output on ``tokens``: ``(batch, pos, sender, d_model)``."""
+    n_batch, seq = tokens.shape
+    out = torch.zeros(n_batch, seq, len(layout.senders), layout.d_model, device=tokens.device)
+
+    def store(first: int, count: int, values: Tensor) -> None:
+        out[:, :, first : first + count] = values.to(out.dtype)
+
+    with graph_mode(model), model.hooks(fwd_hooks=_sender_hooks(model, layout, store)):
+        model(tokens, stop_at_layer=layout.n_layers)
+    return out
+
+
+def receiver_gradients(
+    model: Any,
+    layout: GraphLayout,
+    tokens: Tensor,
+    value_of: Callable[[Tensor], Tensor],
+    *,
+    overrides: dict[str, Callable] | None = None,
+    senders: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """dM/d(input of every receiver) on ``tokens``: ``(batch, pos, receiver, d_model)``.
+
+    Args:
+        value_of: logits -> the scalar to differentiate (the mean metric).
+        overrides: forward hooks ``{hook name: fn(act, hook) -> act}`` applied first (the
+            interpolations of EAP-IG).
+        senders: also return the sender outputs of this run.
+
+    Returns:
+        ``(gradients, metric value, sender outputs or None)``. Parameters get no ``.grad``.
+    """
+    inputs: dict[int, Tensor] = {}
+    names = _receiver_hook_names(layout)
+    n_batch, seq = tokens.shape
+    sent = (
+        torch.zeros(n_batch, seq, len(layout.senders), layout.d_model, device=tokens.device)
+        if senders
+        else None
+    )
+
+    def keep(first: int) -> Callable:
+        def hook(act: Tensor, hook: Any) -> None:
+            inputs[first] = act
+
+        return hook
+
+    def store(first: int, count: int, values: Tensor) -> None:
+        sent[:, :, first : first + count] = values.detach().to(sent.dtype)  # type: ignore[index]
+
+    def leaf(act: Tensor, hook: Any) -> Tensor:
+        return act if act.requires_grad else act.detach().requires_grad_(True)
+
+    def differentiable(fn: Callable) -> Callable:
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            out = fn(act, hook)
+            return out if out.requires_grad else out.detach().requires_grad_(True)
+
+        return hook
+
+    hooks = [("hook_embed", leaf)]
+    hooks += [(name, differentiable(fn)) for name, fn in (overrides or {}).items()]
+    if senders:
+        hooks += _sender_hooks(model, layout, store)
+    hooks += [(name, keep(first)) for name, first, _ in names]
+    with torch.enable_grad(), graph_mode(model), model.hooks(fwd_hooks=hooks):
+        logits = model(tokens)
+        value = value_of(logits)
+        order = [first for _, first, _ in names]
+        grads = torch.autograd.grad(value, [inputs[f] for f in order], allow_unused=True)
+    out = torch.zeros(n_batch, seq, len(layout.receivers), layout.d_model, device=tokens.device)
+    for (_, first, count), grad in zip(names, grads, strict=True):
+        if grad is None:
+            continue
+        grad = grad.detach()
+        out[:, :, first : first + count] = grad if grad.ndim == 4 else grad[:, :, None]
+    return out, value.detach(), sent
+
+
+@torch.no_grad()
+def masked_logits(
+    model: Any,
+    layout: GraphLayout,
+    tokens: Tensor,
+    ablated: Tensor,
+    keep: Tensor,
+    read: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """Runs in which every edge not kept carries the ablated sender value.
+
+    Args:
+        tokens: ``(batch, pos)``.
+        ablated: the senders' ablated outputs, ``(batch or 1, pos, sender, d_model)``.
+        keep: ``(circuit, sender, receiver)`` bool: True where the edge carries the run's own
+            value, False where the receiver sees the ablated value instead.
+        read: ``logits (circuit * batch, pos, d_vocab) -> values (circuit * batch, ...)``.
+
+    Returns:
+        ``read``'s values, ``(circuit, batch, ...)``.
+
+    Each receiver's input becomes ``input + sum over dropped edges (ablated_u - current_u)``
+    where ``current_u`` is the sender's output in this same run (so a sender downstream of a
+    dropped edge passes on its changed value, as in a real circuit run).
+    """
+    n_circ = keep.shape[0]
+    n_batch, seq = tokens.shape
+    drop = (~keep & layout.valid).to(ablated.dtype)  # (circuit, sender, receiver)
+    current = torch.zeros(n_circ, n_batch, seq, len(layout.senders), layout.d_model,
+                          device=tokens.device, dtype=ablated.dtype)  # fmt: skip
+    abl = ablated.expand(n_batch, -1, -1, -1)  # (batch, pos, sender, d_model)
+    filled = [0]
+
+    def store(first: int, count: int, values: Tensor) -> None:
+        # (circuit * batch, pos, count, d_model) -> (circuit, batch, pos, count, d_model)
+        current[:, :, :, first : first + count] = values.reshape(n_circ, n_batch, seq, count, -1)
+        filled[0] = max(filled[0], first + count)
+
+    def patch(first: int, count: int) -> Callable:
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            upto = filled[0]  # senders computed so far all come before this receiver
+            diff = abl[None, :, :, :upto] - current[:, :, :, :upto]  # (c, b, p, s, d)
+            weights = drop[:, :upto, first : first + count]  # (c, s, r)
+            # (c, b, p, s, d) x (c, s, r) -> (c, b, p, r, d)
+            delta = torch.einsum("cbpsd,csr->cbprd", diff, weights)
+            delta = delta.reshape(n_circ * n_batch, seq, count, -1)
+            return act + (delta if act.ndim == 4 else delta[:, :, 0]).to(act.dtype)
+
+        return hook
+
+    hooks = _sender_hooks(model, layout, store)
+    hooks += [(name, patch(first, count)) for name, first, count in _receiver_hook_names(layout)]
+    rows = tokens.repeat(n_circ, 1)  # (circuit * batch, pos)
+    with graph_mode(model), model.hooks(fwd_hooks=hooks):
+        logits = model(rows)
+    values = read(logits)
+    return values.reshape(n_circ, n_batch, *values.shape[1:])

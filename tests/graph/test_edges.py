@@ -1,0 +1,249 @@
+"""Edge attribution and circuit runs against naive implementations and exact identities.
+
+The naive versions patch one edge (or take one gradient) at a time with plain TransformerLens
+hooks and caches; the identities: keeping every edge gives the clean run, dropping every edge
+gives the corrupt run, EAP-IG with one step is EAP.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mechkit as mk
+from mechkit.demo import IOI_PAIRS
+from mechkit.graph.layout import GraphLayout
+from mechkit.graph.runs import graph_mode
+from tests.conftest import hook_count
+
+
+@pytest.fixture(scope="module")
+def toy_runs():
+    generator = torch.Generator().manual_seed(3)
+    segment = torch.randint(1, 500, (3, 5), generator=generator)
+    clean = torch.cat([torch.zeros(3, 1, dtype=torch.long), segment, segment], dim=1)
+    corrupt = clean.clone()
+    corrupt[:, 4:6] = torch.randint(1, 500, (3, 2), generator=generator)
+    return clean, corrupt
+
+
+def toy_metric(logits):
+    return (logits[:, -1, 7] - logits[:, -1, 11]).mean()
+
+
+def sender_value(model, cache, name):
+    """A sender's output from a TransformerLens cache: (batch, pos, d_model)."""
+    if name == "input":
+        return cache["blocks.0.hook_resid_pre"]
+    if name.startswith("m"):
+        return cache[f"blocks.{int(name[1:])}.hook_mlp_out"]
+    layer, head = (int(x) for x in name[1:].split(".h"))
+    return cache[f"blocks.{layer}.attn.hook_z"][:, :, head] @ model.W_O[layer, head]
+
+
+def receiver_hook(model, name):
+    """(hook name, index into the hook's activation) of a receiver."""
+    if name == "logits":
+        return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", (slice(None),)
+    if name.startswith("m"):
+        return f"blocks.{int(name[1:])}.hook_mlp_in", (slice(None),)
+    kind = name[-1]
+    layer, head = (int(x) for x in name[1:-1].split(".h"))
+    return f"blocks.{layer}.hook_{kind}_input", (slice(None), slice(None), head)
+
+
+def naive_edge_patch(model, clean, corrupt, metric, edge):
+    """M(clean run with only this edge carrying the corrupt sender value) - M(clean)."""
+    src, dst = edge.split("->")
+    with torch.no_grad(), graph_mode(model):
+        _, clean_cache = model.run_with_cache(clean)
+        _, corrupt_cache = model.run_with_cache(corrupt)
+        delta = sender_value(model, corrupt_cache, src) - sender_value(model, clean_cache, src)
+        hook_name, index = receiver_hook(model, dst)
+
+        def patch(act, hook):
+            act = act.clone()
+            act[index] = act[index] + delta
+            return act
+
+        base = float(metric(model(clean)))
+        with model.hooks(fwd_hooks=[(hook_name, patch)]):
+            return float(metric(model(clean))) - base
+
+
+def naive_eap(model, clean, corrupt, metric, edge, embed_alpha=None):
+    """(a'_u - a_u) . dM/d(input_v) with the gradient from run_with_cache and autograd; with
+    ``embed_alpha`` averaged over runs whose embeddings are interpolated."""
+    src, dst = edge.split("->")
+    with torch.no_grad(), graph_mode(model):
+        _, clean_cache = model.run_with_cache(clean)
+        _, corrupt_cache = model.run_with_cache(corrupt)
+    delta = sender_value(model, corrupt_cache, src) - sender_value(model, clean_cache, src)
+    hook_name, index = receiver_hook(model, dst)
+    alphas = embed_alpha or [None]
+    total = torch.zeros(())
+    for alpha in alphas:
+        kept: dict[str, torch.Tensor] = {}
+        hooks = [(hook_name, lambda act, hook, kept=kept: kept.setdefault("x", act))]
+        if alpha is not None:
+            e0 = corrupt_cache["blocks.0.hook_resid_pre"]
+            e1 = clean_cache["blocks.0.hook_resid_pre"]
+            point = (e0 + alpha * (e1 - e0)).requires_grad_(True)
+            hooks.insert(0, ("blocks.0.hook_resid_pre", lambda act, hook, p=point: p))
+        with torch.enable_grad(), graph_mode(model), model.hooks(fwd_hooks=hooks):
+            value = metric(model(clean))
+            (grad,) = torch.autograd.grad(value, kept["x"])
+        total = total + (delta * grad[index]).sum()
+    return float(total.detach()) / len(alphas)
+
+
+EDGES = ["input->a0.h1q", "input->a1.h2k", "a0.h3->a1.h0v", "a0.h1->logits", "a1.h2->logits"]
+
+
+def test_exact_equals_patching_each_edge_alone(toy, toy_runs):
+    clean, corrupt = toy_runs
+    graph = mk.edge_attribution(toy, clean, corrupt, toy_metric, method="exact", progress=False)
+    layout = graph.layout
+    for edge in EDGES:
+        s, r = layout.edge_index(edge)
+        expected = naive_edge_patch(toy, clean, corrupt, toy_metric, edge)
+        assert float(graph.scores[s, r]) == pytest.approx(expected, abs=1e-5), edge
+
+
+def test_eap_equals_naive_gradient_product(toy, toy_runs):
+    clean, corrupt = toy_runs
+    graph = mk.edge_attribution(toy, clean, corrupt, toy_metric, method="eap")
+    for edge in EDGES:
+        s, r = graph.layout.edge_index(edge)
+        expected = naive_eap(toy, clean, corrupt, toy_metric, edge)
+        assert float(graph.scores[s, r]) == pytest.approx(expected, abs=1e-5), edge
+
+
+def test_eap_ig_inputs_equals_naive_average_and_one_step_is_eap(toy, toy_runs):
+    clean, corrupt = toy_runs
+    ig = mk.edge_attribution(
+        toy, clean, corrupt, toy_metric, method="eap-ig-inputs", steps=4, progress=False
+    )
+    for edge in EDGES:
+        s, r = ig.layout.edge_index(edge)
+        expected = naive_eap(
+            toy, clean, corrupt, toy_metric, edge, embed_alpha=[0.25, 0.5, 0.75, 1]
+        )
+        assert float(ig.scores[s, r]) == pytest.approx(expected, abs=1e-5), edge
+    one = mk.edge_attribution(toy, clean, corrupt, toy_metric, method="eap-ig-inputs", steps=1)
+    eap = mk.edge_attribution(toy, clean, corrupt, toy_metric, method="eap")
+    torch.testing.assert_close(one.scores, eap.scores, atol=1e-6, rtol=0)
+
+
+def test_eap_ig_activations_interpolates_one_block_at_a_time(toy, toy_runs):
+    """For the heads of layer 0, the naive version moves hook_z itself (ours moves attn_out)."""
+    clean, corrupt = toy_runs
+    ig = mk.edge_attribution(
+        toy, clean, corrupt, toy_metric, method="eap-ig-activations", steps=2, progress=False
+    )
+    with torch.no_grad(), graph_mode(toy):
+        _, cc = toy.run_with_cache(clean)
+        _, kc = toy.run_with_cache(corrupt)
+    edge = "a0.h2->a1.h1q"
+    delta = sender_value(toy, kc, "a0.h2") - sender_value(toy, cc, "a0.h2")
+    grads = []
+    for alpha in (0.5, 1.0):
+        z = kc["blocks.0.attn.hook_z"] + alpha * (
+            cc["blocks.0.attn.hook_z"] - kc["blocks.0.attn.hook_z"]
+        )
+        kept: dict[str, torch.Tensor] = {}
+        hooks = [
+            ("blocks.0.attn.hook_z", lambda act, hook, z=z: z.clone().requires_grad_(True)),
+            ("blocks.1.hook_q_input", lambda act, hook, kept=kept: kept.setdefault("x", act)),
+        ]
+        with torch.enable_grad(), graph_mode(toy), toy.hooks(fwd_hooks=hooks):
+            (grad,) = torch.autograd.grad(toy_metric(toy(clean)), kept["x"])
+        grads.append(grad[:, :, 1])
+    expected = float((delta * (grads[0] + grads[1]) / 2).sum().detach())
+    s, r = ig.layout.edge_index(edge)
+    assert float(ig.scores[s, r]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_all_edges_kept_is_clean_and_none_is_corrupt(toy, toy_runs):
+    clean, corrupt = toy_runs
+    graph = mk.edge_attribution(toy, clean, corrupt, toy_metric, method="eap")
+    with torch.no_grad():
+        clean_value, corrupt_value = float(toy_metric(toy(clean))), float(toy_metric(toy(corrupt)))
+    assert graph.clean_score == pytest.approx(clean_value, abs=1e-6)
+    assert graph.ablated_score == pytest.approx(corrupt_value, abs=1e-5)
+    full = mk.evaluate_circuit(
+        toy, graph.top_edges(graph.layout.n_edges), clean, corrupt, toy_metric
+    )
+    empty = mk.evaluate_circuit(toy, graph.top_edges(0), clean, corrupt, toy_metric)
+    assert full.circuit_score == pytest.approx(clean_value, abs=1e-5)
+    assert empty.circuit_score == pytest.approx(corrupt_value, abs=1e-5)
+    assert full.faithfulness == pytest.approx(1.0, abs=1e-3)
+    assert empty.faithfulness == pytest.approx(0.0, abs=1e-3)
+
+
+def test_zero_and_mean_ablation_of_every_edge_equal_hooked_runs(toy, toy_runs):
+    clean, corrupt = toy_runs
+    graph = mk.edge_attribution(toy, clean, corrupt, toy_metric, method="eap", ablation="zero")
+    # every edge zero: every receiver sees only biases, i.e. resid_pre 0 = 0, heads' z = 0
+    zero = lambda act, hook: torch.zeros_like(act)  # noqa: E731
+    hooks = [("blocks.0.hook_resid_pre", zero)] + [
+        (f"blocks.{layer}.attn.hook_z", zero) for layer in range(toy.cfg.n_layers)
+    ]
+    with torch.no_grad(), toy.hooks(fwd_hooks=hooks):
+        expected = float(toy_metric(toy(clean)))
+    assert graph.ablated_score == pytest.approx(expected, abs=1e-5)
+
+
+def test_runs_leave_no_hooks_and_restore_the_config(toy, toy_runs):
+    clean, corrupt = toy_runs
+    before = hook_count(toy)
+    flags = (toy.cfg.use_split_qkv_input, toy.cfg.use_hook_mlp_in)
+
+    def broken(logits):
+        raise RuntimeError("metric failed")
+
+    with pytest.raises(RuntimeError, match="metric failed"):
+        mk.edge_attribution(toy, clean, corrupt, broken, method="eap")
+    assert hook_count(toy) == before
+    assert (toy.cfg.use_split_qkv_input, toy.cfg.use_hook_mlp_in) == flags
+    assert all(p.grad is None for p in toy.parameters())
+
+
+def test_bad_arguments_are_refused(toy, toy_runs):
+    clean, corrupt = toy_runs
+    with pytest.raises(mk.MechkitError, match="Did you mean 'eap'"):
+        mk.edge_attribution(toy, clean, corrupt, toy_metric, method="eap2")
+    with pytest.raises(mk.PromptLengthError):
+        mk.edge_attribution(toy, clean, corrupt[:, :-1], toy_metric)
+    with pytest.raises(mk.MechkitError, match="ablation"):
+        mk.edge_attribution(toy, clean, corrupt, toy_metric, ablation="resample")
+
+
+@pytest.fixture(scope="module")
+def ioi_pairs(smollm2):
+    clean, corrupt, answers, wrongs = (list(x) for x in zip(*IOI_PAIRS[:4], strict=True))
+    return mk.PromptPairs.from_lists(smollm2, clean, corrupt, answers, wrongs)
+
+
+@pytest.mark.slow
+def test_smollm2_grouped_heads_mlps_and_padding(smollm2, ioi_pairs):
+    layout = GraphLayout.from_model(smollm2)
+    assert len(layout.senders) == 1 + 30 * 9 + 30
+    assert len(layout.receivers) == 30 * (9 + 3 + 3 + 1) + 1
+    assert ioi_pairs.is_padded
+    metric = mk.LogitDiff.from_pairs(ioi_pairs)
+    graph = mk.edge_attribution(smollm2, ioi_pairs, method="eap", batch_size=2)
+    with torch.no_grad():
+        corrupt_value = float(metric(smollm2(ioi_pairs.corrupt_tokens)))
+        clean_value = float(metric(smollm2(ioi_pairs.clean_tokens)))
+    assert graph.clean_score == pytest.approx(clean_value, abs=1e-4)
+    assert graph.ablated_score == pytest.approx(corrupt_value, abs=1e-3)
+    clean, corrupt = ioi_pairs.clean_tokens, ioi_pairs.corrupt_tokens
+    for edge in ["a3.h2->a20.h1k", "a10.h4->m10", "m5->a22.h7q", "a23.h3->logits"]:
+        s, r = layout.edge_index(edge)
+        expected = naive_eap(smollm2, clean, corrupt, metric, edge)
+        assert float(graph.scores[s, r]) == pytest.approx(expected, abs=2e-4), edge
+    exact = naive_edge_patch(smollm2, clean, corrupt, metric, "a10.h4->m10")
+    keep = graph.with_edges([e for e in layout.edge_names() if e != "a10.h4->m10"])
+    ev = mk.evaluate_circuit(smollm2, keep, ioi_pairs)
+    assert ev.circuit_score - ev.model_score == pytest.approx(exact, abs=2e-4)
