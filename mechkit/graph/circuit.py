@@ -167,12 +167,20 @@ class CircuitGraph:
             mask = keep
 
     def nodes_in_circuit(self) -> list[str]:
-        """Names of the nodes with an edge in the circuit (senders and fed nodes)."""
-        names: set[str] = set()
-        for s, r in self.edges.nonzero().tolist():
-            names.add(self.layout.senders[s].name)
-            names.update(self.layout.receivers[r].nodes)
+        """Names of the nodes that send an edge of the circuit, and the logits if it is fed.
+
+        (A node that only receives edges adds nothing to the output; :meth:`prune` drops such
+        edges.)"""
+        pairs = self.edges.nonzero().tolist()
+        names = {self.layout.senders[s].name for s, _ in pairs}
+        if any(self.layout.receivers[r].kind == "logits" for _, r in pairs):
+            names.add("logits")
         return [n for n in self.layout.nodes if n in names]
+
+    def _target(self, receiver: int, members: set[str]) -> str:
+        """The node an edge into ``receiver`` is drawn to: the first fed node in the circuit."""
+        fed = self.layout.receivers[receiver].nodes
+        return next((n for n in fed if n in members), fed[0])
 
     def _ranking(self, absolute: bool) -> Tensor:
         values = self.scores.abs() if absolute else self.scores
@@ -338,6 +346,7 @@ class CircuitGraph:
         pos = self._positions()
         drawn = self._drawn(max_edges)
         top = max((abs(float(self.scores[s, r])) for s, r in drawn), default=1.0) or 1.0
+        members = set(self.nodes_in_circuit())
         fig = go.Figure()
         for sign, colour in ((1, "rgba(33,102,172,0.6)"), (-1, "rgba(178,24,43,0.6)")):
             for band in range(5):  # widths in five bands, a trace each
@@ -348,7 +357,7 @@ class CircuitGraph:
                     level = min(4, int(5 * abs(score) / top))
                     if (score >= 0) != (sign > 0) or level != band:
                         continue
-                    target = layout.receivers[r].nodes[0]
+                    target = self._target(r, members)
                     (x0, y0), (x1, y1) = pos[layout.senders[s].name], pos[target]
                     xs += [x0, x1, None]
                     ys += [y0, y1, None]
@@ -357,8 +366,7 @@ class CircuitGraph:
                         x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
                         line={"color": colour, "width": 0.5 + 1.5 * band},
                     )  # fmt: skip
-        in_circuit = set(self.nodes_in_circuit())
-        names = [n for n in layout.nodes if n in in_circuit] or list(layout.nodes)
+        names = [n for n in layout.nodes if n in members] or list(layout.nodes)
         fig.add_scatter(
             x=[pos[n][0] for n in names],
             y=[pos[n][1] for n in names],
@@ -398,6 +406,7 @@ class CircuitGraph:
         drawn = self._drawn(max_edges)
         top = max((abs(float(self.scores[s, r])) for s, r in drawn), default=1.0) or 1.0
         nodes = self.nodes_in_circuit()
+        members = set(nodes)
         lines = ["digraph circuit {", "  rankdir=BT;", '  node [shape=box, fontname="Helvetica"];']
         by_layer: dict[Any, list[str]] = {}
         for name in nodes:
@@ -415,7 +424,7 @@ class CircuitGraph:
             width = 0.5 + 4.5 * abs(score) / top
             label = rec.kind if rec.kind in ("q", "k", "v") else ""
             lines.append(
-                f'  "{layout.senders[s].name}" -> "{rec.nodes[0]}" [color="{colour}", '
+                f'  "{layout.senders[s].name}" -> "{self._target(r, members)}" [color="{colour}", '
                 f'penwidth={width:.2f}, label="{label}", tooltip="{score:.4g}"];'
             )
         lines.append("}")
@@ -436,13 +445,14 @@ class CircuitGraph:
             x, y = pos[name]
             return (x + 1) * scale, height - (y + 1) * scale
 
+        members = set(self.nodes_in_circuit())
         parts = [
             f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
             f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica" font-size="11">'
         ]
         for s, r in drawn:
             score = float(self.scores[s, r])
-            (x0, y0), (x1, y1) = xy(layout.senders[s].name), xy(layout.receivers[r].nodes[0])
+            (x0, y0), (x1, y1) = xy(layout.senders[s].name), xy(self._target(r, members))
             colour = "#2166ac" if score >= 0 else "#b2182b"
             parts.append(
                 f'<line x1="{x0:.1f}" y1="{y0:.1f}" x2="{x1:.1f}" y2="{y1:.1f}" stroke="{colour}" '
