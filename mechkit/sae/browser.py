@@ -411,7 +411,7 @@ def _logit_effects(
     steps = []
     if norm in ("LN", "LNPre"):
         directions = directions - directions.mean(-1, keepdim=True)
-        steps.append("centred (the final LayerNorm removes the mean)")
+        steps.append("centred first, as the final LayerNorm removes the mean")
     if norm in ("LN", "RMS"):
         directions = directions * model.ln_final.w.detach().float().to(directions.device)
         steps.append("multiplied by the final norm's weights")
@@ -568,7 +568,7 @@ def _histogram_svg(values: Tensor, bins: int = 30, width: int = 320, height: int
             "</rect>"
         )
     return (
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
+        f"<svg width='{width}' height='{height}' "
         f"role='img' aria-label='activation histogram'>{''.join(bars)}"
         f"<line x1='0' y1='{height - 15}' x2='{width}' y2='{height - 15}' stroke='#999'/>"
         f"<text x='0' y='{height - 2}' font-size='10'>{low:.3g}</text>"
