@@ -291,7 +291,10 @@ def _gradient_scores(
                 mean_grad = mean_grad / len(points)  # type: ignore[operator]
                 senders = slice(None) if group is None else slice(*group)
                 # (batch, pos, sender, d) x (batch, pos, receiver, d) -> (sender, receiver)
-                part = torch.einsum("bpsd,bprd->sr", delta[:, :, senders], mean_grad)
+                # as one matrix product over (batch, pos, d)
+                d_part = delta[:, :, senders].permute(2, 0, 1, 3)
+                g_part = mean_grad.permute(2, 0, 1, 3)  # (receiver, batch, pos, d)
+                part = d_part.reshape(d_part.shape[0], -1) @ g_part.reshape(g_part.shape[0], -1).T
                 # gradients are of the batch mean: scale to the whole set's mean
                 scores[senders] += part * weight
     finally:

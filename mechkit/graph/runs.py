@@ -197,25 +197,32 @@ def masked_logits(
     """
     n_circ = keep.shape[0]
     n_batch, seq = tokens.shape
-    drop = (~keep & layout.valid).to(ablated.dtype)  # (circuit, sender, receiver)
-    current = torch.zeros(n_circ, n_batch, seq, len(layout.senders), layout.d_model,
+    n_send, d_model = len(layout.senders), layout.d_model
+    # (circuit, receiver, sender): 1 where the receiver must see the ablated sender value
+    drop = (~keep & layout.valid).to(ablated.dtype).transpose(1, 2).contiguous()
+    # senders first, so that the senders computed so far are one contiguous block:
+    # (circuit, sender, batch * pos * d_model)
+    current = torch.zeros(n_circ, n_send, n_batch * seq * d_model,
                           device=tokens.device, dtype=ablated.dtype)  # fmt: skip
-    abl = ablated.expand(n_batch, -1, -1, -1)  # (batch, pos, sender, d_model)
+    abl = ablated.expand(n_batch, seq, -1, -1).permute(2, 0, 1, 3).reshape(n_send, -1)
     filled = [0]
 
     def store(first: int, count: int, values: Tensor) -> None:
-        # (circuit * batch, pos, count, d_model) -> (circuit, batch, pos, count, d_model)
-        current[:, :, :, first : first + count] = values.reshape(n_circ, n_batch, seq, count, -1)
+        # (circuit * batch, pos, count, d_model) -> (circuit, count, batch * pos * d_model)
+        block = values.reshape(n_circ, n_batch, seq, count, d_model).permute(0, 3, 1, 2, 4)
+        current[:, first : first + count] = block.reshape(n_circ, count, -1)
         filled[0] = max(filled[0], first + count)
 
     def patch(first: int, count: int) -> Callable:
         def hook(act: Tensor, hook: Any) -> Tensor:
             upto = filled[0]  # senders computed so far all come before this receiver
-            diff = abl[None, :, :, :upto] - current[:, :, :, :upto]  # (c, b, p, s, d)
-            weights = drop[:, :upto, first : first + count]  # (c, s, r)
-            # (c, b, p, s, d) x (c, s, r) -> (c, b, p, r, d)
-            delta = torch.einsum("cbpsd,csr->cbprd", diff, weights)
-            delta = delta.reshape(n_circ * n_batch, seq, count, -1)
+            weights = drop[:, first : first + count, :upto]  # (circuit, receiver, sender)
+            if not bool(weights.any()):
+                return act
+            # sum over dropped senders of (ablated - current): (circuit, receiver, b * p * d)
+            delta = torch.matmul(weights, abl[:upto]) - torch.bmm(weights, current[:, :upto])
+            delta = delta.reshape(n_circ, count, n_batch, seq, d_model).permute(0, 2, 3, 1, 4)
+            delta = delta.reshape(n_circ * n_batch, seq, count, d_model)
             return act + (delta if act.ndim == 4 else delta[:, :, 0]).to(act.dtype)
 
         return hook
