@@ -238,7 +238,7 @@ def _naive_patch(model, sae, clean, corrupt, metric, latents, position=None):
     """One full spliced forward per latent, the clean value set through the handle."""
     with splice(model, sae) as h:
         model(clean)
-        f_clean = h.latents[sae.cfg.hook_name]
+        f_clean = h.latents[h.names[0]]
     scores = []
     for latent in latents:
         with splice(model, sae) as h:
@@ -251,7 +251,7 @@ def _naive_patch(model, sae, clean, corrupt, metric, latents, position=None):
 
 
 @torch.no_grad()
-def test_patch_latents_matches_a_naive_loop(model, sae):
+def test_patch_latents_matches_a_naive_loop(model, sae, transcoder):
     clean = induction_tokens(n=3, seed=6)
     corrupt = clean.clone()
     corrupt[:, 14:] = induction_tokens(n=3, seed=7)[:, 14:]  # break the repeat after position 13
@@ -284,6 +284,14 @@ def test_patch_latents_matches_a_naive_loop(model, sae):
         for pi, pos in enumerate([15, 24]):
             naive = _naive_patch(model, sae, clean, corrupt, last_logit, [latent], position=pos)
             assert float(by_pos.scores[li, pi]) == pytest.approx(float(naive[0]), abs=1e-4)
+    # a transcoder: read at ln1.hook_normalized, patched at attn_out; noising (corrupt values
+    # into the clean run) this time
+    noised = patch_latents(
+        model, transcoder, clean, corrupt, metric, latents=6, direction="noising", progress=False
+    )
+    naive = _naive_patch(model, transcoder, corrupt, clean, metric, noised.labels["latent"])
+    torch.testing.assert_close(noised.scores, naive, atol=1e-4, rtol=0)
+    assert noised.method == "noising" and noised.scores.std() > 1e-4
     assert hook_count(model) == 0
 
 
