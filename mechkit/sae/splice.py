@@ -94,9 +94,21 @@ def sae_sites(sae: Any) -> SAESites:
             f"decode); got {type(sae).__name__} lacking {missing or 'encode/decode/W_dec'}. Hint: "
             "load one with mk.load_sae(path)."
         )
-    out_hook = getattr(cfg, "out_hook_name", None) or cfg.hook_name
-    d_out = getattr(cfg, "d_out", None) or cfg.d_in
-    return SAESites(cfg.hook_name, out_hook, int(cfg.d_in), int(d_out), int(cfg.d_sae))
+    d_out = getattr(cfg, "d_out", None)
+    out_hook = getattr(cfg, "out_hook_name", None)
+    if d_out is not None and out_hook is None:
+        raise MechkitError(
+            f"Expected a transcoder (d_out={d_out}) to name the hook it predicts; got "
+            f"out_hook_name=None (reading {cfg.hook_name!r}). Hint: set it, e.g. "
+            "sae.cfg = sae.cfg.replace(out_hook_name='blocks.5.hook_mlp_out')."
+        )
+    return SAESites(
+        cfg.hook_name,
+        out_hook or cfg.hook_name,
+        int(cfg.d_in),
+        int(d_out or cfg.d_in),
+        int(cfg.d_sae),
+    )
 
 
 def hook_layer(name: str) -> int | None:
@@ -140,12 +152,14 @@ def reconstruct(
 ) -> tuple[Float[Tensor, "batch pos d_sae"], Float[Tensor, "batch pos d_out"]]:
     """``(f, x_hat)``: latents and reconstruction, in the SAE's dtype and on its device.
 
-    ``x_hat`` is ``decode(f)``, plus the skip term for skip transcoders (through ``forward``).
+    ``x_hat`` is ``decode(f)``, plus the skip term for skip transcoders (``sae.skip_term(x)``;
+    ``sae(x)`` for objects without that method).
     """
     x = x.to(sae.W_dec.device, sae.W_dec.dtype)
     f = sae.encode(x)
-    # skip transcoders: decode(f) + the skip term, by the SAE's own definition of it
-    x_hat = sae(x) if getattr(sae.cfg, "skip", False) else sae.decode(f)
+    x_hat = sae.decode(f)
+    if getattr(sae.cfg, "skip", False):  # skip transcoders: + x @ W_skip, the SAE's own way
+        x_hat = (x_hat + sae.skip_term(x)) if hasattr(sae, "skip_term") else sae(x)
     return f, x_hat
 
 
