@@ -96,6 +96,15 @@ class CircuitGraph:
             mask[s, r] = True
         return dataclasses.replace(self, mask=mask)
 
+    def without(self, edges: Iterable[str | Edge]) -> CircuitGraph:
+        """This circuit (every edge, without a selection) less these edges; unknown names
+        raise."""
+        mask = self.edges
+        for edge in edges:
+            s, r = self.layout.edge_index(edge)
+            mask[s, r] = False
+        return dataclasses.replace(self, mask=mask)
+
     def top_edges(self, n: int, *, absolute: bool = True) -> CircuitGraph:
         """The ``n`` edges of largest score (by absolute value unless ``absolute=False``)."""
         if n < 0:
