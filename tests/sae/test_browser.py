@@ -4,7 +4,6 @@ escapes token text."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 
 import mechkit as mk
 from mechkit.errors import InvalidSiteError
+from mechkit.sae.base import SAEConfig, SparseDictionary
 from mechkit.sae.browser import collect_features, feature_browser
 
 torch.set_num_threads(1)
@@ -19,40 +19,14 @@ torch.set_num_threads(1)
 RESID = "blocks.1.hook_resid_pre"
 
 
-@dataclasses.dataclass(frozen=True)
-class _Cfg:
-    hook_name: str
-    d_in: int
-    d_sae: int
-    d_out: int | None = None
-    out_hook_name: str | None = None
-    architecture: str = "relu"
-    k: int | None = None
-    skip: bool = False
-    model_name: str | None = None
-    dtype: str = "float32"
-
-
-class ReLUDict(torch.nn.Module):
-    """A random ReLU SAE written against the interface only."""
-
-    def __init__(self, hook, d_in, d_sae, seed=0):
-        super().__init__()
-        self.cfg = _Cfg(hook, d_in, d_sae)
-        g = torch.Generator().manual_seed(seed)
-        self.W_enc = torch.nn.Parameter(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
-        self.b_enc = torch.nn.Parameter(torch.randn(d_sae, generator=g) * 0.3 - 0.6)
-        self.W_dec = torch.nn.Parameter(torch.randn(d_sae, d_in, generator=g) / d_sae**0.5)
-        self.b_dec = torch.nn.Parameter(torch.zeros(d_in))
-
-    def encode(self, x):
-        return torch.relu(x @ self.W_enc + self.b_enc)
-
-    def decode(self, f):
-        return f @ self.W_dec + self.b_dec
-
-    def forward(self, x):
-        return self.decode(self.encode(x))
+def make_dict(hook, d_in, d_sae, seed=0):
+    """A mechkit ReLU SAE: initial weights, random negative-leaning biases (sparser firing)."""
+    cfg = SAEConfig(architecture="relu", d_in=d_in, d_sae=d_sae, hook_name=hook)
+    sae = SparseDictionary.from_config(cfg, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.3 - 0.6)
+    return sae
 
 
 class StubTokenizer:
@@ -85,7 +59,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def sae():
-    return ReLUDict(RESID, 128, 64, seed=2)
+    return make_dict(RESID, 128, 64, seed=2)
 
 
 @torch.no_grad()
@@ -141,7 +115,7 @@ def test_logit_effects_are_the_decoder_direction_through_the_unembedding(model, 
         low = effect.topk(10, largest=False)
         assert [v for _, v in report[latent].suppressed] == pytest.approx(low.values.tolist())
     assert "centred" in report.logit_note
-    z_sae = ReLUDict("blocks.0.attn.hook_z", 128, 16)  # heads flattened: not the residual
+    z_sae = make_dict("blocks.0.attn.hook_z", 128, 16)  # heads flattened: not the residual
     z_report = collect_features(model, z_sae, tokens_for_test(n=2), [0], progress=False)
     assert z_report[0].promoted == () and "not to the residual stream" in z_report.logit_note
 
@@ -181,7 +155,7 @@ def test_bad_latents_and_never_firing_latents(model, sae):
         collect_features(model, sae, tokens, [64], progress=False)
     with pytest.raises(ValueError):
         feature_browser(model, sae, tokens, [-1], out="/tmp/never-written.html", progress=False)
-    dead = ReLUDict(RESID, 128, 4)
+    dead = make_dict(RESID, 128, 4)
     with torch.no_grad():
         dead.b_enc[2] = -1e6
     report = collect_features(model, dead, tokens, 2, progress=False)

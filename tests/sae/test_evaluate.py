@@ -3,14 +3,13 @@ spliced and ablated losses from full hooked forward passes; a perfect dictionary
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import mechkit as mk
 from mechkit.errors import EmptyDatasetError, InvalidSiteError
+from mechkit.sae.base import SAEConfig, SparseDictionary
 from mechkit.sae.evaluate import SAEEvaluation, evaluate_sae
 
 torch.set_num_threads(1)
@@ -18,59 +17,36 @@ torch.set_num_threads(1)
 RESID = "blocks.1.hook_resid_pre"
 
 
-@dataclasses.dataclass(frozen=True)
-class _Cfg:
-    hook_name: str
-    d_in: int
-    d_sae: int
-    d_out: int | None = None
-    out_hook_name: str | None = None
-    architecture: str = "relu"
-    k: int | None = None
-    skip: bool = False
-    model_name: str | None = None
-    dtype: str = "float32"
+def make_dict(hook, d_in, d_sae, *, architecture="relu", k=None, out_hook=None, d_out=None, seed=0):
+    """A mechkit dictionary with its initial weights and small random biases."""
+    cfg = SAEConfig(
+        architecture=architecture,
+        d_in=d_in,
+        d_sae=d_sae,
+        hook_name=hook,
+        k=k,
+        d_out=d_out,
+        out_hook_name=out_hook,
+    )
+    sae = SparseDictionary.from_config(cfg, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
+        sae.b_dec.copy_(torch.randn(sae.cfg.out_width, generator=g) * 0.1)
+    return sae
 
 
-class ReLUDict(torch.nn.Module):
-    """A ReLU SAE/transcoder with given (or random) weights, written against the interface."""
-
-    def __init__(self, hook, W_enc, b_enc, W_dec, b_dec, *, out_hook=None):
-        super().__init__()
-        d_in, d_sae = W_enc.shape
-        d_out = W_dec.shape[1] if out_hook else None
-        self.cfg = _Cfg(hook, d_in, d_sae, d_out, out_hook)
-        self.W_enc, self.b_enc = torch.nn.Parameter(W_enc), torch.nn.Parameter(b_enc)
-        self.W_dec, self.b_dec = torch.nn.Parameter(W_dec), torch.nn.Parameter(b_dec)
-
-    @classmethod
-    def random(cls, hook, d_in, d_sae, *, out_hook=None, d_out=None, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        width = d_out or d_in
-        return cls(
-            hook,
-            torch.randn(d_in, d_sae, generator=g) / d_in**0.5,
-            torch.randn(d_sae, generator=g) * 0.1,
-            torch.randn(d_sae, width, generator=g) / d_sae**0.5,
-            torch.randn(width, generator=g) * 0.1,
-            out_hook=out_hook,
-        )
-
-    @classmethod
-    def perfect(cls, hook, d, seed=0):
-        """W_enc = [Q, -Q], W_dec = W_enc.T: relu(xQ) Q^T - relu(-xQ) Q^T = x exactly."""
-        q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed)))
-        w = torch.cat([q, -q], dim=1)  # (d, 2d)
-        return cls(hook, w, torch.zeros(2 * d), w.T.contiguous(), torch.zeros(d))
-
-    def encode(self, x):
-        return torch.relu(x @ self.W_enc + self.b_enc)
-
-    def decode(self, f):
-        return f @ self.W_dec + self.b_dec
-
-    def forward(self, x):
-        return self.decode(self.encode(x))
+def perfect_dict(hook, d, seed=0):
+    """W_enc = [Q, -Q], W_dec = W_enc.T, no biases: relu(xQ) Q^T - relu(-xQ) Q^T = x exactly."""
+    sae = make_dict(hook, d, 2 * d)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed)))
+    w = torch.cat([q, -q], dim=1)  # (d, 2d)
+    with torch.no_grad():
+        sae.W_enc.copy_(w)
+        sae.W_dec.copy_(w.T)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
 
 
 def induction_tokens(n: int = 6, half: int = 15, seed: int = 0) -> torch.Tensor:
@@ -99,12 +75,12 @@ def _naive(model, sae, tokens, counted, mask, in_hook, out_hook):
     n = int(counted.sum())
     yc, yhc = y[counted], y_hat[counted]
     out = {
-        "l0": float((f[counted] > 0).sum()) / n,
+        "l0": float((f[counted] != 0).sum()) / n,
         "mse": float(((yc - yhc) ** 2).mean()),
         "explained_variance": 1
         - float(((yc - yhc) ** 2).sum()) / float(((yc - yc.mean(0)) ** 2).sum()),
         "cosine": float(F.cosine_similarity(yc, yhc, dim=-1).mean()),
-        "frequency": (f[counted] > 0).float().mean(0),
+        "frequency": (f[counted] != 0).float().mean(0),
     }
 
     def run(value):
@@ -145,7 +121,7 @@ def _check(ev: SAEEvaluation, naive: dict, atol: float = 1e-4) -> None:
 
 
 def test_sae_figures_equal_a_direct_computation(model):
-    sae = ReLUDict.random(RESID, 128, 96, seed=1)
+    sae = make_dict(RESID, 128, 96, seed=1)
     tokens = induction_tokens(n=5)
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[0, -4:] = False  # row 0 right-padded: its last 4 tokens are padding
@@ -168,7 +144,7 @@ def test_sae_figures_equal_a_direct_computation(model):
 
 
 def test_transcoder_figures_equal_a_direct_computation(model):
-    tc = ReLUDict.random(
+    tc = make_dict(
         "blocks.0.ln1.hook_normalized", 128, 200, out_hook="blocks.0.hook_attn_out", d_out=128
     )
     tokens = induction_tokens(n=3, seed=2)
@@ -184,7 +160,7 @@ def test_transcoder_figures_equal_a_direct_computation(model):
 
 
 def test_perfect_reconstruction_recovers_everything(model):
-    sae = ReLUDict.perfect(RESID, 128)
+    sae = perfect_dict(RESID, 128)
     ev = evaluate_sae(model, sae, induction_tokens(), progress=False)
     assert ev.explained_variance == pytest.approx(1.0, abs=1e-5)
     assert ev.cosine == pytest.approx(1.0, abs=1e-5)
@@ -199,7 +175,7 @@ def test_perfect_reconstruction_recovers_everything(model):
 
 @torch.no_grad()
 def test_zero_ablation_baseline_is_a_hooked_forward_with_zeros(model):
-    sae = ReLUDict.random(RESID, 128, 32)
+    sae = make_dict(RESID, 128, 32)
     tokens = induction_tokens(n=4, seed=3)
     ev = evaluate_sae(model, sae, tokens, exclude="none", progress=False)
     with mk.intervene(model, mk.Zero(mk.Site("resid_pre", layer=1))):
@@ -211,7 +187,7 @@ def test_zero_ablation_baseline_is_a_hooked_forward_with_zeros(model):
 
 
 def test_dead_and_dense_latents(model):
-    sae = ReLUDict.random(RESID, 128, 16, seed=4)
+    sae = make_dict(RESID, 128, 16, seed=4)
     with torch.no_grad():
         sae.b_enc[[2, 5]] = -1e6  # never fire
         sae.W_enc[:, 7] = 0.0
@@ -232,17 +208,25 @@ def test_dead_and_dense_latents(model):
     assert "CE recovered" in ev.summary() and "dead=2/16" in repr(ev)
 
 
+def test_topk_l0_is_k(model):
+    sae = make_dict(RESID, 128, 64, architecture="topk", k=5)
+    ev = evaluate_sae(model, sae, induction_tokens(n=3), progress=False)
+    assert ev.l0 == pytest.approx(5.0)
+
+
 def test_bad_inputs(model):
-    sae = ReLUDict.random(RESID, 128, 8)
+    sae = make_dict(RESID, 128, 8)
     with pytest.raises(mk.MechkitError, match="no tokenizer"):
         evaluate_sae(model, sae, progress=False)
     with pytest.raises(EmptyDatasetError):
         evaluate_sae(model, sae, torch.zeros(2, 1, dtype=torch.long), progress=False)
     with pytest.raises(mk.ShapeError, match="width 64"):
-        evaluate_sae(model, ReLUDict.random(RESID, 64, 8), induction_tokens(2), progress=False)
+        evaluate_sae(model, make_dict(RESID, 64, 8), induction_tokens(2), progress=False)
     with pytest.raises(mk.SiteNotFoundError):
-        evaluate_sae(model, ReLUDict.random("blocks.7.hook_resid_pre", 128, 8), induction_tokens(2))
-    bad = ReLUDict.random("blocks.1.ln1.hook_normalized", 128, 8, out_hook="blocks.0.hook_attn_out")
+        evaluate_sae(model, make_dict("blocks.7.hook_resid_pre", 128, 8), induction_tokens(2))
+    bad = make_dict(
+        "blocks.1.ln1.hook_normalized", 128, 8, out_hook="blocks.0.hook_attn_out", d_out=128
+    )
     with pytest.raises(InvalidSiteError, match="reads"):
         evaluate_sae(model, bad, induction_tokens(2), progress=False)
 
@@ -252,7 +236,7 @@ def test_rotary_gated_model_from_the_cached_block(smollm2):
     """SmolLM2 (rotary, RMSNorm): the losses run from the cached residual at the SAE's block
     equal the model's own loss, and a perfect dictionary recovers all of it."""
     tokens = mk.corpus_tokens(smollm2, seq_len=24, split="test", max_sequences=2)
-    sae = ReLUDict.perfect("blocks.20.hook_resid_post", 576)
+    sae = perfect_dict("blocks.20.hook_resid_post", 576)
     ev = evaluate_sae(smollm2, sae, tokens, exclude="first", progress=False)
     with torch.no_grad():
         logits = smollm2(tokens)

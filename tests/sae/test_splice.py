@@ -10,6 +10,7 @@ import torch
 
 import mechkit as mk
 from mechkit.errors import InvalidSiteError, MechkitError, SiteNotFoundError
+from mechkit.sae.base import SAEConfig, SparseDictionary
 from mechkit.sae.splice import patch_latents, splice
 from tests.conftest import hook_count
 
@@ -54,6 +55,30 @@ class DuckSAE(torch.nn.Module):
         return self.decode(self.encode(x))
 
 
+def make_dict(
+    hook, d_in, d_sae, *, architecture="relu", k=None, out_hook=None, d_out=None, skip=False, seed=0
+):
+    """A mechkit dictionary with its initial weights and small random biases (and skip term)."""
+    cfg = SAEConfig(
+        architecture=architecture,
+        d_in=d_in,
+        d_sae=d_sae,
+        hook_name=hook,
+        k=k,
+        d_out=d_out,
+        out_hook_name=out_hook,
+        skip=skip,
+    )
+    sae = SparseDictionary.from_config(cfg, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
+        sae.b_dec.copy_(torch.randn(sae.cfg.out_width, generator=g) * 0.1)
+        if skip:
+            sae.W_skip.copy_(torch.randn(d_in, d_out, generator=g) * 0.05)
+    return sae
+
+
 def induction_tokens(n: int = 4, half: int = 12, seed: int = 0) -> torch.Tensor:
     """``[BOS] + r + r`` rows: the toy model predicts the second copy."""
     g = torch.Generator().manual_seed(seed)
@@ -71,12 +96,12 @@ def model():
 
 @pytest.fixture(scope="module")
 def sae():
-    return DuckSAE(RESID, 128, 384, seed=1)
+    return make_dict(RESID, 128, 384, seed=1)
 
 
 @pytest.fixture(scope="module")
 def transcoder():
-    return DuckSAE(
+    return make_dict(
         "blocks.0.ln1.hook_normalized", 128, 256, out_hook="blocks.0.hook_attn_out", d_out=128
     )
 
@@ -88,8 +113,11 @@ def _acts(model, tokens, name):
     return got["act"]
 
 
+@pytest.mark.parametrize("kind", ["mechkit", "duck"])
 @torch.no_grad()
-def test_error_term_keeps_the_output_and_latents_are_the_encoding(model, sae):
+def test_error_term_keeps_the_output_and_latents_are_the_encoding(model, sae, kind):
+    if kind == "duck":
+        sae = DuckSAE(RESID, 128, 384, seed=1)
     tokens = induction_tokens()
     reference = model(tokens)
     x = _acts(model, tokens, RESID)
@@ -188,6 +216,45 @@ def test_transcoder_replaces_its_output_hook(model, transcoder):
 
 
 @torch.no_grad()
+def test_skip_transcoder_edits_move_the_output_by_the_decoder_difference(model):
+    tc = make_dict(
+        "blocks.0.ln1.hook_normalized",
+        128,
+        64,
+        architecture="topk",
+        k=8,
+        out_hook="blocks.0.hook_attn_out",
+        d_out=128,
+        skip=True,
+        seed=5,
+    )
+    tokens = induction_tokens(seed=8)
+    reference = model(tokens)
+    normalized = _acts(model, tokens, "blocks.0.ln1.hook_normalized")
+    attn_out = _acts(model, tokens, "blocks.0.hook_attn_out")
+    f = tc.encode(normalized)
+    assert bool(((f != 0).sum(-1) == 8).all())  # top-k: exactly k latents per token
+    with splice(model, tc) as h:
+        assert (model(tokens) - reference).abs().max() < 1e-5
+        chosen = [int(f[0, -1].argmax()), 3]  # one active latent, one maybe not
+        h.add(chosen, 1.5, positions=[-1, 2])
+        with mk.capture(model, "blocks.0.hook_attn_out") as after:
+            model(tokens)
+    edited = f.clone()
+    edited[:, -1, chosen] += 1.5
+    edited[:, 2, chosen] += 1.5
+    moved = after["blocks.0.hook_attn_out"] - attn_out
+    torch.testing.assert_close(moved, tc.decode(edited) - tc.decode(f), atol=2e-5, rtol=0)
+    with splice(model, tc, keep_error=False):
+        with mk.capture(model, "blocks.0.hook_attn_out") as alone:
+            model(tokens)
+    skip = normalized @ tc.W_skip
+    assert skip.abs().max() > 1e-2  # the skip term is part of the reconstruction
+    expected = tc.decode(f) + skip
+    torch.testing.assert_close(alone["blocks.0.hook_attn_out"], expected, atol=2e-5, rtol=0)
+
+
+@torch.no_grad()
 def test_several_dictionaries_at_once(model, sae, transcoder):
     tokens = induction_tokens(seed=5)
     reference = model(tokens)
@@ -202,7 +269,7 @@ def test_several_dictionaries_at_once(model, sae, transcoder):
         changed = model(tokens)
     assert (changed - reference).abs().max() > 1e-3
     with pytest.raises(MechkitError, match="at most one"):
-        with splice(model, {"a": sae, "b": DuckSAE(RESID, 128, 64)}):
+        with splice(model, {"a": sae, "b": make_dict(RESID, 128, 64)}):
             pass
     assert hook_count(model) == 0
 
@@ -223,11 +290,15 @@ def test_bad_inputs_and_cleanup_after_errors(model, sae):
             raise RuntimeError("boom")
     assert hook_count(model) == 0
     with pytest.raises(SiteNotFoundError, match="hook_resid_pre"):
-        with splice(model, DuckSAE("blocks.1.hook_resid_pr", 128, 8)):
+        with splice(model, make_dict("blocks.1.hook_resid_pr", 128, 8)):
             pass
     with pytest.raises(mk.ShapeError, match="width 64"):
-        with splice(model, DuckSAE(RESID, 64, 8)):
+        with splice(model, make_dict(RESID, 64, 8)):
             model(tokens)
+    foreign = make_dict("blocks.0.ln1.hook_normalized", 128, 8, d_out=128)  # output hook unknown
+    with pytest.raises(MechkitError, match="out_hook_name"):
+        with splice(model, foreign):
+            pass
     assert hook_count(model) == 0
 
 
@@ -303,15 +374,16 @@ def test_patch_latents_matches_a_naive_loop(model, sae, transcoder):
 def test_transcoder_in_a_gated_mlp_llama_keeps_logits_with_the_error_term(smollm2):
     """A transcoder replacing SmolLM2's gated MLP (layer 10): the error term restores it."""
     model = smollm2
-    tokens = torch.tensor(
-        [model.to_tokens("The Eiffel Tower is located in the city of")[0].tolist()]
-    )
-    tc = DuckSAE(
+    tokens = model.to_tokens("The Eiffel Tower is located in the city of")  # (1, pos)
+    tc = make_dict(
         "blocks.10.ln2.hook_normalized",
         576,
         1024,
+        architecture="topk",
+        k=32,
         out_hook="blocks.10.hook_mlp_out",
         d_out=576,
+        skip=True,
         seed=3,
     )
     reference = model(tokens)
