@@ -3,7 +3,8 @@
 The report is a folder with ``index.html`` linking each section's figures (plotly HTML sharing
 one ``plotly.min.js`` in the folder, so the report opens offline) and tables (CSV). Sections:
 the model card, next-token predictions, the logit lens, direct logit attribution on IOI
-prompts, attention-head detection, activation and path patching on IOI prompts, and a steering
+prompts, attention-head detection, activation and path patching on IOI prompts, attribution
+patching and the IOI circuit graph with its faithfulness curve, and a steering
 sweep (effect against cost, with sampled generations). Each section is timed.
 """
 
@@ -189,6 +190,57 @@ def _patching(model: Any, out: Path) -> str:
     )
 
 
+def _circuit(model: Any, out: Path) -> str:
+    from mechkit.attribution import compare_attribution
+    from mechkit.graph import edge_attribution, faithfulness_curve
+    from mechkit.prompts import PromptPairs
+
+    clean, corrupt, answers, wrongs = (list(x) for x in zip(*IOI_PAIRS, strict=True))
+    pairs = PromptPairs.from_lists(model, clean, corrupt, answers, wrongs)
+    cmp = compare_attribution(model, pairs, site="z", progress=False)
+    cmp.to_dataframe().to_csv(out / "attribution_vs_patching.csv", index=False)
+    cmp_link = _figure(out, "attribution_vs_patching.html", cmp.plot())
+    worst = [[f"L{c['layer']}H{c['head']}", f"{e:+.3f}", f"{r:+.3f}"] for c, e, r in cmp.worst(3)]
+    graphs = [
+        edge_attribution(model, pairs, method=method, steps=5, progress=False)
+        for method in ("eap", "eap-ig-inputs")
+    ]
+    sizes = [30, 100, 300, 1000, 3000, 10000]
+    curve = faithfulness_curve(model, graphs, pairs, sizes=sizes)
+    curve.to_dataframe().to_csv(out / "faithfulness.csv", index=False)
+    curve_link = _figure(out, "faithfulness.html", curve.plot())
+    circuit = graphs[1].greedy(150).prune()
+    circuit.save(out / "ioi_circuit.json")
+    (out / "ioi_circuit.dot").write_text(circuit.to_dot())
+    (out / "ioi_circuit.svg").write_text(circuit.to_svg())
+    graph_link = _figure(out, "ioi_circuit.html", circuit.plot())
+    frame = curve.to_dataframe()
+    rows = [
+        [str(size)]
+        + [f"{frame[(frame['size'] == size) & (frame['method'] == m)]['faithfulness'].iloc[0]:.2f}"
+           for m in curve.methods]
+        for size in sizes
+    ]  # fmt: skip
+    heads = [n for n in circuit.nodes_in_circuit() if n.startswith("a")]
+    return (
+        f"<p>Attribution patching (one gradient) against activation patching of every head's "
+        f"output on the {len(pairs)} IOI pairs: Pearson r {cmp.pearson:.3f}, Spearman "
+        f"{cmp.spearman:.3f} on normalized scores: {cmp_link} "
+        '(<a href="attribution_vs_patching.csv">CSV</a>). Worst estimates:</p>'
+        + _table(worst, ["head", "attribution", "activation patching"])
+        + f"<p>Edge attribution over all {graphs[0].layout.n_edges} edges of the graph (input, "
+        "every head's q/k/v inputs, every MLP, the logits) with EAP and EAP-IG (5 steps on the "
+        "input embeddings), and the normalized faithfulness of each method's top-n edges, every "
+        f"other edge carrying its corrupt-run value: {curve_link} "
+        '(<a href="faithfulness.csv">CSV</a>).</p>'
+        + _table(rows, ["edges", *curve.methods])
+        + f"<p>A circuit grown greedily from the logits (EAP-IG scores, 150 edges, pruned to "
+        f"{circuit.n_edges}): {graph_link}, "
+        '<a href="ioi_circuit.svg">SVG</a>, <a href="ioi_circuit.dot">Graphviz DOT</a>, '
+        f'<a href="ioi_circuit.json">JSON</a>. Heads in it: {html.escape(", ".join(heads))}.</p>'
+    )
+
+
 STEERING_PAIRS = (
     ("I love this. It is wonderful", "I hate this. It is terrible"),
     ("What a great day, I am so happy", "What an awful day, I am so sad"),
@@ -266,6 +318,7 @@ SECTIONS: tuple[tuple[str, Callable[[Any, Path], str]], ...] = (
     ("Direct logit attribution (IOI)", _dla),
     ("Attention heads", _heads),
     ("Activation and path patching (IOI)", _patching),
+    ("Attribution patching and the circuit graph (IOI)", _circuit),
     ("Steering (activation addition)", _steering),
 )
 
