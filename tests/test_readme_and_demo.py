@@ -34,12 +34,16 @@ def test_demo_writes_report(smollm2, tmp_path):
     page = index.read_text()
     assert index.name == "index.html" and "smollm2-135m" in page
     assert "&#x27; Paris&#x27;" in page or "' Paris'" in page  # top prediction shown
-    for figure in ["next_tokens", "logit_lens", "logit_lens_answer_rank", "dla", "heads_induction"]:
+    figures = ["next_tokens", "logit_lens", "logit_lens_answer_rank", "dla", "heads_induction"]
+    for figure in [*figures, "attribution_vs_patching", "faithfulness", "ioi_circuit"]:
         assert (tmp_path / "reports" / f"{figure}.html").is_file(), figure
         assert f'href="{figure}.html"' in page
     assert (tmp_path / "reports" / "plotly.min.js").is_file()  # the report opens offline
     assert (tmp_path / "reports" / "next_tokens.csv").read_text().count("\n") > 5
     assert not list((tmp_path / "reports").glob("*.tmp"))
+    circuit = mk.CircuitGraph.load(tmp_path / "reports" / "ioi_circuit.json")
+    assert 0 < circuit.n_edges <= 150 and circuit.model_name == "smollm2-135m"
+    assert (tmp_path / "reports" / "ioi_circuit.svg").read_text().startswith("<svg")
 
 
 def test_cli_reports_errors_plainly(capsys):
