@@ -120,7 +120,7 @@ def _check(ev: SAEEvaluation, naive: dict, atol: float = 1e-4) -> None:
             assert getattr(ev, key) == pytest.approx(value, abs=atol, rel=1e-4), key
 
 
-def test_sae_figures_equal_a_direct_computation(model):
+def test_sae_figures_equal_a_direct_computation(model, monkeypatch):
     sae = make_dict(RESID, 128, 96, seed=1)
     tokens = induction_tokens(n=5)
     mask = torch.ones_like(tokens, dtype=torch.bool)
@@ -141,6 +141,12 @@ def test_sae_figures_equal_a_direct_computation(model):
     every = torch.ones_like(counted)
     _check(everything, _naive(model, sae, tokens, every, every, RESID, RESID))
     assert everything.n_tokens == tokens.numel()
+    # with no room to keep the first pass's residual streams, the second pass recomputes them
+    import mechkit.sae.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "_START_CACHE_BYTES", 0)
+    recomputed = evaluate_sae(model, sae, tokens, batch_size=2, mask=mask, progress=False)
+    _check(recomputed, naive)
 
 
 def test_transcoder_figures_equal_a_direct_computation(model):
