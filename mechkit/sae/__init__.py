@@ -22,11 +22,13 @@
 """
 
 from mechkit.sae import batchtopk, jumprelu, relu, topk  # noqa: F401  (register architectures)
+from mechkit.sae.activations import ActivationStore, sae_corpus_tokens
 from mechkit.sae.base import ARCHITECTURES, SAEConfig, SparseDictionary, load_sae, save_sae
 from mechkit.sae.batchtopk import BatchTopKSAE
 from mechkit.sae.jumprelu import JumpReLUSAE
 from mechkit.sae.relu import ReLUSAE
 from mechkit.sae.topk import TopKSAE
+from mechkit.sae.training import TrainConfig, TrainedSAE, TrainResult, train_sae
 
 __all__ = [
     "ARCHITECTURES",
@@ -38,4 +40,10 @@ __all__ = [
     "JumpReLUSAE",
     "load_sae",
     "save_sae",
+    "ActivationStore",
+    "sae_corpus_tokens",
+    "TrainConfig",
+    "TrainResult",
+    "TrainedSAE",
+    "train_sae",
 ]

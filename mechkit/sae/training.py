@@ -275,6 +275,28 @@ def _batches(data: Any, cfg: TrainConfig, start: int) -> Iterator[Any]:
     )
 
 
+def _check_source(data: Any, cfg: SAEConfig) -> None:
+    """A store's widths and hooks against the dictionary's, before any step."""
+    d_in = getattr(data, "d_in", None)
+    if d_in is not None and d_in != cfg.d_in:
+        raise ShapeError(
+            f"Expected activations of width d_in={cfg.d_in} for the dictionary; got width {d_in} "
+            f"at {getattr(data, 'hook_name', '?')!r}. Hint: set d_in to the hook's width."
+        )
+    if hasattr(data, "out_hook_name") and (data.out_hook_name is None) == cfg.is_transcoder:
+        wanted = "input/output pairs (out_hook_name set)" if cfg.is_transcoder else "single"
+        kind = "a transcoder" if cfg.is_transcoder else "an SAE"
+        raise ShapeError(
+            f"Expected {wanted} activations for {kind}; got a store with out_hook_name="
+            f"{data.out_hook_name!r}. Hint: match the store to SAEConfig.d_out/out_hook_name."
+        )
+    d_out = getattr(data, "d_out", None)
+    if cfg.is_transcoder and d_out is not None and d_out != cfg.d_out:
+        raise ShapeError(
+            f"Expected targets of width d_out={cfg.d_out}; got {d_out} at {data.out_hook_name!r}."
+        )
+
+
 def _split(batch: Any, cfg: SAEConfig) -> tuple[Tensor, Tensor | None]:
     if isinstance(batch, (tuple, list)):
         if len(batch) != 2:
@@ -390,6 +412,7 @@ def train_sae(
             f"Expected a SparseDictionary or an SAEConfig; got {type(sae).__name__}."
         )
     scfg = sae.cfg
+    _check_source(activations, scfg)
     device = torch.device(cfg.device) if cfg.device else sae.W_enc.device
     sae.to(device=device, dtype=torch.float32)  # master weights in float32
     batch_size = getattr(activations, "batch_size", cfg.batch_size)
