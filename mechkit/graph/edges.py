@@ -28,6 +28,7 @@ position is patched).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -38,6 +39,7 @@ from mechkit.graph.circuit import CircuitGraph
 from mechkit.graph.layout import GraphLayout
 from mechkit.graph.runs import masked_logits, receiver_gradients, sender_outputs
 from mechkit.metrics import Metric
+from mechkit.patching.engine import _is_oom
 from mechkit.prompts import PromptPairs
 from mechkit.tokens import token_batch
 
@@ -152,9 +154,36 @@ def prepare(
 
 
 def _senders_in_batches(model: Any, layout: GraphLayout, tokens: Tensor, size: int) -> Tensor:
-    return torch.cat(
-        [sender_outputs(model, layout, tokens[i : i + size]) for i in range(0, len(tokens), size)]
+    parts: list[Tensor] = []
+    each_batch(
+        len(tokens), size, lambda rows: parts.append(sender_outputs(model, layout, tokens[rows]))
     )
+    return torch.cat(parts)
+
+
+def each_batch(
+    n_batch: int, size: int, work: Callable[[slice], None], can_split: bool = True
+) -> None:
+    """``work(rows)`` for consecutive slices of at most ``size`` prompts. A slice that runs out
+    of memory is retried in halves (``work`` must keep nothing from a failed call)."""
+    start = 0
+    while start < n_batch:
+        stop = min(start + size, n_batch)
+        try:
+            work(slice(start, stop))
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            if not _is_oom(exc):
+                raise
+            if stop - start == 1 or not can_split:
+                raise MechkitError(
+                    f"Out of memory on {stop - start} prompt(s) of the graph run. Hint: fewer or "
+                    "shorter prompts, or a mechkit Metric so batches can be split."
+                ) from exc
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size = (stop - start) // 2
+            continue
+        start = stop
 
 
 def edge_attribution(
@@ -261,45 +290,52 @@ def _gradient_scores(
     layout = setup.layout
     n_batch = setup.clean_tokens.shape[0]
     scores = torch.zeros(len(layout.senders), len(layout.receivers), device=setup.ablated.device)
-    clean_total = 0.0
     groups = _sender_groups(layout) if method == "eap-ig-activations" else [None]
     points = [1.0] if method == "eap" else [k / steps for k in range(1, steps + 1)]
     total = (n_batch + setup.batch_size - 1) // setup.batch_size * len(groups) * len(points)
     bar = _bar(total, f"{method} edges", progress and total > 1)
+    totals = {"clean": 0.0}
+
+    def work(rows: slice) -> None:
+        weight = (rows.stop - rows.start) / n_batch
+        metric = batch_metric(setup.metric, rows, n_batch)
+        tokens = setup.clean_tokens[rows]
+        clean = setup.clean_senders[rows]
+        ablated = setup.ablated if setup.ablated.shape[0] == 1 else setup.ablated[rows]
+        delta = ablated - clean  # (batch, pos, sender, d_model)
+        local = torch.zeros_like(scores)
+        clean_value = 0.0
+        for group in groups:
+            mean_grad = None
+            for alpha in points:
+                overrides = _interpolation(layout, clean, ablated, alpha, method, group)
+                grads, value, _ = receiver_gradients(
+                    model, layout, tokens, lambda lg, m=metric: mean_value(m, lg),
+                    overrides=overrides,
+                )  # fmt: skip
+                mean_grad = grads if mean_grad is None else mean_grad + grads
+                if alpha == 1.0 and group in (None, groups[0]):
+                    clean_value = float(value)
+            mean_grad = mean_grad / len(points)  # type: ignore[operator]
+            senders = slice(None) if group is None else slice(*group)
+            # (batch, pos, sender, d) x (batch, pos, receiver, d) -> (sender, receiver)
+            # as one matrix product over (batch, pos, d)
+            d_part = delta[:, :, senders].permute(2, 0, 1, 3)
+            g_part = mean_grad.permute(2, 0, 1, 3)  # (receiver, batch, pos, d)
+            part = d_part.reshape(d_part.shape[0], -1) @ g_part.reshape(g_part.shape[0], -1).T
+            # gradients are of the batch mean: scale to the whole set's mean
+            local[senders] += part * weight
+        scores.add_(local)  # only once the whole batch has run
+        totals["clean"] += clean_value * weight
+        if bar is not None:
+            bar.update(len(groups) * len(points))
+
     try:
-        for start in range(0, n_batch, setup.batch_size):
-            rows = slice(start, min(start + setup.batch_size, n_batch))
-            weight = (rows.stop - rows.start) / n_batch
-            metric = batch_metric(setup.metric, rows, n_batch)
-            tokens = setup.clean_tokens[rows]
-            clean = setup.clean_senders[rows]
-            ablated = setup.ablated if setup.ablated.shape[0] == 1 else setup.ablated[rows]
-            delta = ablated - clean  # (batch, pos, sender, d_model)
-            for group in groups:
-                mean_grad = None
-                for alpha in points:
-                    overrides = _interpolation(layout, clean, ablated, alpha, method, group)
-                    grads, value, _ = receiver_gradients(
-                        model, layout, tokens, lambda lg, m=metric: mean_value(m, lg),
-                        overrides=overrides,
-                    )  # fmt: skip
-                    mean_grad = grads if mean_grad is None else mean_grad + grads
-                    if alpha == 1.0 and group in (None, groups[0]):
-                        clean_total += float(value) * weight
-                    if bar is not None:
-                        bar.update(1)
-                mean_grad = mean_grad / len(points)  # type: ignore[operator]
-                senders = slice(None) if group is None else slice(*group)
-                # (batch, pos, sender, d) x (batch, pos, receiver, d) -> (sender, receiver)
-                # as one matrix product over (batch, pos, d)
-                d_part = delta[:, :, senders].permute(2, 0, 1, 3)
-                g_part = mean_grad.permute(2, 0, 1, 3)  # (receiver, batch, pos, d)
-                part = d_part.reshape(d_part.shape[0], -1) @ g_part.reshape(g_part.shape[0], -1).T
-                # gradients are of the batch mean: scale to the whole set's mean
-                scores[senders] += part * weight
+        each_batch(n_batch, setup.batch_size, work, isinstance(setup.metric, Metric))
     finally:
         if bar is not None:
             bar.close()
+    clean_total = totals["clean"]
     return scores, clean_total
 
 
@@ -367,41 +403,82 @@ def _exact(model: Any, setup: EdgeSetup, progress: bool) -> tuple[Tensor, float]
     edges = layout.valid.nonzero().tolist()
     n_batch = setup.clean_tokens.shape[0]
     scores = torch.zeros(len(layout.senders), len(layout.receivers))
-    per_row = (
-        setup.clean_tokens.shape[1] * len(layout.senders) * layout.d_model * 4 * 3
-        + setup.clean_tokens.shape[1] * model.cfg.d_vocab * 4
-    )
-    chunk = max(1, int(1.5 * 1024**3 // max(1, per_row * n_batch)))
     bar = _bar(len(edges), "exact edges", progress)
-    clean_value = 0.0
+    totals = {"clean": 0.0}
+
+    def work(rows: slice) -> None:
+        weight = (rows.stop - rows.start) / n_batch
+        metric = batch_metric(setup.metric, rows, n_batch)
+        tokens = setup.clean_tokens[rows]
+        ablated = setup.ablated if setup.ablated.shape[0] == 1 else setup.ablated[rows]
+        base = float(mean_value(metric, model(tokens)))
+        keeps = []
+        for s, r in edges:
+            keep = layout.valid.clone()
+            keep[s, r] = False
+            keeps.append(keep)
+        values = circuit_values(model, setup, tokens, ablated, metric, keeps, bar)
+        local = torch.zeros_like(scores)
+        for (s, r), value in zip(edges, values.tolist(), strict=True):
+            local[s, r] = value - base
+        scores.add_(local * weight)
+        totals["clean"] += base * weight
+
     try:
-        for start in range(0, n_batch, setup.batch_size):
-            rows = slice(start, min(start + setup.batch_size, n_batch))
-            weight = (rows.stop - rows.start) / n_batch
-            metric = batch_metric(setup.metric, rows, n_batch)
-            tokens = setup.clean_tokens[rows]
-            ablated = setup.ablated if setup.ablated.shape[0] == 1 else setup.ablated[rows]
-            with torch.no_grad():
-                base = float(mean_value(metric, model(tokens)))
-            clean_value += base * weight
-            for first in range(0, len(edges), chunk):
-                part = edges[first : first + chunk]
-                keep = layout.valid.clone().expand(len(part), -1, -1).clone()
-                for i, (s, r) in enumerate(part):
-                    keep[i, s, r] = False
-                n_circ = len(part)
-                values = masked_logits(
-                    model, layout, tokens, ablated, keep.to(tokens.device),
-                    lambda lg, m=metric, c=n_circ: _per_circuit(m, lg, c),
-                )  # fmt: skip
-                for i, (s, r) in enumerate(part):
-                    scores[s, r] += (float(values[i, 0]) - base) * weight
-                if bar is not None and start == 0:
-                    bar.update(len(part))
+        each_batch(n_batch, setup.batch_size, work, isinstance(setup.metric, Metric))
     finally:
         if bar is not None:
             bar.close()
-    return scores, clean_value
+    return scores, totals["clean"]
+
+
+def circuit_values(
+    model: Any,
+    setup: EdgeSetup,
+    tokens: Tensor,
+    ablated: Tensor,
+    metric: Any,
+    keeps: list[Tensor],
+    bar: Any = None,
+) -> Tensor:
+    """The mean metric on ``tokens`` of each kept-edge mask in ``keeps``: ``(circuit,)``.
+
+    Circuits share batched runs, as many as fit the memory budget; a run that does not fit is
+    split in two and retried.
+    """
+    layout = setup.layout
+    n_batch, seq = tokens.shape
+    per_circuit = n_batch * seq * (len(layout.senders) * layout.d_model * 4 * 3
+                                   + model.cfg.d_vocab * 4)  # fmt: skip
+    size = max(1, int(_budget(tokens.device) // max(1, per_circuit)))
+    out = torch.zeros(len(keeps), dtype=torch.float64)
+    first = 0
+    while first < len(keeps):
+        part = keeps[first : first + size]
+        try:
+            n_circ = len(part)
+            values = masked_logits(
+                model, layout, tokens, ablated, torch.stack(part).to(tokens.device),
+                lambda lg, m=metric, c=n_circ: _per_circuit(m, lg, c),
+            )  # fmt: skip
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            if not _is_oom(exc) or len(part) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size = max(1, len(part) // 2)
+            continue
+        out[first : first + len(part)] = values[:, 0, 0].double().cpu()
+        if bar is not None:
+            bar.update(len(part))
+        first += len(part)
+    return out
+
+
+def _budget(device: torch.device) -> int:
+    from mechkit.patching.engine import parse_budget
+
+    return parse_budget(None, device)
 
 
 def _per_circuit(metric: Any, logits: Tensor, n_circuits: int) -> Tensor:
@@ -418,20 +495,23 @@ def _per_circuit(metric: Any, logits: Tensor, n_circuits: int) -> Tensor:
 @torch.no_grad()
 def _ablated_score(model: Any, setup: EdgeSetup) -> float:
     """The metric with every edge ablated (the corrupt run itself for corrupt ablation)."""
-    layout = setup.layout
+    return float(batched_circuit_values(model, setup, [torch.zeros_like(setup.layout.valid)])[0])
+
+
+@torch.no_grad()
+def batched_circuit_values(model: Any, setup: EdgeSetup, keeps: list[Tensor]) -> Tensor:
+    """The metric over all prompts for each kept-edge mask: ``(circuit,)`` float64."""
     n_batch = setup.clean_tokens.shape[0]
-    total = 0.0
-    for start in range(0, n_batch, setup.batch_size):
-        rows = slice(start, min(start + setup.batch_size, n_batch))
+    totals = torch.zeros(len(keeps), dtype=torch.float64)
+
+    def work(rows: slice) -> None:
         metric = batch_metric(setup.metric, rows, n_batch)
         ablated = setup.ablated if setup.ablated.shape[0] == 1 else setup.ablated[rows]
-        keep = torch.zeros(1, *layout.valid.shape, dtype=torch.bool, device=ablated.device)
-        values = masked_logits(
-            model, layout, setup.clean_tokens[rows], ablated, keep,
-            lambda lg, m=metric: _per_circuit(m, lg, 1),
-        )  # fmt: skip
-        total += float(values[0, 0]) * (rows.stop - rows.start) / n_batch
-    return total
+        values = circuit_values(model, setup, setup.clean_tokens[rows], ablated, metric, keeps)
+        totals.add_(values * (rows.stop - rows.start) / n_batch)
+
+    each_batch(n_batch, setup.batch_size, work, isinstance(setup.metric, Metric))
+    return totals
 
 
 def _bar(total: int, description: str, enabled: bool) -> Any:

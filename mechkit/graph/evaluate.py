@@ -26,8 +26,7 @@ import torch
 
 from mechkit.errors import MechkitError
 from mechkit.graph.circuit import CircuitGraph
-from mechkit.graph.edges import EdgeSetup, _per_circuit, batch_metric, prepare
-from mechkit.graph.runs import masked_logits
+from mechkit.graph.edges import EdgeSetup, batched_circuit_values, prepare
 
 __all__ = ["evaluate_circuit", "faithfulness_curve", "CircuitEvaluation", "FaithfulnessCurve"]
 
@@ -84,28 +83,9 @@ def _setup_for(
     return setup
 
 
-@torch.no_grad()
 def _scores(model: Any, setup: EdgeSetup, keeps: torch.Tensor) -> torch.Tensor:
     """The mean metric for each kept-edge mask of ``keeps`` (circuit, sender, receiver)."""
-    n_batch = setup.clean_tokens.shape[0]
-    totals = torch.zeros(keeps.shape[0], dtype=torch.float64)
-    seq = setup.clean_tokens.shape[1]
-    per_circuit = seq * len(setup.layout.senders) * setup.layout.d_model * 4 * 3 * setup.batch_size
-    chunk = max(1, int(1.5 * 1024**3 // max(1, per_circuit)))
-    for start in range(0, n_batch, setup.batch_size):
-        rows = slice(start, min(start + setup.batch_size, n_batch))
-        metric = batch_metric(setup.metric, rows, n_batch)
-        ablated = setup.ablated if setup.ablated.shape[0] == 1 else setup.ablated[rows]
-        for first in range(0, keeps.shape[0], chunk):
-            part = keeps[first : first + chunk].to(setup.clean_tokens.device)
-            values = masked_logits(
-                model, setup.layout, setup.clean_tokens[rows], ablated, part,
-                lambda lg, m=metric, c=part.shape[0]: _per_circuit(m, lg, c),
-            )  # fmt: skip
-            totals[first : first + chunk] += values[:, 0, 0].double().cpu() * (
-                (rows.stop - rows.start) / n_batch
-            )
-    return totals
+    return batched_circuit_values(model, setup, list(keeps))
 
 
 def evaluate_circuit(

@@ -199,7 +199,7 @@ def masked_logits(
     n_batch, seq = tokens.shape
     n_send, d_model = len(layout.senders), layout.d_model
     # (circuit, receiver, sender): 1 where the receiver must see the ablated sender value
-    drop = (~keep & layout.valid).to(ablated.dtype).transpose(1, 2).contiguous()
+    drop = (~keep & layout.valid.to(keep.device)).to(ablated.dtype).transpose(1, 2).contiguous()
     # senders first, so that the senders computed so far are one contiguous block:
     # (circuit, sender, batch * pos * d_model)
     current = torch.zeros(n_circ, n_send, n_batch * seq * d_model,

@@ -248,3 +248,37 @@ def test_smollm2_grouped_heads_mlps_and_padding(smollm2, ioi_pairs):
     assert keep.n_edges == layout.n_edges - 1
     ev = mk.evaluate_circuit(smollm2, keep, ioi_pairs)
     assert ev.circuit_score - ev.model_score == pytest.approx(exact, abs=2e-4)
+
+
+def test_out_of_memory_splits_prompts_and_circuits(toy, toy_runs, monkeypatch):
+    """A batch (of prompts, or of circuits in one run) that raises out-of-memory is split in
+    two and retried; the scores equal the unsplit run's."""
+    import mechkit.graph.edges as edges_module
+
+    clean, corrupt = toy_runs
+    pairs = mk.PromptPairs.from_tokens(clean, corrupt, answers=[7, 7, 7], wrongs=[11, 11, 11])
+    whole = mk.edge_attribution(toy, pairs, method="eap")
+    exact_whole = mk.edge_attribution(toy, pairs, method="exact", progress=False)
+    real_gradients, real_masked = edges_module.receiver_gradients, edges_module.masked_logits
+    calls = {"oom": 0}
+
+    def gradients(model, layout, tokens, *args, **kwargs):
+        if tokens.shape[0] > 1:
+            calls["oom"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_gradients(model, layout, tokens, *args, **kwargs)
+
+    def masked(model, layout, tokens, ablated, keep, read):
+        if keep.shape[0] > 2 or tokens.shape[0] > 1:
+            calls["oom"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_masked(model, layout, tokens, ablated, keep, read)
+
+    monkeypatch.setattr(edges_module, "receiver_gradients", gradients)
+    monkeypatch.setattr(edges_module, "masked_logits", masked)
+    split = mk.edge_attribution(toy, pairs, method="eap")
+    exact_split = mk.edge_attribution(toy, pairs, method="exact", progress=False)
+    assert calls["oom"] >= 3
+    torch.testing.assert_close(split.scores, whole.scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(exact_split.scores, exact_whole.scores, atol=1e-5, rtol=0)
+    assert split.ablated_score == pytest.approx(whole.ablated_score, abs=1e-6)
