@@ -232,7 +232,9 @@ class ActivationStore:
         data = np.lib.format.open_memmap(
             tmp, mode="w+", dtype=_NP_DTYPES[self.cache_dtype], shape=(self.n_rows, width)
         )
-        for chunk in range(self.n_chunks):
+        from tqdm.auto import tqdm
+
+        for chunk in tqdm(range(self.n_chunks), desc="activations", disable=self.n_chunks < 8):
             a, b = self._chunk_rows(chunk)
             data[a:b] = self._chunk(chunk).numpy()
         data.flush()

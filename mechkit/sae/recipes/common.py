@@ -1,0 +1,52 @@
+"""What the recipes share: held-out reconstruction figures and writing the record."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mechkit.atomic_io import write_text_atomically
+from mechkit.sae.base import SparseDictionary
+
+__all__ = ["heldout_metrics", "write_record"]
+
+
+@torch.no_grad()
+def heldout_metrics(sae: SparseDictionary, store: Any) -> dict[str, float]:
+    """L0, explained variance ``1 - sum||y - y_hat||^2 / sum||y - mean(y)||^2`` and MSE (mean
+    over rows of the summed squared error, in raw activation units) over one epoch of
+    ``store``."""
+    sq_err = l0 = 0.0
+    rows = 0
+    ys = []
+    for batch in store.epoch(0):
+        x, y = batch if isinstance(batch, tuple) else (batch, batch)
+        f = sae.encode(x)
+        y_hat = sae(x)
+        sq_err += (y - y_hat).pow(2).sum().item()
+        l0 += (f != 0).sum().item()
+        rows += x.shape[0]
+        ys.append(y)
+    y = torch.cat(ys)
+    variance = (y - y.mean(0)).pow(2).sum().item()
+    return {
+        "heldout_tokens": rows,
+        "heldout_l0": l0 / rows,
+        "heldout_explained_variance": 1 - sq_err / variance,
+        "heldout_mse": sq_err / rows,
+        "heldout_mse_per_dim": sq_err / rows / y.shape[-1],
+    }
+
+
+def write_record(folder: Path, record: dict[str, Any]) -> None:
+    """``record.json`` beside the weights, with the machine it ran on."""
+    record = {
+        **record,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)",
+        "torch": torch.__version__,
+    }
+    write_text_atomically(folder / "record.json", json.dumps(record, indent=2) + "\n")
