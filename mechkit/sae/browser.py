@@ -209,7 +209,7 @@ def collect_features(
     window: int = 16,
     n_logit_tokens: int = 10,
     batch_size: int = 8,
-    exclude: Exclude = "bos",
+    exclude: Exclude = "first",
     mask: Tensor | None = None,
     progress: bool = True,
 ) -> FeatureReport:
@@ -226,8 +226,9 @@ def collect_features(
             context before it than after: the model reads left to right).
         n_logit_tokens: promoted and suppressed tokens listed per latent.
         batch_size: sequences per forward pass.
-        exclude: positions left out of the scan, as in :func:`mk.evaluate_sae` (``"bos"``:
-            position 0 when it holds BOS; ``"first"``; ``"none"``); ``mask``: real tokens.
+        exclude: positions left out of the scan, as in :func:`mk.evaluate_sae` (``"first"``:
+            position 0, the attention sink; ``"bos"``: position 0 when it holds BOS; ``"none"``);
+            ``mask``: real tokens.
         progress: show a progress bar.
 
     Returns:
@@ -325,7 +326,7 @@ def feature_browser(
     window: int = 16,
     n_logit_tokens: int = 10,
     batch_size: int = 8,
-    exclude: Exclude = "bos",
+    exclude: Exclude = "first",
     mask: Tensor | None = None,
     progress: bool = True,
 ) -> Path:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import mechkit as mk
 from mechkit.errors import EmptyDatasetError, InvalidSiteError
 from mechkit.sae.base import SAEConfig, SparseDictionary
-from mechkit.sae.evaluate import SAEEvaluation, evaluate_sae
+from mechkit.sae.evaluate import SAEEvaluation, counted_positions, evaluate_sae
 
 torch.set_num_threads(1)
 
@@ -212,6 +212,20 @@ def test_dead_and_dense_latents(model):
     assert "2 dead of 16" in fig.layout.title.text
     assert sum(len(t.x) for t in fig.data) == 14  # the living latents
     assert "CE recovered" in ev.summary() and "dead=2/16" in repr(ev)
+
+
+def test_which_positions_count(model):
+    tokens = induction_tokens(n=3)
+    tokens[1, 0] = 9  # row 1 does not start with BOS
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[2, -2:] = False
+    first = counted_positions(model, tokens, mask=mask)  # the default: "first"
+    assert not first[:, 0].any() and first[:, 1:].sum() == 3 * (tokens.shape[1] - 1) - 2
+    bos = counted_positions(model, tokens, exclude="bos", mask=mask)
+    assert bos[:, 0].tolist() == [False, True, False]
+    assert torch.equal(counted_positions(model, tokens, exclude="none", mask=mask), mask)
+    with pytest.raises(mk.MechkitError, match="exclude"):
+        counted_positions(model, tokens, exclude="start")
 
 
 def test_topk_l0_is_k(model):
