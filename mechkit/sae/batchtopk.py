@@ -3,9 +3,10 @@
 When training, a batch of ``B`` rows keeps its ``k * B`` largest pre-activations in total, so
 ``k`` is the *average* L0 and easy rows can use fewer latents than hard ones. That rule depends
 on the batch, so at inference the dictionary is a JumpReLU with one global threshold
-``theta``: an exponential moving average (rate 0.01) of the smallest kept activation of each
-training batch. It is stored as the ``(d_sae,)`` buffer ``threshold`` (all equal), and saved in
-sae-lens's format as a ``jumprelu`` SAE, as sae-lens does. Training is otherwise TopK's (AuxK
+``theta``: an exponential moving average (rate 0.01, started at the first batch's value) of
+the smallest kept activation of each training batch. It is stored as the ``(d_sae,)`` buffer
+``threshold`` (all equal), and saved in sae-lens's format as a ``jumprelu`` SAE, as sae-lens
+does. Training is otherwise TopK's (AuxK
 for dead latents, unit-norm decoder rows, sparse steps).
 
     >>> cfg = SAEConfig(architecture="batchtopk", d_in=8, d_sae=32, k=4,
@@ -65,5 +66,7 @@ class BatchTopKSAE(SparseDictionary):
             positive = values.relu()
             smallest = torch.where(positive > 0, positive, torch.inf).min()
             smallest = torch.where(torch.isfinite(smallest), smallest, self.threshold[0])
-            self.threshold.mul_(1 - THRESHOLD_RATE).add_(THRESHOLD_RATE * smallest)
+            moved = self.threshold * (1 - THRESHOLD_RATE) + THRESHOLD_RATE * smallest
+            # the first batch sets it (no bias towards the zero it starts from)
+            self.threshold.copy_(torch.where(self.threshold == 0, smallest, moved))
         return out

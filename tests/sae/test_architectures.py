@@ -190,8 +190,13 @@ def test_batchtopk_keeps_k_per_row_on_average_and_learns_a_threshold():
     f = sae.batch_topk(sae.pre_activations(x))
     assert (f != 0).sum() <= K * 32 and (f != 0).sum(-1).float().std() > 0  # rows differ
     sae.training_step(x, x, coefficient=0, dead=None, n_dead=0, aux_k=1, aux_coefficient=0)
-    smallest = f[f > 0].min()
-    torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), 0.01 * smallest.item()))
+    smallest = f[f > 0].min().item()
+    torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), smallest))  # first batch
+    x2 = torch.randn(32, D_IN, generator=torch.Generator().manual_seed(5))
+    f2 = sae.batch_topk(sae.pre_activations(x2))
+    sae.training_step(x2, x2, coefficient=0, dead=None, n_dead=0, aux_k=1, aux_coefficient=0)
+    expected = 0.99 * smallest + 0.01 * f2[f2 > 0].min().item()
+    torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), expected))
 
 
 def test_config_round_trips_and_resolves_apply_b_dec():
