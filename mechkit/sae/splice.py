@@ -401,7 +401,11 @@ class SpliceHandle:
                 f"Expected the transcoder's input and output activations to cover the same "
                 f"tokens; got {tuple(x_hat.shape[:2])} and {tuple(y.shape[:2])}."
             )
-        error = y.to(x_hat.dtype) - x_hat
+        # in the wider of the two dtypes, so a bfloat16 dictionary on a float32 model still
+        # gives back the activation to float32 rounding with the error term kept
+        dtype = torch.promote_types(y.dtype, x_hat.dtype)
+        y, x_hat = y.to(x_hat.device, dtype), x_hat.to(dtype)
+        error = y - x_hat
         if self.record:
             self.latents[entry.name] = f.detach()
             self.errors[entry.name] = error.detach()
@@ -412,11 +416,11 @@ class SpliceHandle:
         out = x_hat
         if edited is not f:
             # the error stays the un-edited one: the output moves by exactly this difference
-            out = x_hat + (entry.sae.decode(edited) - entry.sae.decode(f))
+            out = x_hat + (entry.sae.decode(edited) - entry.sae.decode(f)).to(dtype)
         term = error if self.keep_error else torch.zeros_like(error)
         for edit in entry.error_edits:
             term = edit.apply(term)
-        return (out + term).to(act.dtype).reshape(act.shape)
+        return (out + term).to(act.device, act.dtype).reshape(act.shape)
 
     def _hooks(self) -> list[tuple[str, Callable[[Tensor, Any], Tensor | None]]]:
         hooks: list[tuple[str, Callable[[Tensor, Any], Tensor | None]]] = []

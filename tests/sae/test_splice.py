@@ -113,11 +113,13 @@ def _acts(model, tokens, name):
     return got["act"]
 
 
-@pytest.mark.parametrize("kind", ["mechkit", "duck"])
+@pytest.mark.parametrize("kind", ["mechkit", "duck", "bfloat16"])
 @torch.no_grad()
 def test_error_term_keeps_the_output_and_latents_are_the_encoding(model, sae, kind):
     if kind == "duck":
         sae = DuckSAE(RESID, 128, 384, seed=1)
+    elif kind == "bfloat16":  # the error is taken in float32: still exact to float32 rounding
+        sae = SparseDictionary.from_config(sae.cfg.replace(dtype="bfloat16"), seed=1)
     tokens = induction_tokens()
     reference = model(tokens)
     x = _acts(model, tokens, RESID)
