@@ -10,10 +10,10 @@ Run: ``python -m mechkit.sae.recipes.train_smollm2_transcoder [--threads 2]``. I
 ``record.json`` with the training and held-out figures.
 
 Budget-driven choices (an uncontended CPU core does ~500 tokens/s of SmolLM2 forward up to
-block 12; a shared one far less): 64k training tokens from :func:`mechkit.sae.sae_corpus_tokens`
-(the Python reference docs, then stdlib source), cached once as float16, and 1M training rows
-(~16 epochs) over them; width 4x d_model; k = 32. More tokens (``--train-tokens``) are better
-where the forward pass is affordable.
+block 12; a shared one far less): 120k training tokens from
+:func:`mechkit.sae.sae_corpus_tokens` (the Python reference docs, then stdlib source), cached
+once as float16, and 1M training rows (~8 epochs) over them; width 4x d_model; k = 32. More
+tokens (``--train-tokens``) are better where the forward pass is affordable.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ OUT_HOOK = "blocks.12.hook_mlp_out"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--train-tokens", type=int, default=64_000)
+    parser.add_argument("--train-tokens", type=int, default=120_000)
     parser.add_argument("--steps-tokens", type=int, default=1_000_000)
     parser.add_argument("--cache", default="/tmp/mechkit-sae-cache")
     parser.add_argument("--out", default=str(Path(__file__).parents[1] / "trained" / NAME))
