@@ -9,16 +9,18 @@
 - :func:`train_sae` with :class:`TrainConfig`: seeded, resumable training.
 
     >>> import mechkit as mk
-    >>> from mechkit.sae import ActivationStore, SAEConfig, TrainConfig, train_sae
-    >>> model = mk.load_model("attn-only-2l")
-    >>> store = ActivationStore(model, "blocks.1.hook_resid_pre", mk.corpus_tokens(model),
-    ...                         batch_size=1024)
-    >>> cfg = SAEConfig(architecture="topk", d_in=128, d_sae=1024, k=16,
-    ...                 hook_name="blocks.1.hook_resid_pre")
-    >>> sae, result = train_sae(cfg, store, TrainConfig(total_tokens=200_000))
-    >>> result.to_dataframe().tail(1)        # step, tokens, loss, mse, l0, explained_variance
-    >>> sae.encode(torch.randn(4, 128)).shape          # (batch, d_sae)
-    torch.Size([4, 1024])
+    >>> from mechkit.sae import ActivationStore, SAEConfig, TrainConfig, train_sae, load_sae
+    >>> model = mk.load_model("smollm2-135m")
+    >>> tokens = mk.sae.sae_corpus_tokens(model, seq_len=128, max_tokens=64_000)
+    >>> store = ActivationStore(model, "blocks.12.hook_resid_post", tokens, cache_dir="acts/r12")
+    >>> cfg = SAEConfig(architecture="topk", d_in=576, d_sae=2304, k=32,
+    ...                 hook_name="blocks.12.hook_resid_post", model_name="smollm2-135m")
+    >>> sae, result = train_sae(cfg, store, TrainConfig(total_tokens=1_000_000))
+    >>> result.to_dataframe().tail(1)        # step, tokens, lr, loss, mse, l0, explained_variance
+    >>> sae.encode(torch.randn(4, 576)).shape          # (batch, d_sae)
+    torch.Size([4, 2304])
+    >>> sae.save("my_sae")                             # sae-lens format; load_sae reads it back
+    >>> shipped = load_sae("mechkit/sae/trained/smollm2-135m-res12-topk")
 """
 
 from mechkit.sae import batchtopk, jumprelu, relu, topk  # noqa: F401  (register architectures)
