@@ -67,6 +67,8 @@ __all__ = [
     "reproduce",
 ]
 
+_LOGIT_FLOATS = 1 << 26  # logits held at once by per_token_loss (256 MiB in float32)
+
 PAPER: dict[str, Any] = {
     "citation": "Olsson et al. 2022, In-context Learning and Induction Heads; Elhage et al. "
     "2021, A Mathematical Framework for Transformer Circuits",
@@ -404,21 +406,31 @@ def repeated_tokens(
 
 @torch.no_grad()
 def per_token_loss(
-    model: Any, tokens: Int[Tensor, "batch pos"], *, batch_size: int = 8
+    model: Any, tokens: Int[Tensor, "batch pos"], *, batch_size: int | None = None
 ) -> Float[Tensor, "batch pos"]:
     """The loss on each token given the ones before it; column ``i`` is the loss on token ``i``
     (column 0, which nothing predicts, is NaN).
+
+    Args:
+        model: a HookedTransformer.
+        tokens: ``(batch, pos)`` token ids.
+        batch_size: sequences per forward pass; None: as many as keep the logits under
+            64 M floats (2 sequences of 512 tokens for a 49k vocabulary).
 
     Example:
         >>> per_token_loss(model, tokens).shape      # tokens: (4, 21)
         torch.Size([4, 21])
     """
+    if batch_size is None:
+        batch_size = max(1, _LOGIT_FLOATS // (tokens.shape[1] * model.cfg.d_vocab))
     out = torch.full(tokens.shape, float("nan"))
     for lo in range(0, len(tokens), batch_size):
         batch = tokens[lo : lo + batch_size].to(model.cfg.device)
-        logprobs = model(batch).float().log_softmax(-1)  # (batch, pos, d_vocab)
-        nll = -logprobs[:, :-1].gather(-1, batch[:, 1:, None])[..., 0]  # (batch, pos - 1)
-        out[lo : lo + batch_size, 1:] = nll.cpu()
+        logits = model(batch)  # (batch, pos, d_vocab)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none"
+        )  # (batch * (pos - 1),)
+        out[lo : lo + batch_size, 1:] = nll.view(len(batch), -1).cpu()
     return out
 
 
