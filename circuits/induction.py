@@ -138,8 +138,8 @@ class InductionReport:
         model_name: the model.
         prefix_matching, copying, previous_token: per-head scores (``mk.HeadScores``).
         induction_heads: heads with prefix matching ``>= min_score``, best first.
-        path_patching: ``mk.PatchResult`` of every head as a sender into the induction heads'
-            keys (score: the metric's value; lower than the clean value = the head feeds them).
+        path_patching: ``mk.PatchResult`` of every head as a sender into the best induction
+            heads' keys (score: the metric's value; below the clean value: the head feeds them).
         previous_token_heads: the senders that lower the metric most (the feeding heads).
         icl: the in-context-learning score on natural text.
         repeated_loss: unablated mean loss on the second copy (predictable tokens) and on the
@@ -499,12 +499,14 @@ def reproduce(
     *,
     n_prompts: int = 16,  # 16 x [BOS] + r + r: 624 predictable tokens for the ablations
     seq_len: int = 40,  # |r|; detect_heads' default, fits a 128-token context
-    n_path_prompts: int = 8,  # path patching runs two passes per sender: fewer prompts
+    n_path_prompts: int = 4,  # path patching runs two passes per sender: fewer, shorter
+    path_seq_len: int = 20,  # prompts (SmolLM2 on a CPU: ~300 passes from the sender's layer)
+    path_heads: int = 3,  # path patching into the keys of the 3 best induction heads
     min_score: float = 0.4,  # an induction head: prefix matching >= 0.4 (perfect = 1)
     n_previous: int = 3,  # feeding heads reported: at most the 3 senders with the largest effect
     feed_fraction: float = 0.1,  # ... each with at least 10% of the largest one's effect
     n_controls: int = 5,  # random control draws, averaged
-    icl_sequences: int | None = 64,  # held-out text sequences (None: all of the test split)
+    icl_sequences: int | None = 16,  # held-out text sequences (None: all of the test split)
     seed: int = 0,
     progress: bool = False,
 ) -> InductionReport:
@@ -513,7 +515,9 @@ def reproduce(
     Args:
         model: a HookedTransformer (a tokenizer is needed only for the ICL score).
         n_prompts, seq_len: the repeated-token data, ``[BOS] + r + r`` with ``|r| = seq_len``.
-        n_path_prompts: prompts (the first of the data) used for path patching.
+        n_path_prompts, path_seq_len: the path-patching prompts, ``[BOS] + r + r`` with
+            ``|r| = path_seq_len`` (the same seed as the data).
+        path_heads: path patching goes into the keys of this many best induction heads.
         min_score: prefix-matching threshold for an induction head (the best head is always
             one).
         n_previous, feed_fraction: the feeding heads are the (at most ``n_previous``) senders
@@ -560,16 +564,17 @@ def reproduce(
 
     # 5. path patching into their keys: clean [BOS] r r, corrupt [BOS] r' r (repetition broken);
     #    keys are per key/value head in grouped-query models
-    clean = tokens[:n_path_prompts]
-    fresh = repeated_tokens(model, n_path_prompts, seq_len, seed=seed + 1)
-    corrupt = torch.cat([clean[:, :1], fresh[:, 1 : 1 + seq_len], clean[:, 1 + seq_len :]], 1)
+    n = path_seq_len
+    clean = repeated_tokens(model, n_path_prompts, n, seed=seed)  # (batch, 1 + 2n)
+    fresh = repeated_tokens(model, n_path_prompts, n, seed=seed + 1)
+    corrupt = torch.cat([clean[:, :1], fresh[:, 1 : 1 + n], clean[:, 1 + n :]], 1)  # r' r
     group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)  # query heads per kv head
-    receivers = sorted({(layer, head // group) for layer, head in induction})
+    receivers = sorted({(layer, head // group) for layer, head in induction[:path_heads]})
     patched = mk.path_patch(
         model,
         clean,
         corrupt,
-        _second_copy_logprob(clean, seq_len),
+        _second_copy_logprob(clean, n),
         senders="heads",
         receivers=[mk.Site("k", layer=layer, head=kv) for layer, kv in receivers],
         direction="noising",
@@ -635,6 +640,8 @@ def reproduce(
             "n_prompts": n_prompts,
             "seq_len": seq_len,
             "n_path_prompts": n_path_prompts,
+            "path_seq_len": path_seq_len,
+            "path_heads": [f"L{layer}H{head}" for layer, head in induction[:path_heads]],
             "min_score": min_score,
             "n_previous": n_previous,
             "feed_fraction": feed_fraction,

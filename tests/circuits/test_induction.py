@@ -29,7 +29,15 @@ SEQ = 20  # |r| in the toy tests: [BOS] + r + r = 41 tokens
 @pytest.fixture(scope="module")
 def toy_report(toy) -> InductionReport:
     torch.manual_seed(0)
-    return reproduce(toy, n_prompts=8, seq_len=SEQ, n_path_prompts=8, n_controls=3)
+    return reproduce(
+        toy,
+        n_prompts=8,
+        seq_len=SEQ,
+        n_path_prompts=8,
+        path_seq_len=SEQ,
+        path_heads=4,
+        n_controls=3,
+    )
 
 
 def _direct_prefix_matching(model, tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -201,7 +209,13 @@ def test_phase_change_data_repeats_a_span():
 @pytest.mark.slow
 def test_smollm2_induction_heads(smollm2):
     report = reproduce(
-        smollm2, n_prompts=4, seq_len=20, n_path_prompts=4, n_controls=1, icl_sequences=4
+        smollm2,
+        n_prompts=4,
+        seq_len=20,
+        n_path_prompts=2,
+        path_heads=1,
+        n_controls=1,
+        icl_sequences=2,
     )
     labels = [f"L{layer}H{head}" for layer, head in report.induction_heads]
     assert labels[0] == report.prefix_matching.top(1)[0][0]
