@@ -4,6 +4,7 @@
 >>> model = mk.load_model("attn-only-2l")
 """
 
+from mechkit import sae
 from mechkit.attribution import AttributionComparison, attribution_patch, compare_attribution
 from mechkit.corpus import corpus_tokens
 from mechkit.decomposition import (
@@ -66,6 +67,24 @@ from mechkit.metrics import (
 from mechkit.models import BUILTIN_MODELS, ModelInfo, Processing, load_model, model_info
 from mechkit.patching import PATCHABLE, PatchResult, activation_patch, path_patch
 from mechkit.prompts import PromptPairs
+from mechkit.sae import (
+    ActivationStore,
+    FeatureReport,
+    SAEConfig,
+    SAEEvaluation,
+    SparseDictionary,
+    SpliceHandle,
+    TrainConfig,
+    collect_features,
+    evaluate_sae,
+    feature_browser,
+    load_sae,
+    patch_latents,
+    sae_corpus_tokens,
+    save_sae,
+    splice,
+    train_sae,
+)
 from mechkit.sites import COMPONENTS, Site, validate_sites
 from mechkit.steering import (
     ABScore,
@@ -91,6 +110,23 @@ from mechkit.tokens import tokenize_answer
 __version__ = "0.1.0"
 
 __all__ = [
+    "sae",
+    "ActivationStore",
+    "FeatureReport",
+    "SAEConfig",
+    "SAEEvaluation",
+    "SparseDictionary",
+    "SpliceHandle",
+    "TrainConfig",
+    "collect_features",
+    "evaluate_sae",
+    "feature_browser",
+    "load_sae",
+    "patch_latents",
+    "sae_corpus_tokens",
+    "save_sae",
+    "splice",
+    "train_sae",
     "CircuitEvaluation",
     "CircuitGraph",
     "Edge",

@@ -7,6 +7,10 @@
 - :class:`ActivationStore`: activations (or transcoder input/output pairs) of any hook over a
   token corpus, in shuffled batches, optionally cached to disk and reused across runs.
 - :func:`train_sae` with :class:`TrainConfig`: seeded, resumable training.
+- :func:`evaluate_sae`: L0, explained variance, MSE, cosine, and loss recovered when spliced in.
+- :func:`splice` (a context manager; latents and the reconstruction error addressable) and
+  :func:`patch_latents` (activation patching over latents).
+- :func:`feature_browser`: top contexts, activation histograms and promoted tokens, one HTML page.
 
     >>> import mechkit as mk
     >>> from mechkit.sae import ActivationStore, SAEConfig, TrainConfig, train_sae, load_sae
@@ -27,8 +31,17 @@ from mechkit.sae import batchtopk, jumprelu, relu, topk  # noqa: F401  (register
 from mechkit.sae.activations import ActivationStore, sae_corpus_tokens
 from mechkit.sae.base import ARCHITECTURES, SAEConfig, SparseDictionary, load_sae, save_sae
 from mechkit.sae.batchtopk import BatchTopKSAE
+from mechkit.sae.browser import (
+    FeatureContext,
+    FeatureData,
+    FeatureReport,
+    collect_features,
+    feature_browser,
+)
+from mechkit.sae.evaluate import SAEEvaluation, evaluate_sae
 from mechkit.sae.jumprelu import JumpReLUSAE
 from mechkit.sae.relu import ReLUSAE
+from mechkit.sae.splice import SpliceHandle, patch_latents, splice
 from mechkit.sae.topk import TopKSAE
 from mechkit.sae.training import TrainConfig, TrainedSAE, TrainResult, train_sae
 
@@ -48,4 +61,14 @@ __all__ = [
     "TrainResult",
     "TrainedSAE",
     "train_sae",
+    "FeatureContext",
+    "FeatureData",
+    "FeatureReport",
+    "collect_features",
+    "feature_browser",
+    "SAEEvaluation",
+    "evaluate_sae",
+    "SpliceHandle",
+    "patch_latents",
+    "splice",
 ]
