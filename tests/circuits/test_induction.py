@@ -187,6 +187,7 @@ def test_phase_change_script_tiny_run(tmp_path):
     assert two["curve"][2]["tokens_seen"] == 3 * 4 * (cfg.n_ctx - 1)
     assert record["models"]["1-layer"]["curve"][-1]["best_head"].startswith("L0")
     assert "first_step_prefix_matching_at_least_0.5" in two["summary"]
+    assert "note" in record["phase_change"]  # 3 steps: no induction head
     json.dumps(record)
     assert pc.plot_record(record, tmp_path / "pc.png").stat().st_size > 1000
 
