@@ -194,6 +194,7 @@ class IOIReport:
 
     model_name: str
     n_prompts: int
+    n_path_prompts: int
     seed: int
     logit_diff: float
     io_over_s: float
@@ -215,6 +216,7 @@ class IOIReport:
         return {
             "model": self.model_name,
             "n_prompts": self.n_prompts,
+            "n_path_prompts": self.n_path_prompts,
             "seed": self.seed,
             "logit_diff": self.logit_diff,
             "io_over_s": self.io_over_s,
@@ -271,6 +273,7 @@ def reproduce(
     model: Any,
     *,
     n_prompts: int = 32,
+    n_path_prompts: int = 8,
     seed: int = 0,
     threshold: float = 0.2,
     max_per_class: int = 4,
@@ -280,7 +283,10 @@ def reproduce(
 
     Args:
         model: a HookedTransformer whose tokenizer has single-token names.
-        n_prompts, seed: the dataset.
+        n_prompts, seed: the dataset (logit difference, DLA, attention, faithfulness).
+        n_path_prompts: the first prompts of the dataset used for path patching (two passes
+            per sender; on a CPU the cost that decides the run time). All 15 templates are
+            covered from 15 prompts up.
         threshold: a head joins a class when its score is at least this fraction of the
             class's strongest score (and at most ``max_per_class`` heads per class).
         progress: progress bars of the patching sweeps.
@@ -311,7 +317,8 @@ def reproduce(
     # 4. S-inhibition: every head's path into the name movers' queries
     path_scores: dict[str, mk.PatchResult] = {}
     mover_sites = [mk.Site("q", layer=layer, head=head) for (layer, head), _ in movers]
-    into_q = _path(model, pairs, mover_sites, progress)
+    path_pairs = pairs[: min(n_path_prompts, len(pairs))]
+    into_q = _path(model, path_pairs, mover_sites, progress)
     path_scores["name mover queries"] = into_q
     first_mover = min(layer for (layer, _), _ in movers) if movers else model.cfg.n_layers
     drop_q = _drop(into_q, before_layer=first_mover)
@@ -327,7 +334,7 @@ def reproduce(
     value_sites = _unique_sites("v", [(lay, h // group) for (lay, h), _ in s_inhibition])
     induction: list[tuple[tuple[int, int], float]] = []
     if value_sites:
-        into_v = _path(model, pairs, value_sites, progress)
+        into_v = _path(model, path_pairs, value_sites, progress)
         path_scores["s-inhibition values"] = into_v
         first = min(s.layer for s in value_sites)
         found = _pick(_drop(into_v, before_layer=first), threshold, 2 * max_per_class)
@@ -344,7 +351,7 @@ def reproduce(
     # 6. previous-token heads: paths into the induction heads' keys
     key_sites = _unique_sites("k", [(lay, h // group) for (lay, h), _ in induction])
     if key_sites:
-        into_k = _path(model, pairs, key_sites, progress)
+        into_k = _path(model, path_pairs, key_sites, progress)
         path_scores["induction keys"] = into_k
         first = min(s.layer for s in key_sites)
         for (layer, head), value in _pick(_drop(into_k, first), threshold, max_per_class):
@@ -389,6 +396,7 @@ def reproduce(
     return IOIReport(
         model_name=str(getattr(model.cfg, "model_name", "model")),
         n_prompts=n_prompts,
+        n_path_prompts=len(path_pairs),
         seed=seed,
         logit_diff=logit_diff,
         io_over_s=io_over_s,
@@ -586,7 +594,8 @@ def _page(report: IOIReport, figures: list[str]) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style></head>
 <body><h1>Indirect object identification: {html.escape(report.model_name)}</h1>
-<p>{report.n_prompts} prompts (seed {report.seed}), {report.seconds:.0f} s. Figures: {links};
+<p>{report.n_prompts} prompts (seed {report.seed}; path patching on the first
+{report.n_path_prompts}), {report.seconds:.0f} s. Figures: {links};
 the circuit as <a href="ioi_circuit.svg">SVG</a> and <a href="ioi_circuit.json">JSON</a>;
 every number in <a href="ioi.json">ioi.json</a>.</p>
 <table><tr><th></th><th>{html.escape(report.model_name)}</th><th>GPT-2 small (paper)</th></tr>
@@ -623,10 +632,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", default="reports/ioi")
     parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--path-prompts", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     model = mk.load_model(args.model)
-    report = reproduce(model, n_prompts=args.prompts, seed=args.seed, progress=True)
+    report = reproduce(
+        model, n_prompts=args.prompts, n_path_prompts=args.path_prompts, seed=args.seed,
+        progress=True,
+    )  # fmt: skip
     index = report.write(args.out)
     print(f"logit difference {report.logit_diff:.2f}, IO over S {report.io_over_s:.1%}, "
           f"faithfulness {report.faithfulness:.1%}")  # fmt: skip
