@@ -19,6 +19,8 @@ model mechkit loads, step by step, with mechkit's public API only:
 5. path patching into the S-inhibition heads' values: induction and duplicate-token heads, told
    apart by their induction and duplicate-token scores on repeated random tokens;
 6. path patching into the induction heads' keys: previous-token heads;
+   Heads with a large direct effect that do not attend to IO are reported as "other direct"
+   (a class the paper did not need for GPT-2) and kept in the circuit;
 7. the circuit's faithfulness with every other head mean-ablated over p_ABC (per template),
    completeness (ablating a class from the circuit and from the model should hurt alike) and
    minimality (each head's own contribution inside the circuit).
@@ -304,15 +306,21 @@ def reproduce(
     # 3. name movers and negative name movers: direct logit attribution at the end
     dla = mk.direct_logit_attribution(model, pairs).head_scores()  # (layer, head)
     attention = _attention_from_end(model, data)
-    movers = _pick(dla, threshold, max_per_class)
-    negative = _pick(-dla, threshold, max_per_class)
-    classes: dict[str, list[dict[str, Any]]] = {k: [] for k in CLASSES}
-    for (layer, head), value in movers:
-        classes["name mover"].append(_evidence(layer, head, dla=value, **attention[layer][head]))
-    for (layer, head), value in negative:
-        classes["negative name mover"].append(
-            _evidence(layer, head, dla=-value, **attention[layer][head])
-        )
+    # a name mover attends from the end to the IO name (more than to S2) and writes it out;
+    # a negative name mover attends to IO and writes against it (Wang et al. sec. 3.1).
+    # Heads with a large direct effect that attend elsewhere are kept apart as evidence.
+    classes: dict[str, list[dict[str, Any]]] = {k: [] for k in (*CLASSES, "other direct")}
+    movers, negative = [], []
+    for sign, picked in ((1.0, movers), (-1.0, negative)):
+        for (layer, head), value in _pick(sign * dla, threshold, 2 * max_per_class):
+            seen = attention[layer][head]
+            evidence = _evidence(layer, head, dla=sign * value, **seen)
+            if seen["attn_end_to_io"] > seen["attn_end_to_s2"] and len(picked) < max_per_class:
+                picked.append(((layer, head), value))
+                kind = "name mover" if sign > 0 else "negative name mover"
+                classes[kind].append(evidence)
+            else:
+                classes["other direct"].append(evidence)
 
     # 4. S-inhibition: every head's path into the name movers' queries
     path_scores: dict[str, mk.PatchResult] = {}
@@ -550,8 +558,8 @@ def _circuit_graph(
         edges.append(name)
 
     heads = {kind: [_parse(h["head"]) for h in items] for kind, items in classes.items()}
-    for kind in ("name mover", "negative name mover"):
-        for layer, head in heads[kind]:
+    for kind in ("name mover", "negative name mover", "other direct"):
+        for layer, head in heads.get(kind, []):
             add((layer, head), "logits", float(dla[layer, head]))
     pairs = [
         ("s-inhibition", "name mover", "q", "name mover queries"),
@@ -581,11 +589,12 @@ def _circuit_graph(
 def _page(report: IOIReport, figures: list[str]) -> str:
     paper = PAPER_GPT2
     rows = []
-    for kind in CLASSES:
+    for kind in (*CLASSES, "other direct"):
         ours = ", ".join(report.heads(kind)) or "none found"
+        theirs = ", ".join(paper["classes"].get(kind, ["(not a class of the paper)"]))
         rows.append(
             f"<tr><td>{html.escape(kind)}</td><td>{html.escape(ours)}</td>"
-            f"<td>{html.escape(', '.join(paper['classes'][kind]))}</td></tr>"
+            f"<td>{html.escape(theirs)}</td></tr>"
         )
     evidence = report.to_dataframe().to_html(index=False) if any(report.classes.values()) else ""
     links = " ".join(f'<a href="{html.escape(f)}">{html.escape(f)}</a>' for f in figures)
@@ -643,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     index = report.write(args.out)
     print(f"logit difference {report.logit_diff:.2f}, IO over S {report.io_over_s:.1%}, "
           f"faithfulness {report.faithfulness:.1%}")  # fmt: skip
-    for kind in CLASSES:
+    for kind in (*CLASSES, "other direct"):
         print(f"{kind:20s} {', '.join(report.heads(kind)) or '-'}")
     print(f"wrote {index}")
     return 0
