@@ -75,9 +75,11 @@ from mechkit.sae import (
     SparseDictionary,
     SpliceHandle,
     TrainConfig,
+    attribute_latents,
     collect_features,
     evaluate_sae,
     feature_browser,
+    feature_connections,
     load_sae,
     patch_latents,
     sae_corpus_tokens,
@@ -111,6 +113,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "sae",
+    "attribute_latents",
+    "feature_connections",
     "ActivationStore",
     "FeatureReport",
     "SAEConfig",

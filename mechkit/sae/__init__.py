@@ -9,7 +9,9 @@
 - :func:`train_sae` with :class:`TrainConfig`: seeded, resumable training.
 - :func:`evaluate_sae`: L0, explained variance, MSE, cosine, and loss recovered when spliced in.
 - :func:`splice` (a context manager; latents and the reconstruction error addressable) and
-  :func:`patch_latents` (activation patching over latents).
+  :func:`patch_latents` (activation patching over latents); :func:`attribute_latents`
+  (attribution patching over latents and the error term, Marks et al.) and
+  :func:`feature_connections` (transcoder-to-transcoder weights, Dunefsky et al.).
 - :func:`feature_browser`: top contexts, activation histograms and promoted tokens, one HTML page.
 
     >>> import mechkit as mk
@@ -29,6 +31,7 @@
 
 from mechkit.sae import batchtopk, jumprelu, relu, topk  # noqa: F401  (register architectures)
 from mechkit.sae.activations import ActivationStore, sae_corpus_tokens
+from mechkit.sae.attribution import attribute_latents, feature_connections
 from mechkit.sae.base import ARCHITECTURES, SAEConfig, SparseDictionary, load_sae, save_sae
 from mechkit.sae.batchtopk import BatchTopKSAE
 from mechkit.sae.browser import (
@@ -71,4 +74,6 @@ __all__ = [
     "SpliceHandle",
     "patch_latents",
     "splice",
+    "attribute_latents",
+    "feature_connections",
 ]
