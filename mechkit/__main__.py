@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="run the main analyses and write an HTML report")
     demo.add_argument("--out", default="reports", help="output folder (default: reports)")
     demo.add_argument("--model", default="smollm2-135m", help="model name or path")
+    demo.add_argument(
+        "--quick", action="store_true", help="the paper reproductions on fewer prompts"
+    )
     lens = commands.add_parser(
         "tuned-lens",
         help="train a tuned lens on the offline corpus (resumable), then compare it with the "
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from mechkit.demo import run_demo
 
-            run_demo(args.out, args.model)
+            run_demo(args.out, args.model, quick=args.quick)
         elif args.command == "tuned-lens":
             _tuned_lens(args)
         elif args.command == "sweep":

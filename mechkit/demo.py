@@ -241,6 +241,127 @@ def _circuit(model: Any, out: Path) -> str:
     )
 
 
+# The paper reproductions live in the top-level ``circuits`` package (built on mechkit's public
+# API); the demo imports them inside each section.
+
+
+def _ioi(model: Any, out: Path, quick: bool = False) -> str:
+    from circuits import ioi
+
+    n_prompts, n_path = (8, 4) if quick else (16, 8)
+    report = ioi.reproduce(model, n_prompts=n_prompts, n_path_prompts=n_path)
+    report.write(out / "ioi")
+    rows = [
+        [kind, ", ".join(report.heads(kind)) or "none found", ", ".join(heads)]
+        for kind, heads in [*ioi.PAPER_GPT2["classes"].items(), ("other direct", ["-"])]
+    ]
+    return (
+        f"<p>Wang et al.'s method on {n_prompts} prompts of the paper's 15 templates (report: "
+        '<a href="ioi/index.html">ioi/index.html</a>, with the path-patching figures, the '
+        'circuit drawn as a graph and <a href="ioi/ioi.json">every number</a>). Logit '
+        f"difference {report.logit_diff:.2f} (GPT-2 in the paper: 3.56), IO over S "
+        f"{report.io_over_s:.0%}; the circuit's faithfulness with every other head "
+        f"mean-ablated over p_ABC: {report.faithfulness:.0%} (GPT-2: 87%).</p>"
+        + _table(rows, ["class", "heads found here (layer.head)", "GPT-2 small (paper)"])
+    )
+
+
+def _induction(model: Any, out: Path, quick: bool = False) -> str:
+    from circuits import induction
+
+    sizes = {"n_prompts": 8, "icl_sequences": 4} if quick else {}
+    report = induction.reproduce(model, **sizes)
+    report.to_html(out / "induction" / "index.html")
+    data = report.to_dict()
+    heads = ", ".join(f"{h['head']} ({h['prefix_matching']:.2f})" for h in data["induction_heads"])
+    feeding = ", ".join(h["head"] for h in data["previous_token_heads"]) or "none found"
+    rows = [
+        [name, *(f"{values.get(kind, float('nan')):+.2f}" for kind in ("zero", "mean"))]
+        for name, values in report.ablation_summary().items()
+    ]
+    icl = report.icl.score
+    return (
+        "<p>Olsson et al.: prefix-matching and copying scores of every head, the in-context "
+        "learning score, path patching into the induction heads' keys, and ablations (report: "
+        '<a href="induction/index.html">induction/index.html</a>). Induction heads (prefix '
+        f"matching): {html.escape(heads)}; previous-token heads feeding them: "
+        f"{html.escape(feeding)}; in-context-learning score "
+        f"{'n/a' if icl is None else f'{icl:+.2f} nats'}.</p>"
+        + _table(rows, ["heads ablated", "loss increase, zero ablation", "mean ablation"])
+    )
+
+
+def _greater_than(model: Any, out: Path, quick: bool = False) -> str:
+    from circuits import greater_than
+
+    n_prompts = 6 if quick else 16
+    report = greater_than.reproduce(model, n_prompts=n_prompts)
+    report.write(out / "greater_than")
+    note = (
+        "SmolLM2's tokenizer writes years digit by digit, so the paper's two-digit metric does "
+        "not exist for it; the metric here reads the tens digit (p(later) - p(earlier))."
+        if report.mode == "one-digit"
+        else "The paper's two-digit metric."
+    )
+    return (
+        f"<p>Hanna et al.'s prompts ({n_prompts}; report: "
+        '<a href="greater_than/index.html">greater_than/index.html</a>). '
+        f"{html.escape(note)} Probability difference {report.clean_score:.0%}, after the "
+        f'"01" corruption {report.corrupt_score:.0%}. Heads that restore it most: '
+        f"{', '.join(report.top_heads(5))}; MLPs: {report.top_mlps()}.</p>"
+    )
+
+
+def _features(model: Any, out: Path) -> str:
+    from mechkit.corpus import corpus_tokens
+    from mechkit.sae.base import load_sae
+    from mechkit.sae.browser import feature_browser
+    from mechkit.sae.evaluate import evaluate_sae
+
+    folder = Path(__file__).parent / "sae" / "trained" / "smollm2-135m-res12-topk"
+    if getattr(model.cfg, "model_name", "") != "smollm2-135m" or not folder.is_dir():
+        return "<p>Skipped: the shipped SAE is for smollm2-135m.</p>"
+    sae = load_sae(folder)
+    tokens = corpus_tokens(model, seq_len=128, split="test", max_sequences=8)
+    ev = evaluate_sae(model, sae, tokens, progress=False)
+    with torch_no_grad():
+        acts = _latent_frequency(model, sae, tokens)
+    latents = acts.argsort(descending=True)[20:28].tolist()  # frequent, not the densest
+    feature_browser(model, sae, tokens, latents, out=out / "features.html")
+    rows = [
+        ["L0", f"{ev.l0:.1f}"],
+        ["explained variance", f"{ev.explained_variance:.3f}"],
+        ["cross-entropy recovered (vs zero / mean ablation)",
+         f"{ev.ce_recovered:.3f} / {ev.ce_recovered_mean:.3f}"],
+        ["CE clean / spliced (nats)", f"{ev.ce_clean:.3f} / {ev.ce_sae:.3f}"],
+        ["dead / dense latents", f"{ev.n_dead} / {ev.n_dense}"],
+    ]  # fmt: skip
+    return (
+        f"<p>The TopK SAE shipped with mechkit ({sae.cfg.d_sae} latents, k={sae.cfg.k}, on "
+        f"{html.escape(sae.cfg.hook_name)}; trained by "
+        "<code>python -m mechkit.sae.recipes.train_smollm2_topk</code>), evaluated on "
+        f"{tokens.numel()} held-out tokens, and a feature browser for 8 of its latents: "
+        '<a href="features.html">features.html</a>.</p>' + _table(rows, ["figure", "value"])
+    )
+
+
+def torch_no_grad() -> Any:
+    import torch
+
+    return torch.no_grad()
+
+
+def _latent_frequency(model: Any, sae: Any, tokens: Any) -> Any:
+    from mechkit.interventions import capture
+    from mechkit.sites import Site
+
+    site = Site.from_hook_name(sae.cfg.hook_name, model)
+    with capture(model, site) as acts:
+        model(tokens)
+    latents = sae.encode(acts[site][:, 1:].to(sae.W_enc.dtype))  # position 0: the attention sink
+    return (latents > 0).float().mean((0, 1))
+
+
 STEERING_PAIRS = (
     ("I love this. It is wonderful", "I hate this. It is terrible"),
     ("What a great day, I am so happy", "What an awful day, I am so sad"),
@@ -320,11 +441,23 @@ SECTIONS: tuple[tuple[str, Callable[[Any, Path], str]], ...] = (
     ("Activation and path patching (IOI)", _patching),
     ("Attribution patching and the circuit graph (IOI)", _circuit),
     ("Steering (activation addition)", _steering),
+    ("IOI circuit (Wang et al. 2022)", _ioi),
+    ("Induction heads (Olsson et al. 2022)", _induction),
+    ("Greater-than (Hanna et al. 2023)", _greater_than),
+    ("Sparse autoencoder features", _features),
 )
 
 
-def run_demo(out_dir: str | Path = "reports", model_name: str = "smollm2-135m") -> Path:
-    """Load ``model_name``, run every section, and write ``out_dir/index.html``."""
+def run_demo(
+    out_dir: str | Path = "reports", model_name: str = "smollm2-135m", *, quick: bool = False
+) -> Path:
+    """Load ``model_name``, run every section, and write ``out_dir/index.html``.
+
+    ``quick=True`` runs the paper reproductions on fewer prompts (the test suite uses it); the
+    page says so.
+    """
+    import inspect
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -335,7 +468,8 @@ def run_demo(out_dir: str | Path = "reports", model_name: str = "smollm2-135m") 
     body = []
     for title, section in SECTIONS:
         t0 = time.perf_counter()
-        content = section(model, out)
+        takes_quick = "quick" in inspect.signature(section).parameters
+        content = section(model, out, quick=quick) if takes_quick else section(model, out)
         seconds = time.perf_counter() - t0
         print(f"[mechkit demo] {title}: {seconds:.1f} s", flush=True)
         body.append(f"<h2>{html.escape(title)}</h2>{content}<p><small>{seconds:.1f} s</small></p>")
@@ -345,6 +479,7 @@ def run_demo(out_dir: str | Path = "reports", model_name: str = "smollm2-135m") 
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
 td{{white-space:pre-wrap}}</style></head><body>
 <h1>mechkit report: {html.escape(model_name)}</h1>
+{"<p><b>Quick run</b>: the paper reproductions used fewer prompts.</p>" if quick else ""}
 {"".join(body)}
 <p><small>Written by mechkit in {time.perf_counter() - start:.1f} s.</small></p>
 </body></html>

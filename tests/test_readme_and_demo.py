@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def test_readme_quickstart_runs(smollm2):
 
 
 def test_demo_writes_report(smollm2, tmp_path):
-    index = run_demo(tmp_path / "reports", "smollm2-135m")
+    index = run_demo(tmp_path / "reports", "smollm2-135m", quick=True)
     page = index.read_text()
     assert index.name == "index.html" and "smollm2-135m" in page
     assert "&#x27; Paris&#x27;" in page or "' Paris'" in page  # top prediction shown
@@ -44,6 +45,12 @@ def test_demo_writes_report(smollm2, tmp_path):
     circuit = mk.CircuitGraph.load(tmp_path / "reports" / "ioi_circuit.json")
     assert 0 < circuit.n_edges <= 150 and circuit.model_name == "smollm2-135m"
     assert (tmp_path / "reports" / "ioi_circuit.svg").read_text().startswith("<svg")
+    for report in ["ioi/index.html", "induction/index.html", "greater_than/index.html"]:
+        assert (tmp_path / "reports" / report).is_file(), report
+        assert f'href="{report}"' in page
+    assert (tmp_path / "reports" / "features.html").is_file()
+    numbers = json.loads((tmp_path / "reports" / "ioi" / "ioi.json").read_text())
+    assert numbers["logit_diff"] > 1 and numbers["classes"]["name mover"]
 
 
 def test_cli_reports_errors_plainly(capsys):
