@@ -280,7 +280,7 @@ def _decompose(model: Any, tok: Tensor, mask: Tensor, layer: Any, positions: Any
     for i in range(layer):
         z = at(cache[f"blocks.{i}.attn.hook_z"])  # (batch, [pos,] head, d_head)
         # (head, batch, [pos,] d_model)
-        per_head = torch.einsum("...hd,hdm->h...m", z, model.W_O[i])
+        per_head = torch.einsum("...hd,hdm->h...m", z, model.blocks[i].attn.W_O)
         for h in range(cfg.n_heads):
             add(f"L{i}H{h}", "head", per_head[h], i, h)
         add(f"L{i}.attn_bias", "attn_bias", model.b_O[i].expand_as(resid), i)

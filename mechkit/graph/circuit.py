@@ -129,7 +129,6 @@ class CircuitGraph:
         values = self._ranking(absolute)
         mask = torch.zeros_like(layout.valid)
         reached = {"logits"}
-        sender_of = {node.name: i for i, node in enumerate(layout.senders)}
         candidates = torch.zeros(len(layout.receivers), dtype=torch.bool)
         for r, rec in enumerate(layout.receivers):
             candidates[r] = any(node in reached for node in rec.nodes)
@@ -147,7 +146,6 @@ class CircuitGraph:
                 for r2, rec in enumerate(layout.receivers):
                     if name in rec.nodes:
                         candidates[r2] = True
-        del sender_of
         return dataclasses.replace(self, mask=mask)
 
     def prune(self) -> CircuitGraph:

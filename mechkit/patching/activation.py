@@ -538,9 +538,13 @@ def _source_acts(
                 out[name] = total
         else:  # resample
             if mask.shape[1] != seq or not bool(mask.all()):
+                padded = (~mask.all(1)).nonzero()[:, 0].tolist()
                 raise ShapeError(
                     f"Expected reference prompts of {seq} tokens without padding for resample "
-                    f"ablation; got reference tokens of shape {tuple(mask.shape)}."
+                    f"ablation (each prompt takes another's activation position by position); "
+                    f"got reference tokens of shape {tuple(mask.shape)} with padding in rows "
+                    f"{padded}. Hint: use prompts of one length, or pass reference= prompts "
+                    "of the patched prompts' length."
                 )
             generator = torch.Generator().manual_seed(seed)
             draw = torch.randint(0, acts.shape[0], (n_batch,), generator=generator)
