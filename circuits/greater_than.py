@@ -186,19 +186,19 @@ class GreaterThanReport:
             fig.write_html(out / name, include_plotlyjs="directory")
         links = " ".join(f'<a href="{n}">{n}</a>' for n in figures)
         data = self.to_dict()
+        caveat = (
+            ""
+            if self.mode == "two-digit"
+            else "This model's tokenizer splits years into digits, so the paper's two-digit "
+            "setting does not exist for it: the metric reads the tens digit and its numbers are "
+            "not comparable with the paper's."
+        )
         index = out / "index.html"
         index.write_text(
             f"""<!doctype html><html><head><meta charset="utf-8"><title>Greater-than</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}</style></head><body>
 <h1>Greater-than: {html.escape(self.model_name)}</h1>
-<p>Tokenizer: {html.escape(self.mode)}; metric: {html.escape(data["metric"])}.
-{
-                ""
-                if self.mode == "two-digit"
-                else "This model's tokenizer splits years into digits, so the "
-                "paper's two-digit setting does not exist for it: the metric reads the tens digit and its "
-                "numbers are not comparable with the paper's."
-            }</p>
+<p>Tokenizer: {html.escape(self.mode)}; metric: {html.escape(data["metric"])}. {caveat}</p>
 <p>Probability difference {self.clean_score:.1%} (corrupt "01": {self.corrupt_score:.1%});
 GPT-2 small in the paper: {PAPER_GPT2["probability_difference"]:.1%}.</p>
 <p>Heads that restore it most (denoising): {html.escape(", ".join(self.top_heads()))}
