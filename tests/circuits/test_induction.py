@@ -179,12 +179,16 @@ def test_phase_change_script_tiny_run(tmp_path):
     cfg = pc.PhaseChangeConfig(steps_2l=3, steps_1l=2, eval_every=2, n_eval=8, batch_size=4)
     record = pc.run(cfg, log=False)
     assert set(record) >= {"config", "data", "models", "wall_seconds", "notes"}
+    assert set(record) >= {"load_average_1_5_15", "cpu_seconds"}
     assert set(record["models"]) == {"2-layer", "1-layer"}
     two = record["models"]["2-layer"]
     assert [p["step"] for p in two["curve"]] == [0, 2, 3]
-    fields = {"tokens_seen", "loss_natural", "icl_natural", "icl_repeated"}
-    assert fields | {"prefix_matching_best", "best_head"} <= set(two["curve"][-1])
+    fields = {"tokens_seen", "loss", "loss_first_copy", "loss_second_copy", "icl_score"}
+    assert fields | {"prefix_matching_best", "best_head", "train_loss"} <= set(two["curve"][0])
     assert two["curve"][2]["tokens_seen"] == 3 * 4 * (cfg.n_ctx - 1)
+    point = two["curve"][-1]
+    score = point["loss_second_copy"] - point["loss_first_copy"]
+    assert math.isclose(point["icl_score"], score, abs_tol=2e-4)
     assert record["models"]["1-layer"]["curve"][-1]["best_head"].startswith("L0")
     assert "first_step_prefix_matching_at_least_0.5" in two["summary"]
     assert "note" in record["phase_change"]  # 3 steps: no induction head
@@ -192,19 +196,35 @@ def test_phase_change_script_tiny_run(tmp_path):
     assert pc.plot_record(record, tmp_path / "pc.png").stat().st_size > 1000
 
 
-def test_phase_change_data_repeats_a_span():
-    cfg = pc.PhaseChangeConfig(random_span_prob=0.0)  # spans of text: the copy is exact
-    stream = torch.arange(2, 1002)  # no repeated token in the stream itself
-    batch = pc.sample_batch(stream, torch.Generator().manual_seed(0), 16, cfg, repeat_prob=1.0)
-    assert batch.shape == (16, cfg.n_ctx) and (batch[:, 0] == pc.BOS).all()
-    for row in batch[:, 1:]:
-        counts = torch.bincount(row)
-        repeated = int((counts >= 2).sum())
-        assert cfg.min_span <= repeated <= cfg.max_span  # exactly the copied span's ids
+def test_phase_change_data_repeats_a_segment_then_text_or_noise():
+    cfg = pc.PhaseChangeConfig(text_prob=0.5)
+    stream = torch.arange(2, cfg.vocab_size)  # the "text": consecutive ids
+    gen = torch.Generator().manual_seed(0)
+    batch, lengths, is_text = pc.sample_batch(stream, gen, 64, cfg)
+    assert batch.shape == (64, cfg.n_ctx) and (batch[:, 0] == pc.BOS).all()
+    assert 0 < int(is_text.sum()) < 64
+    assert int(lengths.min()) >= cfg.min_span and int(lengths.max()) <= cfg.max_span
+    for row, length, text in zip(batch, lengths.tolist(), is_text.tolist(), strict=True):
+        assert torch.equal(row[1 : 1 + length], row[1 + length : 1 + 2 * length])
+        assert int(row[1:].min()) >= 2 and int(row.max()) < cfg.vocab_size
+        filler = row[1 + 2 * length :]
+        consecutive = bool((filler[1:] - filler[:-1] == 1).all())
+        assert consecutive == text  # a window of the stream, or random tokens
     vocab = pc.build_vocabulary(["a cat sat", "the cat"], 20)
     ids = vocab.encode("the cat sat at")  # " at" is spelled in characters
     assert vocab.decode(ids) == "the cat sat at" and pc.UNK not in ids
     assert len(ids) == 6 and vocab.encode("w") == [pc.UNK]
+
+
+def test_icl_copy_score_compares_the_same_tokens_in_both_copies():
+    losses = torch.full((2, 12), float("nan"))
+    losses[0, 1:] = torch.tensor([9.0, 5.0, 5.0, 9.0, 9.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0])
+    losses[1, 1:] = torch.tensor([9.0, 4.0, 9.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    # row 0: L = 3, first copy tokens 2..3 (5, 5), second copy tokens 5..6 (9, 1)
+    # row 1: L = 2, first copy token 2 (4), second copy token 4 (3)
+    score, first, second = pc.icl_copy_score(losses, torch.tensor([3, 2]))
+    assert math.isclose(first, (5.0 + 4.0) / 2) and math.isclose(second, (5.0 + 3.0) / 2)
+    assert math.isclose(score, ((5.0 - 5.0) + (3.0 - 4.0)) / 2)
 
 
 @pytest.mark.slow
