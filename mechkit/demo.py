@@ -324,9 +324,9 @@ def _features(model: Any, out: Path) -> str:
     sae = load_sae(folder)
     tokens = corpus_tokens(model, seq_len=128, split="test", max_sequences=8)
     ev = evaluate_sae(model, sae, tokens, progress=False)
-    with torch_no_grad():
-        acts = _latent_frequency(model, sae, tokens)
-    latents = acts.argsort(descending=True)[20:28].tolist()  # frequent, not the densest
+    # latents by firing frequency (from the evaluation, position 0 left out): frequent, not the
+    # densest
+    latents = ev.frequency.argsort(descending=True)[20:28].tolist()
     feature_browser(model, sae, tokens, latents, out=out / "features.html")
     rows = [
         ["L0", f"{ev.l0:.1f}"],
@@ -343,23 +343,6 @@ def _features(model: Any, out: Path) -> str:
         f"{tokens.numel()} held-out tokens, and a feature browser for 8 of its latents: "
         '<a href="features.html">features.html</a>.</p>' + _table(rows, ["figure", "value"])
     )
-
-
-def torch_no_grad() -> Any:
-    import torch
-
-    return torch.no_grad()
-
-
-def _latent_frequency(model: Any, sae: Any, tokens: Any) -> Any:
-    from mechkit.interventions import capture
-    from mechkit.sites import Site
-
-    site = Site.from_hook_name(sae.cfg.hook_name, model)
-    with capture(model, site) as acts:
-        model(tokens)
-    latents = sae.encode(acts[site][:, 1:].to(sae.W_enc.dtype))  # position 0: the attention sink
-    return (latents > 0).float().mean((0, 1))
 
 
 STEERING_PAIRS = (
