@@ -83,11 +83,6 @@ def _setup_for(
     return setup
 
 
-def _scores(model: Any, setup: EdgeSetup, keeps: torch.Tensor) -> torch.Tensor:
-    """The mean metric for each kept-edge mask of ``keeps`` (circuit, sender, receiver)."""
-    return batched_circuit_values(model, setup, list(keeps))
-
-
 def evaluate_circuit(
     model: Any,
     circuit: CircuitGraph,
@@ -113,7 +108,9 @@ def evaluate_circuit(
     setup = _setup_for(model, circuit, clean, corrupt, metric, ablation, reference, batch_size)
     valid = setup.layout.valid
     keeps = torch.stack([circuit.edges, valid, torch.zeros_like(valid)])
-    circuit_score, model_score, ablated_score = (float(v) for v in _scores(model, setup, keeps))
+    circuit_score, model_score, ablated_score = (
+        float(v) for v in batched_circuit_values(model, setup, list(keeps))
+    )
     return CircuitEvaluation(
         circuit_score=circuit_score,
         model_score=model_score,
@@ -231,7 +228,7 @@ def faithfulness_curve(
             edges_run.append(circuit.n_edges)
     valid = setup.layout.valid
     keeps = torch.stack([valid, torch.zeros_like(valid), *masks])
-    values = _scores(model, setup, keeps)
+    values = batched_circuit_values(model, setup, list(keeps))
     model_score, ablated_score = float(values[0]), float(values[1])
     scores = values[2:].reshape(len(graphs), len(sizes)).float()
     span = model_score - ablated_score
