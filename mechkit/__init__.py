@@ -69,6 +69,7 @@ from mechkit.patching import PATCHABLE, PatchResult, activation_patch, path_patc
 from mechkit.prompts import PromptPairs
 from mechkit.sae import (
     ActivationStore,
+    FeatureCircuitEvaluation,
     FeatureReport,
     SAEConfig,
     SAEEvaluation,
@@ -77,8 +78,10 @@ from mechkit.sae import (
     TrainConfig,
     attribute_latents,
     collect_features,
+    evaluate_feature_circuit,
     evaluate_sae,
     feature_browser,
+    feature_circuit,
     feature_connections,
     load_sae,
     patch_latents,
@@ -115,6 +118,9 @@ __all__ = [
     "sae",
     "attribute_latents",
     "feature_connections",
+    "feature_circuit",
+    "evaluate_feature_circuit",
+    "FeatureCircuitEvaluation",
     "ActivationStore",
     "FeatureReport",
     "SAEConfig",

@@ -8,6 +8,7 @@ from mechkit.graph.evaluate import (
     evaluate_circuit,
     faithfulness_curve,
 )
+from mechkit.graph.feature_layout import DictionarySite, FeatureLayout
 from mechkit.graph.layout import Edge, GraphLayout, Node, Receiver
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "ROC",
     "CircuitEvaluation",
     "CircuitGraph",
+    "DictionarySite",
+    "FeatureLayout",
     "Edge",
     "FaithfulnessCurve",
     "GraphLayout",

@@ -47,6 +47,8 @@ class CircuitGraph:
         metric_name, clean_score, ablated_score: the metric, its value on the clean run, and with
             every edge ablated.
         model_name: the model the graph was scored on.
+        node_scores: for graphs over nodes that were scored themselves (sparse feature
+            circuits), each node's estimated effect; None otherwise.
     """
 
     layout: GraphLayout
@@ -58,6 +60,7 @@ class CircuitGraph:
     clean_score: float | None = None
     ablated_score: float | None = None
     model_name: str = ""
+    node_scores: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.layout.valid.shape)
@@ -156,12 +159,12 @@ class CircuitGraph:
         while True:
             # nodes reachable from the input through circuit edges
             from_input = {"input"}
-            for s, r in sorted(mask.nonzero().tolist(), key=lambda sr: _order(layout, sr[0])):
+            for s, r in sorted(mask.nonzero().tolist(), key=lambda sr: layout.sender_order(sr[0])):
                 if layout.senders[s].name in from_input:
                     from_input.update(node_of_receiver[r])
             # nodes that reach the logits
             to_logits = {"logits"}
-            for s, r in sorted(mask.nonzero().tolist(), key=lambda sr: -_order(layout, sr[0])):
+            for s, r in sorted(mask.nonzero().tolist(), key=lambda sr: -layout.sender_order(sr[0])):
                 if any(node in to_logits for node in node_of_receiver[r]):
                     to_logits.add(layout.senders[s].name)
             keep = mask.clone()
@@ -270,6 +273,7 @@ class CircuitGraph:
             "clean_score": self.clean_score,
             "ablated_score": self.ablated_score,
             "has_mask": self.mask is not None,
+            "node_scores": self.node_scores,
             "edges": [
                 {
                     "edge": f"{self.layout.senders[s].name}->{self.layout.receivers[r].name}",
@@ -295,7 +299,7 @@ class CircuitGraph:
                 f"Expected a mechkit circuit graph (format 'mechkit.circuit_graph/1'); got "
                 f"format {data.get('format')!r}."
             )
-        layout = GraphLayout.build(**data["layout"])
+        layout = _layout_from_dict(data["layout"])
         scores = torch.zeros(layout.valid.shape)
         mask = torch.zeros_like(layout.valid)
         for item in data["edges"]:
@@ -312,6 +316,7 @@ class CircuitGraph:
             clean_score=data.get("clean_score"),
             ablated_score=data.get("ablated_score"),
             model_name=data.get("model", ""),
+            node_scores=data.get("node_scores"),
         )
 
     @classmethod
@@ -332,25 +337,13 @@ class CircuitGraph:
         pairs.sort(key=lambda sr: -abs(float(self.scores[sr[0], sr[1]])))
         return pairs[:max_edges]
 
-    def _positions(self) -> dict[str, tuple[float, float]]:
-        """Node coordinates: one row per layer (input at the bottom, logits on top)."""
-        layout = self.layout
-        width = layout.n_heads + (1 if layout.has_mlp else 0)
-        pos = {"input": ((width - 1) / 2, 0.0), "logits": ((width - 1) / 2, layout.n_layers + 1)}
-        for node in layout.senders[1:]:
-            if node.kind == "head":
-                pos[node.name] = (float(node.head), node.layer + 1.0)  # type: ignore[operator]
-            else:
-                pos[node.name] = (float(layout.n_heads), node.layer + 1.0)  # type: ignore[operator]
-        return pos
-
     def plot(self, *, max_edges: int = 300, title: str | None = None) -> Any:
         """An interactive plotly graph: nodes by layer and head, edges blue (positive) or red
         (negative), their width by |score| (the ``max_edges`` strongest of the circuit)."""
         import plotly.graph_objects as go
 
         layout = self.layout
-        pos = self._positions()
+        pos = layout.positions()
         drawn = self._drawn(max_edges)
         top = max((abs(float(self.scores[s, r])) for s, r in drawn), default=1.0) or 1.0
         members = set(self.nodes_in_circuit())
@@ -374,13 +367,14 @@ class CircuitGraph:
                         line={"color": colour, "width": 0.5 + 1.5 * band},
                     )  # fmt: skip
         names = [n for n in layout.nodes if n in members] or list(layout.nodes)
+        rows = layout.row_labels()
         fig.add_scatter(
             x=[pos[n][0] for n in names],
             y=[pos[n][1] for n in names],
             mode="markers+text",
             text=names,
             textposition="top center",
-            marker={"size": 10, "color": ["#444" if n[0] == "a" else "#2a9d8f" for n in names]},
+            marker={"size": 10, "color": [_COLOURS[self._kind(n)] for n in names]},
             hovertext=[self._node_hover(n) for n in names],
             hoverinfo="text",
             showlegend=False,
@@ -389,13 +383,20 @@ class CircuitGraph:
             title=title or f"{self.model_name} circuit: {self.n_edges} edges ({self.method})",
             xaxis={"visible": False},
             yaxis={
-                "tickvals": list(range(layout.n_layers + 2)),
-                "ticktext": ["input"] + [f"L{i}" for i in range(layout.n_layers)] + ["logits"],
+                "tickvals": list(range(len(rows))),
+                "ticktext": rows,
             },
-            height=max(400, 28 * (layout.n_layers + 2)),
+            height=max(400, (28 if len(rows) > 8 else 90) * len(rows)),
             plot_bgcolor="white",
         )
         return fig
+
+    def _kind(self, name: str) -> str:
+        return (
+            "logits"
+            if name == "logits"
+            else self.layout.senders[self.layout.sender_index(name)].kind
+        )
 
     def _node_hover(self, name: str) -> str:
         layout = self.layout
@@ -405,7 +406,11 @@ class CircuitGraph:
             return f"logits<br>sum |score| in: {inbound:.3g}"
         s = layout.sender_index(name)
         out = float(self.scores[s][edges[s]].abs().sum())
-        return f"{name}<br>sum |score| out: {out:.3g}"
+        text = f"{name}<br>sum |score| out: {out:.3g}"
+        if self.node_scores and name in self.node_scores:
+            text += f"<br>node score: {self.node_scores[name]:.3g}"
+        description = getattr(layout, "descriptions", {}).get(name)
+        return text + (f"<br>{description}" if description else "")
 
     def to_dot(self, *, max_edges: int = 300) -> str:
         """Graphviz source: one rank per layer, edges coloured by sign, pen width by |score|."""
@@ -417,10 +422,7 @@ class CircuitGraph:
         lines = ["digraph circuit {", "  rankdir=BT;", '  node [shape=box, fontname="Helvetica"];']
         by_layer: dict[Any, list[str]] = {}
         for name in nodes:
-            layer = -1 if name == "input" else layout.n_layers if name == "logits" else None
-            if layer is None:
-                layer = next(n.layer for n in layout.senders if n.name == name)
-            by_layer.setdefault(layer, []).append(name)
+            by_layer.setdefault(layout.rank(name), []).append(name)
         for layer in sorted(by_layer):
             members = " ".join(f'"{n}"' for n in by_layer[layer])
             lines.append(f"  {{ rank=same; {members} }}")
@@ -442,11 +444,11 @@ class CircuitGraph:
         from html import escape
 
         layout = self.layout
-        pos = self._positions()
+        pos = layout.positions()
         drawn = self._drawn(max_edges)
         top = max((abs(float(self.scores[s, r])) for s, r in drawn), default=1.0) or 1.0
-        width = (layout.n_heads + 2) * scale
-        height = (layout.n_layers + 3) * scale
+        width = (max(x for x, _ in pos.values()) + 3) * scale
+        height = (max(y for _, y in pos.values()) + 2) * scale
 
         def xy(name: str) -> tuple[float, float]:
             x, y = pos[name]
@@ -470,18 +472,30 @@ class CircuitGraph:
         for name in self.nodes_in_circuit():
             x, y = xy(name)
             parts.append(
-                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="#444"/>'
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{_COLOURS[self._kind(name)]}"/>'
                 f'<text x="{x + 8:.1f}" y="{y - 6:.1f}">{escape(name)}</text>'
             )
         parts.append("</svg>")
         return "\n".join(parts) + "\n"
 
 
-def _order(layout: GraphLayout, sender: int) -> float:
-    node = layout.senders[sender]
-    if node.kind == "input":
-        return -1.0
-    return 2.0 * node.layer + (1.0 if node.kind == "mlp" else 0.0)  # type: ignore[operator]
+_COLOURS = {
+    "input": "#2a9d8f",
+    "logits": "#2a9d8f",
+    "head": "#444",
+    "mlp": "#2a9d8f",
+    "latent": "#e76f51",
+    "error": "#999",
+}
+
+
+def _layout_from_dict(data: dict[str, Any]) -> Any:
+    """The layout a saved graph names: a model's graph, or a sparse feature circuit's."""
+    if data.get("kind") == "features":
+        from mechkit.graph.feature_layout import FeatureLayout
+
+        return FeatureLayout.from_dict(data)
+    return GraphLayout.build(**data)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

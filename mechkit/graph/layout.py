@@ -32,9 +32,9 @@ from torch import Tensor
 
 from mechkit.errors import MechkitError, UnsupportedModelError, did_you_mean
 
-__all__ = ["Node", "Edge", "Receiver", "GraphLayout"]
+__all__ = ["Node", "Edge", "Receiver", "GraphLayout", "LayoutNaming"]
 
-NodeKind = Literal["input", "head", "mlp", "logits"]
+NodeKind = Literal["input", "head", "mlp", "latent", "error", "logits"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Receiver:
     """
 
     name: str
-    kind: Literal["q", "k", "v", "mlp", "logits"]
+    kind: Literal["q", "k", "v", "mlp", "latent", "error", "logits"]
     layer: int | None
     head: int | None
     nodes: tuple[str, ...]
@@ -85,8 +85,91 @@ class Edge:
         return cls(src.strip(), dst.strip())
 
 
+class LayoutNaming:
+    """Name lookups shared by every layout: ``senders``, ``receivers`` and ``valid``."""
+
+    senders: tuple[Node, ...]
+    receivers: tuple[Receiver, ...]
+    valid: Tensor
+    sender_hint = "input, a{L}.h{H}, m{L}"
+    receiver_hint = "a{L}.h{H}q|k|v, m{L}, logits"
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.valid.sum())
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Every node name: the senders, then ``logits``."""
+        return tuple(n.name for n in self.senders) + ("logits",)
+
+    def sender_index(self, name: str) -> int:
+        index = self._sender_map.get(name)
+        if index is None:
+            raise MechkitError(
+                f"Expected a sender node ({self.sender_hint}); got {name!r}."
+                + did_you_mean(name, list(self._sender_map))
+            )
+        return index
+
+    def receiver_index(self, name: str) -> int:
+        index = self._receiver_map.get(name)
+        if index is None:
+            raise MechkitError(
+                f"Expected a receiver ({self.receiver_hint}); got {name!r}."
+                + did_you_mean(name, list(self._receiver_map))
+            )
+        return index
+
+    def edge_index(self, edge: Edge | str) -> tuple[int, int]:
+        """``(sender, receiver)`` indices of an edge; unknown or impossible edges raise."""
+        edge = Edge.parse(edge) if isinstance(edge, str) else edge
+        s, r = self.sender_index(edge.src), self.receiver_index(edge.dst)
+        if not bool(self.valid[s, r]):
+            raise MechkitError(
+                f"Expected an edge that exists in the forward pass; {edge.name!r} goes from a "
+                "later component to an earlier one (or within one layer's attention, or past a "
+                "dictionary that replaces the whole residual stream)."
+            )
+        return s, r
+
+    def edge_names(self, mask: Tensor | None = None) -> list[str]:
+        """The names of the edges where ``mask`` (default: ``valid``) is True, in index order."""
+        mask = self.valid if mask is None else mask & self.valid
+        return [
+            f"{self.senders[s].name}->{self.receivers[r].name}" for s, r in mask.nonzero().tolist()
+        ]
+
+    @functools.cached_property
+    def _sender_map(self) -> dict[str, int]:
+        return {n.name: i for i, n in enumerate(self.senders)}
+
+    @functools.cached_property
+    def _receiver_map(self) -> dict[str, int]:
+        return {r.name: i for i, r in enumerate(self.receivers)}
+
+    def sender_order(self, sender: int) -> float:
+        """Forward-order rank of a sender (the input first): receivers of a sender come later."""
+        node = self.senders[sender]
+        if node.kind == "input":
+            return -1.0
+        return 2.0 * node.layer + (1.0 if node.kind == "mlp" else 0.0)  # type: ignore[operator]
+
+    def rank(self, name: str) -> int:
+        """The row a node is drawn in: -1 for the input, the layer, ``n_rows`` for the logits."""
+        if name == "input":
+            return -1
+        if name == "logits":
+            return self.n_rows
+        return self.senders[self.sender_index(name)].layer  # type: ignore[return-value]
+
+    @property
+    def n_rows(self) -> int:
+        raise NotImplementedError
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class GraphLayout:
+class GraphLayout(LayoutNaming):
     """Senders, receivers and which edges exist, for one model architecture.
 
     Attributes:
@@ -178,60 +261,23 @@ class GraphLayout:
             tuple(senders), tuple(receivers), valid,
         )  # fmt: skip
 
-    # ------------------------------------------------------------------------------- naming
-
     @property
-    def n_edges(self) -> int:
-        return int(self.valid.sum())
+    def n_rows(self) -> int:
+        return self.n_layers
 
-    @property
-    def nodes(self) -> tuple[str, ...]:
-        """Every node name: the senders, then ``logits``."""
-        return tuple(n.name for n in self.senders) + ("logits",)
+    def row_labels(self) -> list[str]:
+        """Labels of the drawn rows, bottom to top: the input, each layer, the logits."""
+        return ["input"] + [f"L{i}" for i in range(self.n_layers)] + ["logits"]
 
-    def sender_index(self, name: str) -> int:
-        index = self._sender_map.get(name)
-        if index is None:
-            raise MechkitError(
-                f"Expected a sender node (input, a{{L}}.h{{H}}, m{{L}}); got {name!r}."
-                + did_you_mean(name, list(self._sender_map))
-            )
-        return index
-
-    def receiver_index(self, name: str) -> int:
-        index = self._receiver_map.get(name)
-        if index is None:
-            raise MechkitError(
-                f"Expected a receiver (a{{L}}.h{{H}}q|k|v, m{{L}}, logits); got {name!r}."
-                + did_you_mean(name, list(self._receiver_map))
-            )
-        return index
-
-    def edge_index(self, edge: Edge | str) -> tuple[int, int]:
-        """``(sender, receiver)`` indices of an edge; unknown or impossible edges raise."""
-        edge = Edge.parse(edge) if isinstance(edge, str) else edge
-        s, r = self.sender_index(edge.src), self.receiver_index(edge.dst)
-        if not bool(self.valid[s, r]):
-            raise MechkitError(
-                f"Expected an edge that exists in the forward pass; {edge.name!r} goes from a "
-                "later component to an earlier one (or within one layer's attention)."
-            )
-        return s, r
-
-    def edge_names(self, mask: Tensor | None = None) -> list[str]:
-        """The names of the edges where ``mask`` (default: ``valid``) is True, in index order."""
-        mask = self.valid if mask is None else mask & self.valid
-        return [
-            f"{self.senders[s].name}->{self.receivers[r].name}" for s, r in mask.nonzero().tolist()
-        ]
-
-    @functools.cached_property
-    def _sender_map(self) -> dict[str, int]:
-        return {n.name: i for i, n in enumerate(self.senders)}
-
-    @functools.cached_property
-    def _receiver_map(self) -> dict[str, int]:
-        return {r.name: i for i, r in enumerate(self.receivers)}
+    def positions(self) -> dict[str, tuple[float, float]]:
+        """Node coordinates: one row per layer (input at the bottom, logits on top), heads by
+        index and the MLP to their right."""
+        width = self.n_heads + (1 if self.has_mlp else 0)
+        pos = {"input": ((width - 1) / 2, 0.0), "logits": ((width - 1) / 2, self.n_layers + 1)}
+        for node in self.senders[1:]:
+            x = float(node.head) if node.kind == "head" else float(self.n_heads)
+            pos[node.name] = (x, node.layer + 1.0)  # type: ignore[operator]
+        return pos
 
     def to_dict(self) -> dict[str, Any]:
         return {

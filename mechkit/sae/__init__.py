@@ -11,7 +11,9 @@
 - :func:`splice` (a context manager; latents and the reconstruction error addressable) and
   :func:`patch_latents` (activation patching over latents); :func:`attribute_latents`
   (attribution patching over latents and the error term, Marks et al.) and
-  :func:`feature_connections` (transcoder-to-transcoder weights, Dunefsky et al.).
+  :func:`feature_connections` (transcoder-to-transcoder weights, Dunefsky et al.);
+  :func:`feature_circuit` (latents and error terms of several dictionaries as the nodes of a
+  :class:`mechkit.CircuitGraph`, Marks et al.) and :func:`evaluate_feature_circuit`.
 - :func:`feature_browser`: top contexts, activation histograms and promoted tokens, one HTML page.
 
     >>> import mechkit as mk
@@ -42,6 +44,11 @@ from mechkit.sae.browser import (
     feature_browser,
 )
 from mechkit.sae.evaluate import SAEEvaluation, evaluate_sae
+from mechkit.sae.feature_circuits import (
+    FeatureCircuitEvaluation,
+    evaluate_feature_circuit,
+    feature_circuit,
+)
 from mechkit.sae.jumprelu import JumpReLUSAE
 from mechkit.sae.relu import ReLUSAE
 from mechkit.sae.splice import SpliceHandle, patch_latents, splice
@@ -76,4 +83,7 @@ __all__ = [
     "splice",
     "attribute_latents",
     "feature_connections",
+    "feature_circuit",
+    "evaluate_feature_circuit",
+    "FeatureCircuitEvaluation",
 ]
