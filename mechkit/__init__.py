@@ -107,6 +107,7 @@ from mechkit.steering import (
     mean_difference_vector,
     pca_vector,
     probe_vector,
+    sae_latent_vector,
     steer,
     steering_sweep,
 )
@@ -163,6 +164,7 @@ __all__ = [
     "mean_difference_vector",
     "pca_vector",
     "probe_vector",
+    "sae_latent_vector",
     "steer",
     "steering_sweep",
     "PATCHABLE",

@@ -1,6 +1,7 @@
 """Activation addition: steering vectors built, applied during generation, measured for cost."""
 
 from mechkit.steering.apply import Generations, Steering, ablate_direction, generate, steer
+from mechkit.steering.features import sae_latent_vector
 from mechkit.steering.measure import (
     ABScore,
     LogitDifference,
@@ -34,6 +35,7 @@ __all__ = [
     "mean_difference_vector",
     "pca_vector",
     "probe_vector",
+    "sae_latent_vector",
     "steer",
     "steering_sweep",
 ]
