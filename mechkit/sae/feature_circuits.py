@@ -26,6 +26,7 @@ draw it like a graph of heads.
     >>> saes = {"r6": mk.load_sae(".../smollm2-135m-res6-topk"), "r12": mk.load_sae(...)}
     >>> graph = mk.feature_circuit(model, saes, pairs, latents_per_dictionary=10)
     >>> graph.node_scores["r12.err"], graph.scores.shape    # (sender, receiver)
+    >>> graph = mk.feature_circuit(model, saes, pairs, method="ig", steps=10)   # the paper's
     >>> graph.threshold(0.05).prune().plot()
     >>> mk.evaluate_feature_circuit(model, saes, graph.top_edges(40), pairs).faithfulness
 """
@@ -282,6 +283,72 @@ def _node_pass(model: Any, entries: list[_Dictionary], tokens: Tensor, metric: A
     )
 
 
+def _node_pass_ig(
+    model: Any,
+    entries: list[_Dictionary],
+    tokens: Tensor,
+    metric: Any,
+    clean: _Values,
+    away: _Values,
+    steps: int,
+) -> _Values:
+    """``∂M/∂v`` averaged over ``v = away + (k/steps) (clean - away)``, ``k = 1..steps``, one
+    dictionary (or the input) moved at a time while the others compute normally."""
+    out = _Values(
+        torch.zeros_like(clean.x0),
+        [torch.zeros_like(t) for t in clean.f],
+        [torch.zeros_like(t) for t in clean.e],
+    )
+    for moved in range(-1, len(entries)):  # -1: the input
+        for k in range(1, steps + 1):
+            grads = _ig_point(model, entries, tokens, metric, clean, away, moved, k / steps)
+            if moved == -1:
+                out.x0 += grads[0] / steps
+            else:
+                out.f[moved] += grads[0] / steps
+                out.e[moved] += grads[1] / steps
+    return out
+
+
+def _ig_point(
+    model: Any,
+    entries: list[_Dictionary],
+    tokens: Tensor,
+    metric: Any,
+    clean: _Values,
+    away: _Values,
+    moved: int,
+    alpha: float,
+) -> tuple[Tensor, ...]:
+    """Gradients of M with respect to the moved dictionary's ``(f, error)`` (or the input) set
+    to ``away + alpha (clean - away)``."""
+    held: dict[str, Tensor] = {}
+
+    def point(a: Tensor, c: Tensor) -> Tensor:
+        return (a + alpha * (c - a)).detach().requires_grad_(True)
+
+    def leaf(act: Tensor) -> Tensor | None:
+        if moved != -1:
+            return None
+        held["x0"] = point(away.x0, clean.x0).to(act.dtype)
+        return held["x0"]
+
+    def write(j: int, x: Tensor, target: Tensor) -> Tensor:
+        sae = entries[j].sae
+        if j == moved:
+            held["f"], held["e"] = point(away.f[j], clean.f[j]), point(away.e[j], clean.e[j])
+            f, e, skip = held["f"], held["e"], _skip(sae, x)
+        else:  # computed from what reaches it, as in the model
+            f, e, skip = _parts(sae, x, target)
+        out = sae.decode(f) + e
+        return out if skip is None else out + skip
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=_hooks(entries, write, leaf)):
+        value = _summed_metric(metric, model(tokens), tokens.shape[0])
+        wrt = [held["x0"]] if moved == -1 else [held["f"], held["e"]]
+        return torch.autograd.grad(value, wrt)
+
+
 def _edge_pass(
     model: Any,
     entries: list[_Dictionary],
@@ -362,6 +429,8 @@ def feature_circuit(
     latents_per_dictionary: int = 20,
     node_threshold: float | None = None,
     ablation: Ablation = "corrupt",
+    method: Literal["attribution", "ig"] = "attribution",
+    steps: int = 10,
     batch_size: int | None = None,
 ) -> CircuitGraph:
     """Score a sparse feature circuit: latents and error terms of spliced dictionaries as nodes.
@@ -377,6 +446,14 @@ def feature_circuit(
         node_threshold: if given, instead every latent with ``|node score|`` at least this.
         ablation: the value a node is moved to: its value in the ``corrupt`` run, its ``mean``
             over the clean prompts, or ``zero``.
+        method: ``"attribution"`` (gradients at the clean run) or ``"ig"``: integrated
+            gradients (Marks et al.'s choice), each dictionary's latents and error moved
+            together from the ablated to the clean value in ``steps`` steps (the rest of the
+            model running normally) and ``∂M/∂v`` averaged over the points ``k/steps``,
+            ``k = 1..steps``; node scores use the averages, and so do edges as the weights of
+            their receiving nodes (the edge Jacobians stay at the clean run, as in the paper).
+            One step is exactly ``"attribution"``.
+        steps: integration steps for ``"ig"``.
         batch_size: prompts per pass (None: all).
 
     Returns:
@@ -386,6 +463,10 @@ def feature_circuit(
     """
     if latents_per_dictionary < 0:
         raise MechkitError(f"Expected latents_per_dictionary >= 0; got {latents_per_dictionary}.")
+    if method not in ("attribution", "ig"):
+        raise MechkitError(f"Expected method 'attribution' or 'ig'; got {method!r}.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise MechkitError(f"Expected steps to be an int >= 1; got {steps!r}.")
     entries = _dictionaries(model, dictionaries)
     setup = _setup(model, clean, corrupt, metric, ablation)
     n_batch, size = _batch_size(setup, batch_size)
@@ -400,6 +481,8 @@ def feature_circuit(
         m = batch_metric(setup.metric, rows, n_batch)
         values, grads, clean_value = _node_pass(model, entries, tokens, m)
         away = ablated(rows, values)
+        if method == "ig":
+            grads = _node_pass_ig(model, entries, tokens, m, values, away, steps)
         delta = _Values(
             away.x0 - values.x0,
             [a - v for a, v in zip(away.f, values.f, strict=True)],
@@ -442,7 +525,11 @@ def feature_circuit(
     return CircuitGraph(
         layout=layout,
         scores=(scores * layout.valid).float(),
-        method="sparse feature circuit (attribution patching)",
+        method=(
+            "sparse feature circuit (attribution patching)"
+            if method == "attribution"
+            else f"sparse feature circuit (integrated gradients, {steps} steps)"
+        ),
         ablation=ablation,
         metric_name=_metric_name(setup.metric),
         clean_score=totals["clean"] / n_batch,

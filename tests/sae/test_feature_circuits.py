@@ -250,3 +250,35 @@ def test_bad_input_is_refused_and_leaves_no_hooks(tiny):
     with pytest.raises(MechkitError, match=r"dictionaries \['a1', 'm1', 'r0', 'r1'\]"):
         mk.evaluate_feature_circuit(model, saes, ["r9.f1"], clean, corrupt, metric)
     assert hook_count(model) == before
+
+
+def test_one_ig_step_is_attribution(tiny, full):
+    model, saes, clean, corrupt = tiny
+    one = mk.feature_circuit(
+        model, saes, clean, corrupt, metric, latents_per_dictionary=100, method="ig", steps=1
+    )
+    torch.testing.assert_close(one.scores, full.scores, atol=1e-6, rtol=1e-5)
+    assert one.node_scores == pytest.approx(full.node_scores, rel=1e-6, abs=1e-9)
+
+
+def test_ig_node_scores_are_complete(tiny):
+    """Integrated gradients sum to the whole change: a stream dictionary's latents and error
+    moved to the corrupt run (or the input alone) turn the clean run into the corrupt one, so
+    their IG scores add up to M(corrupt) - M(clean), the Riemann error shrinking like 1/steps."""
+    model, saes, clean, corrupt = tiny
+    with torch.no_grad():
+        change = float(metric(model(corrupt)) - metric(model(clean)))
+    misses = {}
+    for steps in (8, 64):
+        g = mk.feature_circuit(
+            model, saes, clean, corrupt, metric, latents_per_dictionary=100, method="ig",
+            steps=steps,
+        )  # fmt: skip
+        for name in ("r0", "r1", "input"):
+            total = sum(v for k, v in g.node_scores.items() if k.split(".")[0] == name)
+            misses[name, steps] = abs(total - change)
+        assert g.method == f"sparse feature circuit (integrated gradients, {steps} steps)"
+    assert abs(change) > 0.1
+    for name in ("r0", "r1", "input"):
+        assert misses[name, 64] < 0.03 * abs(change), misses
+        assert misses[name, 64] < misses[name, 8] / 4, misses
