@@ -345,6 +345,98 @@ def _features(model: Any, out: Path) -> str:
     )
 
 
+FEATURE_CIRCUIT_SAES = {
+    "r6": "smollm2-135m-res6-topk",
+    "r12": "smollm2-135m-res12-topk",
+    "m12": "smollm2-135m-mlp12-skip-transcoder",
+    "r18": "smollm2-135m-res18-topk",
+    "r24": "smollm2-135m-res24-topk",
+}
+
+
+def _feature_circuit(model: Any, out: Path, quick: bool = False) -> str:
+    from circuits.ioi import ioi_dataset
+    from mechkit.sae.base import load_sae
+    from mechkit.sae.feature_circuits import evaluate_feature_circuit, feature_circuit
+
+    trained = Path(__file__).parent / "sae" / "trained"
+    folders = {name: trained / folder for name, folder in FEATURE_CIRCUIT_SAES.items()}
+    if getattr(model.cfg, "model_name", "") != "smollm2-135m" or not all(
+        f.is_dir() for f in folders.values()
+    ):
+        return "<p>Skipped: the shipped SAEs are for smollm2-135m.</p>"
+    saes = {name: load_sae(folder) for name, folder in folders.items()}
+    n_prompts, per, method = (8, 8, "attribution") if quick else (16, 20, "ig")
+    data = ioi_dataset(model, n=n_prompts, seed=0)
+    graph = feature_circuit(
+        model,
+        saes,
+        data.pairs,
+        latents_per_dictionary=per,
+        method=method,
+        steps=10,
+        progress=False,
+    )
+    graph.save(out / "feature_graph.json")
+    circuit = graph.top_edges(60).prune()
+    circuit.save(out / "feature_circuit.json")
+    (out / "feature_circuit.svg").write_text(circuit.to_svg())
+    (out / "feature_circuit.dot").write_text(circuit.to_dot())
+    link = _figure(out, "feature_circuit.html", circuit.plot(max_edges=60))
+    scores = graph.node_scores or {}
+    ranked = sorted((n for n in scores if n != "input"), key=lambda n: -abs(scores[n]))
+    sizes = [n for n in (5, 10, 20, 40, 80) if n < len(ranked)] + [len(ranked)]
+    errors = [n for n in ranked if n.endswith(".err")]
+    latents = [n for n in ranked if not n.endswith(".err")]
+    evaluation = evaluate_feature_circuit(model, saes, [ranked[:n] for n in sizes], data.pairs)
+    evaluation.to_dataframe().to_csv(out / "feature_faithfulness.csv", index=False)
+    curve = _figure(out, "feature_faithfulness.html", evaluation.plot())
+    extra = evaluate_feature_circuit(model, saes, [errors, errors + latents], data.pairs)
+    rows = [
+        [name, f"{scores[name]:+.3f}", graph.layout.descriptions.get(name, "")]
+        for name in ranked[:12]
+    ]
+    faith = [[str(n), f"{f:.2f}"] for n, f, _ in evaluation.rows]
+    faith += [
+        ["the 5 error terms only", f"{extra.rows[0][1]:.2f}"],
+        [f"the error terms and the graph's {len(latents)} latents", f"{extra.rows[1][1]:.2f}"],
+    ]
+    change = graph.ablated_score - graph.clean_score  # type: ignore[operator]
+    shares = [
+        [name, f"{scores[name + '.err']:+.2f}", f"{scores[name + '.err'] / change:.0%}"]
+        for name in ("r6", "r12", "r18", "r24")
+    ]
+    return (
+        f"<p>A sparse feature circuit (Marks et al. 2024) for IOI on {n_prompts} prompts: the "
+        "shipped TopK SAEs after blocks 6, 12, 18 and 24 and the skip transcoder of MLP 12 "
+        "spliced in, each latent and each dictionary's reconstruction error a node, scored by "
+        f"{'integrated gradients (10 steps)' if method == 'ig' else 'attribution patching'} "
+        f"against the p_ABC corruption (logit difference {graph.clean_score:.2f} clean, "
+        f"{graph.ablated_score:.2f} corrupt). The {per} latents of largest |effect| per "
+        f"dictionary are nodes; edges between them stop at every other dictionary. The 60 "
+        f"strongest edges, pruned: {link}, "
+        '<a href="feature_circuit.svg">SVG</a>, <a href="feature_circuit.dot">DOT</a>, '
+        '<a href="feature_circuit.json">JSON</a> (whole graph: '
+        '<a href="feature_graph.json">feature_graph.json</a>).</p>'
+        + _table(rows, ["node", "effect of corrupting it", "decoder promotes"])
+        + "<p>Each SAE on the residual stream carries the whole clean-to-corrupt change "
+        f"({change:+.2f}) between its latents and its error term"
+        + (
+            " (integrated gradients split it exactly, up to the 10-step sum)"
+            if method == "ig"
+            else ""
+        )
+        + ". The error terms' shares:</p>"
+        + _table(shares, ["SAE", "error term's effect", "share of the change"])
+        + "<p>These dictionaries, trained for minutes on Python documentation, leave much of the "
+        "IOI sentences' name information in their errors. Faithfulness (every node outside the "
+        "circuit set to its corrupt-run value; 1 = the model, 0 = all nodes corrupted) of the "
+        f"top-n nodes by |effect| ({curve}, "
+        '<a href="feature_faithfulness.csv">CSV</a>):</p>'
+        + _table(faith, ["nodes kept", "faithfulness"])
+    )
+
+
 STEERING_PAIRS = (
     ("I love this. It is wonderful", "I hate this. It is terrible"),
     ("What a great day, I am so happy", "What an awful day, I am so sad"),
@@ -428,6 +520,7 @@ SECTIONS: tuple[tuple[str, Callable[[Any, Path], str]], ...] = (
     ("Induction heads (Olsson et al. 2022)", _induction),
     ("Greater-than (Hanna et al. 2023)", _greater_than),
     ("Sparse autoencoder features", _features),
+    ("Sparse feature circuit (IOI)", _feature_circuit),
 )
 
 

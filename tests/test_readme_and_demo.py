@@ -49,6 +49,10 @@ def test_demo_writes_report(smollm2, tmp_path):
         assert (tmp_path / "reports" / report).is_file(), report
         assert f'href="{report}"' in page
     assert (tmp_path / "reports" / "features.html").is_file()
+    features = mk.CircuitGraph.load(tmp_path / "reports" / "feature_circuit.json")
+    assert features.layout.row_labels() == ["input", "r6", "m12", "r12", "r18", "r24", "logits"]
+    assert 0 < features.n_edges <= 60 and features.node_scores
+    assert 'href="feature_circuit.html"' in page and 'href="feature_faithfulness.html"' in page
     numbers = json.loads((tmp_path / "reports" / "ioi" / "ioi.json").read_text())
     assert numbers["logit_diff"] > 1 and numbers["classes"]["name mover"]
 

@@ -49,6 +49,7 @@ _PLACES: dict[str, tuple[float, float, bool]] = {
     "hook_mlp_out": (2.5, 3.0, False),
     "hook_resid_post": (4.0, 4.0, True),
 }
+_SPACING = 1.6  # node names like "r18.f2234" are wider than a head's "a9.h6"
 _SHORT = {
     "hook_resid_pre": "r{L}pre",
     "attn.hook_z": "a{L}",
@@ -215,12 +216,13 @@ class FeatureLayout(LayoutNaming):
     def positions(self) -> dict[str, tuple[float, float]]:
         """One row per dictionary (latents in the order chosen, the error last), centred."""
         width = max((len(chosen) + 1 for chosen in self.latents), default=1)
-        pos = {"input": ((width - 1) / 2, 0.0), "logits": ((width - 1) / 2, self.n_rows + 1.0)}
+        middle = _SPACING * (width - 1) / 2
+        pos = {"input": (middle, 0.0), "logits": (middle, self.n_rows + 1.0)}
         for stage, (site, chosen) in enumerate(zip(self.dictionaries, self.latents, strict=True)):
             names = [f"{site.name}.f{i}" for i in chosen] + [f"{site.name}.err"]
             offset = (width - len(names)) / 2
             for k, name in enumerate(names):
-                pos[name] = (offset + k, stage + 1.0)
+                pos[name] = (_SPACING * (offset + k), stage + 1.0)
         return pos
 
     # ------------------------------------------------------------------------------- files

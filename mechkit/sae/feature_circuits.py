@@ -17,8 +17,9 @@ node's edges into all later nodes and the logits sum exactly to its node score: 
 decomposes each node's effect (tested). Nodes are summed over positions (Marks et al.'s choice
 for prompts of differing templates).
 
-Scores need two forward and backward passes per batch for the nodes, and one forward plus one
-backward per receiving node for the edges, so the graph keeps the ``latents_per_dictionary``
+Node scores need one forward and backward pass per batch (plus the corrupt run; integrated
+gradients ``steps`` of them per dictionary), edges one backward pass per receiving node, so
+the graph keeps the ``latents_per_dictionary``
 latents of largest ``|IE|`` in each dictionary (or those above ``node_threshold``), and every
 error term. The result is a :class:`mechkit.CircuitGraph`: select edges, prune, plot, save and
 draw it like a graph of heads.
@@ -42,7 +43,7 @@ from torch import Tensor
 
 from mechkit.errors import MechkitError
 from mechkit.graph.circuit import CircuitGraph
-from mechkit.graph.edges import batch_metric, each_batch, mean_value
+from mechkit.graph.edges import _bar, batch_metric, each_batch, mean_value
 from mechkit.graph.feature_layout import DictionarySite, FeatureLayout, dictionary_site
 from mechkit.patching.activation import _metric_name, resolve_inputs
 from mechkit.prompts import PromptPairs
@@ -291,6 +292,7 @@ def _node_pass_ig(
     clean: _Values,
     away: _Values,
     steps: int,
+    bar: Any = None,
 ) -> _Values:
     """``∂M/∂v`` averaged over ``v = away + (k/steps) (clean - away)``, ``k = 1..steps``, one
     dictionary (or the input) moved at a time while the others compute normally."""
@@ -302,6 +304,8 @@ def _node_pass_ig(
     for moved in range(-1, len(entries)):  # -1: the input
         for k in range(1, steps + 1):
             grads = _ig_point(model, entries, tokens, metric, clean, away, moved, k / steps)
+            if bar is not None:
+                bar.update(1)
             if moved == -1:
                 out.x0 += grads[0] / steps
             else:
@@ -357,6 +361,7 @@ def _edge_pass(
     chosen: list[Tensor],
     delta: _Values,
     grad: _Values,
+    bar: Any = None,
 ) -> Tensor:
     """Edge scores ``(sender, receiver)`` of one batch (M summed over prompts), in the order of
     :class:`FeatureLayout`: senders input, then per dictionary its chosen latents and error;
@@ -414,8 +419,12 @@ def _edge_pass(
             for j, seed in enumerate(seeds):
                 got = torch.autograd.grad(seed, upstream, retain_graph=True, allow_unused=True)
                 scores[:, first[k] - 1 + j] = sender_row(list(got), k)
+                if bar is not None:
+                    bar.update(1)
         got = torch.autograd.grad(value, leaves, allow_unused=True)
         scores[:, -1] = sender_row(list(got), len(entries))
+        if bar is not None:
+            bar.update(1)
     return scores
 
 
@@ -432,6 +441,7 @@ def feature_circuit(
     method: Literal["attribution", "ig"] = "attribution",
     steps: int = 10,
     batch_size: int | None = None,
+    progress: bool = True,
 ) -> CircuitGraph:
     """Score a sparse feature circuit: latents and error terms of spliced dictionaries as nodes.
 
@@ -455,6 +465,7 @@ def feature_circuit(
             One step is exactly ``"attribution"``.
         steps: integration steps for ``"ig"``.
         batch_size: prompts per pass (None: all).
+        progress: a progress bar over the passes (nodes, then one per receiving node).
 
     Returns:
         A :class:`mechkit.CircuitGraph` over a :class:`mechkit.graph.FeatureLayout`: ``scores``
@@ -482,7 +493,7 @@ def feature_circuit(
         values, grads, clean_value = _node_pass(model, entries, tokens, m)
         away = ablated(rows, values)
         if method == "ig":
-            grads = _node_pass_ig(model, entries, tokens, m, values, away, steps)
+            grads = _node_pass_ig(model, entries, tokens, m, values, away, steps, bar)
         delta = _Values(
             away.x0 - values.x0,
             [a - v for a, v in zip(away.f, values.f, strict=True)],
@@ -495,6 +506,8 @@ def feature_circuit(
                 source_value = float(_summed_metric(m, logits, tokens.shape[0]))
         # nothing is kept from a batch that failed (it is retried in halves)
         cache.append((rows, delta, grads))
+        if bar is not None:
+            bar.update(1)
         for k in range(len(entries)):
             node_sum[k] += (delta.f[k] * grads.f[k]).sum((0, 1)).double().cpu()
             err_sum[k] += float((delta.e[k] * grads.e[k]).sum())
@@ -502,14 +515,22 @@ def feature_circuit(
         totals["clean"] += clean_value
         totals["source"] += source_value
 
+    n_ig = (len(entries) + 1) * steps if method == "ig" else 0
+    bar = _bar(-(-n_batch // size) * (1 + n_ig), "feature circuit: nodes", progress)
     each_batch(n_batch, size, nodes)
+    if bar is not None:
+        bar.close()
     chosen = [_choose(s / n_batch, latents_per_dictionary, node_threshold) for s in node_sum]
+    n_receivers = sum(len(c) + 1 for c in chosen) + 1
+    bar = _bar(len(cache) * n_receivers, "feature circuit: edges", progress)
 
     scores = torch.zeros(1, dtype=torch.float64)
     for rows, delta, grads in cache:
         tokens = setup.clean_tokens[rows].to(model.cfg.device)
         m = batch_metric(setup.metric, rows, n_batch)
-        scores = scores + _edge_pass(model, entries, tokens, m, chosen, delta, grads)
+        scores = scores + _edge_pass(model, entries, tokens, m, chosen, delta, grads, bar)
+    if bar is not None:
+        bar.close()
     scores = scores / n_batch
 
     layout = FeatureLayout.build(

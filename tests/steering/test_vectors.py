@@ -117,7 +117,9 @@ def test_positions_index_each_prompts_real_tokens(smollm2, position):
         smollm2, POSITIVES, layer=3, site="resid_post", position=position, batch_size=4
     )
     assert got.shape == (4, smollm2.cfg.d_model)
-    assert np.abs(got.numpy() - expected).max() < 1e-4
+    # float32 rounding relative to the values: the first token's residual reaches the thousands
+    # (SmolLM2's attention sink), where one rounding step is 5e-4
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-4)
     assert hook_count(smollm2) == 0
 
 
