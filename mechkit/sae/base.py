@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import numbers
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -455,6 +456,9 @@ class SparseDictionary(nn.Module):
         if self.unit_norm_decoder and self.W_dec.grad is not None:
             w, g = self.W_dec, self.W_dec.grad
             g.sub_((g * w).sum(-1, keepdim=True) * w)
+
+    def calibrate(self, batches: Iterable[Any], n_batches: int) -> None:
+        """After training, with the final weights (no-op; BatchTopK sets its threshold)."""
 
     @torch.no_grad()
     def fold_input_scale(self, s_in: float, s_out: float) -> None:

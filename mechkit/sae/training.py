@@ -98,6 +98,8 @@ class TrainConfig:
         device: where to train; None: the dictionary's device.
         autocast: bf16 autocast on CUDA (ignored on CPU).
         progress: show a tqdm bar with live L0 and explained variance.
+        calibration_batches: batches read again after training for what the final weights
+            decide (BatchTopK's inference threshold); 0 or a one-pass iterable: none.
     """
 
     total_tokens: int = 2_000_000
@@ -119,12 +121,19 @@ class TrainConfig:
     device: str | None = None
     autocast: bool = True
     progress: bool = True
+    calibration_batches: int = 32  # ~0.1 s each at width 2304; enough for a stable mean
 
     def __post_init__(self) -> None:
         for name in ("total_tokens", "batch_size", "aux_k", "dead_after_tokens", "log_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise TrainConfigError(f"Expected {name} to be a positive int; got {value!r}.")
+        if isinstance(self.calibration_batches, bool) or not (
+            isinstance(self.calibration_batches, int) and self.calibration_batches >= 0
+        ):
+            raise TrainConfigError(
+                f"Expected calibration_batches to be an int >= 0; got {self.calibration_batches!r}."
+            )
         if self.lr is not None and not self.lr > 0:
             raise TrainConfigError(f"Expected lr > 0 (or None for the default); got {self.lr}.")
         for name in ("lr_warmup_fraction", "lr_decay_fraction", "sparsity_warmup_fraction"):
@@ -273,6 +282,12 @@ def _batches(data: Any, cfg: TrainConfig, start: int) -> Iterator[Any]:
         "Expected activations as an ActivationStore, a (rows, d_in) tensor, an (inputs, "
         f"targets) tensor pair, or an iterable of batches; got {type(data).__name__}."
     )
+
+
+def _one_pass(data: Any) -> bool:
+    """Whether the activations are a plain iterable that cannot be read again."""
+    replayable = isinstance(data, Tensor | tuple) or hasattr(data, "iter_batches")
+    return not replayable
 
 
 def _check_source(data: Any, cfg: SAEConfig) -> None:
@@ -528,6 +543,8 @@ def train_sae(
     if state["step"] >= total_steps:
         sae.fold_input_scale(result.scale_in, result.scale_out)
         sae.to(dtype=scfg.torch_dtype)
+        if cfg.calibration_batches and not _one_pass(activations):
+            sae.calibrate(_batches(activations, cfg, 0), cfg.calibration_batches)
     return TrainedSAE(sae, result)
 
 

@@ -193,3 +193,33 @@ def test_bad_training_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(MechkitError, match="same dictionary"):
         train_sae(config("batchtopk"), planted(400), TRAIN, checkpoint_dir=tmp_path)
     assert math.isfinite(TRAIN.aux_coefficient)
+
+
+def test_batchtopk_threshold_is_calibrated_on_the_final_weights():
+    """A short run's moving average keeps early thresholds; the calibration pass sets the
+    threshold to the mean over training batches of each batch's smallest kept value (checked
+    against a loop here), so inference fires about k latents per row."""
+    cfg = config("batchtopk")
+    x = planted(3000)
+    short = TrainConfig(total_tokens=200 * 30, batch_size=200, progress=False)
+    plain = train_sae(cfg, x, TrainConfig(**{**short.to_dict(), "calibration_batches": 0})).sae
+    calibrated = train_sae(cfg, x, short).sae
+    for name, value in plain.state_dict().items():  # the same run, only the threshold differs
+        if name != "threshold":
+            torch.testing.assert_close(calibrated.state_dict()[name], value)
+    from mechkit.sae.training import _batches
+
+    smallest = []
+    with torch.no_grad():
+        for i, batch in enumerate(_batches(x, short, 0)):
+            if i == 32:
+                break
+            pre = calibrated.pre_activations(batch).reshape(-1)
+            kept = pre.sort(descending=True).values[: 4 * batch.shape[0]]
+            smallest.append(float(kept[kept > 0][-1]))
+        want = sum(smallest) / len(smallest)
+        l0 = float((calibrated.encode(x) != 0).sum(-1).float().mean())
+        l0_plain = float((plain.encode(x) != 0).sum(-1).float().mean())
+    assert float(calibrated.threshold[0]) == pytest.approx(want, rel=1e-5)
+    assert abs(l0 - 4.0) < 0.4, (l0, l0_plain)
+    assert abs(l0 - 4.0) < abs(l0_plain - 4.0), (l0, l0_plain)
