@@ -18,11 +18,11 @@ decomposes each node's effect (tested). Nodes are summed over positions (Marks e
 for prompts of differing templates).
 
 Node scores need one forward and backward pass per batch (plus the corrupt run; integrated
-gradients ``steps`` of them per dictionary), edges one backward pass per receiving node, so
-the graph keeps the ``latents_per_dictionary``
-latents of largest ``|IE|`` in each dictionary (or those above ``node_threshold``), and every
-error term. The result is a :class:`mechkit.CircuitGraph`: select edges, prune, plot, save and
-draw it like a graph of heads.
+gradients ``steps`` of them per dictionary), edges one backward pass per receiving node, so the
+graph keeps the ``latents_per_dictionary`` latents of largest ``|IE|`` in each dictionary (or
+those above ``node_threshold``), and every error term. The result is a
+:class:`mechkit.CircuitGraph`: select edges, prune, plot, save and draw it like a graph of
+heads.
 
     >>> saes = {"r6": mk.load_sae(".../smollm2-135m-res6-topk"), "r12": mk.load_sae(...)}
     >>> graph = mk.feature_circuit(model, saes, pairs, latents_per_dictionary=10)
@@ -205,8 +205,6 @@ class _Setup:
     source_tokens: Tensor | None
     mask: Tensor
     metric: Any
-    clean_score: float | None = None
-    corrupt_score: float | None = None
 
 
 def _setup(model: Any, clean: Any, corrupt: Any, metric: Any, ablation: str) -> _Setup:
