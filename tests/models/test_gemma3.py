@@ -33,7 +33,9 @@ def test_gemma3_logits_match_hugging_face(gemma):
         assert tokens[0, 0] == gemma.tokenizer.bos_token_id
         lengths.append(tokens.shape[1])
         ours, theirs = gemma(tokens), hf(tokens).logits
-        assert (ours - theirs).abs().max() < 1e-3
+        # float32 with different kernels: 1.2e-3 at logits of ~20 measured on one CPU; an
+        # implementation error moves logits by tenths or more
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-3)
         assert ours[0, -1].argmax() == theirs[0, -1].argmax()
     assert max(lengths) > 512
     del hf
