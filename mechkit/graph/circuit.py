@@ -17,17 +17,21 @@ Selection returns a new graph with a mask; nothing is changed in place:
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from mechkit.errors import MechkitError
 from mechkit.graph.layout import Edge, GraphLayout
+
+if TYPE_CHECKING:
+    from mechkit.graph.feature_layout import FeatureLayout
 
 __all__ = ["CircuitGraph", "ROC"]
 
@@ -51,7 +55,7 @@ class CircuitGraph:
             circuits), each node's estimated effect; None otherwise.
     """
 
-    layout: GraphLayout
+    layout: GraphLayout | FeatureLayout
     scores: Tensor
     mask: Tensor | None = None
     method: str = ""
@@ -410,7 +414,7 @@ class CircuitGraph:
         if self.node_scores and name in self.node_scores:
             text += f"<br>node score: {self.node_scores[name]:.3g}"
         description = getattr(layout, "descriptions", {}).get(name)
-        return text + (f"<br>{description}" if description else "")
+        return text + (f"<br>{html.escape(description)}" if description else "")
 
     def to_dot(self, *, max_edges: int = 300) -> str:
         """Graphviz source: one rank per layer, edges coloured by sign, pen width by |score|."""

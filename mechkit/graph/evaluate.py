@@ -66,6 +66,12 @@ def _setup_for(
     reference: Any,
     batch_size: int | None,
 ) -> EdgeSetup:
+    if graph.layout.to_dict().get("kind") == "features":
+        raise MechkitError(
+            "Expected a graph of heads and MLPs (from mk.edge_attribution); got a sparse feature "
+            "circuit, whose nodes are dictionary latents. Hint: mk.evaluate_feature_circuit("
+            "model, dictionaries, circuit, pairs) ablates the nodes outside it."
+        )
     setup = prepare(
         model,
         clean,

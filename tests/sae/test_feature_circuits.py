@@ -247,6 +247,9 @@ def test_bad_input_is_refused_and_leaves_no_hooks(tiny):
 
     with pytest.raises(RuntimeError, match="metric failed"):
         mk.feature_circuit(model, saes, clean, corrupt, broken)
+    graph = mk.feature_circuit(model, saes, clean, corrupt, metric, latents_per_dictionary=2)
+    with pytest.raises(MechkitError, match="evaluate_feature_circuit"):
+        mk.evaluate_circuit(model, graph.top_edges(3), clean, corrupt, metric)
     with pytest.raises(MechkitError, match=r"dictionaries \['a1', 'm1', 'r0', 'r1'\]"):
         mk.evaluate_feature_circuit(model, saes, ["r9.f1"], clean, corrupt, metric)
     assert hook_count(model) == before
