@@ -4,8 +4,10 @@ The report is a folder with ``index.html`` linking each section's figures (plotl
 one ``plotly.min.js`` in the folder, so the report opens offline) and tables (CSV). Sections:
 the model card, next-token predictions, the logit lens, direct logit attribution on IOI
 prompts, attention-head detection, activation and path patching on IOI prompts, attribution
-patching and the IOI circuit graph with its faithfulness curve, and a steering
-sweep (effect against cost, with sampled generations). Each section is timed.
+patching and the IOI circuit graph with its faithfulness curve, a steering sweep (effect
+against cost, with sampled generations), the IOI, induction and greater-than reproductions,
+the shipped SAE's evaluation and feature browser, and an IOI sparse feature circuit over the
+shipped SAEs and transcoder. Each section is timed.
 """
 
 from __future__ import annotations
