@@ -329,7 +329,7 @@ def _features(model: Any, out: Path) -> str:
     # latents by firing frequency (from the evaluation, position 0 left out): frequent, not the
     # densest
     latents = ev.frequency.argsort(descending=True)[20:28].tolist()
-    feature_browser(model, sae, tokens, latents, out=out / "features.html")
+    feature_browser(model, sae, tokens, latents, out=out / "features.html", progress=False)
     rows = [
         ["L0", f"{ev.l0:.1f}"],
         ["explained variance", f"{ev.explained_variance:.3f}"],
