@@ -148,8 +148,8 @@ class _Values:
 
 
 @torch.no_grad()
-def _record(model: Any, entries: list[_Dictionary], tokens: Tensor) -> _Values:
-    """Node values of an un-intervened run."""
+def _record(model: Any, entries: list[_Dictionary], tokens: Tensor) -> tuple[_Values, Tensor]:
+    """Node values and logits of an un-intervened run."""
     f: list[Any] = [None] * len(entries)
     e: list[Any] = [None] * len(entries)
     x0: list[Tensor] = []
@@ -158,30 +158,34 @@ def _record(model: Any, entries: list[_Dictionary], tokens: Tensor) -> _Values:
         f[k], e[k], _ = _parts(entries[k].sae, x, target)
 
     with model.hooks(fwd_hooks=_hooks(entries, write, lambda act: x0.append(act.detach()))):
-        model(tokens)
-    return _Values(x0[0], f, e)
+        logits = model(tokens)
+    return _Values(x0[0], f, e), logits
 
 
 def _ablated(setup: Any, entries: list[_Dictionary], ablation: Ablation, model: Any) -> Any:
-    """``rows -> _Values`` of the ablated nodes for a batch's clean values."""
+    """``(rows, clean values) -> (ablated values, the corrupt run's logits or None)``."""
     if ablation == "corrupt":
         return lambda rows, clean: _record(
             model, entries, setup.source_tokens[rows].to(model.cfg.device)
         )
     if ablation == "zero":
-        return lambda rows, clean: _Values(
-            torch.zeros_like(clean.x0),
-            [torch.zeros_like(t) for t in clean.f],
-            [torch.zeros_like(t) for t in clean.e],
+        return lambda rows, clean: (
+            _Values(
+                torch.zeros_like(clean.x0),
+                [torch.zeros_like(t) for t in clean.f],
+                [torch.zeros_like(t) for t in clean.e],
+            ),
+            None,
         )
     means = _means(model, entries, setup)
 
-    def mean(rows: slice, clean: _Values) -> _Values:
-        return _Values(
+    def mean(rows: slice, clean: _Values) -> tuple[_Values, None]:
+        values = _Values(
             means.x0.expand_as(clean.x0),
             [m.expand_as(t) for m, t in zip(means.f, clean.f, strict=True)],
             [m.expand_as(t) for m, t in zip(means.e, clean.e, strict=True)],
         )
+        return values, None
 
     return mean
 
@@ -189,7 +193,7 @@ def _ablated(setup: Any, entries: list[_Dictionary], ablation: Ablation, model: 
 def _means(model: Any, entries: list[_Dictionary], setup: Any) -> _Values:
     """Every node's mean over the clean prompts' real tokens."""
     tokens, mask = setup.clean_tokens, setup.mask
-    values = _record(model, entries, tokens.to(model.cfg.device))
+    values, _ = _record(model, entries, tokens.to(model.cfg.device))
     keep = mask.to(values.x0.device)[..., None].to(values.x0.dtype)  # (batch, pos, 1)
     n = keep.sum()
 
@@ -251,16 +255,23 @@ def _summed_metric(metric: Any, logits: Tensor, n: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+def _input_leaf() -> tuple[list[Tensor], Callable[[Tensor], Tensor]]:
+    """A hook making the residual entering block 0 a leaf, and the list it is kept in."""
+    held: list[Tensor] = []
+
+    def leaf(act: Tensor) -> Tensor:
+        held.append(act.detach().requires_grad_(True))
+        return held[-1]
+
+    return held, leaf
+
+
 def _node_pass(model: Any, entries: list[_Dictionary], tokens: Tensor, metric: Any) -> Any:
     """Clean values and ``∂M/∂v`` for every node (M summed over prompts), the error and latents
     held apart: ``x = decode(f) + skip + error`` with ``f`` and ``error`` separate tensors."""
     f: list[Any] = [None] * len(entries)
     e: list[Any] = [None] * len(entries)
-    x0: list[Tensor] = []
-
-    def leaf(act: Tensor) -> Tensor:
-        x0.append(act.detach().requires_grad_(True))
-        return x0[0]
+    x0, leaf = _input_leaf()
 
     def write(k: int, x: Tensor, target: Tensor) -> Tensor:
         sae = entries[k].sae
@@ -368,11 +379,7 @@ def _edge_pass(
     leaves_e: list[Any] = [None] * len(entries)
     live_f: list[Any] = [None] * len(entries)
     live_e: list[Any] = [None] * len(entries)
-    x0: list[Tensor] = []
-
-    def leaf(act: Tensor) -> Tensor:
-        x0.append(act.detach().requires_grad_(True))
-        return x0[0]
+    x0, leaf = _input_leaf()
 
     def write(k: int, x: Tensor, target: Tensor) -> Tensor:
         sae = entries[k].sae
@@ -489,7 +496,7 @@ def feature_circuit(
         tokens = setup.clean_tokens[rows].to(model.cfg.device)
         m = batch_metric(setup.metric, rows, n_batch)
         values, grads, clean_value = _node_pass(model, entries, tokens, m)
-        away = ablated(rows, values)
+        away, source_logits = ablated(rows, values)
         if method == "ig":
             grads = _node_pass_ig(model, entries, tokens, m, values, away, steps, bar)
         delta = _Values(
@@ -498,10 +505,9 @@ def feature_circuit(
             [a - v for a, v in zip(away.e, values.e, strict=True)],
         )
         source_value = 0.0
-        if setup.source_tokens is not None:
+        if source_logits is not None:  # the corrupt run, read while recording its nodes
             with torch.no_grad():
-                logits = model(setup.source_tokens[rows].to(model.cfg.device))
-                source_value = float(_summed_metric(m, logits, tokens.shape[0]))
+                source_value = float(_summed_metric(m, source_logits, tokens.shape[0]))
         # nothing is kept from a batch that failed (it is retried in halves)
         cache.append((rows, delta, grads))
         if bar is not None:
@@ -665,18 +671,19 @@ def evaluate_feature_circuit(
     node_sets = [_node_names(c) for c in (circuits if many else [circuits])]
     names = {d.site.name: k for k, d in enumerate(entries)}
     keeps = [_keep_masks(nodes, entries, names) for nodes in node_sets]
-    all_kept = [(torch.ones(d.site.d_sae, dtype=torch.bool), True) for d in entries]
     none_kept = [(torch.zeros(d.site.d_sae, dtype=torch.bool), False) for d in entries]
-    runs = [all_kept, none_kept, *keeps]
+    runs = [none_kept, *keeps]
     n_batch, size = _batch_size(setup, batch_size)
     ablated = _ablated(setup, entries, ablation, model)
-    sums = [0.0] * len(runs)
+    sums = [0.0] * (1 + len(runs))  # the model, then each run
 
     def work(rows: slice) -> None:
         tokens = setup.clean_tokens[rows].to(model.cfg.device)
         m = batch_metric(setup.metric, rows, n_batch)
-        away = ablated(rows, _record(model, entries, tokens))
-        got = [_ablated_run(model, entries, tokens, m, keep, away) for keep in runs]
+        clean_values, clean_logits = _record(model, entries, tokens)  # every node kept
+        away, _ = ablated(rows, clean_values)
+        got = [float(_summed_metric(m, clean_logits, tokens.shape[0]))]
+        got += [_ablated_run(model, entries, tokens, m, keep, away) for keep in runs]
         for i, value in enumerate(got):
             sums[i] += value
 
