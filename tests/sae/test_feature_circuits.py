@@ -196,12 +196,9 @@ def test_graph_tools_work_on_latents(tiny, tmp_path):
     model, saes, clean, corrupt = tiny
     graph = mk.feature_circuit(model, saes, clean, corrupt, metric, latents_per_dictionary=4)
     assert all(len(chosen) == 4 for chosen in graph.layout.latents)
-    ranked = sorted(
-        range(24), key=lambda i: -abs(mk.feature_circuit(
-            model, {"r0": saes["r0"]}, clean, corrupt, metric, latents_per_dictionary=24
-        ).node_scores[f"r0.f{i}"])
-    )  # fmt: skip
-    assert list(graph.layout.latents[0]) == ranked[:4]
+    alone = attribute_latents(model, saes["r0"], clean, corrupt, metric, direction="noising")
+    ranked = (alone.scores[:-1] - alone.clean_score).abs().argsort(descending=True)
+    assert list(graph.layout.latents[0]) == ranked[:4].tolist()  # the strongest latents kept
     circuit = graph.top_edges(12).prune()
     assert 0 < circuit.n_edges <= 12
     assert "logits" in circuit.nodes_in_circuit()
