@@ -284,10 +284,9 @@ def _batches(data: Any, cfg: TrainConfig, start: int) -> Iterator[Any]:
     )
 
 
-def _one_pass(data: Any) -> bool:
-    """Whether the activations are a plain iterable that cannot be read again."""
-    replayable = isinstance(data, Tensor | tuple) or hasattr(data, "iter_batches")
-    return not replayable
+def _replayable(data: Any) -> bool:
+    """Whether the activations can be read again (not a plain one-pass iterable)."""
+    return isinstance(data, Tensor | tuple) or hasattr(data, "iter_batches")
 
 
 def _check_source(data: Any, cfg: SAEConfig) -> None:
@@ -543,7 +542,7 @@ def train_sae(
     if state["step"] >= total_steps:
         sae.fold_input_scale(result.scale_in, result.scale_out)
         sae.to(dtype=scfg.torch_dtype)
-        if cfg.calibration_batches and not _one_pass(activations):
+        if cfg.calibration_batches and _replayable(activations):
             sae.calibrate(_batches(activations, cfg, 0), cfg.calibration_batches)
     return TrainedSAE(sae, result)
 
