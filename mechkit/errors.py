@@ -25,7 +25,17 @@ __all__ = [
     "DatasetFormatError",
     "ShapeError",
     "UnknownKindError",
+    "InvalidArgumentError",
+    "ContextLengthError",
+    "InvalidTokenError",
+    "NonFiniteError",
+    "FileFormatError",
+    "CacheError",
+    "OutputFolderError",
     "did_you_mean",
+    "check_choice",
+    "check_batch_size",
+    "check_positive_int",
 ]
 
 
@@ -84,9 +94,85 @@ class UnknownKindError(MechkitError, ValueError):
     """A kind (of head, score...) that is not among the ones a function knows."""
 
 
+class InvalidArgumentError(MechkitError, ValueError):
+    """An argument whose value is outside what the function accepts (a typo of a choice, a
+    count that must be positive...)."""
+
+
+class ContextLengthError(MechkitError, ValueError):
+    """Prompts (or a generation) longer than the model's context window ``n_ctx``."""
+
+
+class InvalidTokenError(MechkitError, ValueError):
+    """Token ids outside the model's vocabulary."""
+
+
+class NonFiniteError(MechkitError, FloatingPointError):
+    """Values (logits, scores) that stopped being finite: inf or NaN."""
+
+
+class FileFormatError(MechkitError, ValueError):
+    """A file that exists but is not what it should be: corrupt, truncated or another format."""
+
+
+class CacheError(MechkitError, OSError):
+    """A cache folder that cannot be used, or a cache entry that is damaged or was altered."""
+
+
+class OutputFolderError(MechkitError, OSError):
+    """An output folder that is a file, cannot be written, or holds files this run did not
+    write and would overwrite."""
+
+
 def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     """A ' Did you mean ...?' suffix with the closest choices, or '' when none is close."""
     matches = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)
     if not matches:
         return ""
     return " Did you mean " + " or ".join(repr(m) for m in matches) + "?"
+
+
+def check_choice(argument: str, value: object, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``; else raise :class:`InvalidArgumentError`.
+
+    The message names the argument, lists the choices and suggests close matches, so that a
+    typo of ``ablation="maen"`` reads "Did you mean 'mean'?".
+
+    Example:
+        >>> check_choice("direction", "noising", ["denoising", "noising"])
+        'noising'
+    """
+    options = list(choices)
+    if isinstance(value, str) and value in options:
+        return value
+    hint = did_you_mean(value, options) if isinstance(value, str) else ""
+    raise InvalidArgumentError(f"Expected {argument} to be one of {options}; got {value!r}.{hint}")
+
+
+def check_positive_int(argument: str, value: object) -> int:
+    """Return ``value`` if it is an integer >= 1 (not a bool); else raise
+    :class:`InvalidArgumentError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(f"Expected {argument} to be a positive integer; got {value!r}.")
+    return value
+
+
+def check_batch_size(value: object, argument: str = "batch_size") -> int | None:
+    """The one check of every ``batch_size`` argument: a positive integer, or ``None`` for
+    "choose for me" (usually: all prompts in one batch). ``0`` and negatives are refused rather
+    than read as "all" or looped on forever.
+
+    Example:
+        >>> check_batch_size(None) is None
+        True
+        >>> check_batch_size(8)
+        8
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(
+            f"Expected {argument} to be a positive integer or None (choose for me); got "
+            f"{value!r}. Hint: pass None to run all prompts in one batch."
+        )
+    return value
