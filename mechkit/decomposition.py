@@ -34,6 +34,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechkit.errors import InvalidSiteError, ShapeError
+from mechkit.hook_scope import run_with_cache
 from mechkit.tokens import token_batch, tokenize_answer
 
 __all__ = [
@@ -258,7 +259,7 @@ def _decompose(model: Any, tok: Tensor, mask: Tensor, layer: Any, positions: Any
     names = {"hook_embed", "hook_pos_embed", "ln_final.hook_scale", resid_name}
     for i in range(layer):
         names |= {f"blocks.{i}.attn.hook_z", f"blocks.{i}.hook_mlp_out"}
-    _, cache = model.run_with_cache(tok.to(cfg.device), names_filter=lambda n: n in names)
+    _, cache = run_with_cache(model, tok.to(cfg.device), names_filter=lambda n: n in names)
 
     def at(x: Tensor) -> Tensor:  # (batch, pos, ...) -> (batch, ...) at the chosen positions
         return x if pos is None else x[torch.arange(x.shape[0]), pos.to(x.device)]
@@ -466,7 +467,7 @@ def neuron_attribution(
     pos = _positions(mask, positions)
     post_name = f"blocks.{layer}.mlp.hook_post"
     names = {post_name, "ln_final.hook_scale"}
-    _, cache = model.run_with_cache(tok.to(cfg.device), names_filter=lambda n: n in names)
+    _, cache = run_with_cache(model, tok.to(cfg.device), names_filter=lambda n: n in names)
     rows = torch.arange(tok.shape[0])
     post = cache[post_name][rows, pos]  # (batch, d_mlp)
     scale = cache["ln_final.hook_scale"][rows, pos]  # (batch, 1)

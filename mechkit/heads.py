@@ -65,6 +65,7 @@ from torch import Tensor
 
 from mechkit.atomic_io import write_text_atomically
 from mechkit.errors import EmptyDatasetError, ShapeError, UnknownKindError, did_you_mean
+from mechkit.hook_scope import hook_scope
 from mechkit.interventions import capture
 from mechkit.sites import Site
 from mechkit.tokens import encode
@@ -275,7 +276,7 @@ def _attention_scores(
             total[hook.layer()] += layer_total.double().cpu()
 
         hooks = [(f"blocks.{layer}.attn.hook_pattern", reduce) for layer in range(cfg.n_layers)]
-        with model.hooks(fwd_hooks=hooks):
+        with hook_scope(model, fwd_hooks=hooks):
             model(batch, stop_at_layer=cfg.n_layers)  # all blocks; no final norm or unembed
         rows += int(targets.any(-1).sum())
     if rows == 0:

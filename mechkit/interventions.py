@@ -2,8 +2,8 @@
 
 Each intervention names a :class:`~mechkit.sites.Site` and says what to do with the part of the
 activation the site selects. They take effect only inside :func:`intervene`, which is built on
-TransformerLens's ``model.hooks()``: leaving the ``with`` block removes every hook, also when a
-hook, the forward pass or the user's own code raises.
+:func:`mechkit.hook_scope.hook_scope`: leaving the ``with`` block removes every hook, also when
+a hook, the forward pass or the user's own code raises, and when Ctrl-C interrupts.
 
     >>> clean_z = ...  # (batch, pos, d_head), e.g. from mk.capture
     >>> with mk.intervene(model, mk.Patch(mk.Site("z", layer=5, head=1), clean_z)):
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from mechkit.errors import InvalidSiteError, ShapeError
+from mechkit.hook_scope import hook_scope
 from mechkit.sites import Site, validate_sites
 
 __all__ = ["Intervention", "Patch", "Zero", "Add", "Transform", "intervene", "capture", "Captured"]
@@ -134,7 +135,7 @@ def intervene(model: Any, *interventions: Intervention) -> Iterator[Any]:
         (site.hook_name, _hook_for(item, site))
         for item, site in zip(interventions, sites, strict=True)
     ]
-    with model.hooks(fwd_hooks=hooks):
+    with hook_scope(model, fwd_hooks=hooks):
         yield model
 
 
@@ -184,5 +185,5 @@ def capture(model: Any, *sites: Site | str, grad: bool = False) -> Iterator[Capt
         return hook
 
     hooks = [(s.hook_name, make_hook(a, s)) for a, s in zip(asked, resolved, strict=True)]
-    with model.hooks(fwd_hooks=hooks):
+    with hook_scope(model, fwd_hooks=hooks):
         yield store

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from mechkit.errors import MechkitError
+from mechkit.hook_scope import hook_scope
 from mechkit.patching.activation import (
     _metric_name,
     _plan_cells,
@@ -201,7 +202,7 @@ def _gradients(
 
     with (
         torch.enable_grad(),
-        model.hooks(fwd_hooks=[("hook_embed", leaf)] + [(n, keep) for n in names]),
+        hook_scope(model, fwd_hooks=[("hook_embed", leaf)] + [(n, keep) for n in names]),
     ):
         logits = model(setup.base_tokens)
         value, per_prompt = _metric_value(setup.metric, logits)

@@ -20,24 +20,28 @@ import torch
 from torch import Tensor
 
 from mechkit.graph.layout import GraphLayout
+from mechkit.hook_scope import hook_scope, keep_hooks
 
 __all__ = ["graph_mode", "sender_outputs", "receiver_gradients", "masked_logits"]
 
 
 @contextlib.contextmanager
 def graph_mode(model: Any) -> Iterator[None]:
-    """Per-head q/k/v inputs and the MLP input hook on, for the block; the config restored."""
+    """Per-head q/k/v inputs and the MLP input hook on, for the block; the config and the
+    hooks restored on leaving it, also after an interrupt."""
     cfg = model.cfg
     old = (cfg.use_split_qkv_input, cfg.use_hook_mlp_in)
-    try:
+
+    def put_back() -> None:
+        model.set_use_split_qkv_input(old[0])
+        if not cfg.attn_only:
+            model.set_use_hook_mlp_in(old[1])
+
+    with keep_hooks(model, on_exit=put_back):
         model.set_use_split_qkv_input(True)
         if not cfg.attn_only:
             model.set_use_hook_mlp_in(True)
         yield
-    finally:
-        model.set_use_split_qkv_input(old[0])
-        if not cfg.attn_only:
-            model.set_use_hook_mlp_in(old[1])
 
 
 def _sender_hooks(
@@ -98,7 +102,7 @@ def sender_outputs(model: Any, layout: GraphLayout, tokens: Tensor) -> Tensor:
     def store(first: int, count: int, values: Tensor) -> None:
         out[:, :, first : first + count] = values.to(out.dtype)
 
-    with graph_mode(model), model.hooks(fwd_hooks=_sender_hooks(model, layout, store)):
+    with graph_mode(model), hook_scope(model, fwd_hooks=_sender_hooks(model, layout, store)):
         model(tokens, stop_at_layer=layout.n_layers)
     return out
 
@@ -156,7 +160,7 @@ def receiver_gradients(
     if senders:
         hooks += _sender_hooks(model, layout, store)
     hooks += [(name, keep(first)) for name, first, _ in names]
-    with torch.enable_grad(), graph_mode(model), model.hooks(fwd_hooks=hooks):
+    with torch.enable_grad(), graph_mode(model), hook_scope(model, fwd_hooks=hooks):
         logits = model(tokens)
         value = value_of(logits)
         order = [first for _, first, _ in names]
@@ -230,7 +234,7 @@ def masked_logits(
     hooks = _sender_hooks(model, layout, store)
     hooks += [(name, patch(first, count)) for name, first, count in _receiver_hook_names(layout)]
     rows = tokens.repeat(n_circ, 1)  # (circuit * batch, pos)
-    with graph_mode(model), model.hooks(fwd_hooks=hooks):
+    with graph_mode(model), hook_scope(model, fwd_hooks=hooks):
         logits = model(rows)
     values = read(logits)
     return values.reshape(n_circ, n_batch, *values.shape[1:])

@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechkit.errors import ShapeError
+from mechkit.hook_scope import run_with_cache
 from mechkit.tokens import token_batch, tokenize_answer
 
 __all__ = ["LogitLens", "logit_lens", "decode_residual", "lens_layer_labels"]
@@ -249,7 +250,7 @@ def logit_lens(
     n_layers = model.cfg.n_layers
     names = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)]
     names.append(f"blocks.{n_layers - 1}.hook_resid_post")
-    _, cache = model.run_with_cache(tok.to(device), names_filter=lambda n: n in names)
+    _, cache = run_with_cache(model, tok.to(device), names_filter=lambda n: n in names)
     resid = torch.stack([cache[n] for n in names])  # (layer, batch, pos, d_model)
     del cache
     n_layer, n_batch, n_pos, d_model = resid.shape

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from mechkit.atomic_io import write_atomically
+from mechkit.hook_scope import run_with_cache
 from mechkit.lens.logit_lens import decode_residual, lens_layer_labels
 
 __all__ = ["TunedLens", "TunedLensConfig", "train_tuned_lens", "compare_lenses", "LensComparison"]
@@ -126,7 +127,7 @@ def _residuals(model: Any, tokens: Tensor) -> tuple[list[Tensor], Tensor]:
     n = model.cfg.n_layers
     names = [f"blocks.{i}.hook_resid_pre" for i in range(n)]
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda x: x in names)
+        logits, cache = run_with_cache(model, tokens, names_filter=lambda x: x in names)
     return [cache[name] for name in names], logits.float().log_softmax(-1)
 
 

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from mechkit.errors import InvalidSiteError, MechkitError, PromptLengthError, ShapeError
+from mechkit.hook_scope import hook_scope
 from mechkit.metrics import LogitDiff, Metric
 from mechkit.patching import engine
 from mechkit.patching.result import PatchResult
@@ -560,7 +561,7 @@ def _run_acts(model: Any, tokens: Tensor, names: list[str]) -> tuple[dict[str, T
     def keep(act: Tensor, hook: Any) -> None:
         acts[hook.name] = act.detach().clone()
 
-    with model.hooks(fwd_hooks=[(n, keep) for n in names]):
+    with hook_scope(model, fwd_hooks=[(n, keep) for n in names]):
         logits = model(tokens)
     return acts, logits
 

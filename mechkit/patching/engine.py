@@ -31,6 +31,7 @@ from torch import Tensor
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from mechkit.errors import MechkitError, UnsupportedModelError
+from mechkit.hook_scope import hook_scope
 from mechkit.lens.logit_lens import decode_residual
 from mechkit.metrics import Metric, Normalized
 
@@ -119,7 +120,7 @@ def run_base(model: Any, tokens: Tensor, hook_names: set[str] | frozenset = froz
         acts[hook.name] = act.detach().clone()
 
     resid_pre, keys, values = [], [], []
-    with model.hooks(fwd_hooks=[(name, keep) for name in sorted(hook_names)]):
+    with hook_scope(model, fwd_hooks=[(name, keep) for name in sorted(hook_names)]):
         x = model(tokens, stop_at_layer=0)  # embeddings, as the full forward makes them
         for block in model.blocks:
             resid_pre.append(x)
@@ -363,7 +364,7 @@ def _run_chunk(
     next_job = 0
     n_layers = model.cfg.n_layers
     stops = [n_layers if job.stop is None else job.stop for job in chunk]
-    with model.hooks(fwd_hooks=hooks):
+    with hook_scope(model, fwd_hooks=hooks):
         for layer in range(chunk[0].layer, max(stops)):
             joining = 0
             while next_job + joining < len(chunk) and chunk[next_job + joining].layer == layer:

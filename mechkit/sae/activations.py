@@ -48,6 +48,7 @@ from mechkit.errors import (
     SiteNotFoundError,
     did_you_mean,
 )
+from mechkit.hook_scope import run_with_cache
 
 __all__ = ["ActivationStore", "sae_corpus_tokens", "stdlib_documents"]
 
@@ -160,8 +161,8 @@ class ActivationStore:
         if stop is not None and stop >= self.model.cfg.n_layers:
             stop = None
         device = next(self.model.parameters()).device
-        _, cache = self.model.run_with_cache(
-            tokens.to(device), names_filter=names, stop_at_layer=stop, return_type=None
+        _, cache = run_with_cache(
+            self.model, tokens.to(device), names_filter=names, stop_at_layer=stop, return_type=None
         )
         start = 0 if keep_all or not self.exclude_bos else 1
         out = []

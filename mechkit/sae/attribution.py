@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from mechkit.errors import MechkitError
+from mechkit.hook_scope import hook_scope
 from mechkit.patching.activation import _metric_name, resolve_inputs
 from mechkit.patching.result import PatchResult
 from mechkit.sae.splice import as_rows, check_hooks, reconstruct, sae_sites
@@ -119,7 +120,7 @@ def _run(model: Any, sae: Any, sites: Any, tokens: Tensor, metric: Any, *, grad:
             return write(act, hook)
 
         hooks = [(sites.in_hook, both)]
-    with torch.set_grad_enabled(grad), model.hooks(fwd_hooks=hooks):
+    with torch.set_grad_enabled(grad), hook_scope(model, fwd_hooks=hooks):
         logits = model(tokens)
         if not grad:
             return held["f"].detach(), held["err"].detach(), None

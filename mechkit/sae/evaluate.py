@@ -43,6 +43,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mechkit.errors import EmptyDatasetError, MechkitError, ShapeError
+from mechkit.hook_scope import hook_scope
 from mechkit.lens.logit_lens import decode_residual
 from mechkit.sae.splice import as_rows, check_hooks, hook_layer, reconstruct, sae_sites
 
@@ -469,7 +470,7 @@ def _run_until(model: Any, tokens: Tensor, names: list[str]) -> dict[str, Tensor
         acts[hook.name] = act
 
     layers = [hook_layer(n) for n in names]
-    with model.hooks(fwd_hooks=[(n, keep) for n in names]):
+    with hook_scope(model, fwd_hooks=[(n, keep) for n in names]):
         if all(layer is not None for layer in layers):
             model(tokens, stop_at_layer=max(layers) + 1)  # type: ignore[type-var]
         else:
@@ -502,7 +503,7 @@ def _reconstruction_batch(
 
         start = model(tokens, stop_at_layer=layer)  # (batch, pos, d_model)
         stop = max(hook_layer(n) for n in names) + 1  # type: ignore[type-var]
-        with model.hooks(fwd_hooks=[(n, keep) for n in names]):
+        with hook_scope(model, fwd_hooks=[(n, keep) for n in names]):
             model(start, start_at_layer=layer, stop_at_layer=stop)
     x = as_rows(acts[sites.in_hook], sites.d_in, sites.in_hook)
     y = as_rows(acts[sites.out_hook], sites.d_out, sites.out_hook)
@@ -537,7 +538,7 @@ def _loss_batch(
         start = model(tokens, stop_at_layer=layer)
 
     def run(hooks: list[tuple[str, Callable]]) -> Tensor:
-        with model.hooks(fwd_hooks=hooks):
+        with hook_scope(model, fwd_hooks=hooks):
             if start is None:
                 resid = model(tokens, stop_at_layer=model.cfg.n_layers)
             else:

@@ -45,6 +45,7 @@ from mechkit.errors import MechkitError
 from mechkit.graph.circuit import CircuitGraph
 from mechkit.graph.edges import _bar, batch_metric, each_batch, mean_value
 from mechkit.graph.feature_layout import DictionarySite, FeatureLayout, dictionary_site
+from mechkit.hook_scope import hook_scope
 from mechkit.patching.activation import _metric_name, resolve_inputs
 from mechkit.prompts import PromptPairs
 from mechkit.sae.splice import as_rows, check_hooks, sae_sites
@@ -157,7 +158,7 @@ def _record(model: Any, entries: list[_Dictionary], tokens: Tensor) -> tuple[_Va
     def write(k: int, x: Tensor, target: Tensor) -> None:
         f[k], e[k], _ = _parts(entries[k].sae, x, target)
 
-    with model.hooks(fwd_hooks=_hooks(entries, write, lambda act: x0.append(act.detach()))):
+    with hook_scope(model, fwd_hooks=_hooks(entries, write, lambda act: x0.append(act.detach()))):
         logits = model(tokens)
     return _Values(x0[0], f, e), logits
 
@@ -280,7 +281,7 @@ def _node_pass(model: Any, entries: list[_Dictionary], tokens: Tensor, metric: A
         out = sae.decode(f[k]) + e[k]
         return out if skip is None else out + skip
 
-    with torch.enable_grad(), model.hooks(fwd_hooks=_hooks(entries, write, leaf)):
+    with torch.enable_grad(), hook_scope(model, fwd_hooks=_hooks(entries, write, leaf)):
         logits = model(tokens)
         value = _summed_metric(metric, logits, tokens.shape[0])
         grads = torch.autograd.grad(value, [x0[0], *f, *e])
@@ -356,7 +357,7 @@ def _ig_point(
         out = sae.decode(f) + e
         return out if skip is None else out + skip
 
-    with torch.enable_grad(), model.hooks(fwd_hooks=_hooks(entries, write, leaf)):
+    with torch.enable_grad(), hook_scope(model, fwd_hooks=_hooks(entries, write, leaf)):
         value = _summed_metric(metric, model(tokens), tokens.shape[0])
         wrt = [held["x0"]] if moved == -1 else [held["f"], held["e"]]
         return torch.autograd.grad(value, wrt)
@@ -411,7 +412,7 @@ def _edge_pass(
                 row[first[k] + len(chosen[k])] = (delta.e[k] * g_e).sum().double().cpu()
         return row
 
-    with torch.enable_grad(), model.hooks(fwd_hooks=_hooks(entries, write, leaf)):
+    with torch.enable_grad(), hook_scope(model, fwd_hooks=_hooks(entries, write, leaf)):
         logits = model(tokens)
         value = _summed_metric(metric, logits, tokens.shape[0])
         leaves: list[Tensor] = [x0[0]]
@@ -756,6 +757,6 @@ def _ablated_run(
         out = sae.decode(f) + e
         return out if skip is None else out + skip
 
-    with model.hooks(fwd_hooks=_hooks(entries, write)):
+    with hook_scope(model, fwd_hooks=_hooks(entries, write)):
         logits = model(tokens)
     return float(_summed_metric(metric, logits, tokens.shape[0]))

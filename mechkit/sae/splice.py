@@ -52,6 +52,7 @@ from mechkit.errors import (
     SiteNotFoundError,
     did_you_mean,
 )
+from mechkit.hook_scope import hook_scope
 
 __all__ = ["splice", "SpliceHandle", "patch_latents", "sae_sites"]
 
@@ -475,8 +476,8 @@ def splice(
 
     Each dictionary's output activation becomes ``x_hat + error`` (see the module docstring):
     with ``keep_error=True`` the model's output is unchanged until a latent or the error is
-    edited through the handle. Hooks are added with ``model.hooks()`` in the order given, so the
-    model is unchanged after the block, also after an exception.
+    edited through the handle. Hooks are added in a hook scope in the order given, so the
+    model is unchanged after the block, also after an exception or a Ctrl-C.
 
     Args:
         model: a HookedTransformer.
@@ -519,7 +520,7 @@ def splice(
         entries.append(_Spliced(name, sae, sites))
     handle = SpliceHandle(entries, keep_error, record)
     try:
-        with model.hooks(fwd_hooks=handle._hooks()):
+        with hook_scope(model, fwd_hooks=handle._hooks()):
             yield handle
     finally:
         for entry in entries:
@@ -616,7 +617,7 @@ def patch_latents(
     def keep(act: Tensor, hook: Any) -> None:
         source_acts[hook.name] = act.detach().clone()
 
-    with model.hooks(fwd_hooks=[(sites.in_hook, keep)]):
+    with hook_scope(model, fwd_hooks=[(sites.in_hook, keep)]):
         source_logits = model(source_tokens)
     f_source = _latents_of(sae, sites, source_acts[sites.in_hook])
     delta = f_source - f_base  # (batch, pos, d_sae)

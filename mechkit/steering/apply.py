@@ -9,8 +9,8 @@ prompt's first positions, one row of the vector per token.
 Prompts of different lengths are **left-padded** for generation, so that every prompt ends at
 the same column and generated tokens share columns; the hooks shift each row's positions by its
 padding, and the attention mask keeps padding out of attention and out of rotary positions.
-Everything runs inside ``model.hooks()``: leaving the block, also by an exception, removes every
-hook.
+Everything runs inside :func:`mechkit.hook_scope.hook_scope`: leaving the block, also by an
+exception or a Ctrl-C, removes every hook.
 
 Directional ablation (Arditi et al. 2024) projects a direction out of the residual stream at
 every layer and position: :func:`ablate_direction`.
@@ -33,6 +33,7 @@ from torch import Tensor
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from mechkit.errors import InvalidSiteError, MechkitError, ShapeError
+from mechkit.hook_scope import hook_scope
 from mechkit.lens.logit_lens import decode_residual
 from mechkit.steering.vectors import SteeringVector
 from mechkit.tokens import encode, tokenizer_of
@@ -176,7 +177,7 @@ def _steered(model: Any, steerings: list[Steering], layout: _Layout) -> Iterator
                 f"{tuple(s.vector.vector.shape)}. Hint: build the vector on this model."
             )
     hooks = [(s.vector.hook_name, _hook(s, layout)) for s in steerings]
-    with model.hooks(fwd_hooks=hooks):
+    with hook_scope(model, fwd_hooks=hooks):
         yield
 
 
@@ -235,7 +236,7 @@ def ablate_direction(
         for name in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
     ]
     names = [n for n in names if n in model.hook_dict]
-    with model.hooks(fwd_hooks=[(n, project) for n in names]):
+    with hook_scope(model, fwd_hooks=[(n, project) for n in names]):
         yield model
 
 

@@ -1,0 +1,143 @@
+"""Hook scopes that leave the model as they found it, even after a Ctrl-C.
+
+TransformerLens's ``model.hooks()`` removes its hooks in a ``finally`` block, which is enough for
+ordinary exceptions. A ``KeyboardInterrupt`` can arrive while that cleanup itself runs (about
+one Ctrl-C in 300 did, in a loop of patching runs) and then some hooks stay on the model, where
+they silently change every later forward pass.
+
+:func:`hook_scope` and :func:`keep_hooks` record, on entry, which hooks every hook point of the
+model carries (TransformerLens's handle lists and torch's own hook dictionaries) and restore
+exactly that on exit by any route. The restore is idempotent and runs in a loop that an
+interrupt cannot break: an interrupt that arrives during the restore starts it again and is
+raised once the model is clean. Other cleanups (configuration flags switched on for a run) ride
+along through ``keep_hooks(model, on_exit=...)``.
+
+Every mechkit function that adds hooks does it through :func:`hook_scope`; functions that call
+TransformerLens's own hooked runs (``run_with_cache``) wrap them in :func:`keep_hooks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["hook_scope", "keep_hooks", "run_with_cache"]
+
+HookSpec = Sequence[tuple[Any, Callable[..., Any]]]
+
+
+@dataclass(frozen=True)
+class _PointState:
+    point: Any
+    fwd: tuple[Any, ...]
+    bwd: tuple[Any, ...]
+    torch_keys: tuple[frozenset[int], ...]
+    full_backward: Any
+
+
+_TORCH_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _snapshot(model: Any) -> tuple[list[_PointState], tuple[Any, Any]]:
+    points = [
+        _PointState(
+            point=hp,
+            fwd=tuple(hp.fwd_hooks),
+            bwd=tuple(hp.bwd_hooks),
+            torch_keys=tuple(frozenset(getattr(hp, d, {})) for d in _TORCH_DICTS),
+            full_backward=getattr(hp, "_is_full_backward_hook", None),
+        )
+        for hp in model.hook_dict.values()
+    ]
+    return points, (getattr(model, "context_level", None), getattr(model, "is_caching", None))
+
+
+def _restore(model: Any, snapshot: tuple[list[_PointState], tuple[Any, Any]]) -> None:
+    """Put every hook point back as recorded; safe to run again after being cut short."""
+    points, (level, caching) = snapshot
+    for state in points:
+        hp = state.point
+        kept = set(map(id, state.fwd + state.bwd))
+        for handle in list(hp.fwd_hooks) + list(hp.bwd_hooks):
+            if id(handle) not in kept:
+                handle.hook.remove()
+        for name, keys in zip(_TORCH_DICTS, state.torch_keys, strict=True):
+            table = getattr(hp, name, None)
+            if table is None:
+                continue
+            for key in [k for k in table if k not in keys]:
+                table.pop(key, None)
+        hp.fwd_hooks = list(state.fwd)
+        hp.bwd_hooks = list(state.bwd)
+        if state.full_backward is not None:
+            hp._is_full_backward_hook = state.full_backward
+    if level is not None:
+        model.context_level = level
+    if caching is not None:
+        model.is_caching = caching
+
+
+@contextlib.contextmanager
+def keep_hooks(model: Any, *, on_exit: Callable[[], None] | None = None) -> Iterator[Any]:
+    """On leaving the block by any route, the model carries exactly the hooks it had on entry.
+
+    Args:
+        model: the HookedTransformer.
+        on_exit: another idempotent cleanup run with the restore (say, a configuration flag put
+            back), under the same protection against interrupts.
+
+    Example:
+        >>> with keep_hooks(model):
+        ...     logits, cache = model.run_with_cache(tokens)
+    """
+    snapshot = _snapshot(model)
+    try:
+        yield model
+    finally:
+        # The loop is written out here, not called: Python delivers a pending Ctrl-C when a
+        # function starts, so a call made before the ``try`` could be cut short. Inside the
+        # ``try`` an interrupt only restarts the (idempotent) restore.
+        interrupted = False
+        while True:
+            try:
+                _restore(model, snapshot)
+                if on_exit is not None:
+                    on_exit()
+                break
+            except KeyboardInterrupt:
+                interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def hook_scope(model: Any, fwd_hooks: HookSpec = (), bwd_hooks: HookSpec = ()) -> Iterator[Any]:
+    """``model.hooks(fwd_hooks, bwd_hooks)`` whose exit cannot be cut short by an interrupt.
+
+    Args:
+        model: the HookedTransformer.
+        fwd_hooks: ``(hook name or name filter, hook function)`` pairs, as TransformerLens takes.
+        bwd_hooks: the same for the backward pass.
+
+    Example:
+        >>> with hook_scope(model, fwd_hooks=[("blocks.0.hook_resid_post", hook)]):
+        ...     model(tokens)
+    """
+    with keep_hooks(model), model.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks)):
+        yield model
+
+
+def run_with_cache(model: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """``model.run_with_cache(...)`` inside :func:`keep_hooks`: TransformerLens's caching hooks
+    never outlive the call, even when it is interrupted."""
+    with keep_hooks(model):
+        return model.run_with_cache(*args, **kwargs)
