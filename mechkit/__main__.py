@@ -125,7 +125,7 @@ def _sweep(args: argparse.Namespace) -> int:
     except SweepConfigError as exc:  # a key checked against the model: name the file
         if exc.source is not None:
             raise
-        raise SweepConfigError(exc.path, exc.detail, args.config) from None
+        raise type(exc)(exc.path, exc.detail, args.config) from None
     print(
         f"sweep complete: {run.cells_total} cells ({run.cells_computed} computed now) in "
         f"{time.perf_counter() - start:.1f} s; results in {run.out}"

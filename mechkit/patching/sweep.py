@@ -266,7 +266,7 @@ def run_sweep(
     except SweepConfigError as exc:  # checked on the model: name the file too
         if exc.source is not None or source is None:
             raise
-        raise SweepConfigError(exc.path, exc.detail, source) from None
+        raise type(exc)(exc.path, exc.detail, source) from None
 
 
 def _run(

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from transformer_lens import HookedTransformer
 
 import mechkit as mk
 from mechkit.__main__ import main
@@ -387,3 +388,28 @@ def test_two_runs_never_share_an_output_folder(tmp_path):
         with pytest.raises(mk.MechkitError, match="another mechkit sweep holds it"):
             run_sweep(_write_config(tmp_path), out=out, progress=False)
     assert not (out / "results.jsonl").exists()
+
+
+def test_prompts_longer_than_n_ctx_are_refused_before_any_forward(tmp_path, monkeypatch, capsys):
+    rows = _token_pairs()
+    rows[3]["clean"] = rows[3]["clean"] * 12  # 120 tokens: still fits the toy's 128
+    rows[3]["corrupt"] = rows[3]["corrupt"] * 12
+    rows[1]["clean"] = rows[1]["clean"] * 14  # 140 tokens (the corrupt prompt stays short)
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = _write_config(tmp_path, ablation="zero", sweeps=[{"site": "resid_pre"}])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a forward pass ran on prompts longer than n_ctx")
+
+    monkeypatch.setattr(HookedTransformer, "forward", refuse)
+    with pytest.raises(mk.ContextLengthError) as caught:
+        run_sweep(path, out=tmp_path / "out", progress=False)
+    assert isinstance(caught.value, sweep.SweepConfigError)
+    assert str(caught.value).startswith(
+        f"{path}: prompts.tokens: expected prompts of at most 128 tokens (the model's context, "
+        "n_ctx); 1 pair(s) are longer, the longest pair 2 with 140 tokens. Hint: "
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "sweep.yaml", "--out", "out", "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("mechkit: error: sweep.yaml: prompts.tokens: expected prompts of at most")
