@@ -128,6 +128,8 @@ def check_journal(folder: Path, previous: dict[str, Any] | None) -> bool:
         raise _refuse(path, "is a link (a sweep writes a plain file there and never follows links)")
     if not path.exists():
         return False
+    if not path.is_file():
+        raise _refuse(path, "is not a plain file")
     with path.open("rb") as f:
         first = f.readline()
     if not first.endswith(b"\n"):  # no complete line: a header cut short by a kill

@@ -420,6 +420,16 @@ def test_foreign_results_jsonl_is_not_deleted(tmp_path, monkeypatch, capsys, res
     assert _snapshot(out) == before
 
 
+@pytest.mark.parametrize("name", ["results.jsonl", "run.json"])
+def test_folder_named_like_the_journal_or_run_file_is_refused(tmp_path, no_model_load, name):
+    out = tmp_path / "out"
+    (out / name).mkdir(parents=True)
+    (out / name / "keep.txt").write_text("mine")
+    with pytest.raises(mk.OutputFolderError, match=rf"{name} is not a"):
+        run_sweep(_small_config(tmp_path), out=out, restart=True, progress=False)
+    assert (out / name / "keep.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("restart", [False, True])
 def test_foreign_run_json_and_the_files_it_lists_are_not_deleted(tmp_path, restart):
     out = tmp_path / "theirs"
