@@ -88,7 +88,9 @@ def _add_sweep_parser(commands: argparse._SubParsersAction) -> None:
             "complete, OUT/NAME.csv, NAME.html and NAME.png hold its table and heatmap; "
             "OUT/run.json holds the config, mechkit's version and the status. A config whose "
             "keys (other than device, memory_budget, format, out) differ from the one in OUT is "
-            "refused: pass --restart to discard the old results, or another --out.",
+            "refused: pass --restart to discard the old results, or another --out. A sweep "
+            "deletes or overwrites only files it wrote, as run.json records them (name, size, "
+            "SHA-256); a foreign or edited file in its way stops it with an error naming it.",
             width=98,
         ),
         epilog=config_help()
@@ -98,7 +100,9 @@ def _add_sweep_parser(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument("config", help="the YAML config file")
     sweep.add_argument("--out", help="output folder (overrides the config's out)")
     sweep.add_argument(
-        "--restart", action="store_true", help="discard the results already in the output folder"
+        "--restart",
+        action="store_true",
+        help="discard the results a sweep wrote in the output folder (never other files)",
     )
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -125,7 +129,7 @@ def _sweep(args: argparse.Namespace) -> int:
     except SweepConfigError as exc:  # a key checked against the model: name the file
         if exc.source is not None:
             raise
-        raise SweepConfigError(exc.path, exc.detail, args.config) from None
+        raise type(exc)(exc.path, exc.detail, args.config) from None
     print(
         f"sweep complete: {run.cells_total} cells ({run.cells_computed} computed now) in "
         f"{time.perf_counter() - start:.1f} s; results in {run.out}"

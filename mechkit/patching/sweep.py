@@ -8,7 +8,9 @@ A sweep config names a model, prompt pairs, a metric and a list of sweeps, each 
 at any moment, it reads the journal back, drops a torn last line and runs only the cells the
 journal lacks (``PatchPlan.run(skip=...)``): nothing is lost and no cell is computed twice. The
 journal starts with a fingerprint of the config; a different config is refused rather than
-mixed in (``restart=True`` / ``--restart`` discards the old results).
+mixed in (``restart=True`` / ``--restart`` discards the old results). A sweep deletes or
+overwrites only files it can show it wrote; any other file in its way is an
+:class:`~mechkit.errors.OutputFolderError` naming it, raised before the model loads.
 
 A cell's score is the mean over all prompt pairs: each batch's mean weighted by its size, which
 is the metric of one run over every pair for the mean-of-prompts metrics offered here; the
@@ -23,9 +25,10 @@ its public names are importable from here too.
     >>> run = run_sweep(config, out="runs/ioi")
     >>> run.results["0_resid_pre"].scores.shape     # (layer, pos)
 
-The output folder::
+The output folder (what a sweep may delete there: :mod:`mechkit.patching.sweep_folder`)::
 
-    run.json             the config, mechkit's version, the config's fingerprint, the status
+    run.json             the config, mechkit's version, the config's fingerprint, the status,
+                         and each output's size and SHA-256 ("outputs")
     results.jsonl        the journal: a header, one "plan" line per (entry, batch), one line a cell
     results.parquet      (format: parquet) every cell as a table, written when the run completes
     NAME.csv .html .png  per sweep entry; the HTML files load plotly.min.js from the folder
@@ -37,17 +40,16 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mechkit.atomic_io import write_atomically, write_text_atomically
-from mechkit.errors import MechkitError
+from mechkit.atomic_io import write_text_atomically
+from mechkit.errors import FileFormatError, MechkitError, OutputFolderError
 from mechkit.models import load_model
 from mechkit.patching.activation import _plan_cells, plan_patch
 from mechkit.patching.result import PatchResult
@@ -67,6 +69,21 @@ from mechkit.patching.sweep_config import (
     load_config,
 )
 from mechkit.patching.sweep_config import config_from_dict as config_from_dict  # re-export
+from mechkit.patching.sweep_folder import (
+    JOURNAL,
+    KIND,
+    PARQUET,
+    RUN_FILE,
+    Journal,
+    check_folder,
+    check_journal,
+    claim,
+    clear,
+    index,
+    locked,
+    read_run_file,
+    write_outputs,
+)
 from mechkit.prompts import PromptPairs
 
 __all__ = [
@@ -81,7 +98,7 @@ __all__ = [
     "run_sweep",
 ]
 
-JOURNAL, RUN_FILE, PARQUET = "results.jsonl", "run.json", "results.parquet"
+_locked = locked  # as the tests reach it
 
 
 def _batches(n: int, size: int | None) -> list[slice]:
@@ -101,89 +118,13 @@ def _batch(pairs: PromptPairs, rows: slice) -> PromptPairs:
     return dataclasses.replace(pairs, **changes)
 
 
-# ----------------------------------------------------------------------------------- journal
-
-
-class _Journal:
-    """The append-only results file: one JSON object a line, flushed and fsync'd per append."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.file: Any = None
-
-    def read(self) -> tuple[list[dict[str, Any]], bool]:
-        """Every complete record; cuts a torn last line off the file (True when there was one)."""
-        if not self.path.exists():
-            return [], False
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1  # after the last newline: a write cut short by a kill
-        lines = data[:end].split(b"\n")[:-1]
-        records = []
-        for k, line in enumerate(lines):
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                if k < len(lines) - 1:
-                    raise MechkitError(
-                        f"{self.path}: line {k + 1} is not valid JSON, and it is not the last "
-                        "line (only the last line can be torn by a kill). Hint: rerun with "
-                        "--restart to discard these results."
-                    ) from None
-                end -= len(line) + 1  # a garbled last line (a crash of the machine) is torn too
-        if end < len(data):
-            with self.path.open("r+b") as f:
-                f.truncate(end)
-        return records, end < len(data)
-
-    def append(self, records: list[dict[str, Any]]) -> None:
-        if self.file is None:
-            self.file = self.path.open("ab")
-        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
-        self.file.write(text.encode("utf-8"))
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """Hold ``folder/.lock`` so that two runs never write one journal (released on any exit)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with (folder / ".lock").open("a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise MechkitError(
-                f"Expected to be the only sweep writing to {folder}; another mechkit sweep "
-                "holds it. Hint: wait for it, or choose another output folder."
-            ) from None
-        yield
-
-
-def _read_run_file(out: Path) -> dict[str, Any] | None:
-    path = out / RUN_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise MechkitError(
-            f"{path} is not valid JSON. Hint: rerun with --restart to discard the results there."
-        ) from None
+# ----------------------------------------------------------------------------------- folder
 
 
 def _check_same_sweep(out: Path, previous: dict[str, Any] | None, identity: dict, fp: str) -> None:
     if previous is None:
         if (out / JOURNAL).exists():
-            raise MechkitError(
+            raise OutputFolderError(
                 f"{out} holds {JOURNAL} but no {RUN_FILE}, so its config is unknown and its "
                 "results cannot be resumed safely. Hint: rerun with --restart to discard them, "
                 "or choose another --out."
@@ -191,25 +132,15 @@ def _check_same_sweep(out: Path, previous: dict[str, Any] | None, identity: dict
         return
     if previous.get("fingerprint") != fp:
         changed = _changed(previous.get("identity", {}), identity) or ["(unknown)"]
-        raise MechkitError(
+        raise OutputFolderError(
             f"Expected {out} to hold results of this config; it holds a sweep whose config "
             f"differs in {', '.join(changed)}, and mixing their results would be wrong. Hint: "
             "rerun with --restart to discard the old results, or choose another --out."
         )
 
 
-def _clear(out: Path, previous: dict[str, Any] | None) -> None:
-    """Remove a previous run's files (only the ones a sweep writes)."""
-    names = {JOURNAL, RUN_FILE, PARQUET}
-    for name in (previous or {}).get("outputs", []):
-        if isinstance(name, str) and "/" not in name and "\\" not in name and name != "..":
-            names.add(name)
-    for name in names:
-        (out / name).unlink(missing_ok=True)
-
-
 def _write_run_file(out: Path, info: dict[str, Any], **changes: Any) -> None:
-    info.update(changes, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    info.update(changes, kind=KIND, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     write_text_atomically(out / RUN_FILE, json.dumps(info, indent=2) + "\n")
 
 
@@ -266,7 +197,7 @@ def run_sweep(
     except SweepConfigError as exc:  # checked on the model: name the file too
         if exc.source is not None or source is None:
             raise
-        raise SweepConfigError(exc.path, exc.detail, source) from None
+        raise type(exc)(exc.path, exc.detail, source) from None
 
 
 def _run(
@@ -282,27 +213,31 @@ def _run(
     say = log or (lambda _msg: None)
     identity = _identity(config)
     fp = _fingerprint(identity)
-    folder.mkdir(parents=True, exist_ok=True)
-    journal = _Journal(folder / JOURNAL)
-    with _locked(folder):
-        previous = _read_run_file(folder)
+    check_folder(folder)  # a file, or a folder that cannot be written: refused here
+    journal = Journal(folder / JOURNAL)
+    with locked(folder):
+        # only files shown to be this tool's are ever deleted or overwritten (sweep_folder)
+        previous = read_run_file(folder)
+        has_journal = check_journal(folder, previous)
         if restart or not _has_cells(journal.path):  # nothing computed: nothing to mix up
-            _clear(folder, previous)
+            clear(folder, previous, has_journal)
             previous = None
         _check_same_sweep(folder, previous, identity, fp)
         records, torn = journal.read()
         if torn:
             say(f"dropped a torn last line from {journal.path} (the run was killed mid-write)")
-        if records and (records[0].get("kind") != "header" or records[0].get("fingerprint") != fp):
-            raise MechkitError(
+        if records and records[0][1].get("fingerprint") != fp:
+            raise OutputFolderError(
                 f"Expected {journal.path} to be this config's journal (fingerprint {fp}); its "
                 "header disagrees. Hint: rerun with --restart, or choose another --out."
             )
-        plans, cells = _index(records)
+        plans, cells = index(journal, records, len(config.sweeps))
+        info = dict(previous or {})
+        manifest: dict[str, Any] = info.setdefault("outputs", {})
+        claim(folder, _output_names(config), manifest)  # before any model loads
         complete = previous is not None and previous.get("status") == "complete"
         complete = complete and {i for i, _ in plans} == set(range(len(config.sweeps)))
         setup = None if complete else _prepare(config, say)  # checks the config on the model
-        info = dict(previous or {})
         info.update(mechkit=mechkit.__version__, fingerprint=fp, config=config.to_dict())
         info.update(identity=identity, out=str(folder))
         info.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -312,11 +247,12 @@ def _run(
         results: dict[str, PatchResult] = {}
         files: dict[str, dict[str, Path]] = {}
 
+        def save() -> None:
+            _write_run_file(folder, info)
+
         def finish(name: str, result: PatchResult) -> None:
             results[name] = result
-            files[name] = _export(folder, name, result)
-            done = [p.name for entry in files.values() for p in entry.values()]
-            _write_run_file(folder, info, outputs=sorted({*info.get("outputs", []), *done}))
+            files[name] = _export(folder, name, result, manifest, save)
 
         try:
             if setup is None:
@@ -328,13 +264,16 @@ def _run(
                 total, computed = _compute(
                     config, setup, journal, plans, cells, finish, progress, say
                 )
-            outputs = [p.name for entry in files.values() for p in entry.values()]
             if config.format == "parquet":
-                _write_parquet(folder / PARQUET, config, cells)
-                outputs.append(PARQUET)
+                write_outputs(
+                    folder,
+                    {PARQUET: lambda tmp: _write_parquet(tmp, config, cells)},
+                    manifest,
+                    save,
+                )
         finally:
             journal.close()
-        _write_run_file(folder, info, status="complete", outputs=outputs, cells=total)
+        _write_run_file(folder, info, status="complete", cells=total)
     return SweepRun(folder, results, files, total, computed, time.perf_counter() - start)
 
 
@@ -346,18 +285,10 @@ def _has_cells(path: Path) -> bool:
         return any(b'"kind":"cell"' in line for line in f)
 
 
-def _index(records: list[dict[str, Any]]) -> tuple[dict, dict]:
-    """Plan records by (entry, batch), and cells by (entry, batch) -> {cell: (score, prompts)}."""
-    plans: dict[tuple[int, int], dict[str, Any]] = {}
-    cells: dict[tuple[int, int], dict[tuple[int, ...], tuple[float, list[float] | None]]] = {}
-    for record in records:
-        key = (record.get("entry"), record.get("batch"))
-        if record.get("kind") == "plan":
-            plans.setdefault(key, record)  # type: ignore[arg-type]
-        elif record.get("kind") == "cell":
-            done = cells.setdefault(key, {})  # type: ignore[arg-type]
-            done.setdefault(tuple(record["cell"]), (record["score"], record["per_prompt"]))
-    return plans, cells
+def _output_names(config: SweepConfig) -> list[str]:
+    """The files this config's run writes besides run.json and the journal."""
+    names = [f"{name}.{ext}" for name in config.entry_names for ext in ("csv", "html", "png")]
+    return names + ([PARQUET] if config.format == "parquet" else [])
 
 
 @dataclasses.dataclass
@@ -385,7 +316,7 @@ def _prepare(config: SweepConfig, say: Callable[[str], None]) -> _Setup:
 def _compute(
     config: SweepConfig,
     setup: _Setup,
-    journal: _Journal,
+    journal: Journal,
     plans: dict,
     cells: dict,
     finish: Callable[[str, PatchResult], None],
@@ -436,7 +367,7 @@ def _compute(
                 elif {k: plans[key][k] for k in ("cells", "axes", "labels")} != {
                     k: record[k] for k in ("cells", "axes", "labels")
                 }:
-                    raise MechkitError(
+                    raise OutputFolderError(
                         f"Expected the journal's plan of {name}, batch {b}, to match this run's; "
                         "they differ (the model or prompt files changed?). Hint: rerun with "
                         "--restart, or choose another --out."
@@ -543,7 +474,7 @@ def _assemble(entry: int, plans: dict, cells: dict) -> PatchResult:
     for key, size in zip(keys, sizes, strict=True):
         done = cells.get(key, {})
         if len(done) != plans[key]["cells"]:
-            raise MechkitError(
+            raise FileFormatError(
                 f"Expected every cell of sweep entry {entry}, batch {key[1]}, in the journal; "
                 f"{plans[key]['cells'] - len(done)} are missing. Hint: rerun to compute them."
             )
@@ -586,8 +517,15 @@ def _bar(total: int, initial: int, enabled: bool) -> Any:
 # ----------------------------------------------------------------------------------- export
 
 
-def _export(folder: Path, name: str, result: PatchResult) -> dict[str, Path]:
-    """``NAME.csv`` (a row per cell, with ``normalized`` when defined), ``.html`` and ``.png``."""
+def _export(
+    folder: Path,
+    name: str,
+    result: PatchResult,
+    manifest: dict[str, Any],
+    save: Callable[[], None],
+) -> dict[str, Path]:
+    """``NAME.csv`` (a row per cell, with ``normalized`` when defined), ``.html`` and ``.png``,
+    each recorded in the manifest (``save()`` stores it)."""
     df = result.to_dataframe()
     with contextlib.suppress(ValueError):  # no corrupt run, or clean == corrupt
         df.insert(
@@ -596,15 +534,15 @@ def _export(folder: Path, name: str, result: PatchResult) -> dict[str, Path]:
             result.normalized().scores.flatten().tolist(),
         )
     title = f"{name}: {result.method} {result.site}, {result.metric_name}"
-    files = {
-        "csv": write_atomically(folder / f"{name}.csv", lambda tmp: df.to_csv(tmp, index=False)),
-        "html": write_atomically(
-            folder / f"{name}.html",
-            lambda tmp: result.plot(title=title).write_html(tmp, include_plotlyjs="directory"),
+    writers = {
+        f"{name}.csv": lambda tmp: df.to_csv(tmp, index=False),
+        f"{name}.html": lambda tmp: result.plot(title=title).write_html(
+            tmp, include_plotlyjs="directory"
         ),
-        "png": write_atomically(folder / f"{name}.png", lambda tmp: _write_png(result, title, tmp)),
+        f"{name}.png": lambda tmp: _write_png(result, title, tmp),
     }
-    return files
+    paths = write_outputs(folder, writers, manifest, save)
+    return {ext: paths[f"{name}.{ext}"] for ext in ("csv", "html", "png")}
 
 
 def _write_png(result: PatchResult, title: str, path: str) -> None:
@@ -668,7 +606,7 @@ def _set_ticks(setter: Callable[..., Any], labels: list[str], rotation: int = 0)
     setter(where, [labels[i] for i in where], rotation=rotation, fontsize=7)
 
 
-def _write_parquet(path: Path, config: SweepConfig, cells: dict) -> None:
+def _write_parquet(path: str, config: SweepConfig, cells: dict) -> None:
     import pandas as pd
 
     names = config.entry_names
@@ -685,4 +623,4 @@ def _write_parquet(path: Path, config: SweepConfig, cells: dict) -> None:
         for cell, (score, prompts) in sorted(done.items())
     ]
     frame = pd.DataFrame(rows, columns=["entry", "site", "batch", "cell", "score", "per_prompt"])
-    write_atomically(path, lambda tmp: frame.to_parquet(tmp, index=False))
+    frame.to_parquet(path, index=False)

@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from mechkit.devices import resolve_device, resolve_dtype
-from mechkit.errors import MechkitError, did_you_mean
+from mechkit.errors import ContextLengthError, MechkitError, did_you_mean
 from mechkit.metrics import CrossEntropy, LogitDiff, ProbDiff
 from mechkit.patching import engine
 from mechkit.patching.activation import _HEADS, _NEURONS, PATCHABLE
@@ -39,6 +39,7 @@ __all__ = [
     "CONFIG_KEYS",
     "PromptSource",
     "SweepConfig",
+    "PromptsTooLongError",
     "SweepConfigError",
     "SweepEntry",
     "build_pairs",
@@ -153,7 +154,11 @@ class SweepConfigError(MechkitError, ValueError):
     def within(self, prefix: str) -> SweepConfigError:
         """The same error, its path below ``prefix`` (``sweeps[1]`` + ``positions``)."""
         sep = "" if not self.path or self.path.startswith("[") else "."
-        return SweepConfigError(prefix + sep + self.path, self.detail, self.source)
+        return type(self)(prefix + sep + self.path, self.detail, self.source)
+
+
+class PromptsTooLongError(SweepConfigError, ContextLengthError):
+    """Prompt pairs longer than the model's context ``n_ctx``; the message names the key."""
 
 
 # ----------------------------------------------------------------------------------- config
@@ -566,9 +571,26 @@ def build_pairs(model: Any, config: SweepConfig) -> PromptPairs:
             pairs = _repeated_token_pairs(model, source.n or 8, source.length or 6, config.seed)
         if config.ablation != "zero":  # positions are patched one for one
             pairs.require_aligned()
-        return pairs
     except MechkitError as exc:
         raise SweepConfigError(f"prompts.{key}", _lower_first(str(exc))) from None
+    _check_context(model, pairs, f"prompts.{key}")
+    return pairs
+
+
+def _check_context(model: Any, pairs: PromptPairs, key: str) -> None:
+    """Refuse prompts longer than ``model.cfg.n_ctx`` before any forward pass."""
+    n_ctx = model.cfg.n_ctx
+    lengths = torch.maximum(pairs.clean_mask.sum(1), pairs.corrupt_mask.sum(1))  # (batch,)
+    longest = int(lengths.argmax())
+    if int(lengths[longest]) > n_ctx:
+        too_long = int((lengths > n_ctx).sum())
+        raise PromptsTooLongError(
+            key,
+            f"expected prompts of at most {n_ctx} tokens (the model's context, n_ctx); "
+            f"{too_long} pair(s) are longer, the longest pair {longest + 1} with "
+            f"{int(lengths[longest])} tokens. Hint: shorten or drop those prompts, or use a "
+            "model with a longer context",
+        )
 
 
 # ------------------------------------------------------------------------------- fingerprint

@@ -8,6 +8,7 @@ built here; one test runs the shipped example config (IOI prompts) on smollm2-13
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,6 +23,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from transformer_lens import HookedTransformer
 
 import mechkit as mk
 from mechkit.__main__ import main
@@ -387,3 +389,268 @@ def test_two_runs_never_share_an_output_folder(tmp_path):
         with pytest.raises(mk.MechkitError, match="another mechkit sweep holds it"):
             run_sweep(_write_config(tmp_path), out=out, progress=False)
     assert not (out / "results.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------------- output folder
+# A sweep deletes or overwrites only files it can show it wrote; everything else is refused with
+# an OutputFolderError naming the file, and left as it was.
+
+
+def _small_config(tmp_path: Path, name: str = "sweep.yaml", **overrides) -> Path:
+    return _write_config(tmp_path, name, **{"sweeps": [{"site": "resid_pre"}], **overrides})
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_foreign_results_jsonl_is_not_deleted(tmp_path, monkeypatch, capsys, restart):
+    monkeypatch.chdir(tmp_path)
+    _small_config(tmp_path)
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "results.jsonl").write_text('{"loss": 1.5, "step": 10}\n{"loss": 1.2, "step": 20}\n')
+    before = _snapshot(out)
+    argv = ["sweep", "sweep.yaml", "--out", "theirs", "--no-progress"]
+    assert main(argv + (["--restart"] if restart else [])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mechkit: error: ") and "results.jsonl" in err and "Hint:" in err, err
+    assert "is not a sweep journal" in err and "Traceback" not in err
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("name", ["results.jsonl", "run.json"])
+def test_folder_named_like_the_journal_or_run_file_is_refused(tmp_path, no_model_load, name):
+    out = tmp_path / "out"
+    (out / name).mkdir(parents=True)
+    (out / name / "keep.txt").write_text("mine")
+    with pytest.raises(mk.OutputFolderError, match=rf"{name} is not a"):
+        run_sweep(_small_config(tmp_path), out=out, restart=True, progress=False)
+    assert (out / name / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_foreign_run_json_and_the_files_it_lists_are_not_deleted(tmp_path, restart):
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"tool": "other", "outputs": ["data.csv"]}))
+    (out / "data.csv").write_text("a,b\n1,2\n")
+    (out / "results.parquet").write_bytes(b"PAR1 someone else's table")
+    before = _snapshot(out)
+    with pytest.raises(mk.OutputFolderError, match=r"run\.json is not a run file of mechkit"):
+        run_sweep(_small_config(tmp_path), out=out, restart=restart, progress=False)
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("name", ["0_resid_pre.csv", "0_resid_pre.png", "results.parquet"])
+def test_foreign_file_named_like_an_output_is_not_overwritten(tmp_path, no_model_load, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(b"the user's own file")
+    with pytest.raises(mk.OutputFolderError, match=rf"{name} was not written by this sweep"):
+        run_sweep(_small_config(tmp_path, format="parquet"), out=out, progress=False)
+    assert (out / name).read_bytes() == b"the user's own file"  # refused before any model loads
+
+
+def test_restart_refuses_an_output_edited_after_the_sweep_wrote_it(tmp_path):
+    path = _small_config(tmp_path)
+    out = tmp_path / "out"
+    run_sweep(path, out=out, progress=False)
+    with (out / "0_resid_pre.csv").open("a") as f:
+        f.write("# my notes on this table\n")
+    before = _snapshot(out)
+    for restart in (True, False):  # restart deletes it; a rerun of a complete sweep rewrites it
+        with pytest.raises(mk.OutputFolderError, match=r"0_resid_pre\.csv was changed after"):
+            run_sweep(path, out=out, restart=restart, progress=False)
+        assert _snapshot(out) == before  # nothing deleted, not even the journal
+
+
+def test_restart_deletes_its_own_outputs_and_nothing_else(tmp_path):
+    out = tmp_path / "out"
+    run_sweep(_small_config(tmp_path), out=out, progress=False)
+    (out / "notes.txt").write_text("mine")
+    renamed = _small_config(tmp_path, "b.yaml", sweeps=[{"site": "resid_pre", "name": "b"}])
+    run_sweep(renamed, out=out, restart=True, progress=False)
+    names = {p.name for p in out.iterdir()} - {".lock"}
+    assert names == {"notes.txt", "results.jsonl", "run.json", "plotly.min.js", *_outs("b")}
+    info = json.loads((out / "run.json").read_text())
+    assert set(info["outputs"]) == {"plotly.min.js", *_outs("b")}
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def _outs(name: str) -> set[str]:
+    return {f"{name}.csv", f"{name}.html", f"{name}.png"}
+
+
+@pytest.mark.parametrize("listed", ["../victim.txt", "VICTIM", "link.csv"])
+def test_restart_never_follows_outputs_outside_the_folder(tmp_path, listed):
+    out = tmp_path / "out"
+    run_sweep(_small_config(tmp_path), out=out, progress=False)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not the sweep's")
+    listed = str(victim) if listed == "VICTIM" else listed  # an absolute path
+    (out / "link.csv").symlink_to(victim)
+    info = json.loads((out / "run.json").read_text())
+    if isinstance(info["outputs"], list):  # a run file without content records
+        info["outputs"].append(listed)
+    else:
+        info["outputs"][listed] = info["outputs"]["0_resid_pre.csv"]
+    (out / "run.json").write_text(json.dumps(info))
+    before = _snapshot(out)
+    with pytest.raises(mk.OutputFolderError, match="run.json|link.csv") as caught:
+        run_sweep(_small_config(tmp_path), out=out, restart=True, progress=False)
+    assert "Hint:" in str(caught.value)
+    assert victim.read_text() == "not the sweep's" and (out / "link.csv").is_symlink()
+    assert _snapshot(out) == before
+
+
+def test_symlink_in_the_folder_is_never_written_through(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / "plotly.min.js").symlink_to(elsewhere / "plotly.min.js")  # dangling: plotly writes it
+    with pytest.raises(mk.OutputFolderError, match=r"plotly\.min\.js is a link"):
+        run_sweep(_small_config(tmp_path), out=out, progress=False)
+    assert not list(elsewhere.iterdir())
+
+
+def test_killed_while_replacing_outputs_resumes(tmp_path, monkeypatch):
+    path = _small_config(tmp_path)
+    out = tmp_path / "out"
+    run_sweep(path, out=out, progress=False)
+    real = os.replace
+
+    def killed_before_the_png(src, dst):  # a kill between renaming two outputs into place
+        if str(dst).endswith(".png"):  # the HTML (new content: plotly's ids are random) is in
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_png)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(path, out=out, progress=False)
+    monkeypatch.setattr(os, "replace", real)
+    again = run_sweep(path, out=out, progress=False)  # recognises every file as its own
+    assert again.cells_computed == 0
+    run_sweep(path, out=out, restart=True, progress=False)
+
+
+def test_out_that_is_a_file_is_a_clear_error(tmp_path, monkeypatch, capsys, no_model_load):
+    monkeypatch.chdir(tmp_path)
+    _small_config(tmp_path)
+    (tmp_path / "taken").write_text("a file")
+    assert main(["sweep", "sweep.yaml", "--out", "taken", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mechkit: error: Expected --out to be a folder; taken is a file"), err
+    assert "Hint:" in err and (tmp_path / "taken").read_text() == "a file"
+
+
+@contextlib.contextmanager
+def _read_only(folder: Path):
+    """``folder`` made unwritable, also for root (immutable); skips where neither works."""
+    folder.chmod(0o555)
+    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(folder)]).returncode == 0
+    try:
+        try:
+            (folder / "probe").touch()
+        except OSError:
+            yield
+        else:
+            (folder / "probe").unlink()
+            pytest.skip("cannot make a read-only folder here")
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def test_read_only_out_folder_is_a_clear_error(tmp_path, monkeypatch, capsys, no_model_load):
+    monkeypatch.chdir(tmp_path)
+    _small_config(tmp_path)
+    (tmp_path / "locked").mkdir()
+    with _read_only(tmp_path / "locked"):
+        assert main(["sweep", "sweep.yaml", "--out", "locked", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mechkit: error: Expected an output folder that can be written to; ")
+    assert "locked cannot" in err and "Hint:" in err, err
+
+
+def test_prompts_longer_than_n_ctx_are_refused_before_any_forward(tmp_path, monkeypatch, capsys):
+    rows = _token_pairs()
+    rows[3]["clean"] = rows[3]["clean"] * 12  # 120 tokens: still fits the toy's 128
+    rows[3]["corrupt"] = rows[3]["corrupt"] * 12
+    rows[1]["clean"] = rows[1]["clean"] * 14  # 140 tokens (the corrupt prompt stays short)
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = _write_config(tmp_path, ablation="zero", sweeps=[{"site": "resid_pre"}])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a forward pass ran on prompts longer than n_ctx")
+
+    monkeypatch.setattr(HookedTransformer, "forward", refuse)
+    with pytest.raises(mk.ContextLengthError) as caught:
+        run_sweep(path, out=tmp_path / "out", progress=False)
+    assert isinstance(caught.value, sweep.SweepConfigError)
+    assert str(caught.value).startswith(
+        f"{path}: prompts.tokens: expected prompts of at most 128 tokens (the model's context, "
+        "n_ctx); 1 pair(s) are longer, the longest pair 2 with 140 tokens. Hint: "
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "sweep.yaml", "--out", "out", "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("mechkit: error: sweep.yaml: prompts.tokens: expected prompts of at most")
+
+
+def _damage(line: str, how: str) -> str:
+    record = json.loads(line)
+    if how == "not json":
+        return line[: len(line) // 2] + "\n"
+    if how == "a list":
+        return "[1, 2]\n"
+    if how == "score a string":
+        record["score"] = "high"
+    elif how == "no cell field":
+        del record["cell"]
+    elif how == "cell outside the grid":
+        record["cell"] = [0, 99]
+    elif how == "cell of no plan":
+        record["batch"] = 7
+    elif how == "unknown kind":
+        record["kind"] = "note"
+    return json.dumps(record) + "\n"
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "not json",
+        "a list",
+        "score a string",
+        "no cell field",
+        "cell outside the grid",
+        "cell of no plan",
+        "unknown kind",
+    ],
+)
+def test_malformed_journal_record_in_the_middle_is_a_clear_error(
+    tmp_path, monkeypatch, capsys, how
+):
+    monkeypatch.chdir(tmp_path)
+    _small_config(tmp_path)
+    assert main(["sweep", "sweep.yaml", "--out", "out", "--no-progress"]) == 0
+    journal = tmp_path / "out" / "results.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    k = next(i for i, line in enumerate(lines) if '"kind":"cell"' in line) + 3
+    lines[k] = _damage(lines[k], how)
+    journal.write_text("".join(lines))
+    info = json.loads((tmp_path / "out" / "run.json").read_text())
+    (tmp_path / "out" / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    capsys.readouterr()
+    assert main(["sweep", "sweep.yaml", "--out", "out", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mechkit: error: Expected {Path('out') / 'results.jsonl'} to hold "), err
+    assert f"line {k + 1} " in err and "--restart" in err and "Traceback" not in err
+    with pytest.raises(mk.FileFormatError):
+        run_sweep(load_config("sweep.yaml"), out="out", progress=False)
+    # --restart discards the damaged journal, which is still recognisably this sweep's
+    assert main(["sweep", "sweep.yaml", "--out", "out", "--no-progress", "--restart"]) == 0
