@@ -34,7 +34,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mechkit.errors import MechkitError, PromptLengthError
+from mechkit.errors import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    OutOfMemoryError,
+    PromptLengthError,
+    ShapeError,
+)
 from mechkit.graph.circuit import CircuitGraph
 from mechkit.graph.layout import GraphLayout
 from mechkit.graph.runs import masked_logits, receiver_gradients, sender_outputs
@@ -78,12 +84,14 @@ def prepare(
     """Tokens, metric and the ablated sender outputs, all checked before the long work."""
     layout = GraphLayout.from_model(model)
     if ablation not in ("corrupt", "mean", "zero"):
-        raise MechkitError(f"Expected ablation 'corrupt', 'mean' or 'zero'; got {ablation!r}.")
+        raise InvalidArgumentError(
+            f"Expected ablation 'corrupt', 'mean' or 'zero'; got {ablation!r}."
+        )
     ref_tokens = ref_mask = None
     if isinstance(clean, PromptPairs):
         pairs = clean
         if corrupt is not None:
-            raise MechkitError(
+            raise InvalidArgumentError(
                 "Expected corrupt=None when clean is a PromptPairs (it holds both runs); got "
                 f"{type(corrupt).__name__}."
             )
@@ -106,7 +114,7 @@ def prepare(
         if reference is None and corrupt is not None:
             ref_tokens, ref_mask = token_batch(model, corrupt)
     if metric is None or not callable(metric):
-        raise MechkitError(
+        raise InvalidTypeError(
             "Expected a metric: a mechkit Metric or a differentiable function logits -> score; "
             f"got {metric!r}. Hint: mk.LogitDiff.from_pairs(pairs)."
         )
@@ -118,14 +126,14 @@ def prepare(
     n_batch = clean_tokens.shape[0]
     size = batch_size or n_batch
     if size < n_batch and not isinstance(metric, Metric):
-        raise MechkitError(
+        raise InvalidTypeError(
             "Expected a mechkit Metric (it can be restricted to a batch) when batch_size splits "
             f"the prompts; got {type(metric).__name__}. Hint: batch_size=None."
         )
     clean_senders = _senders_in_batches(model, layout, clean_tokens, size)
     if ablation == "corrupt":
         if corrupt_tokens is None:
-            raise MechkitError(
+            raise InvalidArgumentError(
                 "Expected corrupt prompts for ablation='corrupt'; got None. Hint: ablation="
                 "'mean' (over reference prompts) or 'zero'."
             )
@@ -175,7 +183,7 @@ def each_batch(
             if not _is_oom(exc):
                 raise
             if stop - start == 1 or not can_split:
-                raise MechkitError(
+                raise OutOfMemoryError(
                     f"Out of memory on {stop - start} prompt(s) of the graph run. Hint: fewer or "
                     "shorter prompts, or a mechkit Metric so batches can be split."
                 ) from exc
@@ -224,12 +232,12 @@ def edge_attribution(
     if method not in METHODS:
         from mechkit.errors import did_you_mean
 
-        raise MechkitError(
+        raise InvalidArgumentError(
             f"Expected method one of {', '.join(METHODS)}; got {method!r}."
             + did_you_mean(str(method), METHODS)
         )
     if steps < 1:
-        raise MechkitError(f"Expected steps >= 1; got {steps}.")
+        raise InvalidArgumentError(f"Expected steps >= 1; got {steps}.")
     setup = prepare(
         model,
         clean,
@@ -277,7 +285,7 @@ def mean_value(metric: Any, logits: Tensor) -> Tensor:
     if value.ndim == 1:
         value = value.mean()
     if value.ndim != 0:
-        raise MechkitError(
+        raise ShapeError(
             f"Expected the metric to return a scalar or one value per prompt; got shape "
             f"{tuple(value.shape)}."
         )

@@ -30,7 +30,12 @@ import torch
 from torch import Tensor
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-from mechkit.errors import MechkitError, UnsupportedModelError
+from mechkit.errors import (
+    InvalidArgumentError,
+    OutOfMemoryError,
+    ShapeError,
+    UnsupportedModelError,
+)
 from mechkit.lens.logit_lens import decode_residual
 from mechkit.metrics import Metric, Normalized
 
@@ -169,13 +174,13 @@ class MetricReader:
         else:
             self.positions = torch.as_tensor(found, dtype=torch.long).cpu()
             if self.positions.shape != (base.batch,):
-                raise MechkitError(
+                raise InvalidArgumentError(
                     f"Expected the metric to be bound to the {base.batch} prompts being patched; "
                     f"it reads {tuple(self.positions.shape)} answer positions. Hint: build it "
                     "from the same PromptPairs (metric.select(rows) for a subset)."
                 )
             if int(self.positions.max()) >= base.seq or int(self.positions.min()) < 0:
-                raise MechkitError(
+                raise InvalidArgumentError(
                     f"Expected answer positions inside the prompts (0..{base.seq - 1}); got "
                     f"{self.positions.tolist()}."
                 )
@@ -193,7 +198,7 @@ class MetricReader:
         elif value.ndim == 1:
             per_prompt, value = value.detach().float().cpu(), value.mean()
         if value.ndim != 0:
-            raise MechkitError(
+            raise ShapeError(
                 f"Expected the metric to return a scalar (or one value per prompt); got shape "
                 f"{tuple(value.shape)}."
             )
@@ -220,12 +225,12 @@ def parse_budget(budget: int | str | None, device: torch.device) -> int:
         try:
             value = int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
         except (ValueError, IndexError):
-            raise MechkitError(
+            raise InvalidArgumentError(
                 f"Expected a memory budget such as '2GB', '512MB' or a number of bytes; got "
                 f"{budget!r}."
             ) from None
     if value <= 0:
-        raise MechkitError(f"Expected a positive memory budget; got {budget!r}.")
+        raise InvalidArgumentError(f"Expected a positive memory budget; got {budget!r}.")
     return value
 
 
@@ -313,7 +318,7 @@ def _run_with_split(
         if not _is_oom(exc):
             raise
         if len(chunk) == 1:
-            raise MechkitError(
+            raise OutOfMemoryError(
                 f"Out of memory running one patch on {base.batch} prompts of {base.seq} tokens. "
                 "Hint: patch fewer prompts at once (a smaller batch_size)."
             ) from exc

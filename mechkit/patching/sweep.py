@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from mechkit.atomic_io import write_atomically, write_text_atomically
-from mechkit.errors import MechkitError
+from mechkit.errors import FileFormatError, MechkitError, OutputFolderError
 from mechkit.models import load_model
 from mechkit.patching.activation import _plan_cells, plan_patch
 from mechkit.patching.result import PatchResult
@@ -124,7 +124,7 @@ class _Journal:
                 records.append(json.loads(line))
             except ValueError:
                 if k < len(lines) - 1:
-                    raise MechkitError(
+                    raise FileFormatError(
                         f"{self.path}: line {k + 1} is not valid JSON, and it is not the last "
                         "line (only the last line can be torn by a kill). Hint: rerun with "
                         "--restart to discard these results."
@@ -161,7 +161,7 @@ def _locked(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise MechkitError(
+            raise OutputFolderError(
                 f"Expected to be the only sweep writing to {folder}; another mechkit sweep "
                 "holds it. Hint: wait for it, or choose another output folder."
             ) from None
@@ -175,7 +175,7 @@ def _read_run_file(out: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
-        raise MechkitError(
+        raise FileFormatError(
             f"{path} is not valid JSON. Hint: rerun with --restart to discard the results there."
         ) from None
 
@@ -183,7 +183,7 @@ def _read_run_file(out: Path) -> dict[str, Any] | None:
 def _check_same_sweep(out: Path, previous: dict[str, Any] | None, identity: dict, fp: str) -> None:
     if previous is None:
         if (out / JOURNAL).exists():
-            raise MechkitError(
+            raise OutputFolderError(
                 f"{out} holds {JOURNAL} but no {RUN_FILE}, so its config is unknown and its "
                 "results cannot be resumed safely. Hint: rerun with --restart to discard them, "
                 "or choose another --out."
@@ -191,7 +191,7 @@ def _check_same_sweep(out: Path, previous: dict[str, Any] | None, identity: dict
         return
     if previous.get("fingerprint") != fp:
         changed = _changed(previous.get("identity", {}), identity) or ["(unknown)"]
-        raise MechkitError(
+        raise OutputFolderError(
             f"Expected {out} to hold results of this config; it holds a sweep whose config "
             f"differs in {', '.join(changed)}, and mixing their results would be wrong. Hint: "
             "rerun with --restart to discard the old results, or choose another --out."
@@ -294,7 +294,7 @@ def _run(
         if torn:
             say(f"dropped a torn last line from {journal.path} (the run was killed mid-write)")
         if records and (records[0].get("kind") != "header" or records[0].get("fingerprint") != fp):
-            raise MechkitError(
+            raise OutputFolderError(
                 f"Expected {journal.path} to be this config's journal (fingerprint {fp}); its "
                 "header disagrees. Hint: rerun with --restart, or choose another --out."
             )
@@ -436,7 +436,7 @@ def _compute(
                 elif {k: plans[key][k] for k in ("cells", "axes", "labels")} != {
                     k: record[k] for k in ("cells", "axes", "labels")
                 }:
-                    raise MechkitError(
+                    raise OutputFolderError(
                         f"Expected the journal's plan of {name}, batch {b}, to match this run's; "
                         "they differ (the model or prompt files changed?). Hint: rerun with "
                         "--restart, or choose another --out."
@@ -543,7 +543,7 @@ def _assemble(entry: int, plans: dict, cells: dict) -> PatchResult:
     for key, size in zip(keys, sizes, strict=True):
         done = cells.get(key, {})
         if len(done) != plans[key]["cells"]:
-            raise MechkitError(
+            raise FileFormatError(
                 f"Expected every cell of sweep entry {entry}, batch {key[1]}, in the journal; "
                 f"{plans[key]['cells'] - len(done)} are missing. Hint: rerun to compute them."
             )

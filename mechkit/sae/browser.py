@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechkit.atomic_io import write_text_atomically
-from mechkit.errors import EmptyDatasetError, MechkitError
+from mechkit.errors import EmptyDatasetError, InvalidArgumentError
 from mechkit.sae.evaluate import Exclude, _resolve_tokens, _run_until, counted_positions
 from mechkit.sae.splice import as_rows, check_hooks, check_latents, reconstruct, sae_sites
 
@@ -244,7 +244,7 @@ def collect_features(
     index = check_latents([latents] if isinstance(latents, int) else latents, sites.d_sae)
     assert index is not None
     if n_contexts <= 0 or window <= 0 or batch_size <= 0 or n_logit_tokens < 0:
-        raise MechkitError(
+        raise InvalidArgumentError(
             f"Expected positive n_contexts, window and batch_size (and n_logit_tokens >= 0); "
             f"got {n_contexts}, {window}, {batch_size}, {n_logit_tokens}."
         )
