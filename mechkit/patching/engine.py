@@ -32,6 +32,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 
 from mechkit.errors import (
     InvalidArgumentError,
+    InvalidTypeError,
     OutOfMemoryError,
     ShapeError,
     UnsupportedModelError,
@@ -160,7 +161,7 @@ class MetricReader:
 
     def __init__(self, metric: Any, base: BaseRun) -> None:
         if not callable(metric):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"Expected a metric: a mechkit Metric or a function logits -> score; got "
                 f"{type(metric).__name__}. Hint: mk.LogitDiff.from_pairs(pairs)."
             )

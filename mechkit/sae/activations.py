@@ -46,6 +46,7 @@ from mechkit.errors import (
     MechkitError,
     ShapeError,
     SiteNotFoundError,
+    check_choice,
     did_you_mean,
 )
 
@@ -309,6 +310,7 @@ def stdlib_documents(split: Literal["train", "test", "all"] = "all") -> list[str
 
     The split is by file: every fifth file in sorted order is held out (``"test"``).
     """
+    check_choice("split", split, ["train", "test", "all"])
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = ("test", "tests", "idle_test", "idlelib", "site-packages", "dist-packages", "turtledemo")
     files = sorted(
@@ -318,8 +320,6 @@ def stdlib_documents(split: Literal["train", "test", "all"] = "all") -> list[str
         files = files[::5]
     elif split == "train":
         files = [p for i, p in enumerate(files) if i % 5]
-    elif split != "all":
-        raise ValueError(f"Expected split 'train', 'test' or 'all'; got {split!r}.")
     return [p.read_text(encoding="utf-8", errors="replace") for p in files]
 
 

@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechkit.atomic_io import write_text_atomically
-from mechkit.errors import EmptyDatasetError, InvalidArgumentError
+from mechkit.errors import EmptyDatasetError, InvalidArgumentError, NotFoundError
 from mechkit.sae.evaluate import Exclude, _resolve_tokens, _run_until, counted_positions
 from mechkit.sae.splice import as_rows, check_hooks, check_latents, reconstruct, sae_sites
 
@@ -131,7 +131,7 @@ class FeatureReport:
         for feature in self.features:
             if feature.latent == latent:
                 return feature
-        raise KeyError(
+        raise NotFoundError(
             f"Expected one of the latents in this report {[f.latent for f in self.features]}; "
             f"got {latent!r}."
         )
