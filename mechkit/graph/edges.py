@@ -40,6 +40,8 @@ from mechkit.errors import (
     OutOfMemoryError,
     PromptLengthError,
     ShapeError,
+    check_choice,
+    check_positive_int,
 )
 from mechkit.graph.circuit import CircuitGraph
 from mechkit.graph.layout import GraphLayout
@@ -83,10 +85,7 @@ def prepare(
 ) -> EdgeSetup:
     """Tokens, metric and the ablated sender outputs, all checked before the long work."""
     layout = GraphLayout.from_model(model)
-    if ablation not in ("corrupt", "mean", "zero"):
-        raise InvalidArgumentError(
-            f"Expected ablation 'corrupt', 'mean' or 'zero'; got {ablation!r}."
-        )
+    check_choice("ablation", ablation, ["corrupt", "mean", "zero"])
     ref_tokens = ref_mask = None
     if isinstance(clean, PromptPairs):
         pairs = clean
@@ -229,15 +228,8 @@ def edge_attribution(
         >>> graph = mk.edge_attribution(model, pairs, method="eap")
         >>> graph.top_edges(5).edge_names()
     """
-    if method not in METHODS:
-        from mechkit.errors import did_you_mean
-
-        raise InvalidArgumentError(
-            f"Expected method one of {', '.join(METHODS)}; got {method!r}."
-            + did_you_mean(str(method), METHODS)
-        )
-    if steps < 1:
-        raise InvalidArgumentError(f"Expected steps >= 1; got {steps}.")
+    check_choice("method", method, METHODS)
+    check_positive_int("steps", steps)
     setup = prepare(
         model,
         clean,

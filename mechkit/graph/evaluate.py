@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mechkit.errors import InvalidArgumentError
+from mechkit.errors import InvalidArgumentError, check_choice
 from mechkit.graph.circuit import CircuitGraph
 from mechkit.graph.edges import EdgeSetup, batched_circuit_values, prepare
 
@@ -218,8 +218,7 @@ def faithfulness_curve(
     graphs = [graphs] if isinstance(graphs, CircuitGraph) else list(graphs)
     if not graphs:
         raise InvalidArgumentError("Expected at least one graph; got none.")
-    if selection not in ("top", "greedy"):
-        raise InvalidArgumentError(f"Expected selection 'top' or 'greedy'; got {selection!r}.")
+    check_choice("selection", selection, ["top", "greedy"])
     sizes = [int(s) for s in sizes]
     setup = _setup_for(model, graphs[0], clean, corrupt, metric, ablation, reference, batch_size)
     masks, edges_run = [], []

@@ -46,6 +46,7 @@ from mechkit.errors import (
     InvalidTypeError,
     PromptLengthError,
     ShapeError,
+    check_choice,
 )
 from mechkit.metrics import LogitDiff, Metric
 from mechkit.patching import engine
@@ -95,6 +96,10 @@ def resolve_inputs(
     reference: Any,
 ) -> Setup:
     """Tokens, metric and method from the user's arguments, all checked before any run."""
+    if ablation is not None:
+        check_choice("ablation", ablation, ["zero", "mean", "resample"], also="None")
+    if direction is not None:
+        check_choice("direction", direction, ["denoising", "noising"], also="None")
     if isinstance(clean, PromptPairs):
         if corrupt is not None and not isinstance(corrupt, PromptPairs):
             raise InvalidArgumentError(
@@ -120,10 +125,6 @@ def resolve_inputs(
             "Metric, or a function logits -> score."
         )
     if ablation is not None:
-        if ablation not in ("zero", "mean", "resample"):
-            raise InvalidArgumentError(
-                f"Expected ablation 'zero', 'mean' or 'resample' (or None); got {ablation!r}."
-            )
         if direction is not None:
             raise InvalidArgumentError(
                 f"Expected either direction or ablation; got direction={direction!r} and "
@@ -132,10 +133,6 @@ def resolve_inputs(
         method: Method = ablation  # type: ignore[assignment]
     else:
         direction = direction or "denoising"
-        if direction not in ("denoising", "noising"):
-            raise InvalidArgumentError(
-                f"Expected direction 'denoising' or 'noising'; got {direction!r}."
-            )
         if corrupt_tokens is None:
             raise InvalidArgumentError(
                 f"Expected corrupt prompts for {direction}; got None. Hint: pass corrupt "
@@ -227,6 +224,7 @@ def activation_patch(
         >>> r = mk.activation_patch(model, pairs, site="resid_pre")  # (layer, pos)
         >>> r.normalized().plot()
     """
+    engine.check_budget(memory_budget)
     plan = plan_patch(
         model,
         clean,
@@ -450,10 +448,7 @@ def _plan_cells(
         positions = "each" if site in _RESID else "all"
     layer_list = _choose("layers", layers, cfg.n_layers)
     if isinstance(positions, str):
-        if positions not in ("each", "all"):
-            raise InvalidArgumentError(
-                f"Expected positions 'each', 'all' or a list; got {positions!r}."
-            )
+        check_choice("positions", positions, ["each", "all"], also="a list of positions")
         pos_list = list(range(seq)) if positions == "each" else None
     else:
         pos_list = _choose("positions", positions, seq)

@@ -228,11 +228,17 @@ def parse_budget(budget: int | str | None, device: torch.device) -> int:
         except (ValueError, IndexError):
             raise InvalidArgumentError(
                 f"Expected a memory budget such as '2GB', '512MB' or a number of bytes; got "
-                f"{budget!r}."
+                f"{budget!r}. Hint: None picks 2 GiB on CPU, 60% of free memory on CUDA."
             ) from None
     if value <= 0:
         raise InvalidArgumentError(f"Expected a positive memory budget; got {budget!r}.")
     return value
+
+
+def check_budget(budget: int | str | None) -> None:
+    """Check a ``memory_budget`` argument before any work starts (as :func:`parse_budget`)."""
+    if budget is not None:
+        parse_budget(budget, torch.device("cpu"))
 
 
 def _bytes_per_row(model: Any, seq: int, suffix: int, full_logits: bool) -> int:

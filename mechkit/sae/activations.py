@@ -131,8 +131,7 @@ class ActivationStore:
                 f"Expected buffer_size to be a positive multiple of 2 * batch_size "
                 f"({2 * batch_size}); got {buffer_size}."
             )
-        if cache_dtype not in _NP_DTYPES:
-            raise ShapeError(f"Expected cache_dtype 'float32' or 'float16'; got {cache_dtype!r}.")
+        check_choice("cache_dtype", cache_dtype, list(_NP_DTYPES))
         self.model = model
         self.hook_name, self.out_hook_name = hook_name, out_hook_name
         self.tokens = tokens.cpu()

@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechkit.atomic_io import write_text_atomically
-from mechkit.errors import EmptyDatasetError, InvalidArgumentError, NotFoundError
+from mechkit.errors import EmptyDatasetError, InvalidArgumentError, NotFoundError, check_choice
 from mechkit.sae.evaluate import Exclude, _resolve_tokens, _run_until, counted_positions
 from mechkit.sae.splice import as_rows, check_hooks, check_latents, reconstruct, sae_sites
 
@@ -239,6 +239,7 @@ def collect_features(
         >>> [len(f.contexts) for f in report.features]
         [3, 3]
     """
+    check_choice("exclude", exclude, ["bos", "first", "none"])
     sites = sae_sites(sae)
     check_hooks(model, sites)
     index = check_latents([latents] if isinstance(latents, int) else latents, sites.d_sae)

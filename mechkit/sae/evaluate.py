@@ -42,7 +42,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from mechkit.errors import EmptyDatasetError, InvalidArgumentError, ShapeError
+from mechkit.errors import EmptyDatasetError, InvalidArgumentError, ShapeError, check_choice
 from mechkit.lens.logit_lens import decode_residual
 from mechkit.sae.splice import as_rows, check_hooks, hook_layer, reconstruct, sae_sites
 
@@ -259,8 +259,7 @@ def counted_positions(
     mask: Bool[Tensor, "batch pos"] | None = None,
 ) -> Bool[Tensor, "batch pos"]:
     """``(batch, pos)`` True where a position counts: real (``mask``) and not excluded."""
-    if exclude not in ("bos", "first", "none"):
-        raise InvalidArgumentError(f"Expected exclude 'bos', 'first' or 'none'; got {exclude!r}.")
+    check_choice("exclude", exclude, ["bos", "first", "none"])
     counted = (
         torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
         if mask is None
@@ -337,6 +336,7 @@ def evaluate_sae(
         >>> ev.frequency.shape, ev.n_dead                                  # (d_sae,), int
     """
     start_time = time.perf_counter()
+    check_choice("exclude", exclude, ["bos", "first", "none"])
     sites = sae_sites(sae)
     check_hooks(model, sites)
     tokens, mask = _resolve_tokens(model, tokens, mask)

@@ -41,7 +41,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mechkit.errors import InvalidArgumentError, InvalidTypeError, SiteNotFoundError
+from mechkit.errors import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    SiteNotFoundError,
+    check_choice,
+    check_positive_int,
+)
 from mechkit.graph.circuit import CircuitGraph
 from mechkit.graph.edges import _bar, batch_metric, each_batch, mean_value
 from mechkit.graph.feature_layout import DictionarySite, FeatureLayout, dictionary_site
@@ -212,10 +218,7 @@ class _Setup:
 
 
 def _setup(model: Any, clean: Any, corrupt: Any, metric: Any, ablation: str) -> _Setup:
-    if ablation not in ("corrupt", "mean", "zero"):
-        raise InvalidArgumentError(
-            f"Expected ablation 'corrupt', 'mean' or 'zero'; got {ablation!r}."
-        )
+    check_choice("ablation", ablation, ["corrupt", "mean", "zero"])
     if ablation == "corrupt":
         s = resolve_inputs(model, clean, corrupt, metric, "noising", None, None)
     else:
@@ -483,10 +486,9 @@ def feature_circuit(
         raise InvalidArgumentError(
             f"Expected latents_per_dictionary >= 0; got {latents_per_dictionary}."
         )
-    if method not in ("attribution", "ig"):
-        raise InvalidArgumentError(f"Expected method 'attribution' or 'ig'; got {method!r}.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InvalidArgumentError(f"Expected steps to be an int >= 1; got {steps!r}.")
+    check_choice("method", method, ["attribution", "ig"])
+    check_choice("ablation", ablation, ["corrupt", "mean", "zero"])
+    check_positive_int("steps", steps)
     entries = _dictionaries(model, dictionaries)
     setup = _setup(model, clean, corrupt, metric, ablation)
     n_batch, size = _batch_size(setup, batch_size)
@@ -669,6 +671,7 @@ def evaluate_feature_circuit(
     Returns:
         A :class:`FeatureCircuitEvaluation`; the input is never ablated.
     """
+    check_choice("ablation", ablation, ["corrupt", "mean", "zero"])
     entries = _dictionaries(model, dictionaries)
     setup = _setup(model, clean, corrupt, metric, ablation)
     many = isinstance(circuits, list) and circuits and not isinstance(circuits[0], str)

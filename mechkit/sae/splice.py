@@ -51,6 +51,7 @@ from mechkit.errors import (
     PromptLengthError,
     ShapeError,
     SiteNotFoundError,
+    check_choice,
     did_you_mean,
 )
 
@@ -587,6 +588,10 @@ def patch_latents(
     from mechkit.patching.activation import _metric_name, _progress
     from mechkit.patching.result import PatchResult
 
+    if isinstance(positions, str):
+        check_choice("positions", positions, ["all", "each"], also="a list of positions")
+    check_choice("direction", direction, ["denoising", "noising"])
+    engine.check_budget(memory_budget)
     sites = sae_sites(sae)
     check_hooks(model, sites)
     layer = hook_layer(sites.out_hook)
@@ -605,10 +610,6 @@ def patch_latents(
             f"{tuple(clean.shape)} and {tuple(corrupt.shape)}. Hint: latents are patched "
             "position for position."
         )
-    if direction not in ("denoising", "noising"):
-        raise InvalidArgumentError(
-            f"Expected direction 'denoising' or 'noising'; got {direction!r}."
-        )
     base_tokens, source_tokens = (corrupt, clean) if direction == "denoising" else (clean, corrupt)
     seq = base_tokens.shape[1]
 
@@ -625,10 +626,6 @@ def patch_latents(
     delta = f_source - f_base  # (batch, pos, d_sae)
 
     if isinstance(positions, str):
-        if positions not in ("all", "each"):
-            raise InvalidArgumentError(
-                f"Expected positions 'all', 'each' or a list; got {positions!r}."
-            )
         pos_list = None if positions == "all" else list(range(seq))
     else:
         pos_list = [int(p) % seq for p in _resolve_positions(_as_positions(positions), seq, "cpu")]

@@ -37,6 +37,7 @@ from mechkit.errors import (
     InvalidSiteError,
     InvalidTypeError,
     ShapeError,
+    check_choice,
 )
 from mechkit.lens.logit_lens import decode_residual
 from mechkit.steering.vectors import SteeringVector
@@ -73,10 +74,9 @@ class Steering:
             )
         if isinstance(self.positions, list):
             object.__setattr__(self, "positions", tuple(self.positions))
-        if isinstance(self.positions, str) and self.positions not in ("all", "prompt", "generated"):
-            raise InvalidArgumentError(
-                f"Expected positions 'all', 'prompt', 'generated' or a tuple of positions; got "
-                f"{self.positions!r}."
+        if isinstance(self.positions, str):
+            check_choice(
+                "positions", self.positions, ["all", "prompt", "generated"], also="a tuple of ints"
             )
         if self.vector.per_position and self.positions not in ("all", "prompt"):
             raise InvalidArgumentError(

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechkit.errors import InvalidArgumentError, ShapeError
+from mechkit.errors import InvalidArgumentError, ShapeError, check_choice
 from mechkit.steering.apply import Generations, Steering, _Layout, _steered, generate
 from mechkit.steering.vectors import SteeringVector
 from mechkit.tokens import encode, pad_right, tokenize_answer, tokenizer_of
@@ -244,6 +244,8 @@ def steering_sweep(
     """
     if not layers or not coefficients:
         raise InvalidArgumentError("Expected at least one layer and one coefficient to sweep.")
+    if isinstance(positions, str):
+        check_choice("positions", positions, ["all", "prompt", "generated"], also="a tuple of ints")
     cost_tokens = torch.as_tensor(cost_tokens).to(model.cfg.device)
     if cost_tokens.ndim != 2 or cost_tokens.shape[1] < 2:
         raise ShapeError(

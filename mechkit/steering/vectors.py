@@ -51,6 +51,7 @@ from mechkit.errors import (
     PromptLengthError,
     ShapeError,
     UnknownKindError,
+    did_you_mean,
 )
 from mechkit.interventions import capture
 from mechkit.sites import Site
@@ -356,6 +357,7 @@ def _check_position(position: Any) -> None:
         raise UnknownKindError(
             f"Expected position to be an int (an index into each prompt's real tokens; -1 is "
             f"the last) or 'mean'; got {position!r}."
+            + (did_you_mean(position, ["mean"]) if isinstance(position, str) else "")
         )
 
 
