@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mechkit.errors import InvalidSiteError, check_choice
+from mechkit.errors import InvalidSiteError, did_you_mean
 from mechkit.patching import engine
 from mechkit.patching.activation import (
     _clean_and_corrupt,
@@ -209,8 +209,11 @@ def _senders(
     model: Any, senders: Any, layers: Sequence[int] | None
 ) -> tuple[tuple[str, ...], dict[str, list[Any]], list[tuple[tuple[int, ...], Site]]]:
     cfg = model.cfg
-    if isinstance(senders, str):
-        check_choice("senders", senders, ["heads", "mlps", "all"], also="a list of Sites")
+    if isinstance(senders, str) and senders not in ("heads", "mlps", "all"):
+        raise InvalidSiteError(  # a choice of sites: the same error as a bad list of Sites
+            f"Expected senders 'heads', 'mlps', 'all' or a list of Sites; got {senders!r}."
+            + did_you_mean(senders, ["heads", "mlps", "all"])
+        )
     layer_list = (
         list(range(cfg.n_layers)) if layers is None else [int(v) % cfg.n_layers for v in layers]
     )
