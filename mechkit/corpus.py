@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from mechkit.errors import check_choice
 from mechkit.tokens import tokenizer_of
 
 __all__ = ["corpus_documents", "corpus_tokens"]
@@ -29,13 +30,12 @@ def corpus_documents(split: Split = "all") -> list[str]:
     """The documents of the corpus in a fixed order (sorted by topic name)."""
     from pydoc_data.topics import topics
 
+    check_choice("split", split, ["train", "test", "all"])
     names = sorted(topics)
     if split == "test":
         names = names[::5]
     elif split == "train":
         names = [n for i, n in enumerate(names) if i % 5 != 0]
-    elif split != "all":
-        raise ValueError(f"Expected split 'train', 'test' or 'all'; got {split!r}.")
     return [topics[n] for n in names]
 
 

@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechkit.errors import InvalidSiteError, ShapeError
+from mechkit.errors import InvalidArgumentError, InvalidSiteError, ShapeError
 from mechkit.hook_scope import run_with_cache
 from mechkit.tokens import token_batch, tokenize_answer
 
@@ -328,7 +328,9 @@ def _direction(model: Any, n_batch: int, answer: Any, wrong: Any, direction: Any
 
     if direction is not None:
         if answer is not None or wrong is not None:
-            raise ValueError("Expected either answer/wrong tokens or a direction, not both.")
+            raise InvalidArgumentError(
+                "Expected either answer/wrong tokens or a direction, not both."
+            )
         d = torch.as_tensor(direction, dtype=model.W_U.dtype, device=model.W_U.device)
         d = d.expand(n_batch, -1) if d.ndim == 1 else d
         if d.shape != (n_batch, model.cfg.d_model):
@@ -338,7 +340,7 @@ def _direction(model: Any, n_batch: int, answer: Any, wrong: Any, direction: Any
             )
         return d, None, "a residual direction"
     if answer is None:
-        raise ValueError(
+        raise InvalidArgumentError(
             "Expected a target: answer (and wrong) tokens, or a direction. Hint: pass a "
             "PromptPairs to attribute its logit differences."
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mechkit.errors import DeviceError
+from mechkit.errors import DeviceError, did_you_mean
 
 __all__ = ["resolve_device", "resolve_dtype"]
 
@@ -84,7 +84,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     key = str(dtype).removeprefix("torch.").lower()
     if key not in _DTYPES:
         raise DeviceError(
-            f"Expected a dtype among {sorted(set(_DTYPES))}; got {dtype!r}. "
-            "Hint: float32 is exact, bfloat16 halves the memory."
+            f"Expected a dtype among {sorted(set(_DTYPES))}; got {dtype!r}."
+            + (did_you_mean(key, _DTYPES) or " Hint: float32 is exact, bfloat16 halves the memory.")
         )
     return _DTYPES[key]

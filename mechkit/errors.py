@@ -32,6 +32,9 @@ __all__ = [
     "FileFormatError",
     "CacheError",
     "OutputFolderError",
+    "InvalidTypeError",
+    "NotFoundError",
+    "OutOfMemoryError",
     "did_you_mean",
     "check_choice",
     "check_batch_size",
@@ -124,6 +127,19 @@ class OutputFolderError(MechkitError, OSError):
     write and would overwrite."""
 
 
+class InvalidTypeError(MechkitError, TypeError):
+    """An argument of the wrong type (a metric that is not callable, a string where a list of
+    names goes, an object that is not an SAE...), or a required one left as None."""
+
+
+class NotFoundError(MechkitError, KeyError):
+    """A key that a result does not hold (a latent not in a feature report...)."""
+
+
+class OutOfMemoryError(MechkitError, MemoryError):
+    """A run that does not fit in memory even at the smallest batch mechkit can split it to."""
+
+
 def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     """A ' Did you mean ...?' suffix with the closest choices, or '' when none is close."""
     matches = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)
@@ -132,11 +148,15 @@ def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     return " Did you mean " + " or ".join(repr(m) for m in matches) + "?"
 
 
-def check_choice(argument: str, value: object, choices: Iterable[str]) -> str:
+def check_choice(
+    argument: str, value: object, choices: Iterable[str], *, also: str | None = None
+) -> str:
     """Return ``value`` if it is one of ``choices``; else raise :class:`InvalidArgumentError`.
 
     The message names the argument, lists the choices and suggests close matches, so that a
-    typo of ``ablation="maen"`` reads "Did you mean 'mean'?".
+    typo of ``ablation="maen"`` reads "Did you mean 'mean'?". ``also`` names what else the
+    argument accepts besides these strings (e.g. ``"a list of positions"``); the caller checks
+    those values itself and calls this only for strings.
 
     Example:
         >>> check_choice("direction", "noising", ["denoising", "noising"])
@@ -146,7 +166,10 @@ def check_choice(argument: str, value: object, choices: Iterable[str]) -> str:
     if isinstance(value, str) and value in options:
         return value
     hint = did_you_mean(value, options) if isinstance(value, str) else ""
-    raise InvalidArgumentError(f"Expected {argument} to be one of {options}; got {value!r}.{hint}")
+    other = f" or {also}" if also else ""
+    raise InvalidArgumentError(
+        f"Expected {argument} to be one of {options}{other}; got {value!r}.{hint}"
+    )
 
 
 def check_positive_int(argument: str, value: object) -> int:

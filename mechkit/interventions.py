@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechkit.errors import InvalidSiteError, ShapeError
+from mechkit.errors import InvalidSiteError, ShapeError, SiteNotFoundError
 from mechkit.hook_scope import hook_scope
 from mechkit.sites import Site, validate_sites
 
@@ -151,7 +151,7 @@ class Captured(dict):
             if len(matches) == 1:
                 return super().__getitem__(matches[0])
         if site not in self:
-            raise KeyError(
+            raise SiteNotFoundError(
                 f"Expected one of the captured sites {[s.label for s in self]}; got {site!r}. "
                 "Hint: captured values appear only after a forward pass inside the block."
             )

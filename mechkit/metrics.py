@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechkit.errors import ShapeError
+from mechkit.errors import InvalidArgumentError, ShapeError
 
 __all__ = [
     "answer_logits",
@@ -118,7 +118,7 @@ def normalize(value: Tensor, clean: Tensor | float, corrupt: Tensor | float) -> 
     corrupt_t = torch.as_tensor(corrupt, dtype=value.dtype, device=value.device)
     span = clean_t - corrupt_t
     if bool((span == 0).any()):
-        raise ValueError(
+        raise InvalidArgumentError(
             "Expected clean and corrupt metric values that differ; they are equal, so the "
             "normalized score is undefined. Hint: the corruption does not change the metric."
         )

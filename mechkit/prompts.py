@@ -34,7 +34,13 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from mechkit.errors import DatasetFormatError, EmptyDatasetError, PromptLengthError, ShapeError
+from mechkit.errors import (
+    DatasetFormatError,
+    EmptyDatasetError,
+    PromptLengthError,
+    ShapeError,
+    check_choice,
+)
 from mechkit.tokens import encode, pad_right, tokenize_answer, tokenizer_of
 
 __all__ = ["PromptPairs"]
@@ -305,8 +311,7 @@ class PromptPairs:
 
     def answer_positions(self, run: Literal["clean", "corrupt"] = "clean") -> Int[Tensor, " batch"]:
         """The position whose logits predict the answer: each prompt's last real token."""
-        if run not in ("clean", "corrupt"):
-            raise ValueError(f"Expected run='clean' or 'corrupt'; got {run!r}.")
+        check_choice("run", run, ["clean", "corrupt"])
         lengths = self.clean_lengths if run == "clean" else self.corrupt_lengths
         return lengths - 1
 

@@ -31,7 +31,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mechkit.errors import MechkitError
+from mechkit.errors import (
+    InvalidArgumentError,
+    InvalidSiteError,
+    InvalidTypeError,
+    ShapeError,
+)
 from mechkit.hook_scope import hook_scope
 from mechkit.patching.activation import (
     _metric_name,
@@ -94,7 +99,7 @@ def attribution_patch(
     n_batch = setup.base_tokens.shape[0]
     size = batch_size or n_batch
     if size < 1:
-        raise MechkitError(f"Expected batch_size >= 1 (or None); got {batch_size}.")
+        raise InvalidArgumentError(f"Expected batch_size >= 1 (or None); got {batch_size}.")
 
     products: dict[str, list[Tensor]] = {name: [] for name in names}  # (batch, ...) each
     base_values, other_values = [], []
@@ -161,7 +166,7 @@ def _select(setup: Any, rows: slice, metric: Any) -> Any:
     from mechkit.metrics import Metric
 
     if not isinstance(metric, Metric):
-        raise MechkitError(
+        raise InvalidTypeError(
             "Expected a mechkit Metric (which can be restricted to a batch) when batch_size "
             f"splits the prompts; got {type(metric).__name__}. Hint: pass batch_size=None, or a "
             "metric built from the prompts (mk.LogitDiff.from_pairs(pairs))."
@@ -178,7 +183,7 @@ def _select(setup: Any, rows: slice, metric: Any) -> Any:
         "metric": metric.select(rows),
     }
     if setup.method == "resample":
-        raise MechkitError(
+        raise InvalidArgumentError(
             "Expected batch_size=None for resample ablation (each prompt draws from the whole "
             "reference set); got a batch size that splits the prompts."
         )
@@ -208,9 +213,9 @@ def _gradients(
         value, per_prompt = _metric_value(setup.metric, logits)
         missing = [n for n in names if n not in acts]
         if missing:
-            raise MechkitError(f"Expected the forward pass to reach {missing}; it did not.")
+            raise InvalidSiteError(f"Expected the forward pass to reach {missing}; it did not.")
         if not value.requires_grad:
-            raise MechkitError(
+            raise InvalidArgumentError(
                 "Expected a differentiable metric (its value carries no gradient). Hint: compute "
                 "it with torch operations on the logits, without .item() or numpy."
             )
@@ -232,7 +237,7 @@ def _metric_value(metric: Any, logits: Tensor) -> tuple[Tensor, Tensor]:
     if value.ndim == 1:
         return value.mean(), value.detach().float().cpu()
     if value.ndim != 0:
-        raise MechkitError(
+        raise ShapeError(
             f"Expected the metric to return a scalar or one value per prompt; got shape "
             f"{tuple(value.shape)}."
         )
@@ -366,7 +371,7 @@ def compare_attribution(
     flat = torch.stack([g.flatten() for g in grids], -1)  # (cells, axes)
     if sample is not None:
         if sample < 1:
-            raise MechkitError(f"Expected sample >= 1 (or None); got {sample}.")
+            raise InvalidArgumentError(f"Expected sample >= 1 (or None); got {sample}.")
         order = torch.randperm(len(flat), generator=torch.Generator().manual_seed(seed))
         flat = flat[order[:sample].sort().values]
     cells = [

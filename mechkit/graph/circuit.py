@@ -27,7 +27,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from mechkit.errors import MechkitError
+from mechkit.errors import (
+    FileFormatError,
+    InvalidArgumentError,
+    ShapeError,
+    SiteNotFoundError,
+)
 from mechkit.graph.layout import Edge, GraphLayout
 
 if TYPE_CHECKING:
@@ -69,12 +74,12 @@ class CircuitGraph:
     def __post_init__(self) -> None:
         shape = tuple(self.layout.valid.shape)
         if tuple(self.scores.shape) != shape:
-            raise MechkitError(
+            raise ShapeError(
                 f"Expected scores of shape (sender, receiver) = {shape}; got "
                 f"{tuple(self.scores.shape)}."
             )
         if self.mask is not None and tuple(self.mask.shape) != shape:
-            raise MechkitError(f"Expected a mask of shape {shape}; got {tuple(self.mask.shape)}.")
+            raise ShapeError(f"Expected a mask of shape {shape}; got {tuple(self.mask.shape)}.")
 
     # ------------------------------------------------------------------------------- selection
 
@@ -115,7 +120,7 @@ class CircuitGraph:
     def top_edges(self, n: int, *, absolute: bool = True) -> CircuitGraph:
         """The ``n`` edges of largest score (by absolute value unless ``absolute=False``)."""
         if n < 0:
-            raise MechkitError(f"Expected n >= 0 edges; got {n}.")
+            raise InvalidArgumentError(f"Expected n >= 0 edges; got {n}.")
         values = self._ranking(absolute)
         order = values.flatten().argsort(descending=True)[: min(n, self.layout.n_edges)]
         mask = torch.zeros(values.numel(), dtype=torch.bool)
@@ -212,14 +217,14 @@ class CircuitGraph:
         """
         items = list(reference)
         if not items:
-            raise MechkitError("Expected a non-empty reference circuit; got none.")
+            raise InvalidArgumentError("Expected a non-empty reference circuit; got none.")
         positive = torch.zeros_like(self.layout.valid)
         if all("->" in item for item in items):
             for edge in items:
                 s, r = self.layout.edge_index(edge)
                 positive[s, r] = True
         elif any("->" in item for item in items):
-            raise MechkitError(
+            raise InvalidArgumentError(
                 "Expected a reference of only edges or only nodes; got a mix of both."
             )
         else:
@@ -228,7 +233,7 @@ class CircuitGraph:
             if unknown:
                 from mechkit.errors import did_you_mean
 
-                raise MechkitError(
+                raise SiteNotFoundError(
                     f"Expected node names of this graph; got unknown {unknown[:5]}."
                     + did_you_mean(unknown[0], known)
                 )
@@ -299,7 +304,7 @@ class CircuitGraph:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CircuitGraph:
         if data.get("format") != "mechkit.circuit_graph/1":
-            raise MechkitError(
+            raise FileFormatError(
                 f"Expected a mechkit circuit graph (format 'mechkit.circuit_graph/1'); got "
                 f"format {data.get('format')!r}."
             )
@@ -516,7 +521,7 @@ class ROC:
     def from_scores(cls, scores: Tensor, positive: Tensor) -> ROC:
         n_pos, n_neg = int(positive.sum()), int((~positive).sum())
         if n_pos == 0 or n_neg == 0:
-            raise MechkitError(
+            raise InvalidArgumentError(
                 f"Expected both reference and non-reference edges; got {n_pos} and {n_neg}."
             )
         order = scores.argsort(descending=True, stable=True)

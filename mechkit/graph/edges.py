@@ -34,7 +34,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mechkit.errors import MechkitError, PromptLengthError
+from mechkit.errors import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    OutOfMemoryError,
+    PromptLengthError,
+    ShapeError,
+    check_choice,
+    check_positive_int,
+)
 from mechkit.graph.circuit import CircuitGraph
 from mechkit.graph.layout import GraphLayout
 from mechkit.graph.runs import masked_logits, receiver_gradients, sender_outputs
@@ -77,13 +85,12 @@ def prepare(
 ) -> EdgeSetup:
     """Tokens, metric and the ablated sender outputs, all checked before the long work."""
     layout = GraphLayout.from_model(model)
-    if ablation not in ("corrupt", "mean", "zero"):
-        raise MechkitError(f"Expected ablation 'corrupt', 'mean' or 'zero'; got {ablation!r}.")
+    check_choice("ablation", ablation, ["corrupt", "mean", "zero"])
     ref_tokens = ref_mask = None
     if isinstance(clean, PromptPairs):
         pairs = clean
         if corrupt is not None:
-            raise MechkitError(
+            raise InvalidArgumentError(
                 "Expected corrupt=None when clean is a PromptPairs (it holds both runs); got "
                 f"{type(corrupt).__name__}."
             )
@@ -106,7 +113,7 @@ def prepare(
         if reference is None and corrupt is not None:
             ref_tokens, ref_mask = token_batch(model, corrupt)
     if metric is None or not callable(metric):
-        raise MechkitError(
+        raise InvalidTypeError(
             "Expected a metric: a mechkit Metric or a differentiable function logits -> score; "
             f"got {metric!r}. Hint: mk.LogitDiff.from_pairs(pairs)."
         )
@@ -118,14 +125,14 @@ def prepare(
     n_batch = clean_tokens.shape[0]
     size = batch_size or n_batch
     if size < n_batch and not isinstance(metric, Metric):
-        raise MechkitError(
+        raise InvalidTypeError(
             "Expected a mechkit Metric (it can be restricted to a batch) when batch_size splits "
             f"the prompts; got {type(metric).__name__}. Hint: batch_size=None."
         )
     clean_senders = _senders_in_batches(model, layout, clean_tokens, size)
     if ablation == "corrupt":
         if corrupt_tokens is None:
-            raise MechkitError(
+            raise InvalidArgumentError(
                 "Expected corrupt prompts for ablation='corrupt'; got None. Hint: ablation="
                 "'mean' (over reference prompts) or 'zero'."
             )
@@ -175,7 +182,7 @@ def each_batch(
             if not _is_oom(exc):
                 raise
             if stop - start == 1 or not can_split:
-                raise MechkitError(
+                raise OutOfMemoryError(
                     f"Out of memory on {stop - start} prompt(s) of the graph run. Hint: fewer or "
                     "shorter prompts, or a mechkit Metric so batches can be split."
                 ) from exc
@@ -221,15 +228,8 @@ def edge_attribution(
         >>> graph = mk.edge_attribution(model, pairs, method="eap")
         >>> graph.top_edges(5).edge_names()
     """
-    if method not in METHODS:
-        from mechkit.errors import did_you_mean
-
-        raise MechkitError(
-            f"Expected method one of {', '.join(METHODS)}; got {method!r}."
-            + did_you_mean(str(method), METHODS)
-        )
-    if steps < 1:
-        raise MechkitError(f"Expected steps >= 1; got {steps}.")
+    check_choice("method", method, METHODS)
+    check_positive_int("steps", steps)
     setup = prepare(
         model,
         clean,
@@ -277,7 +277,7 @@ def mean_value(metric: Any, logits: Tensor) -> Tensor:
     if value.ndim == 1:
         value = value.mean()
     if value.ndim != 0:
-        raise MechkitError(
+        raise ShapeError(
             f"Expected the metric to return a scalar or one value per prompt; got shape "
             f"{tuple(value.shape)}."
         )

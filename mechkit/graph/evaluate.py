@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mechkit.errors import MechkitError
+from mechkit.errors import InvalidArgumentError, check_choice
 from mechkit.graph.circuit import CircuitGraph
 from mechkit.graph.edges import EdgeSetup, batched_circuit_values, prepare
 
@@ -67,7 +67,7 @@ def _setup_for(
     batch_size: int | None,
 ) -> EdgeSetup:
     if graph.layout.to_dict().get("kind") == "features":
-        raise MechkitError(
+        raise InvalidArgumentError(
             "Expected a graph of heads and MLPs (from mk.edge_attribution); got a sparse feature "
             "circuit, whose nodes are dictionary latents. Hint: mk.evaluate_feature_circuit("
             "model, dictionaries, circuit, pairs) ablates the nodes outside it."
@@ -82,7 +82,7 @@ def _setup_for(
         batch_size=batch_size,
     )
     if not setup.layout.same_as(graph.layout):
-        raise MechkitError(
+        raise InvalidArgumentError(
             f"Expected a graph of this model's shape {setup.layout.to_dict()}; the graph was "
             f"made for {graph.layout.to_dict()} ({graph.model_name})."
         )
@@ -217,15 +217,14 @@ def faithfulness_curve(
     """
     graphs = [graphs] if isinstance(graphs, CircuitGraph) else list(graphs)
     if not graphs:
-        raise MechkitError("Expected at least one graph; got none.")
-    if selection not in ("top", "greedy"):
-        raise MechkitError(f"Expected selection 'top' or 'greedy'; got {selection!r}.")
+        raise InvalidArgumentError("Expected at least one graph; got none.")
+    check_choice("selection", selection, ["top", "greedy"])
     sizes = [int(s) for s in sizes]
     setup = _setup_for(model, graphs[0], clean, corrupt, metric, ablation, reference, batch_size)
     masks, edges_run = [], []
     for graph in graphs:
         if not setup.layout.same_as(graph.layout):
-            raise MechkitError("Expected every graph to be of the same model.")
+            raise InvalidArgumentError("Expected every graph to be of the same model.")
         for size in sizes:
             circuit = graph.top_edges(size) if selection == "top" else graph.greedy(size)
             if prune:

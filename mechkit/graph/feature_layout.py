@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechkit.errors import InvalidSiteError, MechkitError
+from mechkit.errors import InvalidArgumentError, InvalidSiteError
 from mechkit.graph.layout import LayoutNaming, Node, Receiver
 
 __all__ = ["DictionarySite", "FeatureLayout", "dictionary_site"]
@@ -102,7 +102,7 @@ def dictionary_site(in_hook: str, out_hook: str, d_sae: int, name: str | None) -
             )
         name = _SHORT[suffix].format(L=layer)
     if not re.fullmatch(r"[A-Za-z][\w]*", name) or name in ("input", "logits"):
-        raise MechkitError(
+        raise InvalidArgumentError(
             f"Expected a dictionary name of letters, digits and '_' (not 'input' or 'logits'); "
             f"got {name!r}."
         )
@@ -144,10 +144,10 @@ class FeatureLayout(LayoutNaming):
         sites = tuple(sorted(dictionaries, key=lambda d: (d.writes, d.reads)))
         names = [d.name for d in sites]
         if len(set(names)) != len(names):
-            raise MechkitError(f"Expected distinct dictionary names; got {names}.")
+            raise InvalidArgumentError(f"Expected distinct dictionary names; got {names}.")
         hooks = [d.out_hook for d in sites]
         if len(set(hooks)) != len(hooks):
-            raise MechkitError(
+            raise InvalidSiteError(
                 f"Expected at most one dictionary writing each hook; got {hooks}. Hint: splice "
                 "one SAE or transcoder per site."
             )
@@ -162,7 +162,7 @@ class FeatureLayout(LayoutNaming):
             picked = tuple(int(i) for i in chosen[site.name])
             bad = [i for i in picked if not 0 <= i < site.d_sae]
             if bad:
-                raise MechkitError(
+                raise InvalidArgumentError(
                     f"Expected latents of {site.name!r} in [0, {site.d_sae}); got {bad[:5]}."
                 )
             latents_out.append(picked)

@@ -30,7 +30,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mechkit.errors import MechkitError, UnsupportedModelError, did_you_mean
+from mechkit.errors import (
+    InvalidArgumentError,
+    InvalidSiteError,
+    SiteNotFoundError,
+    UnsupportedModelError,
+    did_you_mean,
+)
 
 __all__ = ["Node", "Edge", "Receiver", "GraphLayout", "LayoutNaming"]
 
@@ -79,7 +85,7 @@ class Edge:
     def parse(cls, name: str) -> Edge:
         src, sep, dst = name.partition("->")
         if not sep or not src or not dst:
-            raise MechkitError(
+            raise InvalidArgumentError(
                 f"Expected an edge name 'sender->receiver' (e.g. 'a0.h1->a1.h0q'); got {name!r}."
             )
         return cls(src.strip(), dst.strip())
@@ -106,7 +112,7 @@ class LayoutNaming:
     def sender_index(self, name: str) -> int:
         index = self._sender_map.get(name)
         if index is None:
-            raise MechkitError(
+            raise SiteNotFoundError(
                 f"Expected a sender node ({self.sender_hint}); got {name!r}."
                 + did_you_mean(name, list(self._sender_map))
             )
@@ -115,7 +121,7 @@ class LayoutNaming:
     def receiver_index(self, name: str) -> int:
         index = self._receiver_map.get(name)
         if index is None:
-            raise MechkitError(
+            raise SiteNotFoundError(
                 f"Expected a receiver ({self.receiver_hint}); got {name!r}."
                 + did_you_mean(name, list(self._receiver_map))
             )
@@ -126,7 +132,7 @@ class LayoutNaming:
         edge = Edge.parse(edge) if isinstance(edge, str) else edge
         s, r = self.sender_index(edge.src), self.receiver_index(edge.dst)
         if not bool(self.valid[s, r]):
-            raise MechkitError(
+            raise InvalidSiteError(
                 f"Expected an edge that exists in the forward pass; {edge.name!r} goes from a "
                 "later component to an earlier one (or within one layer's attention, or past a "
                 "dictionary that replaces the whole residual stream)."
@@ -226,7 +232,7 @@ class GraphLayout(LayoutNaming):
     ) -> GraphLayout:
         """The graph from sizes alone (also used to read a saved graph back)."""
         if n_heads % n_kv_heads:
-            raise MechkitError(
+            raise UnsupportedModelError(
                 f"Expected n_heads ({n_heads}) to be a multiple of n_kv_heads ({n_kv_heads})."
             )
         group = n_heads // n_kv_heads

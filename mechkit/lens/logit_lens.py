@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechkit.errors import ShapeError
+from mechkit.errors import InvalidArgumentError, ShapeError, check_choice
 from mechkit.hook_scope import run_with_cache
 from mechkit.tokens import token_batch, tokenize_answer
 
@@ -94,7 +94,7 @@ class LogitLens:
     def probs(self) -> Float[Tensor, "layer batch pos d_vocab"]:
         """Softmax of the kept logits (needs ``keep_logits=True``)."""
         if self.logits is None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "Expected a lens run with keep_logits=True; this one kept only top-k and targets "
                 "to save memory. Hint: mk.logit_lens(model, tokens, keep_logits=True)."
             )
@@ -177,12 +177,13 @@ class LogitLens:
         import plotly.graph_objects as go
 
         if self.target_ids is None:
-            raise ValueError("Expected a lens run with targets=...; this one tracked none.")
+            raise InvalidArgumentError(
+                "Expected a lens run with targets=...; this one tracked none."
+            )
+        series = {"rank": self.target_ranks, "prob": self.target_probs, "logit": self.target_logits}
+        check_choice("value", value, series)
         if position < 0:
             position = int(self.mask[prompt].sum()) + position
-        series = {"rank": self.target_ranks, "prob": self.target_probs, "logit": self.target_logits}
-        if value not in series:
-            raise ValueError(f"Expected value in {list(series)}; got {value!r}.")
         y = series[value][:, prompt, position, target].tolist()
         fig = go.Figure(go.Scatter(x=list(self.layer_labels), y=y, mode="lines+markers"))
         fig.update_layout(

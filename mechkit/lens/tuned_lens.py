@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from mechkit.atomic_io import write_atomically
+from mechkit.errors import InvalidArgumentError, NonFiniteError
 from mechkit.hook_scope import run_with_cache
 from mechkit.lens.logit_lens import decode_residual, lens_layer_labels
 
@@ -61,7 +62,7 @@ class TunedLensConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"Expected positive steps, batch_size and lr; got {self}.")
+            raise InvalidArgumentError(f"Expected positive steps, batch_size and lr; got {self}.")
 
 
 class TunedLens(nn.Module):
@@ -282,7 +283,10 @@ def compare_lenses(
     if tuned_kl is not None:
         tuned_kl /= count
     if not math.isfinite(float(logit_kl.sum())):
-        raise FloatingPointError("KL was not finite; check the model's dtype (use float32).")
+        raise NonFiniteError(
+            "Expected finite KL divergences; got inf or NaN. Hint: check the model's dtype "
+            "(use float32)."
+        )
     return LensComparison(
         tuple(lens_layer_labels(n_layers)), logit_kl, tuned_kl, int(tokens.numel())
     )

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from mechkit.errors import CacheError
 from mechkit.models.weight_cache import cache_key, cached_folder, write_folder_atomically
 
 __all__ = ["Processing", "load_gguf", "load_hf_folder", "build_hooked"]
@@ -260,7 +261,7 @@ def _load_parameters(model: Any, params: dict[str, torch.Tensor]) -> None:
     param_names = {k for k, _ in model.named_parameters()}
     missing_params = [k for k in missing if k in param_names]
     if missing_params or unexpected:
-        raise RuntimeError(  # the cache does not fit this version of the code
+        raise CacheError(  # the cache does not fit this version of the code
             f"Cached weights do not fit the model: missing {missing_params[:5]}, "
             f"unexpected {list(unexpected)[:5]}. Delete the cache folder and load again."
         )

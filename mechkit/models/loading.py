@@ -26,6 +26,7 @@ import torch
 
 from mechkit.devices import resolve_device, resolve_dtype
 from mechkit.errors import (
+    InvalidArgumentError,
     MechkitError,
     ModelUnavailableError,
     UnknownModelError,
@@ -112,7 +113,7 @@ def model_info(model: Any) -> ModelInfo:
     """The :class:`ModelInfo` of a model returned by :func:`load_model`."""
     info = getattr(model, "mechkit_info", None)
     if not isinstance(info, ModelInfo):
-        raise MechkitError(
+        raise InvalidArgumentError(
             "Expected a model returned by mechkit.load_model; got one without mechkit's load "
             "record. Hint: models built by hand carry no record of their processing."
         )

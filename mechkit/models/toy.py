@@ -12,6 +12,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from mechkit.errors import FileFormatError
+
 __all__ = ["TOY_MODELS", "toy_model_dir", "load_toy", "toy_record"]
 
 TOY_MODELS: dict[str, str] = {
@@ -43,7 +45,10 @@ def load_toy(name: str, processing: Any) -> Any:
     params = load_file(toy_model_dir() / f"{name}.safetensors")
     missing = [k for k, _ in model.named_parameters() if k not in params]
     if missing:
-        raise RuntimeError(f"Toy model file {name}.safetensors lacks parameters {missing[:5]}")
+        raise FileFormatError(
+            f"Expected toy model file {name}.safetensors to hold every parameter; it lacks "
+            f"{missing[:5]}. Hint: reinstall mechkit (the file ships with it)."
+        )
     model.load_and_process_state_dict(
         params, refactor_factored_attn_matrices=False, **processing.as_dict()
     )

@@ -40,7 +40,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mechkit.errors import InvalidSiteError, MechkitError, PromptLengthError, ShapeError
+from mechkit.errors import (
+    InvalidArgumentError,
+    InvalidSiteError,
+    InvalidTypeError,
+    PromptLengthError,
+    ShapeError,
+    check_choice,
+)
 from mechkit.hook_scope import hook_scope
 from mechkit.metrics import LogitDiff, Metric
 from mechkit.patching import engine
@@ -90,9 +97,13 @@ def resolve_inputs(
     reference: Any,
 ) -> Setup:
     """Tokens, metric and method from the user's arguments, all checked before any run."""
+    if ablation is not None:
+        check_choice("ablation", ablation, ["zero", "mean", "resample"], also="None")
+    if direction is not None:
+        check_choice("direction", direction, ["denoising", "noising"], also="None")
     if isinstance(clean, PromptPairs):
         if corrupt is not None and not isinstance(corrupt, PromptPairs):
-            raise MechkitError(
+            raise InvalidArgumentError(
                 "Expected corrupt=None when clean is a PromptPairs (it holds both runs); got "
                 f"{type(corrupt).__name__}."
             )
@@ -110,27 +121,21 @@ def resolve_inputs(
         if reference is None and ablation in ("mean", "resample") and corrupt is not None:
             reference = token_batch(model, corrupt)
     if metric is None:
-        raise MechkitError(
+        raise InvalidTypeError(
             "Expected a metric; got None. Hint: pass mk.LogitDiff.from_pairs(pairs), any mechkit "
             "Metric, or a function logits -> score."
         )
     if ablation is not None:
-        if ablation not in ("zero", "mean", "resample"):
-            raise MechkitError(
-                f"Expected ablation 'zero', 'mean' or 'resample' (or None); got {ablation!r}."
-            )
         if direction is not None:
-            raise MechkitError(
+            raise InvalidArgumentError(
                 f"Expected either direction or ablation; got direction={direction!r} and "
                 f"ablation={ablation!r}. Hint: an ablation always edits the clean run."
             )
         method: Method = ablation  # type: ignore[assignment]
     else:
         direction = direction or "denoising"
-        if direction not in ("denoising", "noising"):
-            raise MechkitError(f"Expected direction 'denoising' or 'noising'; got {direction!r}.")
         if corrupt_tokens is None:
-            raise MechkitError(
+            raise InvalidArgumentError(
                 f"Expected corrupt prompts for {direction}; got None. Hint: pass corrupt "
                 "prompts, or ablation='zero' / 'mean' / 'resample' to ablate in the clean run."
             )
@@ -220,6 +225,7 @@ def activation_patch(
         >>> r = mk.activation_patch(model, pairs, site="resid_pre")  # (layer, pos)
         >>> r.normalized().plot()
     """
+    engine.check_budget(memory_budget)
     plan = plan_patch(
         model,
         clean,
@@ -305,7 +311,7 @@ class PatchPlan:
         """The :class:`PatchResult` from every cell's ``(score, per-prompt scores)``."""
         missing = [c for c in self.cells if c not in done]
         if missing:
-            raise MechkitError(
+            raise InvalidArgumentError(
                 f"Expected a score for every cell of the sweep; {len(missing)} of "
                 f"{len(self.cells)} are missing (first {missing[0]})."
             )
@@ -443,8 +449,7 @@ def _plan_cells(
         positions = "each" if site in _RESID else "all"
     layer_list = _choose("layers", layers, cfg.n_layers)
     if isinstance(positions, str):
-        if positions not in ("each", "all"):
-            raise MechkitError(f"Expected positions 'each', 'all' or a list; got {positions!r}.")
+        check_choice("positions", positions, ["each", "all"], also="a list of positions")
         pos_list = list(range(seq)) if positions == "each" else None
     else:
         pos_list = _choose("positions", positions, seq)

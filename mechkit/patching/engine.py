@@ -30,7 +30,13 @@ import torch
 from torch import Tensor
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-from mechkit.errors import MechkitError, UnsupportedModelError
+from mechkit.errors import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    OutOfMemoryError,
+    ShapeError,
+    UnsupportedModelError,
+)
 from mechkit.hook_scope import hook_scope
 from mechkit.lens.logit_lens import decode_residual
 from mechkit.metrics import Metric, Normalized
@@ -156,7 +162,7 @@ class MetricReader:
 
     def __init__(self, metric: Any, base: BaseRun) -> None:
         if not callable(metric):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"Expected a metric: a mechkit Metric or a function logits -> score; got "
                 f"{type(metric).__name__}. Hint: mk.LogitDiff.from_pairs(pairs)."
             )
@@ -170,13 +176,13 @@ class MetricReader:
         else:
             self.positions = torch.as_tensor(found, dtype=torch.long).cpu()
             if self.positions.shape != (base.batch,):
-                raise MechkitError(
+                raise InvalidArgumentError(
                     f"Expected the metric to be bound to the {base.batch} prompts being patched; "
                     f"it reads {tuple(self.positions.shape)} answer positions. Hint: build it "
                     "from the same PromptPairs (metric.select(rows) for a subset)."
                 )
             if int(self.positions.max()) >= base.seq or int(self.positions.min()) < 0:
-                raise MechkitError(
+                raise InvalidArgumentError(
                     f"Expected answer positions inside the prompts (0..{base.seq - 1}); got "
                     f"{self.positions.tolist()}."
                 )
@@ -194,7 +200,7 @@ class MetricReader:
         elif value.ndim == 1:
             per_prompt, value = value.detach().float().cpu(), value.mean()
         if value.ndim != 0:
-            raise MechkitError(
+            raise ShapeError(
                 f"Expected the metric to return a scalar (or one value per prompt); got shape "
                 f"{tuple(value.shape)}."
             )
@@ -221,13 +227,19 @@ def parse_budget(budget: int | str | None, device: torch.device) -> int:
         try:
             value = int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
         except (ValueError, IndexError):
-            raise MechkitError(
+            raise InvalidArgumentError(
                 f"Expected a memory budget such as '2GB', '512MB' or a number of bytes; got "
-                f"{budget!r}."
+                f"{budget!r}. Hint: None picks 2 GiB on CPU, 60% of free memory on CUDA."
             ) from None
     if value <= 0:
-        raise MechkitError(f"Expected a positive memory budget; got {budget!r}.")
+        raise InvalidArgumentError(f"Expected a positive memory budget; got {budget!r}.")
     return value
+
+
+def check_budget(budget: int | str | None) -> None:
+    """Check a ``memory_budget`` argument before any work starts (as :func:`parse_budget`)."""
+    if budget is not None:
+        parse_budget(budget, torch.device("cpu"))
 
 
 def _bytes_per_row(model: Any, seq: int, suffix: int, full_logits: bool) -> int:
@@ -314,7 +326,7 @@ def _run_with_split(
         if not _is_oom(exc):
             raise
         if len(chunk) == 1:
-            raise MechkitError(
+            raise OutOfMemoryError(
                 f"Out of memory running one patch on {base.batch} prompts of {base.seq} tokens. "
                 "Hint: patch fewer prompts at once (a smaller batch_size)."
             ) from exc

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mechkit.errors import InvalidSiteError
+from mechkit.errors import InvalidSiteError, did_you_mean
 from mechkit.patching import engine
 from mechkit.patching.activation import (
     _clean_and_corrupt,
@@ -81,6 +81,7 @@ def path_patch(
         A :class:`PatchResult`; a sender at or after every receiver's layer cannot reach it and
         scores the reference value exactly.
     """
+    engine.check_budget(memory_budget)
     setup = resolve_inputs(model, clean, corrupt, metric, direction, None, None)
     cfg = model.cfg
     n_batch, seq = setup.base_tokens.shape
@@ -208,6 +209,11 @@ def _senders(
     model: Any, senders: Any, layers: Sequence[int] | None
 ) -> tuple[tuple[str, ...], dict[str, list[Any]], list[tuple[tuple[int, ...], Site]]]:
     cfg = model.cfg
+    if isinstance(senders, str) and senders not in ("heads", "mlps", "all"):
+        raise InvalidSiteError(  # a choice of sites: the same error as a bad list of Sites
+            f"Expected senders 'heads', 'mlps', 'all' or a list of Sites; got {senders!r}."
+            + did_you_mean(senders, ["heads", "mlps", "all"])
+        )
     layer_list = (
         list(range(cfg.n_layers)) if layers is None else [int(v) % cfg.n_layers for v in layers]
     )
@@ -230,10 +236,6 @@ def _senders(
         sites = [Site("z", layer=layer, head=h) for layer in layer_list for h in range(cfg.n_heads)]
         if has_mlp:
             sites += [Site("mlp_out", layer=layer) for layer in layer_list]
-    elif isinstance(senders, str):
-        raise InvalidSiteError(
-            f"Expected senders 'heads', 'mlps', 'all' or a list of Sites; got {senders!r}."
-        )
     else:
         sites = [senders] if isinstance(senders, Site) else list(senders)
     cells = []

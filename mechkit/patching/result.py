@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechkit.errors import ShapeError
+from mechkit.errors import InvalidArgumentError, ShapeError
 
 __all__ = ["PatchResult"]
 
@@ -66,16 +66,17 @@ class PatchResult:
         """Scores as ``(s - corrupt) / (clean - corrupt)``: 1 = clean behaviour, 0 = corrupt.
 
         Raises:
-            ValueError: there is no corrupt run, or clean and corrupt scores are equal.
+            InvalidArgumentError: (a ValueError) there is no corrupt run, or clean and corrupt
+                scores are equal.
         """
         if self.clean_score is None or self.corrupt_score is None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"Expected clean and corrupt scores to normalize by; this {self.method} result "
                 "has no corrupt run. Hint: compare scores with result.clean_score instead."
             )
         span = self.clean_score - self.corrupt_score
         if span == 0:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "Expected clean and corrupt scores that differ; they are equal, so normalized "
                 "scores are undefined."
             )

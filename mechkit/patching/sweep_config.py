@@ -29,7 +29,14 @@ import torch
 import yaml
 
 from mechkit.devices import resolve_device, resolve_dtype
-from mechkit.errors import ContextLengthError, MechkitError, did_you_mean
+from mechkit.errors import (
+    ContextLengthError,
+    DatasetFormatError,
+    EmptyDatasetError,
+    InvalidTokenError,
+    MechkitError,
+    did_you_mean,
+)
 from mechkit.metrics import CrossEntropy, LogitDiff, ProbDiff
 from mechkit.patching import engine
 from mechkit.patching.activation import _HEADS, _NEURONS, PATCHABLE
@@ -528,7 +535,7 @@ def _token_file_pairs(path: str, vocab: int) -> PromptPairs:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise MechkitError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                raise DatasetFormatError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
             ok = isinstance(record, dict) and set(record) >= set(rows)
             ok = ok and all(_is_int(record[k]) for k in ("answer", "wrong"))
             ok = ok and all(
@@ -536,21 +543,21 @@ def _token_file_pairs(path: str, vocab: int) -> PromptPairs:
                 for k in ("clean", "corrupt")
             )
             if not ok:
-                raise MechkitError(
+                raise DatasetFormatError(
                     f'{path}:{lineno}: expected {{"clean": [ids], "corrupt": [ids], '
                     f'"answer": id, "wrong": id}}; got {line.strip()[:120]}'
                 )
             ids = [*record["clean"], *record["corrupt"], record["answer"], record["wrong"]]
             bad = [i for i in ids if not 0 <= i < vocab]
             if bad:
-                raise MechkitError(
+                raise InvalidTokenError(
                     f"{path}:{lineno}: token id {bad[0]} is outside the model's vocabulary "
                     f"(0..{vocab - 1})"
                 )
             for key in rows:
                 rows[key].append(record[key])
     if not rows["clean"]:
-        raise MechkitError(f"{path}: expected at least one pair; the file has none")
+        raise EmptyDatasetError(f"{path}: expected at least one pair; the file has none")
     return PromptPairs.from_tokens(
         rows["clean"], rows["corrupt"], rows["answer"], rows["wrong"], aligned=False
     )

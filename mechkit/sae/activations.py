@@ -46,6 +46,7 @@ from mechkit.errors import (
     MechkitError,
     ShapeError,
     SiteNotFoundError,
+    check_choice,
     did_you_mean,
 )
 from mechkit.hook_scope import run_with_cache
@@ -131,8 +132,7 @@ class ActivationStore:
                 f"Expected buffer_size to be a positive multiple of 2 * batch_size "
                 f"({2 * batch_size}); got {buffer_size}."
             )
-        if cache_dtype not in _NP_DTYPES:
-            raise ShapeError(f"Expected cache_dtype 'float32' or 'float16'; got {cache_dtype!r}.")
+        check_choice("cache_dtype", cache_dtype, list(_NP_DTYPES))
         self.model = model
         self.hook_name, self.out_hook_name = hook_name, out_hook_name
         self.tokens = tokens.cpu()
@@ -310,6 +310,7 @@ def stdlib_documents(split: Literal["train", "test", "all"] = "all") -> list[str
 
     The split is by file: every fifth file in sorted order is held out (``"test"``).
     """
+    check_choice("split", split, ["train", "test", "all"])
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = ("test", "tests", "idle_test", "idlelib", "site-packages", "dist-packages", "turtledemo")
     files = sorted(
@@ -319,8 +320,6 @@ def stdlib_documents(split: Literal["train", "test", "all"] = "all") -> list[str
         files = files[::5]
     elif split == "train":
         files = [p for i, p in enumerate(files) if i % 5]
-    elif split != "all":
-        raise ValueError(f"Expected split 'train', 'test' or 'all'; got {split!r}.")
     return [p.read_text(encoding="utf-8", errors="replace") for p in files]
 
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mechkit.errors import MechkitError
+from mechkit.errors import InvalidArgumentError, ShapeError
 from mechkit.hook_scope import hook_scope
 from mechkit.patching.activation import _metric_name, resolve_inputs
 from mechkit.patching.result import PatchResult
@@ -63,7 +63,7 @@ def attribute_latents(
     check_hooks(model, sites)
     setup = resolve_inputs(model, clean, corrupt, metric, direction, None, None)
     if setup.source_tokens is None:
-        raise MechkitError(f"Expected corrupt prompts for {direction}; got None.")
+        raise InvalidArgumentError(f"Expected corrupt prompts for {direction}; got None.")
 
     source_f, source_err, _ = _run(model, sae, sites, setup.source_tokens, setup.metric, grad=False)
     base_f, base_err, grads = _run(model, sae, sites, setup.base_tokens, setup.metric, grad=True)
@@ -169,7 +169,7 @@ def feature_connections(upstream: Any, downstream: Any, *, normalize: bool = Fal
     """
     up, down = sae_sites(upstream), sae_sites(downstream)
     if up.d_out != down.d_in:
-        raise MechkitError(
+        raise ShapeError(
             f"Expected the upstream dictionary's output width ({up.d_out}, {up.out_hook}) to "
             f"equal the downstream one's input width ({down.d_in}, {down.in_hook})."
         )

@@ -206,6 +206,9 @@ class SAEConfig:
             raise SAEConfigError(
                 "Expected normalize_activations 'none' or 'expected_average_only_in'; got "
                 f"{self.normalize_activations!r}. Hint: fold the normalisation into the weights."
+                + did_you_mean(
+                    str(self.normalize_activations), ["none", "expected_average_only_in"]
+                )
             )
 
     @property

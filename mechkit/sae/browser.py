@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechkit.atomic_io import write_text_atomically
-from mechkit.errors import EmptyDatasetError, MechkitError
+from mechkit.errors import EmptyDatasetError, InvalidArgumentError, NotFoundError, check_choice
 from mechkit.sae.evaluate import Exclude, _resolve_tokens, _run_until, counted_positions
 from mechkit.sae.splice import as_rows, check_hooks, check_latents, reconstruct, sae_sites
 
@@ -131,7 +131,7 @@ class FeatureReport:
         for feature in self.features:
             if feature.latent == latent:
                 return feature
-        raise KeyError(
+        raise NotFoundError(
             f"Expected one of the latents in this report {[f.latent for f in self.features]}; "
             f"got {latent!r}."
         )
@@ -239,12 +239,13 @@ def collect_features(
         >>> [len(f.contexts) for f in report.features]
         [3, 3]
     """
+    check_choice("exclude", exclude, ["bos", "first", "none"])
     sites = sae_sites(sae)
     check_hooks(model, sites)
     index = check_latents([latents] if isinstance(latents, int) else latents, sites.d_sae)
     assert index is not None
     if n_contexts <= 0 or window <= 0 or batch_size <= 0 or n_logit_tokens < 0:
-        raise MechkitError(
+        raise InvalidArgumentError(
             f"Expected positive n_contexts, window and batch_size (and n_logit_tokens >= 0); "
             f"got {n_contexts}, {window}, {batch_size}, {n_logit_tokens}."
         )

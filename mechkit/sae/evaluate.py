@@ -42,7 +42,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from mechkit.errors import EmptyDatasetError, MechkitError, ShapeError
+from mechkit.errors import EmptyDatasetError, InvalidArgumentError, ShapeError, check_choice
 from mechkit.hook_scope import hook_scope
 from mechkit.lens.logit_lens import decode_residual
 from mechkit.sae.splice import as_rows, check_hooks, hook_layer, reconstruct, sae_sites
@@ -260,8 +260,7 @@ def counted_positions(
     mask: Bool[Tensor, "batch pos"] | None = None,
 ) -> Bool[Tensor, "batch pos"]:
     """``(batch, pos)`` True where a position counts: real (``mask``) and not excluded."""
-    if exclude not in ("bos", "first", "none"):
-        raise MechkitError(f"Expected exclude 'bos', 'first' or 'none'; got {exclude!r}.")
+    check_choice("exclude", exclude, ["bos", "first", "none"])
     counted = (
         torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
         if mask is None
@@ -338,13 +337,14 @@ def evaluate_sae(
         >>> ev.frequency.shape, ev.n_dead                                  # (d_sae,), int
     """
     start_time = time.perf_counter()
+    check_choice("exclude", exclude, ["bos", "first", "none"])
     sites = sae_sites(sae)
     check_hooks(model, sites)
     tokens, mask = _resolve_tokens(model, tokens, mask)
     if batch_size <= 0:
-        raise MechkitError(f"Expected a positive batch_size; got {batch_size}.")
+        raise InvalidArgumentError(f"Expected a positive batch_size; got {batch_size}.")
     if not 0 <= dense_threshold <= 1:
-        raise MechkitError(f"Expected dense_threshold in [0, 1]; got {dense_threshold}.")
+        raise InvalidArgumentError(f"Expected dense_threshold in [0, 1]; got {dense_threshold}.")
     counted = counted_positions(model, tokens, exclude=exclude, mask=mask)
     if not bool(counted.any()):
         raise EmptyDatasetError(
@@ -426,7 +426,7 @@ def evaluate_sae(
 def _resolve_tokens(model: Any, tokens: Any, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     if tokens is None:
         if getattr(model, "tokenizer", None) is None:
-            raise MechkitError(
+            raise InvalidArgumentError(
                 "Expected tokens: this model has no tokenizer, so the default held-out corpus "
                 "cannot be cut. Hint: pass a (batch, pos) tensor of token ids."
             )

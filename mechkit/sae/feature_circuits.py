@@ -41,7 +41,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mechkit.errors import MechkitError
+from mechkit.errors import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    SiteNotFoundError,
+    check_choice,
+    check_positive_int,
+)
 from mechkit.graph.circuit import CircuitGraph
 from mechkit.graph.edges import _bar, batch_metric, each_batch, mean_value
 from mechkit.graph.feature_layout import DictionarySite, FeatureLayout, dictionary_site
@@ -73,7 +79,7 @@ def _dictionaries(model: Any, dictionaries: Any) -> list[_Dictionary]:
     else:
         named = [(None, dictionaries)]
     if not named:
-        raise MechkitError("Expected at least one SAE or transcoder; got none.")
+        raise InvalidArgumentError("Expected at least one SAE or transcoder; got none.")
     out = []
     for name, sae in named:
         sites = sae_sites(sae)
@@ -213,8 +219,7 @@ class _Setup:
 
 
 def _setup(model: Any, clean: Any, corrupt: Any, metric: Any, ablation: str) -> _Setup:
-    if ablation not in ("corrupt", "mean", "zero"):
-        raise MechkitError(f"Expected ablation 'corrupt', 'mean' or 'zero'; got {ablation!r}.")
+    check_choice("ablation", ablation, ["corrupt", "mean", "zero"])
     if ablation == "corrupt":
         s = resolve_inputs(model, clean, corrupt, metric, "noising", None, None)
     else:
@@ -236,9 +241,9 @@ def _batch_size(setup: _Setup, batch_size: int | None) -> tuple[int, int]:
     n_batch = setup.clean_tokens.shape[0]
     size = batch_size or n_batch
     if size < 1:
-        raise MechkitError(f"Expected batch_size >= 1 (or None); got {batch_size}.")
+        raise InvalidArgumentError(f"Expected batch_size >= 1 (or None); got {batch_size}.")
     if size < n_batch and not isinstance(setup.metric, Metric):
-        raise MechkitError(
+        raise InvalidTypeError(
             "Expected a mechkit Metric (it can be restricted to a batch) when batch_size splits "
             f"the prompts; got {type(setup.metric).__name__}. Hint: batch_size=None, or "
             "mk.LogitDiff(answer, wrong)."
@@ -479,11 +484,12 @@ def feature_circuit(
         effect (input, chosen latents, error terms).
     """
     if latents_per_dictionary < 0:
-        raise MechkitError(f"Expected latents_per_dictionary >= 0; got {latents_per_dictionary}.")
-    if method not in ("attribution", "ig"):
-        raise MechkitError(f"Expected method 'attribution' or 'ig'; got {method!r}.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise MechkitError(f"Expected steps to be an int >= 1; got {steps!r}.")
+        raise InvalidArgumentError(
+            f"Expected latents_per_dictionary >= 0; got {latents_per_dictionary}."
+        )
+    check_choice("method", method, ["attribution", "ig"])
+    check_choice("ablation", ablation, ["corrupt", "mean", "zero"])
+    check_positive_int("steps", steps)
     entries = _dictionaries(model, dictionaries)
     setup = _setup(model, clean, corrupt, metric, ablation)
     n_batch, size = _batch_size(setup, batch_size)
@@ -666,6 +672,7 @@ def evaluate_feature_circuit(
     Returns:
         A :class:`FeatureCircuitEvaluation`; the input is never ablated.
     """
+    check_choice("ablation", ablation, ["corrupt", "mean", "zero"])
     entries = _dictionaries(model, dictionaries)
     setup = _setup(model, clean, corrupt, metric, ablation)
     many = isinstance(circuits, list) and circuits and not isinstance(circuits[0], str)
@@ -703,7 +710,7 @@ def _node_names(circuit: Any) -> tuple[str, ...]:
     if isinstance(circuit, CircuitGraph):
         return tuple(n for n in circuit.nodes_in_circuit() if n not in ("input", "logits"))
     if isinstance(circuit, str):
-        raise MechkitError(
+        raise InvalidTypeError(
             f"Expected a CircuitGraph or a list of node names; got the string {circuit!r}. "
             "Hint: wrap one node in a list."
         )
@@ -721,7 +728,7 @@ def _keep_masks(
         if k is None or not (part == "err" or (part[:1] == "f" and part[1:].isdigit())):
             from mechkit.errors import did_you_mean
 
-            raise MechkitError(
+            raise SiteNotFoundError(
                 f"Expected nodes '<dictionary>.f<latent>' or '<dictionary>.err' with "
                 f"dictionaries {sorted(names)}; got {node!r}." + did_you_mean(dictionary, names)
             )
@@ -730,7 +737,7 @@ def _keep_masks(
         else:
             i = int(part[1:])
             if not 0 <= i < entries[k].site.d_sae:
-                raise MechkitError(
+                raise InvalidArgumentError(
                     f"Expected a latent of {dictionary!r} in [0, {entries[k].site.d_sae}); got {i}."
                 )
             keep[k][0][i] = True

@@ -91,6 +91,7 @@ def write_sae(sae: SparseDictionary, path: str | Path, *, weights_dtype: str | N
     if weights_dtype is not None and weights_dtype not in _DTYPES:
         raise SAEConfigError(
             f"Expected weights_dtype to be one of {sorted(_DTYPES)}; got {weights_dtype!r}."
+            + did_you_mean(str(weights_dtype), _DTYPES)
         )
     cfg = sae.cfg
     store = _DTYPES[weights_dtype or cfg.dtype]

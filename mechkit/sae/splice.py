@@ -45,11 +45,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechkit.errors import (
+    InvalidArgumentError,
     InvalidSiteError,
-    MechkitError,
+    InvalidTypeError,
     PromptLengthError,
     ShapeError,
     SiteNotFoundError,
+    check_choice,
     did_you_mean,
 )
 from mechkit.hook_scope import hook_scope
@@ -90,7 +92,7 @@ def sae_sites(sae: Any) -> SAESites:
         if cfg is None or getattr(cfg, name, None) is None
     ]
     if missing or not all(hasattr(sae, a) for a in ("encode", "decode", "W_dec")):
-        raise MechkitError(
+        raise InvalidTypeError(
             f"Expected an SAE or transcoder (cfg.hook_name, cfg.d_in, cfg.d_sae, W_dec, encode, "
             f"decode); got {type(sae).__name__} lacking {missing or 'encode/decode/W_dec'}. Hint: "
             "load one with mk.load_sae(path)."
@@ -98,7 +100,7 @@ def sae_sites(sae: Any) -> SAESites:
     d_out = getattr(cfg, "d_out", None)
     out_hook = getattr(cfg, "out_hook_name", None)
     if d_out is not None and out_hook is None:
-        raise MechkitError(
+        raise InvalidSiteError(
             f"Expected a transcoder (d_out={d_out}) to name the hook it predicts; got "
             f"out_hook_name=None (reading {cfg.hook_name!r}). Hint: set it, e.g. "
             "sae.cfg = sae.cfg.replace(out_hook_name='blocks.5.hook_mlp_out')."
@@ -301,7 +303,7 @@ class SpliceHandle:
     def _entry(self, sae: str | None) -> _Spliced:
         if sae is None:
             if len(self._entries) != 1:
-                raise MechkitError(
+                raise InvalidArgumentError(
                     f"Expected sae= naming one of the {len(self._entries)} spliced dictionaries "
                     f"{list(self._entries)}; got None."
                 )
@@ -449,7 +451,7 @@ class SpliceHandle:
     def _output_hook(self, entry: _Spliced) -> Callable[[Tensor, Any], Tensor]:
         def hook(act: Tensor, hook: Any) -> Tensor:
             if entry.pending is None:
-                raise MechkitError(
+                raise InvalidSiteError(
                     f"Expected the transcoder's input hook {entry.sites.in_hook!r} to run before "
                     f"its output hook {entry.sites.out_hook!r} in the same forward pass; it did "
                     "not. Hint: do not start the forward pass between the two hooks."
@@ -500,19 +502,19 @@ def splice(
     """
     named = _named(saes)
     if not named:
-        raise MechkitError("Expected at least one SAE or transcoder to splice; got none.")
+        raise InvalidArgumentError("Expected at least one SAE or transcoder to splice; got none.")
     entries, seen = [], {}
     for name, sae in named:
         sites = sae_sites(sae)
         check_hooks(model, sites)
         if name in seen:
-            raise MechkitError(
+            raise InvalidArgumentError(
                 f"Expected distinct names for the spliced dictionaries; {name!r} "
                 "appears twice. Hint: pass a dict name -> SAE."
             )
         for other, other_sites in seen.items():
             if other_sites.out_hook == sites.out_hook:
-                raise MechkitError(
+                raise InvalidSiteError(
                     f"Expected at most one dictionary replacing {sites.out_hook!r}; {other!r} and "
                     f"{name!r} both do. Hint: splice them in separate blocks."
                 )
@@ -587,6 +589,10 @@ def patch_latents(
     from mechkit.patching.activation import _metric_name, _progress
     from mechkit.patching.result import PatchResult
 
+    if isinstance(positions, str):
+        check_choice("positions", positions, ["all", "each"], also="a list of positions")
+    check_choice("direction", direction, ["denoising", "noising"])
+    engine.check_budget(memory_budget)
     sites = sae_sites(sae)
     check_hooks(model, sites)
     layer = hook_layer(sites.out_hook)
@@ -605,8 +611,6 @@ def patch_latents(
             f"{tuple(clean.shape)} and {tuple(corrupt.shape)}. Hint: latents are patched "
             "position for position."
         )
-    if direction not in ("denoising", "noising"):
-        raise MechkitError(f"Expected direction 'denoising' or 'noising'; got {direction!r}.")
     base_tokens, source_tokens = (corrupt, clean) if direction == "denoising" else (clean, corrupt)
     seq = base_tokens.shape[1]
 
@@ -623,8 +627,6 @@ def patch_latents(
     delta = f_source - f_base  # (batch, pos, d_sae)
 
     if isinstance(positions, str):
-        if positions not in ("all", "each"):
-            raise MechkitError(f"Expected positions 'all', 'each' or a list; got {positions!r}.")
         pos_list = None if positions == "all" else list(range(seq))
     else:
         pos_list = [int(p) % seq for p in _resolve_positions(_as_positions(positions), seq, "cpu")]
@@ -633,13 +635,13 @@ def patch_latents(
     if latents is None:
         latent_list = size.nonzero().flatten().tolist()
         if not latent_list:
-            raise MechkitError(
+            raise InvalidArgumentError(
                 "Expected some latent to differ between the clean and corrupt runs at the "
                 "patched positions; none does, so there is nothing to patch."
             )
     elif isinstance(latents, int) and not isinstance(latents, bool):
         if latents <= 0:
-            raise MechkitError(f"Expected a positive number of latents; got {latents}.")
+            raise InvalidArgumentError(f"Expected a positive number of latents; got {latents}.")
         latent_list = size.argsort(descending=True, stable=True)[:latents].tolist()
     else:
         latent_list = check_latents(latents, sites.d_sae).tolist()

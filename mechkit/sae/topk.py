@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechkit.sae.base import SparseDictionary, StepOutput, register_architecture
+from mechkit.sae.base import SAEConfigError, SparseDictionary, StepOutput, register_architecture
 from mechkit.sae.sparse_ops import gather_pre_activations, sparse_decode
 
 __all__ = ["TopKSAE"]
@@ -112,7 +112,11 @@ class TopKSAE(SparseDictionary):
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x_in, self.W_enc)  # (batch, d_sae)
             if self.cfg.rescale_acts_by_decoder_norm:
-                raise NotImplementedError("training with rescale_acts_by_decoder_norm")
+                raise SAEConfigError(
+                    "Expected rescale_acts_by_decoder_norm=False to train a TopK SAE (training "
+                    "with it is not implemented); got True. Hint: it is for loading sae-lens "
+                    "SAEs; train with it off."
+                )
             values, idx = pre.topk(k, dim=-1, sorted=False)  # (batch, k)
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)
         return sparse_training_step(

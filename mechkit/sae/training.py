@@ -42,7 +42,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechkit.atomic_io import write_atomically
-from mechkit.errors import MechkitError, ShapeError
+from mechkit.errors import MechkitError, ShapeError, did_you_mean
 from mechkit.sae.base import SAEConfig, SAEConfigError, SparseDictionary
 
 __all__ = ["TrainConfig", "TrainResult", "TrainedSAE", "train_sae", "default_lr"]
@@ -153,6 +153,7 @@ class TrainConfig:
             raise TrainConfigError(
                 "Expected b_dec_init 'geometric_median', 'mean' or 'zeros'; got "
                 f"{self.b_dec_init!r}."
+                + did_you_mean(str(self.b_dec_init), ["geometric_median", "mean", "zeros"])
             )
         if self.checkpoint_every <= 0 or self.checkpoint_every % self.log_every:
             raise TrainConfigError(

@@ -32,7 +32,13 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from mechkit.errors import InvalidSiteError, MechkitError, ShapeError
+from mechkit.errors import (
+    InvalidArgumentError,
+    InvalidSiteError,
+    InvalidTypeError,
+    ShapeError,
+    check_choice,
+)
 from mechkit.hook_scope import hook_scope
 from mechkit.lens.logit_lens import decode_residual
 from mechkit.steering.vectors import SteeringVector
@@ -62,20 +68,19 @@ class Steering:
 
     def __post_init__(self) -> None:
         if not isinstance(self.vector, SteeringVector):
-            raise MechkitError(
+            raise InvalidTypeError(
                 f"Expected a SteeringVector; got {type(self.vector).__name__}. Hint: build one "
                 "with mk.actadd_vector, mk.mean_difference_vector, mk.pca_vector or "
                 "mk.probe_vector."
             )
         if isinstance(self.positions, list):
             object.__setattr__(self, "positions", tuple(self.positions))
-        if isinstance(self.positions, str) and self.positions not in ("all", "prompt", "generated"):
-            raise MechkitError(
-                f"Expected positions 'all', 'prompt', 'generated' or a tuple of positions; got "
-                f"{self.positions!r}."
+        if isinstance(self.positions, str):
+            check_choice(
+                "positions", self.positions, ["all", "prompt", "generated"], also="a tuple of ints"
             )
         if self.vector.per_position and self.positions not in ("all", "prompt"):
-            raise MechkitError(
+            raise InvalidArgumentError(
                 "Expected positions='prompt' for a per-position (ActAdd) vector: its rows go to "
                 f"the prompt's first tokens; got {self.positions!r}."
             )
@@ -98,7 +103,7 @@ def _as_steerings(items: Sequence[Any], coefficient: float, positions: Positions
         elif isinstance(item, SteeringVector):
             out.append(Steering(item, coefficient, positions))
         else:
-            raise MechkitError(
+            raise InvalidTypeError(
                 f"Expected SteeringVector or Steering objects; got {type(item).__name__}."
             )
     return out
@@ -222,7 +227,7 @@ def ablate_direction(
             f"Expected a direction of shape ({model.cfg.d_model},); got {tuple(d.shape)}."
         )
     if float(d.norm()) == 0:
-        raise MechkitError("Expected a non-zero direction to ablate; got the zero vector.")
+        raise InvalidArgumentError("Expected a non-zero direction to ablate; got the zero vector.")
     unit = d.float() / d.float().norm()
     chosen = range(model.cfg.n_layers) if layers is None else layers
 
@@ -284,14 +289,14 @@ def generate(
     """
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:
-        raise MechkitError("Expected at least one prompt to generate from; got none.")
+        raise InvalidArgumentError("Expected at least one prompt to generate from; got none.")
     items = [steering] if isinstance(steering, Steering | SteeringVector) else list(steering)
     steerings = _as_steerings(items, 1.0, "all")
     tokenizer = tokenizer_of(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = [encode(model, p, prepend_bos) for p in prompt_list]
     if any(len(r) == 0 for r in rows):
-        raise MechkitError("Expected non-empty prompts; one encodes to no tokens.")
+        raise InvalidArgumentError("Expected non-empty prompts; one encodes to no tokens.")
     width = max(len(r) for r in rows)
     device = model.cfg.device
     tokens = torch.full((len(rows), width), pad, dtype=torch.long)

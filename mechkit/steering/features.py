@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mechkit.errors import InvalidSiteError, MechkitError
+from mechkit.errors import InvalidSiteError, InvalidTypeError, ShapeError
 from mechkit.steering.vectors import SteeringVector
 
 __all__ = ["sae_latent_vector"]
@@ -70,11 +70,11 @@ def sae_latent_vector(
             "steering vectors live in the residual stream."
         )
     if latents is None:
-        raise MechkitError("Expected a latent index or a list of them; got None.")
+        raise InvalidTypeError("Expected a latent index or a list of them; got None.")
     index = check_latents(latents, sites.d_sae)
     w = torch.ones(len(index)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     if w.shape != (len(index),):
-        raise MechkitError(
+        raise ShapeError(
             f"Expected one weight per latent ({len(index)}); got weights of shape {tuple(w.shape)}."
         )
     f = torch.zeros(sites.d_sae, dtype=sae.W_dec.dtype, device=sae.W_dec.device)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechkit.errors import MechkitError
+from mechkit.errors import InvalidArgumentError, ShapeError, check_choice
 from mechkit.steering.apply import Generations, Steering, _Layout, _steered, generate
 from mechkit.steering.vectors import SteeringVector
 from mechkit.tokens import encode, pad_right, tokenize_answer, tokenizer_of
@@ -97,13 +97,15 @@ class ABScore:
 
     def __post_init__(self) -> None:
         if len(self.questions) != len(self.matching) or not self.questions:
-            raise MechkitError(
+            raise InvalidArgumentError(
                 f"Expected one matching answer per question; got {len(self.questions)} "
                 f"questions and {len(self.matching)} answers."
             )
         bad = [m for m in self.matching if m not in (self.a, self.b)]
         if bad:
-            raise MechkitError(f"Expected answers {self.a!r} or {self.b!r}; got {bad[0]!r}.")
+            raise InvalidArgumentError(
+                f"Expected answers {self.a!r} or {self.b!r}; got {bad[0]!r}."
+            )
 
     def __call__(self, model: Any, steerings: list[Steering], seed: int) -> float:
         a, b = tokenize_answer(model, self.a), tokenize_answer(model, self.b)
@@ -241,10 +243,12 @@ def steering_sweep(
         sample_settings: which (layer, coefficient) settings get samples; None: every setting.
     """
     if not layers or not coefficients:
-        raise MechkitError("Expected at least one layer and one coefficient to sweep.")
+        raise InvalidArgumentError("Expected at least one layer and one coefficient to sweep.")
+    if isinstance(positions, str):
+        check_choice("positions", positions, ["all", "prompt", "generated"], also="a tuple of ints")
     cost_tokens = torch.as_tensor(cost_tokens).to(model.cfg.device)
     if cost_tokens.ndim != 2 or cost_tokens.shape[1] < 2:
-        raise MechkitError(
+        raise ShapeError(
             f"Expected held-out cost tokens of shape (batch, pos >= 2); got "
             f"{tuple(cost_tokens.shape)}. Hint: mk.corpus_tokens(model, seq_len=64, "
             "split='test')."

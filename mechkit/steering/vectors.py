@@ -45,11 +45,13 @@ from mechkit.atomic_io import write_atomically
 from mechkit.errors import (
     DatasetFormatError,
     EmptyDatasetError,
+    InvalidArgumentError,
     InvalidSiteError,
-    MechkitError,
+    InvalidTypeError,
     PromptLengthError,
     ShapeError,
     UnknownKindError,
+    did_you_mean,
 )
 from mechkit.interventions import capture
 from mechkit.sites import Site
@@ -142,7 +144,7 @@ class SteeringVector:
         """The same vector scaled to norm 1 (over all positions for a per-position vector)."""
         norm = self.norm
         if norm == 0.0:
-            raise MechkitError(
+            raise InvalidArgumentError(
                 f"Expected a non-zero vector to normalise; {self!r} is zero. Hint: check that "
                 "the positive and negative prompts differ at the chosen layer and position."
             )
@@ -194,7 +196,7 @@ class SteeringVector:
         if isinstance(divisor, bool) or not isinstance(divisor, numbers.Real):
             return NotImplemented
         if divisor == 0:
-            raise MechkitError(
+            raise InvalidArgumentError(
                 f"Expected a non-zero divisor for {self!r}; got 0. Hint: use .unit() to normalise."
             )
         return self * (1.0 / float(divisor))
@@ -229,7 +231,7 @@ class SteeringVector:
             )
         norms = d.norm(dim=-1, keepdim=True)  # (1,) or (pos, 1)
         if d.ndim == 1 and float(norms) == 0.0:
-            raise MechkitError(
+            raise InvalidArgumentError(
                 "Expected a non-zero direction to project out; got the zero vector. Hint: check "
                 "how the direction was built."
             )
@@ -253,7 +255,7 @@ class SteeringVector:
         try:
             meta_json = json.dumps(self.metadata)
         except (TypeError, ValueError) as exc:
-            raise MechkitError(
+            raise InvalidTypeError(
                 f"Expected JSON-serialisable metadata to save {self!r}; {exc}. Hint: store "
                 "strings, numbers, lists and dicts in metadata."
             ) from None
@@ -355,6 +357,7 @@ def _check_position(position: Any) -> None:
         raise UnknownKindError(
             f"Expected position to be an int (an index into each prompt's real tokens; -1 is "
             f"the last) or 'mean'; got {position!r}."
+            + (did_you_mean(position, ["mean"]) if isinstance(position, str) else "")
         )
 
 
@@ -635,7 +638,7 @@ def pca_vector(
     _, singular, vh = torch.linalg.svd(centred, full_matrices=False)  # vh: (k, d_model)
     total = float(singular.pow(2).sum())
     if total == 0.0:
-        raise MechkitError(
+        raise InvalidArgumentError(
             "Expected the paired differences to vary; all are identical, so they have no "
             "principal component. Hint: use mean_difference_vector."
         )
@@ -738,7 +741,7 @@ def probe_vector(
     accuracy = float(((z @ w + b > 0).double() == y).double().mean())
     direction = w / sigma  # the logit's gradient in the residual basis
     if float(direction.norm()) == 0.0:
-        raise MechkitError(
+        raise InvalidArgumentError(
             "Expected the probe to learn a non-zero weight; got zero. Hint: lower l2, or check "
             "that the positives and negatives differ at this layer and position."
         )
