@@ -36,6 +36,8 @@ ALLOWED_BUILTIN_RAISES = {
     ("sae/base.py", "NotImplementedError", "training_step"),
     # an invariant of mechkit's own cache writer (a bug if it fires), not a user's input
     ("models/weight_cache.py", "RuntimeError", "write_folder_atomically"),
+    # the user's own Ctrl-C, raised again once the hook scope has restored the model
+    ("hook_scope.py", "KeyboardInterrupt", "keep_hooks"),
 }
 
 

@@ -226,7 +226,7 @@ def _run(
         records, torn = journal.read()
         if torn:
             say(f"dropped a torn last line from {journal.path} (the run was killed mid-write)")
-        if records and (records[0].get("kind") != "header" or records[0].get("fingerprint") != fp):
+        if records and records[0][1].get("fingerprint") != fp:
             raise OutputFolderError(
                 f"Expected {journal.path} to be this config's journal (fingerprint {fp}); its "
                 "header disagrees. Hint: rerun with --restart, or choose another --out."
