@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechkit.errors import ShapeError
+from mechkit.errors import InvalidTokenError, ShapeError
 
 __all__ = [
     "answer_logits",
@@ -74,6 +74,14 @@ def _gather(values: Float[Tensor, "batch d_vocab"], ids: Int[Tensor, " batch"]) 
     if ids.shape != (values.shape[0],):
         raise ShapeError(
             f"Expected one token id per prompt, shape ({values.shape[0]},); got {tuple(ids.shape)}."
+        )
+    d_vocab = values.shape[-1]
+    bad = ((ids < 0) | (ids >= d_vocab)).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise InvalidTokenError(
+            f"Expected answer token ids in [0, {d_vocab}) (the model's vocabulary); got "
+            f"{int(ids[i])} for prompt {i}. Hint: mk.tokenize_answer(model, ' Mary') gives the id."
         )
     return values.gather(-1, ids[:, None]).squeeze(-1)
 

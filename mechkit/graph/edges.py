@@ -87,6 +87,7 @@ def prepare(
                 "Expected corrupt=None when clean is a PromptPairs (it holds both runs); got "
                 f"{type(corrupt).__name__}."
             )
+        pairs.check_fits(model)
         clean_tokens, corrupt_tokens = pairs.clean_tokens, pairs.corrupt_tokens
         if need_aligned and ablation == "corrupt" and not pairs.is_aligned:
             raise PromptLengthError(
