@@ -38,7 +38,27 @@ __all__ = [
     "CrossEntropy",
     "KLDivergence",
     "Normalized",
+    "check_metric_value",
 ]
+
+
+def check_metric_value(value: Any, n_prompts: int) -> Tensor:
+    """``value`` as a tensor if it is what a metric may return for ``n_prompts`` prompts: a
+    scalar or one value per prompt ``(n_prompts,)``; else :class:`ShapeError` (a vector of
+    another length must not be averaged as if it were per prompt).
+
+    Example:
+        >>> check_metric_value(torch.zeros(3), 3).shape
+        torch.Size([3])
+    """
+    value = torch.as_tensor(value)
+    if value.ndim == 0 or tuple(value.shape) == (n_prompts,):
+        return value
+    raise ShapeError(
+        f"Expected the metric to return a scalar or one value per prompt, shape ({n_prompts},); "
+        f"got shape {tuple(value.shape)}. Hint: a metric bound to a dataset must be sliced with "
+        "the batch (metric.select(rows)); otherwise return a scalar."
+    )
 
 
 def answer_logits(

@@ -34,11 +34,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mechkit.errors import MechkitError, PromptLengthError
+from mechkit.errors import MechkitError, PromptLengthError, check_batch_size
 from mechkit.graph.circuit import CircuitGraph
 from mechkit.graph.layout import GraphLayout
 from mechkit.graph.runs import masked_logits, receiver_gradients, sender_outputs
-from mechkit.metrics import Metric
+from mechkit.metrics import Metric, check_metric_value
 from mechkit.patching.engine import _is_oom
 from mechkit.prompts import PromptPairs
 from mechkit.tokens import token_batch
@@ -76,6 +76,7 @@ def prepare(
     need_aligned: bool = True,
 ) -> EdgeSetup:
     """Tokens, metric and the ablated sender outputs, all checked before the long work."""
+    batch_size = check_batch_size(batch_size)
     layout = GraphLayout.from_model(model)
     if ablation not in ("corrupt", "mean", "zero"):
         raise MechkitError(f"Expected ablation 'corrupt', 'mean' or 'zero'; got {ablation!r}.")
@@ -167,6 +168,7 @@ def each_batch(
 ) -> None:
     """``work(rows)`` for consecutive slices of at most ``size`` prompts. A slice that runs out
     of memory is retried in halves (``work`` must keep nothing from a failed call)."""
+    size = check_batch_size(size) or max(1, n_batch)  # a size below 1 would loop forever
     start = 0
     while start < n_batch:
         stop = min(start + size, n_batch)
@@ -231,6 +233,7 @@ def edge_attribution(
         )
     if steps < 1:
         raise MechkitError(f"Expected steps >= 1; got {steps}.")
+    check_batch_size(batch_size)
     setup = prepare(
         model,
         clean,
@@ -274,7 +277,7 @@ def batch_metric(metric: Any, rows: slice, n_batch: int) -> Any:
 def mean_value(metric: Any, logits: Tensor) -> Tensor:
     """The metric as a differentiable scalar (mean over prompts)."""
     value = metric.per_prompt(logits).mean() if isinstance(metric, Metric) else metric(logits)
-    value = torch.as_tensor(value)
+    value = check_metric_value(value, logits.shape[0])  # ShapeError on a vector of another length
     if value.ndim == 1:
         value = value.mean()
     if value.ndim != 0:

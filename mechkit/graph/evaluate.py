@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mechkit.errors import MechkitError
+from mechkit.errors import MechkitError, check_batch_size
 from mechkit.graph.circuit import CircuitGraph
 from mechkit.graph.edges import EdgeSetup, batched_circuit_values, prepare
 
@@ -66,6 +66,7 @@ def _setup_for(
     reference: Any,
     batch_size: int | None,
 ) -> EdgeSetup:
+    check_batch_size(batch_size)
     if graph.layout.to_dict().get("kind") == "features":
         raise MechkitError(
             "Expected a graph of heads and MLPs (from mk.edge_attribution); got a sparse feature "

@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mechkit.errors import MechkitError
+from mechkit.errors import MechkitError, check_batch_size
 from mechkit.graph.circuit import CircuitGraph
 from mechkit.graph.edges import _bar, batch_metric, each_batch, mean_value
 from mechkit.graph.feature_layout import DictionarySite, FeatureLayout, dictionary_site
@@ -233,9 +233,7 @@ def _batch_size(setup: _Setup, batch_size: int | None) -> tuple[int, int]:
     from mechkit.metrics import Metric
 
     n_batch = setup.clean_tokens.shape[0]
-    size = batch_size or n_batch
-    if size < 1:
-        raise MechkitError(f"Expected batch_size >= 1 (or None); got {batch_size}.")
+    size = check_batch_size(batch_size) or n_batch
     if size < n_batch and not isinstance(setup.metric, Metric):
         raise MechkitError(
             "Expected a mechkit Metric (it can be restricted to a batch) when batch_size splits "
@@ -483,6 +481,7 @@ def feature_circuit(
         raise MechkitError(f"Expected method 'attribution' or 'ig'; got {method!r}.")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise MechkitError(f"Expected steps to be an int >= 1; got {steps!r}.")
+    check_batch_size(batch_size)
     entries = _dictionaries(model, dictionaries)
     setup = _setup(model, clean, corrupt, metric, ablation)
     n_batch, size = _batch_size(setup, batch_size)
@@ -665,6 +664,7 @@ def evaluate_feature_circuit(
     Returns:
         A :class:`FeatureCircuitEvaluation`; the input is never ablated.
     """
+    check_batch_size(batch_size)
     entries = _dictionaries(model, dictionaries)
     setup = _setup(model, clean, corrupt, metric, ablation)
     many = isinstance(circuits, list) and circuits and not isinstance(circuits[0], str)
