@@ -64,7 +64,13 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechkit.atomic_io import write_text_atomically
-from mechkit.errors import EmptyDatasetError, ShapeError, UnknownKindError, did_you_mean
+from mechkit.errors import (
+    EmptyDatasetError,
+    ShapeError,
+    UnknownKindError,
+    check_batch_size,
+    did_you_mean,
+)
 from mechkit.hook_scope import hook_scope
 from mechkit.interventions import capture
 from mechkit.sites import Site
@@ -520,7 +526,9 @@ def detect_heads(
         (torch.Size([30, 9]), [('L16H0', 0.887...)])
     """
     _check_kind(kind, KINDS)
-    _check_positive(batch_size=batch_size, n_tokens=n_tokens, top_k=top_k)
+    n_rows = n_prompts if tokens is None else len(tokens)
+    batch_size = check_batch_size(batch_size) or max(1, n_rows)  # None: one pass
+    _check_positive(n_tokens=n_tokens, top_k=top_k)
     if kind in _ATTENTION_KINDS:
         if tokens is None:
             data = _repeated_random_tokens(model, n_prompts, seq_len, seed)

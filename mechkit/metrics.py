@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechkit.errors import InvalidArgumentError, ShapeError
+from mechkit.errors import InvalidArgumentError, InvalidTokenError, ShapeError
 
 __all__ = [
     "answer_logits",
@@ -38,7 +38,27 @@ __all__ = [
     "CrossEntropy",
     "KLDivergence",
     "Normalized",
+    "check_metric_value",
 ]
+
+
+def check_metric_value(value: Any, n_prompts: int) -> Tensor:
+    """``value`` as a tensor if it is what a metric may return for ``n_prompts`` prompts: a
+    scalar or one value per prompt ``(n_prompts,)``; else :class:`ShapeError` (a vector of
+    another length must not be averaged as if it were per prompt).
+
+    Example:
+        >>> check_metric_value(torch.zeros(3), 3).shape
+        torch.Size([3])
+    """
+    value = torch.as_tensor(value)
+    if value.ndim == 0 or tuple(value.shape) == (n_prompts,):
+        return value
+    raise ShapeError(
+        f"Expected the metric to return a scalar or one value per prompt, shape ({n_prompts},); "
+        f"got shape {tuple(value.shape)}. Hint: a metric bound to a dataset must be sliced with "
+        "the batch (metric.select(rows)); otherwise return a scalar."
+    )
 
 
 def answer_logits(
@@ -74,6 +94,14 @@ def _gather(values: Float[Tensor, "batch d_vocab"], ids: Int[Tensor, " batch"]) 
     if ids.shape != (values.shape[0],):
         raise ShapeError(
             f"Expected one token id per prompt, shape ({values.shape[0]},); got {tuple(ids.shape)}."
+        )
+    d_vocab = values.shape[-1]
+    bad = ((ids < 0) | (ids >= d_vocab)).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise InvalidTokenError(
+            f"Expected answer token ids in [0, {d_vocab}) (the model's vocabulary); got "
+            f"{int(ids[i])} for prompt {i}. Hint: mk.tokenize_answer(model, ' Mary') gives the id."
         )
     return values.gather(-1, ids[:, None]).squeeze(-1)
 

@@ -41,7 +41,14 @@ from mechkit.errors import (
     ShapeError,
     check_choice,
 )
-from mechkit.tokens import encode, pad_right, tokenize_answer, tokenizer_of
+from mechkit.tokens import (
+    check_token_ids,
+    check_tokens,
+    encode,
+    pad_right,
+    tokenize_answer,
+    tokenizer_of,
+)
 
 __all__ = ["PromptPairs"]
 
@@ -129,6 +136,8 @@ class PromptPairs:
             )
         if not clean_rows:
             raise EmptyDatasetError("Expected at least one prompt pair; got none.")
+        if any(not row for row in clean_rows + corrupt_rows):
+            raise ShapeError("Expected every prompt to have at least one token; got an empty one.")
         clean_tokens, clean_mask = pad_right(clean_rows, pad_token_id)
         corrupt_tokens, corrupt_mask = pad_right(corrupt_rows, pad_token_id)
         pairs = cls(
@@ -166,7 +175,8 @@ class PromptPairs:
             prepend_bos: add the BOS token; None means the model's default.
 
         Raises:
-            EmptyDatasetError, MultiTokenAnswerError, PromptLengthError, ShapeError.
+            EmptyDatasetError, MultiTokenAnswerError, PromptLengthError, ShapeError,
+            ContextLengthError (a prompt longer than the model's ``n_ctx``).
         """
         tokenizer = tokenizer_of(model)
         lists = {"clean": clean, "corrupt": corrupt, "answers": answers, "wrongs": wrongs}
@@ -197,6 +207,7 @@ class PromptPairs:
             answer_texts=tuple(answers),
             wrong_texts=tuple(wrongs),
         )
+        pairs.check_fits(model)
         if aligned:
             pairs.require_aligned()
         return pairs
@@ -211,40 +222,59 @@ class PromptPairs:
         :class:`DatasetFormatError` naming the file and the line number.
         """
         path = Path(path)
+        if path.is_dir():
+            raise DatasetFormatError(
+                f"Expected a JSONL file of prompt pairs; {str(path)!r} is a directory. Hint: "
+                "pass the path of the .jsonl file inside it."
+            )
         if not path.is_file():
             raise DatasetFormatError(
                 f"Expected a JSONL file of prompt pairs; {str(path)!r} does not exist."
             )
         rows: dict[str, list[str]] = {k: [] for k in _FIELDS}
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
+        for lineno, line in enumerate(_read_utf8_lines(path), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetFormatError(
+                    f"{path}:{lineno}: expected a JSON object; the line is not valid JSON "
+                    f"({exc.msg} at column {exc.colno}). Hint: one object per line."
+                ) from None
+            except (RecursionError, ValueError) as exc:
+                what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+                raise DatasetFormatError(
+                    f"{path}:{lineno}: expected a flat JSON object of strings; the line could "
+                    f"not be read ({what}). Hint: one {{clean, corrupt, answer, wrong}} object "
+                    "per line."
+                ) from None
+            if not isinstance(record, dict):
+                raise DatasetFormatError(
+                    f"{path}:{lineno}: expected a JSON object with keys {list(_FIELDS)}; "
+                    f"got a {type(record).__name__}."
+                )
+            missing = [k for k in _FIELDS if k not in record]
+            if missing:
+                raise DatasetFormatError(
+                    f"{path}:{lineno}: expected keys {list(_FIELDS)}; missing {missing} "
+                    f"(the line has {sorted(record)})."
+                )
+            for k in _FIELDS:
+                if not isinstance(record[k], str):
+                    raise DatasetFormatError(
+                        f"{path}:{lineno}: expected a string for {k!r}; got "
+                        f"{type(record[k]).__name__}."
+                    )
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
+                    record[k].encode("utf-8")
+                except UnicodeEncodeError:
                     raise DatasetFormatError(
-                        f"{path}:{lineno}: expected a JSON object; the line is not valid JSON "
-                        f"({exc.msg} at column {exc.colno}). Hint: one object per line."
+                        f"{path}:{lineno}: expected text for {k!r}; it holds a lone surrogate "
+                        f"escape ({record[k]!r}), which is not a character. Hint: escape "
+                        "characters outside the BMP as a surrogate pair, or write them as UTF-8."
                     ) from None
-                if not isinstance(record, dict):
-                    raise DatasetFormatError(
-                        f"{path}:{lineno}: expected a JSON object with keys {list(_FIELDS)}; "
-                        f"got a {type(record).__name__}."
-                    )
-                missing = [k for k in _FIELDS if k not in record]
-                if missing:
-                    raise DatasetFormatError(
-                        f"{path}:{lineno}: expected keys {list(_FIELDS)}; missing {missing} "
-                        f"(the line has {sorted(record)})."
-                    )
-                for k in _FIELDS:
-                    if not isinstance(record[k], str):
-                        raise DatasetFormatError(
-                            f"{path}:{lineno}: expected a string for {k!r}; got "
-                            f"{type(record[k]).__name__}."
-                        )
-                    rows[k].append(record[k])
+                rows[k].append(record[k])
         if not rows["clean"]:
             raise EmptyDatasetError(
                 f"Expected at least one prompt pair in {path}; the file has none."
@@ -332,6 +362,15 @@ class PromptPairs:
             "aligned=False to methods that do not patch by position."
         )
 
+    def check_fits(self, model: Any) -> None:
+        """Raise unless ``model`` can run these pairs: token and answer ids inside its
+        vocabulary (:class:`InvalidTokenError`) and prompts no longer than its context
+        (:class:`ContextLengthError`)."""
+        check_tokens(model, self.clean_tokens, self.clean_mask)
+        check_tokens(model, self.corrupt_tokens, self.corrupt_mask)
+        check_token_ids(model, self.answer, "answer ids")
+        check_token_ids(model, self.wrong, "wrong-answer ids")
+
     def to(self, device: str | torch.device) -> PromptPairs:
         """The same pairs with every tensor on ``device``."""
         changes = {
@@ -363,6 +402,24 @@ class PromptPairs:
             f"corrupt_pos={self.corrupt_tokens.shape[1]}, aligned={self.is_aligned}, "
             f"padded={self.is_padded})"
         )
+
+
+def _read_utf8_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (a byte-order mark is skipped), or
+    :class:`DatasetFormatError` naming the line that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        lineno = data[: exc.start].count(b"\n") + 1
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            found = "the file looks like UTF-16 (it starts with a UTF-16 byte-order mark)"
+        else:
+            found = f"byte {data[exc.start]:#04x} is not UTF-8 (Latin-1 or another encoding?)"
+        raise DatasetFormatError(
+            f"{path}:{lineno}: expected UTF-8 text; {found}. Hint: save the file as UTF-8."
+        ) from None
+    return text.split("\n")  # only newlines end a line (JSON strings may hold U+2028)
 
 
 def _rows(batch: Sequence[Sequence[int]] | Tensor) -> list[list[int]]:

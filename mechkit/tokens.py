@@ -8,9 +8,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechkit.errors import MultiTokenAnswerError, ShapeError
+from mechkit.errors import (
+    ContextLengthError,
+    EmptyDatasetError,
+    InvalidTokenError,
+    MultiTokenAnswerError,
+    ShapeError,
+)
 
-__all__ = ["tokenizer_of", "encode", "tokenize_answer", "pad_right", "token_batch"]
+__all__ = [
+    "tokenizer_of",
+    "encode",
+    "tokenize_answer",
+    "pad_right",
+    "token_batch",
+    "check_tokens",
+    "check_token_ids",
+]
 
 
 def tokenizer_of(model: Any) -> Any:
@@ -60,6 +74,10 @@ def pad_right(rows: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]
 
     With right padding a causal model's outputs at the real tokens equal the unpadded run's.
     """
+    if not rows:
+        raise EmptyDatasetError(
+            "Expected at least one prompt; got an empty list. Hint: pass one or more prompts."
+        )
     if any(len(r) == 0 for r in rows):
         raise ShapeError("Expected every prompt to have at least one token; got an empty one.")
     width = max(len(r) for r in rows)
@@ -73,18 +91,80 @@ def pad_right(rows: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]
 
 def token_batch(model: Any, tokens: Any, prepend_bos: bool | None = None) -> tuple[Tensor, Tensor]:
     """``(batch, pos)`` ids and mask from a string, a list of strings (right-padded), token ids
-    (no padding assumed), or a :class:`~mechkit.prompts.PromptPairs` (its clean prompts)."""
+    (no padding assumed), or a :class:`~mechkit.prompts.PromptPairs` (its clean prompts).
+
+    The one place prompts given to a method are resolved, so every method refuses the same
+    things: no prompts (:class:`EmptyDatasetError`), ids outside the vocabulary
+    (:class:`InvalidTokenError`), prompts longer than the model's context
+    (:class:`ContextLengthError`).
+    """
     if hasattr(tokens, "clean_tokens") and hasattr(tokens, "clean_mask"):
+        check_tokens(model, tokens.clean_tokens, tokens.clean_mask)
         return tokens.clean_tokens, tokens.clean_mask
     if isinstance(tokens, str):
         tokens = [tokens]
     if isinstance(tokens, Sequence) and tokens and isinstance(tokens[0], str):
         tokenizer = tokenizer_of(model)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return pad_right([encode(model, t, prepend_bos) for t in tokens], pad)
+        ids, mask = pad_right([encode(model, t, prepend_bos) for t in tokens], pad)
+        check_tokens(model, ids, mask)
+        return ids, mask
     tokens = torch.as_tensor(tokens)
+    if tokens.numel() == 0:
+        raise EmptyDatasetError(
+            f"Expected at least one prompt of at least one token; got no tokens (shape "
+            f"{tuple(tokens.shape)}). Hint: check the list of prompts is not empty."
+        )
     if tokens.ndim == 1:
         tokens = tokens[None]
-    if tokens.ndim != 2 or tokens.shape[0] == 0:
+    if tokens.ndim != 2:
         raise ShapeError(f"Expected tokens of shape (batch, pos); got {tuple(tokens.shape)}.")
-    return tokens.long(), torch.ones_like(tokens, dtype=torch.bool)
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise InvalidTokenError(
+            f"Expected integer token ids; got a tensor of {tokens.dtype}. Hint: "
+            "model.to_tokens(text) gives ids."
+        )
+    tokens = tokens.long()
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    check_tokens(model, tokens, mask)
+    return tokens, mask
+
+
+def check_token_ids(
+    model: Any, ids: Tensor, what: str = "token ids", mask: Tensor | None = None
+) -> None:
+    """Raise :class:`InvalidTokenError` unless every id (where ``mask`` is True, if given) is
+    in ``[0, d_vocab)``."""
+    d_vocab = int(model.cfg.d_vocab)
+    ids = torch.as_tensor(ids)
+    if ids.numel() == 0:
+        return
+    outside = (ids < 0) | (ids >= d_vocab)
+    if mask is not None:
+        outside &= mask.to(outside.device)
+    bad = outside.nonzero()
+    if bad.numel():
+        where = tuple(int(i) for i in bad[0])
+        raise InvalidTokenError(
+            f"Expected {what} in [0, {d_vocab}) (the model's vocabulary); got {int(ids[where])} "
+            f"at index {where if len(where) > 1 else where[0]} ({bad.shape[0]} id(s) outside). "
+            "Hint: tokenize with the model's own tokenizer (model.to_tokens)."
+        )
+
+
+def check_tokens(model: Any, tokens: Tensor, mask: Tensor | None = None) -> None:
+    """Refuse a ``(batch, pos)`` token batch the model cannot run: ids outside the vocabulary
+    (:class:`InvalidTokenError`; padding, where ``mask`` is False, is not checked) or prompts
+    longer than the model's context ``n_ctx`` (:class:`ContextLengthError`, also for rotary
+    models, whose ``n_ctx`` is the length they were trained on)."""
+    check_token_ids(model, tokens, "token ids", mask)
+    n_ctx = int(model.cfg.n_ctx)
+    lengths = (
+        torch.full((tokens.shape[0],), tokens.shape[1]) if mask is None else mask.sum(-1).cpu()
+    )
+    if tokens.shape[0] and int(lengths.max()) > n_ctx:
+        i = int(lengths.argmax())
+        raise ContextLengthError(
+            f"Expected prompts of at most n_ctx={n_ctx} tokens (the model's context window); "
+            f"prompt {i} has {int(lengths[i])} tokens. Hint: shorten or split the prompt."
+        )

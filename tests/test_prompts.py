@@ -152,3 +152,70 @@ def test_from_tokens_for_models_without_tokenizer(toy):
         mk.PromptPairs.from_lists(toy, ["a"], ["b"], ["c"], ["d"])
     with pytest.raises(mk.ShapeError, match="as many"):
         mk.PromptPairs.from_tokens([[1, 2]], [[1, 2]], [1, 2], [3])
+
+
+GOOD_LINE = json.dumps({"clean": "a b", "corrupt": "c d", "answer": " x", "wrong": " y"})
+
+
+@pytest.mark.parametrize(
+    ("encoding", "text"),
+    [("utf-16", "looks like UTF-16"), ("latin-1", "is not UTF-8")],
+)
+def test_jsonl_in_utf16_or_latin1_raises_dataset_format_error(toy, tmp_path, encoding, text):
+    path = tmp_path / "pairs.jsonl"
+    fields = {"clean": "café", "corrupt": "thé", "answer": " x", "wrong": " y"}
+    line = json.dumps(fields, ensure_ascii=False)
+    path.write_bytes(f"{GOOD_LINE}\n{line}\n".encode(encoding, errors="strict"))
+    with pytest.raises(mk.DatasetFormatError) as err:
+        mk.PromptPairs.from_jsonl(toy, path)
+    message = str(err.value)
+    assert "pairs.jsonl:" in message and text in message and "save the file as UTF-8" in message
+    if encoding == "latin-1":  # the first line is ASCII: the bad byte is on line 2
+        assert "pairs.jsonl:2:" in message
+
+
+def test_jsonl_with_a_lone_surrogate_raises_dataset_format_error(toy, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(GOOD_LINE + '\n{"clean": "a \\ud800", "corrupt": "b", "answer": " x", '
+                    '"wrong": " y"}\n')  # fmt: skip
+    with pytest.raises(mk.DatasetFormatError, match=r"pairs.jsonl:2: .*lone surrogate"):
+        mk.PromptPairs.from_jsonl(toy, path)
+
+
+def test_jsonl_nested_too_deeply_raises_dataset_format_error(toy, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(GOOD_LINE + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(mk.DatasetFormatError, match=r"pairs.jsonl:2: .*nested too deeply"):
+        mk.PromptPairs.from_jsonl(toy, path)
+
+
+def test_jsonl_directory_is_reported_as_a_directory(toy, tmp_path):
+    with pytest.raises(mk.DatasetFormatError, match="is a directory"):
+        mk.PromptPairs.from_jsonl(toy, tmp_path)
+    with pytest.raises(mk.DatasetFormatError, match="does not exist"):
+        mk.PromptPairs.from_jsonl(toy, tmp_path / "missing.jsonl")
+
+
+def test_jsonl_utf8_with_byte_order_mark_is_read(smollm2, pairs, tmp_path):
+    path = tmp_path / "bom.jsonl"
+    lines = [
+        json.dumps({"clean": c, "corrupt": x, "answer": a, "wrong": w})
+        for c, x, a, w in zip(CLEAN, CORRUPT, ANSWERS, WRONGS, strict=True)
+    ]
+    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8-sig"))
+    loaded = mk.PromptPairs.from_jsonl(smollm2, path)
+    assert torch.equal(loaded.clean_tokens, pairs.clean_tokens)
+    assert torch.equal(loaded.answer, pairs.answer)
+
+
+def test_jsonl_prompt_longer_than_the_context_raises_context_length_error(smollm2, tmp_path):
+    n_ctx = smollm2.cfg.n_ctx
+    long = " the" * (n_ctx + 10)
+    path = tmp_path / "long.jsonl"
+    path.write_text(
+        json.dumps({"clean": long, "corrupt": long, "answer": " x", "wrong": " y"}) + "\n"
+    )
+    with pytest.raises(mk.ContextLengthError, match=rf"at most n_ctx={n_ctx} tokens"):
+        mk.PromptPairs.from_jsonl(smollm2, path)
+    with pytest.raises(mk.ContextLengthError):
+        mk.PromptPairs.from_lists(smollm2, [long], [long], [" x"], [" y"])

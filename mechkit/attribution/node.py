@@ -36,6 +36,7 @@ from mechkit.errors import (
     InvalidSiteError,
     InvalidTypeError,
     ShapeError,
+    check_batch_size,
 )
 from mechkit.hook_scope import hook_scope
 from mechkit.patching.activation import (
@@ -92,14 +93,13 @@ def attribution_patch(
         >>> r.scores.shape                      # (layer, head)
         >>> r.normalized().top(5)
     """
+    batch_size = check_batch_size(batch_size)
     setup = resolve_inputs(model, clean, corrupt, metric, direction, ablation, reference)
     seq = setup.base_tokens.shape[1]
     axes, labels, cells = _plan_cells(model, site, positions, layers, heads, neurons, seq)
     names = sorted({cell.site.hook_name for cell in cells})
     n_batch = setup.base_tokens.shape[0]
     size = batch_size or n_batch
-    if size < 1:
-        raise InvalidArgumentError(f"Expected batch_size >= 1 (or None); got {batch_size}.")
 
     products: dict[str, list[Tensor]] = {name: [] for name in names}  # (batch, ...) each
     base_values, other_values = [], []
@@ -228,12 +228,12 @@ def _gradients(
 
 def _metric_value(metric: Any, logits: Tensor) -> tuple[Tensor, Tensor]:
     """The scalar to differentiate and the per-prompt values (detached, float, CPU)."""
-    from mechkit.metrics import Metric
+    from mechkit.metrics import Metric, check_metric_value
 
     if isinstance(metric, Metric):
         per_prompt = metric.per_prompt(logits)
         return per_prompt.mean(), per_prompt.detach().float().cpu()
-    value = torch.as_tensor(metric(logits))
+    value = check_metric_value(metric(logits), logits.shape[0])
     if value.ndim == 1:
         return value.mean(), value.detach().float().cpu()
     if value.ndim != 0:

@@ -40,13 +40,14 @@ from mechkit.errors import (
     OutOfMemoryError,
     PromptLengthError,
     ShapeError,
+    check_batch_size,
     check_choice,
     check_positive_int,
 )
 from mechkit.graph.circuit import CircuitGraph
 from mechkit.graph.layout import GraphLayout
 from mechkit.graph.runs import masked_logits, receiver_gradients, sender_outputs
-from mechkit.metrics import Metric
+from mechkit.metrics import Metric, check_metric_value
 from mechkit.patching.engine import _is_oom
 from mechkit.prompts import PromptPairs
 from mechkit.tokens import token_batch
@@ -84,6 +85,7 @@ def prepare(
     need_aligned: bool = True,
 ) -> EdgeSetup:
     """Tokens, metric and the ablated sender outputs, all checked before the long work."""
+    batch_size = check_batch_size(batch_size)
     layout = GraphLayout.from_model(model)
     check_choice("ablation", ablation, ["corrupt", "mean", "zero"])
     ref_tokens = ref_mask = None
@@ -94,6 +96,7 @@ def prepare(
                 "Expected corrupt=None when clean is a PromptPairs (it holds both runs); got "
                 f"{type(corrupt).__name__}."
             )
+        pairs.check_fits(model)
         clean_tokens, corrupt_tokens = pairs.clean_tokens, pairs.corrupt_tokens
         if need_aligned and ablation == "corrupt" and not pairs.is_aligned:
             raise PromptLengthError(
@@ -173,6 +176,7 @@ def each_batch(
 ) -> None:
     """``work(rows)`` for consecutive slices of at most ``size`` prompts. A slice that runs out
     of memory is retried in halves (``work`` must keep nothing from a failed call)."""
+    size = check_batch_size(size) or max(1, n_batch)  # a size below 1 would loop forever
     start = 0
     while start < n_batch:
         stop = min(start + size, n_batch)
@@ -230,6 +234,7 @@ def edge_attribution(
     """
     check_choice("method", method, METHODS)
     check_positive_int("steps", steps)
+    check_batch_size(batch_size)
     setup = prepare(
         model,
         clean,
@@ -273,7 +278,7 @@ def batch_metric(metric: Any, rows: slice, n_batch: int) -> Any:
 def mean_value(metric: Any, logits: Tensor) -> Tensor:
     """The metric as a differentiable scalar (mean over prompts)."""
     value = metric.per_prompt(logits).mean() if isinstance(metric, Metric) else metric(logits)
-    value = torch.as_tensor(value)
+    value = check_metric_value(value, logits.shape[0])  # ShapeError on a vector of another length
     if value.ndim == 1:
         value = value.mean()
     if value.ndim != 0:

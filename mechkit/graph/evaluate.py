@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mechkit.errors import InvalidArgumentError, check_choice
+from mechkit.errors import InvalidArgumentError, check_batch_size, check_choice
 from mechkit.graph.circuit import CircuitGraph
 from mechkit.graph.edges import EdgeSetup, batched_circuit_values, prepare
 
@@ -66,6 +66,7 @@ def _setup_for(
     reference: Any,
     batch_size: int | None,
 ) -> EdgeSetup:
+    check_batch_size(batch_size)
     if graph.layout.to_dict().get("kind") == "features":
         raise InvalidArgumentError(
             "Expected a graph of heads and MLPs (from mk.edge_attribution); got a sparse feature "

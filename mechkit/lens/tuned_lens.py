@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from mechkit.atomic_io import write_atomically
-from mechkit.errors import InvalidArgumentError, NonFiniteError
+from mechkit.errors import InvalidArgumentError, NonFiniteError, check_batch_size
 from mechkit.hook_scope import run_with_cache
 from mechkit.lens.logit_lens import decode_residual, lens_layer_labels
 
@@ -266,6 +266,7 @@ def compare_lenses(
     model: Any, tokens: Tensor, tuned: TunedLens | None = None, *, batch_size: int = 4
 ) -> LensComparison:
     """Mean KL of each lens to the model's final distribution, per layer, over ``tokens``."""
+    batch_size = check_batch_size(batch_size) or max(1, tokens.shape[0])  # None: one pass
     n_layers = model.cfg.n_layers
     logit_kl = torch.zeros(n_layers + 1)
     tuned_kl = torch.zeros(n_layers + 1) if tuned is not None else None

@@ -108,6 +108,7 @@ def resolve_inputs(
                 f"{type(corrupt).__name__}."
             )
         pairs = clean
+        pairs.check_fits(model)
         if ablation is None or ablation != "zero":
             pairs.require_aligned()
         clean_tokens, corrupt_tokens = pairs.clean_tokens, pairs.corrupt_tokens

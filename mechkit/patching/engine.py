@@ -39,7 +39,7 @@ from mechkit.errors import (
 )
 from mechkit.hook_scope import hook_scope
 from mechkit.lens.logit_lens import decode_residual
-from mechkit.metrics import Metric, Normalized
+from mechkit.metrics import Metric, Normalized, check_metric_value
 
 Edit = Callable[[Tensor, int], None]
 """An edit: changes, in place, one patch's rows of an activation that covers the positions from
@@ -189,8 +189,7 @@ class MetricReader:
 
     def score(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
         """``(mean score, per-prompt scores or None)`` for one patch's logits."""
-        value = self.metric(logits)
-        value = torch.as_tensor(value)
+        value = check_metric_value(self.metric(logits), logits.shape[0])
         per_prompt = None
         if isinstance(self.metric, Metric):
             try:

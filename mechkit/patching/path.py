@@ -27,6 +27,7 @@ from torch import Tensor
 from mechkit.errors import InvalidSiteError, did_you_mean
 from mechkit.patching import engine
 from mechkit.patching.activation import (
+    _choose,
     _clean_and_corrupt,
     _metric_name,
     _progress,
@@ -74,7 +75,10 @@ def path_patch(
             ``k`` and ``v`` in grouped-query models).
         direction: ``"noising"`` (Wang et al.: the clean run is the reference and the sender
             carries its corrupt value) or ``"denoising"`` (the reverse).
-        layers: restrict sender layers (None: all).
+        layers: restrict sender layers (None: all). As in :func:`activation_patch`, ``-1`` is
+            the last layer (negative indices count from the end and are labelled by their
+            positive index); a layer outside ``[-n_layers, n_layers)`` raises
+            :class:`InvalidSiteError`.
         memory_budget, progress: as for :func:`activation_patch`.
 
     Returns:
@@ -214,9 +218,7 @@ def _senders(
             f"Expected senders 'heads', 'mlps', 'all' or a list of Sites; got {senders!r}."
             + did_you_mean(senders, ["heads", "mlps", "all"])
         )
-    layer_list = (
-        list(range(cfg.n_layers)) if layers is None else [int(v) % cfg.n_layers for v in layers]
-    )
+    layer_list = _choose("layers", layers, cfg.n_layers)
     has_mlp = not getattr(cfg, "attn_only", False)
     if senders == "heads":
         cells = [

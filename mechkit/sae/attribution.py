@@ -124,13 +124,13 @@ def _run(model: Any, sae: Any, sites: Any, tokens: Tensor, metric: Any, *, grad:
         logits = model(tokens)
         if not grad:
             return held["f"].detach(), held["err"].detach(), None
-        from mechkit.metrics import Metric
+        from mechkit.metrics import Metric, check_metric_value
 
         if isinstance(metric, Metric):
             per_prompt = metric.per_prompt(logits)
             value = per_prompt.mean()
         else:
-            value = torch.as_tensor(metric(logits))
+            value = check_metric_value(metric(logits), tokens.shape[0])
             per_prompt = value.expand(tokens.shape[0]) if value.ndim == 0 else value
             value = value.mean()
         grad_f, grad_err = torch.autograd.grad(value, [held["f"], held["err"]])

@@ -36,7 +36,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechkit.atomic_io import write_text_atomically
-from mechkit.errors import EmptyDatasetError, InvalidArgumentError, NotFoundError, check_choice
+from mechkit.errors import (
+    EmptyDatasetError,
+    InvalidArgumentError,
+    NotFoundError,
+    check_batch_size,
+    check_choice,
+)
 from mechkit.sae.evaluate import Exclude, _resolve_tokens, _run_until, counted_positions
 from mechkit.sae.splice import as_rows, check_hooks, check_latents, reconstruct, sae_sites
 
@@ -244,12 +250,14 @@ def collect_features(
     check_hooks(model, sites)
     index = check_latents([latents] if isinstance(latents, int) else latents, sites.d_sae)
     assert index is not None
-    if n_contexts <= 0 or window <= 0 or batch_size <= 0 or n_logit_tokens < 0:
+    batch_size = check_batch_size(batch_size)
+    if n_contexts <= 0 or window <= 0 or n_logit_tokens < 0:
         raise InvalidArgumentError(
             f"Expected positive n_contexts, window and batch_size (and n_logit_tokens >= 0); "
             f"got {n_contexts}, {window}, {batch_size}, {n_logit_tokens}."
         )
     tokens, mask = _resolve_tokens(model, tokens, mask)
+    batch_size = batch_size or max(1, tokens.shape[0])  # None: one pass
     counted = counted_positions(model, tokens, exclude=exclude, mask=mask)
     if not bool(counted.any()):
         raise EmptyDatasetError(

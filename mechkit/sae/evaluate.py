@@ -42,7 +42,13 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from mechkit.errors import EmptyDatasetError, InvalidArgumentError, ShapeError, check_choice
+from mechkit.errors import (
+    EmptyDatasetError,
+    InvalidArgumentError,
+    ShapeError,
+    check_batch_size,
+    check_choice,
+)
 from mechkit.hook_scope import hook_scope
 from mechkit.lens.logit_lens import decode_residual
 from mechkit.sae.splice import as_rows, check_hooks, hook_layer, reconstruct, sae_sites
@@ -340,9 +346,9 @@ def evaluate_sae(
     check_choice("exclude", exclude, ["bos", "first", "none"])
     sites = sae_sites(sae)
     check_hooks(model, sites)
+    batch_size = check_batch_size(batch_size)
     tokens, mask = _resolve_tokens(model, tokens, mask)
-    if batch_size <= 0:
-        raise InvalidArgumentError(f"Expected a positive batch_size; got {batch_size}.")
+    batch_size = batch_size or max(1, tokens.shape[0])  # None: one pass
     if not 0 <= dense_threshold <= 1:
         raise InvalidArgumentError(f"Expected dense_threshold in [0, 1]; got {dense_threshold}.")
     counted = counted_positions(model, tokens, exclude=exclude, mask=mask)

@@ -45,6 +45,7 @@ from mechkit.errors import (
     InvalidArgumentError,
     InvalidTypeError,
     SiteNotFoundError,
+    check_batch_size,
     check_choice,
     check_positive_int,
 )
@@ -239,9 +240,7 @@ def _batch_size(setup: _Setup, batch_size: int | None) -> tuple[int, int]:
     from mechkit.metrics import Metric
 
     n_batch = setup.clean_tokens.shape[0]
-    size = batch_size or n_batch
-    if size < 1:
-        raise InvalidArgumentError(f"Expected batch_size >= 1 (or None); got {batch_size}.")
+    size = check_batch_size(batch_size) or n_batch
     if size < n_batch and not isinstance(setup.metric, Metric):
         raise InvalidTypeError(
             "Expected a mechkit Metric (it can be restricted to a batch) when batch_size splits "
@@ -490,6 +489,7 @@ def feature_circuit(
     check_choice("method", method, ["attribution", "ig"])
     check_choice("ablation", ablation, ["corrupt", "mean", "zero"])
     check_positive_int("steps", steps)
+    check_batch_size(batch_size)
     entries = _dictionaries(model, dictionaries)
     setup = _setup(model, clean, corrupt, metric, ablation)
     n_batch, size = _batch_size(setup, batch_size)
@@ -673,6 +673,7 @@ def evaluate_feature_circuit(
         A :class:`FeatureCircuitEvaluation`; the input is never ablated.
     """
     check_choice("ablation", ablation, ["corrupt", "mean", "zero"])
+    check_batch_size(batch_size)
     entries = _dictionaries(model, dictionaries)
     setup = _setup(model, clean, corrupt, metric, ablation)
     many = isinstance(circuits, list) and circuits and not isinstance(circuits[0], str)

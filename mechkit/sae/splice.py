@@ -55,6 +55,7 @@ from mechkit.errors import (
     did_you_mean,
 )
 from mechkit.hook_scope import hook_scope
+from mechkit.tokens import token_batch
 
 __all__ = ["splice", "SpliceHandle", "patch_latents", "sae_sites"]
 
@@ -603,8 +604,9 @@ def patch_latents(
         )
     if hasattr(clean_tokens, "clean_tokens") and corrupt_tokens is None:
         clean_tokens, corrupt_tokens = clean_tokens.clean_tokens, clean_tokens.corrupt_tokens
-    clean = torch.as_tensor(clean_tokens).to(model.cfg.device)
-    corrupt = torch.as_tensor(corrupt_tokens).to(model.cfg.device)
+    # token_batch refuses no prompts, ids outside the vocabulary, prompts longer than n_ctx
+    clean = token_batch(model, clean_tokens)[0].to(model.cfg.device)
+    corrupt = token_batch(model, corrupt_tokens)[0].to(model.cfg.device)
     if clean.ndim != 2 or clean.shape != corrupt.shape:
         raise PromptLengthError(
             f"Expected clean and corrupt token ids of the same shape (batch, pos); got "

@@ -33,11 +33,15 @@ from torch import Tensor
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from mechkit.errors import (
+    ContextLengthError,
+    EmptyDatasetError,
     InvalidArgumentError,
     InvalidSiteError,
     InvalidTypeError,
+    NonFiniteError,
     ShapeError,
     check_choice,
+    check_positive_int,
 )
 from mechkit.hook_scope import hook_scope
 from mechkit.lens.logit_lens import decode_residual
@@ -286,10 +290,29 @@ def generate(
 
     Steps after the first feed one token each, with TransformerLens's key/value cache; the
     hooks know each pass's first column, so positions stay exact.
+
+    Raises:
+        InvalidArgumentError: ``max_new_tokens`` not a positive integer, ``temperature``
+            negative or not finite, ``top_k`` not a positive integer (or None).
+        ContextLengthError: the longest prompt plus ``max_new_tokens`` exceeds ``n_ctx``.
+        NonFiniteError: the (steered) logits stop being finite, usually a steering
+            coefficient far too large; no token is chosen from them.
     """
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:
-        raise InvalidArgumentError("Expected at least one prompt to generate from; got none.")
+        raise EmptyDatasetError("Expected at least one prompt to generate from; got none.")
+    check_positive_int("max_new_tokens", max_new_tokens)
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not 0 <= temperature < float("inf")
+    ):
+        raise InvalidArgumentError(
+            f"Expected temperature to be a finite number >= 0 (0: greedy decoding); got "
+            f"{temperature!r}."
+        )
+    if top_k is not None:
+        check_positive_int("top_k", top_k)
     items = [steering] if isinstance(steering, Steering | SteeringVector) else list(steering)
     steerings = _as_steerings(items, 1.0, "all")
     tokenizer = tokenizer_of(model)
@@ -298,6 +321,14 @@ def generate(
     if any(len(r) == 0 for r in rows):
         raise InvalidArgumentError("Expected non-empty prompts; one encodes to no tokens.")
     width = max(len(r) for r in rows)
+    n_ctx = int(model.cfg.n_ctx)
+    if width + max_new_tokens > n_ctx:
+        raise ContextLengthError(
+            f"Expected the longest prompt plus max_new_tokens to fit the model's context "
+            f"n_ctx={n_ctx}; got {width} + {max_new_tokens} = {width + max_new_tokens} tokens. "
+            f"Hint: generate fewer new tokens (max_new_tokens <= {max(0, n_ctx - width)}) or "
+            "shorten the prompt."
+        )
     device = model.cfg.device
     tokens = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -310,7 +341,7 @@ def generate(
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(rows))
     step_input, step_mask = tokens, mask
     with _steered(model, steerings, layout):
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             resid = model(
                 step_input,
                 attention_mask=step_mask,
@@ -318,6 +349,14 @@ def generate(
                 stop_at_layer=model.cfg.n_layers,  # all blocks; the head below, last column only
             )
             logits = decode_residual(model, resid[:, -1]).float().cpu()
+            if not bool(torch.isfinite(logits).all()):
+                rows_bad = (~torch.isfinite(logits).all(-1)).nonzero()[:, 0].tolist()
+                raise NonFiniteError(
+                    f"Expected finite logits at every generation step; at step {step} (new token "
+                    f"{step + 1} of {max_new_tokens}) the logits of prompt(s) {rows_bad} hold inf "
+                    "or NaN, so no token can be chosen. Hint: the steering coefficient is far "
+                    "too large (try one of the order of the residual norm, e.g. 1 to 20)."
+                )
             layout.offset += step_input.shape[1]
             if temperature == 0:
                 next_token = logits.argmax(-1)

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechkit.errors import InvalidArgumentError, ShapeError, check_choice
+from mechkit.errors import EmptyDatasetError, InvalidArgumentError, ShapeError, check_choice
 from mechkit.steering.apply import Generations, Steering, _Layout, _steered, generate
 from mechkit.steering.vectors import SteeringVector
-from mechkit.tokens import encode, pad_right, tokenize_answer, tokenizer_of
+from mechkit.tokens import check_tokens, encode, pad_right, tokenize_answer, tokenizer_of
 
 __all__ = [
     "TokenProbability",
@@ -44,7 +44,8 @@ def _next_token_logits(model: Any, prompts: Sequence[str], steerings: list[Steer
     rows = [encode(model, p) for p in prompts]
     tokenizer = tokenizer_of(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    tokens, mask = pad_right(rows, pad)
+    tokens, mask = pad_right(rows, pad)  # EmptyDatasetError on no prompts
+    check_tokens(model, tokens, mask)
     tokens = tokens.to(model.cfg.device)
     last = mask.sum(-1) - 1
     with torch.no_grad(), _steered(model, steerings, _Layout()):
@@ -253,6 +254,12 @@ def steering_sweep(
             f"{tuple(cost_tokens.shape)}. Hint: mk.corpus_tokens(model, seq_len=64, "
             "split='test')."
         )
+    if cost_tokens.shape[0] == 0:
+        raise EmptyDatasetError(
+            "Expected at least one held-out cost sequence; got none. Hint: mk.corpus_tokens("
+            "model, seq_len=64, split='test')."
+        )
+    check_tokens(model, cost_tokens)
     with torch.no_grad():
         reference = model(cost_tokens).float().log_softmax(-1)
     _, baseline_loss = _cost(model, cost_tokens, reference, [])

@@ -51,6 +51,7 @@ from mechkit.errors import (
     PromptLengthError,
     ShapeError,
     UnknownKindError,
+    check_batch_size,
     did_you_mean,
 )
 from mechkit.interventions import capture
@@ -361,9 +362,9 @@ def _check_position(position: Any) -> None:
         )
 
 
-def _check_batch_size(batch_size: Any) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ShapeError(f"Expected batch_size to be a positive int; got {batch_size!r}.")
+def _check_batch_size(batch_size: Any, n_prompts: int) -> int:
+    """Prompts per pass: ``check_batch_size``, None meaning all prompts in one pass."""
+    return check_batch_size(batch_size) or max(1, n_prompts)
 
 
 def _model_name(model: Any) -> str:
@@ -415,7 +416,7 @@ def activations_at(
     prompts = _check_prompts(prompts, "prompts")
     resolved = _resolve_site(model, site, layer)
     _check_position(position)
-    _check_batch_size(batch_size)
+    batch_size = _check_batch_size(batch_size, len(prompts))
     rows = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]

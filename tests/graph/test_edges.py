@@ -282,3 +282,22 @@ def test_out_of_memory_splits_prompts_and_circuits(toy, toy_runs, monkeypatch):
     torch.testing.assert_close(split.scores, whole.scores, atol=1e-5, rtol=0)
     torch.testing.assert_close(exact_split.scores, exact_whole.scores, atol=1e-5, rtol=0)
     assert split.ablated_score == pytest.approx(whole.ablated_score, abs=1e-6)
+
+
+def test_metric_vector_of_the_wrong_length_raises_shape_error_not_averaged(toy, toy_runs):
+    clean, corrupt = toy_runs
+    n = clean.shape[0]
+
+    def too_many(logits):  # n + 1 values for n prompts
+        return toy_metric(logits).expand(n + 1)
+
+    for method in ("eap", "exact"):
+        with pytest.raises(mk.ShapeError, match="one value per prompt"):
+            mk.edge_attribution(toy, clean, corrupt, too_many, method=method, progress=False)
+
+    def per_prompt(logits):  # one value per prompt is averaged, as a scalar metric
+        return logits[:, -1, 3] - logits[:, -1, 8]
+
+    a = mk.edge_attribution(toy, clean, corrupt, per_prompt, progress=False)
+    b = mk.edge_attribution(toy, clean, corrupt, lambda lg: per_prompt(lg).mean(), progress=False)
+    assert torch.allclose(a.scores, b.scores, atol=1e-6)

@@ -220,3 +220,24 @@ def test_toy_previous_token_head_feeds_the_induction_heads_keys(toy):
     assert int(drop.argmax()) == int(previous_token)
     assert float(drop.max()) > 0.5 * (result.clean_score - result.corrupt_score)
     assert torch.equal(result.scores[1], torch.full((4,), result.clean_score))
+
+
+def test_path_patch_layer_outside_the_model_is_refused_not_wrapped(toy):
+    """layers=[5] on a 2-layer model once returned layer 1's scores (5 % 2); negative indices
+    count from the end, as in activation_patch."""
+    generator = torch.Generator().manual_seed(1)
+    clean = torch.randint(1, 500, (2, 6), generator=generator)
+    corrupt = clean.clone()
+    corrupt[:, 1] = torch.randint(1, 500, (2,), generator=generator)
+    pairs = mk.PromptPairs.from_tokens(clean, corrupt, [3, 4], [5, 6])
+    for bad in ([5], [2], [-3], [0, 7]):
+        with pytest.raises(mk.InvalidSiteError, match=r"layers in \[0, 2\)"):
+            mk.path_patch(toy, pairs, layers=bad, progress=False)
+        with pytest.raises(mk.InvalidSiteError, match=r"layers in \[0, 2\)"):
+            mk.activation_patch(toy, pairs, layers=bad, progress=False)
+    last = mk.path_patch(toy, pairs, layers=[-1], progress=False)
+    one = mk.path_patch(toy, pairs, layers=[1], progress=False)
+    assert last.labels["layer"] == one.labels["layer"] == [1]
+    assert torch.equal(last.scores, one.scores)
+    whole = mk.path_patch(toy, pairs, progress=False)
+    assert torch.equal(one.scores[0], whole.scores[1])

@@ -144,3 +144,53 @@ def test_unsteered_greedy_generation_equals_transformer_lens_generate(smollm2):
         PROMPTS[1], max_new_tokens=8, do_sample=False, verbose=False, return_type="tokens"
     )
     assert ours.tokens[0].tolist() == theirs[0, -8:].tolist()
+
+
+@pytest.mark.parametrize("coefficient", [float("inf"), 1e38])
+def test_generate_with_non_finite_logits_raises_instead_of_emitting_token_0(
+    smollm2, vector, coefficient
+):
+    """Greedy decoding once took argmax of NaN logits: token 0, silently, at every step."""
+    with pytest.raises(mk.NonFiniteError, match=r"step 0 .*steering coefficient"):
+        mk.generate(
+            smollm2,
+            PROMPTS[:1],
+            steering=mk.Steering(vector, coefficient),
+            max_new_tokens=2,
+            temperature=0,
+        )
+    assert hook_count(smollm2) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_new_tokens": -3}, "max_new_tokens"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+    ],
+)
+def test_generate_bad_max_new_tokens_temperature_or_top_k_is_refused(smollm2, kwargs, match):
+    with pytest.raises(mk.InvalidArgumentError, match=match):
+        mk.generate(smollm2, PROMPTS[:1], **kwargs)
+
+
+def test_generate_past_the_context_raises_context_length_error(smollm2, monkeypatch):
+    """Generation past n_ctx once failed deep inside attention with a tensor-size error. A
+    small n_ctx on the config stands for a short context (SmolLM2's own, 8192, would take
+    thousands of steps to reach on the old code)."""
+    monkeypatch.setattr(smollm2.cfg, "n_ctx", 16)
+    n_prompt = len(smollm2.tokenizer.encode(PROMPTS[0], add_special_tokens=False))
+    n_prompt += int(bool(smollm2.cfg.default_prepend_bos))
+    assert n_prompt < 16
+    with pytest.raises(mk.ContextLengthError, match="fewer new tokens") as err:
+        mk.generate(smollm2, PROMPTS[:1], max_new_tokens=16 - n_prompt + 1, temperature=0)
+    assert f"max_new_tokens <= {16 - n_prompt}" in str(err.value)
+    assert len(mk.generate(smollm2, PROMPTS[:1], max_new_tokens=16 - n_prompt).tokens[0]) == (
+        16 - n_prompt
+    )
+    with pytest.raises(mk.EmptyDatasetError):
+        mk.generate(smollm2, [])

@@ -65,3 +65,12 @@ def test_samples_table_and_plot(sweep):
     assert list(table.columns) == ["prompt", "unsteered", "L8 x4"]
     fig = result.plot()
     assert len(fig.data) == 2  # one line per layer
+
+
+def test_measures_refuse_empty_prompt_lists(smollm2):
+    with pytest.raises(mk.EmptyDatasetError):
+        mk.TokenProbability((), " good")(smollm2, [], 0)
+    with pytest.raises(mk.EmptyDatasetError):
+        mk.LogitDifference((), " good", " bad")(smollm2, [], 0)
+    with pytest.raises(mk.EmptyDatasetError):
+        mk.WordShare((), ("good",))(smollm2, [], 0)
