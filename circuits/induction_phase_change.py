@@ -74,7 +74,8 @@ import torch
 from torch import Tensor
 
 import mechkit as mk
-from circuits.induction import per_token_loss
+
+from .induction import per_token_loss
 
 __all__ = [
     "PhaseChangeConfig",
