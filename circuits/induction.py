@@ -35,7 +35,8 @@ minus loss at token 50) when, and because, induction heads form.
     >>> report.previous_token_heads[0]            # (0, 2): the layer-0 head their keys read
     >>> report.to_html("reports/induction/index.html")
 
-CLI: ``python -m circuits.induction --model smollm2-135m --out reports/induction``.
+CLI: ``mechkit reproduce induction --model smollm2-135m --out reports/induction`` (from a
+checkout also ``python -m circuits.induction ...``).
 """
 
 from __future__ import annotations

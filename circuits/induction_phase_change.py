@@ -51,6 +51,7 @@ from the held-out documents, fixed seed):
   distinct random tokens) and which head it is.
 
     python -m circuits.induction_phase_change            # writes the .json and .png beside it
+    mechkit reproduce induction_phase_change --out DIR   # installed: give a folder to write
 
 writes ``circuits/induction_phase_change.json`` (config, curves, summary, notes, the run's wall
 time and machine load) and the figure ``circuits/induction_phase_change.png`` (loss, ICL score
