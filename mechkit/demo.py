@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -384,7 +385,16 @@ def registered_sections() -> tuple[DemoSection, ...]:
 
     sections: list[DemoSection] = []
     for point in sorted(entry_points(group=SECTION_GROUP), key=lambda p: p.name):
-        sections.extend(point.load())
+        try:
+            sections.extend(point.load())
+        except ImportError as exc:  # registered by a stale install: say so, write the rest
+            print(
+                f"[mechkit demo] skipped the sections registered as {point.value!r}, which "
+                f"cannot be imported ({exc}). Hint: reinstall the package that registers them "
+                "(`pip install -e .` in a checkout of mechkit).",
+                file=sys.stderr,
+                flush=True,
+            )
     return tuple(sections)
 
 
@@ -404,6 +414,13 @@ def run_demo(
     """
     import inspect
 
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    print(f"[mechkit demo] loading {model_name} ...", flush=True)
+    model = load_model(model_name)
+    info = model_info(model)
+    print(f"[mechkit demo] loaded in {info.load_seconds:.1f} s (from cache: {info.from_cache})")
     missing = ""
     if sections is None:
         extra = registered_sections()
@@ -417,13 +434,6 @@ def run_demo(
             )
             print(f"[mechkit demo] {missing}", flush=True)
             missing = f"<p><b>{html.escape(missing)}</b></p>"
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    print(f"[mechkit demo] loading {model_name} ...", flush=True)
-    model = load_model(model_name)
-    info = model_info(model)
-    print(f"[mechkit demo] loaded in {info.load_seconds:.1f} s (from cache: {info.from_cache})")
     body = []
     for title, section in sections:
         t0 = time.perf_counter()

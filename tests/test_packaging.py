@@ -118,3 +118,31 @@ def test_reproduce_names_a_typo_and_a_missing_registration(monkeypatch, capsys):
     _register(monkeypatch, {})
     assert main(["reproduce", "ioi"]) == 2
     assert "none is registered" in capsys.readouterr().err
+
+
+def _sections_registered(monkeypatch, points: dict[str, str]) -> None:
+    group = "mechkit.demo_sections"
+    found = [EntryPoint(name=n, value=v, group=group) for n, v in points.items()]
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: found)
+
+
+def test_demo_adds_the_registered_sections_and_skips_a_broken_registration(monkeypatch, capsys):
+    from circuits.demo import SECTIONS
+    from mechkit.demo import registered_sections
+
+    _sections_registered(
+        monkeypatch, {"reproductions": "circuits.demo:SECTIONS", "stale": "no_such_pkg.demo:X"}
+    )
+    assert registered_sections() == SECTIONS
+    err = capsys.readouterr().err
+    assert "skipped the sections registered as 'no_such_pkg.demo:X'" in err and "pip install" in err
+
+
+def test_demo_without_reproductions_says_how_to_install_them(monkeypatch, tmp_path):
+    import mechkit.demo as demo
+
+    _sections_registered(monkeypatch, {})
+    monkeypatch.setattr(demo, "SECTIONS", demo.SECTIONS[:1])  # the model card only
+    page = demo.run_demo(tmp_path, "attn-only-2l").read_text()
+    assert "<h2>Model</h2>" in page
+    assert "The paper reproductions are not installed" in page and "pip install -e ." in page
