@@ -25,7 +25,8 @@ Method (both settings): the metric on clean and corrupt ("01") prompts; activati
 (denoising) of every head's output and every MLP's output; attribution patching beside it; the
 edge graph (EAP-IG) and its faithfulness at several sizes.
 
-    python -m circuits.greater_than --model smollm2-135m --out reports/greater_than
+    mechkit reproduce greater_than --model smollm2-135m --out reports/greater_than
+    python -m circuits.greater_than ...    # the same from a checkout
 """
 
 from __future__ import annotations

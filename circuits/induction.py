@@ -35,7 +35,8 @@ minus loss at token 50) when, and because, induction heads form.
     >>> report.previous_token_heads[0]            # (0, 2): the layer-0 head their keys read
     >>> report.to_html("reports/induction/index.html")
 
-CLI: ``python -m circuits.induction --model smollm2-135m --out reports/induction``.
+CLI: ``mechkit reproduce induction --model smollm2-135m --out reports/induction`` (from a
+checkout also ``python -m circuits.induction ...``).
 """
 
 from __future__ import annotations
@@ -718,15 +719,26 @@ def _ablated_loss(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m circuits.induction --model smollm2-135m --out reports/induction``."""
+    """``mechkit reproduce induction --model smollm2-135m --out reports/induction`` (from a
+    checkout also ``python -m circuits.induction ...``)."""
     parser = argparse.ArgumentParser(description="Induction heads (Olsson et al. 2022).")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", type=Path, default=Path("reports/induction"))
     parser.add_argument("--device", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompts", type=int, default=16, help="repeated-token sequences")
+    parser.add_argument(
+        "--icl-sequences", type=int, default=16, help="held-out text sequences for the ICL score"
+    )
     args = parser.parse_args(argv)
     model = mk.load_model(args.model, device=args.device)
-    report = reproduce(model, seed=args.seed, progress=True)
+    report = reproduce(
+        model,
+        n_prompts=args.prompts,
+        icl_sequences=args.icl_sequences,
+        seed=args.seed,
+        progress=True,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     report.to_json(args.out / "induction.json")
     page = report.to_html(args.out / "index.html")

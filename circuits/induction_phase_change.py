@@ -51,6 +51,7 @@ from the held-out documents, fixed seed):
   distinct random tokens) and which head it is.
 
     python -m circuits.induction_phase_change            # writes the .json and .png beside it
+    mechkit reproduce induction_phase_change --out DIR   # installed: give a folder to write
 
 writes ``circuits/induction_phase_change.json`` (config, curves, summary, notes, the run's wall
 time and machine load) and the figure ``circuits/induction_phase_change.png`` (loss, ICL score
@@ -74,7 +75,8 @@ import torch
 from torch import Tensor
 
 import mechkit as mk
-from circuits.induction import per_token_loss
+
+from .induction import per_token_loss
 
 __all__ = [
     "PhaseChangeConfig",

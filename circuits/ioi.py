@@ -25,7 +25,8 @@ model mechkit loads, step by step, with mechkit's public API only:
    completeness (ablating a class from the circuit and from the model should hurt alike) and
    minimality (each head's own contribution inside the circuit).
 
-    python -m circuits.ioi --model smollm2-135m --out reports/ioi --prompts 32
+    mechkit reproduce ioi --model smollm2-135m --out reports/ioi --prompts 32
+    python -m circuits.ioi ...    # the same from a checkout
 
 GPT-2 small's published figures (``PAPER_GPT2``) are kept as data; with ``--model gpt2`` (its
 weights on disk or from the hub) the report shows ours beside the paper's.

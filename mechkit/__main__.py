@@ -1,10 +1,11 @@
-"""Command line: ``mechkit demo``, ``mechkit tuned-lens``, ``mechkit sweep`` (also
-``python -m mechkit ...``)."""
+"""Command line: ``mechkit demo``, ``mechkit tuned-lens``, ``mechkit sweep``, ``mechkit
+reproduce`` (also ``python -m mechkit ...``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from mechkit.errors import MechkitError
 
@@ -31,6 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     lens.add_argument("--lr", type=float, default=1e-3)
     lens.add_argument("--eval-sequences", type=int, default=32)
     _add_sweep_parser(commands)
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="run a paper reproduction's command line (see `mechkit reproduce NAME --help`)",
+        description="Run the command line of a paper reproduction registered under the "
+        f"entry-point group {REPRODUCTIONS!r}; the arguments after NAME go to it. Installed: "
+        f"{', '.join(_reproductions()) or 'none'}.",
+    )
+    reproduce.add_argument("name", help="the reproduction, e.g. ioi, induction, greater_than")
+    reproduce.add_argument("args", nargs=argparse.REMAINDER, help="its own arguments")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -41,10 +51,39 @@ def main(argv: list[str] | None = None) -> int:
             _tuned_lens(args)
         elif args.command == "sweep":
             return _sweep(args)
+        elif args.command == "reproduce":
+            return _reproduce(args.name, args.args)
     except MechkitError as exc:
         print(f"mechkit: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+REPRODUCTIONS = "mechkit.reproductions"
+
+
+def _reproductions() -> dict[str, Any]:
+    """The registered reproductions' entry points by name (nothing is imported)."""
+    from importlib.metadata import entry_points
+
+    return {point.name: point for point in entry_points(group=REPRODUCTIONS)}
+
+
+def _reproduce(name: str, argv: list[str]) -> int:
+    """Load reproduction ``name``'s ``main`` through its entry point and run it on ``argv``."""
+    from mechkit.errors import InvalidArgumentError, check_choice
+
+    points = _reproductions()
+    if not points:
+        raise InvalidArgumentError(
+            f"Expected a paper reproduction registered under the entry-point group "
+            f"{REPRODUCTIONS!r}; got {name!r}, and none is registered. Hint: the reproductions "
+            "ship in mechkit's wheel as mechkit_circuits; in a checkout run `pip install -e .` "
+            "to register them, or `python -m circuits.NAME`."
+        )
+    check_choice("the reproduction", name, sorted(points))
+    code = points[name].load()(argv)
+    return 0 if code is None else int(code)
 
 
 def _tuned_lens(args: argparse.Namespace) -> None:

@@ -1,28 +1,46 @@
 """The main job behind ``make demo``: run mechkit's analyses on a model and write a report.
 
 The report is a folder with ``index.html`` linking each section's figures (plotly HTML sharing
-one ``plotly.min.js`` in the folder, so the report opens offline) and tables (CSV). Sections:
-the model card, next-token predictions, the logit lens, direct logit attribution on IOI
-prompts, attention-head detection, activation and path patching on IOI prompts, attribution
-patching and the IOI circuit graph with its faithfulness curve, a steering sweep (effect
-against cost, with sampled generations), the IOI, induction and greater-than reproductions,
-the shipped SAE's evaluation and feature browser, and an IOI sparse feature circuit over the
-shipped SAEs and transcoder. Each section is timed.
+one ``plotly.min.js`` in the folder, so the report opens offline) and tables (CSV). mechkit's
+own sections: the model card, next-token predictions, the logit lens, direct logit attribution
+on IOI prompts, attention-head detection, activation and path patching on IOI prompts,
+attribution patching and the IOI circuit graph with its faithfulness curve, a steering sweep
+(effect against cost, with sampled generations), and the shipped SAE's evaluation and feature
+browser. Then every section registered under the entry-point group ``mechkit.demo_sections``
+(each entry point names a sequence of ``(title, section)``): the paper reproductions
+(``mechkit_circuits``, the repository's ``circuits/``) register the IOI, induction and
+greater-than reproductions and an IOI sparse feature circuit over the shipped SAEs and
+transcoder. mechkit never imports them itself. Each section is timed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import html
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from mechkit.atomic_io import write_atomically, write_text_atomically
 from mechkit.models import load_model, model_info
 
-__all__ = ["DEMO_PROMPTS", "IOI_PAIRS", "run_demo"]
+__all__ = [
+    "DEMO_PROMPTS",
+    "IOI_PAIRS",
+    "SECTIONS",
+    "DemoSection",
+    "figure_link",
+    "html_table",
+    "registered_sections",
+    "run_demo",
+]
+
+# A section: its title, and a function (model, out folder[, quick=...]) -> the section's HTML.
+# A section that takes ``quick`` gets the demo's quick flag (fewer prompts).
+DemoSection = tuple[str, Callable[..., str]]
+SECTION_GROUP = "mechkit.demo_sections"
 
 DEMO_PROMPTS = (
     "When Mary and John went to the store, John gave a drink to",
@@ -61,14 +79,16 @@ IOI_PAIRS = (
 )
 
 
-def _figure(out: Path, name: str, fig: Any) -> str:
+def figure_link(out: Path, name: str, fig: Any) -> str:
+    """Write plotly ``fig`` to ``out/name`` and return an HTML link to it."""
     # "directory": the page loads plotly.min.js from its folder (written beside it once), so
     # the report opens offline without each figure carrying 4 MB of JavaScript.
     write_atomically(out / name, lambda tmp: fig.write_html(tmp, include_plotlyjs="directory"))
     return f'<a href="{name}">{html.escape(name)}</a>'
 
 
-def _table(rows: list[list[Any]], header: list[str]) -> str:
+def html_table(rows: list[list[Any]], header: list[str]) -> str:
+    """An HTML table of ``rows`` under ``header``, every cell escaped."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
@@ -88,7 +108,7 @@ def _model_card(model: Any, out: Path) -> str:
         **{k: v for k, v in dataclasses.asdict(info).items() if k != "processing"},
         "processing": ", ".join(f"{k}={v}" for k, v in info.processing.as_dict().items()),
     }
-    return _table([[k, v] for k, v in card.items()], ["property", "value"])
+    return html_table([[k, v] for k, v in card.items()], ["property", "value"])
 
 
 def _predictions(model: Any, out: Path) -> str:
@@ -96,7 +116,7 @@ def _predictions(model: Any, out: Path) -> str:
 
     preds = predict_next_tokens(model, list(DEMO_PROMPTS), k=5)
     preds.to_dataframe().to_csv(out / "next_tokens.csv", index=False)
-    link = _figure(out, "next_tokens.html", preds.plot())
+    link = figure_link(out, "next_tokens.html", preds.plot())
     rows = []
     for i, prompt in enumerate(preds.prompts):
         cells = zip(preds.tokens[i], preds.probs[i].tolist(), strict=True)
@@ -104,7 +124,7 @@ def _predictions(model: Any, out: Path) -> str:
     return (
         f"<p>Top 5 next tokens and their probabilities ({link}, "
         '<a href="next_tokens.csv">CSV</a>).</p>'
-        + _table(rows, ["prompt", "1", "2", "3", "4", "5"])
+        + html_table(rows, ["prompt", "1", "2", "3", "4", "5"])
     )
 
 
@@ -113,8 +133,8 @@ def _logit_lens(model: Any, out: Path) -> str:
 
     clean, _, answer, _ = IOI_PAIRS[0]
     lens = logit_lens(model, clean, targets=[answer])
-    grid = _figure(out, "logit_lens.html", lens.plot())
-    rank = _figure(out, "logit_lens_answer_rank.html", lens.plot_target(0, value="rank"))
+    grid = figure_link(out, "logit_lens.html", lens.plot())
+    rank = figure_link(out, "logit_lens_answer_rank.html", lens.plot_target(0, value="rank"))
     ranks = lens.target_ranks[:, 0, -1, 0].tolist()
     first = next((i for i, r in enumerate(ranks) if r == 0), None)
     where = lens.layer_labels[first] if first is not None else "never"
@@ -134,13 +154,13 @@ def _dla(model: Any, out: Path) -> str:
     pairs = PromptPairs.from_lists(model, clean, corrupt, answers, wrongs, aligned=False)
     dla = direct_logit_attribution(model, pairs)
     dla.to_dataframe().to_csv(out / "dla.csv", index=False)
-    link = _figure(out, "dla.html", dla.plot())
+    link = figure_link(out, "dla.html", dla.plot())
     rows = [[label, f"{value:+.3f}"] for label, value in dla.top(10)]
     return (
         f"<p>Direct contribution of every head, MLP and bias to logit(IO) - logit(S) on "
         f"{len(pairs)} IOI prompts (final-norm scale frozen; the parts sum to the model's logit "
         f"difference, mean {float(dla.total.mean()):.2f}): {link}, "
-        '<a href="dla.csv">CSV</a>.</p>' + _table(rows, ["part", "mean contribution"])
+        '<a href="dla.csv">CSV</a>.</p>' + html_table(rows, ["part", "mean contribution"])
     )
 
 
@@ -150,7 +170,7 @@ def _heads(model: Any, out: Path) -> str:
     parts = []
     for kind in ("previous_token", "induction", "duplicate_token"):
         scores = detect_heads(model, kind)
-        link = _figure(out, f"heads_{kind}.html", scores.plot())
+        link = figure_link(out, f"heads_{kind}.html", scores.plot())
         top = ", ".join(f"{label} ({score:.2f})" for label, score in scores.top(5))
         parts.append(f"<li><b>{kind}</b>: {link}; top heads {html.escape(top)}</li>")
     return "<ul>" + "".join(parts) + "</ul>"
@@ -167,14 +187,14 @@ def _patching(model: Any, out: Path) -> str:
     heads = activation_patch(model, pairs, site="z", progress=False).normalized()
     resid.to_dataframe().to_csv(out / "patch_resid_pre.csv", index=False)
     heads.to_dataframe().to_csv(out / "patch_heads.csv", index=False)
-    resid_link = _figure(out, "patch_resid_pre.html", resid.plot())
-    heads_link = _figure(out, "patch_heads.html", heads.plot())
+    resid_link = figure_link(out, "patch_resid_pre.html", resid.plot())
+    heads_link = figure_link(out, "patch_heads.html", heads.plot())
     top = heads.top(3)
     receivers = [Site("q", layer=w["layer"], head=w["head"]) for w, _ in top[:2]]
     path = path_patch(model, pairs, senders="heads", receivers=receivers, progress=False)
     path = path.normalized()
     path.to_dataframe().to_csv(out / "path_patch.csv", index=False)
-    path_link = _figure(out, "path_patch.html", path.plot())
+    path_link = figure_link(out, "path_patch.html", path.plot())
     rows = [[f"L{w['layer']}H{w['head']}", f"{v:+.3f}"] for w, v in top]
     path_rows = [[f"L{w['layer']}H{w['head']}", f"{v:+.3f}"] for w, v in path.top(5)]
     names = ", ".join(r.label for r in receivers)
@@ -184,11 +204,11 @@ def _patching(model: Any, out: Path) -> str:
         f"one). Residual stream by layer and position: {resid_link} "
         '(<a href="patch_resid_pre.csv">CSV</a>); each head\'s output at all positions: '
         f'{heads_link} (<a href="patch_heads.csv">CSV</a>).</p>'
-        + _table(rows, ["head", "normalized score"])
+        + html_table(rows, ["head", "normalized score"])
         + f"<p>Path patching (noising, Wang et al.): every head as a sender into the queries of "
         f"{html.escape(names)}, the two heads above; a drop below 1 means the head feeds them "
         f'what they need: {path_link} (<a href="path_patch.csv">CSV</a>).</p>'
-        + _table(path_rows, ["sender", "normalized score"])
+        + html_table(path_rows, ["sender", "normalized score"])
     )
 
 
@@ -201,7 +221,7 @@ def _circuit(model: Any, out: Path) -> str:
     pairs = PromptPairs.from_lists(model, clean, corrupt, answers, wrongs)
     cmp = compare_attribution(model, pairs, site="z", progress=False)
     cmp.to_dataframe().to_csv(out / "attribution_vs_patching.csv", index=False)
-    cmp_link = _figure(out, "attribution_vs_patching.html", cmp.plot())
+    cmp_link = figure_link(out, "attribution_vs_patching.html", cmp.plot())
     worst = [[f"L{c['layer']}H{c['head']}", f"{e:+.3f}", f"{r:+.3f}"] for c, e, r in cmp.worst(3)]
     graphs = [
         edge_attribution(model, pairs, method=method, steps=5, progress=False)
@@ -210,12 +230,12 @@ def _circuit(model: Any, out: Path) -> str:
     sizes = [30, 100, 300, 1000, 3000, 10000]
     curve = faithfulness_curve(model, graphs, pairs, sizes=sizes)
     curve.to_dataframe().to_csv(out / "faithfulness.csv", index=False)
-    curve_link = _figure(out, "faithfulness.html", curve.plot())
+    curve_link = figure_link(out, "faithfulness.html", curve.plot())
     circuit = graphs[1].greedy(150).prune()
     circuit.save(out / "ioi_circuit.json")
     (out / "ioi_circuit.dot").write_text(circuit.to_dot())
     (out / "ioi_circuit.svg").write_text(circuit.to_svg())
-    graph_link = _figure(out, "ioi_circuit.html", circuit.plot())
+    graph_link = figure_link(out, "ioi_circuit.html", circuit.plot())
     frame = curve.to_dataframe()
     rows = [
         [str(size)]
@@ -229,88 +249,17 @@ def _circuit(model: Any, out: Path) -> str:
         f"output on the {len(pairs)} IOI pairs: Pearson r {cmp.pearson:.3f}, Spearman "
         f"{cmp.spearman:.3f} on normalized scores: {cmp_link} "
         '(<a href="attribution_vs_patching.csv">CSV</a>). Worst estimates:</p>'
-        + _table(worst, ["head", "attribution", "activation patching"])
+        + html_table(worst, ["head", "attribution", "activation patching"])
         + f"<p>Edge attribution over all {graphs[0].layout.n_edges} edges of the graph (input, "
         "every head's q/k/v inputs, every MLP, the logits) with EAP and EAP-IG (5 steps on the "
         "input embeddings), and the normalized faithfulness of each method's top-n edges, every "
         f"other edge carrying its corrupt-run value: {curve_link} "
         '(<a href="faithfulness.csv">CSV</a>).</p>'
-        + _table(rows, ["edges", *curve.methods])
+        + html_table(rows, ["edges", *curve.methods])
         + f"<p>A circuit grown greedily from the logits (EAP-IG scores, 150 edges, pruned to "
         f"{circuit.n_edges}): {graph_link}, "
         '<a href="ioi_circuit.svg">SVG</a>, <a href="ioi_circuit.dot">Graphviz DOT</a>, '
         f'<a href="ioi_circuit.json">JSON</a>. Heads in it: {html.escape(", ".join(heads))}.</p>'
-    )
-
-
-# The paper reproductions live in the top-level ``circuits`` package (built on mechkit's public
-# API); the demo imports them inside each section.
-
-
-def _ioi(model: Any, out: Path, quick: bool = False) -> str:
-    from circuits import ioi
-
-    n_prompts, n_path = (8, 4) if quick else (16, 8)
-    report = ioi.reproduce(model, n_prompts=n_prompts, n_path_prompts=n_path)
-    report.write(out / "ioi")
-    rows = [
-        [kind, ", ".join(report.heads(kind)) or "none found", ", ".join(heads)]
-        for kind, heads in [*ioi.PAPER_GPT2["classes"].items(), ("other direct", ["-"])]
-    ]
-    return (
-        f"<p>Wang et al.'s method on {n_prompts} prompts of the paper's 15 templates (report: "
-        '<a href="ioi/index.html">ioi/index.html</a>, with the path-patching figures, the '
-        'circuit drawn as a graph and <a href="ioi/ioi.json">every number</a>). Logit '
-        f"difference {report.logit_diff:.2f} (GPT-2 in the paper: 3.56), IO over S "
-        f"{report.io_over_s:.0%}; the circuit's faithfulness with every other head "
-        f"mean-ablated over p_ABC: {report.faithfulness:.0%} (GPT-2: 87%).</p>"
-        + _table(rows, ["class", "heads found here (layer.head)", "GPT-2 small (paper)"])
-    )
-
-
-def _induction(model: Any, out: Path, quick: bool = False) -> str:
-    from circuits import induction
-
-    sizes = {"n_prompts": 8, "icl_sequences": 4} if quick else {}
-    report = induction.reproduce(model, **sizes)
-    report.to_html(out / "induction" / "index.html")
-    data = report.to_dict()
-    heads = ", ".join(f"{h['head']} ({h['prefix_matching']:.2f})" for h in data["induction_heads"])
-    feeding = ", ".join(h["head"] for h in data["previous_token_heads"]) or "none found"
-    rows = [
-        [name, *(f"{values.get(kind, float('nan')):+.2f}" for kind in ("zero", "mean"))]
-        for name, values in report.ablation_summary().items()
-    ]
-    icl = report.icl.score
-    return (
-        "<p>Olsson et al.: prefix-matching and copying scores of every head, the in-context "
-        "learning score, path patching into the induction heads' keys, and ablations (report: "
-        '<a href="induction/index.html">induction/index.html</a>). Induction heads (prefix '
-        f"matching): {html.escape(heads)}; previous-token heads feeding them: "
-        f"{html.escape(feeding)}; in-context-learning score "
-        f"{'n/a' if icl is None else f'{icl:+.2f} nats'}.</p>"
-        + _table(rows, ["heads ablated", "loss increase, zero ablation", "mean ablation"])
-    )
-
-
-def _greater_than(model: Any, out: Path, quick: bool = False) -> str:
-    from circuits import greater_than
-
-    n_prompts = 6 if quick else 16
-    report = greater_than.reproduce(model, n_prompts=n_prompts)
-    report.write(out / "greater_than")
-    note = (
-        "SmolLM2's tokenizer writes years digit by digit, so the paper's two-digit metric does "
-        "not exist for it; the metric here reads the tens digit (p(later) - p(earlier))."
-        if report.mode == "one-digit"
-        else "The paper's two-digit metric."
-    )
-    return (
-        f"<p>Hanna et al.'s prompts ({n_prompts}; report: "
-        '<a href="greater_than/index.html">greater_than/index.html</a>). '
-        f"{html.escape(note)} Probability difference {report.clean_score:.0%}, after the "
-        f'"01" corruption {report.corrupt_score:.0%}. Heads that restore it most: '
-        f"{', '.join(report.top_heads(5))}; MLPs: {report.top_mlps()}.</p>"
     )
 
 
@@ -320,10 +269,9 @@ def _features(model: Any, out: Path) -> str:
     from mechkit.sae.browser import feature_browser
     from mechkit.sae.evaluate import evaluate_sae
 
-    folder = Path(__file__).parent / "sae" / "trained" / "smollm2-135m-res12-topk"
-    if getattr(model.cfg, "model_name", "") != "smollm2-135m" or not folder.is_dir():
+    if getattr(model.cfg, "model_name", "") != "smollm2-135m":
         return "<p>Skipped: the shipped SAE is for smollm2-135m.</p>"
-    sae = load_sae(folder)
+    sae = load_sae("smollm2-135m-res12-topk")  # shipped inside mechkit
     tokens = corpus_tokens(model, seq_len=128, split="test", max_sequences=8)
     ev = evaluate_sae(model, sae, tokens, progress=False)
     # latents by firing frequency (from the evaluation, position 0 left out): frequent, not the
@@ -343,99 +291,7 @@ def _features(model: Any, out: Path) -> str:
         f"{html.escape(sae.cfg.hook_name)}; trained by "
         "<code>python -m mechkit.sae.recipes.train_smollm2_topk</code>), evaluated on "
         f"{tokens.numel()} held-out tokens, and a feature browser for 8 of its latents: "
-        '<a href="features.html">features.html</a>.</p>' + _table(rows, ["figure", "value"])
-    )
-
-
-FEATURE_CIRCUIT_SAES = {
-    "r6": "smollm2-135m-res6-topk",
-    "r12": "smollm2-135m-res12-topk",
-    "m12": "smollm2-135m-mlp12-skip-transcoder",
-    "r18": "smollm2-135m-res18-topk",
-    "r24": "smollm2-135m-res24-topk",
-}
-
-
-def _feature_circuit(model: Any, out: Path, quick: bool = False) -> str:
-    from circuits.ioi import ioi_dataset
-    from mechkit.sae.base import load_sae
-    from mechkit.sae.feature_circuits import evaluate_feature_circuit, feature_circuit
-
-    trained = Path(__file__).parent / "sae" / "trained"
-    folders = {name: trained / folder for name, folder in FEATURE_CIRCUIT_SAES.items()}
-    if getattr(model.cfg, "model_name", "") != "smollm2-135m" or not all(
-        f.is_dir() for f in folders.values()
-    ):
-        return "<p>Skipped: the shipped SAEs are for smollm2-135m.</p>"
-    saes = {name: load_sae(folder) for name, folder in folders.items()}
-    n_prompts, per, method = (8, 8, "attribution") if quick else (16, 20, "ig")
-    data = ioi_dataset(model, n=n_prompts, seed=0)
-    graph = feature_circuit(
-        model,
-        saes,
-        data.pairs,
-        latents_per_dictionary=per,
-        method=method,
-        steps=10,
-        progress=False,
-    )
-    graph.save(out / "feature_graph.json")
-    circuit = graph.top_edges(60).prune()
-    circuit.save(out / "feature_circuit.json")
-    (out / "feature_circuit.svg").write_text(circuit.to_svg())
-    (out / "feature_circuit.dot").write_text(circuit.to_dot())
-    link = _figure(out, "feature_circuit.html", circuit.plot(max_edges=60))
-    scores = graph.node_scores or {}
-    ranked = sorted((n for n in scores if n != "input"), key=lambda n: -abs(scores[n]))
-    sizes = [n for n in (5, 10, 20, 40, 80) if n < len(ranked)] + [len(ranked)]
-    errors = [n for n in ranked if n.endswith(".err")]
-    latents = [n for n in ranked if not n.endswith(".err")]
-    evaluation = evaluate_feature_circuit(model, saes, [ranked[:n] for n in sizes], data.pairs)
-    evaluation.to_dataframe().to_csv(out / "feature_faithfulness.csv", index=False)
-    curve = _figure(out, "feature_faithfulness.html", evaluation.plot())
-    extra = evaluate_feature_circuit(model, saes, [errors, errors + latents], data.pairs)
-    rows = [
-        [name, f"{scores[name]:+.3f}", graph.layout.descriptions.get(name, "")]
-        for name in ranked[:12]
-    ]
-    faith = [[str(n), f"{f:.2f}"] for n, f, _ in evaluation.rows]
-    faith += [
-        ["the 5 error terms only", f"{extra.rows[0][1]:.2f}"],
-        [f"the error terms and the graph's {len(latents)} latents", f"{extra.rows[1][1]:.2f}"],
-    ]
-    change = graph.ablated_score - graph.clean_score  # type: ignore[operator]
-    shares = [
-        [name, f"{scores[name + '.err']:+.2f}", f"{scores[name + '.err'] / change:.0%}"]
-        for name in ("r6", "r12", "r18", "r24")
-    ]
-    return (
-        f"<p>A sparse feature circuit (Marks et al. 2024) for IOI on {n_prompts} prompts: the "
-        "shipped TopK SAEs after blocks 6, 12, 18 and 24 and the skip transcoder of MLP 12 "
-        "spliced in, each latent and each dictionary's reconstruction error a node, scored by "
-        f"{'integrated gradients (10 steps)' if method == 'ig' else 'attribution patching'} "
-        f"against the p_ABC corruption (logit difference {graph.clean_score:.2f} clean, "
-        f"{graph.ablated_score:.2f} corrupt). The {per} latents of largest |effect| per "
-        f"dictionary are nodes; edges between them stop at every other dictionary. The 60 "
-        f"strongest edges, pruned: {link}, "
-        '<a href="feature_circuit.svg">SVG</a>, <a href="feature_circuit.dot">DOT</a>, '
-        '<a href="feature_circuit.json">JSON</a> (whole graph: '
-        '<a href="feature_graph.json">feature_graph.json</a>).</p>'
-        + _table(rows, ["node", "effect of corrupting it", "decoder promotes"])
-        + "<p>Each SAE on the residual stream carries the whole clean-to-corrupt change "
-        f"({change:+.2f}) between its latents and its error term"
-        + (
-            " (integrated gradients split it exactly, up to the 10-step sum)"
-            if method == "ig"
-            else ""
-        )
-        + ". The error terms' shares:</p>"
-        + _table(shares, ["SAE", "error term's effect", "share of the change"])
-        + "<p>These dictionaries, trained for minutes on Python documentation, leave much of the "
-        "IOI sentences' name information in their errors. Faithfulness (every node outside the "
-        "circuit set to its corrupt-run value; 1 = the model, 0 = all nodes corrupted) of the "
-        f"top-n nodes by |effect| ({curve}, "
-        '<a href="feature_faithfulness.csv">CSV</a>):</p>'
-        + _table(faith, ["nodes kept", "faithfulness"])
+        '<a href="features.html">features.html</a>.</p>' + html_table(rows, ["figure", "value"])
     )
 
 
@@ -493,8 +349,8 @@ def _steering(model: Any, out: Path) -> str:
         progress=False,
     )
     sweep.to_dataframe().to_csv(out / "steering_sweep.csv", index=False)
-    link = _figure(out, "steering_sweep.html", sweep.plot())
-    table = sweep.samples_table()
+    link = figure_link(out, "steering_sweep.html", sweep.plot())
+    table = sweep.sampleshtml_table()
     table.to_csv(out / "steering_samples.csv", index=False)
     rows = [[str(v) for v in row] for row in table.itertuples(index=False)]
     return (
@@ -505,11 +361,11 @@ def _steering(model: Any, out: Path) -> str:
         f"a positive word ({', '.join(POSITIVE_WORDS)}; unsteered: "
         f"{sweep.baseline_effect:.2f}); cost: KL from the unsteered model on held-out text: "
         f'{link} (<a href="steering_sweep.csv">CSV</a>). Sampled continuations (temperature '
-        "1, the same seed in every column):</p>" + _table(rows, list(table.columns))
+        "1, the same seed in every column):</p>" + html_table(rows, list(table.columns))
     )
 
 
-SECTIONS: tuple[tuple[str, Callable[[Any, Path], str]], ...] = (
+SECTIONS: tuple[DemoSection, ...] = (
     ("Model", _model_card),
     ("Next-token predictions", _predictions),
     ("Logit lens", _logit_lens),
@@ -518,21 +374,43 @@ SECTIONS: tuple[tuple[str, Callable[[Any, Path], str]], ...] = (
     ("Activation and path patching (IOI)", _patching),
     ("Attribution patching and the circuit graph (IOI)", _circuit),
     ("Steering (activation addition)", _steering),
-    ("IOI circuit (Wang et al. 2022)", _ioi),
-    ("Induction heads (Olsson et al. 2022)", _induction),
-    ("Greater-than (Hanna et al. 2023)", _greater_than),
     ("Sparse autoencoder features", _features),
-    ("Sparse feature circuit (IOI)", _feature_circuit),
 )
 
 
+def registered_sections() -> tuple[DemoSection, ...]:
+    """The sections other packages register under ``mechkit.demo_sections``, by entry-point
+    name (the paper reproductions register ``reproductions``)."""
+    from importlib.metadata import entry_points
+
+    sections: list[DemoSection] = []
+    for point in sorted(entry_points(group=SECTION_GROUP), key=lambda p: p.name):
+        try:
+            sections.extend(point.load())
+        except ImportError as exc:  # registered by a stale install: say so, write the rest
+            print(
+                f"[mechkit demo] skipped the sections registered as {point.value!r}, which "
+                f"cannot be imported ({exc}). Hint: reinstall the package that registers them "
+                "(`pip install -e .` in a checkout of mechkit).",
+                file=sys.stderr,
+                flush=True,
+            )
+    return tuple(sections)
+
+
 def run_demo(
-    out_dir: str | Path = "reports", model_name: str = "smollm2-135m", *, quick: bool = False
+    out_dir: str | Path = "reports",
+    model_name: str = "smollm2-135m",
+    *,
+    quick: bool = False,
+    sections: Sequence[DemoSection] | None = None,
 ) -> Path:
     """Load ``model_name``, run every section, and write ``out_dir/index.html``.
 
     ``quick=True`` runs the paper reproductions on fewer prompts (the test suite uses it); the
-    page says so.
+    page says so. ``sections`` defaults to mechkit's own :data:`SECTIONS` followed by
+    :func:`registered_sections`; without any registered (the paper reproductions not installed)
+    the report says so and how to install them.
     """
     import inspect
 
@@ -543,8 +421,21 @@ def run_demo(
     model = load_model(model_name)
     info = model_info(model)
     print(f"[mechkit demo] loaded in {info.load_seconds:.1f} s (from cache: {info.from_cache})")
+    missing = ""
+    if sections is None:
+        extra = registered_sections()
+        sections = (*SECTIONS, *extra)
+        if not extra:
+            missing = (
+                "The paper reproductions are not installed: no package registers demo sections "
+                f"under the entry-point group {SECTION_GROUP!r}. They ship in mechkit's wheel as "
+                "mechkit_circuits; in a checkout, run `pip install -e .` (or `make demo`) to "
+                "register them."
+            )
+            print(f"[mechkit demo] {missing}", flush=True)
+            missing = f"<p><b>{html.escape(missing)}</b></p>"
     body = []
-    for title, section in SECTIONS:
+    for title, section in sections:
         t0 = time.perf_counter()
         takes_quick = "quick" in inspect.signature(section).parameters
         content = section(model, out, quick=quick) if takes_quick else section(model, out)
@@ -558,7 +449,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;te
 td{{white-space:pre-wrap}}</style></head><body>
 <h1>mechkit report: {html.escape(model_name)}</h1>
 {"<p><b>Quick run</b>: the paper reproductions used fewer prompts.</p>" if quick else ""}
-{"".join(body)}
+{"".join(body)}{missing}
 <p><small>Written by mechkit in {time.perf_counter() - start:.1f} s.</small></p>
 </body></html>
 """

@@ -31,6 +31,10 @@ def test_readme_quickstart_runs(smollm2):
 
 
 def test_demo_writes_report(smollm2, tmp_path):
+    from mechkit.demo import registered_sections
+
+    # the paper reproductions' sections come through their entry point (mechkit_circuits)
+    assert registered_sections(), "no demo sections registered: run `pip install -e .` again"
     index = run_demo(tmp_path / "reports", "smollm2-135m", quick=True)
     page = index.read_text()
     assert index.name == "index.html" and "smollm2-135m" in page

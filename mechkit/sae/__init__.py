@@ -28,7 +28,7 @@
     >>> sae.encode(torch.randn(4, 576)).shape          # (batch, d_sae)
     torch.Size([4, 2304])
     >>> sae.save("my_sae")                             # sae-lens format; load_sae reads it back
-    >>> shipped = load_sae("mechkit/sae/trained/smollm2-135m-res12-topk")
+    >>> shipped = load_sae("smollm2-135m-res12-topk")  # shipped: by name
 """
 
 from mechkit.sae import batchtopk, jumprelu, relu, topk  # noqa: F401  (register architectures)

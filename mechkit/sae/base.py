@@ -487,7 +487,9 @@ def load_sae(
     dtype: str | None = None,
     hook_name: str | None = None,
 ) -> SparseDictionary:
-    """Read a folder in sae-lens's format (``cfg.json`` + ``sae_weights.safetensors``).
+    """Read a folder in sae-lens's format (``cfg.json`` + ``sae_weights.safetensors``), or a
+    dictionary shipped with mechkit by its name (``"smollm2-135m-res12-topk"``; see
+    :func:`mechkit.sae.io.shipped_saes`), which works from an installed wheel as from a checkout.
 
     Reads what :func:`save_sae` writes and what sae-lens's ``SAE.save_model`` writes for the
     architectures ``standard``, ``topk``, ``jumprelu``, ``transcoder``, ``skip_transcoder``,
@@ -495,9 +497,9 @@ def load_sae(
     one; ``hook_name`` names the input hook for foreign files that did not record it.
 
     Example:
-        >>> sae = load_sae("mechkit/sae/trained/smollm2-135m-res15-topk")
+        >>> sae = load_sae("smollm2-135m-res12-topk")  # or a folder's path
         >>> sae.cfg.hook_name
-        'blocks.15.hook_resid_post'
+        'blocks.12.hook_resid_post'
     """
     from mechkit.sae.io import read_sae
 

@@ -24,7 +24,7 @@ those above ``node_threshold``), and every error term. The result is a
 :class:`mechkit.CircuitGraph`: select edges, prune, plot, save and draw it like a graph of
 heads.
 
-    >>> saes = {"r6": mk.load_sae(".../smollm2-135m-res6-topk"), "r12": mk.load_sae(...)}
+    >>> saes = {"r6": mk.load_sae("smollm2-135m-res6-topk"), "r12": mk.load_sae(...)}
     >>> graph = mk.feature_circuit(model, saes, pairs, latents_per_dictionary=10)
     >>> graph.node_scores["r12.err"], graph.scores.shape    # (sender, receiver)
     >>> graph = mk.feature_circuit(model, saes, pairs, method="ig", steps=10)   # the paper's

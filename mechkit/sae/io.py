@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 from importlib import metadata as importlib_metadata
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,14 @@ from mechkit.atomic_io import write_atomically, write_text_atomically
 from mechkit.errors import MechkitError, UnknownKindError, did_you_mean
 from mechkit.sae.base import _DTYPES, SAEConfig, SAEConfigError, SparseDictionary
 
-__all__ = ["read_sae", "write_sae", "sae_lens_architecture", "CFG_FILENAME", "WEIGHTS_FILENAME"]
+__all__ = [
+    "read_sae",
+    "write_sae",
+    "sae_lens_architecture",
+    "shipped_saes",
+    "CFG_FILENAME",
+    "WEIGHTS_FILENAME",
+]
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -58,6 +66,38 @@ _FROM_SAE_LENS = {
 
 class SAEFileError(MechkitError, ValueError):
     """A folder that is not a readable sparse dictionary in sae-lens's format."""
+
+
+def _shipped_dir() -> Path:
+    # importlib.resources, not the checkout's layout: the folder is package data of the wheel
+    return Path(str(resources.files("mechkit") / "sae" / "trained"))
+
+
+def shipped_saes() -> dict[str, Path]:
+    """The sparse dictionaries shipped inside mechkit, by name, with their folders.
+
+    Example:
+        >>> sorted(shipped_saes())[:2]
+        ['smollm2-135m-mlp12-skip-transcoder', 'smollm2-135m-res12-topk']
+    """
+    root = _shipped_dir()
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / CFG_FILENAME).is_file()}
+
+
+def _resolve_folder(path: str | Path) -> Path:
+    """``path`` itself if it exists, else the shipped dictionary of that name."""
+    folder = Path(path)
+    if folder.exists() or len(folder.parts) != 1:
+        return folder
+    shipped = shipped_saes()
+    if folder.name in shipped:
+        return shipped[folder.name]
+    raise SAEFileError(
+        f"Expected a folder or the name of a shipped dictionary ({', '.join(shipped)}); got "
+        f"{str(path)!r}, which is neither.{did_you_mean(str(path), shipped)}"
+    )
 
 
 def sae_lens_architecture(cfg: SAEConfig) -> str:
@@ -185,7 +225,7 @@ def read_sae(
     """Read folder ``path`` (see :func:`mechkit.sae.load_sae`)."""
     from safetensors.torch import load_file
 
-    folder = Path(path)
+    folder = _resolve_folder(path)
     cfg_path, weights_path = folder / CFG_FILENAME, folder / WEIGHTS_FILENAME
     if not cfg_path.is_file() or not weights_path.is_file():
         contents = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "none"

@@ -9,7 +9,7 @@ reconstruction (``decode(e_i) - decode(0)``, so SAEs that rescale by decoder nor
 and a coefficient ``c`` therefore adds ``c`` to the latent's activation: steering with it equals
 ``mk.splice(model, sae)`` with ``spliced.add([i], c)`` (tested).
 
-    >>> sae = mk.load_sae("mechkit/sae/trained/smollm2-135m-res12-topk")
+    >>> sae = mk.load_sae("smollm2-135m-res12-topk")
     >>> vec = mk.sae_latent_vector(sae, 1725)          # blocks.12.hook_resid_post
     >>> with mk.steer(model, vec, coefficient=8.0):    # latent 1725 raised by 8 everywhere
     ...     logits = model(tokens)

@@ -4,11 +4,13 @@ load what sae-lens saves (random weights, each architecture) and give its output
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import sae_lens
 import torch
 
+import mechkit as mk
 from mechkit.errors import MechkitError
 from mechkit.sae import SAEConfig, load_sae, save_sae
 from tests.sae.test_architectures import D_IN, D_OUT, D_SAE, make
@@ -175,3 +177,20 @@ def test_config_of_sae_lens_file_without_hook_needs_one(tmp_path):
     assert load_sae(tmp_path / "s", hook_name="blocks.0.hook_resid_pre").cfg == SAEConfig(
         architecture="relu", d_in=D_IN, d_sae=D_SAE, hook_name="blocks.0.hook_resid_pre"
     )
+
+
+def test_load_sae_takes_a_shipped_dictionary_by_name():
+    from mechkit.sae.io import shipped_saes
+
+    shipped = shipped_saes()
+    folder = Path(mk.__file__).parent / "sae" / "trained" / "smollm2-135m-res12-topk"
+    assert shipped["smollm2-135m-res12-topk"].resolve() == folder.resolve()
+    assert len(shipped) == 5
+    by_name, by_path = mk.load_sae("smollm2-135m-res12-topk"), mk.load_sae(folder)
+    assert by_name.cfg == by_path.cfg
+    assert all(
+        (a == b).all()
+        for a, b in zip(by_name.state_dict().values(), by_path.state_dict().values(), strict=True)
+    )
+    with pytest.raises(mk.MechkitError, match="Did you mean 'smollm2-135m-res12-topk'"):
+        mk.load_sae("smollm2-135m-res12-topkk")
