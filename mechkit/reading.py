@@ -48,49 +48,69 @@ def _safetensor_error() -> type[BaseException]:
 
 
 @contextlib.contextmanager
-def reading(path: str | Path, what: str, hint: str) -> Iterator[None]:
-    """Turn any parse or shape error raised in the block into a :class:`FileFormatError`
-    naming ``path``, ``what`` it should hold, the error, and ``hint``. Mechkit's own errors,
-    and OSError (a missing or unreadable file), pass through unchanged."""
+def reading(
+    path: str | Path, what: str, hint: str, error: type[FileFormatError] = FileFormatError
+) -> Iterator[None]:
+    """Turn any parse or shape error raised in the block into ``error`` (a
+    :class:`FileFormatError`) naming ``path``, ``what`` it should hold, the error, and ``hint``.
+    Mechkit's own errors, and OSError (a missing or unreadable file), pass through unchanged."""
     try:
         yield
     except MechkitError:
         raise
     except (*_PARSE_ERRORS, _safetensor_error()) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise FileFormatError(
+        raise error(
             f"Expected {what} in {str(path)!r}; the file is damaged, truncated or another format "
             f"({type(exc).__name__}: {detail[:300]}). Hint: {hint}"
         ) from exc
 
 
-def read_json(path: str | Path, what: str, hint: str) -> Any:
-    """The parsed JSON in ``path`` (UTF-8), or :class:`FileFormatError`."""
-    with reading(path, what, hint):
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+def read_json(
+    path: str | Path,
+    what: str,
+    hint: str,
+    error: type[FileFormatError] = FileFormatError,
+    *,
+    expect: type = dict,
+) -> Any:
+    """The parsed JSON in ``path`` (UTF-8), which must be an ``expect`` (a JSON object by
+    default), or ``error``."""
+    with reading(path, what, hint, error):
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(value, expect):
+            raise TypeError(f"expected a JSON {expect.__name__}, got a {type(value).__name__}")
+        return value
 
 
 def read_safetensors(
-    path: str | Path, what: str, hint: str
+    path: str | Path, what: str, hint: str, error: type[FileFormatError] = FileFormatError
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The tensors (on the CPU) and the string metadata of a safetensors file, or
     :class:`FileFormatError`. A truncated file is refused by safetensors itself, which checks
     that the data the header announces is all there."""
     from safetensors import safe_open
 
-    with reading(path, what, hint):
+    with reading(path, what, hint, error):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
         return tensors, metadata
 
 
-def read_checkpoint(path: str | Path, what: str, hint: str, map_location: Any = None) -> Any:
+def read_checkpoint(
+    path: str | Path,
+    what: str,
+    hint: str,
+    error: type[FileFormatError] = FileFormatError,
+    *,
+    map_location: Any = None,
+) -> Any:
     """A PyTorch checkpoint loaded with ``weights_only=True`` (tensors, numbers, strings and
     containers only), or :class:`FileFormatError`. A file whose unpickling would build any other
     object, or call anything, is refused before it runs."""
     with open(path, "rb") as f:  # a missing or unreadable file raises its own OSError here
-        with reading(path, what, hint):
+        with reading(path, what, hint, error):
             try:
                 return torch.load(f, map_location=map_location, weights_only=True)
             except OSError as exc:  # torch's zip reader reports a damaged archive as EINVAL
