@@ -43,3 +43,27 @@ def hook_count(model) -> int:
         len(hp.fwd_hooks) + len(hp.bwd_hooks) + len(hp._forward_hooks) + len(hp._backward_hooks)
         for hp in model.hook_dict.values()
     )
+
+
+DAMAGES = ("truncated", "random bytes", "another format")
+JSON_DAMAGES = (*DAMAGES, "JSON of the wrong shape")
+
+
+def damage(path, how: str) -> None:
+    """Spoil a file as a bad disk, an interrupted copy or a wrong path would: cut it in half,
+    replace it with random bytes, with a file of another format (a PNG header for a JSON or
+    safetensors file), or (JSON) with valid JSON of the wrong shape."""
+    import pathlib
+
+    path = pathlib.Path(path)
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "random bytes":
+        path.write_bytes(torch.randint(0, 256, (len(data),), dtype=torch.uint8).numpy().tobytes())
+    elif how == "another format":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    elif how == "JSON of the wrong shape":
+        path.write_text('[{"edges": 3}, "d_in", 4]')
+    else:
+        raise ValueError(how)

@@ -30,10 +30,12 @@ from torch import Tensor
 from mechkit.errors import (
     FileFormatError,
     InvalidArgumentError,
+    MechkitError,
     ShapeError,
     SiteNotFoundError,
 )
 from mechkit.graph.layout import Edge, GraphLayout
+from mechkit.reading import read_json, reading
 
 if TYPE_CHECKING:
     from mechkit.graph.feature_layout import FeatureLayout
@@ -303,10 +305,11 @@ class CircuitGraph:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CircuitGraph:
-        if data.get("format") != "mechkit.circuit_graph/1":
+        if not isinstance(data, dict) or data.get("format") != "mechkit.circuit_graph/1":
+            got = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise FileFormatError(
                 f"Expected a mechkit circuit graph (format 'mechkit.circuit_graph/1'); got "
-                f"format {data.get('format')!r}."
+                f"format {got!r}. Hint: write it with CircuitGraph.save."
             )
         layout = _layout_from_dict(data["layout"])
         scores = torch.zeros(layout.valid.shape)
@@ -330,8 +333,23 @@ class CircuitGraph:
 
     @classmethod
     def load(cls, path: str | Path) -> CircuitGraph:
-        """Read a graph written by :meth:`save`."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a graph written by :meth:`save`.
+
+        Raises:
+            FileFormatError: the file is damaged, truncated, another format, or JSON that is
+                not a circuit graph (the message names the file).
+        """
+        what, hint = "a circuit graph (JSON written by CircuitGraph.save)", "save it again."
+        data = read_json(path, what, hint)
+        try:
+            with reading(path, what, hint):
+                return cls.from_dict(data)
+        except FileFormatError as exc:
+            if str(path) in str(exc):
+                raise
+            raise FileFormatError(f"{exc} (in {str(path)!r})") from exc
+        except MechkitError as exc:  # an edge or node the layout does not have, and the like
+            raise FileFormatError(f"Expected {what} in {str(path)!r}; {exc} Hint: {hint}") from exc
 
     def __repr__(self) -> str:
         return (

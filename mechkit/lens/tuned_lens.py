@@ -34,6 +34,7 @@ from mechkit.atomic_io import write_atomically
 from mechkit.errors import InvalidArgumentError, NonFiniteError, check_batch_size
 from mechkit.hook_scope import run_with_cache
 from mechkit.lens.logit_lens import decode_residual, lens_layer_labels
+from mechkit.reading import read_checkpoint, read_json, read_safetensors, reading
 
 __all__ = ["TunedLens", "TunedLensConfig", "train_tuned_lens", "compare_lenses", "LensComparison"]
 
@@ -110,13 +111,27 @@ class TunedLens(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path) -> TunedLens:
-        """Load a lens saved by :meth:`save`."""
-        from safetensors.torch import load_file
+        """Load a lens saved by :meth:`save`.
 
+        Raises:
+            FileFormatError: ``lens.json`` or ``lens.safetensors`` is damaged, truncated,
+                another format, or does not describe this lens (the message names the file).
+        """
         folder = Path(folder)
-        meta = json.loads((folder / "lens.json").read_text())
-        lens = cls(meta.pop("n_layers"), meta.pop("d_model"), meta)
-        lens.load_state_dict(load_file(folder / "lens.safetensors"))
+        hint = (
+            "save it with TunedLens.save (or train_tuned_lens); a damaged copy must be saved again."
+        )
+        meta_path, weights_path = folder / "lens.json", folder / "lens.safetensors"
+        meta = read_json(meta_path, "a tuned lens's record (lens.json)", hint)
+        tensors, _ = read_safetensors(weights_path, "a tuned lens's translators", hint)
+        with reading(weights_path, "a tuned lens's translators A and b", hint):
+            n_layers, d_model = int(meta.pop("n_layers")), int(meta.pop("d_model"))
+            want = {"A": (n_layers, d_model, d_model), "b": (n_layers, d_model)}
+            got = {k: tuple(v.shape) for k, v in tensors.items()}
+            if got != want:  # checked before allocating a lens of the recorded size
+                raise ValueError(f"expected tensors {want} (from lens.json), got {got}")
+            lens = cls(n_layers, d_model, meta)
+            lens.load_state_dict(tensors)
         return lens
 
     def _tensors(self) -> dict[str, Tensor]:
@@ -180,10 +195,12 @@ def train_tuned_lens(
     start_step = 0
     ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        lens.load_state_dict(state["lens"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = int(state["step"])
+        hint = f"delete {ckpt} (or pass another checkpoint_dir) to start afresh."
+        state = read_checkpoint(ckpt, "a train_tuned_lens checkpoint", hint, map_location=device)
+        with reading(ckpt, "a train_tuned_lens checkpoint of this lens", hint):
+            lens.load_state_dict(state["lens"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_step = int(state["step"])
     for p in model.parameters():
         p.requires_grad_(False)
     history: list[float] = []

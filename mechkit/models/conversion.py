@@ -14,13 +14,21 @@ import dataclasses
 import json
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mechkit.errors import CacheError
-from mechkit.models.weight_cache import cache_key, cached_folder, write_folder_atomically
+from mechkit.models.weight_cache import (
+    FORMAT_VERSION,
+    cache_key,
+    cached_folder,
+    check_entry,
+    verify_entry,
+    write_folder_atomically,
+)
 
 __all__ = ["Processing", "load_gguf", "load_hf_folder", "build_hooked"]
 
@@ -199,7 +207,7 @@ def load_gguf(path: Path, name: str, processing: Processing, n_ctx: int | None =
     Returns:
         (model, from_cache): the model on the CPU in float32, and whether the cache served it.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     # Keyed by the file, not the name: "smollm2-135m" and the path to its file share one entry.
@@ -231,12 +239,39 @@ def load_gguf(path: Path, name: str, processing: Processing, n_ctx: int | None =
                 "processing": processing.as_dict(),
                 "n_ctx": model.cfg.n_ctx,
                 "default_prepend_bos": add_bos,
-                "format": 1,
+                "format": FORMAT_VERSION,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
         folder = write_folder_atomically(path.stem, key, fill)
+
+    if not from_cache:
+        return _load_entry(folder, name, processing), from_cache
+    # A cached entry is checked (file list, sizes) at once, and its checksums on a second
+    # thread while the model is built; nothing is returned before both pass.
+    meta = check_entry(folder)
+    with ThreadPoolExecutor(1, thread_name_prefix="mechkit-verify") as pool:
+        verified = pool.submit(verify_entry, folder, meta)
+        try:
+            model = _load_entry(folder, name, processing)
+        except Exception as exc:
+            verified.result()  # a damaged entry is the likelier cause: say so first
+            if isinstance(exc, CacheError):
+                raise
+            raise CacheError(
+                f"Expected the cache entry {str(folder)!r} to load; it failed with "
+                f"{type(exc).__name__}: {exc}. Hint: delete that folder (rm -r '{folder}') and "
+                "load the model again to convert it afresh."
+            ) from exc
+        verified.result()
+    return model, from_cache
+
+
+def _load_entry(folder: Path, name: str, processing: Processing) -> Any:
+    """Build the model a cache folder holds (on the CPU, float32)."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
     meta = json.loads((folder / "meta.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
@@ -252,7 +287,7 @@ def load_gguf(path: Path, name: str, processing: Processing, n_ctx: int | None =
     _load_parameters(model, load_file(folder / "weights.safetensors"))
     if (folder / "buffers.safetensors").is_file():
         model.load_state_dict(load_file(folder / "buffers.safetensors"), strict=False)
-    return model, from_cache
+    return model
 
 
 def _load_parameters(model: Any, params: dict[str, torch.Tensor]) -> None:

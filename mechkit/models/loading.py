@@ -31,6 +31,7 @@ from mechkit.errors import (
     ModelUnavailableError,
     UnknownModelError,
     UnsupportedModelError,
+    check_positive_int,
     did_you_mean,
 )
 from mechkit.models.conversion import Processing, load_gguf, load_hf_folder
@@ -134,14 +135,17 @@ def load_model(
             Face model folder or a ``.gguf`` file, or a TransformerLens model name.
         device: where to put the model; None means CUDA when present, else the CPU.
         dtype: the parameters' dtype (``"float32"``, ``"bfloat16"``...); None means float32.
-        n_ctx: the longest context to allocate for; None means the model's own, capped at
-            2048 for converted models.
+        n_ctx: the longest context to allocate for (a positive integer); None means the
+            model's own, capped at 2048 for converted models.
 
     Raises:
         UnknownModelError: the name is none of the above.
         ModelUnavailableError: the model is known but its weights cannot be reached.
         UnsupportedModelError: the file or folder cannot be converted.
         DeviceError: the device or dtype does not exist here.
+        InvalidArgumentError: ``n_ctx`` is not a positive integer (checked before converting).
+        CacheError: the conversion cache cannot be written, or a cached entry is damaged or was
+            altered since it was written (the message names the folder to delete).
 
     Example:
         >>> model = load_model("attn-only-2l", device="cpu")
@@ -151,6 +155,8 @@ def load_model(
     start = time.perf_counter()
     dev = resolve_device(device)  # fail on a bad device before any loading work
     dt = resolve_dtype(dtype)
+    if n_ctx is not None:  # before any conversion: a bad value must not cost one
+        check_positive_int("n_ctx", n_ctx)
     key = str(name)
     from_cache = False
 

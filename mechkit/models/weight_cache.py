@@ -7,10 +7,21 @@ seconds; loading the result from safetensors takes a few. Each cached model is a
         hf_config.json          the Hugging Face config the TransformerLens config is built from
         tokenizer/              the tokenizer, saved by transformers
         weights.safetensors     the processed HookedTransformer parameters (float32)
-        meta.json               what was converted, from which file, how (written last)
+        meta.json               what was converted, from which file, how (written last),
+                                and the size and checksum of every other file in the folder
 
 The folder is written under a temporary name beside its final one and renamed into place in
 one step, so a process killed mid-write leaves no folder a later load would trust.
+
+Every load from the cache is verified against the record in ``meta.json``: the list of files
+and their sizes first (a truncated entry is refused at once), then an xxHash3-128 checksum of
+each file's content, computed at write time. The checksum is not a signature (whoever can
+rewrite the weights can rewrite ``meta.json``); it catches files altered in place, damaged or
+truncated. Hashing reads each file through a memory map on a second thread while the model is
+being built (see :func:`mechkit.models.conversion.load_gguf`); a mismatch raises
+:class:`~mechkit.errors.CacheError` naming the folder to delete. Entries written before the
+checksums existed (format 1) have another key, so they are never read: the model is converted
+again once, and the old folder can be deleted.
 """
 
 from __future__ import annotations
@@ -22,11 +33,22 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["cache_root", "cache_key", "cached_folder", "write_folder_atomically"]
+from mechkit.errors import CacheError
+
+__all__ = [
+    "cache_root",
+    "cache_key",
+    "cached_folder",
+    "write_folder_atomically",
+    "check_entry",
+    "verify_entry",
+]
 
 CACHE_ENV_VAR = "MECHKIT_CACHE_DIR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json records each file's size and checksum
+CHECKSUM = "xxh3_128"
 
 
 def cache_root() -> Path:
@@ -61,13 +83,24 @@ def write_folder_atomically(name: str, key: str, fill: Callable[[Path], None]) -
     process finished the same folder first, its copy is kept and ours discarded.
     """
     parent = cache_root() / "models"
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{key}.", suffix=".partial", dir=parent))
+    except OSError as exc:
+        raise CacheError(
+            f"Expected a writable cache folder for converted models at {str(parent)!r} (from "
+            f"${CACHE_ENV_VAR}, else ~/.cache/mechkit); it cannot be created or written "
+            f"({type(exc).__name__}: {exc.strerror or exc}). Hint: point ${CACHE_ENV_VAR} at a "
+            "folder you can write, e.g. export MECHKIT_CACHE_DIR=~/.cache/mechkit."
+        ) from None
     final = parent / f"{name}-{key}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{key}.", suffix=".partial", dir=parent))
     try:
         fill(tmp)
         if not (tmp / "meta.json").is_file():
             raise RuntimeError("cache writer did not write meta.json")  # a bug, not user input
+        meta = json.loads((tmp / "meta.json").read_text())
+        meta["files"] = {rel: _record(tmp / rel) for rel in _entry_files(tmp)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
             os.replace(tmp, final)
         except OSError:
@@ -77,3 +110,81 @@ def write_folder_atomically(name: str, key: str, fill: Callable[[Path], None]) -
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _entry_files(folder: Path) -> list[str]:
+    """Every file in a cache folder but meta.json, as sorted relative POSIX paths."""
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if not p.is_dir() and p.relative_to(folder).as_posix() != "meta.json"
+    )
+
+
+def _digest(path: Path) -> str:
+    """The xxHash3-128 of a file, hashed straight from a read-only memory map: no copy into
+    Python buffers (three times faster than reading it in chunks), and xxhash releases the GIL,
+    so the model can be built meanwhile."""
+    import mmap
+
+    import xxhash
+
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return xxhash.xxh3_128(b"").hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return xxhash.xxh3_128(mapped).hexdigest()
+
+
+def _record(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, CHECKSUM: _digest(path)}
+
+
+def _damaged(folder: Path, what: str) -> CacheError:
+    return CacheError(
+        f"Expected the cache entry {str(folder)!r} to hold the files mechkit wrote there; "
+        f"{what}. Hint: delete that folder (rm -r '{folder}') and load the model again to "
+        "convert it afresh."
+    )
+
+
+def check_entry(folder: Path) -> dict[str, Any]:
+    """The record (``meta.json``) of a cache folder, after the quick checks: it parses, it lists
+    the folder's files with their checksums, and every file is there with its recorded size.
+
+    Raises:
+        CacheError: any of these fails; the message names the folder to delete.
+    """
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise _damaged(folder, f"meta.json cannot be read ({type(exc).__name__}: {exc})") from None
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(r, dict) and isinstance(r.get("size"), int) and CHECKSUM in r
+        for r in files.values()
+    ):
+        raise _damaged(folder, "meta.json records no checksums (or a damaged list of them)")
+    present = _entry_files(folder)
+    if sorted(files) != present:
+        missing = sorted(set(files) - set(present))
+        extra = sorted(set(present) - set(files))
+        raise _damaged(folder, f"files missing {missing[:5]}, files added {extra[:5]}")
+    for rel, record in files.items():
+        size = (folder / rel).stat().st_size
+        if size != record["size"]:
+            raise _damaged(
+                folder, f"{rel} has {size} bytes where {record['size']} were written (truncated?)"
+            )
+    return meta
+
+
+def verify_entry(folder: Path, meta: dict[str, Any]) -> None:
+    """Compare every file's checksum with the one recorded at write time.
+
+    Raises:
+        CacheError: a file changed since it was written; the message names the folder.
+    """
+    for rel, record in meta["files"].items():
+        if _digest(folder / rel) != record[CHECKSUM]:
+            raise _damaged(folder, f"{rel} changed since it was written (its checksum differs)")

@@ -225,7 +225,7 @@ class ActivationStore:
                     f"Expected the cache in {str(self.cache_dir)!r} to match this store; got "
                     f"differences (cached, wanted): {diff}. Hint: use another cache_dir."
                 )
-            self._memmap = np.load(path, mmap_mode="r")
+            self._memmap = np.load(path, mmap_mode="r", allow_pickle=False)
             return path
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         width = self.d_in + (self.d_out or 0)
@@ -242,7 +242,7 @@ class ActivationStore:
         del data
         tmp.replace(path)
         write_text_atomically(header_path, json.dumps(header, indent=2) + "\n")  # marks complete
-        self._memmap = np.load(path, mmap_mode="r")
+        self._memmap = np.load(path, mmap_mode="r", allow_pickle=False)
         return path
 
     # -- batches -------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from mechkit.atomic_io import write_atomically, write_text_atomically
-from mechkit.errors import MechkitError, UnknownKindError, did_you_mean
+from mechkit.errors import FileFormatError, UnknownKindError, did_you_mean
+from mechkit.reading import read_json, read_safetensors, reading
 from mechkit.sae.base import _DTYPES, SAEConfig, SAEConfigError, SparseDictionary
 
 __all__ = [
@@ -64,8 +65,15 @@ _FROM_SAE_LENS = {
 }
 
 
-class SAEFileError(MechkitError, ValueError):
-    """A folder that is not a readable sparse dictionary in sae-lens's format."""
+class SAEFileError(FileFormatError):
+    """A folder that is not a readable sparse dictionary in sae-lens's format (a
+    :class:`~mechkit.errors.FileFormatError`, so also a ``ValueError``)."""
+
+
+_HINT = (
+    "save with mechkit.sae.save_sae or sae-lens's SAE.save_model; a damaged download must be "
+    "fetched again."
+)
 
 
 def _shipped_dir() -> Path:
@@ -223,8 +231,6 @@ def read_sae(
     hook_name: str | None = None,
 ) -> SparseDictionary:
     """Read folder ``path`` (see :func:`mechkit.sae.load_sae`)."""
-    from safetensors.torch import load_file
-
     folder = _resolve_folder(path)
     cfg_path, weights_path = folder / CFG_FILENAME, folder / WEIGHTS_FILENAME
     if not cfg_path.is_file() or not weights_path.is_file():
@@ -234,20 +240,22 @@ def read_sae(
             f"(contents: {contents})."
             " Hint: save with mechkit.sae.save_sae or sae-lens's SAE.save_model."
         )
+    what = "a sparse-dictionary config (sae-lens's cfg.json)"
+    raw = read_json(cfg_path, what, _HINT, SAEFileError)
     try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SAEFileError(f"Expected JSON in {cfg_path}; got a parse error: {exc}.") from exc
-    ours = (raw.get("metadata") or {}).get("mechkit")
-    if ours is not None:
-        cfg = SAEConfig.from_dict(ours)
-        if hook_name is not None:
-            cfg = cfg.replace(hook_name=hook_name)
-    else:
-        cfg = _config_from_sae_lens(raw, hook_name)
+        with reading(cfg_path, what, _HINT, SAEFileError):  # JSON of the wrong shape
+            ours = (raw.get("metadata") or {}).get("mechkit")
+            if ours is not None:
+                cfg = SAEConfig.from_dict(ours)
+                if hook_name is not None:
+                    cfg = cfg.replace(hook_name=hook_name)
+            else:
+                cfg = _config_from_sae_lens(raw, hook_name)
+    except (SAEConfigError, UnknownKindError) as exc:  # say which file holds the bad config
+        raise SAEFileError(f"{exc} (in {str(cfg_path)!r})") from exc
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
-    state = load_file(str(weights_path))
+    state, _ = read_safetensors(weights_path, "sparse-dictionary weights", _HINT, SAEFileError)
     for key in ("scaling_factor", "finetuning_scaling_factor"):
         if key in state:
             if not torch.all(state[key] == 1):

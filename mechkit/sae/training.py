@@ -43,6 +43,7 @@ from torch import Tensor
 
 from mechkit.atomic_io import write_atomically
 from mechkit.errors import MechkitError, ShapeError, did_you_mean
+from mechkit.reading import read_checkpoint, reading
 from mechkit.sae.base import SAEConfig, SAEConfigError, SparseDictionary
 
 __all__ = ["TrainConfig", "TrainResult", "TrainedSAE", "train_sae", "default_lr"]
@@ -637,13 +638,18 @@ def _load_checkpoint(
     cfg: TrainConfig,
     device: torch.device,
 ) -> None:
-    payload = torch.load(path, map_location=device, weights_only=False)
-    if payload["sae_config"] != scfg.to_dict():
-        raise TrainConfigError(
-            f"Expected a checkpoint of the same dictionary ({scfg.to_dict()}); got "
-            f"{payload['sae_config']} in {path}. Hint: use another checkpoint_dir."
-        )
-    sae.load_state_dict(payload["sae"])
-    optimizer.load_state_dict(payload["optimizer"])
-    state.update(payload["state"])
-    torch.set_rng_state(payload["torch_rng"])
+    # weights_only: a checkpoint is data; one whose unpickling would build or call anything
+    # else (a planted file) is refused before it runs.
+    what = "a train_sae checkpoint"
+    hint = f"delete {path} (or pass another checkpoint_dir) to start afresh."
+    payload = read_checkpoint(path, what, hint, map_location=device)
+    with reading(path, what, hint):
+        if payload["sae_config"] != scfg.to_dict():
+            raise TrainConfigError(
+                f"Expected a checkpoint of the same dictionary ({scfg.to_dict()}); got "
+                f"{payload['sae_config']} in {path}. Hint: use another checkpoint_dir."
+            )
+        sae.load_state_dict(payload["sae"])
+        optimizer.load_state_dict(payload["optimizer"])
+        state.update(payload["state"])
+        torch.set_rng_state(payload["torch_rng"])

@@ -43,8 +43,8 @@ from torch import Tensor
 
 from mechkit.atomic_io import write_atomically
 from mechkit.errors import (
-    DatasetFormatError,
     EmptyDatasetError,
+    FileFormatError,
     InvalidArgumentError,
     InvalidSiteError,
     InvalidTypeError,
@@ -55,6 +55,7 @@ from mechkit.errors import (
     did_you_mean,
 )
 from mechkit.interventions import capture
+from mechkit.reading import read_safetensors, reading
 from mechkit.sites import Site
 from mechkit.tokens import encode, token_batch, tokenizer_of
 
@@ -272,28 +273,33 @@ class SteeringVector:
 
     @classmethod
     def load(cls, path: str | Path) -> SteeringVector:
-        """Read a vector written by :meth:`save` (onto the CPU)."""
-        from safetensors import safe_open
+        """Read a vector written by :meth:`save` (onto the CPU).
 
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            names = set(f.keys())
-            missing = [k for k in ("layer", "site", "method", "metadata") if k not in header]
-            missing += [] if "vector" in names else ["tensor 'vector'"]
-            if missing:
-                raise DatasetFormatError(
-                    f"Expected a steering-vector file with tensor 'vector' and metadata layer, "
-                    f"site, method, metadata; {str(path)!r} lacks {missing}. Hint: write it with "
-                    "SteeringVector.save."
+        Raises:
+            FileFormatError: the file is damaged, truncated, another format, or not a steering
+                vector (the message names the file).
+        """
+        what = "a steering vector (safetensors written by SteeringVector.save)"
+        hint = "write it with SteeringVector.save; a damaged copy must be saved again."
+        tensors, header = read_safetensors(path, what, hint)
+        missing = [k for k in ("layer", "site", "method", "metadata") if k not in header]
+        missing += [] if "vector" in tensors else ["tensor 'vector'"]
+        if missing:
+            raise FileFormatError(
+                f"Expected a steering-vector file with tensor 'vector' and metadata layer, "
+                f"site, method, metadata; {str(path)!r} lacks {missing}. Hint: {hint}"
+            )
+        try:
+            with reading(path, what, hint):
+                return cls(
+                    tensors["vector"],
+                    layer=int(header["layer"]),
+                    site=header["site"],
+                    method=header["method"],
+                    metadata=json.loads(header["metadata"]),
                 )
-            vector = f.get_tensor("vector")
-        return cls(
-            vector,
-            layer=int(header["layer"]),
-            site=header["site"],
-            method=header["method"],
-            metadata=json.loads(header["metadata"]),
-        )
+        except (InvalidSiteError, ShapeError) as exc:  # fields that parse but do not fit
+            raise FileFormatError(f"{exc} (in {str(path)!r})") from exc
 
     def __repr__(self) -> str:
         return (

@@ -9,6 +9,7 @@ import torch
 
 import mechkit as mk
 from mechkit.graph import ROC, CircuitGraph, GraphLayout
+from tests.conftest import JSON_DAMAGES, damage
 
 
 @pytest.fixture
@@ -77,6 +78,34 @@ def test_json_round_trip_and_bad_files(graph, tmp_path):
         CircuitGraph.from_dict(data)
     with pytest.raises(mk.MechkitError, match="format"):
         CircuitGraph.from_dict({"format": "other"})
+
+
+@pytest.mark.parametrize("how", JSON_DAMAGES)
+def test_damaged_circuit_graph_file_raises_file_format_error(how, graph, tmp_path):
+    path = graph.top_edges(4).save(tmp_path / "c.json")
+    damage(path, how)
+    with pytest.raises(mk.FileFormatError, match="c.json") as err:
+        CircuitGraph.load(path)
+    assert "Hint" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d["edges"][0].update(edge="a0.h9->logits"),  # a node the layout lacks
+        lambda d: d["edges"][0].update(score="high"),
+        lambda d: d["layout"].update(n_layers="two"),
+        lambda d: d.pop("edges"),
+        lambda d: d.update(format="mechkit.circuit_graph/0"),
+    ],
+)
+def test_circuit_graph_file_of_the_wrong_shape_raises_file_format_error(change, graph, tmp_path):
+    path = graph.top_edges(4).save(tmp_path / "c.json")
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(mk.FileFormatError, match="c.json"):
+        CircuitGraph.load(path)
 
 
 def test_roc_against_a_reference(graph):

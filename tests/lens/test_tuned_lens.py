@@ -7,6 +7,7 @@ import torch
 
 import mechkit as mk
 from mechkit.lens import tuned_lens as tl
+from tests.conftest import DAMAGES, JSON_DAMAGES, damage
 
 
 def repeated_tokens(model, n: int, half: int, seed: int) -> torch.Tensor:
@@ -85,3 +86,39 @@ def test_killed_run_resumes_to_the_same_lens(toy, tmp_path, monkeypatch):
     assert torch.allclose(resumed.A, straight.A, atol=1e-6)
     assert torch.allclose(resumed.b, straight.b, atol=1e-6)
     assert all(p.requires_grad for p in toy.parameters())  # the model is left as it was
+
+
+@pytest.mark.parametrize("how", JSON_DAMAGES)
+def test_damaged_tuned_lens_record_raises_file_format_error(how, tmp_path):
+    tl.TunedLens(2, 8, {"model": "toy"}).save(tmp_path / "lens")
+    damage(tmp_path / "lens" / "lens.json", how)
+    with pytest.raises(mk.FileFormatError, match="lens.json") as err:
+        tl.TunedLens.load(tmp_path / "lens")
+    assert "Hint" in str(err.value)
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_tuned_lens_weights_raise_file_format_error(how, tmp_path):
+    tl.TunedLens(2, 8).save(tmp_path / "lens")
+    damage(tmp_path / "lens" / "lens.safetensors", how)
+    with pytest.raises(mk.FileFormatError, match="lens.safetensors") as err:
+        tl.TunedLens.load(tmp_path / "lens")
+    assert "Hint" in str(err.value)
+
+
+def test_tuned_lens_record_that_does_not_fit_its_weights_raises_file_format_error(tmp_path):
+    tl.TunedLens(2, 8).save(tmp_path / "lens")
+    tl.TunedLens(3, 8).save(tmp_path / "other")
+    (tmp_path / "lens" / "lens.json").write_bytes((tmp_path / "other" / "lens.json").read_bytes())
+    with pytest.raises(mk.FileFormatError, match=r"\(3, 8, 8\)"):
+        tl.TunedLens.load(tmp_path / "lens")
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_tuned_lens_checkpoint_raises_file_format_error(how, toy, tmp_path):
+    tokens = repeated_tokens(toy, 16, 6, 1)
+    cfg = mk.TunedLensConfig(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2)
+    torch.save({"lens": {}, "optimizer": {}, "step": 2}, tmp_path / "checkpoint.pt")
+    damage(tmp_path / "checkpoint.pt", how)
+    with pytest.raises(mk.FileFormatError, match="checkpoint.pt"):
+        mk.train_tuned_lens(toy, tokens, cfg, checkpoint_dir=tmp_path, progress=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -191,6 +193,70 @@ def test_device_that_does_not_exist(device):
     with pytest.raises(mk.DeviceError, match=repr(device).strip("'")):
         mk.load_model("smollm2-135m", device=device)
     assert time.perf_counter() - start < 1  # refused before any loading work
+
+
+@pytest.fixture
+def cache_copy(smollm2, session_cache, tmp_path, monkeypatch):
+    """A second cache holding a copy of the session's smollm2-135m entry (files hard-linked,
+    so a test replaces a file rather than writing through the link), made the current cache."""
+    (entry,) = (Path(session_cache) / "models").glob("SmolLM2-135M-Instruct.Q4_1-*")
+    copy_root = tmp_path / "cache"
+    folder = copy_root / "models" / entry.name
+    shutil.copytree(entry, folder, copy_function=os.link)
+    monkeypatch.setenv("MECHKIT_CACHE_DIR", str(copy_root))
+    yield folder
+    shutil.rmtree(copy_root, ignore_errors=True)
+
+
+def test_cache_entry_altered_in_place_raises_cache_error(cache_copy):
+    """Weights altered in place (same size, same mtime) loaded silently, with moved logits;
+    now the checksum recorded at write time refuses them and names the folder to delete."""
+    weights = cache_copy / "weights.safetensors"
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    weights.unlink()  # break the hard link: the session's entry stays intact
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)  # zero 16 float32 weights
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size
+    with pytest.raises(mk.CacheError, match="changed since it was written") as err:
+        mk.load_model("smollm2-135m", device="cpu")
+    assert f"rm -r '{cache_copy}'" in str(err.value)
+
+
+def test_truncated_cache_entry_raises_cache_error_naming_the_folder(cache_copy):
+    weights = cache_copy / "weights.safetensors"
+    data = weights.read_bytes()[:10_000_000]
+    weights.unlink()
+    weights.write_bytes(data)
+    start = time.perf_counter()
+    with pytest.raises(mk.CacheError, match="truncated") as err:
+        mk.load_model("smollm2-135m", device="cpu")
+    assert time.perf_counter() - start < 10  # the size check comes before any hashing
+    assert str(cache_copy) in str(err.value)
+
+
+def test_cache_dir_that_is_a_file_raises_cache_error_before_converting(tmp_path, monkeypatch):
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file")
+    monkeypatch.setenv("MECHKIT_CACHE_DIR", str(not_a_folder))
+    start = time.perf_counter()
+    with pytest.raises(mk.CacheError, match="MECHKIT_CACHE_DIR"):
+        mk.load_model("smollm2-135m", device="cpu")
+    assert time.perf_counter() - start < 10  # refused before the conversion
+
+
+@pytest.mark.parametrize("n_ctx", [0, -5, True, 2.5, "2048"])
+def test_load_model_n_ctx_zero_fails_before_converting(n_ctx, tmp_path, monkeypatch):
+    """n_ctx=0 used to convert for 19 s, leave a 626 MB cache entry, then fail with a raw
+    error; now it is refused at once and nothing is written."""
+    monkeypatch.setenv("MECHKIT_CACHE_DIR", str(tmp_path))
+    start = time.perf_counter()
+    with pytest.raises(mk.InvalidArgumentError, match="n_ctx"):
+        mk.load_model("smollm2-135m", device="cpu", n_ctx=n_ctx)
+    assert time.perf_counter() - start < 5
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_dtype():

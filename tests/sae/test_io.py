@@ -11,8 +11,10 @@ import sae_lens
 import torch
 
 import mechkit as mk
-from mechkit.errors import MechkitError
+from mechkit.errors import FileFormatError, MechkitError
 from mechkit.sae import SAEConfig, load_sae, save_sae
+from mechkit.sae.io import SAEFileError
+from tests.conftest import DAMAGES, JSON_DAMAGES, damage
 from tests.sae.test_architectures import D_IN, D_OUT, D_SAE, make
 
 torch.set_num_threads(1)
@@ -194,3 +196,32 @@ def test_load_sae_takes_a_shipped_dictionary_by_name():
     )
     with pytest.raises(mk.MechkitError, match="Did you mean 'smollm2-135m-res12-topk'"):
         mk.load_sae("smollm2-135m-res12-topkk")
+
+
+@pytest.mark.parametrize("how", JSON_DAMAGES)
+def test_damaged_sae_config_raises_file_format_error(how, tmp_path):
+    save_sae(make("topk", "sae"), tmp_path / "s")
+    damage(tmp_path / "s" / "cfg.json", how)
+    with pytest.raises(FileFormatError, match="cfg.json") as err:
+        load_sae(tmp_path / "s")
+    assert "Hint" in str(err.value)
+    assert isinstance(err.value, SAEFileError)
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_sae_weights_raise_file_format_error(how, tmp_path):
+    save_sae(make("topk", "sae"), tmp_path / "s")
+    damage(tmp_path / "s" / "sae_weights.safetensors", how)
+    with pytest.raises(FileFormatError, match="sae_weights.safetensors") as err:
+        load_sae(tmp_path / "s")
+    assert "Hint" in str(err.value)
+
+
+def test_sae_config_with_wrong_field_types_names_the_file(tmp_path):
+    save_sae(make("topk", "sae"), tmp_path / "s")
+    raw = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    del raw["metadata"]["mechkit"]
+    raw["d_in"] = "wide"
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(raw))
+    with pytest.raises(FileFormatError, match="cfg.json"):
+        load_sae(tmp_path / "s")

@@ -223,3 +223,54 @@ def test_batchtopk_threshold_is_calibrated_on_the_final_weights():
     assert float(calibrated.threshold[0]) == pytest.approx(want, rel=1e-5)
     assert abs(l0 - 4.0) < 0.4, (l0, l0_plain)
     assert abs(l0 - 4.0) < abs(l0_plain - 4.0), (l0, l0_plain)
+
+
+class _WritesMarker:
+    """An object whose unpickling calls ``Path.touch(marker)``: what a planted file would run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_crafted_checkpoint_is_refused_and_runs_no_code(tmp_path):
+    """A checkpoint.pt planted in the folder, whose unpickling would run code, is refused with
+    FileFormatError before anything runs: the marker file never appears."""
+    from mechkit.errors import FileFormatError
+
+    marker = tmp_path / "marker"
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({"sae_config": _WritesMarker(str(marker))}, ckpt / "checkpoint.pt")
+    torch.load(ckpt / "checkpoint.pt", weights_only=False)  # the payload does run when unpickled
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(FileFormatError, match=r"checkpoint\.pt"):
+        train_sae(config("topk"), planted(400), TRAIN, checkpoint_dir=ckpt, stop_after_steps=1)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "json"])
+def test_damaged_checkpoint_raises_file_format_error(damage, tmp_path):
+    from mechkit.errors import FileFormatError
+
+    cfg = config("topk")
+    train_sae(cfg, planted(400), TRAIN, checkpoint_dir=tmp_path, stop_after_steps=4)
+    path = tmp_path / "checkpoint.pt"
+    data = path.read_bytes()
+    path.write_bytes(
+        {
+            "truncated": data[: len(data) // 2],
+            "random": torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
+            .to(torch.uint8)
+            .numpy()
+            .tobytes(),
+            "json": b'{"sae_config": {}}',
+        }[damage]
+    )
+    with pytest.raises(FileFormatError, match="delete"):
+        train_sae(cfg, planted(400), TRAIN, checkpoint_dir=tmp_path, stop_after_steps=1)

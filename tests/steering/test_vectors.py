@@ -16,7 +16,7 @@ from mechkit.steering.vectors import (
     pca_vector,
     probe_vector,
 )
-from tests.conftest import hook_count
+from tests.conftest import DAMAGES, damage, hook_count
 
 POSITIVES = [
     "I absolutely love this wonderful film",
@@ -183,7 +183,30 @@ def test_load_rejects_a_file_that_is_not_a_steering_vector(tmp_path):
 
     path = tmp_path / "other.safetensors"
     save_file({"weights": torch.zeros(3)}, str(path))
-    with pytest.raises(mk.DatasetFormatError, match="vector"):
+    with pytest.raises(mk.FileFormatError, match="vector"):
+        SteeringVector.load(path)
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_steering_vector_file_raises_file_format_error(how, tmp_path):
+    path = tmp_path / "v.safetensors"
+    SteeringVector(torch.ones(8), layer=2, metadata={"note": "x"}).save(path)
+    damage(path, how)
+    with pytest.raises(mk.FileFormatError, match="v.safetensors") as err:
+        SteeringVector.load(path)
+    assert "Hint" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("layer", "two"), ("site", "attn_out"), ("metadata", "{not json")]
+)
+def test_steering_vector_file_with_bad_fields_raises_file_format_error(field, value, tmp_path):
+    from safetensors.torch import save_file
+
+    header = {"layer": "2", "site": "resid_pre", "method": "pca", "metadata": "{}", field: value}
+    path = tmp_path / "v.safetensors"
+    save_file({"vector": torch.ones(8)}, str(path), metadata=header)
+    with pytest.raises(mk.FileFormatError, match="v.safetensors"):
         SteeringVector.load(path)
 
 

@@ -10,9 +10,17 @@ from typing import Any
 import torch
 
 from mechkit.atomic_io import write_text_atomically
+from mechkit.models.weight_cache import cache_root
 from mechkit.sae.base import SparseDictionary
 
-__all__ = ["heldout_metrics", "write_record"]
+__all__ = ["heldout_metrics", "write_record", "work_dir"]
+
+
+def work_dir() -> Path:
+    """Where a recipe keeps its activation cache and checkpoints: ``sae-recipes`` under the
+    user's mechkit cache (``$MECHKIT_CACHE_DIR``, else ``~/.cache/mechkit``). Not a fixed name
+    under the shared temporary directory, where another local user could plant a folder."""
+    return cache_root() / "sae-recipes"
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from mechkit.sae import (
     save_sae,
     train_sae,
 )
-from mechkit.sae.recipes.common import heldout_metrics, write_record
+from mechkit.sae.recipes.common import heldout_metrics, work_dir, write_record
 
 
 def main() -> None:
@@ -43,7 +43,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train-tokens", type=int, default=64_000)
     parser.add_argument("--steps-tokens", type=int, default=1_000_000)
-    parser.add_argument("--cache", default="/tmp/mechkit-sae-cache")
+    parser.add_argument(
+        "--cache",
+        default=str(work_dir()),
+        help="folder for the activation cache and checkpoints (default: %(default)s)",
+    )
     parser.add_argument("--out", default=None, help="default: mechkit/sae/trained/<name>")
     args = parser.parse_args()
     name = f"smollm2-135m-res{args.layer}-topk"

@@ -34,7 +34,7 @@ from mechkit.sae import (
     save_sae,
     train_sae,
 )
-from mechkit.sae.recipes.common import heldout_metrics, write_record
+from mechkit.sae.recipes.common import heldout_metrics, work_dir, write_record
 
 NAME = "smollm2-135m-mlp12-skip-transcoder"
 HOOK = "blocks.12.ln2.hook_normalized"
@@ -46,7 +46,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train-tokens", type=int, default=120_000)
     parser.add_argument("--steps-tokens", type=int, default=1_000_000)
-    parser.add_argument("--cache", default="/tmp/mechkit-sae-cache")
+    parser.add_argument(
+        "--cache",
+        default=str(work_dir()),
+        help="folder for the activation cache and checkpoints (default: %(default)s)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parents[1] / "trained" / NAME))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
