@@ -36,6 +36,11 @@ ALLOWED_BUILTIN_RAISES = {
     ("sae/base.py", "NotImplementedError", "training_step"),
     # an invariant of mechkit's own cache writer (a bug if it fires), not a user's input
     ("models/weight_cache.py", "RuntimeError", "write_folder_atomically"),
+    # raised inside mechkit.reading.reading(), which turns them into a FileFormatError naming the
+    # file (tested in tests/test_reading.py and the loaders' damaged-file tests)
+    ("reading.py", "TypeError", "read_json"),
+    ("reading.py", "ValueError", "read_checkpoint"),
+    ("lens/tuned_lens.py", "ValueError", "load"),
     # the user's own Ctrl-C, raised again once the hook scope has restored the model
     ("hook_scope.py", "KeyboardInterrupt", "keep_hooks"),
 }
