@@ -11,7 +11,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechkit.errors import EmptyDatasetError
-from mechkit.tokens import encode, pad_right, tokenizer_of
+from mechkit.tokens import check_tokens, encode, pad_right, tokenizer_of
 
 __all__ = ["NextTokenPredictions", "predict_next_tokens"]
 
@@ -97,6 +97,7 @@ def predict_next_tokens(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = [encode(model, p, prepend_bos) for p in prompts]
     tokens, mask = pad_right(rows, pad)
+    check_tokens(model, tokens, mask)
     device = model.cfg.device
     logits = model(tokens.to(device))  # (batch, pos, d_vocab)
     last = mask.sum(-1).to(logits.device) - 1

@@ -129,3 +129,13 @@ def test_token_prompts_longer_than_n_ctx_raise_context_length_error(toy):
     # exactly n_ctx tokens is fine
     ok = torch.ones(1, n_ctx, dtype=torch.long)
     assert mk.logit_lens(toy, ok).layer_labels
+
+
+def test_predict_next_tokens_refuses_a_prompt_longer_than_n_ctx(smollm2, monkeypatch):
+    """A context of 8 stands in for SmolLM2's 8192 (the check reads model.cfg.n_ctx)."""
+    from mechkit.predictions import predict_next_tokens
+
+    monkeypatch.setattr(smollm2.cfg, "n_ctx", 8)
+    with pytest.raises(ContextLengthError, match="n_ctx=8"):
+        predict_next_tokens(smollm2, ["one two three four five six seven eight nine ten"])
+    assert predict_next_tokens(smollm2, ["one two"]).tokens
