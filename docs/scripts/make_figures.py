@@ -4,8 +4,8 @@ Each figure is the ``.plot()`` of a mechkit result, computed here with the publi
 embedded SmolLM2 (or the toy ``attn-only-2l``), so a page shows what its example returns. The
 build (``docs/hooks.py``) inlines a figure where a page says ``{{ figure("NAME") }}`` and ships
 plotly.js from the installed plotly package: nothing is fetched. The JSON files are committed,
-so ``make docs`` does not run models; rerun this script (about 4 minutes on 2 CPU cores) after
-changing a method or its plot:
+so ``make docs`` does not run models; rerun this script (12 minutes measured on 2 busy CPU
+cores, most of it activation, path and attribution patching) after changing a method or its plot:
 
     python docs/scripts/make_figures.py            # every figure
     python docs/scripts/make_figures.py dla steering   # some
@@ -13,6 +13,7 @@ changing a method or its plot:
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 import time
@@ -136,19 +137,12 @@ def main(names: list[str]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for name in names or list(FIGURES):
         start = time.perf_counter()
-        with torch.no_grad() if name not in ("attribution", "edge_attribution") else _nothing():
+        needs_grad = name in ("attribution", "edge_attribution")
+        with contextlib.nullcontext() if needs_grad else torch.no_grad():
             result = FIGURES[name]()
         fig = result if hasattr(result, "to_json") else result.plot()
         (OUT / f"{name}.json").write_text(fig.to_json(), encoding="utf-8")
         print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
-
-
-class _nothing:  # noqa: N801 (a no-op context manager)
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 if __name__ == "__main__":
