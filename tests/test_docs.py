@@ -150,3 +150,11 @@ def test_readme_quickstart_is_the_docs_quickstart():
         return re.search(r"## Quickstart\s+```python\n(.*?)```", text, re.S).group(1)
 
     assert quickstart(ROOT / "README.md") == quickstart(ROOT / "docs" / "getting-started.md")
+
+
+def test_readme_links_point_at_files():
+    """The README links into docs/ and tutorials/; every relative link names a file."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    relative = [link for link in links if "://" not in link]
+    assert [link for link in relative if not (ROOT / link).is_file()] == []
