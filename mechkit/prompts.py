@@ -175,8 +175,11 @@ class PromptPairs:
             prepend_bos: add the BOS token; None means the model's default.
 
         Raises:
-            EmptyDatasetError, MultiTokenAnswerError, PromptLengthError, ShapeError,
-            ContextLengthError (a prompt longer than the model's ``n_ctx``).
+            EmptyDatasetError: no pairs.
+            MultiTokenAnswerError: an answer that is not a single token.
+            PromptLengthError: with ``aligned``, a clean and a corrupt prompt of different lengths.
+            ShapeError: lists of different lengths, or a single string instead of a list.
+            ContextLengthError: a prompt longer than the model's ``n_ctx``.
         """
         tokenizer = tokenizer_of(model)
         lists = {"clean": clean, "corrupt": corrupt, "answers": answers, "wrongs": wrongs}
