@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - create .venv, install mechkit, write reports/index.html
 #   make test   - the same set-up, then lint, format check and the whole test suite
+#   make test-fast - lint and the tests that do not load the 135M model (the edit-run loop)
 #
 # CPU machines get the CPU build of torch from TORCH_SPEC. On a GPU machine run
 #   make test TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128
@@ -13,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.mechkit-installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-fast lint install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +39,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# Tests marked slow load the real 135M model (or Gemma); CI runs them through `make test`.
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache .ruff_cache
