@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,10 @@ pytest_plugins = ["pytester"]
 
 SLOW_FIXTURES = frozenset({"smollm2", "session_cache"})
 """Fixtures that exist only for the real models: requesting one makes a test slow."""
+
+REAL_MODEL_BYTES = 10 * 1024**2
+"""GGUF files larger than this are real models (the 135M one is ~90 MB); tests of broken or
+hand-made files stay fast."""
 
 _running: dict[str, pytest.Item] = {}
 
@@ -44,16 +49,17 @@ def pytest_configure(config: pytest.Config) -> None:
     real = _loading.load_gguf
 
     @functools.wraps(real)
-    def load_gguf(*args, **kwargs):
+    def load_gguf(path, *args, **kwargs):
         item = _running.get("item")
-        if item is not None and item.get_closest_marker("slow") is None:
+        real_model = Path(path).is_file() and Path(path).stat().st_size > REAL_MODEL_BYTES
+        if real_model and item is not None and item.get_closest_marker("slow") is None:
             pytest.fail(
-                f"{item.nodeid} loads a real model ({args[0]}) but is not marked slow. "
+                f"{item.nodeid} loads a real model ({path}) but is not marked slow. "
                 "Hint: add @pytest.mark.slow (make test-fast skips slow tests), or use the toy "
                 "model (fixture `toy`).",
                 pytrace=False,
             )
-        return real(*args, **kwargs)
+        return real(path, *args, **kwargs)
 
     _loading.load_gguf = load_gguf
     config.add_cleanup(lambda: setattr(_loading, "load_gguf", real))
