@@ -2,6 +2,7 @@
 #   make demo   - create .venv, install mechkit, write reports/index.html
 #   make test   - the same set-up, then lint, format check and the whole test suite
 #   make docs   - the same set-up, then the documentation site in site/ (offline)
+#   make test-fast - lint and the tests that do not load the 135M model (the edit-run loop)
 #
 # CPU machines get the CPU build of torch from TORCH_SPEC. On a GPU machine run
 #   make test TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128
@@ -14,7 +15,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.mechkit-installed
 
-.PHONY: demo test lint install docs clean
+.PHONY: demo test test-fast lint install docs clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +48,10 @@ test: lint
 docs: $(STAMP)
 	$(BIN)/python docs/scripts/execute_tutorials.py
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
+# Tests marked slow load the real 135M model (or Gemma); CI runs them through `make test`.
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) reports site build/docs-notebooks .pytest_cache .ruff_cache

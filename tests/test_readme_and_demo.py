@@ -6,10 +6,14 @@ import contextlib
 import io
 import json
 import re
+import sys
 from pathlib import Path
+
+import torch
 
 import mechkit as mk
 from mechkit.demo import run_demo
+from tests.conftest import hook_count
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,12 +34,21 @@ def test_readme_quickstart_runs(smollm2):
     assert "tensor(" in out.getvalue()
 
 
-def test_demo_writes_report(smollm2, tmp_path):
+def test_demo_writes_report(smollm2, tmp_path, monkeypatch):
+    def session_model(name):  # the session's model, not a second copy loaded from the cache
+        assert name == "smollm2-135m"
+        return smollm2
+
+    monkeypatch.setattr(sys.modules[run_demo.__module__], "load_model", session_model)
+    config, sums = smollm2.cfg.to_dict(), {n: p.sum() for n, p in smollm2.named_parameters()}
     from mechkit.demo import registered_sections
 
     # the paper reproductions' sections come through their entry point (mechkit_circuits)
     assert registered_sections(), "no demo sections registered: run `pip install -e .` again"
     index = run_demo(tmp_path / "reports", "smollm2-135m", quick=True)
+    # the demo leaves the shared model as it found it: no hooks, settings or weights changed
+    assert hook_count(smollm2) == 0 and smollm2.cfg.to_dict() == config
+    assert all(torch.equal(p.sum(), sums[n]) for n, p in smollm2.named_parameters())
     page = index.read_text()
     assert index.name == "index.html" and "smollm2-135m" in page
     assert "&#x27; Paris&#x27;" in page or "' Paris'" in page  # top prediction shown
