@@ -235,9 +235,70 @@ def activation_patch(
         seed=seed,
     )
     done: dict[tuple[int, ...], tuple[float, list[float] | None]] = {}
-    for chunk in plan.run(memory_budget=memory_budget, progress=progress):
-        done.update(chunk)
+    buckets = _length_buckets(clean, plan, positions, ablation)
+    if buckets is None:
+        for chunk in plan.run(memory_budget=memory_budget, progress=progress):
+            done.update(chunk)
+        return plan.result(done)
+    # prompts of one length at a time (no padding computed); each cell's per-prompt scores
+    # gathered from the buckets, its score their mean (the metric is a mean over prompts)
+    per_prompt = {cell: [0.0] * plan.base.batch for cell in plan.cells}
+    for rows in buckets:
+        sub = plan_patch(
+            model, clean[rows], None, plan.setup.metric.select(rows), site=site,
+            positions=positions, layers=layers, heads=heads, neurons=neurons,
+            direction=direction, ablation=ablation, reference=reference, seed=seed,
+        )  # fmt: skip
+        found: dict[tuple[int, ...], list[float] | None] = {}
+        for chunk in sub.run(memory_budget=memory_budget, progress=progress):
+            found.update({cell: prompts for cell, (_, prompts) in chunk.items()})
+        full_index = _cell_map(sub, plan)
+        for cell in plan.cells:  # positions past these prompts' ends: unpatched
+            values = found.get(full_index.get(cell, ()), sub.base_per_prompt)
+            for i, row in enumerate(rows):
+                per_prompt[cell][row] = values[i]  # type: ignore[index]
+    for cell, values in per_prompt.items():
+        done[cell] = (sum(values) / len(values), values)
     return plan.result(done)
+
+
+_MIN_BUCKETED = 4
+"""Prompts from which a sweep over prompts of unequal lengths runs one length at a time."""
+
+
+def _length_buckets(
+    clean: Any, plan: PatchPlan, positions: Any, ablation: str | None
+) -> list[list[int]] | None:
+    """Rows of each clean prompt length, when the sweep can run one length at a time and give
+    the same numbers: aligned pairs of unequal lengths, a metric that is the mean of its
+    per-prompt values, a component sweep, and no ablation that mixes prompts. None otherwise."""
+    if not isinstance(clean, PromptPairs) or len(clean) < _MIN_BUCKETED:
+        return None
+    metric = plan.setup.metric
+    if not isinstance(metric, Metric) or type(metric).__call__ is not Metric.__call__:
+        return None
+    if ablation not in (None, "zero") or not clean.is_aligned:
+        return None
+    if not isinstance(plan.site_name, str) or plan.site_name not in PATCHABLE:
+        return None
+    if not (positions is None or positions in ("each", "all")):
+        return None
+    lengths = clean.clean_lengths.tolist()
+    if len(set(lengths)) == 1:
+        return None
+    return [[i for i, n in enumerate(lengths) if n == length] for length in sorted(set(lengths))]
+
+
+def _cell_map(sub: PatchPlan, full: PatchPlan) -> dict[tuple[int, ...], tuple[int, ...]]:
+    """``{full cell: sub cell}`` for the cells both sweeps have (matched by their labels)."""
+    out = {}
+    for cell in sub.cells:
+        labels = tuple(sub.labels[axis][i] for axis, i in zip(sub.axes, cell, strict=True))
+        index = tuple(
+            full.labels[axis].index(label) for axis, label in zip(full.axes, labels, strict=True)
+        )
+        out[index] = cell
+    return out
 
 
 @dataclasses.dataclass(eq=False)
