@@ -10,7 +10,10 @@ the value on a randomly drawn reference prompt (resample ablation).
 Results use the axes of the matching ``transformer_lens.patching`` function and equal its
 numbers (within 1e-4 in the tests), while many patches share each batched forward pass and each
 patch starts at its own layer and position from the cached reference run (see
-:mod:`mechkit.patching.engine`).
+:mod:`mechkit.patching.engine`). Four or more pairs of unequal lengths run one length at a time,
+so no padding is computed (each cell's score is then the mean of its per-prompt scores, as the
+metric's own mean is), and with a mechkit metric the last block's MLP runs only at the answer
+positions.
 
     >>> pairs = mk.PromptPairs.from_lists(model, clean, corrupt, answers, wrongs)
     >>> result = mk.activation_patch(model, pairs, site="resid_pre")
