@@ -124,7 +124,7 @@ def feature_edges(model, pairs, n_dicts: int, latents: int, method: str, steps: 
     import mechkit.sae.feature_circuits as fc
     from mechkit.sae import SAEConfig, SparseDictionary
 
-    layers = torch.linspace(1, model.cfg.n_layers - 2, n_dicts).round().long().tolist()
+    layers = torch.linspace(0, model.cfg.n_layers - 2, n_dicts).round().long().tolist()
     saes = {}
     for i, layer in enumerate(layers):
         cfg = SAEConfig(
@@ -168,6 +168,7 @@ def main() -> None:
     parser.add_argument("--latents", type=int, default=40)
     parser.add_argument("--only", nargs="+", default=["edges", "patching", "features"])
     parser.add_argument("--tiny", action="store_true", help="a smoke run on attn-only-2l")
+    parser.add_argument("--layers", type=int, default=None, help="keep only the first blocks")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,6 +180,10 @@ def main() -> None:
         args.dictionaries, args.latents = 1, 4
     else:
         model = mk.load_model("smollm2-135m", device=args.device)
+    if args.layers is not None and args.layers < model.cfg.n_layers:  # a quicker, shallower run
+        model.blocks = model.blocks[: args.layers]
+        model.cfg.n_layers = args.layers
+        model.setup()
     device = str(model.cfg.device)
     peak = matmul_peak(device, 4096 if device.startswith("cuda") else 1024)
     print(
