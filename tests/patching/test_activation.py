@@ -393,12 +393,14 @@ def test_length_buckets_and_answer_only_last_block_equal_transformer_lens(
     monkeypatch.setattr(activation_module, "plan_patch", plan)
     monkeypatch.setattr(engine, "_answers_only", only)
     ours = mk.activation_patch(model, pairs, site=site, positions=positions, progress=False)
-    assert calls["buckets"] == 1 + 3  # the whole sweep's plan, then one per length
+    assert calls["buckets"] == 3  # one plan per length
     assert calls["answers_only"] > 0 or site == "mlp_out"
     _, cache = model.run_with_cache(pairs.clean_tokens)
     theirs = tl_fn(model, pairs.corrupt_tokens, cache, metric)
     assert ours.scores.shape == theirs.shape
     torch.testing.assert_close(ours.scores, theirs, atol=1e-5, rtol=0)
+    assert ours.clean_score == pytest.approx(float(metric(model(pairs.clean_tokens))), abs=1e-5)
+    assert ours.corrupt_score == pytest.approx(float(metric(model(pairs.corrupt_tokens))), abs=1e-5)
     for row in (0, 1):  # each prompt's scores are its own unpadded sweep's
         alone = pairs[row]
         _, row_cache = model.run_with_cache(alone.clean_tokens)
