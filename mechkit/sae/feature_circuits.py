@@ -20,8 +20,8 @@ for prompts of differing templates).
 Node scores need one forward and backward pass per batch (plus the corrupt run; integrated
 gradients ``steps`` of them per dictionary), edges one vector-Jacobian product per receiving
 node (the receivers of a dictionary stacked into batched backward passes, ``is_grads_batched``,
-as many as fit a memory budget), so the graph keeps the ``latents_per_dictionary`` latents of largest ``|IE|`` in each dictionary (or
-those above ``node_threshold``), and every error term. The result is a
+as many as fit a memory budget), so the graph keeps the ``latents_per_dictionary`` latents of
+largest ``|IE|`` in each dictionary (or those above ``node_threshold``), and every error term. The result is a
 :class:`mechkit.CircuitGraph`: select edges, prune, plot, save and draw it like a graph of
 heads.
 
