@@ -21,9 +21,9 @@ Node scores need one forward and backward pass per batch (plus the corrupt run; 
 gradients ``steps`` of them per dictionary), edges one vector-Jacobian product per receiving
 node (the receivers of a dictionary stacked into batched backward passes, ``is_grads_batched``,
 as many as fit a memory budget), so the graph keeps the ``latents_per_dictionary`` latents of
-largest ``|IE|`` in each dictionary (or those above ``node_threshold``), and every error term. The result is a
-:class:`mechkit.CircuitGraph`: select edges, prune, plot, save and draw it like a graph of
-heads.
+largest ``|IE|`` in each dictionary (or those above ``node_threshold``), and every error term.
+The result is a :class:`mechkit.CircuitGraph`: select edges, prune, plot, save and draw it like
+a graph of heads.
 
     >>> saes = {"r6": mk.load_sae(".../smollm2-135m-res6-topk"), "r12": mk.load_sae(...)}
     >>> graph = mk.feature_circuit(model, saes, pairs, latents_per_dictionary=10)
