@@ -36,30 +36,31 @@ def batches(d_in: int, batch: int, n: int, seed: int = 0) -> list[torch.Tensor]:
     ]
 
 
-def run_mechkit(data, *, d_in, d_sae, k, batch, steps) -> float:
+def run_mechkit(data, *, d_in, d_sae, k, batch, steps, device="cpu") -> float:
     from mechkit.sae import SAEConfig, TrainConfig, train_sae
 
     cfg = SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=k, hook_name="bench")
     train = TrainConfig(
         total_tokens=steps * batch, batch_size=batch, log_every=steps, checkpoint_every=steps,
-        progress=False, b_dec_init="mean",
+        progress=False, b_dec_init="mean", device=device,
     )  # fmt: skip
     start = time.perf_counter()
     train_sae(cfg, itertools.cycle(data), train)
     return steps * batch / (time.perf_counter() - start)
 
 
-def run_sae_lens(data, *, d_in, d_sae, k, batch, steps) -> float:
+def run_sae_lens(data, *, d_in, d_sae, k, batch, steps, device="cpu") -> float:
     import contextlib
     import io
 
     from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, device=device))
     cfg = SAETrainerConfig(
-        total_training_samples=steps * batch, train_batch_size_samples=batch, lr=3e-4, lr_end=3e-4
-    )
+        total_training_samples=steps * batch, train_batch_size_samples=batch, lr=3e-4,
+        lr_end=3e-4, device=device,
+    )  # fmt: skip
     trainer = SAETrainer(cfg, sae, itertools.cycle(data))
     start = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
@@ -76,12 +77,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     kw = {
         "d_in": args.d_in, "d_sae": args.d_in * args.expansion, "k": args.k, "batch": args.batch,
+        "device": args.device,
     }  # fmt: skip
-    data = batches(args.d_in, args.batch, 8)
+    data = [b.to(args.device) for b in batches(args.d_in, args.batch, 8)]
     run_mechkit(data, steps=2, **kw)  # warm-up: allocator, kernels
     run_sae_lens(data, steps=2, **kw)
     ours, theirs = [], []
@@ -91,7 +94,7 @@ def main() -> None:
     o, t = statistics.median(ours), statistics.median(theirs)
     print(
         f"TopK SAE d_in={args.d_in} d_sae={kw['d_sae']} k={args.k} batch={args.batch}, "
-        f"{args.steps} steps x {args.rounds} rounds, {args.threads} thread(s), "
+        f"{args.steps} steps x {args.rounds} rounds, {args.threads} thread(s), {args.device}, "
         f"torch {torch.__version__}"
     )
     print(f"mechkit  : {o:10.0f} tokens/s  (rounds: {[round(v) for v in ours]})")

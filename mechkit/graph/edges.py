@@ -11,9 +11,39 @@ clean (noising):
   k = 1..steps, so ``steps=1`` is EAP).
 * ``"eap-ig-activations"``: the same integral taken per component block: for the senders of one
   block (the input, the heads of layer L, the MLP of layer L) their outputs move from ablated to
-  clean while the rest of the model runs clean; (2 n_layers + 1) x steps passes.
+  clean while the rest of the model runs clean; (2 n_layers + 1) x steps runs. Which runs an
+  edge's gradient is averaged over is ``ig_average``:
+
+  - ``"sender-runs"`` (the default): only the runs that move the edge's own sender block. This
+    is the integrated-gradients estimate of the edge's path from the sender's ablated to its
+    clean output, the other blocks held clean, which is what an edge score claims to be;
+    gradients from runs that move some other block measure a different path. It is also
+    cheaper: a run that moves block L starts at block L from the cached clean residual, so its
+    forward and backward passes cover only the layers from L on.
+  - ``"all-runs"``: every edge's gradient averaged over all the blocks' runs, as Hanna et al.'s
+    reference code (hannamw/EAP-IG, ``ig-activations``) does; use it to compare with published
+    scores (the two agree only roughly: Pearson r about 0.95 on attn-only-2l). The gradients
+    the runs of block L send into the clean layers before L are carried back to those layers'
+    receivers in one backward pass of the clean run, so it costs little more than the default.
+
+  The points of one block run as one batch (``steps`` stacked copies of the prompts).
 * ``"exact"``: each edge patched for real (one run per edge, batched): for small graphs and to
   check the others.
+
+Comparing with the reference implementation (hannamw/EAP-IG): ``"eap"``, ``"eap-ig-inputs"`` and
+``"exact"`` give its numbers to float precision once two conventions are matched.
+
+* Per-prompt division: mechkit differentiates the metric's mean over the prompts, so a score
+  is the mean over prompts of each prompt's score. The reference sums each batch's gradients
+  and divides the total by the number of prompts; with a metric that already averages over the
+  batch (its ``mean=True``) its scores are ours divided by the batch size, so give it a metric
+  that sums over the batch (or multiply its scores by the batch size).
+* Step grid: mechkit's points are ``k / steps`` for ``k = 1..steps`` (the clean end included,
+  so ``steps=1`` is EAP); the reference's ``ig-activations`` uses the same grid. Its EAP-IG on
+  inputs has, in the version read (``get_scores_eap_ig``), ``k = 0..steps-1``: the ablated end
+  included and the clean one left out, a grid no ``steps`` of mechkit's reproduces. Check the
+  version you compare with; where it differs, compare the two at many steps (both tend to the
+  same integral) or put the reference's loop on ``k = 1..steps``.
 
 Scores are ``(sender, receiver)`` in a :class:`~mechkit.graph.CircuitGraph` (zero where no edge
 exists). Prompts of unequal length are right-padded and scored at their answer positions;
@@ -46,7 +76,14 @@ from mechkit.errors import (
 )
 from mechkit.graph.circuit import CircuitGraph
 from mechkit.graph.layout import GraphLayout
-from mechkit.graph.runs import masked_logits, receiver_gradients, sender_outputs
+from mechkit.graph.runs import (
+    _receiver_hook_names,
+    graph_mode,
+    masked_logits,
+    receiver_gradients,
+    sender_outputs,
+)
+from mechkit.hook_scope import hook_scope
 from mechkit.metrics import Metric, check_metric_value
 from mechkit.patching.engine import _is_oom
 from mechkit.prompts import PromptPairs
@@ -57,6 +94,8 @@ __all__ = ["edge_attribution", "EdgeSetup", "prepare"]
 Method = Literal["eap", "eap-ig-inputs", "eap-ig-activations", "exact"]
 METHODS: tuple[str, ...] = ("eap", "eap-ig-inputs", "eap-ig-activations", "exact")
 Ablation = Literal["corrupt", "mean", "zero"]
+IgAverage = Literal["sender-runs", "all-runs"]
+IG_AVERAGES: tuple[str, ...] = ("sender-runs", "all-runs")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -209,6 +248,7 @@ def edge_attribution(
     reference: Any = None,
     batch_size: int | None = None,
     progress: bool = True,
+    ig_average: IgAverage = "sender-runs",
 ) -> CircuitGraph:
     """Score every edge of the model's graph.
 
@@ -224,6 +264,10 @@ def edge_attribution(
             when they are unpadded and as long as the clean ones), or ``"zero"``.
         batch_size: prompts per pass (None: all); exact runs also split edges to fit.
         progress: a progress bar for the multi-pass methods.
+        ig_average: which runs ``"eap-ig-activations"`` averages an edge's gradient over:
+            ``"sender-runs"`` (the runs that interpolate the sender's own block) or
+            ``"all-runs"`` (every block's runs, as Hanna et al.'s reference code does); see
+            the module docstring.
 
     Returns:
         A :class:`CircuitGraph` with a score for every edge.
@@ -235,6 +279,13 @@ def edge_attribution(
     check_choice("method", method, METHODS)
     check_positive_int("steps", steps)
     check_batch_size(batch_size)
+    check_choice("ig_average", ig_average, IG_AVERAGES)
+    if ig_average != "sender-runs" and method != "eap-ig-activations":
+        raise InvalidArgumentError(
+            f"Expected ig_average='sender-runs' (the only meaning) for method {method!r}; got "
+            f"{ig_average!r}. Hint: ig_average chooses between estimators of "
+            "method='eap-ig-activations' only."
+        )
     setup = prepare(
         model,
         clean,
@@ -249,20 +300,28 @@ def edge_attribution(
     if method == "exact":
         scores, clean_score = _exact(model, setup, progress)
     else:
-        scores, clean_score = _gradient_scores(model, setup, method, steps, progress)
+        scores, clean_score = _gradient_scores(model, setup, method, steps, ig_average, progress)
     scores = torch.where(layout.valid, scores.cpu(), torch.zeros((), dtype=scores.dtype))
     ablated_score = _ablated_score(model, setup)
     return CircuitGraph(
         layout=layout,
         scores=scores.float(),
         mask=None,
-        method=method if method == "eap" or method == "exact" else f"{method} ({steps} steps)",
+        method=_method_label(method, steps, ig_average),
         ablation=ablation,
         metric_name=_metric_name(setup.metric),
         clean_score=clean_score,
         ablated_score=ablated_score,
         model_name=str(model.cfg.model_name),
     )
+
+
+def _method_label(method: str, steps: int, ig_average: str) -> str:
+    if method in ("eap", "exact"):
+        return method
+    if method == "eap-ig-activations" and ig_average == "all-runs":
+        return f"{method} ({steps} steps, all runs)"
+    return f"{method} ({steps} steps)"
 
 
 def _metric_name(metric: Any) -> str:
@@ -290,16 +349,22 @@ def mean_value(metric: Any, logits: Tensor) -> Tensor:
 
 
 def _gradient_scores(
-    model: Any, setup: EdgeSetup, method: str, steps: int, progress: bool
+    model: Any, setup: EdgeSetup, method: str, steps: int, ig_average: str, progress: bool
 ) -> tuple[Tensor, float]:
+    """Gradient-times-difference scores. The integration points of one block (or of the input)
+    run as one batch of ``steps`` stacked copies of the prompts, and a run that interpolates a
+    block starts at that block from the clean residual (everything before it runs clean), so
+    its forward and backward passes cover only the layers from the block on."""
     layout = setup.layout
     n_batch = setup.clean_tokens.shape[0]
     scores = torch.zeros(len(layout.senders), len(layout.receivers), device=setup.ablated.device)
-    groups = _sender_groups(layout) if method == "eap-ig-activations" else [None]
-    points = [1.0] if method == "eap" else [k / steps for k in range(1, steps + 1)]
-    total = (n_batch + setup.batch_size - 1) // setup.batch_size * len(groups) * len(points)
+    groups = _sender_groups(layout) if method == "eap-ig-activations" else [(0, 1)]
+    n_points = 1 if method == "eap" else steps
+    alphas = torch.arange(1, n_points + 1, device=setup.ablated.device) / n_points
+    total = (n_batch + setup.batch_size - 1) // setup.batch_size * len(groups)
     bar = _bar(total, f"{method} edges", progress and total > 1)
     totals = {"clean": 0.0}
+    all_runs = method == "eap-ig-activations" and ig_average == "all-runs"
 
     def work(rows: slice) -> None:
         weight = (rows.stop - rows.start) / n_batch
@@ -307,41 +372,114 @@ def _gradient_scores(
         tokens = setup.clean_tokens[rows]
         clean = setup.clean_senders[rows]
         ablated = setup.ablated if setup.ablated.shape[0] == 1 else setup.ablated[rows]
+        ablated = ablated.expand_as(clean)
         delta = ablated - clean  # (batch, pos, sender, d_model)
         local = torch.zeros_like(scores)
-        clean_value = 0.0
-        for group in groups:
-            mean_grad = None
-            for alpha in points:
-                overrides = _interpolation(layout, clean, ablated, alpha, method, group)
-                grads, value, _ = receiver_gradients(
-                    model, layout, tokens, lambda lg, m=metric: mean_value(m, lg),
-                    overrides=overrides,
-                )  # fmt: skip
-                mean_grad = grads if mean_grad is None else mean_grad + grads
-                if alpha == 1.0 and group in (None, groups[0]):
-                    clean_value = float(value)
-            mean_grad = mean_grad / len(points)  # type: ignore[operator]
-            senders = slice(None) if group is None else slice(*group)
-            # (batch, pos, sender, d) x (batch, pos, receiver, d) -> (sender, receiver)
-            # as one matrix product over (batch, pos, d)
-            d_part = delta[:, :, senders].permute(2, 0, 1, 3)
-            g_part = mean_grad.permute(2, 0, 1, 3)  # (receiver, batch, pos, d)
-            part = d_part.reshape(d_part.shape[0], -1) @ g_part.reshape(g_part.shape[0], -1).T
-            # gradients are of the batch mean: scale to the whole set's mean
-            local[senders] += part * weight
-        scores.add_(local)  # only once the whole batch has run
-        totals["clean"] += clean_value * weight
-        if bar is not None:
-            bar.update(len(groups) * len(points))
+        values: list[float] = []
+        starts = _clean_block_inputs(model, layout, tokens, method, graph=all_runs)
+        summed = None  # all-runs: the receiver gradients summed over every run
+        for first, stop in groups:
+            layer, residual, overrides = _interpolation(
+                layout, clean, ablated, alphas, (first, stop), starts
+            )
+            if all_runs:
+                residual.requires_grad_(True)
+
+            def value_of(logits: Tensor, m: Any = metric) -> Tensor:
+                # the sum over the stacked points of the mean metric: its gradient is the sum
+                # of each point's gradient
+                parts = [mean_value(m, part) for part in logits.chunk(len(alphas))]
+                values.append(float(parts[-1].detach()))  # the last point (alpha = 1)
+                return torch.stack(parts).sum()
+
+            grads, _, _ = receiver_gradients(
+                model, layout, tokens, value_of, overrides=overrides, residual=residual,
+                start_layer=layer, repeats=len(alphas),
+            )  # fmt: skip
+            if all_runs:
+                summed = grads if summed is None else summed + grads
+                # (alpha * batch, pos, d_model) -> summed over the points
+                pushed = residual.grad.reshape(len(alphas), *tokens.shape, -1).sum(0)
+                starts["grads"][layer] = starts["grads"].get(layer, 0) + pushed
+            else:
+                scored = slice(first, stop) if len(groups) > 1 else slice(None)
+                _add_scores(local, delta, grads / len(alphas), scored)
+            if bar is not None:
+                bar.update(1)
+        if all_runs:
+            summed = summed + _prefix_gradients(starts)  # type: ignore[operator]
+            _add_scores(local, delta, summed / (len(groups) * len(alphas)), slice(None))
+        scores.add_(local * weight)  # only once the whole batch has run
+        totals["clean"] += values[0] * weight
 
     try:
         each_batch(n_batch, setup.batch_size, work, isinstance(setup.metric, Metric))
     finally:
         if bar is not None:
             bar.close()
-    clean_total = totals["clean"]
-    return scores, clean_total
+    return scores, totals["clean"]
+
+
+def _add_scores(local: Tensor, delta: Tensor, grads: Tensor, senders: slice) -> None:
+    """``local[senders] += delta[senders] . grads`` summed over (batch, pos, d_model), as one
+    matrix product: (sender, b * p * d) x (b * p * d, receiver)."""
+    d_part = delta[:, :, senders].permute(2, 0, 1, 3)  # (sender, batch, pos, d_model)
+    g_part = grads.permute(2, 0, 1, 3)  # (receiver, batch, pos, d_model)
+    local[senders] += d_part.reshape(d_part.shape[0], -1) @ g_part.reshape(g_part.shape[0], -1).T
+
+
+def _clean_block_inputs(
+    model: Any, layout: GraphLayout, tokens: Tensor, method: str, *, graph: bool
+) -> dict[str, Any]:
+    """The clean residual entering each block, ``{"resid": {layer: (batch, pos, d_model)}}``.
+
+    With ``graph`` the run keeps its autograd graph and receiver inputs (``"inputs"``), so
+    that gradients arriving at a block's input can be carried back to the receivers before it
+    in one backward pass (:func:`_prefix_gradients`)."""
+    out: dict[str, Any] = {"resid": {}, "inputs": {}, "grads": {}}
+    if method != "eap-ig-activations":
+        return out
+    hooks = []
+    for layer in range(layout.n_layers):
+
+        def keep(act: Tensor, hook: Any, layer: int = layer) -> Tensor:
+            if layer == 0 and graph:
+                act = act.detach().requires_grad_(True)
+            out["resid"][layer] = act
+            return act
+
+        hooks.append((f"blocks.{layer}.hook_resid_pre", keep))
+    if graph:
+        for name, first, _ in _receiver_hook_names(layout):
+
+            def keep_input(act: Tensor, hook: Any, first: int = first) -> None:
+                out["inputs"][first] = act
+
+            hooks.append((name, keep_input))
+    with torch.set_grad_enabled(graph), graph_mode(model), hook_scope(model, fwd_hooks=hooks):
+        model(tokens, stop_at_layer=layout.n_layers)
+    out["shape"] = (tokens.shape[0], tokens.shape[1], len(layout.receivers), layout.d_model)
+    return out
+
+
+def _prefix_gradients(starts: dict[str, Any]) -> Tensor:
+    """The receivers' gradients through the clean part of each run: the gradients that reached
+    each block's input, sent back through the clean run in one backward pass."""
+    out = torch.zeros(starts["shape"], device=starts["resid"][0].device)
+    pushed = [(starts["resid"][layer], g) for layer, g in starts["grads"].items() if layer > 0]
+    if not pushed:
+        return out
+    firsts = sorted(starts["inputs"])
+    grads = torch.autograd.grad(
+        [r for r, _ in pushed], [starts["inputs"][f] for f in firsts],
+        grad_outputs=[g.to(r.dtype) for r, g in pushed], allow_unused=True,
+    )  # fmt: skip
+    for first, grad in zip(firsts, grads, strict=True):
+        if grad is None:
+            continue
+        grad = grad if grad.ndim == 4 else grad[:, :, None]
+        out[:, :, first : first + grad.shape[2]] = grad.detach()
+    return out
 
 
 def _sender_groups(layout: GraphLayout) -> list[tuple[int, int]]:
@@ -361,40 +499,40 @@ def _interpolation(
     layout: GraphLayout,
     clean: Tensor,
     ablated: Tensor,
-    alpha: float,
-    method: str,
-    group: tuple[int, int] | None,
-) -> dict[str, Any]:
-    """Forward hooks moving the inputs (or one block's senders) alpha of the way from ablated to
-    clean; none at alpha = 1 for EAP."""
-    if method == "eap" or alpha == 1.0 and method == "eap-ig-inputs":
-        return {}
-    if method == "eap-ig-inputs" or group == (0, 1):
-        target = ablated[:, :, 0] + alpha * (clean[:, :, 0] - ablated[:, :, 0])  # (b, p, d)
-
-        def embed(act: Tensor, hook: Any) -> Tensor:
-            return target.expand_as(act).to(act.dtype)
-
-        return {"blocks.0.hook_resid_pre": embed}
-    first, stop = group  # type: ignore[misc]
+    alphas: Tensor,
+    group: tuple[int, int],
+    starts: dict[str, Any],
+) -> tuple[int, Tensor, dict[str, Any]]:
+    """``(start layer, residual, overrides)`` of the run that moves one block's senders (or the
+    input) each alpha of the way from ablated to clean, one stacked copy of the batch per
+    alpha: ``residual`` is ``(alpha * batch, pos, d_model)``."""
+    n_alpha = len(alphas)
+    a = alphas[:, None, None, None]  # (alpha, 1, 1, 1) against (1, batch, pos, d_model)
+    first, stop = group
+    if group == (0, 1):
+        point = clean[None, :, :, 0] + (1 - a) * (ablated[None, :, :, 0] - clean[None, :, :, 0])
+        return 0, point.flatten(0, 1), {}  # (alpha * batch, pos, d_model)
+    layer = layout.senders[first].layer
+    residual = starts["resid"][layer].detach().repeat(n_alpha, 1, 1)
     if stop - first == 1 and layout.has_mlp and _is_mlp(layout, first):
-        layer = layout.senders[first].layer
-        value = ablated[:, :, first] + alpha * (clean[:, :, first] - ablated[:, :, first])
+        value = clean[None, :, :, first] + (1 - a) * (ablated - clean)[None, :, :, first]
+        value = value.flatten(0, 1)
 
         def mlp(act: Tensor, hook: Any) -> Tensor:
-            return value.expand_as(act).to(act.dtype)
+            return value.to(act.dtype)
 
-        return {f"blocks.{layer}.hook_mlp_out": mlp}
-    layer = layout.senders[first].layer
-    # head outputs are linear in z: move z itself; hook_z is (batch, pos, head, d_head), so
-    # the interpolation is applied to the head outputs' difference through W_O's pseudo-inverse
-    # would be lossy: instead the hook adds the output difference to attn_out directly.
-    diff = (1 - alpha) * (ablated[:, :, first:stop] - clean[:, :, first:stop]).sum(2)
+        return layer, residual, {f"blocks.{layer}.hook_mlp_out": mlp}
+    # head outputs are linear in z, so moving every head's z from ablated to clean moves
+    # attn_out by (1 - alpha) * sum over heads of (ablated - clean) output
+    diff = (1 - a) * (ablated[None, :, :, first:stop] - clean[None, :, :, first:stop]).sum(3)
+    diff = diff.flatten(0, 1)  # (alpha * batch, pos, d_model)
 
     def attn_out(act: Tensor, hook: Any) -> Tensor:
-        return act + diff.to(act.dtype)
+        # the block's output is set, not computed: its own inputs get no gradient in this run,
+        # as when each head's output is replaced (what matters for ig_average="all-runs")
+        return act.detach() + diff.to(act.dtype)
 
-    return {f"blocks.{layer}.hook_attn_out": attn_out}
+    return layer, residual, {f"blocks.{layer}.hook_attn_out": attn_out}
 
 
 def _is_mlp(layout: GraphLayout, index: int) -> bool:

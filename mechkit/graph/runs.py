@@ -115,6 +115,9 @@ def receiver_gradients(
     *,
     overrides: dict[str, Callable] | None = None,
     senders: bool = False,
+    residual: Tensor | None = None,
+    start_layer: int = 0,
+    repeats: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """dM/d(input of every receiver) on ``tokens``: ``(batch, pos, receiver, d_model)``.
 
@@ -123,6 +126,12 @@ def receiver_gradients(
         overrides: forward hooks ``{hook name: fn(act, hook) -> act}`` applied first (the
             interpolations of EAP-IG).
         senders: also return the sender outputs of this run.
+        residual: start the run at block ``start_layer`` from this residual,
+            ``(repeats * batch, pos, d_model)``, instead of embedding ``tokens``; receivers of
+            earlier blocks get zero gradient. If it requires grad, its gradient is added to
+            its ``.grad`` (the same backward pass).
+        repeats: the run holds ``repeats`` stacked copies of the batch (the points of an
+            integral, batched); the gradients returned are summed over the copies.
 
     Returns:
         ``(gradients, metric value, sender outputs or None)``. Parameters get no ``.grad``.
@@ -161,16 +170,28 @@ def receiver_gradients(
         hooks += _sender_hooks(model, layout, store)
     hooks += [(name, keep(first)) for name, first, _ in names]
     with torch.enable_grad(), graph_mode(model), hook_scope(model, fwd_hooks=hooks):
-        logits = model(tokens)
+        if residual is None:
+            logits = model(tokens)
+        else:
+            start = residual if residual.requires_grad else residual.detach().requires_grad_(True)
+            logits = model(start, start_at_layer=start_layer)
         value = value_of(logits)
-        order = [first for _, first, _ in names]
-        grads = torch.autograd.grad(value, [inputs[f] for f in order], allow_unused=True)
+        fired = [(first, count) for _, first, count in names if first in inputs]
+        wanted = [inputs[first] for first, _ in fired]
+        if residual is not None and residual.requires_grad:
+            wanted.append(residual)
+        grads = list(torch.autograd.grad(value, wanted, allow_unused=True))
+    if residual is not None and residual.requires_grad:
+        extra = grads.pop()
+        if extra is not None:
+            residual.grad = extra if residual.grad is None else residual.grad + extra
     out = torch.zeros(n_batch, seq, len(layout.receivers), layout.d_model, device=tokens.device)
-    for (_, first, count), grad in zip(names, grads, strict=True):
+    for (first, count), grad in zip(fired, grads, strict=True):
         if grad is None:
             continue
         grad = grad.detach()
-        out[:, :, first : first + count] = grad if grad.ndim == 4 else grad[:, :, None]
+        grad = grad if grad.ndim == 4 else grad[:, :, None]  # (repeats * batch, pos, count, d)
+        out[:, :, first : first + count] = grad.reshape(repeats, n_batch, *grad.shape[1:]).sum(0)
     return out, value.detach(), sent
 
 

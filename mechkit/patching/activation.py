@@ -10,7 +10,10 @@ the value on a randomly drawn reference prompt (resample ablation).
 Results use the axes of the matching ``transformer_lens.patching`` function and equal its
 numbers (within 1e-4 in the tests), while many patches share each batched forward pass and each
 patch starts at its own layer and position from the cached reference run (see
-:mod:`mechkit.patching.engine`).
+:mod:`mechkit.patching.engine`). Four or more pairs of unequal lengths run one length at a time,
+so no padding is computed (each cell's score is then the mean of its per-prompt scores, as the
+metric's own mean is), and with a mechkit metric the last block's MLP runs only at the answer
+positions.
 
     >>> pairs = mk.PromptPairs.from_lists(model, clean, corrupt, answers, wrongs)
     >>> result = mk.activation_patch(model, pairs, site="resid_pre")
@@ -227,25 +230,107 @@ def activation_patch(
         >>> r.normalized().plot()
     """
     engine.check_budget(memory_budget)
-    plan = plan_patch(
-        model,
-        clean,
-        corrupt,
-        metric,
-        site=site,
-        positions=positions,
-        layers=layers,
-        heads=heads,
-        neurons=neurons,
-        direction=direction,
-        ablation=ablation,
-        reference=reference,
-        seed=seed,
-    )
+    kwargs = {
+        "site": site, "positions": positions, "layers": layers, "heads": heads,
+        "neurons": neurons, "direction": direction, "ablation": ablation,
+        "reference": reference, "seed": seed,
+    }  # fmt: skip
+    if corrupt is None and isinstance(clean, PromptPairs):
+        setup = resolve_inputs(model, clean, None, metric, direction, ablation, reference)
+        buckets = _length_buckets(clean, setup.metric, site, positions, ablation)
+        if buckets is not None:
+            return _bucketed(model, clean, setup, buckets, kwargs, memory_budget, progress)
+    plan = plan_patch(model, clean, corrupt, metric, **kwargs)  # type: ignore[arg-type]
     done: dict[tuple[int, ...], tuple[float, list[float] | None]] = {}
     for chunk in plan.run(memory_budget=memory_budget, progress=progress):
         done.update(chunk)
     return plan.result(done)
+
+
+def _bucketed(
+    model: Any,
+    pairs: PromptPairs,
+    setup: Setup,
+    buckets: list[list[int]],
+    kwargs: dict[str, Any],
+    memory_budget: Any,
+    progress: bool,
+) -> PatchResult:
+    """The sweep run on the prompts of one length at a time (no padding computed): each cell's
+    per-prompt scores gathered from the buckets, its score their mean (the metric's own mean);
+    cells at positions past a bucket's prompts are its unpatched values there."""
+    seq = setup.base_tokens.shape[1]
+    names = ("site", "positions", "layers", "heads", "neurons")
+    axes, labels, cells = _plan_cells(model, *(kwargs[n] for n in names), seq)
+    n_batch = len(pairs)
+    per_prompt = {cell.index: [0.0] * n_batch for cell in cells}
+    scores = {"clean": 0.0, "corrupt": 0.0}
+    for rows in buckets:
+        sub = plan_patch(model, pairs[rows], None, setup.metric.select(rows), **kwargs)
+        found: dict[tuple[int, ...], list[float] | None] = {}
+        for chunk in sub.run(memory_budget=memory_budget, progress=progress):
+            found.update({cell: prompts for cell, (_, prompts) in chunk.items()})
+        full_index = _cell_map(sub, axes, labels)
+        for cell in cells:
+            values = found.get(full_index.get(cell.index, ()), sub.base_per_prompt)
+            for i, row in enumerate(rows):
+                per_prompt[cell.index][row] = values[i]  # type: ignore[index]
+        for name, value in (("clean", sub.clean_score), ("corrupt", sub.corrupt_score)):
+            scores[name] += float("nan") if value is None else value * len(rows) / n_batch
+    shape = tuple(len(labels[a]) for a in axes)
+    grid = torch.full(shape, float("nan"))
+    grid_per_prompt = torch.full((*shape, n_batch), float("nan"))
+    for index, values in per_prompt.items():
+        grid[index] = sum(values) / n_batch
+        grid_per_prompt[index] = torch.tensor(values)
+    return PatchResult(
+        scores=grid,
+        per_prompt=grid_per_prompt,
+        axes=axes,
+        labels=labels,
+        tick_labels=_tick_labels(model, axes, labels, setup.clean_tokens),
+        clean_score=scores["clean"],
+        corrupt_score=scores["corrupt"],
+        method=setup.method,
+        site=_site_name(kwargs["site"]),
+        metric_name=_metric_name(setup.metric),
+    )
+
+
+_MIN_BUCKETED = 4
+"""Prompts from which a sweep over prompts of unequal lengths runs one length at a time."""
+
+
+def _length_buckets(
+    clean: PromptPairs, metric: Any, site: Any, positions: Any, ablation: str | None
+) -> list[list[int]] | None:
+    """Rows of each clean prompt length, when the sweep can run one length at a time and give
+    the same numbers: aligned pairs of unequal lengths, a metric that is the mean of its
+    per-prompt values, a component sweep, and no ablation that mixes prompts. None otherwise."""
+    if len(clean) < _MIN_BUCKETED or not clean.is_aligned:
+        return None
+    if not isinstance(metric, Metric) or type(metric).__call__ is not Metric.__call__:
+        return None
+    if ablation not in (None, "zero") or not isinstance(site, str) or site not in PATCHABLE:
+        return None
+    if not (positions is None or positions in ("each", "all")):
+        return None
+    lengths = clean.clean_lengths.tolist()
+    if len(set(lengths)) == 1:
+        return None
+    return [[i for i, n in enumerate(lengths) if n == length] for length in sorted(set(lengths))]
+
+
+def _cell_map(
+    sub: PatchPlan, axes: tuple[str, ...], labels: dict[str, list[Any]]
+) -> dict[tuple[int, ...], tuple[int, ...]]:
+    """``{full cell: sub cell}`` for the cells both sweeps have (matched by their labels)."""
+    out = {}
+    for cell in sub.cells:
+        values = tuple(sub.labels[axis][i] for axis, i in zip(sub.axes, cell, strict=True))
+        index = tuple(labels[axis].index(v) for axis, v in zip(axes, values, strict=True))
+        out[index] = cell
+    return out
 
 
 @dataclasses.dataclass(eq=False)

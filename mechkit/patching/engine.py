@@ -375,6 +375,18 @@ def _run_chunk(
     next_job = 0
     n_layers = model.cfg.n_layers
     stops = [n_layers if job.stop is None else job.stop for job in chunk]
+    answers_only = max(stops) == n_layers and _answers_only(model, reader, edits_at, captures_at)
+    if answers_only:
+        # the last block's MLP only at the answer positions: after its attention (which needs
+        # every position's keys and values) the residual keeps one position per row
+        relative = (reader.positions.to(base.tokens.device) - start).clamp(min=0)
+
+        def answer_rows(act: Tensor, hook: Any) -> Tensor:
+            rows = torch.arange(act.shape[0], device=act.device)
+            at = relative.repeat(act.shape[0] // n_batch)  # (copies * batch,)
+            return act[rows, at][:, None]  # (copies * batch, 1, d_model)
+
+        hooks.append((f"blocks.{n_layers - 1}.hook_resid_mid", answer_rows))
     with hook_scope(model, fwd_hooks=hooks):
         for layer in range(chunk[0].layer, max(stops)):
             joining = 0
@@ -396,7 +408,22 @@ def _run_chunk(
     if max(stops) < n_layers:  # capture-only jobs: no metric
         nan = torch.tensor(float("nan"))
         return [JobResult(job.key, nan, None, captured[i], start) for i, job in enumerate(chunk)]
-    return _score_rows(model, base, chunk, x, start, reader, captured)
+    return _score_rows(model, base, chunk, x, start, reader, captured, answers_only)
+
+
+def _answers_only(
+    model: Any, reader: MetricReader, edits_at: dict[str, Any], captures_at: dict[str, Any]
+) -> bool:
+    """Whether the last block can run its MLP at the answer positions only: the metric reads
+    only those, and nothing is edited or captured in the last block after ``hook_resid_mid``
+    (edits there run before the hook that keeps the answer positions)."""
+    cfg = model.cfg
+    if reader.full or cfg.attn_only or getattr(cfg, "parallel_attn_mlp", False):
+        return False
+    last = f"blocks.{cfg.n_layers - 1}."
+    after = ("hook_resid_post", "mlp", "ln2")
+    names = [*edits_at, *captures_at]
+    return not any(n.startswith(last) and any(a in n for a in after) for n in names)
 
 
 def _score_rows(
@@ -407,6 +434,7 @@ def _score_rows(
     start: int,
     reader: MetricReader,
     captured: list[dict[str, Tensor]],
+    answers_only: bool = False,
 ) -> list[JobResult]:
     n_batch, copies = base.batch, len(chunk)
     if reader.full:
@@ -419,7 +447,9 @@ def _score_rows(
         relative = (positions - start).repeat(copies)  # (copies*batch,)
         inside = relative >= 0
         rows = torch.arange(resid.shape[0], device=resid.device)
-        picked = resid[rows, relative.clamp(min=0)]  # (copies*batch, d_model)
+        # (copies*batch, d_model); the residual holds only the answer positions already when
+        # the last block ran on those alone
+        picked = resid[:, 0] if answers_only else resid[rows, relative.clamp(min=0)]
         logits = decode_residual(model, picked[:, None])[:, 0]  # (copies*batch, d_vocab)
         unchanged = base.logits[torch.arange(n_batch, device=resid.device), positions]
         logits = torch.where(inside[:, None], logits, unchanged.repeat(copies, 1))

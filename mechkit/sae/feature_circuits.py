@@ -18,11 +18,12 @@ decomposes each node's effect (tested). Nodes are summed over positions (Marks e
 for prompts of differing templates).
 
 Node scores need one forward and backward pass per batch (plus the corrupt run; integrated
-gradients ``steps`` of them per dictionary), edges one backward pass per receiving node, so the
-graph keeps the ``latents_per_dictionary`` latents of largest ``|IE|`` in each dictionary (or
-those above ``node_threshold``), and every error term. The result is a
-:class:`mechkit.CircuitGraph`: select edges, prune, plot, save and draw it like a graph of
-heads.
+gradients ``steps`` of them per dictionary), edges one vector-Jacobian product per receiving
+node (the receivers of a dictionary stacked into batched backward passes, ``is_grads_batched``,
+as many as fit a memory budget), so the graph keeps the ``latents_per_dictionary`` latents of
+largest ``|IE|`` in each dictionary (or those above ``node_threshold``), and every error term.
+The result is a :class:`mechkit.CircuitGraph`: select edges, prune, plot, save and draw it like
+a graph of heads.
 
     >>> saes = {"r6": mk.load_sae("smollm2-135m-res6-topk"), "r12": mk.load_sae(...)}
     >>> graph = mk.feature_circuit(model, saes, pairs, latents_per_dictionary=10)
@@ -401,20 +402,23 @@ def _edge_pass(
     for c in chosen:
         first.append(first[-1] + len(c) + 1)
 
-    def sender_row(grads: list[Tensor | None], upto: int) -> Tensor:
-        """Edge scores from every sender before dictionary ``upto`` given the gradients of one
-        receiver with respect to ``[x0, f_0, e_0, f_1, e_1, ...]``."""
-        row = torch.zeros(n_send, dtype=torch.float64)
+    def sender_rows(grads: list[Tensor | None], upto: int, n_rows: int) -> Tensor:
+        """Edge scores ``(receiver, sender)`` from every sender before dictionary ``upto``,
+        given a stack of receivers' gradients with respect to ``[x0, f_0, e_0, f_1, ...]``,
+        each ``(receiver, batch, pos, ...)``."""
+        rows = torch.zeros(n_rows, n_send, dtype=torch.float64)
         if grads[0] is not None:
-            row[0] = (delta.x0 * grads[0]).sum().double().cpu()
+            rows[:, 0] = (delta.x0[None] * grads[0]).sum((1, 2, 3)).double().cpu()
         for k in range(upto):
             g_f, g_e = grads[1 + 2 * k], grads[2 + 2 * k]
             if g_f is not None:
-                picked = (delta.f[k] * g_f)[..., chosen[k]].sum((0, 1))
-                row[first[k] : first[k] + len(chosen[k])] = picked.double().cpu()
+                picked = (delta.f[k][None] * g_f)[..., chosen[k]].sum((1, 2))  # (rows, latent)
+                rows[:, first[k] : first[k] + len(chosen[k])] = picked.double().cpu()
             if g_e is not None:
-                row[first[k] + len(chosen[k])] = (delta.e[k] * g_e).sum().double().cpu()
-        return row
+                rows[:, first[k] + len(chosen[k])] = (
+                    (delta.e[k][None] * g_e).sum((1, 2, 3)).double().cpu()
+                )
+        return rows
 
     with torch.enable_grad(), hook_scope(model, fwd_hooks=_hooks(entries, write, leaf)):
         logits = model(tokens)
@@ -424,18 +428,83 @@ def _edge_pass(
             leaves += [leaves_f[k], leaves_e[k]]
         for k in range(len(entries)):
             upstream = leaves[: 1 + 2 * k]
-            seeds = [(grad.f[k][..., i] * live_f[k][..., i]).sum() for i in chosen[k].tolist()]
-            seeds.append((grad.e[k] * live_e[k]).sum())
-            for j, seed in enumerate(seeds):
-                got = torch.autograd.grad(seed, upstream, retain_graph=True, allow_unused=True)
-                scores[:, first[k] - 1 + j] = sender_row(list(got), k)
+            # receivers of dictionary k: its chosen latents, then its error. Receiver r's
+            # gradient is that of sum(G_r * v_r); a stack of them is one batched backward pass
+            # (is_grads_batched) through the graph from the receivers' values
+            idx = chosen[k].to(live_f[k].device)
+            outputs = [live_f[k][..., idx], live_e[k]]  # (b, t, n) and (b, t, d_out)
+            n_r = len(idx) + 1
+            per_row = tokens.numel() * sum(leaf.shape[-1] for leaf in upstream) * 8
+            size = max(1, min(n_r, _RECEIVER_BYTES // max(1, per_row)))
+            for lo in range(0, n_r, size):
+                hi = min(lo + size, n_r)
+                seeds = _receiver_seeds(outputs, grad.f[k][..., idx], grad.e[k], lo, hi)
+                got = _batched_grad(outputs, upstream, seeds)
+                scores[:, first[k] - 1 + lo : first[k] - 1 + hi] = sender_rows(got, k, hi - lo).T
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(hi - lo)
         got = torch.autograd.grad(value, leaves, allow_unused=True)
-        scores[:, -1] = sender_row(list(got), len(entries))
+        scores[:, -1] = sender_rows([None if g is None else g[None] for g in got], len(entries), 1)[
+            0
+        ]
         if bar is not None:
             bar.update(1)
     return scores
+
+
+_RECEIVER_BYTES = 256 * 1024**2
+"""Memory for the stacked upstream gradients of one batched backward pass of the edge pass."""
+
+
+def _receiver_seeds(
+    outputs: list[Tensor], g_f: Tensor, g_e: Tensor, lo: int, hi: int
+) -> list[Tensor]:
+    """The gradients fed to ``outputs = [f (b, t, n), e (b, t, d)]`` for receivers ``lo..hi``
+    (latents ``0..n-1``, then the error ``n``): receiver ``r < n`` is ``G_f[..., r]`` on latent
+    ``r`` alone; the error receiver is ``G_e`` on the error. ``(receiver, b, t, ...)`` each."""
+    f, e = outputs
+    n = f.shape[-1]
+    seed_f = torch.zeros(hi - lo, *f.shape, dtype=f.dtype, device=f.device)
+    seed_e = torch.zeros(hi - lo, *e.shape, dtype=e.dtype, device=e.device)
+    for row, r in enumerate(range(lo, hi)):
+        if r < n:
+            seed_f[row, ..., r] = g_f[..., r].to(f.dtype)
+        else:
+            seed_e[row] = g_e.to(e.dtype)
+    return [seed_f, seed_e]
+
+
+def _batched_grad(
+    outputs: list[Tensor], inputs: list[Tensor], seeds: list[Tensor]
+) -> list[Tensor | None]:
+    """Vector-Jacobian products of ``outputs`` for a stack of ``seeds``: one backward pass,
+    ``(seed, *input.shape)`` per input (None where an input does not reach the outputs)."""
+    try:
+        got = torch.autograd.grad(
+            outputs, inputs, seeds, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+        return list(got)
+    except RuntimeError as exc:  # an operation without a batching rule: one pass per seed
+        if "vmap" not in str(exc).lower() and "batch" not in str(exc).lower():
+            raise
+    return _grad_per_seed(outputs, inputs, seeds)
+
+
+def _grad_per_seed(
+    outputs: list[Tensor], inputs: list[Tensor], seeds: list[Tensor]
+) -> list[Tensor | None]:
+    """:func:`_batched_grad` the slow way: one backward pass per seed."""
+    rows = []
+    for i in range(seeds[0].shape[0]):
+        rows.append(
+            torch.autograd.grad(
+                outputs, inputs, [s[i] for s in seeds], retain_graph=True, allow_unused=True
+            )
+        )
+    return [
+        None if rows[0][j] is None else torch.stack([row[j] for row in rows])
+        for j in range(len(inputs))
+    ]
 
 
 def feature_circuit(

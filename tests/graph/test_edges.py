@@ -301,3 +301,90 @@ def test_metric_vector_of_the_wrong_length_raises_shape_error_not_averaged(toy, 
     a = mk.edge_attribution(toy, clean, corrupt, per_prompt, progress=False)
     b = mk.edge_attribution(toy, clean, corrupt, lambda lg: per_prompt(lg).mean(), progress=False)
     assert torch.allclose(a.scores, b.scores, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_mlp_model():
+    """A random two-layer pre-norm model with MLPs (the toy model is attention-only)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=40, n_ctx=12,
+        act_fn="gelu", normalization_type="LN", model_name="tiny-mlp",
+    )  # fmt: skip
+    return HookedTransformer(cfg)
+
+
+def naive_ig_activations(model, clean, corrupt, metric, steps, average):
+    """EAP-IG on activations as a plain loop: for each block (the input, a layer's heads via
+    their z, an MLP) and each point k/steps, one full run with that block moved from corrupt to
+    clean, the gradient at every receiver input; an edge's gradient averaged over its sender's
+    block's runs ("sender-runs") or over every run ("all-runs")."""
+    layout = GraphLayout.from_model(model)
+    with torch.no_grad(), graph_mode(model):
+        _, cc = model.run_with_cache(clean)
+        _, kc = model.run_with_cache(corrupt)
+    names = [n.name for n in layout.senders]
+    delta = torch.stack([sender_value(model, kc, n) - sender_value(model, cc, n) for n in names], 2)
+    blocks = [("blocks.0.hook_resid_pre", [0])]
+    for layer in range(model.cfg.n_layers):
+        heads = [i for i, n in enumerate(names) if n.startswith(f"a{layer}.h")]
+        blocks.append((f"blocks.{layer}.attn.hook_z", heads))
+        if not model.cfg.attn_only:
+            blocks.append((f"blocks.{layer}.hook_mlp_out", [names.index(f"m{layer}")]))
+    receivers = [receiver_hook(model, r.name) for r in layout.receivers]
+    block_grads = []
+    for hook_name, _ in blocks:
+        total = torch.zeros(*clean.shape, len(receivers), model.cfg.d_model)
+        for k in range(1, steps + 1):
+            alpha = k / steps
+            point = kc[hook_name] + alpha * (cc[hook_name] - kc[hook_name])
+            kept: dict[str, torch.Tensor] = {}
+            hooks = [(hook_name, lambda act, hook, p=point: p.clone().requires_grad_(True))]
+            for name in {n for n, _ in receivers}:
+                hooks.append((name, lambda act, hook, kept=kept: kept.setdefault(hook.name, act)))
+            with torch.enable_grad(), graph_mode(model), model.hooks(fwd_hooks=hooks):
+                value = metric(model(clean))
+                order = sorted(kept)
+                found = torch.autograd.grad(value, [kept[n] for n in order], allow_unused=True)
+                grads = dict(zip(order, found, strict=True))
+            for r, (name, index) in enumerate(receivers):
+                if grads[name] is not None:  # None: upstream of the moved block, cut off
+                    total[:, :, r] += grads[name][index].detach()
+        block_grads.append(total / steps)
+    scores = torch.zeros(len(names), len(receivers))
+    mean_all = sum(block_grads) / len(block_grads)
+    for (_, senders), grads in zip(blocks, block_grads, strict=True):
+        use = mean_all if average == "all-runs" else grads
+        for s in senders:
+            scores[s] = torch.einsum("bpd,bprd->r", delta[:, :, s], use)
+    return torch.where(layout.valid, scores, torch.zeros(()))
+
+
+@pytest.mark.parametrize("average", ["sender-runs", "all-runs"])
+@pytest.mark.parametrize("model_name", ["toy", "tiny_mlp_model"])
+def test_eap_ig_activations_batched_points_equal_naive_loop(model_name, average, request):
+    """The batched, block-started runs (and the one backward pass through the clean prefix for
+    "all-runs") give every edge the score of the plain loop over blocks and points."""
+    model = request.getfixturevalue(model_name)
+    generator = torch.Generator().manual_seed(5)
+    clean = torch.randint(1, min(500, model.cfg.d_vocab), (2, 7), generator=generator)
+    corrupt = clean.clone()
+    corrupt[:, 2:4] = torch.randint(1, min(500, model.cfg.d_vocab), (2, 2), generator=generator)
+    graph = mk.edge_attribution(
+        model, clean, corrupt, toy_metric, method="eap-ig-activations", steps=3,
+        ig_average=average, progress=False,
+    )  # fmt: skip
+    expected = naive_ig_activations(model, clean, corrupt, toy_metric, 3, average)
+    torch.testing.assert_close(graph.scores, expected, atol=2e-5, rtol=1e-4)
+    assert ("all runs" in graph.method) == (average == "all-runs")
+
+
+def test_ig_average_is_checked(toy, toy_runs):
+    clean, corrupt = toy_runs
+    with pytest.raises(mk.errors.InvalidArgumentError, match="Did you mean"):
+        mk.edge_attribution(toy, clean, corrupt, toy_metric, method="eap-ig-activations",
+                            ig_average="all-run")  # fmt: skip
+    with pytest.raises(ValueError, match="eap-ig-activations"):
+        mk.edge_attribution(toy, clean, corrupt, toy_metric, method="eap", ig_average="all-runs")

@@ -331,3 +331,81 @@ def test_attention_only_model_refuses_mlp_sites(toy, toy_tokens):
     clean, corrupt = toy_tokens
     with pytest.raises(mk.SiteNotFoundError, match="attention-only"):
         mk.activation_patch(toy, clean, corrupt, _toy_metric, site="mlp_out", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_mlp():
+    """A random three-layer model with MLPs (the toy model is attention-only), and 6 aligned
+    pairs of three different lengths, right-padded."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=3, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=40, n_ctx=16,
+        act_fn="gelu", normalization_type="LN", seed=1,
+    )  # fmt: skip
+    model = HookedTransformer(cfg)
+    generator = torch.Generator().manual_seed(2)
+    clean_rows, corrupt_rows = [], []
+    for length in (5, 8, 5, 7, 8, 5):
+        row = torch.randint(1, 40, (length,), generator=generator)
+        bad = row.clone()
+        bad[1:3] = torch.randint(1, 40, (2,), generator=generator)
+        clean_rows.append(row.tolist())
+        corrupt_rows.append(bad.tolist())
+    answers = torch.randint(1, 40, (6,), generator=generator)
+    pairs = mk.PromptPairs.from_tokens(clean_rows, corrupt_rows, answers, (answers + 1) % 40)
+    assert pairs.is_padded and len(set(pairs.clean_lengths.tolist())) == 3
+    return model, pairs
+
+
+MLP_CASES = [
+    ("resid_pre", "each", tlp.get_act_patch_resid_pre),
+    ("mlp_out", "each", tlp.get_act_patch_mlp_out),  # edits in the last block's MLP
+    ("resid_mid", "each", tlp.get_act_patch_resid_mid),
+    ("z", "all", tlp.get_act_patch_attn_head_out_all_pos),
+    ("pattern", "each", tlp.get_act_patch_attn_head_pattern_by_pos),
+]
+
+
+@pytest.mark.parametrize(("site", "positions", "tl_fn"), MLP_CASES)
+@torch.no_grad()
+def test_length_buckets_and_answer_only_last_block_equal_transformer_lens(
+    tiny_mlp, site, positions, tl_fn, monkeypatch
+):
+    """Prompts of unequal lengths run one length at a time, and the last block's MLP only at the
+    answer positions; the scores and per-prompt scores equal TransformerLens's padded sweep."""
+    model, pairs = tiny_mlp
+    metric = mk.LogitDiff.from_pairs(pairs)
+    calls = {"buckets": 0, "answers_only": 0}
+    import mechkit.patching.activation as activation_module
+
+    real_plan, real_only = activation_module.plan_patch, engine._answers_only
+
+    def plan(*args, **kwargs):
+        calls["buckets"] += 1
+        return real_plan(*args, **kwargs)
+
+    def only(*args, **kwargs):
+        used = real_only(*args, **kwargs)
+        calls["answers_only"] += used
+        return used
+
+    monkeypatch.setattr(activation_module, "plan_patch", plan)
+    monkeypatch.setattr(engine, "_answers_only", only)
+    ours = mk.activation_patch(model, pairs, site=site, positions=positions, progress=False)
+    assert calls["buckets"] == 3  # one plan per length
+    assert calls["answers_only"] > 0 or site == "mlp_out"
+    _, cache = model.run_with_cache(pairs.clean_tokens)
+    theirs = tl_fn(model, pairs.corrupt_tokens, cache, metric)
+    assert ours.scores.shape == theirs.shape
+    torch.testing.assert_close(ours.scores, theirs, atol=1e-5, rtol=0)
+    assert ours.clean_score == pytest.approx(float(metric(model(pairs.clean_tokens))), abs=1e-5)
+    assert ours.corrupt_score == pytest.approx(float(metric(model(pairs.corrupt_tokens))), abs=1e-5)
+    for row in (0, 1):  # each prompt's scores are its own unpadded sweep's
+        alone = pairs[row]
+        _, row_cache = model.run_with_cache(alone.clean_tokens)
+        expected = tl_fn(model, alone.corrupt_tokens, row_cache, mk.LogitDiff.from_pairs(alone))
+        n = alone.clean_tokens.shape[1]
+        got = ours.per_prompt[..., row]
+        got = got[:, :, :n] if site == "pattern" else got[:, :n] if positions == "each" else got
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

@@ -282,3 +282,43 @@ def test_ig_node_scores_are_complete(tiny):
     for name in ("r0", "r1", "input"):
         assert misses[name, 64] < 0.03 * abs(change), misses
         assert misses[name, 64] < misses[name, 8] / 4, misses
+
+
+def test_batched_receivers_equal_one_backward_pass_per_receiver(tiny, full, monkeypatch):
+    """Edges from stacked receivers (one batched backward pass, chunked) equal the scores of
+    one backward pass per receiving node, the old loop; the batched path really ran."""
+    import mechkit.sae.feature_circuits as fc
+
+    model, saes, clean, corrupt = tiny
+    calls = {"batched": 0}
+    real = torch.autograd.grad
+
+    def spy(*args, **kwargs):
+        calls["batched"] += bool(kwargs.get("is_grads_batched"))
+        return real(*args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fell back to one pass per receiver")
+
+    monkeypatch.setattr(fc, "_grad_per_seed", refuse)
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    monkeypatch.setattr(fc, "_RECEIVER_BYTES", 3 * 7 * 60 * 8 * 5)  # chunks of a few receivers
+    chunked = mk.feature_circuit(model, saes, clean, corrupt, metric, latents_per_dictionary=100)
+    monkeypatch.setattr(torch.autograd, "grad", real)
+    assert calls["batched"] > len(saes)  # several chunks per dictionary
+
+    def one_per_receiver(outputs, inputs, seeds):
+        rows = []
+        for i in range(seeds[0].shape[0]):
+            seed = sum((s[i] * o).sum() for s, o in zip(seeds, outputs, strict=True))
+            rows.append(real(seed, inputs, retain_graph=True, allow_unused=True))
+        return [
+            None if rows[0][j] is None else torch.stack([r[j] for r in rows])
+            for j in range(len(inputs))
+        ]
+
+    monkeypatch.setattr(fc, "_batched_grad", one_per_receiver)
+    loop = mk.feature_circuit(model, saes, clean, corrupt, metric, latents_per_dictionary=100)
+    torch.testing.assert_close(chunked.scores, loop.scores, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(full.scores, loop.scores, rtol=1e-9, atol=1e-12)
+    assert bool((loop.scores != 0).any())
