@@ -237,6 +237,7 @@ def test_truncated_cache_entry_raises_cache_error_naming_the_folder(cache_copy):
     assert str(cache_copy) in str(err.value)
 
 
+@pytest.mark.slow  # finds the real GGUF file before refusing the cache folder
 def test_cache_dir_that_is_a_file_raises_cache_error_before_converting(tmp_path, monkeypatch):
     not_a_folder = tmp_path / "cache"
     not_a_folder.write_text("a file")
