@@ -12,8 +12,8 @@ interrupt cannot break: an interrupt that arrives during the restore starts it a
 raised once the model is clean. Other cleanups (configuration flags switched on for a run) ride
 along through ``keep_hooks(model, on_exit=...)``.
 
-Every mechkit function that adds hooks does it through :func:`hook_scope`; functions that call
-TransformerLens's own hooked runs (``run_with_cache``) wrap them in :func:`keep_hooks`.
+Every mechkit function that adds hooks does it through :func:`hook_scope`, and records
+activations through :func:`run_with_cache` (TransformerLens's own uses ``model.hooks()``).
 """
 
 from __future__ import annotations
@@ -121,7 +121,12 @@ def keep_hooks(model: Any, *, on_exit: Callable[[], None] | None = None) -> Iter
 
 @contextlib.contextmanager
 def hook_scope(model: Any, fwd_hooks: HookSpec = (), bwd_hooks: HookSpec = ()) -> Iterator[Any]:
-    """``model.hooks(fwd_hooks, bwd_hooks)`` whose exit cannot be cut short by an interrupt.
+    """Hooks on ``model`` for the block, removed on exit by any route, a Ctrl-C included.
+
+    The hooks are added straight to the hook points and removed by :func:`keep_hooks`'s
+    restore, not by TransformerLens's ``model.hooks()``: a Ctrl-C that cuts that generator's
+    exit short leaves its ``finally`` to run later, after ours, where it would lower the
+    model's hook context level once more.
 
     Args:
         model: the HookedTransformer.
@@ -132,12 +137,35 @@ def hook_scope(model: Any, fwd_hooks: HookSpec = (), bwd_hooks: HookSpec = ()) -
         >>> with hook_scope(model, fwd_hooks=[("blocks.0.hook_resid_post", hook)]):
         ...     model(tokens)
     """
-    with keep_hooks(model), model.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks)):
+    with keep_hooks(model):
+        for name, hook in fwd_hooks:
+            model.add_hook(name, hook, dir="fwd")
+        for name, hook in bwd_hooks:
+            model.add_hook(name, hook, dir="bwd")
         yield model
 
 
-def run_with_cache(model: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-    """``model.run_with_cache(...)`` inside :func:`keep_hooks`: TransformerLens's caching hooks
-    never outlive the call, even when it is interrupted."""
-    with keep_hooks(model):
-        return model.run_with_cache(*args, **kwargs)
+def run_with_cache(
+    model: Any, *args: Any, names_filter: Any = None, **kwargs: Any
+) -> tuple[Any, dict[str, Any]]:
+    """``model.run_with_cache(...)`` through :func:`hook_scope`: the forward pass's output and
+    ``{hook name: detached activation}`` for the hooks ``names_filter`` picks (a name, a list
+    of names, a predicate, or None for all). The caching hooks never outlive the call, even
+    when it is interrupted."""
+    if names_filter is None:
+        wanted: Callable[[str], bool] = lambda name: True  # noqa: E731
+    elif isinstance(names_filter, str):
+        wanted = lambda name: name == names_filter  # noqa: E731
+    elif callable(names_filter):
+        wanted = names_filter
+    else:
+        names = set(names_filter)
+        wanted = lambda name: name in names  # noqa: E731
+    cache: dict[str, Any] = {}
+
+    def keep(activation: Any, hook: Any) -> None:
+        cache[hook.name] = activation.detach()
+
+    with hook_scope(model, fwd_hooks=[(wanted, keep)]):
+        output = model(*args, **kwargs)
+    return output, cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mechkit.hook_scope import hook_scope, keep_hooks
 from tests.conftest import hook_count
@@ -26,21 +27,43 @@ def test_keep_hooks_restores_what_was_there(toy):
     assert hook_count(toy) == 0
 
 
-def test_hook_scope_interrupted_inside_transformer_lens_cleanup(toy, monkeypatch):
-    """The exact failure: TransformerLens's reset raises half-way; the scope still cleans up."""
-    original = type(toy).reset_hooks
+def test_an_interrupt_during_the_restore_restarts_it_and_is_raised_after(toy, monkeypatch):
+    """A Ctrl-C that lands half-way through the restore: the restore runs again to the end, and
+    the interrupt reaches the caller once the model is clean."""
+    from mechkit import hook_scope as scope
+
+    original = scope._restore
     calls = {"n": 0}
 
-    def flaky_reset(self, *args, **kwargs):
+    def interrupted_once(model, snapshot):
         calls["n"] += 1
         if calls["n"] == 1:
+            hp = model.hook_dict["blocks.0.hook_resid_pre"]
+            hp.fwd_hooks[-1].hook.remove()  # part of the work done, then the interrupt
             raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
+        original(model, snapshot)
 
-    monkeypatch.setattr(type(toy), "reset_hooks", flaky_reset)
+    monkeypatch.setattr(scope, "_restore", interrupted_once)
     level = toy.context_level
     with pytest.raises(KeyboardInterrupt):
         with hook_scope(toy, fwd_hooks=[("blocks.0.hook_resid_pre", lambda a, hook: None)]):
-            pass
+            with hook_scope(toy, fwd_hooks=[("blocks.1.hook_resid_pre", lambda a, hook: None)]):
+                pass
+    assert calls["n"] >= 2
     assert hook_count(toy) == 0
     assert toy.context_level == level
+
+
+def test_run_with_cache_equals_transformer_lens(toy):
+    from mechkit.hook_scope import run_with_cache
+
+    tokens = torch.randint(1, 500, (2, 6), generator=torch.Generator().manual_seed(1))
+    names = ["blocks.0.hook_resid_pre", "blocks.1.attn.hook_z"]
+    with torch.no_grad():
+        logits, cache = run_with_cache(toy, tokens, names_filter=names)
+        ref_logits, ref = toy.run_with_cache(tokens, names_filter=lambda n: n in names)
+    assert sorted(cache) == sorted(names)
+    torch.testing.assert_close(logits, ref_logits)
+    for name in names:
+        torch.testing.assert_close(cache[name], ref[name])
+    assert hook_count(toy) == 0
