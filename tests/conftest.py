@@ -121,3 +121,29 @@ def damage(path, how: str) -> None:
         path.write_text('[{"edges": 3}, "d_in", 4]')
     else:
         raise ValueError(how)
+
+
+@pytest.fixture(scope="module")
+def toy_tokens(toy):
+    """Three clean/corrupt token rows for the toy model, differing at position 2."""
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(1, toy.cfg.d_vocab, (3, 6), generator=g)
+    corrupt = clean.clone()
+    corrupt[:, 2] = torch.randint(1, toy.cfg.d_vocab, (3,), generator=g)
+    return clean, corrupt
+
+
+@pytest.fixture(scope="module")
+def toy_sae(toy):
+    """A random ReLU SAE on the toy model's residual stream after block 0."""
+    from mechkit.sae import SAEConfig, SparseDictionary
+
+    cfg = SAEConfig(
+        architecture="relu", d_in=toy.cfg.d_model, d_sae=16, hook_name="blocks.0.hook_resid_post"
+    )
+    return SparseDictionary.from_config(cfg, seed=0)
+
+
+def per_prompt_metric(logits):
+    """A metric with one value per prompt: logit 3 minus logit 8 at the last position."""
+    return logits[:, -1, 3] - logits[:, -1, 8]

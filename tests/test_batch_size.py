@@ -12,28 +12,7 @@ import torch
 
 import mechkit as mk
 from mechkit.errors import InvalidArgumentError
-from mechkit.sae import SAEConfig, SparseDictionary
-
-
-@pytest.fixture(scope="module")
-def toy_tokens(toy):
-    g = torch.Generator().manual_seed(0)
-    clean = torch.randint(1, toy.cfg.d_vocab, (3, 6), generator=g)
-    corrupt = clean.clone()
-    corrupt[:, 2] = torch.randint(1, toy.cfg.d_vocab, (3,), generator=g)
-    return clean, corrupt
-
-
-def _metric(logits):  # one value per prompt
-    return logits[:, -1, 3] - logits[:, -1, 8]
-
-
-@pytest.fixture(scope="module")
-def toy_sae(toy):
-    cfg = SAEConfig(
-        architecture="relu", d_in=toy.cfg.d_model, d_sae=16, hook_name="blocks.0.hook_resid_post"
-    )
-    return SparseDictionary.from_config(cfg, seed=0)
+from tests.conftest import per_prompt_metric as _metric
 
 
 @pytest.fixture(scope="module")
