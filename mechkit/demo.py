@@ -350,7 +350,7 @@ def _steering(model: Any, out: Path) -> str:
     )
     sweep.to_dataframe().to_csv(out / "steering_sweep.csv", index=False)
     link = figure_link(out, "steering_sweep.html", sweep.plot())
-    table = sweep.sampleshtml_table()
+    table = sweep.samples_table()
     table.to_csv(out / "steering_samples.csv", index=False)
     rows = [[str(v) for v in row] for row in table.itertuples(index=False)]
     return (
