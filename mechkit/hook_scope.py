@@ -20,21 +20,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["hook_scope", "keep_hooks", "run_with_cache"]
 
 HookSpec = Sequence[tuple[Any, Callable[..., Any]]]
-
-
-@dataclass(frozen=True)
-class _PointState:
-    point: Any
-    fwd: tuple[Any, ...]
-    bwd: tuple[Any, ...]
-    torch_keys: tuple[frozenset[int], ...]
-    full_backward: Any
 
 
 _TORCH_DICTS = (
@@ -45,41 +35,56 @@ _TORCH_DICTS = (
     "_backward_hooks",
     "_backward_pre_hooks",
 )
+_NONE: frozenset[int] = frozenset()
+
+# One hook point's record: (point, TransformerLens's fwd handles, bwd handles, the keys of each
+# torch hook dict, torch's full-backward flag). Plain tuples: a model has hundreds of points.
+_PointState = tuple[Any, tuple[Any, ...], tuple[Any, ...], tuple[frozenset[int], ...], Any]
 
 
 def _snapshot(model: Any) -> tuple[list[_PointState], tuple[Any, Any]]:
-    points = [
-        _PointState(
-            point=hp,
-            fwd=tuple(hp.fwd_hooks),
-            bwd=tuple(hp.bwd_hooks),
-            torch_keys=tuple(frozenset(getattr(hp, d, {})) for d in _TORCH_DICTS),
-            full_backward=getattr(hp, "_is_full_backward_hook", None),
-        )
-        for hp in model.hook_dict.values()
-    ]
+    points = []
+    for hp in model.hook_dict.values():
+        table = hp.__dict__  # nn.Module keeps its hook dicts as instance attributes
+        keys = tuple(frozenset(d) if (d := table.get(n)) else _NONE for n in _TORCH_DICTS)
+        full = table.get("_is_full_backward_hook")
+        points.append((hp, tuple(hp.fwd_hooks), tuple(hp.bwd_hooks), keys, full))
     return points, (getattr(model, "context_level", None), getattr(model, "is_caching", None))
+
+
+def _unchanged(hp: Any, fwd: tuple[Any, ...], bwd: tuple[Any, ...], keys: tuple) -> bool:
+    """True when ``hp`` still carries exactly the recorded hooks (the common case: skip it)."""
+    if len(hp.fwd_hooks) != len(fwd) or len(hp.bwd_hooks) != len(bwd):
+        return False
+    if not all(a is b for a, b in zip(hp.fwd_hooks + hp.bwd_hooks, fwd + bwd, strict=True)):
+        return False
+    table = hp.__dict__
+    return all(
+        (frozenset(d) if (d := table.get(n)) else _NONE) == k
+        for n, k in zip(_TORCH_DICTS, keys, strict=True)
+    )
 
 
 def _restore(model: Any, snapshot: tuple[list[_PointState], tuple[Any, Any]]) -> None:
     """Put every hook point back as recorded; safe to run again after being cut short."""
     points, (level, caching) = snapshot
-    for state in points:
-        hp = state.point
-        kept = set(map(id, state.fwd + state.bwd))
+    for hp, fwd, bwd, keys, full in points:
+        if _unchanged(hp, fwd, bwd, keys):
+            continue
+        kept = set(map(id, fwd + bwd))
         for handle in list(hp.fwd_hooks) + list(hp.bwd_hooks):
             if id(handle) not in kept:
                 handle.hook.remove()
-        for name, keys in zip(_TORCH_DICTS, state.torch_keys, strict=True):
+        for name, recorded in zip(_TORCH_DICTS, keys, strict=True):
             table = getattr(hp, name, None)
             if table is None:
                 continue
-            for key in [k for k in table if k not in keys]:
+            for key in [k for k in table if k not in recorded]:
                 table.pop(key, None)
-        hp.fwd_hooks = list(state.fwd)
-        hp.bwd_hooks = list(state.bwd)
-        if state.full_backward is not None:
-            hp._is_full_backward_hook = state.full_backward
+        hp.fwd_hooks = list(fwd)
+        hp.bwd_hooks = list(bwd)
+        if full is not None:
+            hp._is_full_backward_hook = full
     if level is not None:
         model.context_level = level
     if caching is not None:
