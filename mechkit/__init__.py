@@ -1,19 +1,83 @@
 """mechkit: a mechanistic-interpretability toolkit on TransformerLens HookedTransformers.
 
->>> import mechkit as mk
->>> model = mk.load_model("attn-only-2l")
+The top level holds what a notebook calls or builds: loading a model, prompts and metrics,
+interventions, one function per method, and the errors. Result types, configurations and
+building blocks live in their subpackages (``mk.sae.SAEConfig``, ``mk.graph.GraphLayout``,
+``mk.steering.pca_vector``); a name that used to be at the top level still works there, with a
+``DeprecationWarning`` that names its new home.
+
+Example:
+    >>> model = mk.load_model("attn-only-2l")
+    >>> model.cfg.n_layers
+    2
 """
 
-from mechkit import sae
-from mechkit.attribution import AttributionComparison, attribution_patch, compare_attribution
-from mechkit.corpus import corpus_tokens
-from mechkit.decomposition import (
-    Attribution,
-    ResidualDecomposition,
-    decompose_resid,
-    direct_logit_attribution,
-    neuron_attribution,
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
+
+# Subpackages, as namespaces: mk.sae.train_sae, mk.graph.CircuitGraph, mk.core.parse_node, ...
+from mechkit import (
+    attribution,
+    core,
+    decomposition,
+    errors,
+    graph,
+    heads,
+    interventions,
+    lens,
+    metrics,
+    models,
+    patching,
+    prompts,
+    sae,
+    sites,
+    steering,
 )
+
+# The names below are grouped by what a user does, not sorted.
+# isort: off
+# Models, prompts and metrics
+from mechkit.models import load_model, model_info
+from mechkit.prompts import PromptPairs
+from mechkit.sites import Site
+from mechkit.tokens import tokenize_answer
+from mechkit.metrics import CrossEntropy, KLDivergence, LogitDiff, Metric, Normalized, ProbDiff
+
+# Interventions
+from mechkit.interventions import Add, Patch, Transform, Zero, capture, intervene
+
+# Reading the model: lenses, decomposition, heads
+from mechkit.lens import logit_lens, train_tuned_lens
+from mechkit.decomposition import decompose_resid, direct_logit_attribution, neuron_attribution
+from mechkit.heads import detect_heads, render_attention
+
+# Patching and attribution
+from mechkit.patching import activation_patch, path_patch
+from mechkit.attribution import attribution_patch, compare_attribution
+
+# Circuits
+from mechkit.graph import CircuitGraph, edge_attribution, evaluate_circuit, faithfulness_curve
+
+# Sparse dictionaries
+from mechkit.sae import (
+    attribute_latents,
+    evaluate_feature_circuit,
+    evaluate_sae,
+    feature_browser,
+    feature_circuit,
+    load_sae,
+    patch_latents,
+    splice,
+    train_sae,
+)
+
+# Steering
+from mechkit.steering import SteeringVector, generate, steer, steering_sweep
+
+# Errors: every one is a MechkitError and the builtin a user would catch
 from mechkit.errors import (
     CacheError,
     ContextLengthError,
@@ -39,215 +103,114 @@ from mechkit.errors import (
     UnknownModelError,
     UnsupportedModelError,
 )
-from mechkit.graph import (
-    CircuitEvaluation,
-    CircuitGraph,
-    Edge,
-    FaithfulnessCurve,
-    GraphLayout,
-    edge_attribution,
-    evaluate_circuit,
-    faithfulness_curve,
-)
-from mechkit.heads import HeadScores, detect_heads, render_attention
-from mechkit.interventions import Add, Captured, Patch, Transform, Zero, capture, intervene
-from mechkit.lens import (
-    LensComparison,
-    LogitLens,
-    TunedLens,
-    TunedLensConfig,
-    compare_lenses,
-    decode_residual,
-    logit_lens,
-    train_tuned_lens,
-)
-from mechkit.metrics import (
-    CrossEntropy,
-    KLDivergence,
-    LogitDiff,
-    Metric,
-    Normalized,
-    ProbDiff,
-    cross_entropy,
-    kl_divergence,
-    logit_diff,
-    normalize,
-    prob_diff,
-)
-from mechkit.models import BUILTIN_MODELS, ModelInfo, Processing, load_model, model_info
-from mechkit.patching import PATCHABLE, PatchResult, activation_patch, path_patch
-from mechkit.prompts import PromptPairs
-from mechkit.sae import (
-    ActivationStore,
-    FeatureCircuitEvaluation,
-    FeatureReport,
-    SAEConfig,
-    SAEEvaluation,
-    SparseDictionary,
-    SpliceHandle,
-    TrainConfig,
-    attribute_latents,
-    collect_features,
-    evaluate_feature_circuit,
-    evaluate_sae,
-    feature_browser,
-    feature_circuit,
-    feature_connections,
-    load_sae,
-    patch_latents,
-    sae_corpus_tokens,
-    save_sae,
-    splice,
-    train_sae,
-)
-from mechkit.sites import COMPONENTS, Site, validate_sites
-from mechkit.steering import (
-    ABScore,
-    Generations,
-    LogitDifference,
-    Steering,
-    SteeringSweep,
-    SteeringVector,
-    TokenProbability,
-    WordShare,
-    ablate_direction,
-    actadd_vector,
-    activations_at,
-    generate,
-    mean_difference_vector,
-    pca_vector,
-    probe_vector,
-    sae_latent_vector,
-    steer,
-    steering_sweep,
-)
-from mechkit.tokens import tokenize_answer
+
+# isort: on
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "sae",
-    "attribute_latents",
-    "feature_connections",
-    "feature_circuit",
-    "evaluate_feature_circuit",
-    "FeatureCircuitEvaluation",
-    "ActivationStore",
-    "FeatureReport",
-    "SAEConfig",
-    "SAEEvaluation",
-    "SparseDictionary",
-    "SpliceHandle",
-    "TrainConfig",
-    "collect_features",
-    "evaluate_sae",
-    "feature_browser",
-    "load_sae",
-    "patch_latents",
-    "sae_corpus_tokens",
-    "save_sae",
-    "splice",
-    "train_sae",
-    "CircuitEvaluation",
-    "CircuitGraph",
-    "Edge",
-    "FaithfulnessCurve",
-    "GraphLayout",
-    "edge_attribution",
-    "evaluate_circuit",
-    "faithfulness_curve",
-    "AttributionComparison",
-    "attribution_patch",
-    "compare_attribution",
-    "ABScore",
-    "Generations",
-    "LogitDifference",
-    "Steering",
-    "SteeringSweep",
-    "SteeringVector",
-    "TokenProbability",
-    "WordShare",
-    "ablate_direction",
-    "actadd_vector",
-    "activations_at",
-    "generate",
-    "mean_difference_vector",
-    "pca_vector",
-    "probe_vector",
-    "sae_latent_vector",
-    "steer",
-    "steering_sweep",
-    "PATCHABLE",
-    "PatchResult",
-    "activation_patch",
-    "path_patch",
-    "render_attention",
-    "detect_heads",
-    "UnknownKindError",
-    "HeadScores",
-    "train_tuned_lens",
-    "decode_residual",
-    "corpus_tokens",
-    "compare_lenses",
-    "TunedLensConfig",
-    "TunedLens",
-    "LensComparison",
-    "Add",
-    "Attribution",
-    "BUILTIN_MODELS",
-    "COMPONENTS",
-    "Captured",
-    "CrossEntropy",
-    "KLDivergence",
-    "LogitLens",
-    "LogitDiff",
-    "Metric",
-    "Normalized",
-    "Patch",
-    "ProbDiff",
-    "ResidualDecomposition",
-    "PromptPairs",
-    "Site",
-    "Transform",
-    "Zero",
-    "capture",
-    "cross_entropy",
-    "decompose_resid",
-    "direct_logit_attribution",
-    "intervene",
-    "kl_divergence",
-    "logit_lens",
-    "logit_diff",
-    "neuron_attribution",
-    "normalize",
-    "prob_diff",
-    "tokenize_answer",
-    "validate_sites",
-    "CacheError",
-    "ContextLengthError",
-    "DatasetFormatError",
-    "DeviceError",
-    "EmptyDatasetError",
-    "FileFormatError",
-    "InvalidArgumentError",
-    "InvalidSiteError",
-    "InvalidTokenError",
-    "InvalidTypeError",
-    "MechkitError",
-    "NonFiniteError",
-    "NotFoundError",
-    "OutOfMemoryError",
-    "OutputFolderError",
-    "ModelInfo",
-    "ModelUnavailableError",
-    "MultiTokenAnswerError",
-    "Processing",
-    "PromptLengthError",
-    "ShapeError",
-    "SiteNotFoundError",
-    "UnknownModelError",
-    "UnsupportedModelError",
+    # subpackages
+    "attribution", "core", "decomposition", "errors", "graph", "heads", "interventions", "lens",
+    "metrics", "models", "patching", "prompts", "sae", "sites", "steering",
+    # models, prompts and metrics
+    "load_model", "model_info", "PromptPairs", "Site", "tokenize_answer",
+    "Metric", "LogitDiff", "ProbDiff", "CrossEntropy", "KLDivergence", "Normalized",
+    # interventions
+    "intervene", "capture", "Patch", "Zero", "Add", "Transform",
+    # reading the model
+    "logit_lens", "train_tuned_lens", "decompose_resid", "direct_logit_attribution",
+    "neuron_attribution", "detect_heads", "render_attention",
+    # patching and attribution
+    "activation_patch", "path_patch", "attribution_patch", "compare_attribution",
+    # circuits
+    "edge_attribution", "evaluate_circuit", "faithfulness_curve", "CircuitGraph",
+    # sparse dictionaries
+    "load_sae", "splice", "patch_latents", "attribute_latents", "feature_circuit",
+    "evaluate_feature_circuit", "train_sae", "evaluate_sae", "feature_browser",
+    # steering
+    "SteeringVector", "steer", "generate", "steering_sweep",
+    # errors
+    "MechkitError", "CacheError", "ContextLengthError", "DatasetFormatError", "DeviceError",
+    "EmptyDatasetError", "FileFormatError", "InvalidArgumentError", "InvalidSiteError",
+    "InvalidTokenError", "InvalidTypeError", "ModelUnavailableError", "MultiTokenAnswerError",
+    "NonFiniteError", "NotFoundError", "OutOfMemoryError", "OutputFolderError",
+    "PromptLengthError", "ShapeError", "SiteNotFoundError", "UnknownKindError",
+    "UnknownModelError", "UnsupportedModelError",
     "__version__",
-    "load_model",
-    "model_info",
-]
+]  # fmt: skip
+
+# Names that were at the top level before 0.2, and where they live now.
+_MOVED: dict[str, str] = {
+    "AttributionComparison": "mechkit.attribution",
+    "corpus_tokens": "mechkit.corpus",
+    "Attribution": "mechkit.decomposition",
+    "ResidualDecomposition": "mechkit.decomposition",
+    "CircuitEvaluation": "mechkit.graph",
+    "Edge": "mechkit.graph",
+    "FaithfulnessCurve": "mechkit.graph",
+    "GraphLayout": "mechkit.graph",
+    "HeadScores": "mechkit.heads",
+    "Captured": "mechkit.interventions",
+    "LensComparison": "mechkit.lens",
+    "LogitLens": "mechkit.lens",
+    "TunedLens": "mechkit.lens",
+    "TunedLensConfig": "mechkit.lens",
+    "compare_lenses": "mechkit.lens",
+    "decode_residual": "mechkit.lens",
+    "cross_entropy": "mechkit.metrics",
+    "kl_divergence": "mechkit.metrics",
+    "logit_diff": "mechkit.metrics",
+    "normalize": "mechkit.metrics",
+    "prob_diff": "mechkit.metrics",
+    "BUILTIN_MODELS": "mechkit.models",
+    "ModelInfo": "mechkit.models",
+    "Processing": "mechkit.models",
+    "PATCHABLE": "mechkit.patching",
+    "PatchResult": "mechkit.patching",
+    "ActivationStore": "mechkit.sae",
+    "FeatureCircuitEvaluation": "mechkit.sae",
+    "FeatureReport": "mechkit.sae",
+    "SAEConfig": "mechkit.sae",
+    "SAEEvaluation": "mechkit.sae",
+    "SparseDictionary": "mechkit.sae",
+    "SpliceHandle": "mechkit.sae",
+    "TrainConfig": "mechkit.sae",
+    "collect_features": "mechkit.sae",
+    "feature_connections": "mechkit.sae",
+    "sae_corpus_tokens": "mechkit.sae",
+    "save_sae": "mechkit.sae",
+    "COMPONENTS": "mechkit.sites",
+    "validate_sites": "mechkit.sites",
+    "ABScore": "mechkit.steering",
+    "Generations": "mechkit.steering",
+    "LogitDifference": "mechkit.steering",
+    "Steering": "mechkit.steering",
+    "SteeringSweep": "mechkit.steering",
+    "TokenProbability": "mechkit.steering",
+    "WordShare": "mechkit.steering",
+    "ablate_direction": "mechkit.steering",
+    "actadd_vector": "mechkit.steering",
+    "activations_at": "mechkit.steering",
+    "mean_difference_vector": "mechkit.steering",
+    "pca_vector": "mechkit.steering",
+    "probe_vector": "mechkit.steering",
+    "sae_latent_vector": "mechkit.steering",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Old top-level names: found in their subpackage, with a warning naming it."""
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mechkit' has no attribute {name!r}")
+    short = module.replace("mechkit", "mk", 1)
+    warnings.warn(
+        f"mk.{name} is now {short}.{name}; the top-level name will be removed in mechkit 0.3.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(__all__) | set(_MOVED))

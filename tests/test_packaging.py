@@ -146,3 +146,82 @@ def test_demo_without_reproductions_says_how_to_install_them(monkeypatch, tmp_pa
     page = demo.run_demo(tmp_path, "attn-only-2l").read_text()
     assert "<h2>Model</h2>" in page
     assert "The paper reproductions are not installed" in page and "pip install -e ." in page
+
+
+OLD_TOP_LEVEL = [
+    "AttributionComparison",
+    "corpus_tokens",
+    "Attribution",
+    "ResidualDecomposition",
+    "CircuitEvaluation",
+    "Edge",
+    "FaithfulnessCurve",
+    "GraphLayout",
+    "HeadScores",
+    "Captured",
+    "LensComparison",
+    "LogitLens",
+    "TunedLens",
+    "TunedLensConfig",
+    "compare_lenses",
+    "decode_residual",
+    "cross_entropy",
+    "kl_divergence",
+    "logit_diff",
+    "normalize",
+    "prob_diff",
+    "BUILTIN_MODELS",
+    "ModelInfo",
+    "Processing",
+    "PATCHABLE",
+    "PatchResult",
+    "ActivationStore",
+    "FeatureCircuitEvaluation",
+    "FeatureReport",
+    "SAEConfig",
+    "SAEEvaluation",
+    "SparseDictionary",
+    "SpliceHandle",
+    "TrainConfig",
+    "collect_features",
+    "feature_connections",
+    "sae_corpus_tokens",
+    "save_sae",
+    "COMPONENTS",
+    "validate_sites",
+    "ABScore",
+    "Generations",
+    "LogitDifference",
+    "Steering",
+    "SteeringSweep",
+    "TokenProbability",
+    "WordShare",
+    "ablate_direction",
+    "actadd_vector",
+    "activations_at",
+    "mean_difference_vector",
+    "pca_vector",
+    "probe_vector",
+    "sae_latent_vector",
+]
+
+
+def test_every_old_top_level_name_still_works_with_a_warning_naming_its_home():
+    import importlib
+
+    for name in OLD_TOP_LEVEL:
+        with pytest.warns(DeprecationWarning, match=rf"mk\.{name} is now mk\.\w+\.{name}"):
+            value = getattr(mk, name)
+        home = mk._MOVED[name]
+        assert value is getattr(importlib.import_module(home), name)
+    assert set(OLD_TOP_LEVEL) == set(mk._MOVED)
+    with pytest.raises(AttributeError):
+        mk.no_such_name  # noqa: B018
+
+
+def test_top_level_names_are_importable_and_subpackages_are_namespaces():
+    for name in mk.__all__:
+        assert hasattr(mk, name), name
+    assert mk.sae.train_sae is mk.train_sae
+    assert mk.graph.CircuitGraph is mk.CircuitGraph
+    assert callable(mk.core.resolve_contrast)

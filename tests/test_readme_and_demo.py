@@ -84,3 +84,15 @@ def test_cli_reports_errors_plainly(capsys):
         err.startswith("mechkit: error: Expected a built-in model name") and "Traceback" not in err
     )
     assert isinstance(mk.UnknownModelError("x"), mk.MechkitError)
+
+
+def test_readme_tokenizer_note_holds(smollm2):
+    """The README's model section says what the tokenizer adds and what to_tokens does."""
+    text = (ROOT / "README.md").read_text()
+    assert "`[1, 19556]`" in text and "add_special_tokens=False" in text
+    assert smollm2.tokenizer("Hello")["input_ids"] == [1, 19556]
+    assert smollm2.tokenizer("Hello", add_special_tokens=False)["input_ids"] == [19556]
+    assert smollm2.to_tokens("Hello").tolist() == [[19556]]
+    assert mk.PromptPairs.from_lists(
+        smollm2, ["Hello"], ["Hello"], [" a"], [" b"]
+    ).clean_tokens.tolist() == [[19556]]
