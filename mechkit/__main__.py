@@ -17,7 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="reports", help="output folder (default: reports)")
     demo.add_argument("--model", default="smollm2-135m", help="model name or path")
     demo.add_argument(
-        "--quick", action="store_true", help="the paper reproductions on fewer prompts"
+        "--quick",
+        action="store_true",
+        help="every section on fewer prompts and settings (a check, not a report)",
     )
     lens = commands.add_parser(
         "tuned-lens",

@@ -38,7 +38,8 @@ __all__ = [
 ]
 
 # A section: its title, and a function (model, out folder[, quick=...]) -> the section's HTML.
-# A section that takes ``quick`` gets the demo's quick flag (fewer prompts).
+# A section that takes ``quick`` gets the demo's quick flag (fewer prompts and settings: the
+# test suite runs the whole demo that way).
 DemoSection = tuple[str, Callable[..., str]]
 SECTION_GROUP = "mechkit.demo_sections"
 
@@ -164,24 +165,29 @@ def _dla(model: Any, out: Path) -> str:
     )
 
 
-def _heads(model: Any, out: Path) -> str:
+def _heads(model: Any, out: Path, quick: bool = False) -> str:
     from mechkit.heads import detect_heads
 
     parts = []
     for kind in ("previous_token", "induction", "duplicate_token"):
-        scores = detect_heads(model, kind)
+        scores = detect_heads(model, kind, n_prompts=4 if quick else 16)
         link = figure_link(out, f"heads_{kind}.html", scores.plot())
         top = ", ".join(f"{label} ({score:.2f})" for label, score in scores.top(5))
         parts.append(f"<li><b>{kind}</b>: {link}; top heads {html.escape(top)}</li>")
     return "<ul>" + "".join(parts) + "</ul>"
 
 
-def _patching(model: Any, out: Path) -> str:
+def _ioi_pairs(quick: bool) -> tuple[list[str], ...]:
+    chosen = IOI_PAIRS[:2] if quick else IOI_PAIRS
+    return tuple(list(x) for x in zip(*chosen, strict=True))
+
+
+def _patching(model: Any, out: Path, quick: bool = False) -> str:
     from mechkit.patching import activation_patch, path_patch
     from mechkit.prompts import PromptPairs
     from mechkit.sites import Site
 
-    clean, corrupt, answers, wrongs = (list(x) for x in zip(*IOI_PAIRS, strict=True))
+    clean, corrupt, answers, wrongs = _ioi_pairs(quick)
     pairs = PromptPairs.from_lists(model, clean, corrupt, answers, wrongs)
     resid = activation_patch(model, pairs, site="resid_pre", progress=False).normalized()
     heads = activation_patch(model, pairs, site="z", progress=False).normalized()
@@ -190,7 +196,7 @@ def _patching(model: Any, out: Path) -> str:
     resid_link = figure_link(out, "patch_resid_pre.html", resid.plot())
     heads_link = figure_link(out, "patch_heads.html", heads.plot())
     top = heads.top(3)
-    receivers = [Site("q", layer=w["layer"], head=w["head"]) for w, _ in top[:2]]
+    receivers = [Site("q", layer=w["layer"], head=w["head"]) for w, _ in top[: 1 if quick else 2]]
     path = path_patch(model, pairs, senders="heads", receivers=receivers, progress=False)
     path = path.normalized()
     path.to_dataframe().to_csv(out / "path_patch.csv", index=False)
@@ -206,28 +212,28 @@ def _patching(model: Any, out: Path) -> str:
         f'{heads_link} (<a href="patch_heads.csv">CSV</a>).</p>'
         + html_table(rows, ["head", "normalized score"])
         + f"<p>Path patching (noising, Wang et al.): every head as a sender into the queries of "
-        f"{html.escape(names)}, the two heads above; a drop below 1 means the head feeds them "
+        f"{html.escape(names)}, the top heads above; a drop below 1 means the head feeds them "
         f'what they need: {path_link} (<a href="path_patch.csv">CSV</a>).</p>'
         + html_table(path_rows, ["sender", "normalized score"])
     )
 
 
-def _circuit(model: Any, out: Path) -> str:
+def _circuit(model: Any, out: Path, quick: bool = False) -> str:
     from mechkit.attribution import compare_attribution
     from mechkit.graph import edge_attribution, faithfulness_curve
     from mechkit.prompts import PromptPairs
 
-    clean, corrupt, answers, wrongs = (list(x) for x in zip(*IOI_PAIRS, strict=True))
+    clean, corrupt, answers, wrongs = _ioi_pairs(quick)
     pairs = PromptPairs.from_lists(model, clean, corrupt, answers, wrongs)
     cmp = compare_attribution(model, pairs, site="z", progress=False)
     cmp.to_dataframe().to_csv(out / "attribution_vs_patching.csv", index=False)
     cmp_link = figure_link(out, "attribution_vs_patching.html", cmp.plot())
     worst = [[f"L{c['layer']}H{c['head']}", f"{e:+.3f}", f"{r:+.3f}"] for c, e, r in cmp.worst(3)]
     graphs = [
-        edge_attribution(model, pairs, method=method, steps=5, progress=False)
+        edge_attribution(model, pairs, method=method, steps=2 if quick else 5, progress=False)
         for method in ("eap", "eap-ig-inputs")
     ]
-    sizes = [30, 100, 300, 1000, 3000, 10000]
+    sizes = [30, 300, 3000] if quick else [30, 100, 300, 1000, 3000, 10000]
     curve = faithfulness_curve(model, graphs, pairs, sizes=sizes)
     curve.to_dataframe().to_csv(out / "faithfulness.csv", index=False)
     curve_link = figure_link(out, "faithfulness.html", curve.plot())
@@ -251,8 +257,9 @@ def _circuit(model: Any, out: Path) -> str:
         '(<a href="attribution_vs_patching.csv">CSV</a>). Worst estimates:</p>'
         + html_table(worst, ["head", "attribution", "activation patching"])
         + f"<p>Edge attribution over all {graphs[0].layout.n_edges} edges of the graph (input, "
-        "every head's q/k/v inputs, every MLP, the logits) with EAP and EAP-IG (5 steps on the "
-        "input embeddings), and the normalized faithfulness of each method's top-n edges, every "
+        "every head's q/k/v inputs, every MLP, the logits) with EAP and EAP-IG "
+        f"({2 if quick else 5} steps on the input embeddings), and the normalized faithfulness "
+        "of each method's top-n edges, every "
         f"other edge carrying its corrupt-run value: {curve_link} "
         '(<a href="faithfulness.csv">CSV</a>).</p>'
         + html_table(rows, ["edges", *curve.methods])
@@ -263,7 +270,7 @@ def _circuit(model: Any, out: Path) -> str:
     )
 
 
-def _features(model: Any, out: Path) -> str:
+def _features(model: Any, out: Path, quick: bool = False) -> str:
     from mechkit.corpus import corpus_tokens
     from mechkit.sae.base import load_sae
     from mechkit.sae.browser import feature_browser
@@ -272,11 +279,11 @@ def _features(model: Any, out: Path) -> str:
     if getattr(model.cfg, "model_name", "") != "smollm2-135m":
         return "<p>Skipped: the shipped SAE is for smollm2-135m.</p>"
     sae = load_sae("smollm2-135m-res12-topk")  # shipped inside mechkit
-    tokens = corpus_tokens(model, seq_len=128, split="test", max_sequences=8)
+    tokens = corpus_tokens(model, seq_len=128, split="test", max_sequences=2 if quick else 8)
     ev = evaluate_sae(model, sae, tokens, progress=False)
     # latents by firing frequency (from the evaluation, position 0 left out): frequent, not the
     # densest
-    latents = ev.frequency.argsort(descending=True)[20:28].tolist()
+    latents = ev.frequency.argsort(descending=True)[20 : 24 if quick else 28].tolist()
     feature_browser(model, sae, tokens, latents, out=out / "features.html", progress=False)
     rows = [
         ["L0", f"{ev.l0:.1f}"],
@@ -290,7 +297,8 @@ def _features(model: Any, out: Path) -> str:
         f"<p>The TopK SAE shipped with mechkit ({sae.cfg.d_sae} latents, k={sae.cfg.k}, on "
         f"{html.escape(sae.cfg.hook_name)}; trained by "
         "<code>python -m mechkit.sae.recipes.train_smollm2_topk</code>), evaluated on "
-        f"{tokens.numel()} held-out tokens, and a feature browser for 8 of its latents: "
+        f"{tokens.numel()} held-out tokens, and a feature browser for {len(latents)} of its "
+        "latents: "
         '<a href="features.html">features.html</a>.</p>' + html_table(rows, ["figure", "value"])
     )
 
@@ -327,24 +335,27 @@ STEERING_PROMPTS = (
 )
 
 
-def _steering(model: Any, out: Path) -> str:
+def _steering(model: Any, out: Path, quick: bool = False) -> str:
     from mechkit.corpus import corpus_tokens
     from mechkit.steering import WordShare, mean_difference_vector, steering_sweep
 
     positives, negatives = (list(x) for x in zip(*STEERING_PAIRS, strict=True))
+    layers = (8,) if quick else (4, 8, 12)
+    coefficients = [4.0] if quick else [2.0, 4.0, 8.0]
+    prompts = STEERING_PROMPTS[:2] if quick else STEERING_PROMPTS
     vectors = {
         layer: mean_difference_vector(model, positives, negatives, layer=layer, position="mean")
-        for layer in (4, 8, 12)
+        for layer in layers
     }
     sweep = steering_sweep(
         model,
         vectors,
         layers=list(vectors),
-        coefficients=[2.0, 4.0, 8.0],
-        effect=WordShare(STEERING_PROMPTS, POSITIVE_WORDS, samples_per_prompt=2, max_new_tokens=12),
-        cost_tokens=corpus_tokens(model, seq_len=64, split="test", max_sequences=4),
-        sample_prompts=STEERING_PROMPTS,
-        sample_settings=[(8, 4.0), (12, 4.0)],
+        coefficients=coefficients,
+        effect=WordShare(prompts, POSITIVE_WORDS, samples_per_prompt=2, max_new_tokens=12),
+        cost_tokens=corpus_tokens(model, seq_len=64, split="test", max_sequences=2 if quick else 4),
+        sample_prompts=prompts,
+        sample_settings=[(8, 4.0)] if quick else [(8, 4.0), (12, 4.0)],
         max_new_tokens=16,
         progress=False,
     )
@@ -356,8 +367,9 @@ def _steering(model: Any, out: Path) -> str:
     return (
         "<p>A sentiment direction (mean difference of the residual stream over 6 positive / "
         "negative sentence pairs, averaged over their tokens; Rimsky et al.'s CAA) added at all "
-        "positions at layers 4, 8 and 12 with coefficients 2, 4 and 8. Effect: the share of "
-        "sampled continuations of four neutral prompts (2 samples each, 12 tokens) that contain "
+        f"positions at layers {', '.join(map(str, layers))} with coefficients "
+        f"{', '.join(f'{c:g}' for c in coefficients)}. Effect: the share of sampled "
+        f"continuations of {len(prompts)} neutral prompts (2 samples each, 12 tokens) that contain "
         f"a positive word ({', '.join(POSITIVE_WORDS)}; unsteered: "
         f"{sweep.baseline_effect:.2f}); cost: KL from the unsteered model on held-out text: "
         f'{link} (<a href="steering_sweep.csv">CSV</a>). Sampled continuations (temperature '
@@ -407,8 +419,8 @@ def run_demo(
 ) -> Path:
     """Load ``model_name``, run every section, and write ``out_dir/index.html``.
 
-    ``quick=True`` runs the paper reproductions on fewer prompts (the test suite uses it); the
-    page says so. ``sections`` defaults to mechkit's own :data:`SECTIONS` followed by
+    ``quick=True`` runs every section on fewer prompts and settings (the test suite uses it);
+    the page says so. ``sections`` defaults to mechkit's own :data:`SECTIONS` followed by
     :func:`registered_sections`; without any registered (the paper reproductions not installed)
     the report says so and how to install them.
     """
@@ -448,7 +460,7 @@ def run_demo(
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
 td{{white-space:pre-wrap}}</style></head><body>
 <h1>mechkit report: {html.escape(model_name)}</h1>
-{"<p><b>Quick run</b>: the paper reproductions used fewer prompts.</p>" if quick else ""}
+{"<p><b>Quick run</b>: every section used fewer prompts and settings.</p>" if quick else ""}
 {"".join(body)}{missing}
 <p><small>Written by mechkit in {time.perf_counter() - start:.1f} s.</small></p>
 </body></html>

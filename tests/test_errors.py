@@ -43,6 +43,9 @@ ALLOWED_BUILTIN_RAISES = {
     ("lens/tuned_lens.py", "ValueError", "load"),
     # the user's own Ctrl-C, raised again once the hook scope has restored the model
     ("hook_scope.py", "KeyboardInterrupt", "keep_hooks"),
+    # a module's __getattr__ must raise AttributeError for unknown names (PEP 562): hasattr,
+    # getattr with a default and tab completion rely on it
+    ("__init__.py", "AttributeError", "__getattr__"),
 }
 
 
