@@ -132,6 +132,10 @@ class FeatureLayout(LayoutNaming):
     sender_hint = "input, <dictionary>.f<latent>, <dictionary>.err"
     receiver_hint = "<dictionary>.f<latent>, <dictionary>.err, logits"
 
+    def canonical(self, name: str) -> str:
+        """Latent and error names are the layout's own (``r12.f345``): read as written."""
+        return name
+
     @classmethod
     def build(
         cls,

@@ -22,7 +22,13 @@ from torch import Tensor
 from mechkit.graph.layout import GraphLayout
 from mechkit.hook_scope import hook_scope, keep_hooks
 
-__all__ = ["graph_mode", "sender_outputs", "receiver_gradients", "masked_logits"]
+__all__ = [
+    "graph_mode",
+    "sender_outputs",
+    "receiver_gradients",
+    "masked_logits",
+    "receiver_hook_names",
+]
 
 
 @contextlib.contextmanager
@@ -75,7 +81,7 @@ def _sender_hooks(
     return hooks
 
 
-def _receiver_hook_names(layout: GraphLayout) -> list[tuple[str, int, int]]:
+def receiver_hook_names(layout: GraphLayout) -> list[tuple[str, int, int]]:
     """``(hook name, first receiver index, count)`` per receiver hook, in forward order."""
     out = []
     index = 0
@@ -137,7 +143,7 @@ def receiver_gradients(
         ``(gradients, metric value, sender outputs or None)``. Parameters get no ``.grad``.
     """
     inputs: dict[int, Tensor] = {}
-    names = _receiver_hook_names(layout)
+    names = receiver_hook_names(layout)
     n_batch, seq = tokens.shape
     sent = (
         torch.zeros(n_batch, seq, len(layout.senders), layout.d_model, device=tokens.device)
@@ -253,7 +259,7 @@ def masked_logits(
         return hook
 
     hooks = _sender_hooks(model, layout, store)
-    hooks += [(name, patch(first, count)) for name, first, count in _receiver_hook_names(layout)]
+    hooks += [(name, patch(first, count)) for name, first, count in receiver_hook_names(layout)]
     rows = tokens.repeat(n_circ, 1)  # (circuit * batch, pos)
     with graph_mode(model), hook_scope(model, fwd_hooks=hooks):
         logits = model(rows)
