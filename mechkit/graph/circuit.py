@@ -566,8 +566,8 @@ class CircuitGraph:
         for name in nodes:
             by_layer.setdefault(layout.rank(name), []).append(name)
         for layer in sorted(by_layer):
-            members = " ".join(f'"{n}"' for n in by_layer[layer])
-            lines.append(f"  {{ rank=same; {members} }}")
+            row = " ".join(f'"{n}"' for n in by_layer[layer])
+            lines.append(f"  {{ rank=same; {row} }}")
         for s, r in drawn:
             score = float(self.scores[s, r])
             rec = layout.receivers[r]
@@ -639,16 +639,22 @@ def _layout_from_dict(data: dict[str, Any]) -> GraphLayout | FeatureLayout:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ROC:
-    """Receiver operating characteristic of a ranking against reference labels."""
+    """Receiver operating characteristic of a ranking against reference labels.
 
-    fpr: Tensor
-    tpr: Tensor
+    Example:
+        >>> roc = ROC.from_scores(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([True, False, True]))
+        >>> roc.auc
+        0.5
+    """
+
+    fpr: Float[Tensor, " point"]
+    tpr: Float[Tensor, " point"]
     auc: float
     n_positive: int
     n_negative: int
 
     @classmethod
-    def from_scores(cls, scores: Tensor, positive: Tensor) -> ROC:
+    def from_scores(cls, scores: Float[Tensor, " edge"], positive: Bool[Tensor, " edge"]) -> ROC:
         n_pos, n_neg = int(positive.sum()), int((~positive).sum())
         if n_pos == 0 or n_neg == 0:
             raise InvalidArgumentError(

@@ -121,7 +121,7 @@ def _setup_for(
         reference=reference,
     )
     layout = GraphLayout.from_model(model)
-    if not layout.same_as(graph.layout):  # type: ignore[arg-type]
+    if not layout.same_as(graph.layout):
         raise InvalidArgumentError(
             f"Expected a graph of this model's shape {layout.to_dict()}; the graph was made for "
             f"{graph.layout.to_dict()} ({graph.model_name}). Hint: score the graph on this model."

@@ -35,6 +35,7 @@ import functools
 from typing import Any, Literal
 
 import torch
+from jaxtyping import Bool
 from torch import Tensor
 
 from mechkit.core.names import head_name, mlp_name, parse_node, to_eap_ig
@@ -141,11 +142,18 @@ class Edge:
 
 
 class LayoutNaming:
-    """Name lookups shared by every layout: ``senders``, ``receivers`` and ``valid``."""
+    """Name lookups shared by every layout: ``senders``, ``receivers`` and ``valid``.
+
+    Example:
+        >>> layout = GraphLayout.build(n_layers=1, n_heads=2, n_kv_heads=2, d_model=4,
+        ...                            has_mlp=True)
+        >>> layout.sender_index("L0.mlp"), layout.sender_index("m0")  # the old name too
+        (3, 3)
+    """
 
     senders: tuple[Node, ...]
     receivers: tuple[Receiver, ...]
-    valid: Tensor
+    valid: Bool[Tensor, "sender receiver"]
     sender_hint = "input, L{L}H{H}, L{L}.mlp"
     receiver_hint = "L{L}H{H}.q|.k|.v, L{L}.mlp, logits"
 
@@ -204,7 +212,7 @@ class LayoutNaming:
             )
         return s, r
 
-    def edge_names(self, mask: Tensor | None = None) -> list[str]:
+    def edge_names(self, mask: Bool[Tensor, "sender receiver"] | None = None) -> list[str]:
         """The names of the edges where ``mask`` (default: ``valid``) is True, in index order."""
         mask = self.valid if mask is None else mask & self.valid
         return [
@@ -224,7 +232,8 @@ class LayoutNaming:
         node = self.senders[sender]
         if node.kind == "input":
             return -1.0
-        return 2.0 * node.layer + (1.0 if node.kind == "mlp" else 0.0)  # type: ignore[operator]
+        assert node.layer is not None  # every sender but the input has a layer
+        return 2.0 * node.layer + (1.0 if node.kind == "mlp" else 0.0)
 
     def rank(self, name: str) -> int:
         """The row a node is drawn in: -1 for the input, the layer, ``n_rows`` for the logits."""
@@ -232,7 +241,9 @@ class LayoutNaming:
             return -1
         if name == "logits":
             return self.n_rows
-        return self.senders[self.sender_index(name)].layer  # type: ignore[return-value]
+        layer = self.senders[self.sender_index(name)].layer
+        assert layer is not None  # every sender but the input has a layer
+        return layer
 
     @property
     def n_rows(self) -> int:
@@ -249,6 +260,12 @@ class GraphLayout(LayoutNaming):
         senders: sender nodes in forward order (``input`` first).
         receivers: receivers in forward order (``logits`` last).
         valid: ``(sender, receiver)`` bool, True where the edge exists.
+
+    Example:
+        >>> layout = GraphLayout.build(n_layers=2, n_heads=2, n_kv_heads=1, d_model=8,
+        ...                            has_mlp=True)
+        >>> [r.name for r in layout.receivers[:5]]
+        ['L0H0.q', 'L0H1.q', 'L0H0.k', 'L0H0.v', 'L0.mlp']
     """
 
     n_layers: int
@@ -259,7 +276,7 @@ class GraphLayout(LayoutNaming):
     parallel: bool
     senders: tuple[Node, ...]
     receivers: tuple[Receiver, ...]
-    valid: Tensor
+    valid: Bool[Tensor, "sender receiver"]
 
     @classmethod
     def from_model(cls, model: Model) -> GraphLayout:
@@ -313,11 +330,12 @@ class GraphLayout(LayoutNaming):
                 name = head_name(layer, head, "q")
                 receivers.append(Receiver(name, "q", layer, head, (head_name(layer, head),)))
                 order_r.append(2 * layer)
-            for kind in ("k", "v"):
+            kinds: tuple[Literal["k"], Literal["v"]] = ("k", "v")
+            for kind in kinds:
                 for kv in range(n_kv_heads):
                     fed = tuple(head_name(layer, h) for h in range(kv * group, (kv + 1) * group))
-                    name = head_name(layer, kv, kind)  # type: ignore[arg-type]
-                    receivers.append(Receiver(name, kind, layer, kv, fed))  # type: ignore[arg-type]
+                    name = head_name(layer, kv, kind)
+                    receivers.append(Receiver(name, kind, layer, kv, fed))
                     order_r.append(2 * layer)
             if has_mlp:
                 senders.append(Node(mlp_name(layer), "mlp", layer))
@@ -346,8 +364,9 @@ class GraphLayout(LayoutNaming):
         width = self.n_heads + (1 if self.has_mlp else 0)
         pos = {"input": ((width - 1) / 2, 0.0), "logits": ((width - 1) / 2, self.n_layers + 1)}
         for node in self.senders[1:]:
-            x = float(node.head) if node.kind == "head" else float(self.n_heads)
-            pos[node.name] = (x, node.layer + 1.0)  # type: ignore[operator]
+            assert node.layer is not None  # every sender but the input has a layer
+            x = float(node.head or 0) if node.kind == "head" else float(self.n_heads)
+            pos[node.name] = (x, node.layer + 1.0)
         return pos
 
     def to_dict(self) -> dict[str, Any]:
@@ -360,5 +379,6 @@ class GraphLayout(LayoutNaming):
             "parallel": self.parallel,
         }
 
-    def same_as(self, other: GraphLayout) -> bool:
-        return self.to_dict() == other.to_dict()
+    def same_as(self, other: object) -> bool:
+        """Whether ``other`` is the graph of a model of the same shape."""
+        return isinstance(other, GraphLayout) and self.to_dict() == other.to_dict()

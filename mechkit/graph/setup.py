@@ -11,6 +11,7 @@ noising: the clean prompts run and dropped edges carry the ablated value.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -257,10 +258,10 @@ def circuit_values(
         part = keeps[first : first + size]
         try:
             n_circ = len(part)
+            read = functools.partial(_per_circuit, metric, n_circuits=n_circ)
             values = masked_logits(
-                model, layout, tokens, ablated, torch.stack(part).to(tokens.device),
-                lambda lg, m=metric, c=n_circ: _per_circuit(m, lg, c),
-            )  # fmt: skip
+                model, layout, tokens, ablated, torch.stack(part).to(tokens.device), read
+            )
         except (RuntimeError, torch.OutOfMemoryError) as exc:
             if not is_out_of_memory(exc) or len(part) == 1:
                 raise
@@ -275,7 +276,7 @@ def circuit_values(
     return out
 
 
-def _per_circuit(metric: Any, logits: Tensor, n_circuits: int) -> Tensor:
+def _per_circuit(metric: Any, logits: Tensor, *, n_circuits: int) -> Tensor:
     """The mean metric of each circuit's rows: logits are ``(circuit * batch, ...)``; returns
     ``(circuit * batch, 1)``, each circuit's value repeated over its rows."""
     n_batch = logits.shape[0] // n_circuits

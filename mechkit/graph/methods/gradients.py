@@ -11,6 +11,7 @@ passes cover only the layers from the block on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -132,7 +133,7 @@ def _clean_block_inputs(
     out: dict[str, Any] = {"resid": {}, "inputs": {}, "grads": {}}
     if not per_block:
         return out
-    hooks = []
+    hooks: list[tuple[str, Callable[..., Any]]] = []
     for layer in range(layout.n_layers):
 
         def keep(act: Tensor, hook: Any, layer: int = layer) -> Tensor:
