@@ -164,15 +164,3 @@ def edge_attribution(
 def _bar(total: int, description: str, enabled: bool) -> Any:
     # TODO(t15-sae merge): only sae/feature_circuits.py imports this; delete with its import
     return progress_bar(total, description, enabled=enabled)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "METHODS":
-        warnings.warn(
-            "mechkit.graph.METHODS is deprecated: mechkit.graph.EDGE_METHODS is the registry "
-            "(list(EDGE_METHODS) gives the names).",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return tuple(EDGE_METHODS)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
