@@ -2,16 +2,12 @@
 
 A :class:`CircuitGraph` holds a dense ``(sender, receiver)`` score tensor (from
 :func:`mechkit.edge_attribution`) and optionally a boolean mask of the edges in a circuit.
-Selection returns a new graph with a mask; nothing is changed in place:
-
-    >>> circuit = graph.top_edges(300)            # the 300 edges of largest |score|
-    >>> circuit = graph.threshold(0.01)           # every edge with |score| >= 0.01
-    >>> circuit = graph.greedy(300)               # grown from the logits (Hanna et al. 2024)
-    >>> circuit = circuit.prune()                 # drop edges cut off from input or logits
-    >>> circuit.save("ioi.json"); mk.CircuitGraph.load("ioi.json")
-    >>> circuit.plot()                            # plotly, nodes laid out by layer
-    >>> circuit.to_dot(), circuit.to_svg()        # Graphviz source, a standalone SVG
-    >>> graph.roc(reference_edges).auc            # against a published circuit given as data
+Selection (``top_edges``, ``threshold``, ``greedy``, ``prune``, ``with_edges``) returns a new graph
+with a mask; nothing is changed in place. Edge and node names are the package's one scheme
+(``L0H1->L2H3.q``, ``L3.mlp``); names a user types, and files saved with the older names
+(``a0.h1->a2.h3q``, ``m3``), are read through :func:`~mechkit.core.names.parse_node`.
+:meth:`CircuitGraph.to_eap_ig` and :meth:`CircuitGraph.from_eap_ig` write and read the JSON of
+Hanna et al.'s EAP-IG code (``a0.h1->a2.h3<q>``).
 """
 
 from __future__ import annotations
@@ -22,23 +18,26 @@ import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from jaxtyping import Bool, Float
 from torch import Tensor
 
+from mechkit.atomic_io import write_text_atomically
+from mechkit.core import parse_edge, rank, to_eap_ig
 from mechkit.errors import (
     FileFormatError,
     InvalidArgumentError,
     MechkitError,
     ShapeError,
     SiteNotFoundError,
+    UnsupportedModelError,
+    did_you_mean,
 )
+from mechkit.graph.feature_layout import FeatureLayout
 from mechkit.graph.layout import Edge, GraphLayout
 from mechkit.reading import read_json, reading
-
-if TYPE_CHECKING:
-    from mechkit.graph.feature_layout import FeatureLayout
 
 __all__ = ["CircuitGraph", "ROC"]
 
@@ -60,11 +59,23 @@ class CircuitGraph:
         model_name: the model the graph was scored on.
         node_scores: for graphs over nodes that were scored themselves (sparse feature
             circuits), each node's estimated effect; None otherwise.
+
+    Example:
+        >>> layout = GraphLayout.build(n_layers=1, n_heads=2, n_kv_heads=2, d_model=4,
+        ...                            has_mlp=False)
+        >>> scores = torch.zeros(layout.valid.shape)
+        >>> scores[layout.edge_index("L0H1->logits")] = 2.0
+        >>> scores[layout.edge_index("a0.h0->logits")] = -3.0  # EAP-IG's and old names work
+        >>> graph = CircuitGraph(layout=layout, scores=scores)
+        >>> graph.top(2)
+        [('L0H0->logits', -3.0), ('L0H1->logits', 2.0)]
+        >>> graph.top_edges(1).edge_names()
+        ['L0H0->logits']
     """
 
     layout: GraphLayout | FeatureLayout
-    scores: Tensor
-    mask: Tensor | None = None
+    scores: Float[Tensor, "sender receiver"]
+    mask: Bool[Tensor, "sender receiver"] | None = None
     method: str = ""
     ablation: str = "corrupt"
     metric_name: str = ""
@@ -86,7 +97,7 @@ class CircuitGraph:
     # ------------------------------------------------------------------------------- selection
 
     @property
-    def edges(self) -> Tensor:
+    def edges(self) -> Bool[Tensor, "sender receiver"]:
         """``(sender, receiver)`` bool: the circuit's edges (every valid edge without a mask)."""
         valid = self.layout.valid
         return valid.clone() if self.mask is None else self.mask & valid
@@ -94,6 +105,15 @@ class CircuitGraph:
     @property
     def n_edges(self) -> int:
         return int(self.edges.sum())
+
+    def top(self, n: int = 10, *, absolute: bool = True) -> list[tuple[str, float]]:
+        """The ``n`` highest-scoring edges of the circuit (every edge without a selection) as
+        ``(name, score)``, ranked by :func:`~mechkit.core.rank` (by |score| unless
+        ``absolute=False``); :meth:`top_edges` returns them as a circuit instead."""
+        pairs = self.edges.nonzero().tolist()
+        layout = self.layout
+        names = [f"{layout.senders[s].name}->{layout.receivers[r].name}" for s, r in pairs]
+        return rank(names, [float(self.scores[s, r]) for s, r in pairs], n, absolute=absolute)
 
     def edge_names(self) -> list[str]:
         """The circuit's edges as ``"sender->receiver"`` names, strongest first."""
@@ -103,7 +123,8 @@ class CircuitGraph:
         return [f"{layout.senders[s].name}->{layout.receivers[r].name}" for s, r in pairs]
 
     def with_edges(self, edges: Iterable[str | Edge]) -> CircuitGraph:
-        """The circuit made of exactly these edges; unknown names raise."""
+        """The circuit made of exactly these edges (names in any scheme
+        :func:`~mechkit.core.parse_edge` reads); unknown names raise."""
         mask = torch.zeros_like(self.layout.valid)
         for edge in edges:
             s, r = self.layout.edge_index(edge)
@@ -120,9 +141,12 @@ class CircuitGraph:
         return dataclasses.replace(self, mask=mask)
 
     def top_edges(self, n: int, *, absolute: bool = True) -> CircuitGraph:
-        """The ``n`` edges of largest score (by absolute value unless ``absolute=False``)."""
-        if n < 0:
-            raise InvalidArgumentError(f"Expected n >= 0 edges; got {n}.")
+        """The circuit of the ``n`` edges of largest score (by absolute value unless
+        ``absolute=False``); :meth:`top` lists them."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidArgumentError(
+                f"Expected n to be a non-negative integer (edges to keep); got {n!r}."
+            )
         values = self._ranking(absolute)
         order = values.flatten().argsort(descending=True)[: min(n, self.layout.n_edges)]
         mask = torch.zeros(values.numel(), dtype=torch.bool)
@@ -213,11 +237,12 @@ class CircuitGraph:
         """ROC of the edge ranking against a reference circuit given as data.
 
         Args:
-            reference: edge names (``"a0.h1->a2.h3q"``), or node names (``"a9.h9"``, ``"m3"``):
-                with nodes, an edge is positive when its sender and the node it feeds are both
-                in the reference. Unknown names raise.
+            reference: edge names (``"L0H1->L2H3.q"``), or node names (``"L9H9"``,
+                ``"L3.mlp"``): with nodes, an edge is positive when its sender and the node it
+                feeds are both in the reference. EAP-IG's and older names are read too; unknown
+                names raise.
         """
-        items = list(reference)
+        items = [item if "->" in item else self.layout.canonical(item) for item in reference]
         if not items:
             raise InvalidArgumentError("Expected a non-empty reference circuit; got none.")
         positive = torch.zeros_like(self.layout.valid)
@@ -233,8 +258,6 @@ class CircuitGraph:
             known = set(self.layout.nodes)
             unknown = [n for n in items if n not in known]
             if unknown:
-                from mechkit.errors import did_you_mean
-
                 raise SiteNotFoundError(
                     f"Expected node names of this graph; got unknown {unknown[:5]}."
                     + did_you_mean(unknown[0], known)
@@ -296,9 +319,17 @@ class CircuitGraph:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the graph as JSON (atomically)."""
-        from mechkit.atomic_io import write_text_atomically
+        """Write the graph as JSON (atomically); :meth:`load` reads it back.
 
+        Example:
+            >>> import tempfile, pathlib
+            >>> layout = GraphLayout.build(n_layers=1, n_heads=1, n_kv_heads=1, d_model=4,
+            ...                            has_mlp=False)
+            >>> graph = CircuitGraph(layout=layout, scores=torch.ones(layout.valid.shape))
+            >>> path = pathlib.Path(tempfile.mkdtemp()) / "graph.json"
+            >>> CircuitGraph.load(graph.save(path)).edge_names()
+            ['input->L0H0.q', 'input->L0H0.k', 'input->L0H0.v', 'input->logits', 'L0H0->logits']
+        """
         path = Path(path)
         write_text_atomically(path, json.dumps(self.to_dict(), indent=1))
         return path
@@ -333,7 +364,8 @@ class CircuitGraph:
 
     @classmethod
     def load(cls, path: str | Path) -> CircuitGraph:
-        """Read a graph written by :meth:`save`.
+        """Read a graph written by :meth:`save` (also by older mechkit versions, whose edge
+        names were ``a0.h1->a2.h3q``).
 
         Raises:
             FileFormatError: the file is damaged, truncated, another format, or JSON that is
@@ -350,6 +382,89 @@ class CircuitGraph:
             raise FileFormatError(f"{exc} (in {str(path)!r})") from exc
         except MechkitError as exc:  # an edge or node the layout does not have, and the like
             raise FileFormatError(f"Expected {what} in {str(path)!r}; {exc} Hint: {hint}") from exc
+
+    def to_eap_ig(self) -> dict[str, Any]:
+        """The graph as the JSON dict of Hanna et al.'s EAP-IG code (``Graph.to_json``):
+        ``cfg``, ``nodes`` (name -> in the circuit) and ``edges`` (name -> score and whether it
+        is in the circuit), in its names (``a0.h1->a2.h3<q>``, ``m3``).
+
+        Example:
+            >>> layout = GraphLayout.build(n_layers=1, n_heads=1, n_kv_heads=1, d_model=4,
+            ...                            has_mlp=False)
+            >>> graph = CircuitGraph(layout=layout, scores=torch.ones(layout.valid.shape))
+            >>> sorted(graph.to_eap_ig()["edges"])[:2], graph.to_eap_ig()["nodes"]["a0.h0"]
+            (['a0.h0->logits', 'input->a0.h0<k>'], True)
+        """
+        layout = self.layout
+        if not isinstance(layout, GraphLayout):
+            raise InvalidArgumentError(
+                "Expected a graph of heads and MLPs; got a sparse feature circuit, which "
+                "EAP-IG's format has no names for. Hint: CircuitGraph.save writes it."
+            )
+        if layout.n_kv_heads != layout.n_heads:
+            raise UnsupportedModelError(
+                f"Expected a model with one key/value head per query head (EAP-IG's format has "
+                f"no grouped-query attention); got {layout.n_heads} query and "
+                f"{layout.n_kv_heads} key/value heads. Hint: CircuitGraph.save writes it."
+            )
+        edges = self.edges
+        members = set(self.nodes_in_circuit())
+        return {
+            "cfg": {
+                "n_layers": layout.n_layers,
+                "n_heads": layout.n_heads,
+                "d_model": layout.d_model,
+                "parallel_attn_mlp": layout.parallel,
+            },
+            "nodes": {to_eap_ig(name): name in members for name in layout.nodes},
+            "edges": {
+                to_eap_ig(f"{layout.senders[s].name}->{layout.receivers[r].name}"): {
+                    "score": float(self.scores[s, r]),
+                    "in_graph": bool(edges[s, r]),
+                }
+                for s, r in layout.valid.nonzero().tolist()
+            },
+        }
+
+    @classmethod
+    def from_eap_ig(cls, data: dict[str, Any] | str | Path) -> CircuitGraph:
+        """A graph from EAP-IG's JSON (a dict, or the path of a file written by its
+        ``Graph.to_json``); edges it leaves unscored score 0.
+
+        Example:
+            >>> layout = GraphLayout.build(n_layers=1, n_heads=1, n_kv_heads=1, d_model=4,
+            ...                            has_mlp=False)
+            >>> graph = CircuitGraph(layout=layout, scores=torch.ones(layout.valid.shape))
+            >>> CircuitGraph.from_eap_ig(graph.to_eap_ig()).top(1)
+            [('input->L0H0.q', 1.0)]
+        """
+        what, hint = "EAP-IG graph JSON (cfg, nodes, edges)", "write it with EAP-IG's to_json."
+        if not isinstance(data, dict):
+            path = data
+            data = read_json(path, what, hint)
+            with reading(path, what, hint):
+                return cls.from_eap_ig(data)
+        if not isinstance(data.get("cfg"), dict) or not isinstance(data.get("edges"), dict):
+            raise FileFormatError(f"Expected {what}; got keys {sorted(data)}. Hint: {hint}")
+        cfg, names = data["cfg"], list(data["edges"])
+        has_mlp = any(
+            parse_edge(name)[0].kind == "mlp" or parse_edge(name)[1].kind == "mlp" for name in names
+        )
+        layout = GraphLayout.build(
+            n_layers=int(cfg["n_layers"]),
+            n_heads=int(cfg["n_heads"]),
+            n_kv_heads=int(cfg.get("n_key_value_heads") or cfg["n_heads"]),
+            d_model=int(cfg.get("d_model") or 0),
+            has_mlp=has_mlp,
+            parallel=bool(cfg.get("parallel_attn_mlp", False)),
+        )
+        scores = torch.zeros(layout.valid.shape)
+        mask = torch.zeros_like(layout.valid)
+        for name, item in data["edges"].items():
+            s, r = layout.edge_index(name)
+            scores[s, r] = float(item.get("score") or 0.0)
+            mask[s, r] = bool(item.get("in_graph", True))
+        return cls(layout=layout, scores=scores, mask=mask, method="EAP-IG")
 
     def __repr__(self) -> str:
         return (
@@ -451,8 +566,8 @@ class CircuitGraph:
         for name in nodes:
             by_layer.setdefault(layout.rank(name), []).append(name)
         for layer in sorted(by_layer):
-            members = " ".join(f'"{n}"' for n in by_layer[layer])
-            lines.append(f"  {{ rank=same; {members} }}")
+            row = " ".join(f'"{n}"' for n in by_layer[layer])
+            lines.append(f"  {{ rank=same; {row} }}")
         for s, r in drawn:
             score = float(self.scores[s, r])
             rec = layout.receivers[r]
@@ -468,8 +583,7 @@ class CircuitGraph:
 
     def to_svg(self, *, max_edges: int = 300, scale: float = 60.0) -> str:
         """A standalone SVG drawing (no Graphviz needed): the layout of :meth:`plot`."""
-        from html import escape
-
+        escape = html.escape
         layout = self.layout
         pos = layout.positions()
         drawn = self._drawn(max_edges)
@@ -516,27 +630,31 @@ _COLOURS = {
 }
 
 
-def _layout_from_dict(data: dict[str, Any]) -> Any:
+def _layout_from_dict(data: dict[str, Any]) -> GraphLayout | FeatureLayout:
     """The layout a saved graph names: a model's graph, or a sparse feature circuit's."""
     if data.get("kind") == "features":
-        from mechkit.graph.feature_layout import FeatureLayout
-
         return FeatureLayout.from_dict(data)
     return GraphLayout.build(**data)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ROC:
-    """Receiver operating characteristic of a ranking against reference labels."""
+    """Receiver operating characteristic of a ranking against reference labels.
 
-    fpr: Tensor
-    tpr: Tensor
+    Example:
+        >>> roc = ROC.from_scores(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([True, False, True]))
+        >>> roc.auc
+        0.5
+    """
+
+    fpr: Float[Tensor, " point"]
+    tpr: Float[Tensor, " point"]
     auc: float
     n_positive: int
     n_negative: int
 
     @classmethod
-    def from_scores(cls, scores: Tensor, positive: Tensor) -> ROC:
+    def from_scores(cls, scores: Float[Tensor, " edge"], positive: Bool[Tensor, " edge"]) -> ROC:
         n_pos, n_neg = int(positive.sum()), int((~positive).sum())
         if n_pos == 0 or n_neg == 0:
             raise InvalidArgumentError(

@@ -8,12 +8,8 @@ outside the circuit still run but reach the circuit only through ablated edges. 
     (M(circuit) - M(all ablated)) / (M(model) - M(all ablated))
 
 1 means the circuit alone restores the model's behaviour, 0 that it explains none. With corrupt
-ablation "all ablated" is exactly the corrupt run (tested).
-
-    >>> ev = mk.evaluate_circuit(model, graph.top_edges(200), pairs)
-    >>> ev.faithfulness
-    >>> curve = mk.faithfulness_curve(model, [eap, eap_ig], pairs, sizes=[50, 200, 1000])
-    >>> curve.plot()
+ablation "all ablated" is exactly the corrupt run (tested). Both results name that baseline
+``ablated_score``, as :class:`~mechkit.sae.FeatureCircuitEvaluation` does.
 """
 
 from __future__ import annotations
@@ -23,10 +19,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
+from mechkit.core import Model, check_budget, rank
 from mechkit.errors import InvalidArgumentError, check_batch_size, check_choice
 from mechkit.graph.circuit import CircuitGraph
-from mechkit.graph.edges import EdgeSetup, batched_circuit_values, prepare
+from mechkit.graph.layout import GraphLayout
+from mechkit.graph.setup import (
+    EdgeSetup,
+    batched_circuit_values,
+    edge_setup,
+    resolve_edge_contrast,
+)
 
 __all__ = ["evaluate_circuit", "faithfulness_curve", "CircuitEvaluation", "FaithfulnessCurve"]
 
@@ -41,6 +46,11 @@ class CircuitEvaluation:
         ablated_score: M with every edge ablated.
         faithfulness: ``(circuit - ablated) / (model - ablated)``.
         n_edges: the circuit's size; ablation: what the other edges carried.
+
+    Example:
+        >>> ev = CircuitEvaluation(0.5, 1.0, 0.0, 0.5, 10, "corrupt")
+        >>> ev.top(2)
+        [('model', 1.0), ('circuit', 0.5)]
     """
 
     circuit_score: float
@@ -50,69 +60,113 @@ class CircuitEvaluation:
     n_edges: int
     ablation: str
 
+    def top(self, n: int = 10, *, absolute: bool = True) -> list[tuple[str, float]]:
+        """The three runs' scores (``circuit``, ``model``, ``ablated``) ranked by
+        :func:`~mechkit.core.rank`."""
+        labels = ["circuit", "model", "ablated"]
+        values = [self.circuit_score, self.model_score, self.ablated_score]
+        return rank(labels, values, n, absolute=absolute)
+
     def to_dataframe(self) -> Any:
+        """One row: every field."""
         import pandas as pd
 
         return pd.DataFrame([dataclasses.asdict(self)])
 
+    def plot(self, *, title: str | None = None) -> Any:
+        """The three runs' scores as bars (plotly)."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure(
+            go.Bar(
+                x=["all ablated", "circuit", "model"],
+                y=[self.ablated_score, self.circuit_score, self.model_score],
+            )
+        )
+        fig.update_layout(
+            title=title or f"Circuit of {self.n_edges} edges: faithfulness {self.faithfulness:.3f}",
+            yaxis_title="metric",
+        )
+        return fig
+
 
 def _setup_for(
-    model: Any,
+    model: Model,
     graph: CircuitGraph,
     clean: Any,
     corrupt: Any,
     metric: Any,
+    *,
     ablation: str | None,
+    direction: str | None,
     reference: Any,
     batch_size: int | None,
+    memory_budget: int | str | None,
 ) -> EdgeSetup:
     check_batch_size(batch_size)
+    check_budget(memory_budget)
     if graph.layout.to_dict().get("kind") == "features":
         raise InvalidArgumentError(
             "Expected a graph of heads and MLPs (from mk.edge_attribution); got a sparse feature "
             "circuit, whose nodes are dictionary latents. Hint: mk.evaluate_feature_circuit("
             "model, dictionaries, circuit, pairs) ablates the nodes outside it."
         )
-    setup = prepare(
+    contrast = resolve_edge_contrast(
         model,
         clean,
         corrupt,
         metric,
+        direction=direction,
         ablation=ablation or graph.ablation,
         reference=reference,
-        batch_size=batch_size,
     )
-    if not setup.layout.same_as(graph.layout):
+    layout = GraphLayout.from_model(model)
+    if not layout.same_as(graph.layout):
         raise InvalidArgumentError(
-            f"Expected a graph of this model's shape {setup.layout.to_dict()}; the graph was "
-            f"made for {graph.layout.to_dict()} ({graph.model_name})."
+            f"Expected a graph of this model's shape {layout.to_dict()}; the graph was made for "
+            f"{graph.layout.to_dict()} ({graph.model_name}). Hint: score the graph on this model."
         )
-    return setup
+    return edge_setup(model, contrast, batch_size=batch_size, memory_budget=memory_budget)
 
 
 def evaluate_circuit(
-    model: Any,
+    model: Model,
     circuit: CircuitGraph,
     clean: Any,
     corrupt: Any = None,
     metric: Any = None,
     *,
     ablation: str | None = None,
+    direction: str | None = None,
     reference: Any = None,
     batch_size: int | None = None,
+    memory_budget: int | str | None = None,
 ) -> CircuitEvaluation:
     """Run the model with only the circuit's edges clean and report its faithfulness.
 
     Args:
         model: the HookedTransformer the graph was made for.
         circuit: a :class:`CircuitGraph` with a selection (``top_edges``, ``greedy``...).
-        clean, corrupt, metric, reference, batch_size: as for :func:`mechkit.edge_attribution`.
-        ablation: what the other edges carry (default: the graph's own ablation).
+        clean, corrupt, metric, reference, batch_size, memory_budget: as for
+            :func:`mechkit.edge_attribution`.
+        ablation: what the other edges carry: ``"corrupt"``, ``"mean"`` or ``"zero"``; by
+            default the graph's own ablation (the circuit is judged as it was scored).
+        direction: ``"noising"`` only: the edges outside the circuit are ablated in the clean
+            run (the definition of faithfulness above).
 
     Example:
-        >>> mk.evaluate_circuit(model, graph.top_edges(100), pairs).faithfulness
+        >>> model = mk.load_model("attn-only-2l")
+        >>> clean, corrupt = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 9, 3, 4]])
+        >>> metric = lambda logits: logits[:, -1, 0].mean()
+        >>> graph = mk.edge_attribution(model, clean, corrupt, metric)
+        >>> ev = mk.evaluate_circuit(model, graph, clean, corrupt, metric)  # every edge
+        >>> round(ev.faithfulness, 4), ev.n_edges
+        (1.0, 81)
     """
-    setup = _setup_for(model, circuit, clean, corrupt, metric, ablation, reference, batch_size)
+    setup = _setup_for(
+        model, circuit, clean, corrupt, metric, ablation=ablation, direction=direction,
+        reference=reference, batch_size=batch_size, memory_budget=memory_budget,
+    )  # fmt: skip
     valid = setup.layout.valid
     keeps = torch.stack([circuit.edges, valid, torch.zeros_like(valid)])
     circuit_score, model_score, ablated_score = (
@@ -145,17 +199,37 @@ class FaithfulnessCurve:
         model_score, ablated_score: the normalization's two ends.
         selection: how circuits were chosen (``top`` or ``greedy``); pruned: whether they were
             pruned before the run.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> clean, corrupt = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 9, 3, 4]])
+        >>> metric = lambda logits: logits[:, -1, 0].mean()
+        >>> graph = mk.edge_attribution(model, clean, corrupt, metric)
+        >>> curve = mk.faithfulness_curve(model, graph, clean, corrupt, metric, sizes=[10, 81])
+        >>> curve.to_dataframe()[["method", "size", "edges_run"]]
+          method  size  edges_run
+        0    eap    10         10
+        1    eap    81         81
+        >>> best = curve.top(1, absolute=False)[0]  # every edge: the model itself
+        >>> best[0], round(best[1], 4)
+        ({'method': 'eap', 'size': 81}, 1.0)
     """
 
     sizes: list[int]
     methods: list[str]
-    faithfulness: torch.Tensor
-    scores: torch.Tensor
+    faithfulness: Float[Tensor, "method size"]
+    scores: Float[Tensor, "method size"]
     model_score: float
     ablated_score: float
     selection: str
     pruned: bool
-    n_edges: torch.Tensor  # (method, size) edges actually run (after pruning)
+    n_edges: Int[Tensor, "method size"]  # edges actually run (after pruning)
+
+    def top(self, n: int = 10, *, absolute: bool = True) -> list[tuple[dict[str, Any], float]]:
+        """The circuits ranked by faithfulness (:func:`~mechkit.core.rank`), each labelled
+        ``{"method": ..., "size": ...}``."""
+        labels = [{"method": m, "size": s} for m in self.methods for s in self.sizes]
+        return rank(labels, self.faithfulness.flatten(), n, absolute=absolute)
 
     def to_dataframe(self) -> Any:
         import pandas as pd
@@ -191,7 +265,7 @@ class FaithfulnessCurve:
 
 
 def faithfulness_curve(
-    model: Any,
+    model: Model,
     graphs: CircuitGraph | Sequence[CircuitGraph],
     clean: Any,
     corrupt: Any = None,
@@ -201,8 +275,10 @@ def faithfulness_curve(
     selection: str = "top",
     prune: bool = False,
     ablation: str | None = None,
+    direction: str | None = None,
     reference: Any = None,
     batch_size: int | None = None,
+    memory_budget: int | str | None = None,
 ) -> FaithfulnessCurve:
     """Faithfulness of each graph's best ``n`` edges for every ``n`` in ``sizes``.
 
@@ -211,21 +287,37 @@ def faithfulness_curve(
         sizes: circuit sizes in edges.
         selection: ``"top"`` (largest |score|) or ``"greedy"`` (grown from the logits).
         prune: prune each circuit (drop edges cut off from input or logits) before running it.
+        clean, corrupt, metric, ablation, direction, reference, batch_size, memory_budget: as
+            for :func:`evaluate_circuit`.
 
     Example:
-        >>> curve = mk.faithfulness_curve(model, [eap, eap_ig], pairs, sizes=[100, 1000])
-        >>> curve.to_dataframe()
+        >>> model = mk.load_model("attn-only-2l")
+        >>> clean, corrupt = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 9, 3, 4]])
+        >>> metric = lambda logits: logits[:, -1, 0].mean()
+        >>> eap = mk.edge_attribution(model, clean, corrupt, metric)
+        >>> ig = mk.edge_attribution(model, clean, corrupt, metric, method="eap-ig-inputs")
+        >>> curve = mk.faithfulness_curve(model, [eap, ig], clean, corrupt, metric, sizes=[20])
+        >>> curve.methods, tuple(curve.faithfulness.shape)
+        (['eap', 'eap-ig-inputs (5 steps)'], (2, 1))
     """
     graphs = [graphs] if isinstance(graphs, CircuitGraph) else list(graphs)
     if not graphs:
-        raise InvalidArgumentError("Expected at least one graph; got none.")
+        raise InvalidArgumentError(
+            "Expected at least one graph; got none. Hint: pass mk.edge_attribution's result."
+        )
     check_choice("selection", selection, ["top", "greedy"])
     sizes = [int(s) for s in sizes]
-    setup = _setup_for(model, graphs[0], clean, corrupt, metric, ablation, reference, batch_size)
+    setup = _setup_for(
+        model, graphs[0], clean, corrupt, metric, ablation=ablation, direction=direction,
+        reference=reference, batch_size=batch_size, memory_budget=memory_budget,
+    )  # fmt: skip
     masks, edges_run = [], []
     for graph in graphs:
         if not setup.layout.same_as(graph.layout):
-            raise InvalidArgumentError("Expected every graph to be of the same model.")
+            raise InvalidArgumentError(
+                f"Expected every graph to be of the same model; {graph!r} has layout "
+                f"{graph.layout.to_dict()}, the first {graphs[0].layout.to_dict()}."
+            )
         for size in sizes:
             circuit = graph.top_edges(size) if selection == "top" else graph.greedy(size)
             if prune:

@@ -29,6 +29,7 @@ import re
 from typing import Any
 
 import torch
+from jaxtyping import Bool
 from torch import Tensor
 
 from mechkit.errors import InvalidArgumentError, InvalidSiteError
@@ -63,7 +64,12 @@ _SHORT = {
 
 @dataclasses.dataclass(frozen=True)
 class DictionarySite:
-    """Where a dictionary sits: its name, hooks, width and place in the forward pass."""
+    """Where a dictionary sits: its name, hooks, width and place in the forward pass.
+
+    Example:
+        >>> dictionary_site("blocks.3.hook_resid_post", "blocks.3.hook_resid_post", 64, None).name
+        'r3'
+    """
 
     name: str
     in_hook: str
@@ -88,13 +94,22 @@ def _place(hook: str) -> tuple[float, float, bool]:
 
 
 def dictionary_site(in_hook: str, out_hook: str, d_sae: int, name: str | None) -> DictionarySite:
-    """The :class:`DictionarySite` of an SAE (``in_hook == out_hook``) or transcoder."""
+    """The :class:`DictionarySite` of an SAE (``in_hook == out_hook``) or transcoder.
+
+    Example:
+        >>> site = dictionary_site("blocks.2.ln2.hook_normalized", "blocks.2.hook_mlp_out", 32,
+        ...                        None)
+        >>> site.name, site.on_stream
+        ('m2', False)
+    """
     reads, _, _ = _place(in_hook)
     _, writes, stream = _place(out_hook)
     if in_hook != out_hook:
         stream = False  # a transcoder predicts a block's output from its input
     if name is None:
-        layer, suffix = re.fullmatch(r"blocks\.(\d+)\.(.+)", out_hook).groups()  # type: ignore[union-attr]
+        match = re.fullmatch(r"blocks\.(\d+)\.(.+)", out_hook)
+        assert match is not None  # _place checked the hook above
+        layer, suffix = match.groups()
         if suffix not in _SHORT:
             raise InvalidSiteError(
                 f"Expected a name for the dictionary writing {out_hook!r} (no short name for "
@@ -120,17 +135,27 @@ class FeatureLayout(LayoutNaming):
         receivers: each dictionary's latents and error, then ``logits``.
         valid: ``(sender, receiver)`` bool, True where the edge exists.
         descriptions: short text per node (e.g. the tokens a latent's decoder promotes).
+
+    Example:
+        >>> site = dictionary_site("blocks.1.hook_resid_post", "blocks.1.hook_resid_post", 8, None)
+        >>> layout = FeatureLayout.build([site], [[3, 5]])
+        >>> layout.nodes
+        ('input', 'r1.f3', 'r1.f5', 'r1.err', 'logits')
     """
 
     dictionaries: tuple[DictionarySite, ...]
     latents: tuple[tuple[int, ...], ...]
     senders: tuple[Node, ...]
     receivers: tuple[Receiver, ...]
-    valid: Tensor
+    valid: Bool[Tensor, "sender receiver"]
     descriptions: dict[str, str] = dataclasses.field(default_factory=dict)
 
     sender_hint = "input, <dictionary>.f<latent>, <dictionary>.err"
     receiver_hint = "<dictionary>.f<latent>, <dictionary>.err, logits"
+
+    def canonical(self, name: str) -> str:
+        """Latent and error names are the layout's own (``r12.f345``): read as written."""
+        return name
 
     @classmethod
     def build(
@@ -208,7 +233,8 @@ class FeatureLayout(LayoutNaming):
         node = self.senders[sender]
         if node.kind == "input":
             return -math.inf
-        return self.dictionaries[node.layer].writes  # type: ignore[index]
+        assert node.layer is not None  # latents and errors carry their dictionary's stage
+        return self.dictionaries[node.layer].writes
 
     def row_labels(self) -> list[str]:
         return ["input", *(d.name for d in self.dictionaries), "logits"]

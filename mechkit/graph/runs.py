@@ -17,18 +17,34 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mechkit.core.types import Model
 from mechkit.graph.layout import GraphLayout
 from mechkit.hook_scope import hook_scope, keep_hooks
 
-__all__ = ["graph_mode", "sender_outputs", "receiver_gradients", "masked_logits"]
+__all__ = [
+    "graph_mode",
+    "sender_outputs",
+    "receiver_gradients",
+    "masked_logits",
+    "receiver_hook_names",
+]
 
 
 @contextlib.contextmanager
-def graph_mode(model: Any) -> Iterator[None]:
+def graph_mode(model: Model) -> Iterator[None]:
     """Per-head q/k/v inputs and the MLP input hook on, for the block; the config and the
-    hooks restored on leaving it, also after an interrupt."""
+    hooks restored on leaving it, also after an interrupt.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> with graph_mode(model):
+        ...     inside = model.cfg.use_split_qkv_input
+        >>> inside, model.cfg.use_split_qkv_input
+        (True, False)
+    """
     cfg = model.cfg
     old = (cfg.use_split_qkv_input, cfg.use_hook_mlp_in)
 
@@ -45,7 +61,7 @@ def graph_mode(model: Any) -> Iterator[None]:
 
 
 def _sender_hooks(
-    model: Any, layout: GraphLayout, store: Callable[[int, int, Tensor], None]
+    model: Model, layout: GraphLayout, store: Callable[[int, int, Tensor], None]
 ) -> list[tuple[str, Callable]]:
     """Hooks that hand each sender block's outputs to ``store(first_index, count, values)``
     with values ``(batch, pos, count, d_model)``."""
@@ -75,8 +91,15 @@ def _sender_hooks(
     return hooks
 
 
-def _receiver_hook_names(layout: GraphLayout) -> list[tuple[str, int, int]]:
-    """``(hook name, first receiver index, count)`` per receiver hook, in forward order."""
+def receiver_hook_names(layout: GraphLayout) -> list[tuple[str, int, int]]:
+    """``(hook name, first receiver index, count)`` per receiver hook, in forward order.
+
+    Example:
+        >>> layout = GraphLayout.build(n_layers=1, n_heads=2, n_kv_heads=2, d_model=4,
+        ...                            has_mlp=True)
+        >>> receiver_hook_names(layout)[0], receiver_hook_names(layout)[-1]
+        (('blocks.0.hook_q_input', 0, 2), ('blocks.0.hook_resid_post', 7, 1))
+    """
     out = []
     index = 0
     for layer in range(layout.n_layers):
@@ -94,8 +117,17 @@ def _receiver_hook_names(layout: GraphLayout) -> list[tuple[str, int, int]]:
 
 
 @torch.no_grad()
-def sender_outputs(model: Any, layout: GraphLayout, tokens: Tensor) -> Tensor:
-    """Every sender's output on ``tokens``: ``(batch, pos, sender, d_model)``."""
+def sender_outputs(
+    model: Model, layout: GraphLayout, tokens: Int[Tensor, "batch pos"]
+) -> Float[Tensor, "batch pos sender d_model"]:
+    """Every sender's output on ``tokens``: ``(batch, pos, sender, d_model)``.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> out = sender_outputs(model, GraphLayout.from_model(model), torch.tensor([[1, 2, 3]]))
+        >>> tuple(out.shape)  # the input and 8 heads
+        (1, 3, 9, 128)
+    """
     n_batch, seq = tokens.shape
     out = torch.zeros(n_batch, seq, len(layout.senders), layout.d_model, device=tokens.device)
 
@@ -108,14 +140,14 @@ def sender_outputs(model: Any, layout: GraphLayout, tokens: Tensor) -> Tensor:
 
 
 def receiver_gradients(
-    model: Any,
+    model: Model,
     layout: GraphLayout,
-    tokens: Tensor,
+    tokens: Int[Tensor, "batch pos"],
     value_of: Callable[[Tensor], Tensor],
     *,
     overrides: dict[str, Callable] | None = None,
     senders: bool = False,
-    residual: Tensor | None = None,
+    residual: Float[Tensor, "repeats_batch pos d_model"] | None = None,
     start_layer: int = 0,
     repeats: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -135,9 +167,17 @@ def receiver_gradients(
 
     Returns:
         ``(gradients, metric value, sender outputs or None)``. Parameters get no ``.grad``.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> layout = GraphLayout.from_model(model)
+        >>> grads, value, _ = receiver_gradients(model, layout, torch.tensor([[1, 2, 3]]),
+        ...                                      lambda logits: logits[:, -1, 0].mean())
+        >>> tuple(grads.shape)  # 24 head inputs and the logits
+        (1, 3, 25, 128)
     """
     inputs: dict[int, Tensor] = {}
-    names = _receiver_hook_names(layout)
+    names = receiver_hook_names(layout)
     n_batch, seq = tokens.shape
     sent = (
         torch.zeros(n_batch, seq, len(layout.senders), layout.d_model, device=tokens.device)
@@ -152,7 +192,8 @@ def receiver_gradients(
         return hook
 
     def store(first: int, count: int, values: Tensor) -> None:
-        sent[:, :, first : first + count] = values.detach().to(sent.dtype)  # type: ignore[index]
+        assert sent is not None  # the sender hooks are added only when sent is
+        sent[:, :, first : first + count] = values.detach().to(sent.dtype)
 
     def leaf(act: Tensor, hook: Any) -> Tensor:
         return act if act.requires_grad else act.detach().requires_grad_(True)
@@ -197,11 +238,11 @@ def receiver_gradients(
 
 @torch.no_grad()
 def masked_logits(
-    model: Any,
+    model: Model,
     layout: GraphLayout,
-    tokens: Tensor,
-    ablated: Tensor,
-    keep: Tensor,
+    tokens: Int[Tensor, "batch pos"],
+    ablated: Float[Tensor, "batch_or_1 pos_or_1 sender d_model"],
+    keep: Bool[Tensor, "circuit sender receiver"],
     read: Callable[[Tensor], Tensor],
 ) -> Tensor:
     """Runs in which every edge not kept carries the ablated sender value.
@@ -219,6 +260,15 @@ def masked_logits(
     Each receiver's input becomes ``input + sum over dropped edges (ablated_u - current_u)``
     where ``current_u`` is the sender's output in this same run (so a sender downstream of a
     dropped edge passes on its changed value, as in a real circuit run).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> layout, tokens = GraphLayout.from_model(model), torch.tensor([[1, 2, 3]])
+        >>> ablated = torch.zeros(1, 1, len(layout.senders), layout.d_model)
+        >>> keep = layout.valid[None]  # one circuit: every edge
+        >>> out = masked_logits(model, layout, tokens, ablated, keep, lambda logits: logits)
+        >>> torch.allclose(out[0], model(tokens), atol=1e-4)
+        True
     """
     n_circ = keep.shape[0]
     n_batch, seq = tokens.shape
@@ -253,7 +303,7 @@ def masked_logits(
         return hook
 
     hooks = _sender_hooks(model, layout, store)
-    hooks += [(name, patch(first, count)) for name, first, count in _receiver_hook_names(layout)]
+    hooks += [(name, patch(first, count)) for name, first, count in receiver_hook_names(layout)]
     rows = tokens.repeat(n_circ, 1)  # (circuit * batch, pos)
     with graph_mode(model), hook_scope(model, fwd_hooks=hooks):
         logits = model(rows)

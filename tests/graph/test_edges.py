@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import mechkit as mk
+from mechkit.core.names import parse_node
 from mechkit.demo import IOI_PAIRS
 from mechkit.graph.layout import GraphLayout
 from mechkit.graph.runs import graph_mode
@@ -33,23 +34,25 @@ def toy_metric(logits):
 
 def sender_value(model, cache, name):
     """A sender's output from a TransformerLens cache: (batch, pos, d_model)."""
-    if name == "input":
+    node = parse_node(name)
+    if node.kind == "input":
         return cache["blocks.0.hook_resid_pre"]
-    if name.startswith("m"):
-        return cache[f"blocks.{int(name[1:])}.hook_mlp_out"]
-    layer, head = (int(x) for x in name[1:].split(".h"))
-    return cache[f"blocks.{layer}.attn.hook_z"][:, :, head] @ model.W_O[layer, head]
+    if node.kind == "mlp":
+        return cache[f"blocks.{node.layer}.hook_mlp_out"]
+    return (
+        cache[f"blocks.{node.layer}.attn.hook_z"][:, :, node.head]
+        @ model.W_O[node.layer, node.head]
+    )
 
 
 def receiver_hook(model, name):
     """(hook name, index into the hook's activation) of a receiver."""
     if name == "logits":
         return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", (slice(None),)
-    if name.startswith("m"):
-        return f"blocks.{int(name[1:])}.hook_mlp_in", (slice(None),)
-    kind = name[-1]
-    layer, head = (int(x) for x in name[1:-1].split(".h"))
-    return f"blocks.{layer}.hook_{kind}_input", (slice(None), slice(None), head)
+    node = parse_node(name)
+    if node.kind == "mlp":
+        return f"blocks.{node.layer}.hook_mlp_in", (slice(None),)
+    return f"blocks.{node.layer}.hook_{node.port}_input", (slice(None), slice(None), node.head)
 
 
 def naive_edge_patch(model, clean, corrupt, metric, edge):
@@ -97,7 +100,7 @@ def naive_eap(model, clean, corrupt, metric, edge, embed_alpha=None):
     return float(total.detach()) / len(alphas)
 
 
-EDGES = ["input->a0.h1q", "input->a1.h2k", "a0.h3->a1.h0v", "a0.h1->logits", "a1.h2->logits"]
+EDGES = ["input->L0H1.q", "input->L1H2.k", "L0H3->L1H0.v", "L0H1->logits", "L1H2->logits"]
 
 
 def test_exact_equals_patching_each_edge_alone(toy, toy_runs):
@@ -144,8 +147,8 @@ def test_eap_ig_activations_interpolates_one_block_at_a_time(toy, toy_runs):
     with torch.no_grad(), graph_mode(toy):
         _, cc = toy.run_with_cache(clean)
         _, kc = toy.run_with_cache(corrupt)
-    edge = "a0.h2->a1.h1q"
-    delta = sender_value(toy, kc, "a0.h2") - sender_value(toy, cc, "a0.h2")
+    edge = "L0H2->L1H1.q"
+    delta = sender_value(toy, kc, "L0H2") - sender_value(toy, cc, "L0H2")
     grads = []
     for alpha in (0.5, 1.0):
         z = kc["blocks.0.attn.hook_z"] + alpha * (
@@ -239,12 +242,12 @@ def test_smollm2_grouped_heads_mlps_and_padding(smollm2, ioi_pairs):
     assert graph.clean_score == pytest.approx(clean_value, abs=1e-4)
     assert graph.ablated_score == pytest.approx(corrupt_value, abs=1e-3)
     clean, corrupt = ioi_pairs.clean_tokens, ioi_pairs.corrupt_tokens
-    for edge in ["a3.h2->a20.h1k", "a10.h4->m10", "m5->a22.h7q", "a23.h3->logits"]:
+    for edge in ["L3H2->L20H1.k", "L10H4->L10.mlp", "L5.mlp->L22H7.q", "L23H3->logits"]:
         s, r = layout.edge_index(edge)
         expected = naive_eap(smollm2, clean, corrupt, metric, edge)
         assert float(graph.scores[s, r]) == pytest.approx(expected, abs=2e-4), edge
-    exact = naive_edge_patch(smollm2, clean, corrupt, metric, "a10.h4->m10")
-    keep = graph.without(["a10.h4->m10"])
+    exact = naive_edge_patch(smollm2, clean, corrupt, metric, "L10H4->L10.mlp")
+    keep = graph.without(["L10H4->L10.mlp"])
     assert keep.n_edges == layout.n_edges - 1
     ev = mk.evaluate_circuit(smollm2, keep, ioi_pairs)
     assert ev.circuit_score - ev.model_score == pytest.approx(exact, abs=2e-4)
@@ -253,13 +256,14 @@ def test_smollm2_grouped_heads_mlps_and_padding(smollm2, ioi_pairs):
 def test_out_of_memory_splits_prompts_and_circuits(toy, toy_runs, monkeypatch):
     """A batch (of prompts, or of circuits in one run) that raises out-of-memory is split in
     two and retried; the scores equal the unsplit run's."""
-    import mechkit.graph.edges as edges_module
+    import mechkit.graph.methods.gradients as gradients_module
+    import mechkit.graph.setup as setup_module
 
     clean, corrupt = toy_runs
     pairs = mk.PromptPairs.from_tokens(clean, corrupt, answers=[7, 7, 7], wrongs=[11, 11, 11])
     whole = mk.edge_attribution(toy, pairs, method="eap")
     exact_whole = mk.edge_attribution(toy, pairs, method="exact", progress=False)
-    real_gradients, real_masked = edges_module.receiver_gradients, edges_module.masked_logits
+    real_gradients, real_masked = gradients_module.receiver_gradients, setup_module.masked_logits
     calls = {"oom": 0}
 
     def gradients(model, layout, tokens, *args, **kwargs):
@@ -274,8 +278,8 @@ def test_out_of_memory_splits_prompts_and_circuits(toy, toy_runs, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real_masked(model, layout, tokens, ablated, keep, read)
 
-    monkeypatch.setattr(edges_module, "receiver_gradients", gradients)
-    monkeypatch.setattr(edges_module, "masked_logits", masked)
+    monkeypatch.setattr(gradients_module, "receiver_gradients", gradients)
+    monkeypatch.setattr(setup_module, "masked_logits", masked)
     split = mk.edge_attribution(toy, pairs, method="eap")
     exact_split = mk.edge_attribution(toy, pairs, method="exact", progress=False)
     assert calls["oom"] >= 3
@@ -329,10 +333,10 @@ def naive_ig_activations(model, clean, corrupt, metric, steps, average):
     delta = torch.stack([sender_value(model, kc, n) - sender_value(model, cc, n) for n in names], 2)
     blocks = [("blocks.0.hook_resid_pre", [0])]
     for layer in range(model.cfg.n_layers):
-        heads = [i for i, n in enumerate(names) if n.startswith(f"a{layer}.h")]
+        heads = [i for i, n in enumerate(names) if n.startswith(f"L{layer}H")]
         blocks.append((f"blocks.{layer}.attn.hook_z", heads))
         if not model.cfg.attn_only:
-            blocks.append((f"blocks.{layer}.hook_mlp_out", [names.index(f"m{layer}")]))
+            blocks.append((f"blocks.{layer}.hook_mlp_out", [names.index(f"L{layer}.mlp")]))
     receivers = [receiver_hook(model, r.name) for r in layout.receivers]
     block_grads = []
     for hook_name, _ in blocks:
@@ -388,3 +392,111 @@ def test_ig_average_is_checked(toy, toy_runs):
                             ig_average="all-run")  # fmt: skip
     with pytest.raises(ValueError, match="eap-ig-activations"):
         mk.edge_attribution(toy, clean, corrupt, toy_metric, method="eap", ig_average="all-runs")
+
+
+def test_a_method_registered_in_a_test_runs_through_edge_attribution(toy, toy_runs):
+    from mechkit.graph import EDGE_METHODS, EdgeScores, register_edge_method, unregister_edge_method
+
+    clean, corrupt = toy_runs
+    seen = {}
+
+    @register_edge_method(
+        "constant", description="every edge scores `value`", options={"value": 2.0}
+    )
+    def constant(model, setup, *, progress, value):
+        seen["prompts"] = setup.n_prompts
+        # nonzero on impossible edges too: edge_attribution must zero them
+        return EdgeScores(torch.full(setup.layout.valid.shape, value), 1.25, detail=f"{value}")
+
+    try:
+        with pytest.raises(mk.InvalidArgumentError, match="registered already"):
+            register_edge_method("constant", description="again")(constant)
+        graph = mk.edge_attribution(toy, clean, corrupt, toy_metric, method="constant", value=3.0)
+        assert EDGE_METHODS["constant"].options == {"value": 2.0}
+    finally:
+        unregister_edge_method("constant")
+    valid = graph.layout.valid
+    torch.testing.assert_close(graph.scores, 3.0 * valid.float())
+    assert (graph.method, graph.clean_score, seen["prompts"]) == ("constant (3.0)", 1.25, 3)
+    with torch.no_grad():
+        assert graph.ablated_score == pytest.approx(float(toy_metric(toy(corrupt))), abs=1e-5)
+    assert "constant" not in EDGE_METHODS
+    with pytest.raises(mk.InvalidArgumentError, match="Did you mean 'exact'"):
+        mk.edge_attribution(toy, clean, corrupt, toy_metric, method="exac")
+
+
+def test_options_a_method_does_not_take(toy, toy_runs):
+    clean, corrupt = toy_runs
+    with pytest.raises(mk.InvalidArgumentError, match="options of method 'exact'"):
+        mk.edge_attribution(toy, clean, corrupt, toy_metric, method="exact", alpha=1)
+    with pytest.raises(mk.InvalidArgumentError, match="steps"):
+        mk.edge_attribution(toy, clean, corrupt, toy_metric, method="eap-ig-inputs", steps=0)
+    plain = mk.edge_attribution(toy, clean, corrupt, toy_metric, method="eap")
+    with pytest.warns(DeprecationWarning, match="steps has no effect"):
+        old = mk.edge_attribution(toy, clean, corrupt, toy_metric, method="eap", steps=5)
+    torch.testing.assert_close(old.scores, plain.scores)
+
+
+def test_methods_tuple_is_a_deprecated_view_of_the_registry():
+    with pytest.warns(DeprecationWarning, match="EDGE_METHODS"):
+        names = mk.graph.METHODS
+    assert names == tuple(mk.graph.EDGE_METHODS) and "eap-ig-inputs" in names
+
+
+def test_edge_vocabulary_direction_and_ablations(toy, toy_runs):
+    clean, corrupt = toy_runs
+    with pytest.raises(mk.InvalidArgumentError, match="direction='noising'"):
+        mk.edge_attribution(toy, clean, corrupt, toy_metric, direction="denoising")
+    with pytest.raises(mk.InvalidArgumentError, match="Did you mean 'mean'"):
+        mk.edge_attribution(toy, clean, corrupt, toy_metric, ablation="maen")
+    with pytest.raises(mk.InvalidArgumentError, match="reference"):
+        mk.edge_attribution(toy, clean, corrupt, toy_metric, ablation="zero", reference=clean)
+    with pytest.raises(mk.InvalidArgumentError, match="corrupt prompts"):
+        mk.edge_attribution(toy, clean, None, toy_metric)
+    with pytest.raises(mk.InvalidArgumentError, match="memory budget"):
+        mk.edge_attribution(toy, clean, corrupt, toy_metric, memory_budget="lots")
+    noising = mk.edge_attribution(toy, clean, corrupt, toy_metric, direction="noising")
+    default = mk.edge_attribution(toy, clean, corrupt, toy_metric)
+    torch.testing.assert_close(noising.scores, default.scores)
+
+
+def test_mean_ablation_is_over_the_reference_prompts(toy, toy_runs):
+    """Every edge ablated to the reference mean = a run whose embeddings and every head's z are
+    their per-position means over the reference prompts (head outputs are linear in z)."""
+    clean, corrupt = toy_runs
+    reference = torch.flip(clean, [1])
+    graph = mk.edge_attribution(
+        toy, clean, corrupt, toy_metric, ablation="mean", reference=reference
+    )
+    _, cache = toy.run_with_cache(reference)
+    hooks = [("blocks.0.hook_resid_pre", cache["blocks.0.hook_resid_pre"].mean(0, keepdim=True))]
+    for layer in range(toy.cfg.n_layers):
+        z = f"blocks.{layer}.attn.hook_z"
+        hooks.append((z, cache[z].mean(0, keepdim=True)))
+    fwd = [(name, lambda act, hook, m=mean: m.expand_as(act).clone()) for name, mean in hooks]
+    with torch.no_grad(), toy.hooks(fwd_hooks=fwd):
+        expected = float(toy_metric(toy(clean)))
+    assert graph.ablated_score == pytest.approx(expected, abs=1e-4)
+    by_default = mk.edge_attribution(toy, clean, corrupt, toy_metric, ablation="mean")
+    explicit = mk.edge_attribution(
+        toy, clean, corrupt, toy_metric, ablation="mean", reference=corrupt
+    )
+    torch.testing.assert_close(by_default.scores, explicit.scores)
+    assert by_default.ablation == "mean"
+
+
+def test_evaluations_share_the_vocabulary_and_rank_rule(toy, toy_runs):
+    clean, corrupt = toy_runs
+    graph = mk.edge_attribution(toy, clean, corrupt, toy_metric)
+    circuit = graph.top_edges(20)
+    with pytest.raises(mk.InvalidArgumentError, match="direction='noising'"):
+        mk.evaluate_circuit(toy, circuit, clean, corrupt, toy_metric, direction="denoising")
+    ev = mk.evaluate_circuit(toy, circuit, clean, corrupt, toy_metric, memory_budget="64MB")
+    scores = {"circuit": ev.circuit_score, "model": ev.model_score, "ablated": ev.ablated_score}
+    assert ev.top() == sorted(scores.items(), key=lambda kv: -abs(kv[1]))
+    curve = mk.faithfulness_curve(toy, graph, clean, corrupt, toy_metric, sizes=[5, 20, 81])
+    flat = [(s, float(curve.faithfulness[0, i])) for i, s in enumerate(curve.sizes)]
+    expected = sorted(flat, key=lambda kv: -kv[1])
+    assert [(lab["size"], v) for lab, v in curve.top(absolute=False)] == expected
+    assert curve.faithfulness[0, 1] == pytest.approx(ev.faithfulness, abs=1e-5)
+    assert len(ev.plot().data) == 1 and len(curve.plot().data) == 1

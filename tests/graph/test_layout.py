@@ -15,6 +15,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import mechkit as mk
+from mechkit.core.names import parse_node
 from mechkit.graph import GraphLayout
 from mechkit.graph.layout import Edge
 
@@ -27,10 +28,10 @@ def _layout(**sizes):
 def test_toy_model_layout_counted_by_hand(toy):
     layout = GraphLayout.from_model(toy)  # two layers of four heads, attention only
     assert [n.name for n in layout.senders] == ["input"] + [
-        f"a{layer}.h{head}" for layer in range(2) for head in range(4)
+        f"L{layer}H{head}" for layer in range(2) for head in range(4)
     ]
     assert [r.name for r in layout.receivers] == [
-        f"a{layer}.h{head}{kind}" for layer in range(2) for kind in "qkv" for head in range(4)
+        f"L{layer}H{head}.{kind}" for layer in range(2) for kind in "qkv" for head in range(4)
     ] + ["logits"]
     # the input feeds all 25 receivers; each layer-0 head the 12 of layer 1 and the logits;
     # each layer-1 head the logits
@@ -39,7 +40,7 @@ def test_toy_model_layout_counted_by_hand(toy):
     # no MLP column: the input and the logits sit centred over the four heads
     positions = layout.positions()
     assert positions["input"] == (1.5, 0.0) and positions["logits"] == (1.5, 3.0)
-    assert positions["a1.h3"] == (3.0, 2.0) and len(positions) == 10
+    assert positions["L1H3"] == (3.0, 2.0) and len(positions) == 10
     assert layout.to_dict() == {
         "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "d_model": toy.cfg.d_model,
         "has_mlp": False, "parallel": False,
@@ -73,12 +74,12 @@ def test_grouped_key_value_heads_feed_their_query_heads():
     layout = _layout(n_layers=1, n_heads=6, n_kv_heads=2)
     k = {r.name: r for r in layout.receivers if r.kind == "k"}
     v = {r.name: r for r in layout.receivers if r.kind == "v"}
-    assert list(k) == ["a0.h0k", "a0.h1k"] and list(v) == ["a0.h0v", "a0.h1v"]
-    assert k["a0.h0k"].nodes == ("a0.h0", "a0.h1", "a0.h2")
-    assert k["a0.h1k"].nodes == ("a0.h3", "a0.h4", "a0.h5")
-    assert v["a0.h1v"].nodes == k["a0.h1k"].nodes and v["a0.h1v"].head == 1
+    assert list(k) == ["L0H0.k", "L0H1.k"] and list(v) == ["L0H0.v", "L0H1.v"]
+    assert k["L0H0.k"].nodes == ("L0H0", "L0H1", "L0H2")
+    assert k["L0H1.k"].nodes == ("L0H3", "L0H4", "L0H5")
+    assert v["L0H1.v"].nodes == k["L0H1.k"].nodes and v["L0H1.v"].head == 1
     q = [r for r in layout.receivers if r.kind == "q"]
-    assert [r.nodes for r in q] == [(f"a0.h{h}",) for h in range(6)]
+    assert [r.nodes for r in q] == [(f"L0H{h}",) for h in range(6)]
     with pytest.raises(mk.MechkitError, match="multiple of n_kv_heads"):
         _layout(n_heads=4, n_kv_heads=3)
 
@@ -97,10 +98,10 @@ def _sender_hook(name: str, n_layers: int) -> tuple[str, object]:
     """The hook whose output is the sender's write into the residual stream, and the index."""
     if name == "input":
         return "hook_embed", ...
-    layer, _, head = name.partition(".h")
-    if head:
-        return f"blocks.{layer[1:]}.attn.hook_result", (slice(None), slice(None), int(head))
-    return f"blocks.{name[1:]}.hook_mlp_out", ...
+    node = parse_node(name)
+    if node.kind == "head":
+        return f"blocks.{node.layer}.attn.hook_result", (slice(None), slice(None), node.head)
+    return f"blocks.{node.layer}.hook_mlp_out", ...
 
 
 def _receiver_hook(receiver, n_layers: int) -> tuple[str, object]:
@@ -151,21 +152,27 @@ def test_edge_names_round_trip_through_indices():
     mask = torch.zeros_like(layout.valid)
     mask[0, :3] = True
     mask[-1, 0] = True  # not a valid edge (the last MLP cannot feed layer 0): ignored
-    assert layout.edge_names(mask) == ["input->a0.h0q", "input->a0.h1q", "input->a0.h0k"]
+    assert layout.edge_names(mask) == ["input->L0H0.q", "input->L0H1.q", "input->L0H0.k"]
 
 
 def test_edge_parse_and_errors():
-    assert Edge.parse(" a0.h1 -> a1.h0q ") == Edge("a0.h1", "a1.h0q")
-    assert Edge("a0.h1", "a1.h0q").name == "a0.h1->a1.h0q"
-    for bad in ["a0.h1", "->a1.h0q", "a0.h1->", ""]:
+    assert Edge.parse(" a0.h1 -> a1.h0q ") == Edge("L0H1", "L1H0.q")
+    assert Edge("L0H1", "L1H0.q").name == "L0H1->L1H0.q"
+    for bad in ["L0H1", "->a1.h0q", "a0.h1->", ""]:
         with pytest.raises(mk.MechkitError, match="sender->receiver"):
             Edge.parse(bad)
     layout = _layout()
-    with pytest.raises(mk.MechkitError, match="Did you mean 'a0.h1'"):
-        layout.sender_index("a0.h11")
+    with pytest.raises(mk.MechkitError, match="Did you mean 'L0H1'"):
+        layout.sender_index("L0H11")
     with pytest.raises(mk.MechkitError, match="Expected a receiver"):
         layout.receiver_index("a0.h0x")
-    for backwards in ["a1.h0->a0.h0q", "a0.h0->a0.h1k", "m1->m0", "m0->m0", "logits->m0"]:
+    for backwards in [
+        "L1H0->L0H0.q",
+        "L0H0->L0H1.k",
+        "L1.mlp->L0.mlp",
+        "L0.mlp->L0.mlp",
+        "logits->L0.mlp",
+    ]:
         with pytest.raises(mk.MechkitError):
             layout.edge_index(backwards)
 
@@ -173,14 +180,14 @@ def test_edge_parse_and_errors():
 def test_rows_and_positions_counted_by_hand():
     layout = _layout(n_layers=2, n_heads=3, n_kv_heads=3)
     assert layout.row_labels() == ["input", "L0", "L1", "logits"]
-    assert [layout.rank(n) for n in ["input", "a0.h2", "m0", "a1.h0", "m1", "logits"]] == [
+    assert [layout.rank(n) for n in ["input", "L0H2", "L0.mlp", "L1H0", "L1.mlp", "logits"]] == [
         -1, 0, 0, 1, 1, 2,
     ]  # fmt: skip
     # width 4 (three heads and the MLP): input and logits centred at x = 1.5
     assert layout.positions() == {
         "input": (1.5, 0.0),
-        "a0.h0": (0.0, 1.0), "a0.h1": (1.0, 1.0), "a0.h2": (2.0, 1.0), "m0": (3.0, 1.0),
-        "a1.h0": (0.0, 2.0), "a1.h1": (1.0, 2.0), "a1.h2": (2.0, 2.0), "m1": (3.0, 2.0),
+        "L0H0": (0.0, 1.0), "L0H1": (1.0, 1.0), "L0H2": (2.0, 1.0), "L0.mlp": (3.0, 1.0),
+        "L1H0": (0.0, 2.0), "L1H1": (1.0, 2.0), "L1H2": (2.0, 2.0), "L1.mlp": (3.0, 2.0),
         "logits": (1.5, 3.0),
     }  # fmt: skip
     # forward order: every sender comes before each receiver it feeds
