@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import mechkit as mk
+from mechkit.core import parse_node
 from mechkit.demo import DemoSection, figure_link, html_table
 
 __all__ = ["SECTIONS", "FEATURE_CIRCUIT_SAES"]
@@ -23,12 +24,15 @@ __all__ = ["SECTIONS", "FEATURE_CIRCUIT_SAES"]
 def _ioi(model: Any, out: Path, quick: bool = False) -> str:
     from . import ioi
 
+    def ours(published: list[str]) -> str:  # the paper's "9.6" in our names
+        return ", ".join(str(parse_node(h)) for h in published) or "-"
+
     n_prompts, n_path = (8, 4) if quick else (16, 8)
     report = ioi.reproduce(model, n_prompts=n_prompts, n_path_prompts=n_path)
     report.write(out / "ioi")
     rows = [
-        [kind, ", ".join(report.heads(kind)) or "none found", ", ".join(heads)]
-        for kind, heads in [*ioi.PAPER_GPT2["classes"].items(), ("other direct", ["-"])]
+        [kind, ", ".join(report.heads(kind)) or "none found", ours(heads)]
+        for kind, heads in [*ioi.PAPER_GPT2["classes"].items(), ("other direct", [])]
     ]
     return (
         f"<p>Wang et al.'s method on {n_prompts} prompts of the paper's 15 templates (report: "
@@ -37,7 +41,7 @@ def _ioi(model: Any, out: Path, quick: bool = False) -> str:
         f"difference {report.logit_diff:.2f} (GPT-2 in the paper: 3.56), IO over S "
         f"{report.io_over_s:.0%}; the circuit's faithfulness with every other head "
         f"mean-ablated over p_ABC: {report.faithfulness:.0%} (GPT-2: 87%).</p>"
-        + html_table(rows, ["class", "heads found here (layer.head)", "GPT-2 small (paper)"])
+        + html_table(rows, ["class", "heads found here", "GPT-2 small (paper)"])
     )
 
 

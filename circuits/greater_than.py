@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 import mechkit as mk
+from mechkit.core import head_name
 
 __all__ = ["NOUNS", "PAPER_GPT2", "YearMetric", "GreaterThanReport", "dataset", "reproduce"]
 
@@ -151,7 +152,7 @@ class GreaterThanReport:
     seconds: float
 
     def top_heads(self, n: int = 8) -> list[str]:
-        return [f"{w['layer']}.{w['head']}" for w, _ in self.heads.normalized().top(n)]
+        return [head_name(w["layer"], w["head"]) for w, _ in self.heads.normalized().top(n)]
 
     def top_mlps(self, n: int = 4) -> list[int]:
         return [w["layer"] for w, _ in self.mlps.normalized().top(n)]

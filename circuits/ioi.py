@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 import mechkit as mk
+from mechkit.core import head_name, parse_node
 
 __all__ = [
     "BABA_TEMPLATES",
@@ -396,7 +397,7 @@ def reproduce(
     for head in circuit_heads:
         without = score([h for h in circuit_heads if h != head])
         minimality.append({
-            "head": f"{head[0]}.{head[1]}",
+            "head": head_name(*head),
             "circuit_logit_diff_without": without,
             "relative_drop": (circuit_ld - without) / circuit_ld if circuit_ld else float("nan"),
         })  # fmt: skip
@@ -443,12 +444,14 @@ def _pick(
 
 
 def _evidence(layer: int, head: int, **values: float) -> dict[str, Any]:
-    return {"head": f"{layer}.{head}", **{k: round(float(v), 4) for k, v in values.items()}}
+    return {"head": head_name(layer, head), **{k: round(float(v), 4) for k, v in values.items()}}
 
 
 def _parse(name: str) -> tuple[int, int]:
-    layer, head = name.split(".")
-    return int(layer), int(head)
+    """``(layer, head)`` of a head name: ours (``L9H6``) or the paper's (``9.6``)."""
+    node = parse_node(name)
+    assert node.layer is not None and node.index is not None
+    return node.layer, node.index
 
 
 def _attention_from_end(model: Any, data: IOIDataset) -> list[list[dict[str, float]]]:
@@ -550,7 +553,7 @@ def _circuit_graph(
     edges: list[str] = []
 
     def add(src: tuple[int, int], dst: str, value: float) -> None:
-        name = f"a{src[0]}.h{src[1]}->{dst}"
+        name = f"{head_name(*src)}->{dst}"
         try:
             s, r = layout.edge_index(name)
         except mk.MechkitError:
@@ -576,7 +579,7 @@ def _circuit_graph(
             value = 1.0 - float(result.scores[layer, head])
             for r_layer, r_head in heads[receiver_kind]:
                 index = r_head if component == "q" else r_head // group
-                add((layer, head), f"a{r_layer}.h{index}{component}", value)
+                add((layer, head), head_name(r_layer, index, component), value)
     graph = mk.CircuitGraph(
         layout=layout, scores=scores, method="path patching (Wang et al.)",
         metric_name="logit difference", model_name=str(model.cfg.model_name),
@@ -592,7 +595,8 @@ def _page(report: IOIReport, figures: list[str]) -> str:
     rows = []
     for kind in (*CLASSES, "other direct"):
         ours = ", ".join(report.heads(kind)) or "none found"
-        theirs = ", ".join(paper["classes"].get(kind, ["(not a class of the paper)"]))
+        published = paper["classes"].get(kind)  # the paper's "layer.head", in our names
+        theirs = ", ".join(map(str, map(parse_node, published))) if published else "-"
         rows.append(
             f"<tr><td>{html.escape(kind)}</td><td>{html.escape(ours)}</td>"
             f"<td>{html.escape(theirs)}</td></tr>"

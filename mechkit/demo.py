@@ -220,6 +220,7 @@ def _patching(model: Any, out: Path, quick: bool = False) -> str:
 
 def _circuit(model: Any, out: Path, quick: bool = False) -> str:
     from mechkit.attribution import compare_attribution
+    from mechkit.core.names import parse_node
     from mechkit.graph import edge_attribution, faithfulness_curve
     from mechkit.prompts import PromptPairs
 
@@ -229,9 +230,10 @@ def _circuit(model: Any, out: Path, quick: bool = False) -> str:
     cmp.to_dataframe().to_csv(out / "attribution_vs_patching.csv", index=False)
     cmp_link = figure_link(out, "attribution_vs_patching.html", cmp.plot())
     worst = [[f"L{c['layer']}H{c['head']}", f"{e:+.3f}", f"{r:+.3f}"] for c, e, r in cmp.worst(3)]
+    steps = 2 if quick else 5
     graphs = [
-        edge_attribution(model, pairs, method=method, steps=2 if quick else 5, progress=False)
-        for method in ("eap", "eap-ig-inputs")
+        edge_attribution(model, pairs, method="eap", progress=False),
+        edge_attribution(model, pairs, method="eap-ig-inputs", steps=steps, progress=False),
     ]
     sizes = [30, 300, 3000] if quick else [30, 100, 300, 1000, 3000, 10000]
     curve = faithfulness_curve(model, graphs, pairs, sizes=sizes)
@@ -249,7 +251,7 @@ def _circuit(model: Any, out: Path, quick: bool = False) -> str:
            for m in curve.methods]
         for size in sizes
     ]  # fmt: skip
-    heads = [n for n in circuit.nodes_in_circuit() if n.startswith("a")]
+    heads = [n for n in circuit.nodes_in_circuit() if parse_node(n).kind == "head"]
     return (
         f"<p>Attribution patching (one gradient) against activation patching of every head's "
         f"output on the {len(pairs)} IOI pairs: Pearson r {cmp.pearson:.3f}, Spearman "
@@ -258,7 +260,7 @@ def _circuit(model: Any, out: Path, quick: bool = False) -> str:
         + html_table(worst, ["head", "attribution", "activation patching"])
         + f"<p>Edge attribution over all {graphs[0].layout.n_edges} edges of the graph (input, "
         "every head's q/k/v inputs, every MLP, the logits) with EAP and EAP-IG "
-        f"({2 if quick else 5} steps on the input embeddings), and the normalized faithfulness "
+        f"({steps} steps on the input embeddings), and the normalized faithfulness "
         "of each method's top-n edges, every "
         f"other edge carrying its corrupt-run value: {curve_link} "
         '(<a href="faithfulness.csv">CSV</a>).</p>'
