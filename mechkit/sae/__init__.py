@@ -44,11 +44,8 @@ from mechkit.sae.browser import (
     feature_browser,
 )
 from mechkit.sae.evaluate import SAEEvaluation, evaluate_sae
-from mechkit.sae.feature_circuits import (
-    FeatureCircuitEvaluation,
-    evaluate_feature_circuit,
-    feature_circuit,
-)
+from mechkit.sae.feature_circuits import feature_circuit
+from mechkit.sae.feature_evaluation import FeatureCircuitEvaluation, evaluate_feature_circuit
 from mechkit.sae.jumprelu import JumpReLUSAE
 from mechkit.sae.relu import ReLUSAE
 from mechkit.sae.splice import SpliceHandle, patch_latents, splice

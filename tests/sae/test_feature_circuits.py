@@ -287,7 +287,7 @@ def test_ig_node_scores_are_complete(tiny):
 def test_batched_receivers_equal_one_backward_pass_per_receiver(tiny, full, monkeypatch):
     """Edges from stacked receivers (one batched backward pass, chunked) equal the scores of
     one backward pass per receiving node, the old loop; the batched path really ran."""
-    import mechkit.sae.feature_circuits as fc
+    import mechkit.sae.feature_edges as fc
 
     model, saes, clean, corrupt = tiny
     calls = {"batched": 0}
@@ -300,9 +300,9 @@ def test_batched_receivers_equal_one_backward_pass_per_receiver(tiny, full, monk
     def refuse(*args, **kwargs):
         raise AssertionError("fell back to one pass per receiver")
 
-    monkeypatch.setattr(fc, "_grad_per_seed", refuse)
+    monkeypatch.setattr(fc, "grad_per_seed", refuse)
     monkeypatch.setattr(torch.autograd, "grad", spy)
-    monkeypatch.setattr(fc, "_RECEIVER_BYTES", 3 * 7 * 60 * 8 * 5)  # chunks of a few receivers
+    monkeypatch.setattr(fc, "RECEIVER_BYTES", 3 * 7 * 60 * 8 * 5)  # chunks of a few receivers
     chunked = mk.feature_circuit(model, saes, clean, corrupt, metric, latents_per_dictionary=100)
     monkeypatch.setattr(torch.autograd, "grad", real)
     assert calls["batched"] > len(saes)  # several chunks per dictionary
@@ -317,7 +317,7 @@ def test_batched_receivers_equal_one_backward_pass_per_receiver(tiny, full, monk
             for j in range(len(inputs))
         ]
 
-    monkeypatch.setattr(fc, "_batched_grad", one_per_receiver)
+    monkeypatch.setattr(fc, "batched_grad", one_per_receiver)
     loop = mk.feature_circuit(model, saes, clean, corrupt, metric, latents_per_dictionary=100)
     torch.testing.assert_close(chunked.scores, loop.scores, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(full.scores, loop.scores, rtol=1e-9, atol=1e-12)
