@@ -31,6 +31,12 @@
     >>> shipped = load_sae("smollm2-135m-res12-topk")  # shipped: by name
 """
 
+from mechkit.errors import (  # defined in mechkit.errors; importable from here as before
+    ActivationCacheError,
+    SAEConfigError,
+    SAEFileError,
+    TrainConfigError,
+)
 from mechkit.sae import batchtopk, jumprelu, relu, topk  # noqa: F401  (register architectures)
 from mechkit.sae.activations import ActivationStore, sae_corpus_tokens
 from mechkit.sae.attribution import attribute_latents, feature_connections
@@ -83,4 +89,8 @@ __all__ = [
     "feature_circuit",
     "evaluate_feature_circuit",
     "FeatureCircuitEvaluation",
+    "SAEConfigError",
+    "TrainConfigError",
+    "ActivationCacheError",
+    "SAEFileError",
 ]

@@ -41,9 +41,10 @@ from jaxtyping import Int
 from torch import Tensor
 
 from mechkit.atomic_io import write_text_atomically
+from mechkit.core.progress import progress_bar
 from mechkit.errors import (
+    ActivationCacheError,
     EmptyDatasetError,
-    MechkitError,
     ShapeError,
     SiteNotFoundError,
     check_choice,
@@ -56,10 +57,6 @@ __all__ = ["ActivationStore", "sae_corpus_tokens", "stdlib_documents"]
 HEADER = "header.json"
 DATA = "activations.npy"
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-class ActivationCacheError(MechkitError, ValueError):
-    """A cache folder whose header does not describe what this store would write."""
 
 
 def _hook_layer(name: str) -> int | None:
@@ -233,11 +230,11 @@ class ActivationStore:
         data = np.lib.format.open_memmap(
             tmp, mode="w+", dtype=_NP_DTYPES[self.cache_dtype], shape=(self.n_rows, width)
         )
-        from tqdm.auto import tqdm
-
-        for chunk in tqdm(range(self.n_chunks), desc="activations", disable=self.n_chunks < 8):
-            a, b = self._chunk_rows(chunk)
-            data[a:b] = self._chunk(chunk).numpy()
+        with progress_bar(self.n_chunks, "activations", enabled=self.n_chunks >= 8) as bar:
+            for chunk in range(self.n_chunks):
+                a, b = self._chunk_rows(chunk)
+                data[a:b] = self._chunk(chunk).numpy()
+                bar.update(1)
         data.flush()
         del data
         tmp.replace(path)

@@ -36,6 +36,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechkit.atomic_io import write_text_atomically
+from mechkit.core.labels import model_name
+from mechkit.core.progress import progress_bar
 from mechkit.errors import (
     EmptyDatasetError,
     InvalidArgumentError,
@@ -43,7 +45,7 @@ from mechkit.errors import (
     check_batch_size,
     check_choice,
 )
-from mechkit.sae.evaluate import Exclude, _resolve_tokens, _run_until, counted_positions
+from mechkit.sae.evaluate import Exclude, counted_positions, evaluation_tokens, run_until
 from mechkit.sae.splice import as_rows, check_hooks, check_latents, reconstruct, sae_sites
 
 __all__ = [
@@ -256,7 +258,7 @@ def collect_features(
             f"Expected positive n_contexts, window and batch_size (and n_logit_tokens >= 0); "
             f"got {n_contexts}, {window}, {batch_size}, {n_logit_tokens}."
         )
-    tokens, mask = _resolve_tokens(model, tokens, mask)
+    tokens, mask = evaluation_tokens(model, tokens, mask)
     batch_size = batch_size or max(1, tokens.shape[0])  # None: one pass
     counted = counted_positions(model, tokens, exclude=exclude, mask=mask)
     if not bool(counted.any()):
@@ -267,22 +269,16 @@ def collect_features(
     chosen = index.to(device)
     per_batch = []  # (rows, pos, n_latents) activations of the chosen latents, on the CPU
     batches = [slice(i, i + batch_size) for i in range(0, tokens.shape[0], batch_size)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(batches), desc="scanning latents", unit="batch", leave=False)
+    bar = progress_bar(len(batches), "scanning latents", enabled=progress, unit="batch")
     try:
         for rows in batches:
-            acts = _run_until(model, tokens[rows].to(device), [sites.in_hook])
+            acts = run_until(model, tokens[rows].to(device), [sites.in_hook])
             x = as_rows(acts[sites.in_hook], sites.d_in, sites.in_hook)
             f, _ = reconstruct(sae, x)
             per_batch.append(f[..., chosen.to(f.device)].float().cpu())
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     values = torch.cat(per_batch)  # (batch, pos, n_latents)
     counted = counted.cpu()
     effects, note = _logit_effects(model, sae, sites, index, n_logit_tokens)
@@ -317,7 +313,7 @@ def collect_features(
     return FeatureReport(
         hook_name=sites.in_hook,
         out_hook_name=sites.out_hook,
-        model_name=_model_name(model),
+        model_name=model_name(model),
         n_tokens=int(counted.sum()),
         features=tuple(features),
         logit_note=note,
@@ -454,13 +450,6 @@ def _top_tokens(
     promoted = tuple((names(int(i)), float(v)) for v, i in zip(*top, strict=True))
     suppressed = tuple((names(int(i)), float(v)) for v, i in zip(*low, strict=True))
     return promoted, suppressed
-
-
-def _model_name(model: Any) -> str:
-    info = getattr(model, "mechkit_info", None)
-    if info is not None and getattr(info, "name", None):
-        return str(info.name)
-    return str(getattr(model.cfg, "model_name", "model"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,9 +39,11 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mechkit.core.progress import progress_bar
+from mechkit.core.types import Model
 from mechkit.errors import (
     EmptyDatasetError,
     InvalidArgumentError,
@@ -53,7 +55,13 @@ from mechkit.hook_scope import hook_scope
 from mechkit.lens.logit_lens import decode_residual
 from mechkit.sae.splice import as_rows, check_hooks, hook_layer, reconstruct, sae_sites
 
-__all__ = ["SAEEvaluation", "evaluate_sae", "counted_positions"]
+__all__ = [
+    "SAEEvaluation",
+    "evaluate_sae",
+    "counted_positions",
+    "evaluation_tokens",
+    "run_until",
+]
 
 Exclude = Literal["bos", "first", "none"]
 
@@ -347,7 +355,7 @@ def evaluate_sae(
     sites = sae_sites(sae)
     check_hooks(model, sites)
     batch_size = check_batch_size(batch_size)
-    tokens, mask = _resolve_tokens(model, tokens, mask)
+    tokens, mask = evaluation_tokens(model, tokens, mask)
     batch_size = batch_size or max(1, tokens.shape[0])  # None: one pass
     if not 0 <= dense_threshold <= 1:
         raise InvalidArgumentError(f"Expected dense_threshold in [0, 1]; got {dense_threshold}.")
@@ -359,7 +367,7 @@ def evaluate_sae(
         )
     device = model.cfg.device
     batches = [slice(i, i + batch_size) for i in range(0, tokens.shape[0], batch_size)]
-    bar = _bar(2 * len(batches), progress)
+    bar = progress_bar(2 * len(batches), "evaluating SAE", enabled=progress, unit="batch")
     try:
         sums = _Sums()
         starts: list[Tensor | None] = []  # kept for the second pass while they fit the budget
@@ -372,7 +380,7 @@ def evaluate_sae(
             keep = start is not None and kept_bytes + size <= _START_CACHE_BYTES
             kept_bytes += size if keep else 0
             starts.append(start if keep else None)
-            _tick(bar)
+            bar.update(1)
         assert sums.total is not None and sums.fired is not None
         mean_y = (sums.total / sums.n).float()
         losses = {
@@ -395,10 +403,9 @@ def evaluate_sae(
             for k, v in part.items():
                 losses[k] += v
             n_ce, n_kl = n_ce + c_ce, n_kl + c_kl
-            _tick(bar)
+            bar.update(1)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if n_ce == 0:
         raise EmptyDatasetError(
             "Expected some counted position followed by a real token to score cross-entropy; "
@@ -429,7 +436,17 @@ def evaluate_sae(
     )
 
 
-def _resolve_tokens(model: Any, tokens: Any, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+def evaluation_tokens(
+    model: Model, tokens: Any, mask: Bool[Tensor, "batch pos"] | None
+) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
+    """``(tokens, mask)`` to evaluate on: the given ids or texts, or (None) 64 held-out
+    sequences of 128 tokens of the default corpus.
+
+    Example:
+        >>> tokens, mask = evaluation_tokens(mk.load_model("attn-only-2l"), [[1, 2, 3]], None)
+        >>> tokens.shape, bool(mask.all())
+        (torch.Size([1, 3]), True)
+    """
     if tokens is None:
         if getattr(model, "tokenizer", None) is None:
             raise InvalidArgumentError(
@@ -455,21 +472,17 @@ def _resolve_tokens(model: Any, tokens: Any, mask: Tensor | None) -> tuple[Tenso
     return tokens, mask.to(torch.bool)
 
 
-def _bar(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+def run_until(
+    model: Model, tokens: Int[Tensor, "batch pos"], names: list[str]
+) -> dict[str, Tensor]:
+    """The activations at ``names``, running only as many blocks as needed.
 
-    return tqdm(total=total, desc="evaluating SAE", unit="batch", leave=False)
-
-
-def _tick(bar: Any) -> None:
-    if bar is not None:
-        bar.update(1)
-
-
-def _run_until(model: Any, tokens: Tensor, names: list[str]) -> dict[str, Tensor]:
-    """The activations at ``names``, running only as many blocks as needed."""
+    Example:
+        >>> acts = run_until(mk.load_model("attn-only-2l"), torch.tensor([[1, 2, 3]]),
+        ...                  ["blocks.0.hook_resid_post"])
+        >>> acts["blocks.0.hook_resid_post"].shape
+        torch.Size([1, 3, 128])
+    """
     acts: dict[str, Tensor] = {}
 
     def keep(act: Tensor, hook: Any) -> None:
@@ -500,7 +513,7 @@ def _reconstruction_batch(
     layer = _start_layer(model, sites)
     start = None
     if layer is None:
-        acts = _run_until(model, tokens, names)
+        acts = run_until(model, tokens, names)
     else:
         acts = {}
 

@@ -24,7 +24,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechkit.sae.base import SAEConfigError, SparseDictionary, StepOutput, register_architecture
+from mechkit.errors import SAEConfigError
+from mechkit.sae.base import SparseDictionary, StepOutput, register_architecture
 from mechkit.sae.sparse_ops import gather_pre_activations, sparse_decode
 
 __all__ = ["TopKSAE"]

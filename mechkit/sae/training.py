@@ -42,17 +42,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechkit.atomic_io import write_atomically
-from mechkit.errors import MechkitError, ShapeError, did_you_mean
+from mechkit.core.progress import progress_bar
+from mechkit.errors import SAEConfigError, ShapeError, TrainConfigError, did_you_mean
 from mechkit.reading import read_checkpoint, reading
-from mechkit.sae.base import SAEConfig, SAEConfigError, SparseDictionary
+from mechkit.sae.base import SAEConfig, SparseDictionary
 
 __all__ = ["TrainConfig", "TrainResult", "TrainedSAE", "train_sae", "default_lr"]
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
-
-
-class TrainConfigError(MechkitError, ValueError):
-    """A training config with a value out of range, or one that does not fit the checkpoint."""
 
 
 def default_lr(cfg: SAEConfig) -> float:
@@ -457,11 +454,14 @@ def train_sae(
 
     batches = _batches(activations, cfg, state["step"])
     window = _Window(device)
-    progress = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total_steps, initial=state["step"], desc="train_sae", unit="step")
+    progress = progress_bar(
+        total_steps,
+        "train_sae",
+        enabled=cfg.progress,
+        unit="step",
+        initial=state["step"],
+        leave=True,
+    )
     started = time.perf_counter()
     steps_this_call = 0
     try:
@@ -509,8 +509,7 @@ def train_sae(
             state["step"] = step + 1
             state["tokens"] += rows
             steps_this_call += 1
-            if progress is not None:
-                progress.update(1)
+            progress.update(1)
             last = state["step"] == total_steps
             if state["step"] % cfg.log_every == 0 or last:
                 state["dead"] = state["since_fired"] >= cfg.dead_after_tokens
@@ -528,8 +527,7 @@ def train_sae(
                     elapsed = state["seconds"] + time.perf_counter() - started
                     _save_checkpoint(ckpt_path, sae, optimizer, {**state, "seconds": elapsed})
     finally:
-        if progress is not None:
-            progress.close()
+        progress.close()
     state["seconds"] += time.perf_counter() - started
 
     result = TrainResult(
