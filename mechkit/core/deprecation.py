@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -30,12 +31,15 @@ def renamed_arguments(**renames: str) -> Callable[[F], F]:
     """
 
     def decorate(fn: F) -> F:
+        names = list(inspect.signature(fn).parameters)
+        position = {new: names.index(new) for new in renames.values()}  # where it sits
+
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             for old, new in renames.items():
                 if old not in kwargs:
                     continue
-                if new in kwargs:
+                if new in kwargs or len(args) > position[new]:
                     raise InvalidArgumentError(
                         f"Expected {new}= or its old name {old}=, not both; got both in "
                         f"{fn.__name__}(). Hint: pass {new}= only."
