@@ -17,11 +17,13 @@ Python reference documentation (``pydoc_data``, ~110k SmolLM2 tokens of prose) f
 source files of Python's own standard library (code, comments and docstrings, several million
 tokens), both shipped with every Python install.
 
-    >>> tokens = sae_corpus_tokens(model, seq_len=128, max_tokens=500_000)
-    >>> store = ActivationStore(model, "blocks.15.hook_resid_post", tokens, batch_size=4096,
-    ...                         cache_dir="activations/res15")
+Example (the toy model's residual stream after block 0; ``cache_dir="..."`` would keep it):
+
+    >>> model = mk.load_model("attn-only-2l")
+    >>> tokens = torch.randint(1, 500, (16, 32), generator=torch.Generator().manual_seed(0))
+    >>> store = ActivationStore(model, "blocks.0.hook_resid_post", tokens, batch_size=64)
     >>> next(iter(store)).shape                                  # (batch, d_model)
-    torch.Size([4096, 576])
+    torch.Size([64, 128])
 """
 
 from __future__ import annotations
@@ -84,9 +86,13 @@ class ActivationStore:
         cache_dtype: ``"float32"`` (exact) or ``"float16"`` (half the disk).
 
     Example:
-        >>> store = ActivationStore(model, "blocks.0.ln2.hook_normalized", tokens,
-        ...                         out_hook_name="blocks.0.hook_mlp_out", batch_size=1024)
-        >>> x, y = next(iter(store))        # (1024, d_model), (1024, d_model)
+        >>> model = mk.load_model("attn-only-2l")           # a transcoder's pairs: block 0's
+        >>> tokens = torch.randint(1, 500, (8, 16))       # attention input and output
+        >>> store = ActivationStore(model, "blocks.0.ln1.hook_normalized", tokens,
+        ...                         out_hook_name="blocks.0.hook_attn_out", batch_size=32)
+        >>> x, y = next(iter(store))
+        >>> x.shape, y.shape                                # (batch, d_model) each
+        (torch.Size([32, 128]), torch.Size([32, 128]))
     """
 
     def __init__(
@@ -336,7 +342,9 @@ def sae_corpus_tokens(
     ``"train"``.
 
     Example:
-        >>> sae_corpus_tokens(model, seq_len=128, max_tokens=1_000_000).shape   # (n, 128)
+        >>> model = mk.load_model("smollm2-135m")          # a real tokenizer is needed
+        >>> sae_corpus_tokens(model, seq_len=32, max_tokens=2000).shape   # (n, seq_len)
+        torch.Size([62, 32])
     """
     from mechkit.corpus import corpus_documents
     from mechkit.tokens import tokenizer_of

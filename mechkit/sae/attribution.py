@@ -13,10 +13,6 @@ circuits"): a transcoder latent ``i`` writes ``W_dec[i]`` into the residual stre
 transcoder (or SAE) reads it through ``W_enc[:, j]``. ``W_dec_up @ W_enc_down`` is the
 input-invariant connection between every pair of latents (norms between them ignored); times the
 upstream latent's activation it is that latent's contribution to the downstream pre-activation.
-
-    >>> r = mk.sae.attribute_latents(model, sae, pairs)        # PatchResult over latents + error
-    >>> r.top(10)
-    >>> w = mk.sae.feature_connections(transcoder_5, transcoder_8)   # (d_sae_5, d_sae_8)
 """
 
 from __future__ import annotations
@@ -231,6 +227,16 @@ def feature_connections(upstream: Any, downstream: Any, *, normalize: bool = Fal
     Returns:
         ``(d_sae_up, d_sae_down)``. Norms between the two are ignored: an exact contribution
         on a given input needs the downstream norm's scale (``f_up[i] * w[i, j] / scale``).
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> up = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=128,
+        ...     d_sae=64, hook_name="blocks.0.ln1.hook_normalized", d_out=128,
+        ...     out_hook_name="blocks.0.hook_attn_out"))
+        >>> down = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=128,
+        ...     d_sae=32, hook_name="blocks.1.hook_resid_pre"))
+        >>> feature_connections(up, down).shape             # (d_sae_up, d_sae_down)
+        torch.Size([64, 32])
     """
     up, down = sae_sites(upstream), sae_sites(downstream)
     if up.d_out != down.d_in:

@@ -17,13 +17,16 @@ The architectures differ only in ``act``:
 Each architecture lives in its own module (``mechkit/sae/topk.py`` ...) and registers its class
 under its key with :func:`register_architecture`; a duplicate key is an error.
 
-    >>> cfg = SAEConfig(architecture="topk", d_in=576, d_sae=4608, k=32,
-    ...                 hook_name="blocks.15.hook_resid_post")
+    >>> model = mk.load_model("attn-only-2l")                       # d_model 128
+    >>> cfg = SAEConfig(architecture="topk", d_in=128, d_sae=1024, k=32,
+    ...                 hook_name="blocks.1.hook_resid_post")
     >>> sae = SparseDictionary.from_config(cfg)        # a TopKSAE, weights initialised
-    >>> sae.encode(torch.randn(2, 5, 576)).shape       # (batch, pos, d_sae)
-    torch.Size([2, 5, 4608])
-    >>> sae(torch.randn(2, 5, 576)).shape              # (batch, pos, d_out)
-    torch.Size([2, 5, 576])
+    >>> _, cache = model.run_with_cache(torch.tensor([[1, 2, 3, 4, 5]]))
+    >>> x = cache["blocks.1.hook_resid_post"]          # (batch, pos, d_model)
+    >>> sae.encode(x).shape                            # (batch, pos, d_sae)
+    torch.Size([1, 5, 1024])
+    >>> sae(x).shape                                   # (batch, pos, d_out)
+    torch.Size([1, 5, 128])
 """
 
 from __future__ import annotations
@@ -305,7 +308,12 @@ def save_sae(sae: SparseDictionary, path: str | Path, *, weights_dtype: str | No
     Returns the folder.
 
     Example:
-        >>> save_sae(sae, "out/my_sae")
-        PosixPath('out/my_sae')
+        >>> import tempfile, pathlib
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="topk", d_in=128, d_sae=256, k=8,
+        ...     hook_name="blocks.0.hook_resid_post"))
+        >>> folder = pathlib.Path(tempfile.mkdtemp()) / "my_sae"
+        >>> save_sae(sae, folder) == folder, load_sae(folder).cfg == sae.cfg
+        (True, True)
     """
     return write_sae(sae, path, weights_dtype=weights_dtype)

@@ -15,9 +15,14 @@ For each chosen latent of an SAE or transcoder, over a token set:
 :func:`feature_browser` writes it as one self-contained HTML page (inline CSS and SVG, no
 script, nothing fetched: it opens offline), written atomically.
 
-    >>> path = mk.feature_browser(model, sae, tokens, latents=[3, 17, 101], out="features.html")
-    >>> report = mk.collect_features(model, sae, tokens, latents=[3])
-    >>> report[3].contexts[0].tokens        # the window around its strongest activation
+    >>> from mechkit.sae import SAEConfig, SparseDictionary
+    >>> model = mk.load_model("attn-only-2l")
+    >>> sae = SparseDictionary.from_config(SAEConfig(
+    ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+    >>> tokens = torch.randint(1, 500, (8, 16), generator=torch.Generator().manual_seed(0))
+    >>> report = mk.collect_features(model, sae, tokens, [3], progress=False)
+    >>> len(report[3].contexts[0].tokens) > 0     # the window around its strongest activation
+    True
 """
 
 from __future__ import annotations
@@ -243,7 +248,12 @@ def collect_features(
         A :class:`FeatureReport`.
 
     Example:
-        >>> report = collect_features(model, sae, tokens, [5, 9], n_contexts=3)  # tokens (64, 128)
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+        >>> tokens = torch.randint(1, 500, (8, 16), generator=torch.Generator().manual_seed(0))
+        >>> report = collect_features(model, sae, tokens, [5, 9], n_contexts=3, progress=False)
         >>> [len(f.contexts) for f in report.features]
         [3, 3]
     """
@@ -345,8 +355,15 @@ def feature_browser(
         The path written.
 
     Example:
-        >>> mk.feature_browser(model, sae, tokens, [3, 17], out="features.html")
-        PosixPath('features.html')
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+        >>> tokens = torch.randint(1, 500, (8, 16), generator=torch.Generator().manual_seed(0))
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "features.html"
+        >>> mk.feature_browser(model, sae, tokens, [3, 17], out=out, progress=False) == out
+        True
     """
     started = time.perf_counter()
     report = collect_features(

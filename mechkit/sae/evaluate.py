@@ -25,9 +25,7 @@ replaced: splicing and ablations edit only counted positions, and CE/KL are read
 positions (CE where the next token is real too). ``exclude="bos"`` leaves out position 0 only
 when it holds the BOS token; ``"none"`` counts everything.
 
-    >>> ev = mk.evaluate_sae(model, sae)          # the corpus's held-out split by default
-    >>> ev.l0, ev.explained_variance, ev.ce_recovered
-    >>> print(ev.summary()); ev.plot()            # latent-density histogram
+Without tokens, :func:`evaluate_sae` uses the held-out split of the default corpus.
 """
 
 from __future__ import annotations
@@ -347,8 +345,14 @@ def evaluate_sae(
         An :class:`SAEEvaluation`.
 
     Example:
-        >>> ev = mk.evaluate_sae(model, sae, tokens[:32], batch_size=8)   # tokens (32, 128)
-        >>> ev.frequency.shape, ev.n_dead                                  # (d_sae,), int
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+        >>> tokens = torch.randint(1, 500, (8, 16), generator=torch.Generator().manual_seed(0))
+        >>> ev = mk.evaluate_sae(model, sae, tokens, batch_size=4, progress=False)
+        >>> ev.frequency.shape, isinstance(ev.n_dead, int)                 # (d_sae,)
+        (torch.Size([64]), True)
     """
     start_time = time.perf_counter()
     check_choice("exclude", exclude, ["bos", "first", "none"])

@@ -117,8 +117,9 @@ def feature_circuit(
         >>> graph = mk.feature_circuit(model, sae, clean, corrupt,
         ...                            lambda logits: logits[:, -1, 3].mean(),
         ...                            latents_per_dictionary=2, progress=False)
-        >>> graph.layout.senders[0], graph.layout.senders[-1], graph.layout.receivers[-1]
-        ('input', 'r0.err', 'logits')
+        ... # doctest: +ELLIPSIS
+        >>> [node.name for node in graph.layout.senders]   # input, 2 latents, the error
+        ['input', 'r0.f...', 'r0.f...', 'r0.err']
         >>> graph.scores.shape                            # (sender, receiver)
         torch.Size([4, 4])
     """

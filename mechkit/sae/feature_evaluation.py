@@ -141,11 +141,12 @@ def evaluate_feature_circuit(
         >>> sae = SparseDictionary.from_config(SAEConfig(
         ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
         >>> clean = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
-        >>> ev = mk.evaluate_feature_circuit(model, sae, [["r0.err"], []], clean, None,
+        >>> every = [f"r0.f{i}" for i in range(64)] + ["r0.err"]
+        >>> ev = mk.evaluate_feature_circuit(model, sae, [every, []], clean, None,
         ...                                  lambda logits: logits[:, -1, 3].mean(),
         ...                                  ablation="zero")
-        >>> [round(f, 3) for _, f, _ in ev.rows]      # the error term carries everything
-        [1.0, 0.0]
+        >>> [(n, round(f, 3) + 0.0) for n, f, _ in ev.rows]  # (nodes, faithfulness): the extremes
+        [(65, 1.0), (0, 0.0)]
     """
     many = isinstance(circuits, list) and circuits and not isinstance(circuits[0], str)
     circuit_list = circuits if many else [circuits]

@@ -16,11 +16,19 @@ A transcoder reads its input at ``cfg.hook_name`` (e.g. ``blocks.5.ln2.hook_norm
 replaces the activation at ``cfg.out_hook_name`` (``blocks.5.hook_mlp_out``); its error is
 ``y - x_hat`` there.
 
+    >>> from mechkit.sae import SAEConfig, SparseDictionary
+    >>> model = mk.load_model("attn-only-2l")
+    >>> sae = SparseDictionary.from_config(SAEConfig(
+    ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+    >>> tokens = torch.randint(1, 500, (8, 16), generator=torch.Generator().manual_seed(0))
     >>> with mk.splice(model, sae) as spliced:              # logits unchanged (to ~1e-5)
     ...     logits = model(tokens)
     ...     spliced.latents[sae.cfg.hook_name].shape       # (batch, pos, d_sae)
+    torch.Size([8, 16, 64])
+    >>> bool((logits - model(tokens)).abs().max() < 1e-4)
+    True
     >>> with mk.splice(model, sae) as spliced:
-    ...     spliced.zero([123], positions=[-1])            # ablate latent 123 at the last token
+    ...     spliced.zero([12], positions=[-1])             # ablate latent 12 at the last token
     ...     ablated = model(tokens)
 
 :func:`patch_latents` is activation patching over latents: each latent's corrupt activation is
@@ -524,10 +532,16 @@ def splice(
         A :class:`SpliceHandle`.
 
     Example:
-        >>> with mk.splice(model, sae) as h:          # sae on blocks.6.hook_resid_post
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+        >>> tokens = torch.randint(1, 500, (8, 16), generator=torch.Generator().manual_seed(0))
+        >>> with mk.splice(model, sae) as h:
         ...     h.scale([42], 5.0, positions=[-1])    # amplify latent 42 at the last token
         ...     logits = model(tokens)                # (batch, pos, d_vocab)
-        ...     h.latents["blocks.6.hook_resid_post"].shape   # (batch, pos, d_sae)
+        ...     h.latents["blocks.0.hook_resid_post"].shape   # (batch, pos, d_sae)
+        torch.Size([8, 16, 64])
     """
     named = _named(saes)
     if not named:

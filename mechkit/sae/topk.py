@@ -11,6 +11,7 @@ the rows are renormalised), as in the paper.
 Training uses the sparse steps of :mod:`mechkit.sae.sparse_ops`: one dense product to choose
 the winners, everything after that on the ``batch * k`` winners only.
 
+    >>> from mechkit.sae import SAEConfig
     >>> cfg = SAEConfig(architecture="topk", d_in=8, d_sae=32, k=4,
     ...                 hook_name="blocks.0.hook_resid_pre")
     >>> f = TopKSAE(cfg).encode(torch.randn(3, 8))

@@ -21,6 +21,7 @@ variance. With ``checkpoint_dir``, the full state (weights, optimizer, step, sca
 counters, history, data position, RNG) is written atomically every ``checkpoint_every`` steps,
 and a later call with the same folder resumes from it; the result equals an uninterrupted run.
 
+    >>> from mechkit.sae import SAEConfig, TrainConfig
     >>> cfg = SAEConfig(architecture="topk", d_in=64, d_sae=256, k=8, hook_name="blocks.0.mlp")
     >>> trained = train_sae(cfg, torch.randn(20_000, 64), TrainConfig(total_tokens=40_000,
     ...                     batch_size=1000, progress=False))
@@ -414,8 +415,15 @@ def train_sae(
         in the result (``scale_in``/``scale_out``) but not in the weights.
 
     Example:
-        >>> trained = train_sae(cfg, store, TrainConfig(total_tokens=1_000_000))
-        >>> trained.result.summary()["final_explained_variance"]
+        >>> from mechkit.sae import SAEConfig, TrainConfig
+        >>> model = mk.load_model("attn-only-2l")
+        >>> store = mk.sae.ActivationStore(model, "blocks.0.hook_resid_post",
+        ...                                torch.randint(1, 500, (64, 32)), batch_size=256)
+        >>> cfg = SAEConfig(architecture="topk", d_in=128, d_sae=256, k=8,
+        ...                 hook_name="blocks.0.hook_resid_post")
+        >>> trained = train_sae(cfg, store, TrainConfig(total_tokens=4096, progress=False))
+        >>> 0 < trained.result.summary()["final_explained_variance"] < 1
+        True
     """
     cfg = cfg or TrainConfig()
     if isinstance(sae, SAEConfig):
