@@ -150,7 +150,7 @@ class ActivationStore:
         self.batches_per_epoch = math.ceil(self.n_rows / batch_size)
         probe = self._forward(self.tokens[:1, : min(2, tokens.shape[1])], keep_all=True)
         self.d_in = probe[0].shape[-1]
-        self.d_out = probe[1].shape[-1] if out_hook_name is not None else None
+        self.d_out = None if probe[1] is None else probe[1].shape[-1]
         self._memmap: np.ndarray | None = None
 
     # -- forward passes ------------------------------------------------------------------------
@@ -160,7 +160,8 @@ class ActivationStore:
         """``(rows, d_in)`` (and ``(rows, d_out)``) activations of ``tokens``, on the CPU."""
         names = [n for n in (self.hook_name, self.out_hook_name) if n is not None]
         layers = [_hook_layer(n) for n in names]
-        stop = None if any(la is None for la in layers) else max(layers) + 1
+        known = [la for la in layers if la is not None]
+        stop = max(known) + 1 if len(known) == len(layers) else None
         if stop is not None and stop >= self.model.cfg.n_layers:
             stop = None
         device = next(self.model.parameters()).device

@@ -115,6 +115,7 @@ def attribute_latents(
             source_f, source_err = means[0].expand_as(base_f), means[1].expand_as(base_err)
         else:
             source_f, source_err = torch.zeros_like(base_f), torch.zeros_like(base_err)
+        assert grads is not None  # a run with grad=True returns them
         grad_f, grad_err, per_prompt_base = grads
         n = base_f.shape[0]
         # the metric is a mean over the batch: one prompt's own effect is n times its share

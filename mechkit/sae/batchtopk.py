@@ -22,7 +22,7 @@ for dead latents, unit-norm decoder rows, sparse steps).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from jaxtyping import Float
@@ -41,6 +41,8 @@ THRESHOLD_RATE = 0.01
 class BatchTopKSAE(SparseDictionary):
     """BatchTopK SAE or transcoder; a JumpReLU with a global threshold at inference."""
 
+    threshold: Tensor  # (d_sae,) a buffer: set by training and calibration, not by gradients
+
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros(cfg.d_sae, dtype=cfg.torch_dtype))
@@ -50,7 +52,7 @@ class BatchTopKSAE(SparseDictionary):
 
     def batch_topk(self, pre: Float[Tensor, "batch d_sae"]) -> Float[Tensor, "batch d_sae"]:
         """The training-time activation: the batch's ``k * batch`` largest, ReLU'd."""
-        n = self.cfg.k * pre.shape[0]
+        n = cast(int, self.cfg.k) * pre.shape[0]
         values, flat = pre.reshape(-1).topk(n, sorted=False)
         return torch.zeros_like(pre).reshape(-1).scatter_(0, flat, values.relu()).view_as(pre)
 
@@ -65,7 +67,7 @@ class BatchTopKSAE(SparseDictionary):
                 break
             x = batch[0] if isinstance(batch, tuple | list) else batch
             pre = self.pre_activations(x.to(self.W_enc.device, self.W_enc.dtype))
-            values = pre.reshape(-1).topk(self.cfg.k * pre.shape[0], sorted=False).values
+            values = pre.reshape(-1).topk(cast(int, self.cfg.k) * pre.shape[0], sorted=False).values
             positive = values[values > 0]
             if positive.numel():
                 smallest.append(positive.min().float())
@@ -77,7 +79,7 @@ class BatchTopKSAE(SparseDictionary):
         x_in = self._encoder_input(x).detach()
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x_in, self.W_enc)  # (batch, d_sae)
-            values, flat = pre.reshape(-1).topk(self.cfg.k * batch, sorted=False)
+            values, flat = pre.reshape(-1).topk(cast(int, self.cfg.k) * batch, sorted=False)
             flat, order = flat.sort()  # row-major: rows ascending, as embedding_bag wants
             values = values[order]
             rows, cols = flat // d_sae, flat % d_sae

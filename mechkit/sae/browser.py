@@ -197,7 +197,7 @@ class FeatureReport:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_html` to ``path`` atomically; returns the path."""
-        return write_text_atomically(path, self.to_html())
+        return write_text_atomically(Path(path), self.to_html())
 
     def __repr__(self) -> str:
         return (
@@ -262,14 +262,14 @@ def collect_features(
     check_hooks(model, sites)
     index = check_latents([latents] if isinstance(latents, int) else latents, sites.d_sae)
     assert index is not None
-    batch_size = check_batch_size(batch_size)
+    check_batch_size(batch_size)
     if n_contexts <= 0 or window <= 0 or n_logit_tokens < 0:
         raise InvalidArgumentError(
             f"Expected positive n_contexts, window and batch_size (and n_logit_tokens >= 0); "
             f"got {n_contexts}, {window}, {batch_size}, {n_logit_tokens}."
         )
     tokens, mask = evaluation_tokens(model, tokens, mask)
-    batch_size = batch_size or max(1, tokens.shape[0])  # None: one pass
+    size = batch_size or max(1, tokens.shape[0])  # None: one pass
     counted = counted_positions(model, tokens, exclude=exclude, mask=mask)
     if not bool(counted.any()):
         raise EmptyDatasetError(
@@ -278,7 +278,7 @@ def collect_features(
     device = model.cfg.device
     chosen = index.to(device)
     per_batch = []  # (rows, pos, n_latents) activations of the chosen latents, on the CPU
-    batches = [slice(i, i + batch_size) for i in range(0, tokens.shape[0], batch_size)]
+    batches = [slice(i, i + size) for i in range(0, tokens.shape[0], size)]
     bar = progress_bar(len(batches), "scanning latents", enabled=progress, unit="batch")
     try:
         for rows in batches:
@@ -306,7 +306,8 @@ def collect_features(
             if not best[row] > 0:
                 break
             contexts.append(_context(tokens, v, row, int(where[row]), window, names))
-        promoted, suppressed = (), ()
+        promoted: tuple[tuple[str, float], ...] = ()
+        suppressed: tuple[tuple[str, float], ...] = ()
         if effects is not None:
             promoted, suppressed = _top_tokens(effects[j], n_logit_tokens, names)
         features.append(
@@ -379,7 +380,7 @@ def feature_browser(
         mask=mask,
         progress=progress,
     )
-    return write_text_atomically(out, _page(report, time.perf_counter() - started))
+    return write_text_atomically(Path(out), _page(report, time.perf_counter() - started))
 
 
 class _TokenNames:

@@ -155,7 +155,7 @@ class SAEConfig:
                 self.k,
                 f" Hint: architecture {self.architecture!r} needs k, the latents kept per token.",
             )
-            if self.k > self.d_sae:
+            if self.k is not None and self.k > self.d_sae:
                 raise SAEConfigError(
                     f"Expected k <= d_sae ({self.d_sae}); got k={self.k}."
                     " Hint: k is the number of latents kept per token."

@@ -358,9 +358,8 @@ def evaluate_sae(
     check_choice("exclude", exclude, ["bos", "first", "none"])
     sites = sae_sites(sae)
     check_hooks(model, sites)
-    batch_size = check_batch_size(batch_size)
     tokens, mask = evaluation_tokens(model, tokens, mask)
-    batch_size = batch_size or max(1, tokens.shape[0])  # None: one pass
+    size = check_batch_size(batch_size) or max(1, tokens.shape[0])  # None: one pass
     if not 0 <= dense_threshold <= 1:
         raise InvalidArgumentError(f"Expected dense_threshold in [0, 1]; got {dense_threshold}.")
     counted = counted_positions(model, tokens, exclude=exclude, mask=mask)
@@ -370,7 +369,7 @@ def evaluate_sae(
             f"tokens {tuple(tokens.shape)}). Hint: use longer sequences or exclude='none'."
         )
     device = model.cfg.device
-    batches = [slice(i, i + batch_size) for i in range(0, tokens.shape[0], batch_size)]
+    batches = [slice(i, i + size) for i in range(0, tokens.shape[0], size)]
     bar = progress_bar(2 * len(batches), "evaluating SAE", enabled=progress, unit="batch")
     try:
         sums = _Sums()
@@ -493,9 +492,10 @@ def run_until(
         acts[hook.name] = act
 
     layers = [hook_layer(n) for n in names]
+    known = [layer for layer in layers if layer is not None]
     with hook_scope(model, fwd_hooks=[(n, keep) for n in names]):
-        if all(layer is not None for layer in layers):
-            model(tokens, stop_at_layer=max(layers) + 1)  # type: ignore[type-var]
+        if len(known) == len(layers):
+            model(tokens, stop_at_layer=max(known) + 1)
         else:
             model(tokens, return_type=None)
     return acts
@@ -525,7 +525,7 @@ def _reconstruction_batch(
             acts[hook.name] = act
 
         start = model(tokens, stop_at_layer=layer)  # (batch, pos, d_model)
-        stop = max(hook_layer(n) for n in names) + 1  # type: ignore[type-var]
+        stop = max(hook_layer(n) or 0 for n in names) + 1  # both in blocks: layer is not None
         with hook_scope(model, fwd_hooks=[(n, keep) for n in names]):
             model(start, start_at_layer=layer, stop_at_layer=stop)
     x = as_rows(acts[sites.in_hook], sites.d_in, sites.in_hook)

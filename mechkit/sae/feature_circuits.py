@@ -145,7 +145,9 @@ def feature_circuit(
     )
     n_batch = contrast.n_prompts
     size = prompts_per_pass(n_batch, batch_size, contrast.metric)
-    budget = None if memory_budget is None else parse_budget(memory_budget, model.cfg.device)
+    budget = (
+        None if memory_budget is None else parse_budget(memory_budget, model.cfg.device or "cpu")
+    )
     ablated = ablated_values(model, entries, contrast)
     node_sum = [torch.zeros(d.site.d_sae, dtype=torch.float64) for d in entries]
     err_sum = torch.zeros(len(entries), dtype=torch.float64)
@@ -232,7 +234,8 @@ def _describe(model: Model, entries: list[DictionaryEntry], chosen: list[Tensor]
     """For latents writing the residual's width: the tokens their decoder rows promote most
     through the unembedding (the final norm's scale ignored)."""
     out: dict[str, str] = {}
-    if getattr(model, "tokenizer", None) is None:
+    tokenizer = model.tokenizer
+    if tokenizer is None:
         return out
     w_u = model.W_U  # (d_model, d_vocab)
     for d, picked in zip(entries, chosen, strict=True):
@@ -241,6 +244,6 @@ def _describe(model: Model, entries: list[DictionaryEntry], chosen: list[Tensor]
         rows = d.sae.W_dec[picked].to(w_u.device, w_u.dtype) @ w_u  # (n, d_vocab)
         top = rows.topk(3, dim=-1).indices.tolist()
         for i, ids in zip(picked.tolist(), top, strict=True):
-            tokens = ", ".join(repr(model.tokenizer.decode([t])) for t in ids)
+            tokens = ", ".join(repr(tokenizer.decode([t])) for t in ids)
             out[f"{d.site.name}.f{i}"] = f"promotes {tokens}"
     return out

@@ -106,10 +106,9 @@ def edge_scores(
                 got = batched_grad(outputs, upstream, seeds)
                 scores[:, first[k] - 1 + lo : first[k] - 1 + hi] = sender_rows(got, k, hi - lo).T
                 bar.update(hi - lo)
-        got = torch.autograd.grad(value, leaves, allow_unused=True)
-        scores[:, -1] = sender_rows([None if g is None else g[None] for g in got], len(entries), 1)[
-            0
-        ]
+        direct = torch.autograd.grad(value, leaves, allow_unused=True)  # receiver: logits
+        stacked: list[Tensor | None] = [None if g is None else g[None] for g in direct]
+        scores[:, -1] = sender_rows(stacked, len(entries), 1)[0]
         bar.update(1)
     return scores
 

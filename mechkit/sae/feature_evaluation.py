@@ -150,9 +150,11 @@ def evaluate_feature_circuit(
     """
     many = isinstance(circuits, list) and circuits and not isinstance(circuits[0], str)
     circuit_list = circuits if many else [circuits]
-    if ablation is None:
-        first = circuit_list[0]
-        ablation = first.ablation if isinstance(first, CircuitGraph) else "corrupt"
+    first = circuit_list[0]
+    if ablation is None:  # the graph's own, as evaluate_circuit does
+        chosen = first.ablation if isinstance(first, CircuitGraph) else "corrupt"
+    else:
+        chosen = ablation
     entries = dictionary_entries(model, dictionaries)
     contrast = resolve_contrast(
         model,
@@ -160,7 +162,7 @@ def evaluate_feature_circuit(
         corrupt,
         metric,
         direction=direction,
-        ablation=ablation,
+        ablation=chosen,
         reference=reference,
         ablations=FEATURE_ABLATIONS,
         directions=("noising",),
@@ -213,7 +215,8 @@ def _keep_masks(
     nodes: tuple[str, ...], entries: list[DictionaryEntry], names: dict[str, int]
 ) -> list[tuple[Tensor, bool]]:
     """Per dictionary, ``(latents kept (d_sae,), error kept)``; unknown names raise."""
-    keep = [[torch.zeros(d.site.d_sae, dtype=torch.bool), False] for d in entries]
+    latents = [torch.zeros(d.site.d_sae, dtype=torch.bool) for d in entries]  # (d_sae,) each
+    errors = [False] * len(entries)
     for node in nodes:
         dictionary, _, part = node.partition(".")
         k = names.get(dictionary)
@@ -223,15 +226,15 @@ def _keep_masks(
                 f"dictionaries {sorted(names)}; got {node!r}." + did_you_mean(dictionary, names)
             )
         if part == "err":
-            keep[k][1] = True
+            errors[k] = True
         else:
             i = int(part[1:])
             if not 0 <= i < entries[k].site.d_sae:
                 raise InvalidArgumentError(
                     f"Expected a latent of {dictionary!r} in [0, {entries[k].site.d_sae}); got {i}."
                 )
-            keep[k][0][i] = True
-    return [(f, bool(e)) for f, e in keep]
+            latents[k][i] = True
+    return list(zip(latents, errors, strict=True))
 
 
 @torch.no_grad()

@@ -58,6 +58,7 @@ class DictionaryEntry:
 def dictionary_entries(model: Model, dictionaries: Any) -> list[DictionaryEntry]:
     """The user's dictionaries (one, a list, or ``{name: sae}``), checked against the model and
     sorted in forward order (by where they write)."""
+    named: list[tuple[str | None, Any]]
     if isinstance(dictionaries, Mapping):
         named = [(str(k), v) for k, v in dictionaries.items()]
     elif isinstance(dictionaries, list | tuple):

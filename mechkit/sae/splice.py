@@ -107,7 +107,7 @@ def sae_sites(sae: Any) -> SAESites:
         for name in ("hook_name", "d_in", "d_sae")
         if cfg is None or getattr(cfg, name, None) is None
     ]
-    if missing or not all(hasattr(sae, a) for a in ("encode", "decode", "W_dec")):
+    if cfg is None or missing or not isinstance(sae, SparseDictionaryLike):
         raise InvalidTypeError(
             f"Expected an SAE or transcoder (cfg.hook_name, cfg.d_in, cfg.d_sae, W_dec, encode, "
             f"decode); got {type(sae).__name__} lacking {missing or 'encode/decode/W_dec'}. Hint: "
@@ -546,7 +546,8 @@ def splice(
     named = _named(saes)
     if not named:
         raise InvalidArgumentError("Expected at least one SAE or transcoder to splice; got none.")
-    entries, seen = [], {}
+    entries: list[_Spliced] = []
+    seen: dict[str, SAESites] = {}
     for name, sae in named:
         sites = sae_sites(sae)
         check_hooks(model, sites)
@@ -701,8 +702,9 @@ def patch_latents(
             )
         latent_list = moved.argsort(descending=True, stable=True)[:latents].tolist()
     else:
-        latent_list = check_latents(latents, sites.d_sae).tolist()
-    keys = [
+        index = check_latents(latents, sites.d_sae)  # (n,), never None for a list
+        latent_list = [] if index is None else index.tolist()
+    keys: list[tuple[int, ...]] = [
         (li,) if pos_list is None else (li, pi)
         for li in range(len(latent_list))
         for pi in range(1 if pos_list is None else len(pos_list))

@@ -21,6 +21,8 @@ the winners, everything after that on the ``batch * k`` winners only.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -100,7 +102,7 @@ class TopKSAE(SparseDictionary):
     def activate(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
         if self.cfg.rescale_acts_by_decoder_norm:
             pre = pre * self.W_dec.norm(dim=-1)
-        values, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        values, idx = pre.topk(cast(int, self.cfg.k), dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, idx, values.relu())
 
     def decode(self, f: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_out"]:
@@ -109,7 +111,7 @@ class TopKSAE(SparseDictionary):
         return super().decode(f)
 
     def training_step(self, x, y, *, coefficient, dead, n_dead, aux_k, aux_coefficient):  # noqa: ARG002
-        k = self.cfg.k
+        k = cast(int, self.cfg.k)  # SAEConfig requires k for topk
         x_in = self._encoder_input(x).detach()
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x_in, self.W_enc)  # (batch, d_sae)
