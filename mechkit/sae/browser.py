@@ -43,6 +43,7 @@ from torch import Tensor
 from mechkit.atomic_io import write_text_atomically
 from mechkit.core.labels import model_name
 from mechkit.core.progress import progress_bar
+from mechkit.core.results import rank
 from mechkit.errors import (
     EmptyDatasetError,
     InvalidArgumentError,
@@ -83,6 +84,17 @@ class FeatureContext:
         token_ids, tokens: the window's token ids and their text.
         activations: the latent's activation on each token of the window.
         max_activation: the activation at ``position``.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+        >>> report = mk.collect_features(model, sae, torch.randint(1, 500, (4, 16)), [1, 2],
+        ...                              progress=False)
+        >>> context = report[1].contexts[0]               # its strongest context
+        >>> context.activations[context.position - context.start] == context.max_activation
+        True
     """
 
     row: int
@@ -110,6 +122,17 @@ class FeatureData:
         activations: ``(n_fired,)`` its activation on every counted token where it fires.
         promoted, suppressed: ``(token, logit effect)`` of the tokens its decoder direction
             raises and lowers most; empty when the output is not in the residual stream.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+        >>> report = mk.collect_features(model, sae, torch.randint(1, 500, (4, 16)), [1, 2],
+        ...                              progress=False)
+        >>> feature = report[2]
+        >>> 0 <= feature.frequency <= 1, feature.max_activation == float(feature.activations.max())
+        (True, True)
     """
 
     latent: int
@@ -131,6 +154,16 @@ class FeatureReport:
         n_tokens: the counted tokens scanned.
         features: per latent, in the order asked.
         logit_note: how promoted/suppressed tokens were read (or why there are none).
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+        >>> report = mk.collect_features(model, sae, torch.randint(1, 500, (4, 16)), [1, 2],
+        ...                              progress=False)
+        >>> report.latents, sorted(latent for latent, _ in report.top(2))  # by max activation
+        ((1, 2), [1, 2])
     """
 
     hook_name: str
@@ -152,6 +185,13 @@ class FeatureReport:
     @property
     def latents(self) -> tuple[int, ...]:
         return tuple(f.latent for f in self.features)
+
+    def top(self, n: int = 10, *, absolute: bool = True) -> list[tuple[int, float]]:
+        """The ``n`` latents of largest maximum activation, ``(latent, max_activation)``, by the
+        rule of :func:`mechkit.core.rank`."""
+        return rank(
+            list(self.latents), [f.max_activation for f in self.features], n, absolute=absolute
+        )
 
     def to_dataframe(self) -> Any:
         """One row per (latent, context): ``latent, rank, row, position, max_activation,

@@ -41,6 +41,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechkit.core.progress import progress_bar
+from mechkit.core.results import rank
 from mechkit.core.types import Model
 from mechkit.errors import (
     EmptyDatasetError,
@@ -83,6 +84,15 @@ class SAEEvaluation:
         dense_threshold: frequency above which a latent counts as dense.
         exclude: which positions were left out (see the module docstring).
         seconds: wall time of the evaluation.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+        >>> ev = mk.evaluate_sae(model, sae, torch.randint(1, 500, (4, 16)), progress=False)
+        >>> sorted(ev.metrics())[:3], len(ev.top(5))       # the 5 densest latents
+        (['ce_clean', 'ce_mean', 'ce_recovered'], 5)
     """
 
     hook_name: str
@@ -171,6 +181,12 @@ class SAEEvaluation:
             "n_tokens": float(self.n_tokens),
             "seconds": self.seconds,
         }
+
+    def top(self, n: int = 10, *, absolute: bool = True) -> list[tuple[int, float]]:
+        """The ``n`` latents that fire most often, ``(latent, frequency)``, by the rule of
+        :func:`mechkit.core.rank` (frequencies are never negative, so ``absolute`` changes
+        nothing)."""
+        return rank(list(range(self.d_sae)), self.frequency, n, absolute=absolute)
 
     def to_dataframe(self) -> Any:
         """A pandas DataFrame with one row per figure: ``metric, value``."""

@@ -117,9 +117,9 @@ def feature_circuit(
         >>> graph = mk.feature_circuit(model, sae, clean, corrupt,
         ...                            lambda logits: logits[:, -1, 3].mean(),
         ...                            latents_per_dictionary=2, progress=False)
-        ... # doctest: +ELLIPSIS
-        >>> [node.name for node in graph.layout.senders]   # input, 2 latents, the error
+        >>> [node.name for node in graph.layout.senders]  # doctest: +ELLIPSIS
         ['input', 'r0.f...', 'r0.f...', 'r0.err']
+        >>> # the input, the 2 latents of largest |score|, the error term; then the edges:
         >>> graph.scores.shape                            # (sender, receiver)
         torch.Size([4, 4])
     """
