@@ -39,7 +39,15 @@ THRESHOLD_RATE = 0.01
 
 @register_architecture("batchtopk")
 class BatchTopKSAE(SparseDictionary):
-    """BatchTopK SAE or transcoder; a JumpReLU with a global threshold at inference."""
+    """BatchTopK SAE or transcoder; a JumpReLU with a global threshold at inference.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig
+        >>> sae = BatchTopKSAE(SAEConfig(architecture="batchtopk", d_in=8, d_sae=32, k=4,
+        ...                              hook_name="blocks.0.hook_resid_post"))
+        >>> int(sae.batch_topk(torch.randn(3, 32)).count_nonzero()) <= 12   # k * batch in all
+        True
+    """
 
     threshold: Tensor  # (d_sae,) a buffer: set by training and calibration, not by gradients
 

@@ -62,6 +62,14 @@ def register_architecture(key: str) -> Any:
 
     Raises:
         SAEConfigError: ``key`` is already taken by another class.
+
+    Example:
+        >>> sorted(architecture_class(k).__name__ for k in ("relu", "topk"))
+        ['ReLUSAE', 'TopKSAE']
+        >>> register_architecture("topk")(type("Other", (), {}))   # a duplicate key is an error
+        Traceback (most recent call last):
+        ...
+        mechkit.errors.SAEConfigError: Expected a new architecture key; got 'topk', ...
     """
 
     def decorator(cls: type[SparseDictionary]) -> type[SparseDictionary]:
@@ -107,6 +115,12 @@ class SAEConfig:
         normalize_activations: sae-lens's field. Only ``"none"`` and
             ``"expected_average_only_in"`` (a training-time scale, already folded into the
             weights of a saved file, so a no-op at inference, as in sae-lens) are supported.
+
+    Example:
+        >>> cfg = SAEConfig(architecture="topk", d_in=128, d_sae=1024, k=32,
+        ...                 hook_name="blocks.1.hook_resid_post")
+        >>> cfg.out_width, cfg.is_transcoder, SAEConfig.from_dict(cfg.to_dict()) == cfg
+        (128, False, True)
     """
 
     architecture: str

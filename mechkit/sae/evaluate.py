@@ -287,7 +287,13 @@ def counted_positions(
     exclude: Exclude = "first",
     mask: Bool[Tensor, "batch pos"] | None = None,
 ) -> Bool[Tensor, "batch pos"]:
-    """``(batch, pos)`` True where a position counts: real (``mask``) and not excluded."""
+    """``(batch, pos)`` True where a position counts: real (``mask``) and not excluded.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> counted_positions(model, torch.tensor([[1, 2, 3]])).tolist()   # position 0 left out
+        [[False, True, True]]
+    """
     check_choice("exclude", exclude, ["bos", "first", "none"])
     counted = (
         torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)

@@ -107,7 +107,13 @@ def _resolve_folder(path: str | Path) -> Path:
 
 
 def sae_lens_architecture(cfg: SAEConfig) -> str:
-    """The ``architecture`` string sae-lens knows ``cfg`` by (see the module's table)."""
+    """The ``architecture`` string sae-lens knows ``cfg`` by (see the module's table).
+
+    Example:
+        >>> from mechkit.sae import SAEConfig
+        >>> sae_lens_architecture(SAEConfig(architecture="relu", d_in=8, d_sae=16, hook_name="h"))
+        'standard'
+    """
     if not cfg.is_transcoder:
         return {"relu": "standard", "batchtopk": "jumprelu"}.get(cfg.architecture, cfg.architecture)
     if cfg.architecture == "topk":
@@ -126,7 +132,16 @@ def _sae_lens_version() -> str:
 
 
 def write_sae(sae: SparseDictionary, path: str | Path, *, weights_dtype: str | None = None) -> Path:
-    """Write ``sae`` into folder ``path`` (see :func:`mechkit.sae.save_sae`)."""
+    """Write ``sae`` into folder ``path`` (see :func:`mechkit.sae.save_sae`).
+
+    Example:
+        >>> import tempfile
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> sae = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=8, d_sae=16,
+        ...                                    hook_name="blocks.0.hook_resid_post"))
+        >>> sorted(p.name for p in write_sae(sae, tempfile.mkdtemp()).iterdir())
+        ['cfg.json', 'sae_weights.safetensors']
+    """
     from safetensors.torch import save_file
 
     if not isinstance(sae, torch.nn.Module) or not isinstance(getattr(sae, "cfg", None), SAEConfig):
@@ -228,7 +243,12 @@ def read_sae(
     dtype: str | None = None,
     hook_name: str | None = None,
 ) -> SparseDictionary:
-    """Read folder ``path`` (see :func:`mechkit.sae.load_sae`)."""
+    """Read folder ``path`` (see :func:`mechkit.sae.load_sae`).
+
+    Example:
+        >>> read_sae("smollm2-135m-res12-topk").cfg.architecture   # a shipped name, or a folder
+        'topk'
+    """
     folder = _resolve_folder(path)
     cfg_path, weights_path = folder / CFG_FILENAME, folder / WEIGHTS_FILENAME
     if not cfg_path.is_file() or not weights_path.is_file():

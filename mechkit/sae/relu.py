@@ -22,7 +22,15 @@ __all__ = ["ReLUSAE"]
 
 @register_architecture("relu")
 class ReLUSAE(SparseDictionary):
-    """ReLU SAE or transcoder (sae-lens ``standard`` / ``transcoder`` / ``skip_transcoder``)."""
+    """ReLU SAE or transcoder (sae-lens ``standard`` / ``transcoder`` / ``skip_transcoder``).
+
+    Example:
+        >>> from mechkit.sae import SAEConfig
+        >>> cfg = SAEConfig(architecture="relu", d_in=8, d_sae=32, hook_name="blocks.0.mlp")
+        >>> sae = ReLUSAE.from_config(cfg)
+        >>> bool((sae.encode(torch.randn(3, 8)) >= 0).all())
+        True
+    """
 
     unit_norm_decoder = False
 

@@ -100,7 +100,17 @@ class SAESites:
 
 
 def sae_sites(sae: Any) -> SAESites:
-    """The hooks and widths of an SAE or transcoder, read from its ``cfg``."""
+    """The hooks and widths of an SAE or transcoder, read from its ``cfg``.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> tc = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=128, d_sae=64,
+        ...     hook_name="blocks.0.ln1.hook_normalized", d_out=128,
+        ...     out_hook_name="blocks.0.hook_attn_out"))
+        >>> sites = sae_sites(tc)
+        >>> sites.in_hook, sites.out_hook, sites.is_transcoder
+        ('blocks.0.ln1.hook_normalized', 'blocks.0.hook_attn_out', True)
+    """
     cfg = getattr(sae, "cfg", None)
     missing = [
         name
@@ -323,6 +333,17 @@ class SpliceHandle:
     :meth:`clear` or the end of the ``with`` block. ``positions`` index the tokens of each
     forward pass (negative from the end); None means all. ``sae`` names the dictionary and may
     be left out when only one is spliced.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=128, d_sae=64,
+        ...                                    hook_name="blocks.0.hook_resid_post"))
+        >>> with mk.splice(model, sae) as handle:
+        ...     handle.zero_error()                  # the model runs on the reconstruction alone
+        ...     _ = model(torch.tensor([[1, 2, 3]]))
+        ...     handle.names, handle.errors["blocks.0.hook_resid_post"].shape
+        (('blocks.0.hook_resid_post',), torch.Size([1, 3, 128]))
     """
 
     def __init__(self, entries: list[_Spliced], keep_error: bool, record: bool) -> None:

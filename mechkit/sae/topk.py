@@ -97,7 +97,15 @@ def sparse_training_step(
 
 @register_architecture("topk")
 class TopKSAE(SparseDictionary):
-    """TopK SAE or transcoder (sae-lens ``topk``; sae-lens has no TopK transcoder class)."""
+    """TopK SAE or transcoder (sae-lens ``topk``; sae-lens has no TopK transcoder class).
+
+    Example:
+        >>> from mechkit.sae import SAEConfig
+        >>> cfg = SAEConfig(architecture="topk", d_in=8, d_sae=32, k=4, hook_name="blocks.0.mlp")
+        >>> sae = TopKSAE.from_config(cfg)
+        >>> sae.encode(torch.randn(3, 8)).count_nonzero(-1)          # at most k per token
+        tensor([4, 4, 4])
+    """
 
     def activate(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
         if self.cfg.rescale_acts_by_decoder_norm:

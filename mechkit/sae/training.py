@@ -59,6 +59,11 @@ def default_lr(cfg: SAEConfig) -> float:
     TopK/BatchTopK: ``2e-4 / sqrt(d_sae / 2**14)`` (Gao et al. 2024's scaling rule); ReLU and
     JumpReLU: ``4e-4`` (a short-run value; Anthropic and DeepMind use 5e-5 and 7e-5 over
     billions of tokens).
+
+    Example:
+        >>> from mechkit.sae import SAEConfig
+        >>> default_lr(SAEConfig(architecture="topk", d_in=8, d_sae=2**14, k=4, hook_name="h"))
+        0.0002
     """
     if cfg.architecture in ("topk", "batchtopk"):
         return 2e-4 / math.sqrt(cfg.d_sae / 2**14)
@@ -99,6 +104,11 @@ class TrainConfig:
         progress: show a tqdm bar with live L0 and explained variance.
         calibration_batches: batches read again after training for what the final weights
             decide (BatchTopK's inference threshold); 0 or a one-pass iterable: none.
+
+    Example:
+        >>> cfg = TrainConfig(total_tokens=4096, batch_size=256, progress=False)
+        >>> cfg.total_tokens // cfg.batch_size                       # steps
+        16
     """
 
     total_tokens: int = 2_000_000
@@ -177,6 +187,14 @@ class TrainResult:
         seconds: wall-clock time of the training (all runs of a resumed training).
         sae_config, train_config: what was trained, how.
         scale_in, scale_out: the normalisation constants folded into the weights.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig
+        >>> cfg = SAEConfig(architecture="topk", d_in=16, d_sae=64, k=4, hook_name="blocks.0.mlp")
+        >>> train = TrainConfig(total_tokens=4096, batch_size=256, progress=False)
+        >>> result = train_sae(cfg, torch.randn(4096, 16), train).result
+        >>> int(result.to_dataframe()["step"].iloc[-1])             # one row per logging window
+        16
     """
 
     history: list[dict[str, float]]
@@ -230,7 +248,16 @@ class TrainResult:
 
 
 class TrainedSAE(NamedTuple):
-    """What :func:`train_sae` returns: the dictionary and the training record."""
+    """What :func:`train_sae` returns: the dictionary and the training record.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig
+        >>> cfg = SAEConfig(architecture="relu", d_in=16, d_sae=64, hook_name="blocks.0.mlp")
+        >>> sae, result = train_sae(cfg, torch.randn(2048, 16),
+        ...                         TrainConfig(total_tokens=2048, batch_size=256, progress=False))
+        >>> type(sae).__name__, int(result.to_dataframe()["step"].iloc[-1])
+        ('ReLUSAE', 8)
+    """
 
     sae: SparseDictionary
     result: TrainResult
