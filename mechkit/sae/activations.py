@@ -44,6 +44,8 @@ from torch import Tensor
 
 from mechkit.atomic_io import write_text_atomically
 from mechkit.core.progress import progress_bar
+from mechkit.core.types import Model
+from mechkit.corpus import corpus_documents
 from mechkit.errors import (
     ActivationCacheError,
     EmptyDatasetError,
@@ -53,6 +55,7 @@ from mechkit.errors import (
     did_you_mean,
 )
 from mechkit.hook_scope import run_with_cache
+from mechkit.tokens import tokenizer_of
 
 __all__ = ["ActivationStore", "sae_corpus_tokens", "stdlib_documents"]
 
@@ -97,7 +100,7 @@ class ActivationStore:
 
     def __init__(
         self,
-        model: Any,
+        model: Model,
         hook_name: str,
         tokens: Int[Tensor, "n seq"],
         *,
@@ -333,7 +336,7 @@ def stdlib_documents(split: Literal["train", "test", "all"] = "all") -> list[str
 
 
 def sae_corpus_tokens(
-    model: Any,
+    model: Model,
     *,
     seq_len: int = 128,
     split: Literal["train", "test"] = "train",
@@ -352,9 +355,6 @@ def sae_corpus_tokens(
         >>> sae_corpus_tokens(model, seq_len=32, max_tokens=2000).shape   # (n, seq_len)
         torch.Size([62, 32])
     """
-    from mechkit.corpus import corpus_documents
-    from mechkit.tokens import tokenizer_of
-
     tokenizer = tokenizer_of(model)
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     stream: list[int] = []

@@ -34,7 +34,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from jaxtyping import Float
@@ -44,6 +44,7 @@ from mechkit.atomic_io import write_text_atomically
 from mechkit.core.labels import model_name
 from mechkit.core.progress import progress_bar
 from mechkit.core.results import rank
+from mechkit.core.types import Model, SparseDictionaryLike
 from mechkit.errors import (
     EmptyDatasetError,
     InvalidArgumentError,
@@ -52,7 +53,7 @@ from mechkit.errors import (
     check_choice,
 )
 from mechkit.sae.evaluate import Exclude, counted_positions, evaluation_tokens, run_until
-from mechkit.sae.splice import as_rows, check_hooks, check_latents, reconstruct, sae_sites
+from mechkit.sae.splice import SAESites, as_rows, check_hooks, check_latents, reconstruct, sae_sites
 
 __all__ = [
     "FeatureContext",
@@ -253,8 +254,8 @@ class FeatureReport:
 
 @torch.no_grad()
 def collect_features(
-    model: Any,
-    sae: Any,
+    model: Model,
+    sae: SparseDictionaryLike,
     tokens: Any,
     latents: int | Sequence[int],
     *,
@@ -372,8 +373,8 @@ def collect_features(
 
 
 def feature_browser(
-    model: Any,
-    sae: Any,
+    model: Model,
+    sae: SparseDictionaryLike,
     tokens: Any,
     latents: int | Sequence[int],
     *,
@@ -426,7 +427,7 @@ def feature_browser(
 class _TokenNames:
     """Token id -> display text (decoded once per id); ``#id`` without a tokenizer."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Model) -> None:
         self.tokenizer = getattr(model, "tokenizer", None)
         self.cache: dict[int, str] = {}
 
@@ -459,7 +460,7 @@ def _context(
 
 
 def _logit_effects(
-    model: Any, sae: Any, sites: Any, index: Tensor, n: int
+    model: Model, sae: SparseDictionaryLike, sites: SAESites, index: Tensor, n: int
 ) -> tuple[Tensor | None, str]:
     """``(n_latents, d_vocab)`` logit effect of each decoder direction, and how it was read."""
     if n == 0:
@@ -477,7 +478,8 @@ def _logit_effects(
         directions = directions - directions.mean(-1, keepdim=True)
         steps.append("centred first, as the final LayerNorm removes the mean")
     if norm in ("LN", "RMS"):
-        directions = directions * model.ln_final.w.detach().float().to(directions.device)
+        final_w = cast(Tensor, model.ln_final.w)  # (d_model,) a parameter of LN and RMS norms
+        directions = directions * final_w.detach().float().to(directions.device)
         steps.append("multiplied by the final norm's weights")
     elif norm in ("LNPre", "RMSPre"):
         steps.append("the final norm's weights are folded into W_U")

@@ -42,7 +42,8 @@ from torch import Tensor
 
 from mechkit.core.progress import progress_bar
 from mechkit.core.results import rank
-from mechkit.core.types import Model
+from mechkit.core.types import Model, SparseDictionaryLike
+from mechkit.corpus import corpus_tokens
 from mechkit.errors import (
     EmptyDatasetError,
     InvalidArgumentError,
@@ -52,7 +53,8 @@ from mechkit.errors import (
 )
 from mechkit.hook_scope import hook_scope
 from mechkit.lens.logit_lens import decode_residual
-from mechkit.sae.splice import as_rows, check_hooks, hook_layer, reconstruct, sae_sites
+from mechkit.sae.splice import SAESites, as_rows, check_hooks, hook_layer, reconstruct, sae_sites
+from mechkit.tokens import token_batch
 
 __all__ = [
     "SAEEvaluation",
@@ -281,7 +283,7 @@ def _ratio(num: float, den: float) -> float:
 
 
 def counted_positions(
-    model: Any,
+    model: Model,
     tokens: Tensor,
     *,
     exclude: Exclude = "first",
@@ -334,8 +336,8 @@ class _Sums:
 
 @torch.no_grad()
 def evaluate_sae(
-    model: Any,
-    sae: Any,
+    model: Model,
+    sae: SparseDictionaryLike,
     tokens: Any = None,
     *,
     batch_size: int = 8,
@@ -478,12 +480,8 @@ def evaluation_tokens(
                 "Expected tokens: this model has no tokenizer, so the default held-out corpus "
                 "cannot be cut. Hint: pass a (batch, pos) tensor of token ids."
             )
-        from mechkit.corpus import corpus_tokens
-
         tokens = corpus_tokens(model, seq_len=128, split="test", max_sequences=64)
     if isinstance(tokens, str | list | tuple):
-        from mechkit.tokens import token_batch
-
         tokens, text_mask = token_batch(model, tokens)
         mask = text_mask if mask is None else mask & text_mask
     tokens = torch.as_tensor(tokens)
@@ -523,7 +521,7 @@ def run_until(
     return acts
 
 
-def _start_layer(model: Any, sites: Any) -> int | None:
+def _start_layer(model: Model, sites: SAESites) -> int | None:
     """The block the second pass starts from (the dictionary's), None to run from the tokens."""
     if model.cfg.positional_embedding_type == "shortformer":
         return None  # the positional embedding enters each block: run from the tokens
@@ -531,7 +529,12 @@ def _start_layer(model: Any, sites: Any) -> int | None:
 
 
 def _reconstruction_batch(
-    model: Any, sae: Any, sites: Any, tokens: Tensor, counted: Tensor, sums: _Sums
+    model: Model,
+    sae: SparseDictionaryLike,
+    sites: SAESites,
+    tokens: Tensor,
+    counted: Tensor,
+    sums: _Sums,
 ) -> Tensor | None:
     """Adds one batch's reconstruction sums; returns the residual entering the dictionary's
     block (None when the second pass runs from the tokens)."""
@@ -567,9 +570,9 @@ def _reconstruction_batch(
 
 
 def _loss_batch(
-    model: Any,
-    sae: Any,
-    sites: Any,
+    model: Model,
+    sae: SparseDictionaryLike,
+    sites: SAESites,
     tokens: Tensor,
     mask: Tensor,
     counted: Tensor,
@@ -615,7 +618,7 @@ def _ce(logits: Tensor, at: Tensor, targets: Tensor) -> float:
     return float(-logp.gather(-1, targets[:, None]).sum())
 
 
-def _replacer(counted: Tensor, sites: Any) -> Callable[[Callable[[Tensor], Tensor]], Callable]:
+def _replacer(counted: Tensor, sites: SAESites) -> Callable[[Callable[[Tensor], Tensor]], Callable]:
     """Hooks that replace the output activation at counted positions by ``new(y)``."""
 
     def make(new: Callable[[Tensor], Tensor]) -> Callable[[Tensor, Any], Tensor]:
@@ -629,7 +632,9 @@ def _replacer(counted: Tensor, sites: Any) -> Callable[[Callable[[Tensor], Tenso
     return make
 
 
-def _splice_hooks(sae: Any, sites: Any, replace: Callable) -> list[tuple[str, Callable]]:
+def _splice_hooks(
+    sae: SparseDictionaryLike, sites: SAESites, replace: Callable
+) -> list[tuple[str, Callable]]:
     """Hooks that run the model on the reconstruction at counted positions (no error term)."""
     if not sites.is_transcoder:
         return [(sites.out_hook, replace(lambda y: reconstruct(sae, y)[1]))]

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import save_file
 
 from mechkit.atomic_io import write_atomically, write_text_atomically
 from mechkit.errors import SAEConfigError, SAEFileError, UnknownKindError, did_you_mean
@@ -142,8 +143,6 @@ def write_sae(sae: SparseDictionary, path: str | Path, *, weights_dtype: str | N
         >>> sorted(p.name for p in write_sae(sae, tempfile.mkdtemp()).iterdir())
         ['cfg.json', 'sae_weights.safetensors']
     """
-    from safetensors.torch import save_file
-
     if not isinstance(sae, torch.nn.Module) or not isinstance(getattr(sae, "cfg", None), SAEConfig):
         raise SAEConfigError(
             f"Expected a mechkit SparseDictionary; got {type(sae).__name__}. Hint: load it with "

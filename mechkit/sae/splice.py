@@ -99,7 +99,7 @@ class SAESites:
         return self.in_hook != self.out_hook
 
 
-def sae_sites(sae: Any) -> SAESites:
+def sae_sites(sae: SparseDictionaryLike) -> SAESites:
     """The hooks and widths of an SAE or transcoder, read from its ``cfg``.
 
     Example:
@@ -146,7 +146,7 @@ def hook_layer(name: str) -> int | None:
     return None if match is None else int(match.group(1))
 
 
-def check_hooks(model: Any, sites: SAESites) -> None:
+def check_hooks(model: Model, sites: SAESites) -> None:
     """The SAE's hooks exist in the model, and a transcoder reads before it writes."""
     for name in (sites.in_hook, sites.out_hook):
         if name not in model.hook_dict:
@@ -177,7 +177,7 @@ def as_rows(act: Tensor, width: int, hook: str) -> Tensor:
 
 
 def reconstruct(
-    sae: Any, x: Float[Tensor, "batch pos d_in"]
+    sae: SparseDictionaryLike, x: Float[Tensor, "batch pos d_in"]
 ) -> tuple[Float[Tensor, "batch pos d_sae"], Float[Tensor, "batch pos d_out"]]:
     """``(f, x_hat)``: latents and reconstruction, in the SAE's dtype and on its device.
 
@@ -309,7 +309,7 @@ def check_latents(latents: LatentIndex, d_sae: int, what: str = "latent") -> Ten
 @dataclasses.dataclass(eq=False)
 class _Spliced:
     name: str
-    sae: Any
+    sae: SparseDictionaryLike
     sites: SAESites
     latent_edits: list[_Edit] = dataclasses.field(default_factory=list)
     error_edits: list[_Edit] = dataclasses.field(default_factory=list)
@@ -530,7 +530,7 @@ def _named(saes: Any) -> list[tuple[str, Any]]:
 
 @contextlib.contextmanager
 def splice(
-    model: Any, saes: Any, *, keep_error: bool = True, record: bool = True
+    model: Model, saes: Any, *, keep_error: bool = True, record: bool = True
 ) -> Iterator[SpliceHandle]:
     """Splice SAEs or transcoders into every forward pass of ``model`` inside the block.
 
@@ -834,7 +834,7 @@ def _latents_on(
     return torch.cat(parts)
 
 
-def _latents_of(sae: Any, sites: SAESites, act: Tensor) -> Tensor:
+def _latents_of(sae: SparseDictionaryLike, sites: SAESites, act: Tensor) -> Tensor:
     f, _ = reconstruct(sae, as_rows(act, sites.d_in, sites.in_hook))
     return f.float()
 
