@@ -27,7 +27,7 @@ from mechkit.sae.feature_nodes import (
     summed_metric,
 )
 
-__all__ = ["edge_scores", "RECEIVER_BYTES", "receiver_seeds", "batched_grad", "grad_per_seed"]
+__all__ = ["edge_scores", "RECEIVER_BYTES"]
 
 
 def edge_scores(
@@ -44,7 +44,27 @@ def edge_scores(
 ) -> Tensor:
     """Edge scores ``(sender, receiver)`` of one batch (M summed over prompts), in the order of
     :class:`FeatureLayout`: senders input, then per dictionary its chosen latents and error;
-    receivers the same without the input, then the logits."""
+    receivers the same without the input, then the logits.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=128, d_sae=64,
+        ...                                    hook_name="blocks.0.hook_resid_post"))
+        >>> from mechkit.sae.feature_nodes import dictionary_entries
+        >>> entries = dictionary_entries(model, {"r0": sae})
+        >>> tokens = torch.tensor([[1, 2, 3, 4]])
+        >>> from mechkit.core import progress_bar
+        >>> from mechkit.sae.feature_nodes import node_gradients
+        >>> metric = lambda lg: lg[:, -1, 0].mean()
+        >>> values, grads, _ = node_gradients(model, entries, tokens, metric)
+        >>> delta = values.map(torch.zeros_like).minus(values)          # zero ablation
+        >>> chosen = [torch.tensor([0, 1])]
+        >>> scores = edge_scores(model, entries, tokens, metric, chosen, delta, grads,
+        ...                      progress_bar(0, "", enabled=False))
+        >>> scores.shape          # (sender, receiver): input + 2 latents + error, then logits
+        torch.Size([4, 4])
+    """
     leaves_f: list[Any] = [None] * len(entries)
     leaves_e: list[Any] = [None] * len(entries)
     live_f: list[Any] = [None] * len(entries)
@@ -102,8 +122,8 @@ def edge_scores(
             size = max(1, min(n_r, (budget or RECEIVER_BYTES) // max(1, per_row)))
             for lo in range(0, n_r, size):
                 hi = min(lo + size, n_r)
-                seeds = receiver_seeds(outputs, grad.f[k][..., idx], grad.e[k], lo, hi)
-                got = batched_grad(outputs, upstream, seeds)
+                seeds = _receiver_seeds(outputs, grad.f[k][..., idx], grad.e[k], lo, hi)
+                got = _batched_grad(outputs, upstream, seeds)
                 scores[:, first[k] - 1 + lo : first[k] - 1 + hi] = sender_rows(got, k, hi - lo).T
                 bar.update(hi - lo)
         direct = torch.autograd.grad(value, leaves, allow_unused=True)  # receiver: logits
@@ -117,7 +137,7 @@ RECEIVER_BYTES = 256 * 1024**2
 """Memory for the stacked upstream gradients of one batched backward pass of the edge pass."""
 
 
-def receiver_seeds(
+def _receiver_seeds(
     outputs: list[Tensor], g_f: Tensor, g_e: Tensor, lo: int, hi: int
 ) -> list[Tensor]:
     """The gradients fed to ``outputs = [f (b, t, n), e (b, t, d)]`` for receivers ``lo..hi``
@@ -135,7 +155,7 @@ def receiver_seeds(
     return [seed_f, seed_e]
 
 
-def batched_grad(
+def _batched_grad(
     outputs: list[Tensor], inputs: list[Tensor], seeds: list[Tensor]
 ) -> list[Tensor | None]:
     """Vector-Jacobian products of ``outputs`` for a stack of ``seeds``: one backward pass,
@@ -148,13 +168,13 @@ def batched_grad(
     except RuntimeError as exc:  # an operation without a batching rule: one pass per seed
         if "vmap" not in str(exc).lower() and "batch" not in str(exc).lower():
             raise
-    return grad_per_seed(outputs, inputs, seeds)
+    return _grad_per_seed(outputs, inputs, seeds)
 
 
-def grad_per_seed(
+def _grad_per_seed(
     outputs: list[Tensor], inputs: list[Tensor], seeds: list[Tensor]
 ) -> list[Tensor | None]:
-    """:func:`batched_grad` the slow way: one backward pass per seed."""
+    """:func:`_batched_grad` the slow way: one backward pass per seed."""
     rows = []
     for i in range(seeds[0].shape[0]):
         rows.append(

@@ -47,7 +47,17 @@ INPUT_HOOK = "blocks.0.hook_resid_pre"
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DictionaryEntry:
-    """One spliced dictionary: its site (name, hooks, where it reads and writes) and widths."""
+    """One spliced dictionary: its site (name, hooks, where it reads and writes) and widths.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=128, d_sae=64,
+        ...                                    hook_name="blocks.0.hook_resid_post"))
+        >>> entries = dictionary_entries(model, {"r0": sae})
+        >>> entries[0].site.name, entries[0].d_in, entries[0].d_out
+        ('r0', 128, 128)
+    """
 
     site: DictionarySite
     sae: SparseDictionaryLike
@@ -57,7 +67,17 @@ class DictionaryEntry:
 
 def dictionary_entries(model: Model, dictionaries: Any) -> list[DictionaryEntry]:
     """The user's dictionaries (one, a list, or ``{name: sae}``), checked against the model and
-    sorted in forward order (by where they write)."""
+    sorted in forward order (by where they write).
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=128, d_sae=64,
+        ...                                    hook_name="blocks.0.hook_resid_post"))
+        >>> entries = dictionary_entries(model, {"r0": sae})
+        >>> [entry.site.name for entry in dictionary_entries(model, [sae])]   # named by site
+        ['r0']
+    """
     named: list[tuple[str | None, Any]]
     if isinstance(dictionaries, Mapping):
         named = [(str(k), v) for k, v in dictionaries.items()]
@@ -84,7 +104,19 @@ def dictionary_entries(model: Model, dictionaries: Any) -> list[DictionaryEntry]
 def node_parts(
     sae: SparseDictionaryLike, x: Tensor, target: Tensor
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(f, error, skip)`` of one activation: ``target = decode(f) + skip + error``."""
+    """``(f, error, skip)`` of one activation: ``target = decode(f) + skip + error``.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=128, d_sae=64,
+        ...                                    hook_name="blocks.0.hook_resid_post"))
+        >>> entries = dictionary_entries(model, {"r0": sae})
+        >>> x = torch.randn(1, 3, 128)
+        >>> f, error, skip = node_parts(sae, x, x)                 # an SAE reconstructs its input
+        >>> torch.allclose(sae.decode(f) + error, x, atol=1e-5), skip is None
+        (True, True)
+    """
     f = sae.encode(x)
     skip = skip_term(sae, x)
     x_hat = sae.decode(f) if skip is None else sae.decode(f) + skip
@@ -99,7 +131,22 @@ def dictionary_hooks(
     """Forward hooks calling ``write(k, x_in, target)`` at dictionary ``k``'s output hook, with
     ``x_in`` its input (as rows, in the dictionary's dtype) and ``target`` the activation it
     reconstructs; a tensor returned replaces the activation. ``input_hook`` sees (and may
-    replace) the residual stream entering block 0."""
+    replace) the residual stream entering block 0.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=128, d_sae=64,
+        ...                                    hook_name="blocks.0.hook_resid_post"))
+        >>> entries = dictionary_entries(model, {"r0": sae})
+        >>> tokens = torch.tensor([[1, 2, 3, 4]])
+        >>> seen = []
+        >>> hooks = dictionary_hooks(entries, lambda k, x, target: seen.append(x.shape))
+        >>> with model.hooks(fwd_hooks=hooks):
+        ...     _ = model(tokens)
+        >>> seen
+        [torch.Size([1, 4, 128])]
+    """
     held: dict[int, Tensor] = {}
     hooks: list[tuple[str, Callable[..., Any]]] = []
     if input_hook is not None:
@@ -132,7 +179,13 @@ def dictionary_hooks(
 @dataclasses.dataclass
 class NodeValues:
     """Per-batch node values (or their gradients): ``x0 (batch, pos, d_model)``, and per
-    dictionary ``f[k] (batch, pos, d_sae)`` and ``e[k] (batch, pos, d_out)``."""
+    dictionary ``f[k] (batch, pos, d_sae)`` and ``e[k] (batch, pos, d_out)``.
+
+    Example:
+        >>> v = NodeValues(torch.ones(1, 2, 3), [torch.ones(1, 2, 4)], [torch.ones(1, 2, 3)])
+        >>> v.minus(v.map(torch.zeros_like)).f[0].sum()
+        tensor(8.)
+    """
 
     x0: Tensor
     f: list[Tensor]
@@ -155,7 +208,19 @@ class NodeValues:
 def record_nodes(
     model: Model, entries: list[DictionaryEntry], tokens: Tensor
 ) -> tuple[NodeValues, Tensor]:
-    """Node values and logits of an un-intervened run."""
+    """Node values and logits of an un-intervened run.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=128, d_sae=64,
+        ...                                    hook_name="blocks.0.hook_resid_post"))
+        >>> entries = dictionary_entries(model, {"r0": sae})
+        >>> tokens = torch.tensor([[1, 2, 3, 4]])
+        >>> values, logits = record_nodes(model, entries, tokens)
+        >>> values.x0.shape, values.f[0].shape, logits.shape  # d_model, d_sae, d_vocab
+        (torch.Size([1, 4, 128]), torch.Size([1, 4, 64]), torch.Size([1, 4, 500]))
+    """
     f: list[Any] = [None] * len(entries)
     e: list[Any] = [None] * len(entries)
     x0: list[Tensor] = []
@@ -174,7 +239,23 @@ def ablated_values(
 ) -> Callable[[slice, NodeValues], tuple[NodeValues, Tensor | None]]:
     """``(rows, clean values) -> (ablated values, the corrupt run's logits or None)`` for the
     contrast's ablation: the corrupt run's values, the reference mean (per position when the
-    reference prompts allow it, :func:`mechkit.core.reference_mean`), or zero."""
+    reference prompts allow it, :func:`mechkit.core.reference_mean`), or zero.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=128, d_sae=64,
+        ...                                    hook_name="blocks.0.hook_resid_post"))
+        >>> entries = dictionary_entries(model, {"r0": sae})
+        >>> tokens = torch.tensor([[1, 2, 3, 4]])
+        >>> from mechkit.core import resolve_contrast
+        >>> contrast = resolve_contrast(model, tokens, None, lambda lg: lg[:, -1, 0].mean(),
+        ...                             ablation="zero")
+        >>> clean, _ = record_nodes(model, entries, tokens)
+        >>> away, corrupt_logits = ablated_values(model, entries, contrast)(slice(0, 1), clean)
+        >>> float(away.f[0].abs().sum()), corrupt_logits is None
+        (0.0, True)
+    """
     if contrast.ablation == "corrupt":
         source = contrast.corrupt_tokens
         assert source is not None  # resolve_contrast requires corrupt prompts for "corrupt"
@@ -201,12 +282,23 @@ def ablated_values(
 
 
 def summed_metric(metric: Any, logits: Tensor, n: int) -> Tensor:
-    """The metric summed over the batch's ``n`` prompts (its mean times ``n``)."""
+    """The metric summed over the batch's ``n`` prompts (its mean times ``n``).
+
+    Example:
+        >>> summed_metric(lambda logits: logits[:, -1, 0], torch.ones(3, 2, 5), 3)  # 3 x mean
+        tensor(3.)
+    """
     return mean_value(metric, logits) * n
 
 
 def input_leaf() -> tuple[list[Tensor], Callable[[Tensor], Tensor]]:
-    """A hook making the residual entering block 0 a leaf, and the list it is kept in."""
+    """A hook making the residual entering block 0 a leaf, and the list it is kept in.
+
+    Example:
+        >>> held, leaf = input_leaf()
+        >>> leaf(torch.zeros(1, 2, 3)).requires_grad, len(held)
+        (True, 1)
+    """
     held: list[Tensor] = []
 
     def leaf(act: Tensor) -> Tensor:
@@ -221,7 +313,20 @@ def node_gradients(
 ) -> tuple[NodeValues, NodeValues, float]:
     """Clean values, ``∂M/∂v`` for every node (M summed over prompts) and M itself, the error
     and latents held apart: ``x = decode(f) + skip + error`` with ``f`` and ``error`` separate
-    tensors."""
+    tensors.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=128, d_sae=64,
+        ...                                    hook_name="blocks.0.hook_resid_post"))
+        >>> entries = dictionary_entries(model, {"r0": sae})
+        >>> tokens = torch.tensor([[1, 2, 3, 4]])
+        >>> metric = lambda lg: lg[:, -1, 0].mean()
+        >>> values, grads, value = node_gradients(model, entries, tokens, metric)
+        >>> grads.f[0].shape == values.f[0].shape, isinstance(value, float)
+        (True, True)
+    """
     f: list[Any] = [None] * len(entries)
     e: list[Any] = [None] * len(entries)
     x0, leaf = input_leaf()
@@ -257,7 +362,24 @@ def node_gradients_ig(
     bar: Any,
 ) -> NodeValues:
     """``∂M/∂v`` averaged over ``v = away + (k/steps) (clean - away)``, ``k = 1..steps``, one
-    dictionary (or the input) moved at a time while the others compute normally."""
+    dictionary (or the input) moved at a time while the others compute normally.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=128, d_sae=64,
+        ...                                    hook_name="blocks.0.hook_resid_post"))
+        >>> entries = dictionary_entries(model, {"r0": sae})
+        >>> tokens = torch.tensor([[1, 2, 3, 4]])
+        >>> from mechkit.core import progress_bar
+        >>> metric = lambda lg: lg[:, -1, 0].mean()
+        >>> values, grads, _ = node_gradients(model, entries, tokens, metric)
+        >>> away = values.map(torch.zeros_like)
+        >>> one = node_gradients_ig(model, entries, tokens, metric, values, away, 1,
+        ...                         progress_bar(0, "", enabled=False))  # one step: at clean
+        >>> torch.allclose(one.f[0], grads.f[0], atol=1e-6)
+        True
+    """
     out = clean.map(torch.zeros_like)
     for moved in range(-1, len(entries)):  # -1: the input
         for k in range(1, steps + 1):

@@ -301,7 +301,7 @@ def test_batched_receivers_equal_one_backward_pass_per_receiver(tiny, full, monk
     def refuse(*args, **kwargs):
         raise AssertionError("fell back to one pass per receiver")
 
-    monkeypatch.setattr(fc, "grad_per_seed", refuse)
+    monkeypatch.setattr(fc, "_grad_per_seed", refuse)
     monkeypatch.setattr(torch.autograd, "grad", spy)
     monkeypatch.setattr(fc, "RECEIVER_BYTES", 3 * 7 * 60 * 8 * 5)  # chunks of a few receivers
     chunked = mk.feature_circuit(model, saes, clean, corrupt, metric, latents_per_dictionary=100)
@@ -318,7 +318,7 @@ def test_batched_receivers_equal_one_backward_pass_per_receiver(tiny, full, monk
             for j in range(len(inputs))
         ]
 
-    monkeypatch.setattr(fc, "batched_grad", one_per_receiver)
+    monkeypatch.setattr(fc, "_batched_grad", one_per_receiver)
     loop = mk.feature_circuit(model, saes, clean, corrupt, metric, latents_per_dictionary=100)
     torch.testing.assert_close(chunked.scores, loop.scores, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(full.scores, loop.scores, rtol=1e-9, atol=1e-12)
