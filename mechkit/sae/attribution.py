@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from mechkit.core.batching import each_batch, prompts_per_pass
@@ -216,7 +217,9 @@ def _values(
 
 
 @torch.no_grad()
-def feature_connections(upstream: Any, downstream: Any, *, normalize: bool = False) -> Tensor:
+def feature_connections(
+    upstream: Any, downstream: Any, *, normalize: bool = False
+) -> Float[Tensor, "d_sae_up d_sae_down"]:
     """``W_dec_up @ W_enc_down``: how much each upstream latent's decoder direction drives each
     downstream latent's encoder, independent of the input (Dunefsky et al. 2024).
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from mechkit.errors import SAEConfigError, ShapeError
@@ -224,7 +224,7 @@ class SparseDictionary(nn.Module):
         y: Float[Tensor, "batch d_out"],
         *,
         coefficient: float,
-        dead: Tensor | None,
+        dead: Bool[Tensor, " d_sae"] | None,
         n_dead: int,
         aux_k: int,
         aux_coefficient: float,

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mechkit.atomic_io import write_text_atomically
@@ -264,7 +264,7 @@ def collect_features(
     n_logit_tokens: int = 10,
     batch_size: int = 8,
     exclude: Exclude = "first",
-    mask: Tensor | None = None,
+    mask: Bool[Tensor, "batch pos"] | None = None,
     progress: bool = True,
 ) -> FeatureReport:
     """Top contexts, activation histograms and logit effects of chosen latents.
@@ -384,7 +384,7 @@ def feature_browser(
     n_logit_tokens: int = 10,
     batch_size: int = 8,
     exclude: Exclude = "first",
-    mask: Tensor | None = None,
+    mask: Bool[Tensor, "batch pos"] | None = None,
     progress: bool = True,
 ) -> Path:
     """Write a feature browser for chosen latents as one self-contained HTML page.

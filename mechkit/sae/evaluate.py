@@ -142,12 +142,12 @@ class SAEEvaluation:
         return int(self.frequency.shape[0])
 
     @property
-    def dead_latents(self) -> Tensor:
+    def dead_latents(self) -> Int[Tensor, " n_dead"]:
         """Indices of latents that never fired on the evaluated tokens."""
         return (self.frequency == 0).nonzero().flatten()
 
     @property
-    def dense_latents(self) -> Tensor:
+    def dense_latents(self) -> Int[Tensor, " n_dense"]:
         """Indices of latents firing on more than ``dense_threshold`` of the tokens."""
         return (self.frequency > self.dense_threshold).nonzero().flatten()
 
@@ -284,7 +284,7 @@ def _ratio(num: float, den: float) -> float:
 
 def counted_positions(
     model: Model,
-    tokens: Tensor,
+    tokens: Int[Tensor, "batch pos"],
     *,
     exclude: Exclude = "first",
     mask: Bool[Tensor, "batch pos"] | None = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechkit.core.types import Model
@@ -33,7 +34,7 @@ __all__ = ["edge_scores", "RECEIVER_BYTES"]
 def edge_scores(
     model: Model,
     entries: list[DictionaryEntry],
-    tokens: Tensor,
+    tokens: Int[Tensor, "batch pos"],
     metric: Any,
     chosen: list[Tensor],
     delta: NodeValues,
@@ -41,7 +42,7 @@ def edge_scores(
     bar: Any,
     *,
     budget: int | None = None,
-) -> Tensor:
+) -> Float[Tensor, "sender receiver"]:
     """Edge scores ``(sender, receiver)`` of one batch (M summed over prompts), in the order of
     :class:`FeatureLayout`: senders input, then per dictionary its chosen latents and error;
     receivers the same without the input, then the logits.

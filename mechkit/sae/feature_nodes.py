@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechkit.core.inputs import Contrast, reference_mean
@@ -102,8 +103,14 @@ def dictionary_entries(model: Model, dictionaries: Any) -> list[DictionaryEntry]
 
 
 def node_parts(
-    sae: SparseDictionaryLike, x: Tensor, target: Tensor
-) -> tuple[Tensor, Tensor, Tensor | None]:
+    sae: SparseDictionaryLike,
+    x: Float[Tensor, "batch pos d_in"],
+    target: Float[Tensor, "batch pos d_out"],
+) -> tuple[
+    Float[Tensor, "batch pos d_sae"],
+    Float[Tensor, "batch pos d_out"],
+    Float[Tensor, "batch pos d_out"] | None,
+]:
     """``(f, error, skip)`` of one activation: ``target = decode(f) + skip + error``.
 
     Example:
@@ -206,8 +213,8 @@ class NodeValues:
 
 @torch.no_grad()
 def record_nodes(
-    model: Model, entries: list[DictionaryEntry], tokens: Tensor
-) -> tuple[NodeValues, Tensor]:
+    model: Model, entries: list[DictionaryEntry], tokens: Int[Tensor, "batch pos"]
+) -> tuple[NodeValues, Float[Tensor, "batch pos d_vocab"]]:
     """Node values and logits of an un-intervened run.
 
     Example:
@@ -281,7 +288,9 @@ def ablated_values(
     return mean
 
 
-def summed_metric(metric: Any, logits: Tensor, n: int) -> Tensor:
+def summed_metric(
+    metric: Any, logits: Float[Tensor, "batch pos d_vocab"], n: int
+) -> Float[Tensor, ""]:
     """The metric summed over the batch's ``n`` prompts (its mean times ``n``).
 
     Example:
@@ -309,7 +318,7 @@ def input_leaf() -> tuple[list[Tensor], Callable[[Tensor], Tensor]]:
 
 
 def node_gradients(
-    model: Model, entries: list[DictionaryEntry], tokens: Tensor, metric: Any
+    model: Model, entries: list[DictionaryEntry], tokens: Int[Tensor, "batch pos"], metric: Any
 ) -> tuple[NodeValues, NodeValues, float]:
     """Clean values, ``∂M/∂v`` for every node (M summed over prompts) and M itself, the error
     and latents held apart: ``x = decode(f) + skip + error`` with ``f`` and ``error`` separate
@@ -354,7 +363,7 @@ def node_gradients(
 def node_gradients_ig(
     model: Model,
     entries: list[DictionaryEntry],
-    tokens: Tensor,
+    tokens: Int[Tensor, "batch pos"],
     metric: Any,
     clean: NodeValues,
     away: NodeValues,
@@ -396,7 +405,7 @@ def node_gradients_ig(
 def _ig_point(
     model: Model,
     entries: list[DictionaryEntry],
-    tokens: Tensor,
+    tokens: Int[Tensor, "batch pos"],
     metric: Any,
     clean: NodeValues,
     away: NodeValues,

@@ -69,7 +69,9 @@ class _Step(torch.autograd.Function):
         return None, g_theta.reshape(-1, theta.shape[-1]).sum(0), None
 
 
-def jumprelu(z: Tensor, theta: Tensor, eps: float = BANDWIDTH) -> Tensor:
+def jumprelu(
+    z: Float[Tensor, "... d_sae"], theta: Float[Tensor, " d_sae"], eps: float = BANDWIDTH
+) -> Float[Tensor, "... d_sae"]:
     """``z * H(z - theta)`` with the straight-through gradient for ``theta``.
 
     Example:
@@ -79,7 +81,9 @@ def jumprelu(z: Tensor, theta: Tensor, eps: float = BANDWIDTH) -> Tensor:
     return _JumpReLU.apply(z, theta, eps)
 
 
-def step(z: Tensor, theta: Tensor, eps: float = BANDWIDTH) -> Tensor:
+def step(
+    z: Float[Tensor, "... d_sae"], theta: Float[Tensor, " d_sae"], eps: float = BANDWIDTH
+) -> Float[Tensor, "... d_sae"]:
     """``H(z - theta)`` with the straight-through gradient for ``theta`` (none for ``z``).
 
     Example:

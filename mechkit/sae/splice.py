@@ -424,7 +424,11 @@ class SpliceHandle:
         self._entry(sae).error_edits.append(_Edit("set", None, _as_positions(positions), 0.0))
 
     def patch_error(
-        self, value: Tensor, *, positions: Positions = None, sae: str | None = None
+        self,
+        value: Float[Tensor, "batch pos d_out"],
+        *,
+        positions: Positions = None,
+        sae: str | None = None,
     ) -> None:
         """Replace the error term by ``value`` (broadcastable to ``(batch, n_pos, d_out)``),
         e.g. the error of another run from ``handle.errors``."""
