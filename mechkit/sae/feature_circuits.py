@@ -37,8 +37,11 @@ from mechkit.errors import InvalidArgumentError, check_choice, check_positive_in
 from mechkit.graph.circuit import CircuitGraph
 from mechkit.graph.feature_layout import FeatureLayout
 from mechkit.sae.feature_edges import edge_scores
+from mechkit.sae.feature_evaluation import FeatureCircuitEvaluation, evaluate_feature_circuit
 from mechkit.sae.feature_nodes import (
+    FEATURE_ABLATIONS,
     DictionaryEntry,
+    FeatureAblation,
     NodeValues,
     ablated_values,
     dictionary_entries,
@@ -47,12 +50,8 @@ from mechkit.sae.feature_nodes import (
     summed_metric,
 )
 
-__all__ = ["feature_circuit", "FEATURE_ABLATIONS"]
-
-FeatureAblation = Literal["corrupt", "mean", "zero"]
-FEATURE_ABLATIONS: tuple[str, ...] = ("corrupt", "mean", "zero")
-"""The ablations of feature circuits (``"resample"`` is not offered: one random draw per prompt
-would make a gradient estimate noisier without a use the others lack)."""
+# evaluate_feature_circuit and FeatureCircuitEvaluation lived here: importable from here still
+__all__ = ["feature_circuit", "evaluate_feature_circuit", "FeatureCircuitEvaluation"]
 
 
 def feature_circuit(

@@ -24,9 +24,10 @@ from mechkit.core.types import Model
 from mechkit.errors import InvalidArgumentError, InvalidTypeError, SiteNotFoundError, did_you_mean
 from mechkit.graph.circuit import CircuitGraph
 from mechkit.hook_scope import hook_scope
-from mechkit.sae.feature_circuits import FEATURE_ABLATIONS, FeatureAblation
 from mechkit.sae.feature_nodes import (
+    FEATURE_ABLATIONS,
     DictionaryEntry,
+    FeatureAblation,
     NodeValues,
     ablated_values,
     dictionary_entries,
@@ -223,7 +224,11 @@ def _keep_masks(
         if k is None or not (part == "err" or (part[:1] == "f" and part[1:].isdigit())):
             raise SiteNotFoundError(
                 f"Expected nodes '<dictionary>.f<latent>' or '<dictionary>.err' with "
-                f"dictionaries {sorted(names)}; got {node!r}." + did_you_mean(dictionary, names)
+                f"dictionaries {sorted(names)}; got {node!r}."
+                + (
+                    did_you_mean(dictionary, names)
+                    or " Hint: the names are those of graph.layout.nodes."
+                )
             )
         if part == "err":
             errors[k] = True
@@ -231,7 +236,8 @@ def _keep_masks(
             i = int(part[1:])
             if not 0 <= i < entries[k].site.d_sae:
                 raise InvalidArgumentError(
-                    f"Expected a latent of {dictionary!r} in [0, {entries[k].site.d_sae}); got {i}."
+                    f"Expected a latent of {dictionary!r} in [0, {entries[k].site.d_sae}); got "
+                    f"{i}. Hint: latents are numbered 0..d_sae-1."
                 )
             latents[k][i] = True
     return list(zip(latents, errors, strict=True))

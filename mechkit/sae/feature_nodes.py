@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -29,6 +29,8 @@ from mechkit.hook_scope import hook_scope
 from mechkit.sae.splice import as_rows, check_hooks, sae_sites, skip_term
 
 __all__ = [
+    "FEATURE_ABLATIONS",
+    "FeatureAblation",
     "DictionaryEntry",
     "NodeValues",
     "dictionary_entries",
@@ -41,6 +43,11 @@ __all__ = [
     "node_gradients",
     "node_gradients_ig",
 ]
+
+FeatureAblation = Literal["corrupt", "mean", "zero"]
+FEATURE_ABLATIONS: tuple[str, ...] = ("corrupt", "mean", "zero")
+"""The ablations of feature circuits and their evaluation (``"resample"`` is not offered: one
+random draw per prompt would make a gradient estimate noisier without a use the others lack)."""
 
 INPUT_HOOK = "blocks.0.hook_resid_pre"
 """Where the ``input`` node is read: the residual stream entering block 0."""

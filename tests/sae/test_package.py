@@ -74,3 +74,16 @@ def test_no_module_imports_another_modules_private_name():
         if name.startswith("_") and not name.startswith("__")
     }
     assert found <= PENDING, found - PENDING
+
+
+def test_the_split_feature_circuit_modules_keep_the_old_import_path():
+    """feature_circuits.py was split (nodes, edges, the method, its evaluation); what users
+    imported from it still imports from there."""
+    import mechkit.sae.feature_circuits as old
+    import mechkit.sae.feature_evaluation as evaluation
+
+    assert old.evaluate_feature_circuit is evaluation.evaluate_feature_circuit
+    assert old.FeatureCircuitEvaluation is evaluation.FeatureCircuitEvaluation
+    assert old.feature_circuit is mechkit.sae.feature_circuit
+    for path in SAE.glob("feature_*.py"):
+        assert len(path.read_text().splitlines()) < 500, path
