@@ -35,6 +35,10 @@ __all__ = [
     "InvalidTypeError",
     "NotFoundError",
     "OutOfMemoryError",
+    "SAEConfigError",
+    "TrainConfigError",
+    "ActivationCacheError",
+    "SAEFileError",
     "did_you_mean",
     "check_choice",
     "check_batch_size",
@@ -138,6 +142,24 @@ class NotFoundError(MechkitError, KeyError):
 
 class OutOfMemoryError(MechkitError, MemoryError):
     """A run that does not fit in memory even at the smallest batch mechkit can split it to."""
+
+
+class SAEConfigError(MechkitError, ValueError):
+    """A sparse-dictionary config whose fields are missing, of the wrong kind, or inconsistent."""
+
+
+class TrainConfigError(MechkitError, ValueError):
+    """A training config with a value out of range, or one that does not fit the checkpoint."""
+
+
+class ActivationCacheError(CacheError, ValueError):
+    """An activation cache folder whose header does not describe what this store would write
+    (a :class:`CacheError`, and a ``ValueError`` as it always was)."""
+
+
+class SAEFileError(FileFormatError):
+    """A folder that is not a readable sparse dictionary in sae-lens's format (a
+    :class:`FileFormatError`, so also a ``ValueError``)."""
 
 
 def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:

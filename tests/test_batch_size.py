@@ -57,6 +57,12 @@ def _batch_size_calls(toy, toy_tokens, toy_sae, toy_graph):
             toy, toy_sae, clean, batch_size=b, progress=False
         ),
         "compare_lenses": lambda b: mk.compare_lenses(toy, clean, batch_size=b),
+        "patch_latents": lambda b: mk.patch_latents(
+            toy, toy_sae, clean, corrupt, _metric, batch_size=b, progress=False
+        ),
+        "attribute_latents": lambda b: mk.attribute_latents(
+            toy, toy_sae, clean, corrupt, _metric, batch_size=b
+        ),
     }
 
 
@@ -75,6 +81,8 @@ BATCH_SIZE_FUNCTIONS = [
     "collect_features",
     "evaluate_sae",
     "compare_lenses",
+    "patch_latents",
+    "attribute_latents",
 ]
 
 

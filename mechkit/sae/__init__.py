@@ -16,21 +16,30 @@
   :class:`mechkit.CircuitGraph`, Marks et al.) and :func:`evaluate_feature_circuit`.
 - :func:`feature_browser`: top contexts, activation histograms and promoted tokens, one HTML page.
 
-    >>> import mechkit as mk
+Example (a small SAE on the toy model; the recipes in :mod:`mechkit.sae.recipes` train the
+shipped SmolLM2 ones on ``sae_corpus_tokens``):
+
     >>> from mechkit.sae import ActivationStore, SAEConfig, TrainConfig, train_sae, load_sae
-    >>> model = mk.load_model("smollm2-135m")
-    >>> tokens = mk.sae.sae_corpus_tokens(model, seq_len=128, max_tokens=64_000)
-    >>> store = ActivationStore(model, "blocks.12.hook_resid_post", tokens, cache_dir="acts/r12")
-    >>> cfg = SAEConfig(architecture="topk", d_in=576, d_sae=2304, k=32,
-    ...                 hook_name="blocks.12.hook_resid_post", model_name="smollm2-135m")
-    >>> sae, result = train_sae(cfg, store, TrainConfig(total_tokens=1_000_000))
-    >>> result.to_dataframe().tail(1)        # step, tokens, lr, loss, mse, l0, explained_variance
-    >>> sae.encode(torch.randn(4, 576)).shape          # (batch, d_sae)
-    torch.Size([4, 2304])
-    >>> sae.save("my_sae")                             # sae-lens format; load_sae reads it back
-    >>> shipped = load_sae("smollm2-135m-res12-topk")  # shipped: by name
+    >>> model = mk.load_model("attn-only-2l")
+    >>> store = ActivationStore(model, "blocks.0.hook_resid_post",
+    ...                         torch.randint(1, 500, (64, 32)), batch_size=256)
+    >>> cfg = SAEConfig(architecture="topk", d_in=128, d_sae=512, k=16,
+    ...                 hook_name="blocks.0.hook_resid_post", model_name="attn-only-2l")
+    >>> sae, result = train_sae(cfg, store, TrainConfig(total_tokens=4096, progress=False))
+    >>> result.to_dataframe().columns[:3].tolist()     # step, tokens, lr, loss, mse, l0, ...
+    ['step', 'tokens', 'lr']
+    >>> sae.encode(torch.randn(4, 128)).shape          # (batch, d_sae)
+    torch.Size([4, 512])
+    >>> load_sae("smollm2-135m-res12-topk").cfg.d_sae  # shipped dictionaries: by name
+    2304
 """
 
+from mechkit.errors import (  # defined in mechkit.errors; importable from here as before
+    ActivationCacheError,
+    SAEConfigError,
+    SAEFileError,
+    TrainConfigError,
+)
 from mechkit.sae import batchtopk, jumprelu, relu, topk  # noqa: F401  (register architectures)
 from mechkit.sae.activations import ActivationStore, sae_corpus_tokens
 from mechkit.sae.attribution import attribute_latents, feature_connections
@@ -44,11 +53,8 @@ from mechkit.sae.browser import (
     feature_browser,
 )
 from mechkit.sae.evaluate import SAEEvaluation, evaluate_sae
-from mechkit.sae.feature_circuits import (
-    FeatureCircuitEvaluation,
-    evaluate_feature_circuit,
-    feature_circuit,
-)
+from mechkit.sae.feature_circuits import feature_circuit
+from mechkit.sae.feature_evaluation import FeatureCircuitEvaluation, evaluate_feature_circuit
 from mechkit.sae.jumprelu import JumpReLUSAE
 from mechkit.sae.relu import ReLUSAE
 from mechkit.sae.splice import SpliceHandle, patch_latents, splice
@@ -86,4 +92,8 @@ __all__ = [
     "feature_circuit",
     "evaluate_feature_circuit",
     "FeatureCircuitEvaluation",
+    "SAEConfigError",
+    "TrainConfigError",
+    "ActivationCacheError",
+    "SAEFileError",
 ]

@@ -17,11 +17,13 @@ Python reference documentation (``pydoc_data``, ~110k SmolLM2 tokens of prose) f
 source files of Python's own standard library (code, comments and docstrings, several million
 tokens), both shipped with every Python install.
 
-    >>> tokens = sae_corpus_tokens(model, seq_len=128, max_tokens=500_000)
-    >>> store = ActivationStore(model, "blocks.15.hook_resid_post", tokens, batch_size=4096,
-    ...                         cache_dir="activations/res15")
+Example (the toy model's residual stream after block 0; ``cache_dir="..."`` would keep it):
+
+    >>> model = mk.load_model("attn-only-2l")
+    >>> tokens = torch.randint(1, 500, (16, 32), generator=torch.Generator().manual_seed(0))
+    >>> store = ActivationStore(model, "blocks.0.hook_resid_post", tokens, batch_size=64)
     >>> next(iter(store)).shape                                  # (batch, d_model)
-    torch.Size([4096, 576])
+    torch.Size([64, 128])
 """
 
 from __future__ import annotations
@@ -41,25 +43,25 @@ from jaxtyping import Int
 from torch import Tensor
 
 from mechkit.atomic_io import write_text_atomically
+from mechkit.core.progress import progress_bar
+from mechkit.core.types import Model
+from mechkit.corpus import corpus_documents
 from mechkit.errors import (
+    ActivationCacheError,
     EmptyDatasetError,
-    MechkitError,
     ShapeError,
     SiteNotFoundError,
     check_choice,
     did_you_mean,
 )
 from mechkit.hook_scope import run_with_cache
+from mechkit.tokens import tokenizer_of
 
 __all__ = ["ActivationStore", "sae_corpus_tokens", "stdlib_documents"]
 
 HEADER = "header.json"
 DATA = "activations.npy"
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-class ActivationCacheError(MechkitError, ValueError):
-    """A cache folder whose header does not describe what this store would write."""
 
 
 def _hook_layer(name: str) -> int | None:
@@ -87,14 +89,18 @@ class ActivationStore:
         cache_dtype: ``"float32"`` (exact) or ``"float16"`` (half the disk).
 
     Example:
-        >>> store = ActivationStore(model, "blocks.0.ln2.hook_normalized", tokens,
-        ...                         out_hook_name="blocks.0.hook_mlp_out", batch_size=1024)
-        >>> x, y = next(iter(store))        # (1024, d_model), (1024, d_model)
+        >>> model = mk.load_model("attn-only-2l")           # a transcoder's pairs: block 0's
+        >>> tokens = torch.randint(1, 500, (8, 16))       # attention input and output
+        >>> store = ActivationStore(model, "blocks.0.ln1.hook_normalized", tokens,
+        ...                         out_hook_name="blocks.0.hook_attn_out", batch_size=32)
+        >>> x, y = next(iter(store))
+        >>> x.shape, y.shape                                # (batch, d_model) each
+        (torch.Size([32, 128]), torch.Size([32, 128]))
     """
 
     def __init__(
         self,
-        model: Any,
+        model: Model,
         hook_name: str,
         tokens: Int[Tensor, "n seq"],
         *,
@@ -147,7 +153,7 @@ class ActivationStore:
         self.batches_per_epoch = math.ceil(self.n_rows / batch_size)
         probe = self._forward(self.tokens[:1, : min(2, tokens.shape[1])], keep_all=True)
         self.d_in = probe[0].shape[-1]
-        self.d_out = probe[1].shape[-1] if out_hook_name is not None else None
+        self.d_out = None if probe[1] is None else probe[1].shape[-1]
         self._memmap: np.ndarray | None = None
 
     # -- forward passes ------------------------------------------------------------------------
@@ -157,7 +163,8 @@ class ActivationStore:
         """``(rows, d_in)`` (and ``(rows, d_out)``) activations of ``tokens``, on the CPU."""
         names = [n for n in (self.hook_name, self.out_hook_name) if n is not None]
         layers = [_hook_layer(n) for n in names]
-        stop = None if any(la is None for la in layers) else max(layers) + 1
+        known = [la for la in layers if la is not None]
+        stop = max(known) + 1 if len(known) == len(layers) else None
         if stop is not None and stop >= self.model.cfg.n_layers:
             stop = None
         device = next(self.model.parameters()).device
@@ -233,11 +240,11 @@ class ActivationStore:
         data = np.lib.format.open_memmap(
             tmp, mode="w+", dtype=_NP_DTYPES[self.cache_dtype], shape=(self.n_rows, width)
         )
-        from tqdm.auto import tqdm
-
-        for chunk in tqdm(range(self.n_chunks), desc="activations", disable=self.n_chunks < 8):
-            a, b = self._chunk_rows(chunk)
-            data[a:b] = self._chunk(chunk).numpy()
+        with progress_bar(self.n_chunks, "activations", enabled=self.n_chunks >= 8) as bar:
+            for chunk in range(self.n_chunks):
+                a, b = self._chunk_rows(chunk)
+                data[a:b] = self._chunk(chunk).numpy()
+                bar.update(1)
         data.flush()
         del data
         tmp.replace(path)
@@ -309,6 +316,11 @@ def stdlib_documents(split: Literal["train", "test", "all"] = "all") -> list[str
     """The source files of Python's standard library, sorted by path (tests and IDLE excluded).
 
     The split is by file: every fifth file in sorted order is held out (``"test"``).
+
+    Example:
+        >>> docs = stdlib_documents("test")            # every fifth file of the stdlib
+        >>> len(docs) > 10, isinstance(docs[0], str)
+        (True, True)
     """
     check_choice("split", split, ["train", "test", "all"])
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -324,7 +336,7 @@ def stdlib_documents(split: Literal["train", "test", "all"] = "all") -> list[str
 
 
 def sae_corpus_tokens(
-    model: Any,
+    model: Model,
     *,
     seq_len: int = 128,
     split: Literal["train", "test"] = "train",
@@ -339,11 +351,10 @@ def sae_corpus_tokens(
     ``"train"``.
 
     Example:
-        >>> sae_corpus_tokens(model, seq_len=128, max_tokens=1_000_000).shape   # (n, 128)
+        >>> model = mk.load_model("smollm2-135m")          # a real tokenizer is needed
+        >>> sae_corpus_tokens(model, seq_len=32, max_tokens=2000).shape   # (n, seq_len)
+        torch.Size([62, 32])
     """
-    from mechkit.corpus import corpus_documents
-    from mechkit.tokens import tokenizer_of
-
     tokenizer = tokenizer_of(model)
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     stream: list[int] = []

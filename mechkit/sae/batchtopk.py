@@ -22,7 +22,7 @@ for dead latents, unit-norm decoder rows, sparse steps).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from jaxtyping import Float
@@ -39,7 +39,17 @@ THRESHOLD_RATE = 0.01
 
 @register_architecture("batchtopk")
 class BatchTopKSAE(SparseDictionary):
-    """BatchTopK SAE or transcoder; a JumpReLU with a global threshold at inference."""
+    """BatchTopK SAE or transcoder; a JumpReLU with a global threshold at inference.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig
+        >>> sae = BatchTopKSAE(SAEConfig(architecture="batchtopk", d_in=8, d_sae=32, k=4,
+        ...                              hook_name="blocks.0.hook_resid_post"))
+        >>> int(sae.batch_topk(torch.randn(3, 32)).count_nonzero()) <= 12   # k * batch in all
+        True
+    """
+
+    threshold: Tensor  # (d_sae,) a buffer: set by training and calibration, not by gradients
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
@@ -50,7 +60,7 @@ class BatchTopKSAE(SparseDictionary):
 
     def batch_topk(self, pre: Float[Tensor, "batch d_sae"]) -> Float[Tensor, "batch d_sae"]:
         """The training-time activation: the batch's ``k * batch`` largest, ReLU'd."""
-        n = self.cfg.k * pre.shape[0]
+        n = cast(int, self.cfg.k) * pre.shape[0]
         values, flat = pre.reshape(-1).topk(n, sorted=False)
         return torch.zeros_like(pre).reshape(-1).scatter_(0, flat, values.relu()).view_as(pre)
 
@@ -65,7 +75,7 @@ class BatchTopKSAE(SparseDictionary):
                 break
             x = batch[0] if isinstance(batch, tuple | list) else batch
             pre = self.pre_activations(x.to(self.W_enc.device, self.W_enc.dtype))
-            values = pre.reshape(-1).topk(self.cfg.k * pre.shape[0], sorted=False).values
+            values = pre.reshape(-1).topk(cast(int, self.cfg.k) * pre.shape[0], sorted=False).values
             positive = values[values > 0]
             if positive.numel():
                 smallest.append(positive.min().float())
@@ -77,7 +87,7 @@ class BatchTopKSAE(SparseDictionary):
         x_in = self._encoder_input(x).detach()
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x_in, self.W_enc)  # (batch, d_sae)
-            values, flat = pre.reshape(-1).topk(self.cfg.k * batch, sorted=False)
+            values, flat = pre.reshape(-1).topk(cast(int, self.cfg.k) * batch, sorted=False)
             flat, order = flat.sort()  # row-major: rows ascending, as embedding_bag wants
             values = values[order]
             rows, cols = flat // d_sae, flat % d_sae

@@ -15,9 +15,14 @@ For each chosen latent of an SAE or transcoder, over a token set:
 :func:`feature_browser` writes it as one self-contained HTML page (inline CSS and SVG, no
 script, nothing fetched: it opens offline), written atomically.
 
-    >>> path = mk.feature_browser(model, sae, tokens, latents=[3, 17, 101], out="features.html")
-    >>> report = mk.collect_features(model, sae, tokens, latents=[3])
-    >>> report[3].contexts[0].tokens        # the window around its strongest activation
+    >>> from mechkit.sae import SAEConfig, SparseDictionary
+    >>> model = mk.load_model("attn-only-2l")
+    >>> sae = SparseDictionary.from_config(SAEConfig(
+    ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+    >>> tokens = torch.randint(1, 500, (8, 16), generator=torch.Generator().manual_seed(0))
+    >>> report = mk.collect_features(model, sae, tokens, [3], progress=False)
+    >>> len(report[3].contexts[0].tokens) > 0     # the window around its strongest activation
+    True
 """
 
 from __future__ import annotations
@@ -29,13 +34,17 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mechkit.atomic_io import write_text_atomically
+from mechkit.core.labels import model_name
+from mechkit.core.progress import progress_bar
+from mechkit.core.results import rank
+from mechkit.core.types import Model, SparseDictionaryLike
 from mechkit.errors import (
     EmptyDatasetError,
     InvalidArgumentError,
@@ -43,8 +52,8 @@ from mechkit.errors import (
     check_batch_size,
     check_choice,
 )
-from mechkit.sae.evaluate import Exclude, _resolve_tokens, _run_until, counted_positions
-from mechkit.sae.splice import as_rows, check_hooks, check_latents, reconstruct, sae_sites
+from mechkit.sae.evaluate import Exclude, counted_positions, evaluation_tokens, run_until
+from mechkit.sae.splice import SAESites, as_rows, check_hooks, check_latents, reconstruct, sae_sites
 
 __all__ = [
     "FeatureContext",
@@ -76,6 +85,17 @@ class FeatureContext:
         token_ids, tokens: the window's token ids and their text.
         activations: the latent's activation on each token of the window.
         max_activation: the activation at ``position``.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+        >>> report = mk.collect_features(model, sae, torch.randint(1, 500, (4, 16)), [1, 2],
+        ...                              progress=False)
+        >>> context = report[1].contexts[0]               # its strongest context
+        >>> context.activations[context.position - context.start] == context.max_activation
+        True
     """
 
     row: int
@@ -103,6 +123,17 @@ class FeatureData:
         activations: ``(n_fired,)`` its activation on every counted token where it fires.
         promoted, suppressed: ``(token, logit effect)`` of the tokens its decoder direction
             raises and lowers most; empty when the output is not in the residual stream.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+        >>> report = mk.collect_features(model, sae, torch.randint(1, 500, (4, 16)), [1, 2],
+        ...                              progress=False)
+        >>> feature = report[2]
+        >>> 0 <= feature.frequency <= 1, feature.max_activation == float(feature.activations.max())
+        (True, True)
     """
 
     latent: int
@@ -124,6 +155,16 @@ class FeatureReport:
         n_tokens: the counted tokens scanned.
         features: per latent, in the order asked.
         logit_note: how promoted/suppressed tokens were read (or why there are none).
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+        >>> report = mk.collect_features(model, sae, torch.randint(1, 500, (4, 16)), [1, 2],
+        ...                              progress=False)
+        >>> report.latents, sorted(latent for latent, _ in report.top(2))  # by max activation
+        ((1, 2), [1, 2])
     """
 
     hook_name: str
@@ -145,6 +186,13 @@ class FeatureReport:
     @property
     def latents(self) -> tuple[int, ...]:
         return tuple(f.latent for f in self.features)
+
+    def top(self, n: int = 10, *, absolute: bool = True) -> list[tuple[int, float]]:
+        """The ``n`` latents of largest maximum activation, ``(latent, max_activation)``, by the
+        rule of :func:`mechkit.core.rank`."""
+        return rank(
+            list(self.latents), [f.max_activation for f in self.features], n, absolute=absolute
+        )
 
     def to_dataframe(self) -> Any:
         """One row per (latent, context): ``latent, rank, row, position, max_activation,
@@ -190,7 +238,7 @@ class FeatureReport:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_html` to ``path`` atomically; returns the path."""
-        return write_text_atomically(path, self.to_html())
+        return write_text_atomically(Path(path), self.to_html())
 
     def __repr__(self) -> str:
         return (
@@ -206,8 +254,8 @@ class FeatureReport:
 
 @torch.no_grad()
 def collect_features(
-    model: Any,
-    sae: Any,
+    model: Model,
+    sae: SparseDictionaryLike,
     tokens: Any,
     latents: int | Sequence[int],
     *,
@@ -216,7 +264,7 @@ def collect_features(
     n_logit_tokens: int = 10,
     batch_size: int = 8,
     exclude: Exclude = "first",
-    mask: Tensor | None = None,
+    mask: Bool[Tensor, "batch pos"] | None = None,
     progress: bool = True,
 ) -> FeatureReport:
     """Top contexts, activation histograms and logit effects of chosen latents.
@@ -241,7 +289,12 @@ def collect_features(
         A :class:`FeatureReport`.
 
     Example:
-        >>> report = collect_features(model, sae, tokens, [5, 9], n_contexts=3)  # tokens (64, 128)
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+        >>> tokens = torch.randint(1, 500, (8, 16), generator=torch.Generator().manual_seed(0))
+        >>> report = collect_features(model, sae, tokens, [5, 9], n_contexts=3, progress=False)
         >>> [len(f.contexts) for f in report.features]
         [3, 3]
     """
@@ -250,14 +303,14 @@ def collect_features(
     check_hooks(model, sites)
     index = check_latents([latents] if isinstance(latents, int) else latents, sites.d_sae)
     assert index is not None
-    batch_size = check_batch_size(batch_size)
+    check_batch_size(batch_size)
     if n_contexts <= 0 or window <= 0 or n_logit_tokens < 0:
         raise InvalidArgumentError(
             f"Expected positive n_contexts, window and batch_size (and n_logit_tokens >= 0); "
             f"got {n_contexts}, {window}, {batch_size}, {n_logit_tokens}."
         )
-    tokens, mask = _resolve_tokens(model, tokens, mask)
-    batch_size = batch_size or max(1, tokens.shape[0])  # None: one pass
+    tokens, mask = evaluation_tokens(model, tokens, mask)
+    size = batch_size or max(1, tokens.shape[0])  # None: one pass
     counted = counted_positions(model, tokens, exclude=exclude, mask=mask)
     if not bool(counted.any()):
         raise EmptyDatasetError(
@@ -266,23 +319,17 @@ def collect_features(
     device = model.cfg.device
     chosen = index.to(device)
     per_batch = []  # (rows, pos, n_latents) activations of the chosen latents, on the CPU
-    batches = [slice(i, i + batch_size) for i in range(0, tokens.shape[0], batch_size)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(batches), desc="scanning latents", unit="batch", leave=False)
+    batches = [slice(i, i + size) for i in range(0, tokens.shape[0], size)]
+    bar = progress_bar(len(batches), "scanning latents", enabled=progress, unit="batch")
     try:
         for rows in batches:
-            acts = _run_until(model, tokens[rows].to(device), [sites.in_hook])
+            acts = run_until(model, tokens[rows].to(device), [sites.in_hook])
             x = as_rows(acts[sites.in_hook], sites.d_in, sites.in_hook)
             f, _ = reconstruct(sae, x)
             per_batch.append(f[..., chosen.to(f.device)].float().cpu())
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     values = torch.cat(per_batch)  # (batch, pos, n_latents)
     counted = counted.cpu()
     effects, note = _logit_effects(model, sae, sites, index, n_logit_tokens)
@@ -300,7 +347,8 @@ def collect_features(
             if not best[row] > 0:
                 break
             contexts.append(_context(tokens, v, row, int(where[row]), window, names))
-        promoted, suppressed = (), ()
+        promoted: tuple[tuple[str, float], ...] = ()
+        suppressed: tuple[tuple[str, float], ...] = ()
         if effects is not None:
             promoted, suppressed = _top_tokens(effects[j], n_logit_tokens, names)
         features.append(
@@ -317,7 +365,7 @@ def collect_features(
     return FeatureReport(
         hook_name=sites.in_hook,
         out_hook_name=sites.out_hook,
-        model_name=_model_name(model),
+        model_name=model_name(model),
         n_tokens=int(counted.sum()),
         features=tuple(features),
         logit_note=note,
@@ -325,8 +373,8 @@ def collect_features(
 
 
 def feature_browser(
-    model: Any,
-    sae: Any,
+    model: Model,
+    sae: SparseDictionaryLike,
     tokens: Any,
     latents: int | Sequence[int],
     *,
@@ -336,7 +384,7 @@ def feature_browser(
     n_logit_tokens: int = 10,
     batch_size: int = 8,
     exclude: Exclude = "first",
-    mask: Tensor | None = None,
+    mask: Bool[Tensor, "batch pos"] | None = None,
     progress: bool = True,
 ) -> Path:
     """Write a feature browser for chosen latents as one self-contained HTML page.
@@ -349,8 +397,15 @@ def feature_browser(
         The path written.
 
     Example:
-        >>> mk.feature_browser(model, sae, tokens, [3, 17], out="features.html")
-        PosixPath('features.html')
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+        >>> tokens = torch.randint(1, 500, (8, 16), generator=torch.Generator().manual_seed(0))
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "features.html"
+        >>> mk.feature_browser(model, sae, tokens, [3, 17], out=out, progress=False) == out
+        True
     """
     started = time.perf_counter()
     report = collect_features(
@@ -366,13 +421,13 @@ def feature_browser(
         mask=mask,
         progress=progress,
     )
-    return write_text_atomically(out, _page(report, time.perf_counter() - started))
+    return write_text_atomically(Path(out), _page(report, time.perf_counter() - started))
 
 
 class _TokenNames:
     """Token id -> display text (decoded once per id); ``#id`` without a tokenizer."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Model) -> None:
         self.tokenizer = getattr(model, "tokenizer", None)
         self.cache: dict[int, str] = {}
 
@@ -405,7 +460,7 @@ def _context(
 
 
 def _logit_effects(
-    model: Any, sae: Any, sites: Any, index: Tensor, n: int
+    model: Model, sae: SparseDictionaryLike, sites: SAESites, index: Tensor, n: int
 ) -> tuple[Tensor | None, str]:
     """``(n_latents, d_vocab)`` logit effect of each decoder direction, and how it was read."""
     if n == 0:
@@ -423,7 +478,8 @@ def _logit_effects(
         directions = directions - directions.mean(-1, keepdim=True)
         steps.append("centred first, as the final LayerNorm removes the mean")
     if norm in ("LN", "RMS"):
-        directions = directions * model.ln_final.w.detach().float().to(directions.device)
+        final_w = cast(Tensor, model.ln_final.w)  # (d_model,) a parameter of LN and RMS norms
+        directions = directions * final_w.detach().float().to(directions.device)
         steps.append("multiplied by the final norm's weights")
     elif norm in ("LNPre", "RMSPre"):
         steps.append("the final norm's weights are folded into W_U")
@@ -454,13 +510,6 @@ def _top_tokens(
     promoted = tuple((names(int(i)), float(v)) for v, i in zip(*top, strict=True))
     suppressed = tuple((names(int(i)), float(v)) for v, i in zip(*low, strict=True))
     return promoted, suppressed
-
-
-def _model_name(model: Any) -> str:
-    info = getattr(model, "mechkit_info", None)
-    if info is not None and getattr(info, "name", None):
-        return str(info.name)
-    return str(getattr(model.cfg, "model_name", "model"))
 
 
 # ----------------------------------------------------------------------------------------------

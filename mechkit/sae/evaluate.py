@@ -25,9 +25,7 @@ replaced: splicing and ablations edit only counted positions, and CE/KL are read
 positions (CE where the next token is real too). ``exclude="bos"`` leaves out position 0 only
 when it holds the BOS token; ``"none"`` counts everything.
 
-    >>> ev = mk.evaluate_sae(model, sae)          # the corpus's held-out split by default
-    >>> ev.l0, ev.explained_variance, ev.ce_recovered
-    >>> print(ev.summary()); ev.plot()            # latent-density histogram
+Without tokens, :func:`evaluate_sae` uses the held-out split of the default corpus.
 """
 
 from __future__ import annotations
@@ -39,9 +37,13 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mechkit.core.progress import progress_bar
+from mechkit.core.results import rank
+from mechkit.core.types import Model, SparseDictionaryLike
+from mechkit.corpus import corpus_tokens
 from mechkit.errors import (
     EmptyDatasetError,
     InvalidArgumentError,
@@ -51,9 +53,16 @@ from mechkit.errors import (
 )
 from mechkit.hook_scope import hook_scope
 from mechkit.lens.logit_lens import decode_residual
-from mechkit.sae.splice import as_rows, check_hooks, hook_layer, reconstruct, sae_sites
+from mechkit.sae.splice import SAESites, as_rows, check_hooks, hook_layer, reconstruct, sae_sites
+from mechkit.tokens import token_batch
 
-__all__ = ["SAEEvaluation", "evaluate_sae", "counted_positions"]
+__all__ = [
+    "SAEEvaluation",
+    "evaluate_sae",
+    "counted_positions",
+    "evaluation_tokens",
+    "run_until",
+]
 
 Exclude = Literal["bos", "first", "none"]
 
@@ -77,6 +86,15 @@ class SAEEvaluation:
         dense_threshold: frequency above which a latent counts as dense.
         exclude: which positions were left out (see the module docstring).
         seconds: wall time of the evaluation.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+        >>> ev = mk.evaluate_sae(model, sae, torch.randint(1, 500, (4, 16)), progress=False)
+        >>> sorted(ev.metrics())[:3], len(ev.top(5))       # the 5 densest latents
+        (['ce_clean', 'ce_mean', 'ce_recovered'], 5)
     """
 
     hook_name: str
@@ -124,12 +142,12 @@ class SAEEvaluation:
         return int(self.frequency.shape[0])
 
     @property
-    def dead_latents(self) -> Tensor:
+    def dead_latents(self) -> Int[Tensor, " n_dead"]:
         """Indices of latents that never fired on the evaluated tokens."""
         return (self.frequency == 0).nonzero().flatten()
 
     @property
-    def dense_latents(self) -> Tensor:
+    def dense_latents(self) -> Int[Tensor, " n_dense"]:
         """Indices of latents firing on more than ``dense_threshold`` of the tokens."""
         return (self.frequency > self.dense_threshold).nonzero().flatten()
 
@@ -165,6 +183,12 @@ class SAEEvaluation:
             "n_tokens": float(self.n_tokens),
             "seconds": self.seconds,
         }
+
+    def top(self, n: int = 10, *, absolute: bool = True) -> list[tuple[int, float]]:
+        """The ``n`` latents that fire most often, ``(latent, frequency)``, by the rule of
+        :func:`mechkit.core.rank` (frequencies are never negative, so ``absolute`` changes
+        nothing)."""
+        return rank(list(range(self.d_sae)), self.frequency, n, absolute=absolute)
 
     def to_dataframe(self) -> Any:
         """A pandas DataFrame with one row per figure: ``metric, value``."""
@@ -259,13 +283,19 @@ def _ratio(num: float, den: float) -> float:
 
 
 def counted_positions(
-    model: Any,
-    tokens: Tensor,
+    model: Model,
+    tokens: Int[Tensor, "batch pos"],
     *,
     exclude: Exclude = "first",
     mask: Bool[Tensor, "batch pos"] | None = None,
 ) -> Bool[Tensor, "batch pos"]:
-    """``(batch, pos)`` True where a position counts: real (``mask``) and not excluded."""
+    """``(batch, pos)`` True where a position counts: real (``mask``) and not excluded.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> counted_positions(model, torch.tensor([[1, 2, 3]])).tolist()   # position 0 left out
+        [[False, True, True]]
+    """
     check_choice("exclude", exclude, ["bos", "first", "none"])
     counted = (
         torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
@@ -306,8 +336,8 @@ class _Sums:
 
 @torch.no_grad()
 def evaluate_sae(
-    model: Any,
-    sae: Any,
+    model: Model,
+    sae: SparseDictionaryLike,
     tokens: Any = None,
     *,
     batch_size: int = 8,
@@ -339,16 +369,21 @@ def evaluate_sae(
         An :class:`SAEEvaluation`.
 
     Example:
-        >>> ev = mk.evaluate_sae(model, sae, tokens[:32], batch_size=8)   # tokens (32, 128)
-        >>> ev.frequency.shape, ev.n_dead                                  # (d_sae,), int
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+        >>> tokens = torch.randint(1, 500, (8, 16), generator=torch.Generator().manual_seed(0))
+        >>> ev = mk.evaluate_sae(model, sae, tokens, batch_size=4, progress=False)
+        >>> ev.frequency.shape, isinstance(ev.n_dead, int)                 # (d_sae,)
+        (torch.Size([64]), True)
     """
     start_time = time.perf_counter()
     check_choice("exclude", exclude, ["bos", "first", "none"])
     sites = sae_sites(sae)
     check_hooks(model, sites)
-    batch_size = check_batch_size(batch_size)
-    tokens, mask = _resolve_tokens(model, tokens, mask)
-    batch_size = batch_size or max(1, tokens.shape[0])  # None: one pass
+    tokens, mask = evaluation_tokens(model, tokens, mask)
+    size = check_batch_size(batch_size) or max(1, tokens.shape[0])  # None: one pass
     if not 0 <= dense_threshold <= 1:
         raise InvalidArgumentError(f"Expected dense_threshold in [0, 1]; got {dense_threshold}.")
     counted = counted_positions(model, tokens, exclude=exclude, mask=mask)
@@ -358,8 +393,8 @@ def evaluate_sae(
             f"tokens {tuple(tokens.shape)}). Hint: use longer sequences or exclude='none'."
         )
     device = model.cfg.device
-    batches = [slice(i, i + batch_size) for i in range(0, tokens.shape[0], batch_size)]
-    bar = _bar(2 * len(batches), progress)
+    batches = [slice(i, i + size) for i in range(0, tokens.shape[0], size)]
+    bar = progress_bar(2 * len(batches), "evaluating SAE", enabled=progress, unit="batch")
     try:
         sums = _Sums()
         starts: list[Tensor | None] = []  # kept for the second pass while they fit the budget
@@ -372,7 +407,7 @@ def evaluate_sae(
             keep = start is not None and kept_bytes + size <= _START_CACHE_BYTES
             kept_bytes += size if keep else 0
             starts.append(start if keep else None)
-            _tick(bar)
+            bar.update(1)
         assert sums.total is not None and sums.fired is not None
         mean_y = (sums.total / sums.n).float()
         losses = {
@@ -395,10 +430,9 @@ def evaluate_sae(
             for k, v in part.items():
                 losses[k] += v
             n_ce, n_kl = n_ce + c_ce, n_kl + c_kl
-            _tick(bar)
+            bar.update(1)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if n_ce == 0:
         raise EmptyDatasetError(
             "Expected some counted position followed by a real token to score cross-entropy; "
@@ -429,19 +463,25 @@ def evaluate_sae(
     )
 
 
-def _resolve_tokens(model: Any, tokens: Any, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+def evaluation_tokens(
+    model: Model, tokens: Any, mask: Bool[Tensor, "batch pos"] | None
+) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
+    """``(tokens, mask)`` to evaluate on: the given ids or texts, or (None) 64 held-out
+    sequences of 128 tokens of the default corpus.
+
+    Example:
+        >>> tokens, mask = evaluation_tokens(mk.load_model("attn-only-2l"), [[1, 2, 3]], None)
+        >>> tokens.shape, bool(mask.all())
+        (torch.Size([1, 3]), True)
+    """
     if tokens is None:
         if getattr(model, "tokenizer", None) is None:
             raise InvalidArgumentError(
                 "Expected tokens: this model has no tokenizer, so the default held-out corpus "
                 "cannot be cut. Hint: pass a (batch, pos) tensor of token ids."
             )
-        from mechkit.corpus import corpus_tokens
-
         tokens = corpus_tokens(model, seq_len=128, split="test", max_sequences=64)
     if isinstance(tokens, str | list | tuple):
-        from mechkit.tokens import token_batch
-
         tokens, text_mask = token_batch(model, tokens)
         mask = text_mask if mask is None else mask & text_mask
     tokens = torch.as_tensor(tokens)
@@ -455,36 +495,33 @@ def _resolve_tokens(model: Any, tokens: Any, mask: Tensor | None) -> tuple[Tenso
     return tokens, mask.to(torch.bool)
 
 
-def _bar(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+def run_until(
+    model: Model, tokens: Int[Tensor, "batch pos"], names: list[str]
+) -> dict[str, Tensor]:
+    """The activations at ``names``, running only as many blocks as needed.
 
-    return tqdm(total=total, desc="evaluating SAE", unit="batch", leave=False)
-
-
-def _tick(bar: Any) -> None:
-    if bar is not None:
-        bar.update(1)
-
-
-def _run_until(model: Any, tokens: Tensor, names: list[str]) -> dict[str, Tensor]:
-    """The activations at ``names``, running only as many blocks as needed."""
+    Example:
+        >>> acts = run_until(mk.load_model("attn-only-2l"), torch.tensor([[1, 2, 3]]),
+        ...                  ["blocks.0.hook_resid_post"])
+        >>> acts["blocks.0.hook_resid_post"].shape
+        torch.Size([1, 3, 128])
+    """
     acts: dict[str, Tensor] = {}
 
     def keep(act: Tensor, hook: Any) -> None:
         acts[hook.name] = act
 
     layers = [hook_layer(n) for n in names]
+    known = [layer for layer in layers if layer is not None]
     with hook_scope(model, fwd_hooks=[(n, keep) for n in names]):
-        if all(layer is not None for layer in layers):
-            model(tokens, stop_at_layer=max(layers) + 1)  # type: ignore[type-var]
+        if len(known) == len(layers):
+            model(tokens, stop_at_layer=max(known) + 1)
         else:
             model(tokens, return_type=None)
     return acts
 
 
-def _start_layer(model: Any, sites: Any) -> int | None:
+def _start_layer(model: Model, sites: SAESites) -> int | None:
     """The block the second pass starts from (the dictionary's), None to run from the tokens."""
     if model.cfg.positional_embedding_type == "shortformer":
         return None  # the positional embedding enters each block: run from the tokens
@@ -492,7 +529,12 @@ def _start_layer(model: Any, sites: Any) -> int | None:
 
 
 def _reconstruction_batch(
-    model: Any, sae: Any, sites: Any, tokens: Tensor, counted: Tensor, sums: _Sums
+    model: Model,
+    sae: SparseDictionaryLike,
+    sites: SAESites,
+    tokens: Tensor,
+    counted: Tensor,
+    sums: _Sums,
 ) -> Tensor | None:
     """Adds one batch's reconstruction sums; returns the residual entering the dictionary's
     block (None when the second pass runs from the tokens)."""
@@ -500,7 +542,7 @@ def _reconstruction_batch(
     layer = _start_layer(model, sites)
     start = None
     if layer is None:
-        acts = _run_until(model, tokens, names)
+        acts = run_until(model, tokens, names)
     else:
         acts = {}
 
@@ -508,7 +550,7 @@ def _reconstruction_batch(
             acts[hook.name] = act
 
         start = model(tokens, stop_at_layer=layer)  # (batch, pos, d_model)
-        stop = max(hook_layer(n) for n in names) + 1  # type: ignore[type-var]
+        stop = max(hook_layer(n) or 0 for n in names) + 1  # both in blocks: layer is not None
         with hook_scope(model, fwd_hooks=[(n, keep) for n in names]):
             model(start, start_at_layer=layer, stop_at_layer=stop)
     x = as_rows(acts[sites.in_hook], sites.d_in, sites.in_hook)
@@ -528,9 +570,9 @@ def _reconstruction_batch(
 
 
 def _loss_batch(
-    model: Any,
-    sae: Any,
-    sites: Any,
+    model: Model,
+    sae: SparseDictionaryLike,
+    sites: SAESites,
     tokens: Tensor,
     mask: Tensor,
     counted: Tensor,
@@ -576,7 +618,7 @@ def _ce(logits: Tensor, at: Tensor, targets: Tensor) -> float:
     return float(-logp.gather(-1, targets[:, None]).sum())
 
 
-def _replacer(counted: Tensor, sites: Any) -> Callable[[Callable[[Tensor], Tensor]], Callable]:
+def _replacer(counted: Tensor, sites: SAESites) -> Callable[[Callable[[Tensor], Tensor]], Callable]:
     """Hooks that replace the output activation at counted positions by ``new(y)``."""
 
     def make(new: Callable[[Tensor], Tensor]) -> Callable[[Tensor, Any], Tensor]:
@@ -590,7 +632,9 @@ def _replacer(counted: Tensor, sites: Any) -> Callable[[Callable[[Tensor], Tenso
     return make
 
 
-def _splice_hooks(sae: Any, sites: Any, replace: Callable) -> list[tuple[str, Callable]]:
+def _splice_hooks(
+    sae: SparseDictionaryLike, sites: SAESites, replace: Callable
+) -> list[tuple[str, Callable]]:
     """Hooks that run the model on the reconstruction at counted positions (no error term)."""
     if not sites.is_transcoder:
         return [(sites.out_hook, replace(lambda y: reconstruct(sae, y)[1]))]

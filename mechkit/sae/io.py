@@ -30,14 +30,18 @@ import json
 from importlib import metadata as importlib_metadata
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import save_file
 
 from mechkit.atomic_io import write_atomically, write_text_atomically
-from mechkit.errors import FileFormatError, UnknownKindError, did_you_mean
+from mechkit.errors import SAEConfigError, SAEFileError, UnknownKindError, did_you_mean
 from mechkit.reading import read_json, read_safetensors, reading
-from mechkit.sae.base import _DTYPES, SAEConfig, SAEConfigError, SparseDictionary
+from mechkit.sae.config import DTYPES, SAEConfig, architecture_class
+
+if TYPE_CHECKING:
+    from mechkit.sae.base import SparseDictionary
 
 __all__ = [
     "read_sae",
@@ -63,11 +67,6 @@ _FROM_SAE_LENS = {
     "mechkit_topk_transcoder": ("topk", True, False),
     "mechkit_topk_skip_transcoder": ("topk", True, True),
 }
-
-
-class SAEFileError(FileFormatError):
-    """A folder that is not a readable sparse dictionary in sae-lens's format (a
-    :class:`~mechkit.errors.FileFormatError`, so also a ``ValueError``)."""
 
 
 _HINT = (
@@ -109,7 +108,13 @@ def _resolve_folder(path: str | Path) -> Path:
 
 
 def sae_lens_architecture(cfg: SAEConfig) -> str:
-    """The ``architecture`` string sae-lens knows ``cfg`` by (see the module's table)."""
+    """The ``architecture`` string sae-lens knows ``cfg`` by (see the module's table).
+
+    Example:
+        >>> from mechkit.sae import SAEConfig
+        >>> sae_lens_architecture(SAEConfig(architecture="relu", d_in=8, d_sae=16, hook_name="h"))
+        'standard'
+    """
     if not cfg.is_transcoder:
         return {"relu": "standard", "batchtopk": "jumprelu"}.get(cfg.architecture, cfg.architecture)
     if cfg.architecture == "topk":
@@ -128,21 +133,28 @@ def _sae_lens_version() -> str:
 
 
 def write_sae(sae: SparseDictionary, path: str | Path, *, weights_dtype: str | None = None) -> Path:
-    """Write ``sae`` into folder ``path`` (see :func:`mechkit.sae.save_sae`)."""
-    from safetensors.torch import save_file
+    """Write ``sae`` into folder ``path`` (see :func:`mechkit.sae.save_sae`).
 
-    if not isinstance(sae, SparseDictionary):
+    Example:
+        >>> import tempfile
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> sae = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=8, d_sae=16,
+        ...                                    hook_name="blocks.0.hook_resid_post"))
+        >>> sorted(p.name for p in write_sae(sae, tempfile.mkdtemp()).iterdir())
+        ['cfg.json', 'sae_weights.safetensors']
+    """
+    if not isinstance(sae, torch.nn.Module) or not isinstance(getattr(sae, "cfg", None), SAEConfig):
         raise SAEConfigError(
             f"Expected a mechkit SparseDictionary; got {type(sae).__name__}. Hint: load it with "
             "mechkit.sae.load_sae, or build one with SparseDictionary.from_config."
         )
-    if weights_dtype is not None and weights_dtype not in _DTYPES:
+    if weights_dtype is not None and weights_dtype not in DTYPES:
         raise SAEConfigError(
-            f"Expected weights_dtype to be one of {sorted(_DTYPES)}; got {weights_dtype!r}."
-            + did_you_mean(str(weights_dtype), _DTYPES)
+            f"Expected weights_dtype to be one of {sorted(DTYPES)}; got {weights_dtype!r}."
+            + did_you_mean(str(weights_dtype), DTYPES)
         )
     cfg = sae.cfg
-    store = _DTYPES[weights_dtype or cfg.dtype]
+    store = DTYPES[weights_dtype or cfg.dtype]
     tensors = {
         name: tensor.detach().to("cpu", store).contiguous()
         for name, tensor in sae.state_dict().items()
@@ -230,7 +242,12 @@ def read_sae(
     dtype: str | None = None,
     hook_name: str | None = None,
 ) -> SparseDictionary:
-    """Read folder ``path`` (see :func:`mechkit.sae.load_sae`)."""
+    """Read folder ``path`` (see :func:`mechkit.sae.load_sae`).
+
+    Example:
+        >>> read_sae("smollm2-135m-res12-topk").cfg.architecture   # a shipped name, or a folder
+        'topk'
+    """
     folder = _resolve_folder(path)
     cfg_path, weights_path = folder / CFG_FILENAME, folder / WEIGHTS_FILENAME
     if not cfg_path.is_file() or not weights_path.is_file():
@@ -268,7 +285,7 @@ def read_sae(
         state["threshold"] = state.pop("log_threshold").exp()
     if "W_skip" in state:
         state["W_skip"] = state["W_skip"].T
-    sae = SparseDictionary.from_config(cfg, seed=None)
+    sae = architecture_class(cfg.architecture)(cfg)  # weights come from the file
     expected = sae.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -69,20 +69,42 @@ class _Step(torch.autograd.Function):
         return None, g_theta.reshape(-1, theta.shape[-1]).sum(0), None
 
 
-def jumprelu(z: Tensor, theta: Tensor, eps: float = BANDWIDTH) -> Tensor:
-    """``z * H(z - theta)`` with the straight-through gradient for ``theta``."""
+def jumprelu(
+    z: Float[Tensor, "... d_sae"], theta: Float[Tensor, " d_sae"], eps: float = BANDWIDTH
+) -> Float[Tensor, "... d_sae"]:
+    """``z * H(z - theta)`` with the straight-through gradient for ``theta``.
+
+    Example:
+        >>> jumprelu(torch.tensor([0.5, 2.0]), torch.tensor([1.0, 1.0]))
+        tensor([0., 2.])
+    """
     return _JumpReLU.apply(z, theta, eps)
 
 
-def step(z: Tensor, theta: Tensor, eps: float = BANDWIDTH) -> Tensor:
-    """``H(z - theta)`` with the straight-through gradient for ``theta`` (none for ``z``)."""
+def step(
+    z: Float[Tensor, "... d_sae"], theta: Float[Tensor, " d_sae"], eps: float = BANDWIDTH
+) -> Float[Tensor, "... d_sae"]:
+    """``H(z - theta)`` with the straight-through gradient for ``theta`` (none for ``z``).
+
+    Example:
+        >>> step(torch.tensor([0.5, 2.0]), torch.tensor([1.0, 1.0]))
+        tensor([0., 1.])
+    """
     return _Step.apply(z, theta, eps)
 
 
 @register_architecture("jumprelu")
 class JumpReLUSAE(SparseDictionary):
     """JumpReLU SAE or transcoder (sae-lens ``jumprelu`` / ``jumprelu_transcoder`` /
-    ``jumprelu_skip_transcoder``); ``threshold`` is a ``(d_sae,)`` parameter."""
+    ``jumprelu_skip_transcoder``); ``threshold`` is a ``(d_sae,)`` parameter.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig
+        >>> sae = JumpReLUSAE(SAEConfig(architecture="jumprelu", d_in=8, d_sae=32,
+        ...                             hook_name="blocks.0.hook_resid_post"))
+        >>> sae.threshold.shape, sae.encode(torch.randn(3, 8)).shape     # (d_sae,), (batch, d_sae)
+        (torch.Size([32]), torch.Size([3, 32]))
+    """
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)

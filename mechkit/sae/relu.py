@@ -3,6 +3,7 @@ norms (Bricken et al. 2023, "Towards Monosemanticity"; the April 2024 update's
 ``sum_i f_i ||W_dec,i||``, which makes the penalty immune to shrinking ``f`` by growing
 ``W_dec``). The decoder is left unconstrained.
 
+    >>> from mechkit.sae import SAEConfig
     >>> cfg = SAEConfig(architecture="relu", d_in=8, d_sae=32, hook_name="blocks.0.hook_resid_pre")
     >>> ReLUSAE(cfg).encode(torch.randn(3, 8)).shape     # (batch, d_sae)
     torch.Size([3, 32])
@@ -21,7 +22,15 @@ __all__ = ["ReLUSAE"]
 
 @register_architecture("relu")
 class ReLUSAE(SparseDictionary):
-    """ReLU SAE or transcoder (sae-lens ``standard`` / ``transcoder`` / ``skip_transcoder``)."""
+    """ReLU SAE or transcoder (sae-lens ``standard`` / ``transcoder`` / ``skip_transcoder``).
+
+    Example:
+        >>> from mechkit.sae import SAEConfig
+        >>> cfg = SAEConfig(architecture="relu", d_in=8, d_sae=32, hook_name="blocks.0.mlp")
+        >>> sae = ReLUSAE.from_config(cfg)
+        >>> bool((sae.encode(torch.randn(3, 8)) >= 0).all())
+        True
+    """
 
     unit_norm_decoder = False
 

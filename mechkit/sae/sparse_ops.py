@@ -72,6 +72,17 @@ def gather_pre_activations(
 
     ``x_in`` is the encoder's input *after* subtracting ``b_in`` (the decoder bias, or None),
     exactly as used to compute ``values``; gradients flow to ``W_enc``, ``b_enc`` and ``b_in``.
+
+    Example:
+        >>> x, w, b = torch.randn(2, 4), torch.randn(4, 6, requires_grad=True), torch.zeros(6)
+        >>> rows, cols = torch.tensor([0, 1]), torch.tensor([5, 2])
+        >>> values = (x @ w + b).detach()[rows, cols]
+        >>> out = gather_pre_activations(values, x, w, b, None, rows, cols)
+        >>> torch.allclose(out, values), w.grad is None
+        (True, True)
+        >>> out.sum().backward()
+        >>> torch.allclose(w.grad[:, 5], x[0]) and torch.allclose(w.grad[:, 2], x[1])
+        True
     """
     return _GatherPre.apply(values, x_in.detach(), W_enc, b_enc, b_in, rows, cols)
 
@@ -86,6 +97,11 @@ def sparse_decode(
 
     ``cols``/``acts`` are ``(batch, k)``, or flat ``(nnz,)`` with ``offsets`` (row starts, rows
     sorted) for a varying number of latents per row.
+
+    Example:
+        >>> w_dec = torch.eye(4)                                       # (d_sae, d_out)
+        >>> sparse_decode(torch.tensor([[0, 3]]), torch.tensor([[2.0, 5.0]]), w_dec)
+        tensor([[2., 0., 0., 5.]])
     """
     return F.embedding_bag(
         cols, W_dec, offsets, mode="sum", per_sample_weights=acts.to(W_dec.dtype)

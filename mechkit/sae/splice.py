@@ -16,11 +16,19 @@ A transcoder reads its input at ``cfg.hook_name`` (e.g. ``blocks.5.ln2.hook_norm
 replaces the activation at ``cfg.out_hook_name`` (``blocks.5.hook_mlp_out``); its error is
 ``y - x_hat`` there.
 
+    >>> from mechkit.sae import SAEConfig, SparseDictionary
+    >>> model = mk.load_model("attn-only-2l")
+    >>> sae = SparseDictionary.from_config(SAEConfig(
+    ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+    >>> tokens = torch.randint(1, 500, (8, 16), generator=torch.Generator().manual_seed(0))
     >>> with mk.splice(model, sae) as spliced:              # logits unchanged (to ~1e-5)
     ...     logits = model(tokens)
     ...     spliced.latents[sae.cfg.hook_name].shape       # (batch, pos, d_sae)
+    torch.Size([8, 16, 64])
+    >>> bool((logits - model(tokens)).abs().max() < 1e-4)
+    True
     >>> with mk.splice(model, sae) as spliced:
-    ...     spliced.zero([123], positions=[-1])            # ablate latent 123 at the last token
+    ...     spliced.zero([12], positions=[-1])             # ablate latent 12 at the last token
     ...     ablated = model(tokens)
 
 :func:`patch_latents` is activation patching over latents: each latent's corrupt activation is
@@ -44,18 +52,25 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechkit.core.batching import check_budget, each_batch, parse_budget, prompts_per_pass
+from mechkit.core.deprecation import renamed_arguments
+from mechkit.core.inputs import reference_mean, resolve_contrast
+from mechkit.core.labels import metric_name
+from mechkit.core.metrics import batch_metric
+from mechkit.core.progress import progress_bar
+from mechkit.core.types import Model, SparseDictionaryLike
 from mechkit.errors import (
     InvalidArgumentError,
     InvalidSiteError,
     InvalidTypeError,
-    PromptLengthError,
     ShapeError,
     SiteNotFoundError,
     check_choice,
     did_you_mean,
 )
 from mechkit.hook_scope import hook_scope
-from mechkit.tokens import token_batch
+from mechkit.patching import engine
+from mechkit.patching.result import PatchResult
 
 __all__ = ["splice", "SpliceHandle", "patch_latents", "sae_sites"]
 
@@ -84,15 +99,25 @@ class SAESites:
         return self.in_hook != self.out_hook
 
 
-def sae_sites(sae: Any) -> SAESites:
-    """The hooks and widths of an SAE or transcoder, read from its ``cfg``."""
+def sae_sites(sae: SparseDictionaryLike) -> SAESites:
+    """The hooks and widths of an SAE or transcoder, read from its ``cfg``.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> tc = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=128, d_sae=64,
+        ...     hook_name="blocks.0.ln1.hook_normalized", d_out=128,
+        ...     out_hook_name="blocks.0.hook_attn_out"))
+        >>> sites = sae_sites(tc)
+        >>> sites.in_hook, sites.out_hook, sites.is_transcoder
+        ('blocks.0.ln1.hook_normalized', 'blocks.0.hook_attn_out', True)
+    """
     cfg = getattr(sae, "cfg", None)
     missing = [
         name
         for name in ("hook_name", "d_in", "d_sae")
         if cfg is None or getattr(cfg, name, None) is None
     ]
-    if missing or not all(hasattr(sae, a) for a in ("encode", "decode", "W_dec")):
+    if cfg is None or missing or not isinstance(sae, SparseDictionaryLike):
         raise InvalidTypeError(
             f"Expected an SAE or transcoder (cfg.hook_name, cfg.d_in, cfg.d_sae, W_dec, encode, "
             f"decode); got {type(sae).__name__} lacking {missing or 'encode/decode/W_dec'}. Hint: "
@@ -121,7 +146,7 @@ def hook_layer(name: str) -> int | None:
     return None if match is None else int(match.group(1))
 
 
-def check_hooks(model: Any, sites: SAESites) -> None:
+def check_hooks(model: Model, sites: SAESites) -> None:
     """The SAE's hooks exist in the model, and a transcoder reads before it writes."""
     for name in (sites.in_hook, sites.out_hook):
         if name not in model.hook_dict:
@@ -152,7 +177,7 @@ def as_rows(act: Tensor, width: int, hook: str) -> Tensor:
 
 
 def reconstruct(
-    sae: Any, x: Float[Tensor, "batch pos d_in"]
+    sae: SparseDictionaryLike, x: Float[Tensor, "batch pos d_in"]
 ) -> tuple[Float[Tensor, "batch pos d_sae"], Float[Tensor, "batch pos d_out"]]:
     """``(f, x_hat)``: latents and reconstruction, in the SAE's dtype and on its device.
 
@@ -162,9 +187,30 @@ def reconstruct(
     x = x.to(sae.W_dec.device, sae.W_dec.dtype)
     f = sae.encode(x)
     x_hat = sae.decode(f)
-    if getattr(sae.cfg, "skip", False):  # skip transcoders: + x @ W_skip, the SAE's own way
-        x_hat = (x_hat + sae.skip_term(x)) if hasattr(sae, "skip_term") else sae(x)
-    return f, x_hat
+    skip = skip_term(sae, x)
+    return f, x_hat if skip is None else x_hat + skip
+
+
+def skip_term(
+    sae: SparseDictionaryLike, x: Float[Tensor, "batch pos d_in"]
+) -> Float[Tensor, "batch pos d_out"] | None:
+    """A skip transcoder's linear term ``x @ W_skip`` (``sae.skip_term(x)``, or
+    ``sae(x) - decode(encode(x))`` for objects without that method); None for other
+    dictionaries (``cfg.skip`` unset).
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> sae = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=4, d_sae=8,
+        ...                                    hook_name="blocks.0.hook_resid_post"))
+        >>> skip_term(sae, torch.zeros(1, 2, 4)) is None
+        True
+    """
+    if not getattr(getattr(sae, "cfg", None), "skip", False):
+        return None
+    own = getattr(sae, "skip_term", None)  # optional member: not part of SparseDictionaryLike
+    if own is not None:
+        return own(x)
+    return sae(x) - sae.decode(sae.encode(x))  # type: ignore[operator]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +309,7 @@ def check_latents(latents: LatentIndex, d_sae: int, what: str = "latent") -> Ten
 @dataclasses.dataclass(eq=False)
 class _Spliced:
     name: str
-    sae: Any
+    sae: SparseDictionaryLike
     sites: SAESites
     latent_edits: list[_Edit] = dataclasses.field(default_factory=list)
     error_edits: list[_Edit] = dataclasses.field(default_factory=list)
@@ -287,6 +333,17 @@ class SpliceHandle:
     :meth:`clear` or the end of the ``with`` block. ``positions`` index the tokens of each
     forward pass (negative from the end); None means all. ``sae`` names the dictionary and may
     be left out when only one is spliced.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=128, d_sae=64,
+        ...                                    hook_name="blocks.0.hook_resid_post"))
+        >>> with mk.splice(model, sae) as handle:
+        ...     handle.zero_error()                  # the model runs on the reconstruction alone
+        ...     _ = model(torch.tensor([[1, 2, 3]]))
+        ...     handle.names, handle.errors["blocks.0.hook_resid_post"].shape
+        (('blocks.0.hook_resid_post',), torch.Size([1, 3, 128]))
     """
 
     def __init__(self, entries: list[_Spliced], keep_error: bool, record: bool) -> None:
@@ -367,7 +424,11 @@ class SpliceHandle:
         self._entry(sae).error_edits.append(_Edit("set", None, _as_positions(positions), 0.0))
 
     def patch_error(
-        self, value: Tensor, *, positions: Positions = None, sae: str | None = None
+        self,
+        value: Float[Tensor, "batch pos d_out"],
+        *,
+        positions: Positions = None,
+        sae: str | None = None,
     ) -> None:
         """Replace the error term by ``value`` (broadcastable to ``(batch, n_pos, d_out)``),
         e.g. the error of another run from ``handle.errors``."""
@@ -473,7 +534,7 @@ def _named(saes: Any) -> list[tuple[str, Any]]:
 
 @contextlib.contextmanager
 def splice(
-    model: Any, saes: Any, *, keep_error: bool = True, record: bool = True
+    model: Model, saes: Any, *, keep_error: bool = True, record: bool = True
 ) -> Iterator[SpliceHandle]:
     """Splice SAEs or transcoders into every forward pass of ``model`` inside the block.
 
@@ -496,15 +557,22 @@ def splice(
         A :class:`SpliceHandle`.
 
     Example:
-        >>> with mk.splice(model, sae) as h:          # sae on blocks.6.hook_resid_post
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+        >>> tokens = torch.randint(1, 500, (8, 16), generator=torch.Generator().manual_seed(0))
+        >>> with mk.splice(model, sae) as h:
         ...     h.scale([42], 5.0, positions=[-1])    # amplify latent 42 at the last token
         ...     logits = model(tokens)                # (batch, pos, d_vocab)
-        ...     h.latents["blocks.6.hook_resid_post"].shape   # (batch, pos, d_sae)
+        ...     h.latents["blocks.0.hook_resid_post"].shape   # (batch, pos, d_sae)
+        torch.Size([8, 16, 64])
     """
     named = _named(saes)
     if not named:
         raise InvalidArgumentError("Expected at least one SAE or transcoder to splice; got none.")
-    entries, seen = [], {}
+    entries: list[_Spliced] = []
+    seen: dict[str, SAESites] = {}
     for name, sae in named:
         sites = sae_sites(sae)
         check_hooks(model, sites)
@@ -535,45 +603,52 @@ def splice(
 # ----------------------------------------------------------------------------------------------
 
 
+@renamed_arguments(clean_tokens="clean", corrupt_tokens="corrupt")
 @torch.no_grad()
 def patch_latents(
-    model: Any,
-    sae: Any,
-    clean_tokens: Any,
-    corrupt_tokens: Any,
-    metric: Any,
+    model: Model,
+    sae: SparseDictionaryLike,
+    clean: Any,
+    corrupt: Any = None,
+    metric: Any = None,
     *,
     latents: int | Sequence[int] | None = None,
     positions: Literal["all", "each"] | Sequence[int] = "all",
-    direction: Literal["denoising", "noising"] = "denoising",
+    direction: Literal["denoising", "noising"] | None = None,
+    ablation: Literal["corrupt", "mean", "zero"] = "corrupt",
+    reference: Any = None,
+    batch_size: int | None = None,
     memory_budget: int | str | None = None,
     progress: bool = True,
-) -> Any:
+) -> PatchResult:
     """Activation patching over an SAE's latents: each latent's value from the other run.
 
-    With the dictionary spliced in (error term kept), the corrupt run is repeated with one
-    latent set to its clean value (denoising; noising is the reverse), and the metric scored.
-    Since the error term is the un-edited one, that is the corrupt run with
-    ``(f_clean[i] - f_corrupt[i]) * W_dec[i]`` added at the dictionary's output hook, which is
-    how it runs: many latents per forward, each in its own copy of the batch, starting at the
-    SAE's block from the cached reference run (:mod:`mechkit.patching.engine`).
+    With the dictionary spliced in (error term kept), the base run is repeated with one latent
+    set to its value in the other run (denoising: the corrupt run with clean values; noising:
+    the clean run with the ablation's values), and the metric scored. Since the error term is
+    the un-edited one, that is the base run with ``(f_source[i] - f_base[i]) * W_dec[i]`` added
+    at the dictionary's output hook, which is how it runs: many latents per forward, each in its
+    own copy of the batch, starting at the SAE's block from the cached base run
+    (:mod:`mechkit.patching.engine`).
 
     Args:
         model: a HookedTransformer.
         sae: an SAE or transcoder whose hooks sit in the model's blocks.
-        clean_tokens, corrupt_tokens: ``(batch, pos)`` token ids of the same shape (or
-            :class:`~mechkit.prompts.PromptPairs` as ``clean_tokens`` with ``corrupt_tokens``
-            None).
-        metric: a mechkit :class:`~mechkit.metrics.Metric` or a function
-            ``logits (batch, pos, d_vocab) -> scalar or (batch,)``.
+        clean, corrupt, metric: a :class:`~mechkit.PromptPairs` (its logit difference the
+            default metric), or prompts of one shape and a metric, as in
+            :func:`mechkit.core.resolve_contrast` (``clean_tokens=``/``corrupt_tokens=`` are
+            the deprecated names of the first two).
         latents: the latents to patch: a list of indices; an int ``n`` for the ``n`` latents
-            whose activation differs most between the runs (sum of ``|f_clean - f_corrupt|``
+            whose activation differs most between the runs (sum of ``|f_source - f_base|``
             over prompts and patched positions); None for every latent that differs at all.
             Latents that do not differ score the unpatched run without running.
         positions: ``"all"`` (patch a latent at every position at once), ``"each"`` (one patch
             per latent and position), or a list of positions (one patch each).
-        direction: ``"denoising"`` (clean values into the corrupt run) or ``"noising"``.
-        memory_budget: bytes (or ``"2GB"``) a batch may use, as in :func:`mk.activation_patch`.
+        direction, ablation, reference: the core's vocabulary (``"resample"`` is not offered);
+            ``ablation="mean"`` or ``"zero"`` sets a latent to its mean over ``reference`` or
+            to zero in the clean run.
+        batch_size: prompts per pass (None: all; splitting needs a mechkit Metric).
+        memory_budget: bytes (or ``"2GB"``) a pass may use, as in :func:`mk.activation_patch`.
         progress: show a progress bar.
 
     Returns:
@@ -581,19 +656,20 @@ def patch_latents(
         ``("latent", "pos")`` (``.top(n)``, ``.to_dataframe()``, ``.plot()``, ``.normalized()``).
 
     Example:
-        >>> r = mk.patch_latents(model, sae, pairs.clean_tokens, pairs.corrupt_tokens,
-        ...                      mk.LogitDiff.from_pairs(pairs), latents=50)
-        >>> r.scores.shape                   # (50,)
-        >>> r.normalized().top(5)            # [({'latent': 1234}, 0.41), ...]
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
+        >>> clean = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+        >>> corrupt = torch.tensor([[1, 9, 3, 4], [5, 9, 7, 8]])
+        >>> r = mk.patch_latents(model, sae, clean, corrupt, lambda lg: lg[:, -1, 3].mean(),
+        ...                      latents=5, progress=False)
+        >>> r.axes, r.scores.shape                # the 5 latents that differ most
+        (('latent',), torch.Size([5]))
     """
-    from mechkit.patching import engine
-    from mechkit.patching.activation import _metric_name, _progress
-    from mechkit.patching.result import PatchResult
-
     if isinstance(positions, str):
         check_choice("positions", positions, ["all", "each"], also="a list of positions")
-    check_choice("direction", direction, ["denoising", "noising"])
-    engine.check_budget(memory_budget)
+    check_budget(memory_budget)
     sites = sae_sites(sae)
     check_hooks(model, sites)
     layer = hook_layer(sites.out_hook)
@@ -602,30 +678,32 @@ def patch_latents(
             f"Expected a dictionary whose output hook sits in a block (blocks.N....); got "
             f"{sites.out_hook!r}. Hint: splice it with mk.splice and patch by hand."
         )
-    if hasattr(clean_tokens, "clean_tokens") and corrupt_tokens is None:
-        clean_tokens, corrupt_tokens = clean_tokens.clean_tokens, clean_tokens.corrupt_tokens
-    # token_batch refuses no prompts, ids outside the vocabulary, prompts longer than n_ctx
-    clean = token_batch(model, clean_tokens)[0].to(model.cfg.device)
-    corrupt = token_batch(model, corrupt_tokens)[0].to(model.cfg.device)
-    if clean.ndim != 2 or clean.shape != corrupt.shape:
-        raise PromptLengthError(
-            f"Expected clean and corrupt token ids of the same shape (batch, pos); got "
-            f"{tuple(clean.shape)} and {tuple(corrupt.shape)}. Hint: latents are patched "
-            "position for position."
-        )
-    base_tokens, source_tokens = (corrupt, clean) if direction == "denoising" else (clean, corrupt)
+    contrast = resolve_contrast(
+        model,
+        clean,
+        corrupt,
+        metric,
+        direction=direction,
+        ablation=ablation,
+        reference=reference,
+        ablations=("corrupt", "mean", "zero"),
+    )
+    n_batch = contrast.n_prompts
+    size = prompts_per_pass(n_batch, batch_size, contrast.metric)
+    base_tokens = contrast.base_tokens
     seq = base_tokens.shape[1]
 
-    base = engine.run_base(model, base_tokens, {sites.in_hook})
-    f_base = _latents_of(sae, sites, base.acts[sites.in_hook])
-    source_acts: dict[str, Tensor] = {}
-
-    def keep(act: Tensor, hook: Any) -> None:
-        source_acts[hook.name] = act.detach().clone()
-
-    with hook_scope(model, fwd_hooks=[(sites.in_hook, keep)]):
-        source_logits = model(source_tokens)
-    f_source = _latents_of(sae, sites, source_acts[sites.in_hook])
+    # the latents of every prompt first: which latents to patch is decided over all of them
+    f_base = _latents_on(model, sae, sites, base_tokens, size)  # (batch, pos, d_sae)
+    source_tokens = contrast.source_tokens
+    if source_tokens is not None:
+        f_source = _latents_on(model, sae, sites, source_tokens, size)
+    elif contrast.ablation == "zero":
+        f_source = torch.zeros_like(f_base)
+    else:
+        assert contrast.reference_tokens is not None and contrast.reference_mask is not None
+        f_ref = _latents_on(model, sae, sites, contrast.reference_tokens, size)
+        f_source = reference_mean(f_ref, contrast.reference_mask, seq).expand_as(f_base)
     delta = f_source - f_base  # (batch, pos, d_sae)
 
     if isinstance(positions, str):
@@ -633,55 +711,79 @@ def patch_latents(
     else:
         pos_list = [int(p) % seq for p in _resolve_positions(_as_positions(positions), seq, "cpu")]
     chosen = delta if pos_list is None else delta[:, pos_list]
-    size = chosen.abs().sum((0, 1)).float().cpu()  # (d_sae,)
+    moved = chosen.abs().sum((0, 1)).float().cpu()  # (d_sae,)
     if latents is None:
-        latent_list = size.nonzero().flatten().tolist()
+        latent_list = moved.nonzero().flatten().tolist()
         if not latent_list:
             raise InvalidArgumentError(
-                "Expected some latent to differ between the clean and corrupt runs at the "
-                "patched positions; none does, so there is nothing to patch."
+                "Expected some latent to differ between the two runs at the patched positions; "
+                "none does, so there is nothing to patch. Hint: other prompts or positions."
             )
     elif isinstance(latents, int) and not isinstance(latents, bool):
         if latents <= 0:
-            raise InvalidArgumentError(f"Expected a positive number of latents; got {latents}.")
-        latent_list = size.argsort(descending=True, stable=True)[:latents].tolist()
+            raise InvalidArgumentError(
+                f"Expected a positive number of latents; got {latents}. Hint: None patches "
+                "every latent that differs."
+            )
+        latent_list = moved.argsort(descending=True, stable=True)[:latents].tolist()
     else:
-        latent_list = check_latents(latents, sites.d_sae).tolist()
+        index = check_latents(latents, sites.d_sae)  # (n,), never None for a list
+        latent_list = [] if index is None else index.tolist()
+    keys: list[tuple[int, ...]] = [
+        (li,) if pos_list is None else (li, pi)
+        for li in range(len(latent_list))
+        for pi in range(1 if pos_list is None else len(pos_list))
+    ]
 
     w_dec = sae.W_dec.detach()
-    out_width = sites.d_out
-    jobs, noop = [], []
-    for li, latent in enumerate(latent_list):
-        for pi, pos in enumerate(pos_list if pos_list is not None else [None]):
-            d = delta[..., latent]  # (batch, pos)
-            if pos is not None:
+    sums = {key: 0.0 for key in keys}
+    prompts: dict[tuple[int, ...], list[Tensor | None]] = {key: [] for key in keys}
+    totals = {"base": 0.0, "source": 0.0}
+    n_batches = -(-n_batch // size)
+    bar = progress_bar(
+        n_batches * len(keys), f"patching latents of {sites.out_hook}", enabled=progress
+    )
+
+    def work(rows: slice) -> None:
+        n = rows.stop - rows.start
+        m = batch_metric(contrast.metric, rows, n_batch)
+        base = engine.run_base(model, base_tokens[rows])
+        reader = engine.MetricReader(m, base)
+        base_value, base_per_prompt = engine.base_score(reader, base)
+        source_value = 0.0
+        if source_tokens is not None:
+            source_value = float(engine.score_logits(reader, model(source_tokens[rows]))[0])
+        jobs, done = [], {}
+        for key in keys:
+            latent = latent_list[key[0]]
+            d = delta[rows, :, latent]  # (batch, pos)
+            if pos_list is not None:
+                pos = pos_list[key[1]]
                 d = torch.zeros_like(d).index_copy(
                     1, torch.tensor([pos], device=d.device), d[:, pos : pos + 1]
                 )
-            key = (li,) if pos_list is None else (li, pi)
             nonzero = (d != 0).any(0).nonzero()
-            if nonzero.numel() == 0:
-                noop.append(key)
+            if nonzero.numel() == 0:  # nothing moves: the unpatched run's score
+                done[key] = (float(base_value), base_per_prompt)
                 continue
-            start = int(nonzero[0, 0])
-            edit = _adder(d, w_dec[latent], out_width)
-            jobs.append(engine.PatchJob(key, layer, start, {sites.out_hook: edit}))
-
-    reader = engine.MetricReader(metric, base)
-    base_value, base_per_prompt = engine.base_score(reader, base)
-    source_value = float(engine.score_logits(reader, source_logits)[0])
-    done: dict[tuple[int, ...], tuple[float, Tensor | None]] = {
-        key: (float(base_value), base_per_prompt) for key in noop
-    }
-    budget = engine.parse_budget(memory_budget, base.tokens.device)
-    bar = _progress(len(jobs), f"patching latents of {sites.out_hook}", progress)
-    try:
+            edit = _adder(d, w_dec[latent], sites.d_out)
+            jobs.append(engine.PatchJob(key, layer, int(nonzero[0, 0]), {sites.out_hook: edit}))
+        bar.update(len(done))
+        budget = parse_budget(memory_budget, base.tokens.device)
         for chunk in engine.run_jobs(model, base, jobs, reader, budget=budget, progress=bar):
             for res in chunk:
                 done[res.key] = (float(res.score), res.per_prompt)
+        # kept only once the whole batch has run (a batch out of memory is retried in halves)
+        for key, (score, per_prompt) in done.items():
+            sums[key] += score * n
+            prompts[key].append(per_prompt)
+        totals["base"] += float(base_value) * n
+        totals["source"] += source_value * n
+
+    try:
+        each_batch(n_batch, size, work)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
     axes: tuple[str, ...] = ("latent",) if pos_list is None else ("latent", "pos")
     labels: dict[str, list[Any]] = {"latent": latent_list}
@@ -691,17 +793,18 @@ def patch_latents(
         ticks["pos"] = [str(p) for p in pos_list]
     shape = tuple(len(labels[a]) for a in axes)
     scores = torch.full(shape, float("nan"))
-    per_prompt: Tensor | None = torch.full((*shape, base.batch), float("nan"))
-    for key, (score, prompts) in done.items():
-        scores[key] = score
-        if prompts is None:
+    per_prompt: Tensor | None = torch.full((*shape, n_batch), float("nan"))
+    for key in keys:
+        scores[key] = sums[key] / n_batch
+        parts = prompts[key]
+        if per_prompt is None or any(p is None for p in parts):
             per_prompt = None
-        elif per_prompt is not None:
-            per_prompt[key] = prompts
+        else:
+            per_prompt[key] = torch.cat([p.float().cpu() for p in parts if p is not None])
+    base_value = totals["base"] / n_batch
+    source = totals["source"] / n_batch if source_tokens is not None else None
     clean_score, corrupt_score = (
-        (source_value, float(base_value))
-        if direction == "denoising"
-        else (float(base_value), source_value)
+        (source, base_value) if contrast.direction == "denoising" else (base_value, source)
     )
     return PatchResult(
         scores=scores,
@@ -711,13 +814,31 @@ def patch_latents(
         tick_labels=ticks,
         clean_score=clean_score,
         corrupt_score=corrupt_score,
-        method=direction,
+        method=contrast.method,
         site=f"latents of {sites.out_hook}",
-        metric_name=_metric_name(metric),
+        metric_name=metric_name(contrast.metric),
     )
 
 
-def _latents_of(sae: Any, sites: SAESites, act: Tensor) -> Tensor:
+def _latents_on(
+    model: Model, sae: SparseDictionaryLike, sites: SAESites, tokens: Tensor, size: int
+) -> Tensor:
+    """The dictionary's latents ``(batch, pos, d_sae)`` (float32) on ``tokens``, ``size``
+    prompts per forward pass (stopped after the dictionary's block)."""
+    parts: list[Tensor] = []
+    stop = hook_layer(sites.in_hook)
+
+    def work(rows: slice) -> None:
+        held: list[Tensor] = []
+        with hook_scope(model, fwd_hooks=[(sites.in_hook, lambda act, hook: held.append(act))]):
+            model(tokens[rows], stop_at_layer=None if stop is None else stop + 1)
+        parts.append(_latents_of(sae, sites, held[0]))  # kept once the pass has succeeded
+
+    each_batch(tokens.shape[0], size, work)
+    return torch.cat(parts)
+
+
+def _latents_of(sae: SparseDictionaryLike, sites: SAESites, act: Tensor) -> Tensor:
     f, _ = reconstruct(sae, as_rows(act, sites.d_in, sites.in_hook))
     return f.float()
 

@@ -11,6 +11,7 @@ the rows are renormalised), as in the paper.
 Training uses the sparse steps of :mod:`mechkit.sae.sparse_ops`: one dense product to choose
 the winners, everything after that on the ``batch * k`` winners only.
 
+    >>> from mechkit.sae import SAEConfig
     >>> cfg = SAEConfig(architecture="topk", d_in=8, d_sae=32, k=4,
     ...                 hook_name="blocks.0.hook_resid_pre")
     >>> f = TopKSAE(cfg).encode(torch.randn(3, 8))
@@ -20,11 +21,14 @@ the winners, everything after that on the ``batch * k`` winners only.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechkit.sae.base import SAEConfigError, SparseDictionary, StepOutput, register_architecture
+from mechkit.errors import SAEConfigError
+from mechkit.sae.base import SparseDictionary, StepOutput, register_architecture
 from mechkit.sae.sparse_ops import gather_pre_activations, sparse_decode
 
 __all__ = ["TopKSAE"]
@@ -93,12 +97,20 @@ def sparse_training_step(
 
 @register_architecture("topk")
 class TopKSAE(SparseDictionary):
-    """TopK SAE or transcoder (sae-lens ``topk``; sae-lens has no TopK transcoder class)."""
+    """TopK SAE or transcoder (sae-lens ``topk``; sae-lens has no TopK transcoder class).
+
+    Example:
+        >>> from mechkit.sae import SAEConfig
+        >>> cfg = SAEConfig(architecture="topk", d_in=8, d_sae=32, k=4, hook_name="blocks.0.mlp")
+        >>> sae = TopKSAE.from_config(cfg)
+        >>> sae.encode(torch.randn(3, 8)).count_nonzero(-1)          # at most k per token
+        tensor([4, 4, 4])
+    """
 
     def activate(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
         if self.cfg.rescale_acts_by_decoder_norm:
             pre = pre * self.W_dec.norm(dim=-1)
-        values, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        values, idx = pre.topk(cast(int, self.cfg.k), dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, idx, values.relu())
 
     def decode(self, f: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_out"]:
@@ -107,7 +119,7 @@ class TopKSAE(SparseDictionary):
         return super().decode(f)
 
     def training_step(self, x, y, *, coefficient, dead, n_dead, aux_k, aux_coefficient):  # noqa: ARG002
-        k = self.cfg.k
+        k = cast(int, self.cfg.k)  # SAEConfig requires k for topk
         x_in = self._encoder_input(x).detach()
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x_in, self.W_enc)  # (batch, d_sae)

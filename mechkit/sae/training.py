@@ -21,6 +21,7 @@ variance. With ``checkpoint_dir``, the full state (weights, optimizer, step, sca
 counters, history, data position, RNG) is written atomically every ``checkpoint_every`` steps,
 and a later call with the same folder resumes from it; the result equals an uninterrupted run.
 
+    >>> from mechkit.sae import SAEConfig, TrainConfig
     >>> cfg = SAEConfig(architecture="topk", d_in=64, d_sae=256, k=8, hook_name="blocks.0.mlp")
     >>> trained = train_sae(cfg, torch.randn(20_000, 64), TrainConfig(total_tokens=40_000,
     ...                     batch_size=1000, progress=False))
@@ -42,17 +43,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechkit.atomic_io import write_atomically
-from mechkit.errors import MechkitError, ShapeError, did_you_mean
+from mechkit.core.progress import progress_bar
+from mechkit.errors import SAEConfigError, ShapeError, TrainConfigError, did_you_mean
 from mechkit.reading import read_checkpoint, reading
-from mechkit.sae.base import SAEConfig, SAEConfigError, SparseDictionary
+from mechkit.sae.base import SAEConfig, SparseDictionary
 
 __all__ = ["TrainConfig", "TrainResult", "TrainedSAE", "train_sae", "default_lr"]
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
-
-
-class TrainConfigError(MechkitError, ValueError):
-    """A training config with a value out of range, or one that does not fit the checkpoint."""
 
 
 def default_lr(cfg: SAEConfig) -> float:
@@ -61,6 +59,11 @@ def default_lr(cfg: SAEConfig) -> float:
     TopK/BatchTopK: ``2e-4 / sqrt(d_sae / 2**14)`` (Gao et al. 2024's scaling rule); ReLU and
     JumpReLU: ``4e-4`` (a short-run value; Anthropic and DeepMind use 5e-5 and 7e-5 over
     billions of tokens).
+
+    Example:
+        >>> from mechkit.sae import SAEConfig
+        >>> default_lr(SAEConfig(architecture="topk", d_in=8, d_sae=2**14, k=4, hook_name="h"))
+        0.0002
     """
     if cfg.architecture in ("topk", "batchtopk"):
         return 2e-4 / math.sqrt(cfg.d_sae / 2**14)
@@ -101,6 +104,11 @@ class TrainConfig:
         progress: show a tqdm bar with live L0 and explained variance.
         calibration_batches: batches read again after training for what the final weights
             decide (BatchTopK's inference threshold); 0 or a one-pass iterable: none.
+
+    Example:
+        >>> cfg = TrainConfig(total_tokens=4096, batch_size=256, progress=False)
+        >>> cfg.total_tokens // cfg.batch_size                       # steps
+        16
     """
 
     total_tokens: int = 2_000_000
@@ -179,6 +187,14 @@ class TrainResult:
         seconds: wall-clock time of the training (all runs of a resumed training).
         sae_config, train_config: what was trained, how.
         scale_in, scale_out: the normalisation constants folded into the weights.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig
+        >>> cfg = SAEConfig(architecture="topk", d_in=16, d_sae=64, k=4, hook_name="blocks.0.mlp")
+        >>> train = TrainConfig(total_tokens=4096, batch_size=256, progress=False)
+        >>> result = train_sae(cfg, torch.randn(4096, 16), train).result
+        >>> int(result.to_dataframe()["step"].iloc[-1])             # one row per logging window
+        16
     """
 
     history: list[dict[str, float]]
@@ -232,7 +248,16 @@ class TrainResult:
 
 
 class TrainedSAE(NamedTuple):
-    """What :func:`train_sae` returns: the dictionary and the training record."""
+    """What :func:`train_sae` returns: the dictionary and the training record.
+
+    Example:
+        >>> from mechkit.sae import SAEConfig
+        >>> cfg = SAEConfig(architecture="relu", d_in=16, d_sae=64, hook_name="blocks.0.mlp")
+        >>> sae, result = train_sae(cfg, torch.randn(2048, 16),
+        ...                         TrainConfig(total_tokens=2048, batch_size=256, progress=False))
+        >>> type(sae).__name__, int(result.to_dataframe()["step"].iloc[-1])
+        ('ReLUSAE', 8)
+    """
 
     sae: SparseDictionary
     result: TrainResult
@@ -417,8 +442,15 @@ def train_sae(
         in the result (``scale_in``/``scale_out``) but not in the weights.
 
     Example:
-        >>> trained = train_sae(cfg, store, TrainConfig(total_tokens=1_000_000))
-        >>> trained.result.summary()["final_explained_variance"]
+        >>> from mechkit.sae import SAEConfig, TrainConfig
+        >>> model = mk.load_model("attn-only-2l")
+        >>> store = mk.sae.ActivationStore(model, "blocks.0.hook_resid_post",
+        ...                                torch.randint(1, 500, (64, 32)), batch_size=256)
+        >>> cfg = SAEConfig(architecture="topk", d_in=128, d_sae=256, k=8,
+        ...                 hook_name="blocks.0.hook_resid_post")
+        >>> trained = train_sae(cfg, store, TrainConfig(total_tokens=4096, progress=False))
+        >>> 0 < trained.result.summary()["final_explained_variance"] < 1
+        True
     """
     cfg = cfg or TrainConfig()
     if isinstance(sae, SAEConfig):
@@ -457,11 +489,14 @@ def train_sae(
 
     batches = _batches(activations, cfg, state["step"])
     window = _Window(device)
-    progress = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total_steps, initial=state["step"], desc="train_sae", unit="step")
+    progress = progress_bar(
+        total_steps,
+        "train_sae",
+        enabled=cfg.progress,
+        unit="step",
+        initial=state["step"],
+        leave=True,
+    )
     started = time.perf_counter()
     steps_this_call = 0
     try:
@@ -509,8 +544,7 @@ def train_sae(
             state["step"] = step + 1
             state["tokens"] += rows
             steps_this_call += 1
-            if progress is not None:
-                progress.update(1)
+            progress.update(1)
             last = state["step"] == total_steps
             if state["step"] % cfg.log_every == 0 or last:
                 state["dead"] = state["since_fired"] >= cfg.dead_after_tokens
@@ -528,8 +562,7 @@ def train_sae(
                     elapsed = state["seconds"] + time.perf_counter() - started
                     _save_checkpoint(ckpt_path, sae, optimizer, {**state, "seconds": elapsed})
     finally:
-        if progress is not None:
-            progress.close()
+        progress.close()
     state["seconds"] += time.perf_counter() - started
 
     result = TrainResult(

@@ -69,6 +69,37 @@ def test_latents_and_error_equal_the_naive_taylor_term(toy, setup):
     assert result.corrupt_score == pytest.approx(base, abs=1e-6)
 
 
+def test_zero_ablation_equals_the_naive_taylor_term_and_batches_agree(toy, setup):
+    """ablation="zero" (noising): each latent's move is to zero in the clean run, the error's
+    too; batch_size splits the prompts with the same scores (a sliceable Metric)."""
+    sae, clean, corrupt = setup
+    zero = attribute_latents(toy, sae, clean, None, metric, ablation="zero")
+    assert zero.method == "zero" and zero.corrupt_score is None
+    with torch.no_grad():
+        f_c = sae.encode(toy.run_with_cache(clean)[1]["blocks.0.hook_resid_post"])
+    active = (f_c.abs().sum((0, 1)) > 0).nonzero()[:, 0].tolist()
+    for i in active[:4]:
+        base, slope = naive(
+            toy, sae, clean, clean,
+            lambda xb, xs, i=i: -sae.encode(xb)[..., i, None] * sae.W_dec[i],
+        )  # fmt: skip
+        assert float(zero.scores[i]) == pytest.approx(base + slope, abs=1e-5)
+    base, slope = naive(toy, sae, clean, clean, lambda xb, xs: -(xb - sae(xb)))
+    assert float(zero.scores[-1]) == pytest.approx(base + slope, abs=1e-5)
+
+    bound = mk.LogitDiff(torch.full((3,), 7), torch.full((3,), 11))  # = metric, sliceable
+    whole = attribute_latents(toy, sae, clean, corrupt, bound)
+    split = attribute_latents(toy, sae, clean, corrupt, bound, batch_size=2)
+    torch.testing.assert_close(split.scores, whole.scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        whole.scores, attribute_latents(toy, sae, clean, corrupt, metric).scores
+    )
+    with pytest.raises(mk.MechkitError, match="Metric"):
+        attribute_latents(toy, sae, clean, corrupt, metric, batch_size=2)
+    with pytest.raises(mk.MechkitError, match="ablation"):
+        attribute_latents(toy, sae, clean, corrupt, metric, ablation="resample")
+
+
 def test_feature_connections_are_the_weight_product(setup):
     sae, _, _ = setup
     other = SparseDictionary.from_config(

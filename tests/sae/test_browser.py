@@ -161,3 +161,12 @@ def test_bad_latents_and_never_firing_latents(model, sae):
     report = collect_features(model, dead, tokens, 2, progress=False)
     assert report[2].contexts == () and report[2].frequency == 0.0
     assert "never fires" in report.to_html()
+
+
+def test_report_top_ranks_latents_by_max_activation(model, sae):
+    """FeatureReport.top(n): the latents of largest maximum activation, checked against a sort
+    of the features' own maxima."""
+    tokens = torch.randint(1, 500, (6, 20), generator=torch.Generator().manual_seed(3))
+    report = collect_features(model, sae, tokens, [0, 1, 2, 3, 4], progress=False)
+    expected = sorted(report.features, key=lambda f: -f.max_activation)[:3]
+    assert report.top(3) == [(f.latent, f.max_activation) for f in expected]

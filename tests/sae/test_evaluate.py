@@ -265,3 +265,19 @@ def test_rotary_gated_model_from_the_cached_block(smollm2):
     assert ev.explained_variance == pytest.approx(1.0, abs=1e-5)
     assert ev.ce_recovered == pytest.approx(1.0, abs=1e-3)
     assert ev.ce_zero > ev.ce_clean + 1.0
+
+
+def test_top_ranks_latents_by_firing_frequency(model):
+    """SAEEvaluation.top(n): the n most frequent latents, densest first, ties in latent order
+    (the core's rank rule), checked against a sort of the frequencies."""
+    sae = make_dict(RESID, 128, 16, seed=4)
+    with torch.no_grad():
+        sae.b_enc[[2, 5]] = -1e6  # never fire
+        sae.W_enc[:, 7] = 0.0
+        sae.b_enc[7] = 1.0  # always fires
+    ev = evaluate_sae(model, sae, induction_tokens(n=3), progress=False)
+    top = ev.top(4)
+    order = sorted(range(16), key=lambda i: (-float(ev.frequency[i]), i))[:4]
+    assert [latent for latent, _ in top] == order and top[0] == (7, 1.0)
+    assert [latent for latent, _ in ev.top(16)][-2:] == [2, 5]
+    assert len(ev.top()) == 10

@@ -10,6 +10,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import mechkit as mk
+from mechkit.core.results import rank
 from mechkit.errors import InvalidSiteError, MechkitError
 from mechkit.graph.feature_layout import FeatureLayout
 from mechkit.sae import SAEConfig, SparseDictionary, attribute_latents
@@ -163,7 +164,7 @@ def test_evaluation_extremes_are_the_clean_and_corrupt_runs(tiny, full):
     with torch.no_grad():
         m_clean, m_corrupt = float(metric(model(clean))), float(metric(model(corrupt)))
     assert result.model_score == pytest.approx(m_clean, abs=1e-9)
-    assert result.empty_score == pytest.approx(m_corrupt, abs=1e-9)
+    assert result.ablated_score == pytest.approx(m_corrupt, abs=1e-9)
     assert result.rows[0][1] == pytest.approx(1.0) and result.rows[1][1] == pytest.approx(0.0)
     frame = result.to_dataframe()
     assert list(frame["n_nodes"]) == [len(every), 0]
@@ -287,7 +288,7 @@ def test_ig_node_scores_are_complete(tiny):
 def test_batched_receivers_equal_one_backward_pass_per_receiver(tiny, full, monkeypatch):
     """Edges from stacked receivers (one batched backward pass, chunked) equal the scores of
     one backward pass per receiving node, the old loop; the batched path really ran."""
-    import mechkit.sae.feature_circuits as fc
+    import mechkit.sae.feature_edges as fc
 
     model, saes, clean, corrupt = tiny
     calls = {"batched": 0}
@@ -302,7 +303,7 @@ def test_batched_receivers_equal_one_backward_pass_per_receiver(tiny, full, monk
 
     monkeypatch.setattr(fc, "_grad_per_seed", refuse)
     monkeypatch.setattr(torch.autograd, "grad", spy)
-    monkeypatch.setattr(fc, "_RECEIVER_BYTES", 3 * 7 * 60 * 8 * 5)  # chunks of a few receivers
+    monkeypatch.setattr(fc, "RECEIVER_BYTES", 3 * 7 * 60 * 8 * 5)  # chunks of a few receivers
     chunked = mk.feature_circuit(model, saes, clean, corrupt, metric, latents_per_dictionary=100)
     monkeypatch.setattr(torch.autograd, "grad", real)
     assert calls["batched"] > len(saes)  # several chunks per dictionary
@@ -322,3 +323,51 @@ def test_batched_receivers_equal_one_backward_pass_per_receiver(tiny, full, monk
     torch.testing.assert_close(chunked.scores, loop.scores, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(full.scores, loop.scores, rtol=1e-9, atol=1e-12)
     assert bool((loop.scores != 0).any())
+
+
+def test_evaluation_names_its_ablated_score_as_circuit_evaluation_does(tiny, full):
+    """ablated_score (CircuitEvaluation's name); empty_score still reads, with a warning; .top
+    ranks circuits by faithfulness with the core's rule."""
+    model, saes, clean, corrupt = tiny
+    every = [n for n in full.layout.nodes if n not in ("input", "logits")]
+    result = mk.evaluate_feature_circuit(model, saes, [[], every], clean, corrupt, metric)
+    with pytest.warns(DeprecationWarning, match="ablated_score"):
+        assert result.empty_score == result.ablated_score
+    assert result.top(1) == [(1, pytest.approx(1.0))]
+    assert result.top() == rank([0, 1], [r[1] for r in result.rows])
+
+
+def test_mean_over_one_reference_prompt_equals_the_corrupt_ablation_with_it(tiny):
+    """ablation="mean" over reference prompts: with one reference prompt of the clean prompt's
+    length the mean is that prompt's values at each position, so the graph is the one of
+    ablation="corrupt" with that prompt as the corruption."""
+    model, saes, clean, corrupt = tiny
+    kw = {"latents_per_dictionary": 5, "progress": False}
+    by_corrupt = mk.feature_circuit(model, saes, clean[:1], corrupt[:1], metric, **kw)
+    by_mean = mk.feature_circuit(
+        model, saes, clean[:1], None, metric, ablation="mean", reference=corrupt[:1], **kw
+    )
+    assert by_mean.node_scores == pytest.approx(by_corrupt.node_scores, rel=1e-6, abs=1e-9)
+    torch.testing.assert_close(by_mean.scores, by_corrupt.scores, rtol=1e-5, atol=1e-7)
+    assert by_mean.ablation == "mean" and by_mean.ablated_score is None
+
+
+def test_feature_circuit_speaks_the_cores_vocabulary(tiny):
+    """direction is "noising" only (the scores are gradients at the clean run); "resample" is
+    not offered; reference= only with "mean"; evaluate_feature_circuit takes the graph's own
+    ablation when none is given, as evaluate_circuit does."""
+    model, saes, clean, corrupt = tiny
+    before = hook_count(model)
+    with pytest.raises(MechkitError, match="direction"):
+        mk.feature_circuit(model, saes, clean, corrupt, metric, direction="denoising")
+    with pytest.raises(MechkitError, match="ablation"):
+        mk.feature_circuit(model, saes, clean, corrupt, metric, ablation="resample")
+    with pytest.raises(MechkitError, match="reference"):
+        mk.feature_circuit(model, saes, clean, corrupt, metric, reference=corrupt)
+    graph = mk.feature_circuit(
+        model, saes, clean, None, metric, ablation="zero", latents_per_dictionary=2,
+        progress=False,
+    )  # fmt: skip
+    result = mk.evaluate_feature_circuit(model, saes, graph.top_edges(3), clean, None, metric)
+    assert result.ablation == "zero"
+    assert hook_count(model) == before

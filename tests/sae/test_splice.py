@@ -368,6 +368,59 @@ def test_patch_latents_matches_a_naive_loop(model, sae, transcoder):
     assert hook_count(model) == 0
 
 
+@torch.no_grad()
+def test_patch_latents_old_keyword_names_warn_and_give_the_same_scores(model, sae):
+    """The core's argument order (model, sae, clean, corrupt, metric): positional calls as before,
+    the old keywords clean_tokens=/corrupt_tokens= still work with a DeprecationWarning."""
+    clean = induction_tokens(n=2, seed=6)
+    corrupt = clean.clone()
+    corrupt[:, 14:] = induction_tokens(n=2, seed=7)[:, 14:]
+    metric = mk.LogitDiff(clean[:, -1], corrupt[:, -1])
+    new = patch_latents(model, sae, clean, corrupt, metric, latents=[1, 2], progress=False)
+    with pytest.warns(DeprecationWarning, match="clean_tokens"):
+        old = patch_latents(
+            model, sae, clean_tokens=clean, corrupt_tokens=corrupt, metric=metric,
+            latents=[1, 2], progress=False,
+        )  # fmt: skip
+    torch.testing.assert_close(old.scores, new.scores)
+    with pytest.raises(MechkitError, match="not both"):
+        patch_latents(model, sae, clean, clean_tokens=clean, metric=metric, progress=False)
+
+
+@torch.no_grad()
+def test_patch_latents_batches_equal_one_pass_and_zero_ablation_matches_a_naive_loop(model, sae):
+    """batch_size splits the prompts with the same scores; ablation="zero" (noising) sets each
+    latent to zero in the clean run, checked against the splice handle's own zeroing."""
+    clean = induction_tokens(n=3, seed=6)
+    corrupt = clean.clone()
+    corrupt[:, 14:] = induction_tokens(n=3, seed=7)[:, 14:]
+    metric = mk.LogitDiff(clean[:, -1], corrupt[:, -1])
+    whole = patch_latents(model, sae, clean, corrupt, metric, latents=6, progress=False)
+    split = patch_latents(
+        model, sae, clean, corrupt, metric, latents=6, batch_size=2, progress=False
+    )
+    assert split.labels == whole.labels
+    torch.testing.assert_close(split.scores, whole.scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(split.per_prompt, whole.per_prompt, atol=1e-5, rtol=0)
+
+    zero = patch_latents(
+        model, sae, clean, None, metric, latents=5, ablation="zero", progress=False
+    )
+    assert zero.method == "zero" and zero.corrupt_score is None
+    naive = []
+    for latent in zero.labels["latent"]:
+        with splice(model, sae) as h:
+            h.zero([latent])
+            naive.append(float(metric(model(clean))))
+    torch.testing.assert_close(zero.scores, torch.tensor(naive), atol=1e-4, rtol=0)
+    assert zero.clean_score == pytest.approx(float(metric(model(clean))), abs=1e-4)
+    with pytest.raises(MechkitError, match="ablation"):
+        patch_latents(model, sae, clean, corrupt, metric, ablation="resample", progress=False)
+    with pytest.raises(MechkitError, match="direction='noising'"):
+        patch_latents(model, sae, clean, corrupt, metric, ablation="zero", direction="denoising")
+    assert hook_count(model) == 0
+
+
 # ---------------------------------------------------------------------------------- real model
 
 

@@ -19,7 +19,12 @@ __all__ = ["heldout_metrics", "write_record", "work_dir"]
 def work_dir() -> Path:
     """Where a recipe keeps its activation cache and checkpoints: ``sae-recipes`` under the
     user's mechkit cache (``$MECHKIT_CACHE_DIR``, else ``~/.cache/mechkit``). Not a fixed name
-    under the shared temporary directory, where another local user could plant a folder."""
+    under the shared temporary directory, where another local user could plant a folder.
+
+    Example:
+        >>> work_dir().name
+        'sae-recipes'
+    """
     return cache_root() / "sae-recipes"
 
 
@@ -27,7 +32,19 @@ def work_dir() -> Path:
 def heldout_metrics(sae: SparseDictionary, store: Any) -> dict[str, float]:
     """L0, explained variance ``1 - sum||y - y_hat||^2 / sum||y - mean(y)||^2`` and MSE (mean
     over rows of the summed squared error, in raw activation units) over one epoch of
-    ``store``."""
+    ``store``.
+
+    Example:
+        >>> from mechkit.sae import ActivationStore, SAEConfig, SparseDictionary
+        >>> model = mk.load_model("attn-only-2l")
+        >>> tokens = torch.randint(1, 500, (4, 16))
+        >>> store = ActivationStore(model, "blocks.0.hook_resid_post", tokens)
+        >>> sae = SparseDictionary.from_config(SAEConfig(architecture="relu", d_in=128, d_sae=64,
+        ...                                    hook_name="blocks.0.hook_resid_post"))
+        >>> sorted(heldout_metrics(sae, store))  # doctest: +NORMALIZE_WHITESPACE
+        ['heldout_explained_variance', 'heldout_l0', 'heldout_mse', 'heldout_mse_per_dim',
+         'heldout_tokens']
+    """
     sq_err = l0 = 0.0
     rows = 0
     ys = []
@@ -51,7 +68,15 @@ def heldout_metrics(sae: SparseDictionary, store: Any) -> dict[str, float]:
 
 
 def write_record(folder: Path, record: dict[str, Any]) -> None:
-    """``record.json`` beside the weights, with the machine it ran on."""
+    """``record.json`` beside the weights, with the machine it ran on.
+
+    Example:
+        >>> import json, tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> write_record(folder, {"d_sae": 64})
+        >>> sorted(json.loads((folder / "record.json").read_text()))[:2]
+        ['d_sae', 'machine']
+    """
     record = {
         **record,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)",
