@@ -14,6 +14,8 @@ way, so a new method has one template to follow:
 :mod:`~mechkit.core.names`      the one naming scheme (``L9H6``, ``L9.mlp``, ...) and the peers'
 :mod:`~mechkit.core.results`    :func:`rank`, behind every result's ``.top(n)``
 :mod:`~mechkit.core.labels`     :func:`model_name`, :func:`metric_name`
+:mod:`~mechkit.core.metrics`    :func:`batch_metric`, :func:`mean_value`: a metric per batch
+:mod:`~mechkit.core.deprecation`  :func:`renamed_arguments`: old keywords kept, with a warning
 :mod:`~mechkit.core.types`      ``Model``, the metric and sparse-dictionary protocols, tensor shapes
 =========================  =====================================================================
 """
@@ -25,6 +27,7 @@ from mechkit.core.batching import (
     parse_budget,
     prompts_per_pass,
 )
+from mechkit.core.deprecation import renamed_arguments
 from mechkit.core.inputs import (
     ABLATIONS,
     DIRECTIONS,
@@ -35,6 +38,7 @@ from mechkit.core.inputs import (
     resolve_contrast,
 )
 from mechkit.core.labels import metric_name, model_name
+from mechkit.core.metrics import batch_metric, mean_value
 from mechkit.core.names import (
     NodeName,
     edge_name,
@@ -60,12 +64,14 @@ __all__ = [
     "Model",
     "NodeName",
     "SparseDictionaryLike",
+    "batch_metric",
     "check_budget",
     "each_batch",
     "edge_name",
     "from_eap_ig",
     "head_name",
     "is_out_of_memory",
+    "mean_value",
     "metric_name",
     "mlp_name",
     "model_name",
@@ -77,6 +83,7 @@ __all__ = [
     "prompts_per_pass",
     "rank",
     "reference_mean",
+    "renamed_arguments",
     "resolve_contrast",
     "to_eap_ig",
 ]

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 import mechkit.graph.methods  # noqa: F401  (registers the built-in methods)
-from mechkit.core import Model, check_budget, each_batch, metric_name, model_name, progress_bar
+from mechkit.core import Model, check_budget, each_batch, metric_name, model_name
 from mechkit.errors import (
     InvalidArgumentError,
     ShapeError,
@@ -159,8 +159,3 @@ def edge_attribution(
         ablated_score=all_ablated_score(model, setup),
         model_name=model_name(model),
     )
-
-
-def _bar(total: int, description: str, enabled: bool) -> Any:
-    # TODO(t15-sae merge): only sae/feature_circuits.py imports this; delete with its import
-    return progress_bar(total, description, enabled=enabled)

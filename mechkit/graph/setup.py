@@ -29,10 +29,11 @@ from mechkit.core import (
     reference_mean,
     resolve_contrast,
 )
-from mechkit.errors import InvalidArgumentError, ShapeError
+from mechkit.core.metrics import batch_metric, mean_value
+from mechkit.errors import InvalidArgumentError
 from mechkit.graph.layout import GraphLayout
 from mechkit.graph.runs import masked_logits, sender_outputs
-from mechkit.metrics import Metric, check_metric_value
+from mechkit.metrics import Metric
 
 __all__ = [
     "EdgeSetup",
@@ -186,40 +187,6 @@ def _senders_in_batches(
         len(tokens), size, lambda rows: parts.append(sender_outputs(model, layout, tokens[rows]))
     )
     return torch.cat(parts)
-
-
-def batch_metric(metric: Any, rows: slice, n_prompts: int) -> Any:
-    """The metric restricted to the prompts ``rows`` (itself when they are all the prompts).
-
-    Example:
-        >>> metric = mk.LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]))
-        >>> batch_metric(metric, slice(0, 2), 2) is metric
-        True
-        >>> batch_metric(metric, slice(1, 2), 2).answer
-        tensor([2])
-    """
-    if rows.start in (0, None) and rows.stop == n_prompts:
-        return metric
-    return metric.select(rows)
-
-
-def mean_value(metric: Any, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
-    """The metric as a differentiable scalar: its mean over the prompts.
-
-    Example:
-        >>> mean_value(lambda logits: logits[:, -1, 0], torch.arange(4.0).reshape(2, 1, 2))
-        tensor(1.)
-    """
-    value = metric.per_prompt(logits).mean() if isinstance(metric, Metric) else metric(logits)
-    value = check_metric_value(value, logits.shape[0])  # ShapeError on a vector of another length
-    if value.ndim == 1:
-        value = value.mean()
-    if value.ndim != 0:
-        raise ShapeError(
-            f"Expected the metric to return a scalar or one value per prompt; got shape "
-            f"{tuple(value.shape)}."
-        )
-    return value
 
 
 def circuit_values(
