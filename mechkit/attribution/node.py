@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from mechkit.core.batching import each_batch, prompts_per_pass
@@ -47,7 +48,7 @@ from mechkit.patching.activation import (
     tick_labels,
 )
 from mechkit.patching.result import PatchResult
-from mechkit.sites import Site
+from mechkit.sites import Component, Site
 
 __all__ = ["attribution_patch", "compare_attribution", "AttributionComparison"]
 
@@ -292,8 +293,8 @@ class AttributionComparison:
     estimate: PatchResult
     actual: PatchResult
     cells: list[dict[str, Any]]
-    estimated: Tensor
-    real: Tensor
+    estimated: Float[Tensor, " cell"]
+    real: Float[Tensor, " cell"]
     pearson: float
     spearman: float
     normalized: bool
@@ -360,7 +361,7 @@ class AttributionComparison:
 
 
 def compare_attribution(
-    model: Any,
+    model: Model,
     clean: Any,
     corrupt: Any = None,
     metric: Any = None,
@@ -413,11 +414,12 @@ def compare_attribution(
     )
     est = torch.stack([estimate.scores[tuple(i)] for i in flat])
     real = actual.scores.clone()
-    normalized = estimate.clean_score is not None and estimate.corrupt_score is not None
-    if normalized and estimate.clean_score != estimate.corrupt_score:
-        span = estimate.clean_score - estimate.corrupt_score
-        est = (est - estimate.corrupt_score) / span
-        real = (real - estimate.corrupt_score) / span
+    clean_score, corrupt_score = estimate.clean_score, estimate.corrupt_score
+    normalized = clean_score is not None and corrupt_score is not None
+    if clean_score is not None and corrupt_score is not None and clean_score != corrupt_score:
+        span = clean_score - corrupt_score
+        est = (est - corrupt_score) / span
+        real = (real - corrupt_score) / span
     else:
         normalized = False
         est = est - (estimate.base_score or 0.0)
@@ -436,7 +438,7 @@ def compare_attribution(
 
 def _site_of(component: str, cell: dict[str, Any]) -> Site:
     return Site(
-        component,
+        cast(Component, component),
         layer=cell.get("layer"),
         head=cell.get("head"),
         position=cell.get("pos"),

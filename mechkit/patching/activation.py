@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -54,7 +54,7 @@ from mechkit.metrics import LogitDiff, Metric
 from mechkit.patching import engine
 from mechkit.patching.result import PatchResult
 from mechkit.prompts import PromptPairs
-from mechkit.sites import Site
+from mechkit.sites import Component, Site
 from mechkit.tokens import token_batch
 
 __all__ = [
@@ -148,7 +148,7 @@ def activation_patch(
         (('layer', 'head'), (2, 4), 'denoising')
     """
     check_budget(memory_budget)
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "site": site, "positions": positions, "layers": layers, "heads": heads,
         "neurons": neurons, "direction": direction, "ablation": ablation,
         "reference": reference, "seed": seed,
@@ -160,7 +160,7 @@ def activation_patch(
         buckets = _length_buckets(clean, contrast.metric, site, positions, contrast.ablation)
         if buckets is not None:
             return _bucketed(model, clean, contrast, buckets, kwargs, memory_budget, progress)
-    plan = plan_patch(model, clean, corrupt, metric, **kwargs)  # type: ignore[arg-type]
+    plan = plan_patch(model, clean, corrupt, metric, **kwargs)
     done: dict[tuple[int, ...], tuple[float, list[float] | None]] = {}
     for chunk in plan.run(memory_budget=memory_budget, progress=progress):
         done.update(chunk)
@@ -180,8 +180,15 @@ def _bucketed(
     per-prompt scores gathered from the buckets, its score their mean (the metric's own mean);
     cells at positions past a bucket's prompts are its unpatched values there."""
     seq = contrast.base_tokens.shape[1]
-    names = ("site", "positions", "layers", "heads", "neurons")
-    axes, labels, cells = plan_cells(model, *(kwargs[n] for n in names), seq)
+    axes, labels, cells = plan_cells(
+        model,
+        kwargs["site"],
+        kwargs["positions"],
+        kwargs["layers"],
+        kwargs["heads"],
+        kwargs["neurons"],
+        seq,
+    )
     n_batch = len(pairs)
     per_prompt = {cell.index: [0.0] * n_batch for cell in cells}
     scores = {"clean": 0.0, "corrupt": 0.0}
@@ -193,8 +200,9 @@ def _bucketed(
         full_index = _cell_map(sub, axes, labels)
         for cell in cells:
             values = found.get(full_index.get(cell.index, ()), sub.base_per_prompt)
+            assert values is not None  # a Metric gives per-prompt scores (_length_buckets)
             for i, row in enumerate(rows):
-                per_prompt[cell.index][row] = values[i]  # type: ignore[index]
+                per_prompt[cell.index][row] = values[i]
         for name, value in (("clean", sub.clean_score), ("corrupt", sub.corrupt_score)):
             scores[name] += float("nan") if value is None else value * len(rows) / n_batch
     shape = tuple(len(labels[a]) for a in axes)
@@ -486,6 +494,7 @@ def plan_cells(
         return ("site",), {"site": [s.label for s in sites]}, cells
 
     _check_patchable(site)
+    component = cast(Component, site)
     if positions is None:
         positions = "each" if site in RESIDUAL_SITES else "all"
     layer_list = choose("layers", layers, cfg.n_layers)
@@ -517,13 +526,13 @@ def plan_cells(
         axes = ["layer", "head", "pos"]
     cells = []
     for li, layer in enumerate(layer_list):
-        Site(site, layer=layer).resolve(model)  # the hook exists (MLP on attn-only models...)
+        Site(component, layer=layer).resolve(model)  # the hook exists (MLP on attn-only models...)
         for pi, pos in enumerate(pos_list if pos_list is not None else [None]):
             prefix = (li, pi) if pos_list is not None else (li,)
             if not inner:
-                cells.append(Cell(prefix, Site(site, layer=layer, position=pos)))
+                cells.append(Cell(prefix, Site(component, layer=layer, position=pos)))
             for ii, (field, value) in enumerate(inner):
-                s = Site(site, layer=layer, position=pos, **{field: value})
+                s = Site(component, layer=layer, position=pos, **{field: value})
                 index = (li, ii, pi) if pattern_order else (*prefix, ii)
                 cells.append(Cell(index, s))
     return tuple(axes), labels, cells
@@ -686,11 +695,14 @@ def clean_and_corrupt(
 def _job_for(cell: Cell, base_act: Tensor, source: Tensor, seq: int) -> engine.PatchJob | None:
     """The patch of one cell, or None when the source equals the base there (a no-op)."""
     site = cell.site
+    assert site.layer is not None and not isinstance(site.position, tuple)  # plan_cells' sites
+    axis, layer, position = site.position_axis, site.layer, site.position
+    assert axis is not None
     select = site.with_(position=None).index(base_act.ndim)
     src_full = source.expand_as(base_act)
     base_sel, src_sel = base_act[select], src_full[select]  # position axis is now 1
-    if site.position is not None:
-        p = site.position
+    if position is not None:
+        p = position
         if torch.equal(base_sel[:, p], src_sel[:, p]):
             return None
         start = p
@@ -699,16 +711,16 @@ def _job_for(cell: Cell, base_act: Tensor, source: Tensor, seq: int) -> engine.P
         if first is None:
             return None
         start = first
-    axis, ndim = site.position_axis, base_act.ndim
+    ndim = base_act.ndim
 
     def edit(rows: Tensor, first: int) -> None:
         # rows cover positions first.. (first <= start); earlier source values equal the base's
         src = src_full.narrow(axis, first, seq - first)
-        at = None if site.position is None else site.position - first
+        at = None if position is None else position - first
         index = site.with_(position=at).index(ndim)
         rows[index] = src[index]
 
-    return engine.PatchJob(cell.index, site.layer, start, {site.hook_name: edit})
+    return engine.PatchJob(cell.index, layer, start, {site.hook_name: edit})
 
 
 # ----------------------------------------------------------------------------------- display
@@ -745,7 +757,7 @@ def tick_labels(
     return out
 
 
-def _token_text(model: Any, tokens: Tensor, position: int) -> str:
+def _token_text(model: Model, tokens: Tensor, position: int) -> str:
     tokenizer = getattr(model, "tokenizer", None)
     token = int(tokens[0, position])
     if tokenizer is None:
@@ -796,6 +808,7 @@ def resolve_inputs(
         check_choice("ablation", ablation, ["zero", "mean", "resample"], also="None")
     if direction is not None:
         check_choice("direction", direction, ["denoising", "noising"], also="None")
+    corrupt_tokens: Tensor | None
     if isinstance(clean, PromptPairs):
         if corrupt is not None and not isinstance(corrupt, PromptPairs):
             raise InvalidArgumentError(
@@ -836,7 +849,9 @@ def resolve_inputs(
                 "prompts, or ablation='zero' / 'mean' / 'resample' to ablate in the clean run."
             )
         method = direction  # type: ignore[assignment]
-    if method in ("denoising", "noising") and corrupt_tokens.shape != clean_tokens.shape:  # type: ignore[union-attr]
+    aligned = corrupt_tokens is None or corrupt_tokens.shape == clean_tokens.shape
+    if method in ("denoising", "noising") and not aligned:
+        assert corrupt_tokens is not None
         raise PromptLengthError(
             f"Expected clean and corrupt token batches of the same shape (positions are "
             f"patched one for one); got {tuple(clean_tokens.shape)} clean and "
@@ -851,6 +866,8 @@ def resolve_inputs(
             ref_tokens, ref_mask = reference
         else:
             ref_tokens, ref_mask = token_batch(model, reference)
+    base: Tensor | None
+    source: Tensor | None
     if method == "denoising":
         base, source = corrupt_tokens, clean_tokens
     elif method == "noising":

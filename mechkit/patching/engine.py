@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
@@ -128,11 +129,11 @@ class BaseRun:
         (1, 3, 2, (1, 3, 4, 32))
     """
 
-    tokens: Tensor  # (batch, pos)
+    tokens: Int[Tensor, "batch pos"]
     resid_pre: list[Tensor]  # per layer (batch, pos, d_model)
     keys: list[Tensor]  # per layer, what attention appends to its cache (batch, pos, kv, d_head)
     values: list[Tensor]
-    logits: Tensor  # (batch, pos, d_vocab)
+    logits: Float[Tensor, "batch pos d_vocab"]
     acts: dict[str, Tensor]  # requested hook activations, full
 
     @property
@@ -165,7 +166,11 @@ def check_supported(model: Model) -> None:
 
 
 @torch.no_grad()
-def run_base(model: Any, tokens: Tensor, hook_names: set[str] | frozenset = frozenset()) -> BaseRun:
+def run_base(
+    model: Model,
+    tokens: Int[Tensor, "batch pos"],
+    hook_names: set[str] | frozenset[str] = frozenset(),
+) -> BaseRun:
     """Run ``tokens`` block by block, keeping what the staircase runs need (and the
     activations at ``hook_names``).
 
@@ -199,7 +204,7 @@ def run_base(model: Any, tokens: Tensor, hook_names: set[str] | frozenset = froz
 # ----------------------------------------------------------------------------------- metrics
 
 
-def metric_positions(metric: Any) -> Tensor | None | bool:
+def metric_positions(metric: Any) -> Int[Tensor, " batch"] | None | bool:
     """The answer positions a mechkit metric reads; False when it is a plain callable.
 
     Example:
@@ -254,6 +259,16 @@ class MetricReader:
                     f"{self.positions.tolist()}."
                 )
 
+    @property
+    def answer_positions(self) -> Int[Tensor, " batch"]:
+        """The positions the metric reads (a mechkit metric only: ``full`` is False)."""
+        if self.positions is None:
+            raise InvalidTypeError(
+                "Expected a mechkit Metric (it names its answer positions); this metric reads "
+                "the full logits."
+            )
+        return self.positions
+
     def score(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
         """``(mean score, per-prompt scores or None)`` for one patch's logits."""
         value = check_metric_value(self.metric(logits), logits.shape[0])
@@ -276,7 +291,7 @@ class MetricReader:
 # ----------------------------------------------------------------------------------- memory
 
 
-def _bytes_per_row(model: Any, seq: int, suffix: int, full_logits: bool) -> int:
+def _bytes_per_row(model: Model, seq: int, suffix: int, full_logits: bool) -> int:
     """A generous estimate of the peak memory one row of a staircase batch needs."""
     cfg = model.cfg
     item = torch.finfo(cfg.dtype).bits // 8
@@ -290,7 +305,7 @@ def _bytes_per_row(model: Any, seq: int, suffix: int, full_logits: bool) -> int:
 
 
 def plan_chunks(
-    model: Any, base: BaseRun, jobs: list[PatchJob], budget: int, full_logits: bool
+    model: Model, base: BaseRun, jobs: list[PatchJob], budget: int, full_logits: bool
 ) -> list[list[PatchJob]]:
     """Group jobs by start position, order by layer, and cut into chunks that fit ``budget``.
 
@@ -336,7 +351,7 @@ _MERGE_TOKENS = 2048
 
 
 def run_jobs(
-    model: Any,
+    model: Model,
     base: BaseRun,
     jobs: list[PatchJob],
     reader: MetricReader,
@@ -374,7 +389,7 @@ def _run_with_split(
 
 @torch.no_grad()
 def _run_chunk(
-    model: Any, base: BaseRun, chunk: list[PatchJob], reader: MetricReader
+    model: Model, base: BaseRun, chunk: list[PatchJob], reader: MetricReader
 ) -> list[JobResult]:
     """One staircase batch from the chunk's first start on; rows join at their job's layer."""
     start = min(job.start for job in chunk)
@@ -401,7 +416,7 @@ def _run_chunk(
             if rows.start < act.shape[0]:
                 captured[i][hook.name] = act[rows].clone()
 
-    hooks = [(name, edit_hook) for name in edits_at]
+    hooks: list[tuple[str, Callable[..., Any]]] = [(name, edit_hook) for name in edits_at]
     hooks += [(name, capture_hook) for name in captures_at]
     x: Tensor | None = None
     next_job = 0
@@ -411,7 +426,7 @@ def _run_chunk(
     if answers_only:
         # the last block's MLP only at the answer positions: after its attention (which needs
         # every position's keys and values) the residual keeps one position per row
-        relative = (reader.positions.to(base.tokens.device) - start).clamp(min=0)
+        relative = (reader.answer_positions.to(base.tokens.device) - start).clamp(min=0)
 
         def answer_rows(act: Tensor, hook: Any) -> Tensor:
             rows = torch.arange(act.shape[0], device=act.device)
@@ -444,7 +459,7 @@ def _run_chunk(
 
 
 def _answers_only(
-    model: Any, reader: MetricReader, edits_at: dict[str, Any], captures_at: dict[str, Any]
+    model: Model, reader: MetricReader, edits_at: dict[str, Any], captures_at: dict[str, Any]
 ) -> bool:
     """Whether the last block can run its MLP at the answer positions only: the metric reads
     only those, and nothing is edited or captured in the last block after ``hook_resid_mid``
@@ -459,7 +474,7 @@ def _answers_only(
 
 
 def _score_rows(
-    model: Any,
+    model: Model,
     base: BaseRun,
     chunk: list[PatchJob],
     resid: Tensor,
@@ -475,7 +490,7 @@ def _score_rows(
         prefix = base.logits[:, :start].repeat(copies, 1, 1)
         logits = torch.cat([prefix, suffix_logits], dim=1)
     else:
-        positions = reader.positions.to(resid.device)
+        positions = reader.answer_positions.to(resid.device)
         relative = (positions - start).repeat(copies)  # (copies*batch,)
         inside = relative >= 0
         rows = torch.arange(resid.shape[0], device=resid.device)
@@ -492,7 +507,9 @@ def _score_rows(
     return results
 
 
-def base_score(reader: MetricReader, base: BaseRun) -> tuple[Tensor, Tensor | None]:
+def base_score(
+    reader: MetricReader, base: BaseRun
+) -> tuple[Float[Tensor, ""], Float[Tensor, " batch"] | None]:
     """The metric on the unpatched base run, read the same way as the patched runs.
 
     Example:
@@ -504,7 +521,9 @@ def base_score(reader: MetricReader, base: BaseRun) -> tuple[Tensor, Tensor | No
     return score_logits(reader, base.logits)
 
 
-def score_logits(reader: MetricReader, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+def score_logits(
+    reader: MetricReader, logits: Float[Tensor, "batch pos d_vocab"]
+) -> tuple[Float[Tensor, ""], Float[Tensor, " batch"] | None]:
     """The metric on full ``(batch, pos, d_vocab)`` logits of an unpatched run.
 
     Example:
@@ -516,7 +535,7 @@ def score_logits(reader: MetricReader, logits: Tensor) -> tuple[Tensor, Tensor |
     if reader.full:
         return reader.score(logits)
     rows = torch.arange(logits.shape[0], device=logits.device)
-    return reader.score(logits[rows, reader.positions.to(logits.device)])
+    return reader.score(logits[rows, reader.answer_positions.to(logits.device)])
 
 
 def first_difference(a: Tensor, b: Tensor, position_axis: int) -> int | None:

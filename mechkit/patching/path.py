@@ -128,7 +128,8 @@ def path_patch(
         model, contrast, reader, base_value, source_logits
     )
     to_final = receiver_sites is None
-    last_receiver = cfg.n_layers if to_final else max(s.layer for s in receiver_sites)
+    receiver_list = receiver_sites or []
+    last_receiver = cfg.n_layers if to_final else max(_layer(s) for s in receiver_list)
 
     # step 1: sender patched, every other head frozen; record the receivers' inputs
     freeze = {j: base.acts[f"blocks.{j}.attn.hook_z"] for j in range(cfg.n_layers)}
@@ -141,13 +142,13 @@ def path_patch(
             source[site.hook_name][site.with_(position=None).index(source[site.hook_name].ndim)],
             1,
         )
-        if start is None or site.layer >= last_receiver:
+        if start is None or _layer(site) >= last_receiver:
             noop.append(index)
             continue
         capture = (
             ()
             if to_final
-            else tuple(sorted({r.hook_name for r in receiver_sites if r.layer > site.layer}))
+            else tuple(sorted({r.hook_name for r in receiver_list if _layer(r) > _layer(site)}))
         )
         job = _sender_job(
             index, site, start, source[site.hook_name], freeze, seq, cfg.n_layers, capture
@@ -177,7 +178,7 @@ def path_patch(
             second = []
             for job in jobs:
                 values, recorded_from = recorded[job.key]
-                edits = _receiver_edits(receiver_sites, values, recorded_from, job.layer)
+                edits = _receiver_edits(receiver_list, values, recorded_from, job.layer)
                 first = min(int(name.split(".")[1]) for name in edits)
                 second.append(engine.PatchJob(job.key, first, job.start, edits))
             for chunk in engine.run_jobs(model, base, second, reader, budget=budget, progress=bar):
@@ -197,9 +198,15 @@ def path_patch(
         corrupt_score=corrupt_score,
         method=contrast.method,
         site="path to "
-        + (FINAL_RESIDUAL if to_final else ", ".join(r.label for r in receiver_sites)),
+        + (FINAL_RESIDUAL if to_final else ", ".join(r.label for r in receiver_list)),
         metric_name=metric_name(contrast.metric),
     )
+
+
+def _layer(site: Site) -> int:
+    """The layer of a resolved sender or receiver site (every one has a layer)."""
+    assert site.layer is not None
+    return site.layer
 
 
 def _store(
@@ -241,6 +248,7 @@ def _senders(
     model: Model, senders: Any, layers: Sequence[int] | None
 ) -> tuple[tuple[str, ...], dict[str, list[Any]], list[tuple[tuple[int, ...], Site]]]:
     cfg = model.cfg
+    cells: list[tuple[tuple[int, ...], Site]]
     if isinstance(senders, str) and senders not in ("heads", "mlps", "all"):
         raise InvalidSiteError(  # a choice of sites: the same error as a bad list of Sites
             f"Expected senders 'heads', 'mlps', 'all' or a list of Sites; got {senders!r}."
@@ -300,13 +308,13 @@ def _sender_job(
         rows[index] = source.narrow(1, first, seq - first)[index]
 
     edits[site.hook_name] = set_sender
-    for j in range(site.layer + 1, n_layers):
+    for j in range(_layer(site) + 1, n_layers):
 
         def freeze_heads(rows: Tensor, first: int, frozen: Tensor = freeze[j]) -> None:
             rows.copy_(frozen.narrow(1, first, seq - first))
 
         edits[f"blocks.{j}.attn.hook_z"] = freeze_heads
-    return engine.PatchJob(key, site.layer, start, edits, capture)
+    return engine.PatchJob(key, _layer(site), start, edits, capture)
 
 
 def _receiver_edits(
@@ -315,7 +323,7 @@ def _receiver_edits(
     """Edits writing the recorded inputs (positions ``recorded_from``..) into the receivers."""
     by_hook: dict[str, list[int]] = {}
     for r in receivers:
-        if r.layer > sender_layer:
+        if _layer(r) > sender_layer and r.head is not None:
             by_hook.setdefault(r.hook_name, []).append(r.head)
     edits: dict[str, engine.Edit] = {}
     for name, heads in by_hook.items():

@@ -7,6 +7,7 @@ import warnings
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from mechkit.core.names import head_name, neuron_name
@@ -50,8 +51,8 @@ class PatchResult:
         (0.0, [[0.20000000298023224, 0.8999999761581421]])
     """
 
-    scores: Tensor
-    per_prompt: Tensor | None
+    scores: Float[Tensor, "*axes"]
+    per_prompt: Float[Tensor, "*axes prompt"] | None
     axes: tuple[str, ...]
     labels: dict[str, list[Any]]
     tick_labels: dict[str, list[str]]

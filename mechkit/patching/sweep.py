@@ -110,7 +110,7 @@ def _batch(pairs: PromptPairs, rows: slice) -> PromptPairs:
     """Rows of ``pairs`` at the full padded width, so a position means the same in each batch."""
     if rows == slice(0, len(pairs)):
         return pairs
-    changes = {}
+    changes: dict[str, Any] = {}
     for field in dataclasses.fields(pairs):
         value = getattr(pairs, field.name)
         if isinstance(value, torch.Tensor | tuple):
@@ -600,6 +600,7 @@ def _write_png(result: PatchResult, title: str, path: str) -> None:
         ax.set(xlabel=cols, ylabel=rows, title=f"{' x '.join(middle)} {names[k]}" if middle else "")
     more = f" (first {shown} of {len(grids)} panels; all in the HTML)" if shown < len(grids) else ""
     fig.suptitle(title + more)
+    assert image is not None  # at least one panel is shown
     fig.colorbar(image, ax=axes, label=result.metric_name, shrink=0.8)
     fig.savefig(path, format="png", dpi=100)
 

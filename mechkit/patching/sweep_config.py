@@ -60,7 +60,11 @@ __all__ = [
     "load_config",
 ]
 
-METRICS = {"logit_diff": LogitDiff, "prob_diff": ProbDiff, "cross_entropy": CrossEntropy}
+METRICS: dict[str, type[LogitDiff] | type[ProbDiff] | type[CrossEntropy]] = {
+    "logit_diff": LogitDiff,
+    "prob_diff": ProbDiff,
+    "cross_entropy": CrossEntropy,
+}
 GENERATORS = ("ioi", "repeated_tokens")
 
 CONFIG_KEYS: tuple[tuple[str, str], ...] = (
@@ -257,7 +261,7 @@ class SweepEntry:
         heads = self.heads
         if not isinstance(heads, list | tuple) or not any(isinstance(h, str) for h in heads):
             return
-        named = []
+        named: list[tuple[int, int]] = []
         for value in heads:
             try:
                 node = parse_node(value) if isinstance(value, str) else None
