@@ -33,10 +33,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Literal, cast
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechkit.core.batching import check_budget, parse_budget
+from mechkit.core.batching import check_budget, each_batch, parse_budget, prompts_per_pass
 from mechkit.core.inputs import Ablation, Contrast, Direction, reference_mean, resolve_contrast
 from mechkit.core.labels import metric_name
 from mechkit.core.progress import progress_bar
@@ -62,6 +62,7 @@ __all__ = [
     "plan_patch",
     "PatchPlan",
     "PATCHABLE",
+    "PaddedPrompts",
     "RESIDUAL_SITES",
     "HEAD_SITES",
     "NEURON_SITES",
@@ -105,6 +106,7 @@ def activation_patch(
     ablation: Ablation | None = None,
     reference: Any = None,
     seed: int = 0,
+    batch_size: int | None = None,
     memory_budget: int | str | None = None,
     progress: bool = True,
 ) -> PatchResult:
@@ -131,6 +133,10 @@ def activation_patch(
             ``seed`` fixes the draw).
         reference: prompts for mean and resample ablation; by default the corrupt prompts (or
             the clean ones when there are none).
+        batch_size: prompts per sweep (None: all at once; splitting needs a mechkit Metric).
+            Each cell's score is the mean over all prompts (batches weighted by their size);
+            mean ablation averages over the whole reference set; resample ablation cannot be
+            split (each prompt draws from the whole reference set).
         memory_budget: bytes (or ``"2GB"``) a batch may use; None: 2 GiB on CPU, 60% of free
             memory on CUDA. A batch that still runs out of memory is split and retried.
         progress: show a progress bar.
@@ -148,15 +154,18 @@ def activation_patch(
         (('layer', 'head'), (2, 4), 'denoising')
     """
     check_budget(memory_budget)
+    contrast = resolve_contrast(
+        model, clean, corrupt, metric, direction=direction, ablation=ablation, reference=reference
+    )
+    size = prompts_per_pass(contrast.n_prompts, batch_size, contrast.metric)
     kwargs: dict[str, Any] = {
         "site": site, "positions": positions, "layers": layers, "heads": heads,
         "neurons": neurons, "direction": direction, "ablation": ablation,
         "reference": reference, "seed": seed,
     }  # fmt: skip
+    if size < contrast.n_prompts:
+        return _in_batches(model, contrast, size, kwargs, memory_budget, progress)
     if corrupt is None and isinstance(clean, PromptPairs):
-        contrast = resolve_contrast(
-            model, clean, None, metric, direction=direction, ablation=ablation, reference=reference
-        )
         buckets = _length_buckets(clean, contrast.metric, site, positions, contrast.ablation)
         if buckets is not None:
             return _bucketed(model, clean, contrast, buckets, kwargs, memory_budget, progress)
@@ -165,6 +174,82 @@ def activation_patch(
     for chunk in plan.run(memory_budget=memory_budget, progress=progress):
         done.update(chunk)
     return plan.result(done)
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddedPrompts:
+    """Token ids of right-padded prompts with their mask, taken wherever prompts are (as
+    :func:`mechkit.tokens.token_batch` reads them): a batch cut from a larger one, or a
+    reference set whose padding must be known.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> prompts = PaddedPrompts(torch.tensor([[1, 2, 3], [1, 4, 0]]),
+        ...                         torch.tensor([[True, True, True], [True, True, False]]))
+        >>> c = mk.core.resolve_contrast(model, prompts, ablation="mean", needs_metric=False)
+        >>> c.reference_mask.sum().item()
+        5
+    """
+
+    clean_tokens: Int[Tensor, "batch pos"]
+    clean_mask: Bool[Tensor, "batch pos"]
+
+
+def _in_batches(
+    model: Model,
+    contrast: Contrast,
+    size: int,
+    kwargs: dict[str, Any],
+    memory_budget: int | str | None,
+    progress: bool,
+) -> PatchResult:
+    """The sweep run on ``size`` prompts at a time (at the full padded width, so a position
+    means the same in every batch): each cell's score the size-weighted mean of the batches'."""
+    if contrast.ablation == "resample":
+        raise InvalidArgumentError(
+            "Expected batch_size=None for resample ablation (each prompt draws from the whole "
+            f"reference set); got batch_size={size}, which splits the {contrast.n_prompts} "
+            "prompts."
+        )
+    n = contrast.n_prompts
+    sub_kwargs = dict(kwargs, direction=contrast.direction, ablation=contrast.ablation)
+    if contrast.reference_tokens is not None and contrast.reference_mask is not None:
+        sub_kwargs["reference"] = PaddedPrompts(contrast.reference_tokens, contrast.reference_mask)
+    parts: list[tuple[int, PatchResult]] = []
+
+    def work(rows: slice) -> None:
+        corrupt = None
+        if contrast.corrupt_tokens is not None and contrast.corrupt_mask is not None:
+            corrupt = PaddedPrompts(contrast.corrupt_tokens[rows], contrast.corrupt_mask[rows])
+        part = activation_patch(
+            model,
+            PaddedPrompts(contrast.clean_tokens[rows], contrast.clean_mask[rows]),
+            corrupt,
+            contrast.metric.select(rows),
+            memory_budget=memory_budget,
+            progress=progress,
+            **sub_kwargs,
+        )
+        parts.append((rows.stop - rows.start, part))
+
+    each_batch(n, size, work)
+    first = parts[0][1]
+
+    def mean(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        if len(known) < len(values):
+            return None
+        return sum(v * k for v, (k, _) in zip(known, parts, strict=True)) / n
+
+    tensors = [part.per_prompt for _, part in parts if part.per_prompt is not None]
+    per_prompt = torch.cat(tensors, dim=-1) if len(tensors) == len(parts) else None
+    return dataclasses.replace(
+        first,
+        scores=torch.stack([part.scores * k for k, part in parts]).sum(0) / n,
+        per_prompt=per_prompt,
+        clean_score=mean([part.clean_score for _, part in parts]),
+        corrupt_score=mean([part.corrupt_score for _, part in parts]),
+    )
 
 
 def _bucketed(

@@ -52,7 +52,7 @@ from mechkit.core.progress import progress_bar
 from mechkit.core.types import Model
 from mechkit.errors import FileFormatError, MechkitError, OutputFolderError, SweepConfigError
 from mechkit.models import load_model
-from mechkit.patching.activation import PatchPlan, plan_cells, plan_patch
+from mechkit.patching.activation import PaddedPrompts, PatchPlan, plan_cells, plan_patch
 from mechkit.patching.result import PatchResult
 from mechkit.patching.sweep_config import (
     CONFIG_KEYS,
@@ -301,16 +301,6 @@ def _output_names(config: SweepConfig) -> list[str]:
     return names + ([PARQUET] if config.format == "parquet" else [])
 
 
-@dataclasses.dataclass(frozen=True)
-class _Prompts:
-    """Padded prompts with their mask, as :func:`mechkit.tokens.token_batch` reads them (it
-    takes any object with ``clean_tokens`` and ``clean_mask``): the reference set of mean and
-    resample ablation, padding and all."""
-
-    clean_tokens: torch.Tensor  # (batch, pos)
-    clean_mask: torch.Tensor  # (batch, pos)
-
-
 @dataclasses.dataclass
 class _Setup:
     model: Model
@@ -353,7 +343,7 @@ def _compute(
     bar = progress_bar(total, "sweep", enabled=progress, unit="cell", initial=already, leave=True)
     reference = None
     if config.ablation in ("mean", "resample"):  # the whole dataset's corrupt prompts
-        reference = _Prompts(pairs.corrupt_tokens, pairs.corrupt_mask)
+        reference = PaddedPrompts(pairs.corrupt_tokens, pairs.corrupt_mask)
     computed = 0
     try:
         for i, (entry, name) in enumerate(zip(config.sweeps, config.entry_names, strict=True)):

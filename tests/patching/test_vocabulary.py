@@ -12,6 +12,7 @@ import torch
 import mechkit as mk
 from mechkit.attribution.node import AttributionComparison
 from mechkit.patching import engine, sweep_config
+from mechkit.patching.activation import PaddedPrompts
 from mechkit.patching.result import PatchResult
 from tests.conftest import hook_count
 
@@ -104,16 +105,9 @@ def test_mean_ablation_over_a_padded_reference_is_the_mean_over_its_real_tokens(
         expected = float(metric(toy(clean)))
     ours = mk.activation_patch(
         toy, clean, None, metric, site=[mk.Site("z", layer=1, head=2)], ablation="mean",
-        reference=_Padded(padded, mask), progress=False,
+        reference=PaddedPrompts(padded, mask), progress=False,
     )  # fmt: skip
     assert abs(float(ours.scores[0]) - expected) < 1e-4
-
-
-class _Padded:
-    """Padded prompts with their mask, as token_batch reads them."""
-
-    def __init__(self, tokens, mask):
-        self.clean_tokens, self.clean_mask = tokens, mask
 
 
 def _plain_path_to_logits(model, clean, sender, value):
@@ -261,3 +255,43 @@ def test_moved_names_are_the_cores_and_errors_live_in_errors():
     assert sweep_config.SweepConfigError is mk.errors.SweepConfigError
     assert sweep_config.PromptsTooLongError is mk.errors.PromptsTooLongError
     assert issubclass(mk.errors.PromptsTooLongError, mk.errors.ContextLengthError)
+
+
+def _pairs():
+    generator = torch.Generator().manual_seed(5)
+    clean, corrupt = [], []
+    for length in (6, 8, 8, 7, 6):  # unequal lengths: padded batches
+        row = [0] + torch.randint(1, 500, (length - 1,), generator=generator).tolist()
+        bad = list(row)
+        bad[1] = int(torch.randint(1, 500, (), generator=generator))
+        clean.append(row)
+        corrupt.append(bad)
+    return mk.PromptPairs.from_tokens(clean, corrupt, [7, 8, 9, 10, 11], [12, 13, 14, 15, 16])
+
+
+@pytest.mark.parametrize(
+    ("site", "ablation"), [("resid_pre", None), ("z", "mean"), ("z", "zero"), ("pattern", None)]
+)
+def test_activation_patch_in_batches_equals_one_batch(toy, site, ablation):
+    pairs = _pairs()
+    whole = mk.activation_patch(toy, pairs, site=site, ablation=ablation, progress=False)
+    parts = mk.activation_patch(
+        toy, pairs, site=site, ablation=ablation, batch_size=2, progress=False
+    )
+    assert parts.axes == whole.axes and parts.labels == whole.labels
+    assert torch.allclose(parts.scores, whole.scores, atol=1e-4)
+    assert torch.allclose(parts.per_prompt, whole.per_prompt, atol=1e-4)
+    assert abs(parts.clean_score - whole.clean_score) < 1e-4
+    assert abs(parts.corrupt_score - whole.corrupt_score) < 1e-4
+    assert hook_count(toy) == 0
+
+
+def test_activation_patch_batches_refuse_what_cannot_be_split(toy, runs):
+    pairs = _pairs()
+    with pytest.raises(mk.InvalidArgumentError, match="resample"):
+        mk.activation_patch(toy, pairs, ablation="resample", batch_size=2, progress=False)
+    clean, corrupt = runs
+    with pytest.raises(mk.InvalidTypeError, match="mechkit Metric"):
+        mk.activation_patch(toy, clean, corrupt, metric, batch_size=2, progress=False)
+    with pytest.raises(mk.InvalidArgumentError, match="batch_size"):
+        mk.activation_patch(toy, clean, corrupt, metric, batch_size=0, progress=False)
