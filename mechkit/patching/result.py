@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import warnings
 from typing import Any
 
@@ -273,6 +274,4 @@ def _fmt(value: float | None) -> str:
 
 
 def _product(tick_labels: dict[str, list[str]], axes: tuple[str, ...]) -> list[tuple[str, ...]]:
-    import itertools
-
     return list(itertools.product(*[tick_labels[a] for a in axes]))

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -217,7 +218,7 @@ def _run(
     progress: bool,
     log: Callable[[str], None] | None,
 ) -> SweepRun:
-    import mechkit
+    import mechkit  # the package imports its subpackages: its version is read at call time
 
     start = time.perf_counter()
     say = log or (lambda _msg: None)
@@ -542,8 +543,6 @@ def _export(
 def _write_png(result: PatchResult, title: str, path: str) -> None:
     """A static heatmap with matplotlib (no browser needed): rows = first axis, columns = last,
     one panel per value of the axes between (e.g. one layer x head panel per position)."""
-    import itertools
-
     from matplotlib.figure import Figure
 
     z = result.scores.float().numpy()

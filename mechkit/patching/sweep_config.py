@@ -700,7 +700,7 @@ def config_identity(config: SweepConfig) -> dict[str, Any]:
         ['ablation', 'batch_size', 'direction', 'dtype', 'mechkit', 'metric', 'model', 'prompts',
          'seed', 'sweeps']
     """
-    import mechkit
+    import mechkit  # the package imports its subpackages: its version is read at call time
 
     data = config.to_dict()
     for key in ("device", "memory_budget", "format", "out"):
