@@ -29,7 +29,7 @@ a list of :class:`Site`        ``(site,)``: each site as given (its own head/pos
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, cast
 
 import torch
@@ -164,7 +164,15 @@ def activation_patch(
         "reference": reference, "seed": seed,
     }  # fmt: skip
     if size < contrast.n_prompts:
-        return _in_batches(model, contrast, size, kwargs, memory_budget, progress)
+        return patch_in_batches(
+            activation_patch,
+            model,
+            contrast,
+            size,
+            memory_budget=memory_budget,
+            progress=progress,
+            **kwargs,
+        )
     if corrupt is None and isinstance(clean, PromptPairs):
         buckets = _length_buckets(clean, contrast.metric, site, positions, contrast.ablation)
         if buckets is not None:
@@ -195,16 +203,30 @@ class PaddedPrompts:
     clean_mask: Bool[Tensor, "batch pos"]
 
 
-def _in_batches(
+def patch_in_batches(
+    method: Callable[..., PatchResult],
     model: Model,
     contrast: Contrast,
     size: int,
-    kwargs: dict[str, Any],
-    memory_budget: int | str | None,
-    progress: bool,
+    **kwargs: Any,
 ) -> PatchResult:
-    """The sweep run on ``size`` prompts at a time (at the full padded width, so a position
-    means the same in every batch): each cell's score the size-weighted mean of the batches'."""
+    """``method(model, clean, corrupt, metric, **kwargs)`` (a patching function such as
+    :func:`activation_patch`) run on ``size`` prompts of ``contrast`` at a time, at the full
+    padded width so that a position means the same in every batch; each cell's score is the
+    size-weighted mean of the batches' (the metric's mean over all prompts), per-prompt scores
+    are joined, and mean ablation averages over the whole reference set.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> pairs = mk.PromptPairs.from_tokens([[1, 2, 3], [1, 4, 5], [1, 6, 7]],
+        ...                                    [[1, 8, 3], [1, 9, 5], [1, 10, 7]], [2, 3, 4],
+        ...                                    [5, 6, 7])
+        >>> c = mk.core.resolve_contrast(model, pairs)
+        >>> r = patch_in_batches(activation_patch, model, c, 2, site="z", progress=False)
+        >>> whole = activation_patch(model, pairs, site="z", progress=False)
+        >>> bool(torch.allclose(r.scores, whole.scores, atol=1e-5)), tuple(r.per_prompt.shape)
+        (True, (2, 4, 3))
+    """
     if contrast.ablation == "resample":
         raise InvalidArgumentError(
             "Expected batch_size=None for resample ablation (each prompt draws from the whole "
@@ -213,6 +235,7 @@ def _in_batches(
         )
     n = contrast.n_prompts
     sub_kwargs = dict(kwargs, direction=contrast.direction, ablation=contrast.ablation)
+    sub_kwargs.pop("batch_size", None)
     if contrast.reference_tokens is not None and contrast.reference_mask is not None:
         sub_kwargs["reference"] = PaddedPrompts(contrast.reference_tokens, contrast.reference_mask)
     parts: list[tuple[int, PatchResult]] = []
@@ -221,13 +244,11 @@ def _in_batches(
         corrupt = None
         if contrast.corrupt_tokens is not None and contrast.corrupt_mask is not None:
             corrupt = PaddedPrompts(contrast.corrupt_tokens[rows], contrast.corrupt_mask[rows])
-        part = activation_patch(
+        part = method(
             model,
             PaddedPrompts(contrast.clean_tokens[rows], contrast.clean_mask[rows]),
             corrupt,
             contrast.metric.select(rows),
-            memory_budget=memory_budget,
-            progress=progress,
             **sub_kwargs,
         )
         parts.append((rows.stop - rows.start, part))

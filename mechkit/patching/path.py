@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mechkit.core.batching import check_budget, parse_budget
+from mechkit.core.batching import check_budget, parse_budget, prompts_per_pass
 from mechkit.core.inputs import Ablation, Direction, resolve_contrast
 from mechkit.core.labels import metric_name
 from mechkit.core.progress import progress_bar
@@ -31,6 +31,7 @@ from mechkit.patching import engine
 from mechkit.patching.activation import (
     choose,
     clean_and_corrupt,
+    patch_in_batches,
     source_acts,
     tick_labels,
 )
@@ -58,6 +59,7 @@ def path_patch(
     reference: Any = None,
     seed: int = 0,
     layers: Sequence[int] | None = None,
+    batch_size: int | None = None,
     memory_budget: int | str | None = None,
     progress: bool = True,
 ) -> PatchResult:
@@ -89,7 +91,8 @@ def path_patch(
             the last layer (negative indices count from the end and are labelled by their
             positive index); a layer outside ``[-n_layers, n_layers)`` raises
             :class:`InvalidSiteError`.
-        memory_budget, progress: as for :func:`activation_patch`.
+        batch_size, memory_budget, progress: as for :func:`activation_patch` (``batch_size``
+            prompts at a time, scores their size-weighted mean).
 
     Returns:
         A :class:`PatchResult`; a sender at or after every receiver's layer cannot reach it and
@@ -112,6 +115,21 @@ def path_patch(
     contrast = resolve_contrast(
         model, clean, corrupt, metric, direction=direction, ablation=ablation, reference=reference
     )
+    size = prompts_per_pass(contrast.n_prompts, batch_size, contrast.metric)
+    if size < contrast.n_prompts:
+        return patch_in_batches(
+            path_patch,
+            model,
+            contrast,
+            size,
+            senders=senders,
+            receivers=receivers,
+            reference=reference,
+            seed=seed,
+            layers=layers,
+            memory_budget=memory_budget,
+            progress=progress,
+        )
     cfg = model.cfg
     n_batch, seq = contrast.base_tokens.shape
     receiver_sites = _receivers(model, receivers)

@@ -295,3 +295,17 @@ def test_activation_patch_batches_refuse_what_cannot_be_split(toy, runs):
         mk.activation_patch(toy, clean, corrupt, metric, batch_size=2, progress=False)
     with pytest.raises(mk.InvalidArgumentError, match="batch_size"):
         mk.activation_patch(toy, clean, corrupt, metric, batch_size=0, progress=False)
+
+
+def test_path_patch_in_batches_equals_one_batch(toy):
+    pairs = _pairs()
+    receivers = [mk.Site("q", layer=1, head=2), mk.Site("v", layer=1, head=0)]
+    for ablation in (None, "mean"):
+        whole = mk.path_patch(toy, pairs, receivers=receivers, ablation=ablation, progress=False)
+        parts = mk.path_patch(
+            toy, pairs, receivers=receivers, ablation=ablation, batch_size=2, progress=False
+        )
+        assert torch.allclose(parts.scores, whole.scores, atol=1e-4)
+        assert torch.allclose(parts.per_prompt, whole.per_prompt, atol=1e-4)
+        assert abs(parts.clean_score - whole.clean_score) < 1e-4
+    assert hook_count(toy) == 0
