@@ -39,6 +39,8 @@ __all__ = [
     "TrainConfigError",
     "ActivationCacheError",
     "SAEFileError",
+    "SweepConfigError",
+    "PromptsTooLongError",
     "did_you_mean",
     "check_choice",
     "check_batch_size",
@@ -221,3 +223,23 @@ def check_batch_size(value: object, argument: str = "batch_size") -> int | None:
             f"{value!r}. Hint: pass None to run all prompts in one batch."
         )
     return value
+
+
+class SweepConfigError(MechkitError, ValueError):
+    """A ``mechkit sweep`` config key or value that is not valid; the message gives the file and
+    the key's path in it (``sweep.yaml: sweeps[1].positions: expected ...; got 'evry'``)."""
+
+    def __init__(self, path: str, detail: str, source: str | None = None) -> None:
+        self.path, self.detail, self.source = path, detail, source
+        where = ": ".join(p for p in (source, path) if p)
+        super().__init__(f"{where}: {detail}" if where else detail)
+
+    def within(self, prefix: str) -> SweepConfigError:
+        """The same error, its path below ``prefix`` (``sweeps[1]`` + ``positions``)."""
+        sep = "" if not self.path or self.path.startswith("[") else "."
+        return type(self)(prefix + sep + self.path, self.detail, self.source)
+
+
+class PromptsTooLongError(SweepConfigError, ContextLengthError):
+    """A sweep's prompt pairs are longer than the model's context ``n_ctx``; the message names
+    the config key."""

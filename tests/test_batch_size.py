@@ -25,6 +25,12 @@ def _batch_size_calls(toy, toy_tokens, toy_sae, toy_graph):
     clean, corrupt = toy_tokens
     texts = ["a b", "c d"]
     return {
+        "activation_patch": lambda b: mk.activation_patch(
+            toy, clean, corrupt, _metric, batch_size=b, progress=False
+        ),
+        "path_patch": lambda b: mk.path_patch(
+            toy, clean, corrupt, _metric, batch_size=b, progress=False
+        ),
         "attribution_patch": lambda b: mk.attribution_patch(
             toy, clean, corrupt, _metric, batch_size=b
         ),
@@ -67,6 +73,8 @@ def _batch_size_calls(toy, toy_tokens, toy_sae, toy_graph):
 
 
 BATCH_SIZE_FUNCTIONS = [
+    "activation_patch",
+    "path_patch",
     "attribution_patch",
     "edge_attribution",
     "evaluate_circuit",

@@ -7,55 +7,54 @@ run being patched::
     M(patched) ~= M(base) + (a_source - a_base) . dM/da |base
 
 so the whole sweep costs the source run, the base run and one backward pass. ``a_base`` is the
-activation on the run that is patched (corrupt when denoising, clean when noising or ablating),
-``a_source`` the value patched in (clean, corrupt, zero, the mean). The estimate is exact for
-activations the metric depends on linearly and poor where it is not: the residual stream of
-layer 0, MLP 0, and attention whose softmax saturates (Kramár et al.); :func:`compare_attribution`
-measures, on the user's own task, how far the estimate is from the real patch.
+activation on the run that is patched (corrupt when denoising, clean when noising), ``a_source``
+the value patched in (clean, corrupt, zero, the mean). The estimate is exact for activations the
+metric depends on linearly and poor where it is not: the residual stream of layer 0, MLP 0, and
+attention whose softmax saturates (Kramár et al.); :func:`compare_attribution` measures, on the
+user's own task, how far the estimate is from the real patch.
 
 :func:`attribution_patch` takes the arguments of :func:`mechkit.activation_patch` and returns a
-:class:`~mechkit.PatchResult` with the same axes, the same clean and corrupt scores and the same
-``normalized()``, so the two can be compared cell by cell.
-
-    >>> est = mk.attribution_patch(model, pairs, site="z")  # (layer, head) as activation_patch
-    >>> real = mk.activation_patch(model, pairs, site="z")
-    >>> cmp = mk.compare_attribution(model, pairs, site="z")   # correlation, worst cells
+:class:`~mechkit.PatchResult` with the same axes, clean and corrupt scores and ``normalized()``,
+so the two can be compared cell by cell.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
+from mechkit.core.batching import each_batch, prompts_per_pass
+from mechkit.core.inputs import Ablation, Contrast, Direction, resolve_contrast
+from mechkit.core.labels import metric_name
+from mechkit.core.results import rank
+from mechkit.core.types import Model
 from mechkit.errors import (
     InvalidArgumentError,
     InvalidSiteError,
-    InvalidTypeError,
     ShapeError,
-    check_batch_size,
 )
 from mechkit.hook_scope import hook_scope
+from mechkit.metrics import Metric, check_metric_value
 from mechkit.patching.activation import (
-    _metric_name,
-    _plan_cells,
-    _site_name,
-    _source_acts,
-    _tick_labels,
     activation_patch,
-    resolve_inputs,
+    plan_cells,
+    site_name,
+    source_acts,
+    tick_labels,
 )
 from mechkit.patching.result import PatchResult
-from mechkit.sites import Site
+from mechkit.sites import Component, Site
 
 __all__ = ["attribution_patch", "compare_attribution", "AttributionComparison"]
 
 
 def attribution_patch(
-    model: Any,
+    model: Model,
     clean: Any,
     corrupt: Any = None,
     metric: Any = None,
@@ -65,8 +64,8 @@ def attribution_patch(
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
     neurons: Sequence[int] | None = None,
-    direction: Literal["denoising", "noising"] | None = None,
-    ablation: Literal["zero", "mean", "resample"] | None = None,
+    direction: Direction | None = None,
+    ablation: Ablation | None = None,
     reference: Any = None,
     seed: int = 0,
     batch_size: int | None = None,
@@ -82,43 +81,62 @@ def attribution_patch(
         model: a HookedTransformer.
         clean, corrupt, metric: as for :func:`mechkit.activation_patch`. The metric must be
             differentiable (every mechkit metric is).
-        batch_size: prompts per forward/backward pass (None: all at once). Scores are summed
-            over batches exactly, weighted by their size.
+        direction, ablation, reference, seed: as for :func:`mechkit.activation_patch`: every
+            direction and ablation of the core's vocabulary is supported, since the estimate
+            is a Taylor expansion around the run that is patched (the corrupt run when
+            denoising, the clean run when noising) and needs only the value put in, whatever
+            it is.
+        batch_size: prompts per forward/backward pass (None: all at once; splitting needs a
+            mechkit Metric). Scores are summed over batches exactly, weighted by their size. A
+            batch that runs out of memory is split in two and retried.
 
     Returns:
         A :class:`PatchResult` with ``estimator="attribution patching"``.
 
     Example:
-        >>> r = mk.attribution_patch(model, pairs, site="z")
-        >>> r.scores.shape                      # (layer, head)
-        >>> r.normalized().top(5)
+        >>> model = mk.load_model("attn-only-2l")
+        >>> clean = torch.tensor([[1, 2, 3, 4, 2, 3]])
+        >>> corrupt = torch.tensor([[1, 5, 3, 4, 5, 3]])
+        >>> r = mk.attribution_patch(model, clean, corrupt,
+        ...                          lambda logits: logits[:, -1, 4].mean(), site="z")
+        >>> r.axes, tuple(r.scores.shape), r.estimator
+        (('layer', 'head'), (2, 4), 'attribution patching')
     """
-    batch_size = check_batch_size(batch_size)
-    setup = resolve_inputs(model, clean, corrupt, metric, direction, ablation, reference)
-    seq = setup.base_tokens.shape[1]
-    axes, labels, cells = _plan_cells(model, site, positions, layers, heads, neurons, seq)
+    contrast = resolve_contrast(
+        model, clean, corrupt, metric, direction=direction, ablation=ablation, reference=reference
+    )
+    seq = contrast.base_tokens.shape[1]
+    axes, labels, cells = plan_cells(model, site, positions, layers, heads, neurons, seq)
     names = sorted({cell.site.hook_name for cell in cells})
-    n_batch = setup.base_tokens.shape[0]
-    size = batch_size or n_batch
+    n_batch = contrast.n_prompts
+    size = prompts_per_pass(n_batch, batch_size, contrast.metric)
+    if size < n_batch and contrast.ablation == "resample":
+        raise InvalidArgumentError(
+            "Expected batch_size=None for resample ablation (each prompt draws from the whole "
+            f"reference set); got batch_size={batch_size}, which splits the {n_batch} prompts."
+        )
 
     products: dict[str, list[Tensor]] = {name: [] for name in names}  # (batch, ...) each
-    base_values, other_values = [], []
-    reader_metric = setup.metric
-    for start in range(0, n_batch, size):
-        rows = slice(start, min(start + size, n_batch))
-        part = _select(setup, rows, reader_metric)
+    base_values: list[Tensor] = []
+    other_values: list[Tensor] = []
+
+    def work(rows: slice) -> None:
+        part = _select(contrast, rows)
         grads, base_acts, base_per_prompt = _gradients(model, part, names)
-        sources, other_logits = _source_acts(
-            model, part, set(names), _ActsView(base_acts, part), seed
-        )
-        if other_logits is not None:
-            with torch.no_grad():
-                other_values.append(_metric_value(part.metric, other_logits)[1])
+        sources, other_logits = source_acts(model, part, set(names), base_acts, seed)
+        found = {}
         for name in names:
             delta = sources[name].expand_as(base_acts[name]) - base_acts[name]
             # the metric is a mean over the batch: one prompt's own effect is n times its share
-            products[name].append(delta * grads[name] * (rows.stop - rows.start))
+            found[name] = delta * grads[name] * (rows.stop - rows.start)
+        if other_logits is not None:
+            with torch.no_grad():
+                other_values.append(_metric_value(part.metric, other_logits)[1])
+        for name in names:  # kept only once the whole batch succeeded (each_batch retries)
+            products[name].append(found[name])
         base_values.append(base_per_prompt)
+
+    each_batch(n_batch, size, work)
 
     per_prompt_base = torch.cat(base_values)
     base_score = float(per_prompt_base.mean())
@@ -131,18 +149,18 @@ def attribution_patch(
         per_prompt[cell.index] = selected.reshape(n_batch, -1).sum(-1) + per_prompt_base
     scores = per_prompt.mean(-1)
     other = float(torch.cat(other_values).mean()) if other_values else None
-    clean_score, corrupt_score = _clean_and_corrupt_scores(model, setup, base_score, other)
+    clean_score, corrupt_score = _clean_and_corrupt_scores(model, contrast, base_score, other)
     return PatchResult(
         scores=scores,
         per_prompt=per_prompt,
         axes=axes,
         labels=labels,
-        tick_labels=_tick_labels(model, axes, labels, setup.clean_tokens),
+        tick_labels=tick_labels(model, axes, labels, contrast.clean_tokens),
         clean_score=clean_score,
         corrupt_score=corrupt_score,
-        method=setup.method,
-        site=_site_name(site),
-        metric_name=_metric_name(setup.metric),
+        method=contrast.method,
+        site=site_name(site),
+        metric_name=metric_name(contrast.metric),
         estimator="attribution patching",
     )
 
@@ -150,48 +168,29 @@ def attribution_patch(
 # ----------------------------------------------------------------------------------- gradients
 
 
-class _ActsView:
-    """The part of a base run :func:`_source_acts` reads: its activations and token shape."""
-
-    def __init__(self, acts: dict[str, Tensor], setup: Any) -> None:
-        self.acts = acts
-        self.tokens = setup.base_tokens
-
-
-def _select(setup: Any, rows: slice, metric: Any) -> Any:
-    """The setup restricted to ``rows`` of the batch (metric and reference prompts included)."""
-    n = setup.base_tokens.shape[0]
-    if rows.start == 0 and rows.stop == n:
-        return setup
-    from mechkit.metrics import Metric
-
-    if not isinstance(metric, Metric):
-        raise InvalidTypeError(
-            "Expected a mechkit Metric (which can be restricted to a batch) when batch_size "
-            f"splits the prompts; got {type(metric).__name__}. Hint: pass batch_size=None, or a "
-            "metric built from the prompts (mk.LogitDiff.from_pairs(pairs))."
-        )
+def _select(contrast: Contrast, rows: slice) -> Contrast:
+    """The contrast restricted to ``rows`` of the batch (its metric too; the reference set
+    stays whole)."""
+    if rows.start == 0 and rows.stop == contrast.n_prompts:
+        return contrast
 
     def cut(t: Tensor | None) -> Tensor | None:
         return None if t is None else t[rows]
 
-    changes = {
-        "base_tokens": setup.base_tokens[rows],
-        "source_tokens": cut(setup.source_tokens),
-        "clean_tokens": setup.clean_tokens[rows],
-        "corrupt_tokens": cut(setup.corrupt_tokens),
-        "metric": metric.select(rows),
-    }
-    if setup.method == "resample":
-        raise InvalidArgumentError(
-            "Expected batch_size=None for resample ablation (each prompt draws from the whole "
-            "reference set); got a batch size that splits the prompts."
-        )
-    return dataclasses.replace(setup, **changes)
+    assert isinstance(contrast.metric, Metric)  # prompts_per_pass refused other metrics
+    return dataclasses.replace(
+        contrast,
+        clean_tokens=contrast.clean_tokens[rows],
+        clean_mask=contrast.clean_mask[rows],
+        corrupt_tokens=cut(contrast.corrupt_tokens),
+        corrupt_mask=cut(contrast.corrupt_mask),
+        metric=contrast.metric.select(rows),
+        pairs=None,
+    )
 
 
 def _gradients(
-    model: Any, setup: Any, names: list[str]
+    model: Model, contrast: Contrast, names: list[str]
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
     """dM/da at every hook of ``names`` on the base run, the activations, and the per-prompt
     metric of the base run. Parameters get no ``.grad``: only the hooked activations are
@@ -209,8 +208,8 @@ def _gradients(
         torch.enable_grad(),
         hook_scope(model, fwd_hooks=[("hook_embed", leaf)] + [(n, keep) for n in names]),
     ):
-        logits = model(setup.base_tokens)
-        value, per_prompt = _metric_value(setup.metric, logits)
+        logits = model(contrast.base_tokens)
+        value, per_prompt = _metric_value(contrast.metric, logits)
         missing = [n for n in names if n not in acts]
         if missing:
             raise InvalidSiteError(f"Expected the forward pass to reach {missing}; it did not.")
@@ -228,8 +227,6 @@ def _gradients(
 
 def _metric_value(metric: Any, logits: Tensor) -> tuple[Tensor, Tensor]:
     """The scalar to differentiate and the per-prompt values (detached, float, CPU)."""
-    from mechkit.metrics import Metric, check_metric_value
-
     if isinstance(metric, Metric):
         per_prompt = metric.per_prompt(logits)
         return per_prompt.mean(), per_prompt.detach().float().cpu()
@@ -248,21 +245,22 @@ def _metric_value(metric: Any, logits: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def _clean_and_corrupt_scores(
-    model: Any, setup: Any, base_score: float, other: float | None
+    model: Model, contrast: Contrast, base_score: float, other: float | None
 ) -> tuple[float | None, float | None]:
     """The metric on the clean and corrupt runs, as :func:`activation_patch` reports them;
     ``other`` is the source run's score (denoising: clean; noising: corrupt)."""
 
     def score(tokens: Tensor) -> float:
-        return float(_metric_value(setup.metric, model(tokens))[0])
+        return float(_metric_value(contrast.metric, model(tokens))[0])
 
-    if setup.method == "denoising":
+    if contrast.method == "denoising":
         return other, base_score
-    if setup.method == "noising":
+    if contrast.method == "noising":
         return base_score, other
     corrupt = None
-    if setup.corrupt_tokens is not None and setup.corrupt_tokens.shape == setup.clean_tokens.shape:
-        corrupt = score(setup.corrupt_tokens)
+    tokens = contrast.corrupt_tokens
+    if tokens is not None and tokens.shape == contrast.clean_tokens.shape:
+        corrupt = score(tokens)
     return base_score, corrupt
 
 
@@ -271,7 +269,8 @@ def _clean_and_corrupt_scores(
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class AttributionComparison:
-    """Attribution patching beside activation patching on the same cells.
+    """Attribution patching beside activation patching on the same cells
+    (:func:`compare_attribution` makes one; its example shows one in use).
 
     Attributes:
         estimate: the attribution-patching result (every cell).
@@ -281,13 +280,21 @@ class AttributionComparison:
         pearson, spearman: correlation of the estimated and the real normalized scores (of the
             change from the unpatched run when there is no corrupt run to normalize by).
         normalized: whether scores are normalized.
+
+    Example:
+        >>> cmp = AttributionComparison(
+        ...     estimate=None, actual=None, cells=[{"layer": 0}, {"layer": 1}],
+        ...     estimated=torch.tensor([0.5, 0.1]), real=torch.tensor([0.4, 0.9]),
+        ...     pearson=-1.0, spearman=-1.0, normalized=True)
+        >>> cmp.worst(1)
+        [({'layer': 1}, 0.10000000149011612, 0.8999999761581421)]
     """
 
     estimate: PatchResult
     actual: PatchResult
     cells: list[dict[str, Any]]
-    estimated: Tensor
-    real: Tensor
+    estimated: Float[Tensor, " cell"]
+    real: Float[Tensor, " cell"]
     pearson: float
     spearman: float
     normalized: bool
@@ -296,6 +303,22 @@ class AttributionComparison:
         """The ``n`` cells where the estimate misses the real patch most: (cell, est, real)."""
         order = (self.estimated - self.real).abs().argsort(descending=True)[:n]
         return [(self.cells[i], float(self.estimated[i]), float(self.real[i])) for i in order]
+
+    def top(self, n: int = 10, *, absolute: bool = True) -> list[tuple[dict[str, Any], float]]:
+        """The ``n`` cells ranked by the attribution error, ``estimated - real`` (the same
+        quantity as :meth:`worst`), as ``(cell, error)`` pairs, by :func:`~mechkit.core.rank`'s
+        rule: by ``|error|`` when ``absolute`` (the cells the estimate misses most), else by the
+        signed error (the cells it overestimates most); NaN last.
+
+        Example:
+            >>> cmp = AttributionComparison(
+            ...     estimate=None, actual=None, cells=[{"layer": 0}, {"layer": 1}],
+            ...     estimated=torch.tensor([0.5, 0.1]), real=torch.tensor([0.4, 0.9]),
+            ...     pearson=float("nan"), spearman=float("nan"), normalized=True)
+            >>> [(cell, round(error, 2)) for cell, error in cmp.top(2)]
+            [({'layer': 1}, -0.8), ({'layer': 0}, 0.1)]
+        """
+        return rank(self.cells, self.estimated - self.real, n, absolute=absolute)
 
     def to_dataframe(self) -> Any:
         """One row per compared cell: its axes, ``estimated``, ``actual``, ``error``."""
@@ -338,7 +361,7 @@ class AttributionComparison:
 
 
 def compare_attribution(
-    model: Any,
+    model: Model,
     clean: Any,
     corrupt: Any = None,
     metric: Any = None,
@@ -363,8 +386,14 @@ def compare_attribution(
         ``plot()``.
 
     Example:
-        >>> cmp = mk.compare_attribution(model, pairs, site="z")
-        >>> cmp.pearson, cmp.worst(3)
+        >>> model = mk.load_model("attn-only-2l")
+        >>> clean = torch.tensor([[1, 2, 3, 4, 2, 3]])
+        >>> corrupt = torch.tensor([[1, 5, 3, 4, 5, 3]])
+        >>> cmp = mk.compare_attribution(model, clean, corrupt,
+        ...                              lambda logits: logits[:, -1, 4].mean(), site="z",
+        ...                              progress=False)
+        >>> len(cmp.cells), -1.0 <= cmp.pearson <= 1.0, len(cmp.top(3))
+        (8, True, 3)
     """
     estimate = attribution_patch(model, clean, corrupt, metric, site=site, seed=seed, **sweep)
     grids = torch.meshgrid(*[torch.arange(n) for n in estimate.scores.shape], indexing="ij")
@@ -385,11 +414,12 @@ def compare_attribution(
     )
     est = torch.stack([estimate.scores[tuple(i)] for i in flat])
     real = actual.scores.clone()
-    normalized = estimate.clean_score is not None and estimate.corrupt_score is not None
-    if normalized and estimate.clean_score != estimate.corrupt_score:
-        span = estimate.clean_score - estimate.corrupt_score
-        est = (est - estimate.corrupt_score) / span
-        real = (real - estimate.corrupt_score) / span
+    clean_score, corrupt_score = estimate.clean_score, estimate.corrupt_score
+    normalized = clean_score is not None and corrupt_score is not None
+    if clean_score is not None and corrupt_score is not None and clean_score != corrupt_score:
+        span = clean_score - corrupt_score
+        est = (est - corrupt_score) / span
+        real = (real - corrupt_score) / span
     else:
         normalized = False
         est = est - (estimate.base_score or 0.0)
@@ -408,7 +438,7 @@ def compare_attribution(
 
 def _site_of(component: str, cell: dict[str, Any]) -> Site:
     return Site(
-        component,
+        cast(Component, component),
         layer=cell.get("layer"),
         head=cell.get("head"),
         position=cell.get("pos"),

@@ -18,6 +18,17 @@ as ``transformer_lens.patching`` does, the runner
 The result is the same computation as the one-forward-per-patch loop, in a fraction of the
 arithmetic and in a few large batches. Work is chunked to a memory budget; a chunk that runs out
 of memory is split in two and retried.
+
+Example:
+    >>> model = mk.load_model("attn-only-2l")
+    >>> base = run_base(model, torch.tensor([[1, 2, 3, 4]]))
+    >>> reader = MetricReader(lambda logits: logits[:, -1, 3].mean(), base)
+    >>> def zero_head_0(rows, first):  # rows cover positions first.. of block 1's z
+    ...     rows[:, :, 0] = 0.0
+    >>> job = PatchJob("L1H0", layer=1, start=0, edits={"blocks.1.attn.hook_z": zero_head_0})
+    >>> [[(r.key, r.score.ndim) for r in chunk] for chunk in run_jobs(model, base, [job], reader,
+    ...                                                               budget=2**30)]
+    [[('L1H0', 0)]]
 """
 
 from __future__ import annotations
@@ -27,9 +38,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
+from mechkit.core.batching import check_budget, each_batch, is_out_of_memory, parse_budget
+from mechkit.core.types import Model
 from mechkit.errors import (
     InvalidArgumentError,
     InvalidTypeError,
@@ -41,6 +55,27 @@ from mechkit.hook_scope import hook_scope
 from mechkit.lens.logit_lens import decode_residual
 from mechkit.metrics import Metric, Normalized, check_metric_value
 
+__all__ = [
+    "Edit",
+    "PatchJob",
+    "JobResult",
+    "BaseRun",
+    "MetricReader",
+    "run_base",
+    "run_jobs",
+    "plan_chunks",
+    "base_score",
+    "score_logits",
+    "first_difference",
+    "check_supported",
+    "metric_positions",
+    # moved to mechkit.core.batching; re-exported here for the modules that still import them
+    "parse_budget",
+    "check_budget",
+]
+
+_is_oom = is_out_of_memory  # mechkit.graph.edges imports this name; use the core's
+
 Edit = Callable[[Tensor, int], None]
 """An edit: changes, in place, one patch's rows of an activation that covers the positions from
 the batch's first computed position on (given as the second argument) to the end."""
@@ -48,7 +83,8 @@ the batch's first computed position on (given as the second argument) to the end
 
 @dataclasses.dataclass
 class PatchJob:
-    """One patched run: what changes, from which block and position on.
+    """One patched run: what changes, from which block and position on (the module's example
+    runs one).
 
     Attributes:
         key: the job's cell in the result (any hashable).
@@ -74,6 +110,8 @@ class PatchJob:
 
 @dataclasses.dataclass
 class JobResult:
+    """What :func:`run_jobs` returns for one job: its metric, per-prompt scores and captures."""
+
     key: Any
     score: Tensor  # () the metric
     per_prompt: Tensor | None  # (batch,) when the metric gives one value per prompt
@@ -83,13 +121,19 @@ class JobResult:
 
 @dataclasses.dataclass
 class BaseRun:
-    """The reference run's tokens and cached internals."""
+    """The reference run's tokens and cached internals (:func:`run_base` makes one).
 
-    tokens: Tensor  # (batch, pos)
+    Example:
+        >>> base = run_base(mk.load_model("attn-only-2l"), torch.tensor([[1, 2, 3]]))
+        >>> base.batch, base.seq, len(base.resid_pre), tuple(base.keys[0].shape)
+        (1, 3, 2, (1, 3, 4, 32))
+    """
+
+    tokens: Int[Tensor, "batch pos"]
     resid_pre: list[Tensor]  # per layer (batch, pos, d_model)
     keys: list[Tensor]  # per layer, what attention appends to its cache (batch, pos, kv, d_head)
     values: list[Tensor]
-    logits: Tensor  # (batch, pos, d_vocab)
+    logits: Float[Tensor, "batch pos d_vocab"]
     acts: dict[str, Tensor]  # requested hook activations, full
 
     @property
@@ -101,7 +145,12 @@ class BaseRun:
         return self.tokens.shape[1]
 
 
-def check_supported(model: Any) -> None:
+def check_supported(model: Model) -> None:
+    """Refuse models the staircase runs cannot patch (shortformer, several devices).
+
+    Example:
+        >>> check_supported(mk.load_model("attn-only-2l"))  # supported: nothing happens
+    """
     cfg = model.cfg
     if cfg.positional_embedding_type == "shortformer":
         raise UnsupportedModelError(
@@ -117,8 +166,20 @@ def check_supported(model: Any) -> None:
 
 
 @torch.no_grad()
-def run_base(model: Any, tokens: Tensor, hook_names: set[str] | frozenset = frozenset()) -> BaseRun:
-    """Run ``tokens`` block by block, keeping what the staircase runs need."""
+def run_base(
+    model: Model,
+    tokens: Int[Tensor, "batch pos"],
+    hook_names: set[str] | frozenset[str] = frozenset(),
+) -> BaseRun:
+    """Run ``tokens`` block by block, keeping what the staircase runs need (and the
+    activations at ``hook_names``).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> base = run_base(model, torch.tensor([[1, 2, 3]]), {"blocks.0.attn.hook_z"})
+        >>> tuple(base.acts["blocks.0.attn.hook_z"].shape), tuple(base.logits.shape)
+        ((1, 3, 4, 32), (1, 3, 500))
+    """
     check_supported(model)
     acts: dict[str, Tensor] = {}
 
@@ -143,8 +204,13 @@ def run_base(model: Any, tokens: Tensor, hook_names: set[str] | frozenset = froz
 # ----------------------------------------------------------------------------------- metrics
 
 
-def metric_positions(metric: Any) -> Tensor | None | bool:
-    """The answer positions a mechkit metric reads; False when it is a plain callable."""
+def metric_positions(metric: Any) -> Int[Tensor, " batch"] | None | bool:
+    """The answer positions a mechkit metric reads; False when it is a plain callable.
+
+    Example:
+        >>> metric_positions(lambda logits: logits.sum())
+        False
+    """
     while isinstance(metric, Normalized):
         metric = metric.metric
     if isinstance(metric, Metric):
@@ -158,6 +224,12 @@ class MetricReader:
     A mechkit :class:`Metric` reads only the answer positions, so only those logits are made; a
     plain callable gets the full ``(batch, pos, d_vocab)`` logits, like TransformerLens's
     patching functions give it.
+
+    Example:
+        >>> base = run_base(mk.load_model("attn-only-2l"), torch.tensor([[1, 2, 3]]))
+        >>> reader = MetricReader(lambda logits: logits[:, -1, 0], base)
+        >>> reader.full, float(reader.score(base.logits)[0]) == float(base.logits[0, -1, 0])
+        (True, True)
     """
 
     def __init__(self, metric: Any, base: BaseRun) -> None:
@@ -187,6 +259,16 @@ class MetricReader:
                     f"{self.positions.tolist()}."
                 )
 
+    @property
+    def answer_positions(self) -> Int[Tensor, " batch"]:
+        """The positions the metric reads (a mechkit metric only: ``full`` is False)."""
+        if self.positions is None:
+            raise InvalidTypeError(
+                "Expected a mechkit Metric (it names its answer positions); this metric reads "
+                "the full logits."
+            )
+        return self.positions
+
     def score(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
         """``(mean score, per-prompt scores or None)`` for one patch's logits."""
         value = check_metric_value(self.metric(logits), logits.shape[0])
@@ -208,40 +290,8 @@ class MetricReader:
 
 # ----------------------------------------------------------------------------------- memory
 
-_DEFAULT_CPU_BUDGET = 2 * 1024**3
 
-
-def parse_budget(budget: int | str | None, device: torch.device) -> int:
-    """Bytes from ``2GB``-style strings or ints; None means a default for the device."""
-    if budget is None:
-        if device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(device)
-            return int(free * 0.6)
-        return _DEFAULT_CPU_BUDGET
-    if isinstance(budget, int | float):
-        value = int(budget)
-    else:
-        text = str(budget).strip().upper().replace(" ", "").removesuffix("B").removesuffix("I")
-        units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-        try:
-            value = int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
-        except (ValueError, IndexError):
-            raise InvalidArgumentError(
-                f"Expected a memory budget such as '2GB', '512MB' or a number of bytes; got "
-                f"{budget!r}. Hint: None picks 2 GiB on CPU, 60% of free memory on CUDA."
-            ) from None
-    if value <= 0:
-        raise InvalidArgumentError(f"Expected a positive memory budget; got {budget!r}.")
-    return value
-
-
-def check_budget(budget: int | str | None) -> None:
-    """Check a ``memory_budget`` argument before any work starts (as :func:`parse_budget`)."""
-    if budget is not None:
-        parse_budget(budget, torch.device("cpu"))
-
-
-def _bytes_per_row(model: Any, seq: int, suffix: int, full_logits: bool) -> int:
+def _bytes_per_row(model: Model, seq: int, suffix: int, full_logits: bool) -> int:
     """A generous estimate of the peak memory one row of a staircase batch needs."""
     cfg = model.cfg
     item = torch.finfo(cfg.dtype).bits // 8
@@ -251,26 +301,24 @@ def _bytes_per_row(model: Any, seq: int, suffix: int, full_logits: bool) -> int:
     return suffix * per_token * item + logits
 
 
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
-
-
 # ----------------------------------------------------------------------------------- running
 
 
 def plan_chunks(
-    model: Any, base: BaseRun, jobs: list[PatchJob], budget: int, full_logits: bool
+    model: Model, base: BaseRun, jobs: list[PatchJob], budget: int, full_logits: bool
 ) -> list[list[PatchJob]]:
     """Group jobs by start position, order by layer, and cut into chunks that fit ``budget``.
 
     Groups too small to keep the hardware busy (a one-layer sweep gives one job per position)
     are merged with the next start's group: the merged batch computes from the earliest start,
     some redundant positions for far larger matrix products.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> base = run_base(model, torch.tensor([[1, 2, 3]]))
+        >>> jobs = [PatchJob(i, layer=i % 2, start=0, edits={}) for i in range(4)]
+        >>> [[job.key for job in chunk] for chunk in plan_chunks(model, base, jobs, 2**30, False)]
+        [[0, 2, 1, 3]]
     """
     groups: dict[int, list[PatchJob]] = {}
     for job in jobs:
@@ -303,7 +351,7 @@ _MERGE_TOKENS = 2048
 
 
 def run_jobs(
-    model: Any,
+    model: Model,
     base: BaseRun,
     jobs: list[PatchJob],
     reader: MetricReader,
@@ -311,38 +359,37 @@ def run_jobs(
     budget: int,
     progress: Any = None,
 ) -> Iterator[list[JobResult]]:
-    """Run ``jobs``, yielding each finished chunk's results (in no promised order)."""
+    """Run ``jobs``, yielding each finished chunk's results (in no promised order; the
+    module's example runs one)."""
     for chunk in plan_chunks(model, base, jobs, budget, reader.full):
         yield from _run_with_split(model, base, chunk, reader, progress)
 
 
 def _run_with_split(
-    model: Any, base: BaseRun, chunk: list[PatchJob], reader: MetricReader, progress: Any
+    model: Model, base: BaseRun, chunk: list[PatchJob], reader: MetricReader, progress: Any
 ) -> Iterator[list[JobResult]]:
+    """The chunk's results; a part that runs out of memory is retried in halves
+    (:func:`~mechkit.core.each_batch`, here over patches rather than prompts)."""
+    parts: list[list[JobResult]] = []
+
+    def work(rows: slice) -> None:
+        parts.append(_run_chunk(model, base, chunk[rows], reader))  # kept only on success
+        if progress is not None:
+            progress.update(rows.stop - rows.start)
+
     try:
-        results = _run_chunk(model, base, chunk, reader)
-    except (RuntimeError, torch.OutOfMemoryError) as exc:
-        if not _is_oom(exc):
-            raise
-        if len(chunk) == 1:
-            raise OutOfMemoryError(
-                f"Out of memory running one patch on {base.batch} prompts of {base.seq} tokens. "
-                "Hint: patch fewer prompts at once (a smaller batch_size)."
-            ) from exc
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        half = len(chunk) // 2
-        yield from _run_with_split(model, base, chunk[:half], reader, progress)
-        yield from _run_with_split(model, base, chunk[half:], reader, progress)
-        return
-    if progress is not None:
-        progress.update(len(chunk))
-    yield results
+        each_batch(len(chunk), None, work)
+    except OutOfMemoryError as exc:  # one patch alone: say so, not "one prompt"
+        raise OutOfMemoryError(
+            f"Out of memory running one patch on {base.batch} prompts of {base.seq} tokens. "
+            "Hint: patch fewer prompts at once (a smaller batch_size)."
+        ) from exc.__cause__
+    yield from parts
 
 
 @torch.no_grad()
 def _run_chunk(
-    model: Any, base: BaseRun, chunk: list[PatchJob], reader: MetricReader
+    model: Model, base: BaseRun, chunk: list[PatchJob], reader: MetricReader
 ) -> list[JobResult]:
     """One staircase batch from the chunk's first start on; rows join at their job's layer."""
     start = min(job.start for job in chunk)
@@ -369,7 +416,7 @@ def _run_chunk(
             if rows.start < act.shape[0]:
                 captured[i][hook.name] = act[rows].clone()
 
-    hooks = [(name, edit_hook) for name in edits_at]
+    hooks: list[tuple[str, Callable[..., Any]]] = [(name, edit_hook) for name in edits_at]
     hooks += [(name, capture_hook) for name in captures_at]
     x: Tensor | None = None
     next_job = 0
@@ -379,7 +426,7 @@ def _run_chunk(
     if answers_only:
         # the last block's MLP only at the answer positions: after its attention (which needs
         # every position's keys and values) the residual keeps one position per row
-        relative = (reader.positions.to(base.tokens.device) - start).clamp(min=0)
+        relative = (reader.answer_positions.to(base.tokens.device) - start).clamp(min=0)
 
         def answer_rows(act: Tensor, hook: Any) -> Tensor:
             rows = torch.arange(act.shape[0], device=act.device)
@@ -412,7 +459,7 @@ def _run_chunk(
 
 
 def _answers_only(
-    model: Any, reader: MetricReader, edits_at: dict[str, Any], captures_at: dict[str, Any]
+    model: Model, reader: MetricReader, edits_at: dict[str, Any], captures_at: dict[str, Any]
 ) -> bool:
     """Whether the last block can run its MLP at the answer positions only: the metric reads
     only those, and nothing is edited or captured in the last block after ``hook_resid_mid``
@@ -427,7 +474,7 @@ def _answers_only(
 
 
 def _score_rows(
-    model: Any,
+    model: Model,
     base: BaseRun,
     chunk: list[PatchJob],
     resid: Tensor,
@@ -443,7 +490,7 @@ def _score_rows(
         prefix = base.logits[:, :start].repeat(copies, 1, 1)
         logits = torch.cat([prefix, suffix_logits], dim=1)
     else:
-        positions = reader.positions.to(resid.device)
+        positions = reader.answer_positions.to(resid.device)
         relative = (positions - start).repeat(copies)  # (copies*batch,)
         inside = relative >= 0
         rows = torch.arange(resid.shape[0], device=resid.device)
@@ -460,21 +507,44 @@ def _score_rows(
     return results
 
 
-def base_score(reader: MetricReader, base: BaseRun) -> tuple[Tensor, Tensor | None]:
-    """The metric on the unpatched base run, read the same way as the patched runs."""
+def base_score(
+    reader: MetricReader, base: BaseRun
+) -> tuple[Float[Tensor, ""], Float[Tensor, " batch"] | None]:
+    """The metric on the unpatched base run, read the same way as the patched runs.
+
+    Example:
+        >>> base = run_base(mk.load_model("attn-only-2l"), torch.tensor([[1, 2, 3]]))
+        >>> value, per_prompt = base_score(MetricReader(lambda x: x[:, -1, 0].mean(), base), base)
+        >>> value.ndim, per_prompt
+        (0, None)
+    """
     return score_logits(reader, base.logits)
 
 
-def score_logits(reader: MetricReader, logits: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The metric on full ``(batch, pos, d_vocab)`` logits of an unpatched run."""
+def score_logits(
+    reader: MetricReader, logits: Float[Tensor, "batch pos d_vocab"]
+) -> tuple[Float[Tensor, ""], Float[Tensor, " batch"] | None]:
+    """The metric on full ``(batch, pos, d_vocab)`` logits of an unpatched run.
+
+    Example:
+        >>> base = run_base(mk.load_model("attn-only-2l"), torch.tensor([[1, 2, 3]]))
+        >>> reader = MetricReader(lambda x: x[:, -1, 0].mean(), base)
+        >>> bool(score_logits(reader, base.logits)[0] == base_score(reader, base)[0])
+        True
+    """
     if reader.full:
         return reader.score(logits)
     rows = torch.arange(logits.shape[0], device=logits.device)
-    return reader.score(logits[rows, reader.positions.to(logits.device)])
+    return reader.score(logits[rows, reader.answer_positions.to(logits.device)])
 
 
 def first_difference(a: Tensor, b: Tensor, position_axis: int) -> int | None:
-    """The first position where ``a`` and ``b`` differ anywhere, or None if they are equal."""
+    """The first position where ``a`` and ``b`` differ anywhere, or None if they are equal.
+
+    Example:
+        >>> first_difference(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 5, 6]]), 1)
+        1
+    """
     differs = (a != b).movedim(position_axis, 0).reshape(a.shape[position_axis], -1).any(-1)
     hits = differs.nonzero()
     return None if hits.numel() == 0 else int(hits[0, 0])

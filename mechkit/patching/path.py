@@ -1,19 +1,16 @@
 """Path patching: the effect of a sender through chosen receivers only (Wang et al. 2022, App. B).
 
 Activation patching a head measures all of its effects at once. Path patching isolates one
-path: run the reference prompts with the sender's output replaced by its value on the other
-prompts and **every other attention head frozen** at its reference value (MLPs are recomputed),
-record what the receivers read (the queries, keys or values of chosen heads, or the final
-residual stream), then run the reference prompts again with only the receivers' inputs replaced
-by the recorded values and measure the metric. The difference from the reference score is the
-effect of the sender on the metric through those receivers.
+path: run the reference prompts with the sender's output replaced (by its value on the corrupt
+prompts, or by the ablation's value) and **every other attention head frozen** at its reference
+value (MLPs are recomputed), record what the receivers read (the queries, keys or values of
+chosen heads, or the final residual stream), then run the reference prompts again with only the
+receivers' inputs replaced by the recorded values and measure the metric. The difference from
+the reference score is the effect of the sender on the metric through those receivers.
 
 Senders are batched: every head (and MLP) is scored in a few staircase batches of the patching
-engine (:mod:`mechkit.patching.engine`), not one forward per head.
-
-    >>> r = mk.path_patch(model, pairs, senders="heads",
-    ...                   receivers=[mk.Site("q", layer=9, head=6), mk.Site("q", layer=9, head=9)])
-    >>> r.scores.shape          # (layer, head): each head as a sender
+engine (:mod:`mechkit.patching.engine`), not one forward per head. A result over heads is
+``(layer, head)``, over MLPs ``(layer,)``, over a list of senders ``(site,)``.
 """
 
 from __future__ import annotations
@@ -24,16 +21,19 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from mechkit.core.batching import check_budget, parse_budget, prompts_per_pass
+from mechkit.core.inputs import Ablation, Direction, resolve_contrast
+from mechkit.core.labels import metric_name
+from mechkit.core.progress import progress_bar
+from mechkit.core.types import Model
 from mechkit.errors import InvalidSiteError, did_you_mean
 from mechkit.patching import engine
 from mechkit.patching.activation import (
-    _choose,
-    _clean_and_corrupt,
-    _metric_name,
-    _progress,
-    _run_acts,
-    _tick_labels,
-    resolve_inputs,
+    choose,
+    clean_and_corrupt,
+    patch_in_batches,
+    source_acts,
+    tick_labels,
 )
 from mechkit.patching.result import PatchResult
 from mechkit.sites import Site
@@ -47,15 +47,19 @@ _RECEIVER_COMPONENTS = ("q", "k", "v")
 
 
 def path_patch(
-    model: Any,
+    model: Model,
     clean: Any,
     corrupt: Any = None,
     metric: Any = None,
     *,
     senders: Literal["heads", "mlps", "all"] | Sequence[Site] = "heads",
     receivers: str | Site | Sequence[Site] = FINAL_RESIDUAL,
-    direction: Literal["noising", "denoising"] = "noising",
+    direction: Direction | None = None,
+    ablation: Ablation | None = None,
+    reference: Any = None,
+    seed: int = 0,
     layers: Sequence[int] | None = None,
+    batch_size: int | None = None,
     memory_budget: int | str | None = None,
     progress: bool = True,
 ) -> PatchResult:
@@ -73,33 +77,77 @@ def path_patch(
         receivers: ``"resid_final"`` (the direct path to the logits), or sites
             ``Site("q" | "k" | "v", layer=, head=)`` (``head`` counts key/value heads for
             ``k`` and ``v`` in grouped-query models).
-        direction: ``"noising"`` (Wang et al.: the clean run is the reference and the sender
-            carries its corrupt value) or ``"denoising"`` (the reverse).
+        direction: ``"noising"`` (the default: the clean run is the reference and the sender
+            carries the ablation's value) or ``"denoising"`` (the corrupt run is the reference
+            and the sender carries its clean value). Unlike :func:`activation_patch`, path
+            patching noises by default, as Wang et al. define it: the question is which paths
+            the clean behaviour needs.
+        ablation: the sender's value when noising: ``"corrupt"`` (its value on the corrupt
+            prompts, the default), ``"zero"``, ``"mean"`` (over ``reference``) or
+            ``"resample"`` (a random ``reference`` prompt's; ``seed`` fixes the draw), as in
+            :mod:`mechkit.core.inputs`.
+        reference: the prompts of ``"mean"`` and ``"resample"``; by default the corrupt prompts.
         layers: restrict sender layers (None: all). As in :func:`activation_patch`, ``-1`` is
             the last layer (negative indices count from the end and are labelled by their
             positive index); a layer outside ``[-n_layers, n_layers)`` raises
             :class:`InvalidSiteError`.
-        memory_budget, progress: as for :func:`activation_patch`.
+        batch_size, memory_budget, progress: as for :func:`activation_patch` (``batch_size``
+            prompts at a time, scores their size-weighted mean).
 
     Returns:
         A :class:`PatchResult`; a sender at or after every receiver's layer cannot reach it and
         scores the reference value exactly.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> clean = torch.tensor([[1, 2, 3, 4, 2, 3]])
+        >>> corrupt = torch.tensor([[1, 5, 3, 4, 5, 3]])
+        >>> r = mk.path_patch(model, clean, corrupt, lambda logits: logits[:, -1, 4].mean(),
+        ...                   receivers=[mk.Site("q", layer=1, head=0)], progress=False)
+        >>> r.axes, tuple(r.scores.shape), r.method
+        (('layer', 'head'), (2, 4), 'noising')
+        >>> bool((r.scores[1] == r.clean_score).all())  # layer 1 cannot reach a layer-1 query
+        True
     """
-    engine.check_budget(memory_budget)
-    setup = resolve_inputs(model, clean, corrupt, metric, direction, None, None)
+    check_budget(memory_budget)
+    if direction is None and ablation in (None, "corrupt"):
+        direction = "noising"  # Wang et al.'s path patching (docstring)
+    contrast = resolve_contrast(
+        model, clean, corrupt, metric, direction=direction, ablation=ablation, reference=reference
+    )
+    size = prompts_per_pass(contrast.n_prompts, batch_size, contrast.metric)
+    if size < contrast.n_prompts:
+        return patch_in_batches(
+            path_patch,
+            model,
+            contrast,
+            size,
+            senders=senders,
+            receivers=receivers,
+            reference=reference,
+            seed=seed,
+            layers=layers,
+            memory_budget=memory_budget,
+            progress=progress,
+        )
     cfg = model.cfg
-    n_batch, seq = setup.base_tokens.shape
+    n_batch, seq = contrast.base_tokens.shape
     receiver_sites = _receivers(model, receivers)
     axes, labels, sender_sites = _senders(model, senders, layers)
     sender_names = {s.hook_name for _, s in sender_sites}
     frozen_names = {f"blocks.{j}.attn.hook_z" for j in range(cfg.n_layers)}
-    base = engine.run_base(model, setup.base_tokens, sender_names | frozen_names)
-    source, source_logits = _run_acts(model, setup.source_tokens, sorted(sender_names))
-    reader = engine.MetricReader(setup.metric, base)
+    base = engine.run_base(model, contrast.base_tokens, sender_names | frozen_names)
+    values, source_logits = source_acts(model, contrast, sender_names, base.acts, seed)
+    # (batch, pos, ...) views: the ablations' values broadcast over the batch or positions
+    source = {name: values[name].expand_as(base.acts[name]) for name in sender_names}
+    reader = engine.MetricReader(contrast.metric, base)
     base_value, base_per_prompt = engine.base_score(reader, base)
-    clean_score, corrupt_score = _clean_and_corrupt(model, setup, reader, base_value, source_logits)
+    clean_score, corrupt_score = clean_and_corrupt(
+        model, contrast, reader, base_value, source_logits
+    )
     to_final = receiver_sites is None
-    last_receiver = cfg.n_layers if to_final else max(s.layer for s in receiver_sites)
+    receiver_list = receiver_sites or []
+    last_receiver = cfg.n_layers if to_final else max(_layer(s) for s in receiver_list)
 
     # step 1: sender patched, every other head frozen; record the receivers' inputs
     freeze = {j: base.acts[f"blocks.{j}.attn.hook_z"] for j in range(cfg.n_layers)}
@@ -112,13 +160,13 @@ def path_patch(
             source[site.hook_name][site.with_(position=None).index(source[site.hook_name].ndim)],
             1,
         )
-        if start is None or site.layer >= last_receiver:
+        if start is None or _layer(site) >= last_receiver:
             noop.append(index)
             continue
         capture = (
             ()
             if to_final
-            else tuple(sorted({r.hook_name for r in receiver_sites if r.layer > site.layer}))
+            else tuple(sorted({r.hook_name for r in receiver_list if _layer(r) > _layer(site)}))
         )
         job = _sender_job(
             index, site, start, source[site.hook_name], freeze, seq, cfg.n_layers, capture
@@ -132,9 +180,9 @@ def path_patch(
     per_prompt = (
         None if base_per_prompt is None else base_per_prompt.expand(*shape, n_batch).clone()
     )
-    budget = engine.parse_budget(memory_budget, base.tokens.device)
+    budget = parse_budget(memory_budget, base.tokens.device)
     steps = len(jobs) * (1 if to_final else 2)
-    bar = _progress(steps, "path patching", progress)
+    bar = progress_bar(steps, "path patching", enabled=progress, unit="patch")
     try:
         recorded: dict[Any, tuple[dict[str, Tensor], int]] = {}
         for chunk in engine.run_jobs(model, base, jobs, reader, budget=budget, progress=bar):
@@ -148,15 +196,14 @@ def path_patch(
             second = []
             for job in jobs:
                 values, recorded_from = recorded[job.key]
-                edits = _receiver_edits(receiver_sites, values, recorded_from, job.layer)
+                edits = _receiver_edits(receiver_list, values, recorded_from, job.layer)
                 first = min(int(name.split(".")[1]) for name in edits)
                 second.append(engine.PatchJob(job.key, first, job.start, edits))
             for chunk in engine.run_jobs(model, base, second, reader, budget=budget, progress=bar):
                 for res in chunk:
                     _store(scores, per_prompt, res.key, res.score, res.per_prompt)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if per_prompt is not None and torch.isnan(per_prompt).any():
         per_prompt = None
     return PatchResult(
@@ -164,14 +211,20 @@ def path_patch(
         per_prompt=per_prompt,
         axes=axes,
         labels=labels,
-        tick_labels=_tick_labels(model, axes, labels, setup.clean_tokens),
+        tick_labels=tick_labels(model, axes, labels, contrast.clean_tokens),
         clean_score=clean_score,
         corrupt_score=corrupt_score,
-        method=setup.method,
+        method=contrast.method,
         site="path to "
-        + (FINAL_RESIDUAL if to_final else ", ".join(r.label for r in receiver_sites)),
-        metric_name=_metric_name(setup.metric),
+        + (FINAL_RESIDUAL if to_final else ", ".join(r.label for r in receiver_list)),
+        metric_name=metric_name(contrast.metric),
     )
+
+
+def _layer(site: Site) -> int:
+    """The layer of a resolved sender or receiver site (every one has a layer)."""
+    assert site.layer is not None
+    return site.layer
 
 
 def _store(
@@ -182,7 +235,7 @@ def _store(
         per_prompt[key] = pp if pp is not None else float("nan")
 
 
-def _receivers(model: Any, receivers: Any) -> list[Site] | None:
+def _receivers(model: Model, receivers: Any) -> list[Site] | None:
     if isinstance(receivers, str):
         if receivers != FINAL_RESIDUAL:
             raise InvalidSiteError(
@@ -210,15 +263,16 @@ def _receivers(model: Any, receivers: Any) -> list[Site] | None:
 
 
 def _senders(
-    model: Any, senders: Any, layers: Sequence[int] | None
+    model: Model, senders: Any, layers: Sequence[int] | None
 ) -> tuple[tuple[str, ...], dict[str, list[Any]], list[tuple[tuple[int, ...], Site]]]:
     cfg = model.cfg
+    cells: list[tuple[tuple[int, ...], Site]]
     if isinstance(senders, str) and senders not in ("heads", "mlps", "all"):
         raise InvalidSiteError(  # a choice of sites: the same error as a bad list of Sites
             f"Expected senders 'heads', 'mlps', 'all' or a list of Sites; got {senders!r}."
             + did_you_mean(senders, ["heads", "mlps", "all"])
         )
-    layer_list = _choose("layers", layers, cfg.n_layers)
+    layer_list = choose("layers", layers, cfg.n_layers)
     has_mlp = not getattr(cfg, "attn_only", False)
     if senders == "heads":
         cells = [
@@ -272,13 +326,13 @@ def _sender_job(
         rows[index] = source.narrow(1, first, seq - first)[index]
 
     edits[site.hook_name] = set_sender
-    for j in range(site.layer + 1, n_layers):
+    for j in range(_layer(site) + 1, n_layers):
 
         def freeze_heads(rows: Tensor, first: int, frozen: Tensor = freeze[j]) -> None:
             rows.copy_(frozen.narrow(1, first, seq - first))
 
         edits[f"blocks.{j}.attn.hook_z"] = freeze_heads
-    return engine.PatchJob(key, site.layer, start, edits, capture)
+    return engine.PatchJob(key, _layer(site), start, edits, capture)
 
 
 def _receiver_edits(
@@ -287,7 +341,7 @@ def _receiver_edits(
     """Edits writing the recorded inputs (positions ``recorded_from``..) into the receivers."""
     by_hook: dict[str, list[int]] = {}
     for r in receivers:
-        if r.layer > sender_layer:
+        if _layer(r) > sender_layer and r.head is not None:
             by_hook.setdefault(r.hook_name, []).append(r.head)
     edits: dict[str, engine.Edit] = {}
     for name, heads in by_hook.items():

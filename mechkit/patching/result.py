@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import warnings
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
+from mechkit.core.names import head_name, neuron_name
+from mechkit.core.results import rank
 from mechkit.errors import InvalidArgumentError, ShapeError
 
 __all__ = ["PatchResult"]
@@ -35,10 +40,20 @@ class PatchResult:
         estimator: ``"activation patching"`` (each cell run for real) or ``"attribution
             patching"`` (each cell's score estimated to first order from one gradient:
             :func:`mechkit.attribution_patch`).
+
+    Example:
+        >>> r = PatchResult(scores=torch.tensor([[0.2, 0.9]]), per_prompt=None,
+        ...                 axes=("layer", "head"), labels={"layer": [1], "head": [0, 1]},
+        ...                 tick_labels={"layer": ["L1"], "head": ["H0", "H1"]}, clean_score=1.0,
+        ...                 corrupt_score=0.0, method="denoising", site="z", metric_name="m")
+        >>> r
+        PatchResult(activation patching: denoising z, layer=1, head=2, metric=m, clean=1, corrupt=0)
+        >>> r.base_score, r.normalized().scores.tolist()
+        (0.0, [[0.20000000298023224, 0.8999999761581421]])
     """
 
-    scores: Tensor
-    per_prompt: Tensor | None
+    scores: Float[Tensor, "*axes"]
+    per_prompt: Float[Tensor, "*axes prompt"] | None
     axes: tuple[str, ...]
     labels: dict[str, list[Any]]
     tick_labels: dict[str, list[str]]
@@ -68,6 +83,14 @@ class PatchResult:
         Raises:
             InvalidArgumentError: (a ValueError) there is no corrupt run, or clean and corrupt
                 scores are equal.
+
+        Example:
+            >>> r = PatchResult(scores=torch.tensor([3.0, 5.0]), per_prompt=None,
+            ...                 axes=("layer",), labels={"layer": [0, 1]},
+            ...                 tick_labels={"layer": ["L0", "L1"]}, clean_score=5.0,
+            ...                 corrupt_score=1.0, method="denoising", site="z", metric_name="m")
+            >>> r.normalized().scores
+            tensor([0.5000, 1.0000])
         """
         if self.clean_score is None or self.corrupt_score is None:
             raise InvalidArgumentError(
@@ -92,20 +115,70 @@ class PatchResult:
             metric_name=f"normalized {self.metric_name}",
         )
 
-    def top(self, n: int = 10, *, by_abs: bool = True) -> list[tuple[dict[str, Any], float]]:
-        """The ``n`` cells that moved the metric most from the patched run's own score."""
+    def top(
+        self, n: int = 10, *, absolute: bool = True, by_abs: bool | None = None
+    ) -> list[tuple[dict[str, Any], float]]:
+        """The ``n`` cells that moved the metric most from the patched run's own score, as
+        ``(cell, score)`` pairs: ``cell`` is a dict of the cell's labels (``{"layer": 1,
+        "head": 5}``), ``score`` the metric after the patch.
+
+        Cells are ranked by :func:`~mechkit.core.rank`'s rule applied to their effect,
+        ``score - base_score`` (the change the patch made): by ``|effect|`` when ``absolute``,
+        else by the signed effect, largest first; ties keep the grid's order, NaN comes last.
+        ``by_abs`` is the old name of ``absolute`` (deprecated).
+
+        Example:
+            >>> r = PatchResult(scores=torch.tensor([0.5, 3.0, -1.0]), per_prompt=None,
+            ...                 axes=("layer",), labels={"layer": [0, 1, 2]},
+            ...                 tick_labels={"layer": ["L0", "L1", "L2"]}, clean_score=1.0,
+            ...                 corrupt_score=0.0, method="noising", site="z", metric_name="m")
+            >>> r.top(2)
+            [({'layer': 1}, 3.0), ({'layer': 2}, -1.0)]
+            >>> r.top(2, absolute=False)
+            [({'layer': 1}, 3.0), ({'layer': 0}, 0.5)]
+        """
+        if by_abs is not None:
+            warnings.warn(
+                "PatchResult.top(by_abs=...) is deprecated; use absolute=...",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            absolute = by_abs
         base = self.base_score if self.base_score is not None else 0.0
-        flat = self.scores.flatten() - base
-        order = (flat.abs() if by_abs else flat).argsort(descending=True)[:n]
-        out = []
-        for index in order.tolist():
-            cell = torch.unravel_index(torch.tensor(index), self.scores.shape)
-            where = {a: self.labels[a][int(i)] for a, i in zip(self.axes, cell, strict=True)}
-            out.append((where, float(self.scores.flatten()[index])))
-        return out
+        flat = self.scores.flatten()
+        order = rank(range(flat.numel()), flat - base, n, absolute=absolute)
+        return [(self.cell(index), float(flat[index])) for index, _ in order]
+
+    def cell(self, index: int) -> dict[str, Any]:
+        """The labels of the cell at ``index`` of the flattened scores.
+
+        Example:
+            >>> r = PatchResult(scores=torch.zeros(2, 3), per_prompt=None, axes=("layer", "head"),
+            ...                 labels={"layer": [0, 1], "head": [0, 1, 2]},
+            ...                 tick_labels={"layer": ["L0", "L1"], "head": ["H0", "H1", "H2"]},
+            ...                 clean_score=None, corrupt_score=None, method="zero", site="z",
+            ...                 metric_name="m")
+            >>> r.cell(4)
+            {'layer': 1, 'head': 1}
+        """
+        where = torch.unravel_index(torch.tensor(index), self.scores.shape)
+        return {a: self.labels[a][int(i)] for a, i in zip(self.axes, where, strict=True)}
 
     def to_dataframe(self) -> Any:
-        """One row per cell: a column per axis, ``score``, and ``prompt_<i>`` columns."""
+        """One row per cell: a column per axis, ``name`` for cells of one head or neuron
+        (``L1H5``, ``L3N12``), ``score``, and ``prompt_<i>`` columns.
+
+        Example:
+            >>> r = PatchResult(scores=torch.tensor([[0.5, 2.0]]), per_prompt=None,
+            ...                 axes=("layer", "head"), labels={"layer": [1], "head": [0, 5]},
+            ...                 tick_labels={"layer": ["L1"], "head": ["H0", "H5"]},
+            ...                 clean_score=None, corrupt_score=None, method="zero", site="z",
+            ...                 metric_name="m")
+            >>> r.to_dataframe()
+               layer  head  name  score
+            0      1     0  L1H0    0.5
+            1      1     5  L1H5    2.0
+        """
         import pandas as pd
 
         grids = torch.meshgrid(
@@ -116,6 +189,10 @@ class PatchResult:
             data[axis] = [self.labels[axis][i] for i in grid.flatten().tolist()]
             if axis in ("pos", "dest_pos", "src_pos"):
                 data[f"{axis}_label"] = [self.tick_labels[axis][i] for i in grid.flatten().tolist()]
+        if "layer" in data and ("head" in data or "neuron" in data):  # the one naming scheme
+            inner = "head" if "head" in data else "neuron"
+            write = head_name if inner == "head" else neuron_name
+            data["name"] = [write(a, b) for a, b in zip(data["layer"], data[inner], strict=True)]
         data["score"] = self.scores.flatten().tolist()
         if self.per_prompt is not None:
             flat = self.per_prompt.reshape(-1, self.per_prompt.shape[-1])
@@ -124,7 +201,17 @@ class PatchResult:
         return pd.DataFrame(data)
 
     def plot(self, *, title: str | None = None) -> Any:
-        """A plotly figure: a bar chart (one axis), a heatmap (two), frames over the rest."""
+        """A plotly figure: a bar chart (one axis), a heatmap (two), frames over the rest.
+
+        Example:
+            >>> r = PatchResult(scores=torch.zeros(2, 3), per_prompt=None, axes=("layer", "head"),
+            ...                 labels={"layer": [0, 1], "head": [0, 1, 2]},
+            ...                 tick_labels={"layer": ["L0", "L1"], "head": ["H0", "H1", "H2"]},
+            ...                 clean_score=None, corrupt_score=None, method="zero", site="z",
+            ...                 metric_name="m")
+            >>> r.plot().data[0].type
+            'heatmap'
+        """
         import plotly.express as px
 
         name = title or f"{self.method} {self.site}: {self.metric_name}"
@@ -187,6 +274,4 @@ def _fmt(value: float | None) -> str:
 
 
 def _product(tick_labels: dict[str, list[str]], axes: tuple[str, ...]) -> list[tuple[str, ...]]:
-    import itertools
-
     return list(itertools.product(*[tick_labels[a] for a in axes]))

@@ -21,9 +21,8 @@ dataset (resample with ``seed + batch index``). When every cell of an entry is i
 YAML loading and checking, ``--help`` text, fingerprint) is :mod:`mechkit.patching.sweep_config`;
 its public names are importable from here too.
 
-    >>> config = load_config("examples/sweep_ioi.yaml")
-    >>> run = run_sweep(config, out="runs/ioi")
-    >>> run.results["0_resid_pre"].scores.shape     # (layer, pos)
+``mechkit sweep examples/sweep_ioi.yaml`` runs one from the command line; :func:`run_sweep` from
+Python (its example runs a small one on the toy model).
 
 The output folder (what a sweep may delete there: :mod:`mechkit.patching.sweep_folder`)::
 
@@ -38,9 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,24 +48,26 @@ from typing import Any
 import torch
 
 from mechkit.atomic_io import write_text_atomically
-from mechkit.errors import FileFormatError, MechkitError, OutputFolderError
+from mechkit.core.labels import model_name
+from mechkit.core.progress import progress_bar
+from mechkit.core.types import Model
+from mechkit.errors import FileFormatError, MechkitError, OutputFolderError, SweepConfigError
 from mechkit.models import load_model
-from mechkit.patching.activation import _plan_cells, plan_patch
+from mechkit.patching.activation import PaddedPrompts, PatchPlan, plan_cells, plan_patch
 from mechkit.patching.result import PatchResult
 from mechkit.patching.sweep_config import (
     CONFIG_KEYS,
     METRICS,
     PromptSource,
     SweepConfig,
-    SweepConfigError,
     SweepEntry,
-    _changed,
-    _fingerprint,
-    _identity,
-    _lower_first,
     build_pairs,
+    changed_keys,
     config_help,
+    config_identity,
+    fingerprint,
     load_config,
+    lower_first,
 )
 from mechkit.patching.sweep_config import config_from_dict as config_from_dict  # re-export
 from mechkit.patching.sweep_folder import (
@@ -110,7 +111,7 @@ def _batch(pairs: PromptPairs, rows: slice) -> PromptPairs:
     """Rows of ``pairs`` at the full padded width, so a position means the same in each batch."""
     if rows == slice(0, len(pairs)):
         return pairs
-    changes = {}
+    changes: dict[str, Any] = {}
     for field in dataclasses.fields(pairs):
         value = getattr(pairs, field.name)
         if isinstance(value, torch.Tensor | tuple):
@@ -131,7 +132,7 @@ def _check_same_sweep(out: Path, previous: dict[str, Any] | None, identity: dict
             )
         return
     if previous.get("fingerprint") != fp:
-        changed = _changed(previous.get("identity", {}), identity) or ["(unknown)"]
+        changed = changed_keys(previous.get("identity", {}), identity) or ["(unknown)"]
         raise OutputFolderError(
             f"Expected {out} to hold results of this config; it holds a sweep whose config "
             f"differs in {', '.join(changed)}, and mixing their results would be wrong. Hint: "
@@ -158,6 +159,8 @@ class SweepRun:
         cells_total: cells of the whole sweep (entries x batches x grid cells).
         cells_computed: cells this call ran; the rest came from the journal.
         seconds: wall time of this call.
+
+    Example: :func:`run_sweep` returns one.
     """
 
     out: Path
@@ -186,8 +189,16 @@ def run_sweep(
         log: called with one-line status messages (None: silent).
 
     Example:
-        >>> run = run_sweep("sweep.yaml", out="runs/ioi")   # killed? run it again
-        >>> run.results["0_resid_pre"].normalized().plot()
+        >>> import tempfile
+        >>> config = config_from_dict({"model": "attn-only-2l",
+        ...     "prompts": {"generator": "repeated_tokens", "n": 2, "length": 3},
+        ...     "sweeps": [{"site": "z", "heads": ["L1H0", "L1H3"]}], "device": "cpu"})
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     run = run_sweep(config, out=folder, progress=False)   # killed? run it again
+        ...     sorted(p.name for p in run.out.iterdir())  # doctest: +NORMALIZE_WHITESPACE
+        ['.lock', '0_z.csv', '0_z.html', '0_z.png', 'plotly.min.js', 'results.jsonl', 'run.json']
+        >>> run.cells_total, run.results["0_z"].axes
+        (2, ('layer', 'head'))
     """
     source = None
     if not isinstance(config, SweepConfig):
@@ -207,12 +218,12 @@ def _run(
     progress: bool,
     log: Callable[[str], None] | None,
 ) -> SweepRun:
-    import mechkit
+    import mechkit  # the package imports its subpackages: its version is read at call time
 
     start = time.perf_counter()
     say = log or (lambda _msg: None)
-    identity = _identity(config)
-    fp = _fingerprint(identity)
+    identity = config_identity(config)
+    fp = fingerprint(identity)
     check_folder(folder)  # a file, or a folder that cannot be written: refused here
     journal = Journal(folder / JOURNAL)
     with locked(folder):
@@ -293,7 +304,7 @@ def _output_names(config: SweepConfig) -> list[str]:
 
 @dataclasses.dataclass
 class _Setup:
-    model: Any
+    model: Model
     pairs: PromptPairs
     batches: list[slice]
     total: int  # cells of the whole sweep
@@ -330,10 +341,10 @@ def _compute(
         f"{len(pairs)} prompt pairs in {len(batches)} batch(es), {total} cells; "
         + (f"resuming with {already} already done" if already else "starting")
     )
-    bar = _bar(total, already, progress)
+    bar = progress_bar(total, "sweep", enabled=progress, unit="cell", initial=already, leave=True)
     reference = None
-    if config.ablation in ("mean", "resample"):
-        reference = (pairs.corrupt_tokens, pairs.corrupt_mask)  # the whole dataset's
+    if config.ablation in ("mean", "resample"):  # the whole dataset's corrupt prompts
+        reference = PaddedPrompts(pairs.corrupt_tokens, pairs.corrupt_mask)
     computed = 0
     try:
         for i, (entry, name) in enumerate(zip(config.sweeps, config.entry_names, strict=True)):
@@ -342,8 +353,7 @@ def _compute(
                 done = cells.setdefault(key, {})
                 if key in plans and len(done) == plans[key]["cells"]:
                     continue
-                if bar is not None:
-                    bar.set_description(f"{name} batch {b + 1}/{len(batches)}")
+                bar.set_description(f"{name} batch {b + 1}/{len(batches)}")
                 part = _batch(pairs, rows)
                 plan = plan_patch(
                     model,
@@ -390,12 +400,10 @@ def _compute(
                     )
                     done.update(chunk)
                     computed += len(chunk)
-                    if bar is not None:
-                        bar.update(len(chunk))
+                    bar.update(len(chunk))
             finish(name, _assemble(i, plans, cells))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return total, computed
 
 
@@ -403,7 +411,7 @@ def _positions(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _count_cells(model: Any, entry: SweepEntry, index: int, seq: int) -> int:
+def _count_cells(model: Model, entry: SweepEntry, index: int, seq: int) -> int:
     """The entry's number of cells; checks its layers, heads, neurons, positions on ``model``."""
     cfg = model.cfg
     heads = (cfg.n_key_value_heads or cfg.n_heads) if entry.site in ("k", "v") else cfg.n_heads
@@ -417,12 +425,12 @@ def _count_cells(model: Any, entry: SweepEntry, index: int, seq: int) -> int:
             raise SweepConfigError(
                 f"sweeps[{index}].{key}",
                 f"expected values in [0, {size}) (negative counts from the end); got {bad} "
-                f"({_model_name(model)} has {size} {key}"
+                f"({model_name(model)} has {size} {key}"
                 + (" in the longest prompt" if key == "positions" else "")
                 + ")",
             )
     try:
-        _, _, planned = _plan_cells(
+        _, _, planned = plan_cells(
             model,
             entry.site,
             _positions(entry.positions),
@@ -432,16 +440,11 @@ def _count_cells(model: Any, entry: SweepEntry, index: int, seq: int) -> int:
             seq,
         )
     except MechkitError as exc:
-        raise SweepConfigError(f"sweeps[{index}].site", _lower_first(str(exc))) from None
+        raise SweepConfigError(f"sweeps[{index}].site", lower_first(str(exc))) from None
     return len(planned)
 
 
-def _model_name(model: Any) -> str:
-    info = getattr(model, "mechkit_info", None)
-    return getattr(info, "name", None) or model.cfg.model_name
-
-
-def _plan_record(plan: Any, entry: int, batch: int, rows: slice) -> dict[str, Any]:
+def _plan_record(plan: PatchPlan, entry: int, batch: int, rows: slice) -> dict[str, Any]:
     result = plan.result({c: (0.0, None) for c in plan.cells})  # labels and baselines only
     return {
         "kind": "plan",
@@ -506,14 +509,6 @@ def _assemble(entry: int, plans: dict, cells: dict) -> PatchResult:
     )
 
 
-def _bar(total: int, initial: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="cell", dynamic_ncols=True, file=sys.stderr)
-
-
 # ----------------------------------------------------------------------------------- export
 
 
@@ -548,8 +543,6 @@ def _export(
 def _write_png(result: PatchResult, title: str, path: str) -> None:
     """A static heatmap with matplotlib (no browser needed): rows = first axis, columns = last,
     one panel per value of the axes between (e.g. one layer x head panel per position)."""
-    import itertools
-
     from matplotlib.figure import Figure
 
     z = result.scores.float().numpy()
@@ -596,6 +589,7 @@ def _write_png(result: PatchResult, title: str, path: str) -> None:
         ax.set(xlabel=cols, ylabel=rows, title=f"{' x '.join(middle)} {names[k]}" if middle else "")
     more = f" (first {shown} of {len(grids)} panels; all in the HTML)" if shown < len(grids) else ""
     fig.suptitle(title + more)
+    assert image is not None  # at least one panel is shown
     fig.colorbar(image, ax=axes, label=result.metric_name, shrink=0.8)
     fig.savefig(path, format="png", dpi=100)
 

@@ -9,8 +9,10 @@ naming that key. :func:`_identity` and :func:`_fingerprint` say what results dep
 resumed sweep (:mod:`mechkit.patching.sweep`) refuses a journal written under another config.
 
     >>> config = load_config("examples/sweep_ioi.yaml")
-    >>> config.entry_names                          # ['0_resid_pre', ...]
+    >>> config.entry_names
+    ['0_resid_pre', '1_attn_out', '2_mlp_out', '3_z']
     >>> config_from_dict(config.to_dict()) == config
+    True
 """
 
 from __future__ import annotations
@@ -28,18 +30,21 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from mechkit.core.batching import parse_budget
+from mechkit.core.names import parse_node
+from mechkit.core.types import Model
 from mechkit.devices import resolve_device, resolve_dtype
 from mechkit.errors import (
-    ContextLengthError,
     DatasetFormatError,
     EmptyDatasetError,
     InvalidTokenError,
     MechkitError,
+    PromptsTooLongError,
+    SweepConfigError,
     did_you_mean,
 )
 from mechkit.metrics import CrossEntropy, LogitDiff, ProbDiff
-from mechkit.patching import engine
-from mechkit.patching.activation import _HEADS, _NEURONS, PATCHABLE
+from mechkit.patching.activation import HEAD_SITES, NEURON_SITES, PATCHABLE
 from mechkit.prompts import PromptPairs
 
 __all__ = [
@@ -55,7 +60,11 @@ __all__ = [
     "load_config",
 ]
 
-METRICS = {"logit_diff": LogitDiff, "prob_diff": ProbDiff, "cross_entropy": CrossEntropy}
+METRICS: dict[str, type[LogitDiff] | type[ProbDiff] | type[CrossEntropy]] = {
+    "logit_diff": LogitDiff,
+    "prob_diff": ProbDiff,
+    "cross_entropy": CrossEntropy,
+}
 GENERATORS = ("ioi", "repeated_tokens")
 
 CONFIG_KEYS: tuple[tuple[str, str], ...] = (
@@ -98,7 +107,14 @@ CONFIG_KEYS: tuple[tuple[str, str], ...] = (
         "residual sites (resid_*, attn_out, mlp_out), all otherwise.",
     ),
     ("sweeps[].layers", "null (all) or a list of layers."),
-    ("sweeps[].heads", "head sites only (" + ", ".join(_HEADS) + "): null (all) or a list."),
+    (
+        "sweeps[].heads",
+        "head sites only ("
+        + ", ".join(HEAD_SITES)
+        + "): null (all) or a list of head numbers, or of head names (L9H6; the older a9.h6 "
+        "and 9.6 are read too), which also choose the layers: the grid is every listed layer "
+        "by every listed head.",
+    ),
     ("sweeps[].neurons", "mlp_pre and mlp_post only: null (all) or a list."),
     (
         "sweeps[].name",
@@ -107,13 +123,15 @@ CONFIG_KEYS: tuple[tuple[str, str], ...] = (
     ),
     (
         "direction",
-        "null or denoising (clean values into the corrupt run) | noising (corrupt "
-        "values into the clean run).",
+        "null | denoising (clean values into the corrupt run) | noising (the ablation's "
+        "values into the clean run). null: denoising with ablation corrupt (or null), noising "
+        "with the other ablations.",
     ),
     (
         "ablation",
-        "null | zero | mean | resample: instead of a direction, replace values in the "
-        "clean run (mean and resample draw from the corrupt prompts of the whole dataset).",
+        "null or corrupt (the corrupt run's values) | zero | mean | resample: the value "
+        "noising puts in (mean and resample draw from the corrupt prompts of the whole "
+        "dataset). zero, mean and resample go with direction noising (or null).",
     ),
     (
         "device",
@@ -146,28 +164,6 @@ CONFIG_KEYS: tuple[tuple[str, str], ...] = (
 )
 
 
-class SweepConfigError(MechkitError, ValueError):
-    """A sweep config key or value that is not valid; the message gives its path in the file.
-
-    Example: ``sweep.yaml: sweeps[1].positions: expected 'each', 'all' or a list of integers;
-    got 'evry'``.
-    """
-
-    def __init__(self, path: str, detail: str, source: str | None = None) -> None:
-        self.path, self.detail, self.source = path, detail, source
-        where = ": ".join(p for p in (source, path) if p)
-        super().__init__(f"{where}: {detail}" if where else detail)
-
-    def within(self, prefix: str) -> SweepConfigError:
-        """The same error, its path below ``prefix`` (``sweeps[1]`` + ``positions``)."""
-        sep = "" if not self.path or self.path.startswith("[") else "."
-        return type(self)(prefix + sep + self.path, self.detail, self.source)
-
-
-class PromptsTooLongError(SweepConfigError, ContextLengthError):
-    """Prompt pairs longer than the model's context ``n_ctx``; the message names the key."""
-
-
 # ----------------------------------------------------------------------------------- config
 
 
@@ -195,7 +191,16 @@ def _choice(path: str, value: Any, allowed: tuple[str, ...], *, null: bool = Fal
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PromptSource:
-    """Where the prompt pairs come from: exactly one of ``file``, ``tokens``, ``generator``."""
+    """Where the prompt pairs come from: exactly one of ``file``, ``tokens``, ``generator``.
+
+    Example:
+        >>> PromptSource(generator="ioi", n=4).generator
+        'ioi'
+        >>> PromptSource(generator="ioi", length=3)
+        Traceback (most recent call last):
+        ...
+        mechkit.errors.SweepConfigError: length: applies only to generator: repeated_tokens
+    """
 
     file: str | None = None  # JSONL of text pairs
     tokens: str | None = None  # JSONL of token-id pairs (models without a tokenizer)
@@ -233,7 +238,15 @@ class PromptSource:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SweepEntry:
-    """One grid of patches: the arguments of ``activation_patch`` that choose the cells."""
+    """One grid of patches: the arguments of ``activation_patch`` that choose the cells.
+    ``heads`` takes head numbers or head names (``L9H6``; the older ``a9.h6`` and ``9.6`` too),
+    which also choose the layers.
+
+    Example:
+        >>> entry = SweepEntry(site="z", heads=["L1H2", "L0H3"])
+        >>> entry.layers, entry.heads
+        ((0, 1), (2, 3))
+    """
 
     site: str
     positions: Literal["each", "all"] | tuple[int, ...] | None = None  # None: the site's usual
@@ -241,6 +254,39 @@ class SweepEntry:
     heads: tuple[int, ...] | None = None
     neurons: tuple[int, ...] | None = None
     name: str | None = None  # None: INDEX_SITE
+
+    def _read_head_names(self) -> None:
+        """``heads`` given as names (``L9H6``, ``a9.h6``, ``9.6``): head numbers, and the layers
+        they name (which must be among ``layers`` when those are given too)."""
+        heads = self.heads
+        if not isinstance(heads, list | tuple) or not any(isinstance(h, str) for h in heads):
+            return
+        named: list[tuple[int, int]] = []
+        for value in heads:
+            try:
+                node = parse_node(value) if isinstance(value, str) else None
+            except MechkitError:
+                node = None
+            if node is None or node.kind != "head" or node.port is not None:
+                raise SweepConfigError(
+                    "heads",
+                    f"expected head numbers or head names such as 'L9H6' (not both); got {value!r}",
+                )
+            assert node.layer is not None and node.index is not None
+            named.append((node.layer, node.index))
+        layers = sorted({layer for layer, _ in named})
+        if self.layers is not None:
+            given = _int_list("layers", self.layers, "layers") or ()
+            missing = [layer for layer in layers if layer not in given]
+            if missing:
+                raise SweepConfigError(
+                    "heads",
+                    f"expected heads of the listed layers {list(given)}; the names give layers "
+                    f"{missing} too. Hint: drop layers (the names choose them)",
+                )
+            layers = list(given)
+        object.__setattr__(self, "layers", tuple(layers))
+        object.__setattr__(self, "heads", tuple(sorted({head for _, head in named})))
 
     def __post_init__(self) -> None:
         _choice("site", self.site, PATCHABLE)
@@ -252,13 +298,15 @@ class SweepEntry:
                 raise SweepConfigError(
                     "positions", f"expected 'each', 'all' or a list of integers; got {positions!r}"
                 )
+        self._read_head_names()
         for key, what in (("layers", "layers"), ("heads", "heads"), ("neurons", "neurons")):
             object.__setattr__(self, key, _int_list(key, getattr(self, key), what))
-        if self.heads is not None and self.site not in _HEADS:
+        if self.heads is not None and self.site not in HEAD_SITES:
             raise SweepConfigError(
-                "heads", f"applies to the head sites {', '.join(_HEADS)}; the site is {self.site!r}"
+                "heads",
+                f"applies to the head sites {', '.join(HEAD_SITES)}; the site is {self.site!r}",
             )
-        if self.neurons is not None and self.site not in _NEURONS:
+        if self.neurons is not None and self.site not in NEURON_SITES:
             raise SweepConfigError(
                 "neurons", f"applies to mlp_pre and mlp_post; the site is {self.site!r}"
             )
@@ -276,14 +324,20 @@ class SweepConfig:
 
     Every key is described in :data:`CONFIG_KEYS` (``mechkit sweep --help``). ``to_dict()``
     round-trips through :func:`config_from_dict`.
+
+    Example:
+        >>> config = SweepConfig(model="attn-only-2l", prompts=PromptSource(generator="ioi"),
+        ...                      sweeps=[SweepEntry(site="z")], ablation="mean")
+        >>> config.entry_names, config.direction
+        (['0_z'], None)
     """
 
     model: str
     prompts: PromptSource
     sweeps: tuple[SweepEntry, ...]
     metric: Literal["logit_diff", "prob_diff", "cross_entropy"] = "logit_diff"
-    direction: Literal["denoising", "noising"] | None = None  # None: denoising (no ablation)
-    ablation: Literal["zero", "mean", "resample"] | None = None
+    direction: Literal["denoising", "noising"] | None = None  # None: the ablation's default
+    ablation: Literal["corrupt", "zero", "mean", "resample"] | None = None  # None: corrupt
     device: str | None = None  # None (or "auto"): CUDA when present
     dtype: str | None = None  # None: float32
     batch_size: int | None = None  # None: every pair in one batch
@@ -304,13 +358,13 @@ class SweepConfig:
             raise SweepConfigError("sweeps", "expected a list of SweepEntry")
         _choice("metric", self.metric, tuple(METRICS))
         _choice("direction", self.direction, ("denoising", "noising"), null=True)
-        _choice("ablation", self.ablation, ("zero", "mean", "resample"), null=True)
-        if self.direction is not None and self.ablation is not None:
+        _choice("ablation", self.ablation, ("corrupt", "zero", "mean", "resample"), null=True)
+        if self.direction == "denoising" and self.ablation not in (None, "corrupt"):
             raise SweepConfigError(
                 "ablation",
-                f"expected either a direction or an ablation; got direction "
-                f"{self.direction!r} and ablation {self.ablation!r} (an ablation edits the clean "
-                "run). Hint: set one of them to null",
+                f"expected corrupt or null with direction denoising (which puts clean values "
+                f"into the corrupt run); got {self.ablation!r}. Hint: an ablation edits the "
+                "clean run: direction noising, or null",
             )
         if self.device == "auto":
             object.__setattr__(self, "device", None)
@@ -319,16 +373,16 @@ class SweepConfig:
                 try:
                     check(getattr(self, key))
                 except MechkitError as exc:
-                    raise SweepConfigError(key, _lower_first(str(exc))) from None
+                    raise SweepConfigError(key, lower_first(str(exc))) from None
         if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
             raise SweepConfigError(
                 "batch_size", f"expected a positive integer or null; got {self.batch_size!r}"
             )
         if self.memory_budget is not None:
             try:
-                engine.parse_budget(self.memory_budget, torch.device("cpu"))
+                parse_budget(self.memory_budget)
             except MechkitError as exc:
-                raise SweepConfigError("memory_budget", _lower_first(str(exc))) from None
+                raise SweepConfigError("memory_budget", lower_first(str(exc))) from None
         _choice("format", self.format, ("jsonl", "parquet"))
         if self.format == "parquet" and importlib.util.find_spec("pyarrow") is None:
             raise SweepConfigError("format", "parquet needs pyarrow. Hint: pip install pyarrow")
@@ -354,7 +408,13 @@ class SweepConfig:
         return _plain(dataclasses.asdict(self))
 
 
-def _lower_first(text: str) -> str:
+def lower_first(text: str) -> str:
+    """An error text to follow a key's path (``prompts.file: expected ...``).
+
+    Example:
+        >>> lower_first("Expected a file")
+        'expected a file'
+    """
     return text[:1].lower() + text[1:]
 
 
@@ -394,6 +454,14 @@ def config_from_dict(
         data: the mapping.
         source: the file name to put in front of error paths.
         base_dir: the folder that relative prompt files are read from (the config's folder).
+
+    Example:
+        >>> config_from_dict({"model": "attn-only-2l", "prompts": {"generator": "ioi"},
+        ...                   "sweeps": [{"site": "z", "postions": "all"}]},
+        ...                  source="s.yaml")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mechkit.errors.SweepConfigError: s.yaml: sweeps[0].postions: unknown key; ... 'positions'?
     """
     try:
         _check_keys(data, "", SweepConfig, ("model", "prompts", "sweeps"))
@@ -451,6 +519,10 @@ def load_config(path: str | Path) -> SweepConfig:
 
     Raises:
         SweepConfigError: naming the file and the key's path, e.g. ``sweeps[1].positions``.
+
+    Example:
+        >>> load_config("examples/sweep_ioi.yaml").model
+        'smollm2-135m'
     """
     source = str(path)
     path = Path(path)
@@ -466,7 +538,12 @@ def load_config(path: str | Path) -> SweepConfig:
 
 
 def config_help() -> str:
-    """Every config key with what it accepts, for ``mechkit sweep --help``."""
+    """Every config key with what it accepts, for ``mechkit sweep --help``.
+
+    Example:
+        >>> print(config_help().splitlines()[0])
+        config keys (YAML):
+    """
     width = max(len(k) for k, _ in CONFIG_KEYS) + 2
     lines = ["config keys (YAML):"]
     for key, text in CONFIG_KEYS:
@@ -493,7 +570,7 @@ _OBJECTS = ("drink", "ball", "book", "cup", "gift", "letter", "bag", "key", "pen
 _IOI = "When {} and {} went to the {}, {} gave a {} to"
 
 
-def _ioi_pairs(model: Any, n: int, seed: int) -> PromptPairs:
+def _ioi_pairs(model: Model, n: int, seed: int) -> PromptPairs:
     """IOI prompts with ABC corruptions (Wang et al. 2022), one template so positions align."""
     rng = random.Random(seed)
     clean, corrupt, answers, wrongs = [], [], [], []
@@ -508,7 +585,7 @@ def _ioi_pairs(model: Any, n: int, seed: int) -> PromptPairs:
     return PromptPairs.from_lists(model, clean, corrupt, answers, wrongs, aligned=False)
 
 
-def _repeated_token_pairs(model: Any, n: int, length: int, seed: int) -> PromptPairs:
+def _repeated_token_pairs(model: Model, n: int, length: int, seed: int) -> PromptPairs:
     """``BOS r r[:-1]`` (answer ``r[-1]``, by induction) vs the same with ``r[-1]`` replaced."""
     tokenizer = getattr(model, "tokenizer", None)
     bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else 0
@@ -563,8 +640,18 @@ def _token_file_pairs(path: str, vocab: int) -> PromptPairs:
     )
 
 
-def build_pairs(model: Any, config: SweepConfig) -> PromptPairs:
-    """The config's prompt pairs for ``model``; errors name the ``prompts`` key."""
+def build_pairs(model: Model, config: SweepConfig) -> PromptPairs:
+    """The config's prompt pairs for ``model``; errors name the ``prompts`` key.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> config = config_from_dict({"model": "attn-only-2l",
+        ...     "prompts": {"generator": "repeated_tokens", "n": 3, "length": 4},
+        ...     "sweeps": [{"site": "z"}]})
+        >>> pairs = build_pairs(model, config)
+        >>> len(pairs), tuple(pairs.clean_tokens.shape)
+        (3, (3, 8))
+    """
     source = config.prompts
     key = "file" if source.file else "tokens" if source.tokens else "generator"
     try:
@@ -576,15 +663,15 @@ def build_pairs(model: Any, config: SweepConfig) -> PromptPairs:
             pairs = _ioi_pairs(model, source.n or 8, config.seed)
         else:
             pairs = _repeated_token_pairs(model, source.n or 8, source.length or 6, config.seed)
-        if config.ablation != "zero":  # positions are patched one for one
+        if config.ablation != "zero":  # positions are patched (or resampled) one for one
             pairs.require_aligned()
     except MechkitError as exc:
-        raise SweepConfigError(f"prompts.{key}", _lower_first(str(exc))) from None
+        raise SweepConfigError(f"prompts.{key}", lower_first(str(exc))) from None
     _check_context(model, pairs, f"prompts.{key}")
     return pairs
 
 
-def _check_context(model: Any, pairs: PromptPairs, key: str) -> None:
+def _check_context(model: Model, pairs: PromptPairs, key: str) -> None:
     """Refuse prompts longer than ``model.cfg.n_ctx`` before any forward pass."""
     n_ctx = model.cfg.n_ctx
     lengths = torch.maximum(pairs.clean_mask.sum(1), pairs.corrupt_mask.sum(1))  # (batch,)
@@ -603,9 +690,17 @@ def _check_context(model: Any, pairs: PromptPairs, key: str) -> None:
 # ------------------------------------------------------------------------------- fingerprint
 
 
-def _identity(config: SweepConfig) -> dict[str, Any]:
-    """What the results depend on: the config less how and where it runs, files by content."""
-    import mechkit
+def config_identity(config: SweepConfig) -> dict[str, Any]:
+    """What the results depend on: the config less how and where it runs, files by content.
+
+    Example:
+        >>> config = config_from_dict({"model": "attn-only-2l",
+        ...     "prompts": {"generator": "repeated_tokens"}, "sweeps": [{"site": "z"}]})
+        >>> sorted(config_identity(config))  # doctest: +NORMALIZE_WHITESPACE
+        ['ablation', 'batch_size', 'direction', 'dtype', 'mechkit', 'metric', 'model', 'prompts',
+         'seed', 'sweeps']
+    """
+    import mechkit  # the package imports its subpackages: its version is read at call time
 
     data = config.to_dict()
     for key in ("device", "memory_budget", "format", "out"):
@@ -618,7 +713,13 @@ def _identity(config: SweepConfig) -> dict[str, Any]:
     return data
 
 
-def _fingerprint(identity: dict[str, Any]) -> str:
+def fingerprint(identity: dict[str, Any]) -> str:
+    """A short hash of :func:`config_identity`'s result: equal for configs whose results agree.
+
+    Example:
+        >>> fingerprint({"model": "attn-only-2l"}) == fingerprint({"model": "attn-only-2l"})
+        True
+    """
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -636,6 +737,13 @@ def _flatten(value: Any, path: str = "") -> dict[str, Any]:
     return {path: value}
 
 
-def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The key paths whose values differ between two identities (``sweeps[0].site``).
+
+    Example:
+        >>> changed_keys({"seed": 0, "sweeps": [{"site": "z"}]},
+        ...              {"seed": 0, "sweeps": [{"site": "q"}]})
+        ['sweeps[0].site']
+    """
     a, b = _flatten(old), _flatten(new)
     return sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))

@@ -59,7 +59,14 @@ def _refuse(path: Path, why: str, hint: str = _MOVE_IT) -> OutputFolderError:
 
 
 def check_folder(folder: Path) -> None:
-    """Make ``folder`` if needed; refuse a file, or a folder this process cannot write to."""
+    """Make ``folder`` if needed; refuse a file, or a folder this process cannot write to.
+
+    Example:
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     check_folder(Path(d) / "run")
+        ...     (Path(d) / "run").is_dir()
+        True
+    """
     if folder.is_symlink() and not folder.exists():
         raise OutputFolderError(
             f"Expected --out to be a folder; {folder} is a link to nothing. Hint: choose "
@@ -84,7 +91,16 @@ def check_folder(folder: Path) -> None:
 
 @contextlib.contextmanager
 def locked(folder: Path) -> Iterator[None]:
-    """Hold ``folder/.lock`` so that two runs never write one journal (released on any exit)."""
+    """Hold ``folder/.lock`` so that two runs never write one journal (released on any exit).
+
+    Example:
+        >>> with tempfile.TemporaryDirectory() as d, locked(Path(d)):
+        ...     with locked(Path(d)):  # doctest: +ELLIPSIS
+        ...         pass
+        Traceback (most recent call last):
+        ...
+        mechkit.errors.OutputFolderError: Expected to be the only sweep writing to ...
+    """
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -102,7 +118,13 @@ def locked(folder: Path) -> Iterator[None]:
 
 
 def read_run_file(folder: Path) -> dict[str, Any] | None:
-    """The previous run's ``run.json`` (None when absent); refuses one this tool did not write."""
+    """The previous run's ``run.json`` (None when absent); refuses one this tool did not write.
+
+    Example:
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     read_run_file(Path(d)) is None
+        True
+    """
     path = folder / RUN_FILE
     if path.is_symlink():
         raise _refuse(path, "is a link (a sweep writes a plain file there and never follows links)")
@@ -122,7 +144,16 @@ def read_run_file(folder: Path) -> dict[str, Any] | None:
 
 
 def check_journal(folder: Path, previous: dict[str, Any] | None) -> bool:
-    """Whether ``results.jsonl`` is there; refuses one that is not this sweep's journal."""
+    """Whether ``results.jsonl`` is there; refuses one that is not this sweep's journal.
+
+    Example:
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = (Path(d) / JOURNAL).write_text("my notes" + chr(10))
+        ...     check_journal(Path(d), None)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mechkit.errors.OutputFolderError: Expected ... results.jsonl is not a sweep journal ...
+    """
     path = folder / JOURNAL
     if path.is_symlink():
         raise _refuse(path, "is a link (a sweep writes a plain file there and never follows links)")
@@ -187,7 +218,19 @@ def _is_plain_name(name: Any) -> bool:
 
 def owned(folder: Path, name: str, manifest: dict[str, Any]) -> bool:
     """Whether ``folder/name`` exists and is, byte for byte, an output the manifest records;
-    False when absent. Raises when it exists and is anything else."""
+    False when absent. Raises when it exists and is anything else.
+
+    Example:
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     absent = owned(Path(d), "0_z.csv", {})
+        ...     _ = (Path(d) / "0_z.csv").write_text("theirs")
+        ...     owned(Path(d), "0_z.csv", {})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mechkit.errors.OutputFolderError: ... 0_z.csv was not written by this sweep ...
+        >>> absent
+        False
+    """
     path = folder / name
     if path.is_symlink():
         raise _refuse(path, "is a link (a sweep writes plain files and never follows links)")
@@ -207,7 +250,15 @@ def owned(folder: Path, name: str, manifest: dict[str, Any]) -> bool:
 
 def clear(folder: Path, previous: dict[str, Any] | None, has_journal: bool) -> None:
     """Delete a previous run's files, only those shown to be its own; checks all of them before
-    deleting any, and deletes run.json last (so an interrupted clear can be run again)."""
+    deleting any, and deletes run.json last (so an interrupted clear can be run again).
+
+    Example:
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = (Path(d) / JOURNAL).write_text("{}" + chr(10))
+        ...     clear(Path(d), None, has_journal=True)
+        ...     (Path(d) / JOURNAL).exists()
+        False
+    """
     manifest = (previous or {}).get("outputs", {})
     for name in manifest:
         if not _is_plain_name(name):
@@ -227,7 +278,12 @@ def clear(folder: Path, previous: dict[str, Any] | None, has_journal: bool) -> N
 
 
 def claim(folder: Path, names: list[str], manifest: dict[str, Any]) -> None:
-    """Refuse unless each of ``names`` is absent or an output the manifest records."""
+    """Refuse unless each of ``names`` is absent or an output the manifest records.
+
+    Example:
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     claim(Path(d), ["0_z.csv", "0_z.png"], {})  # absent: nothing to refuse
+    """
     for name in names:
         owned(folder, name, manifest)
 
@@ -243,6 +299,14 @@ def write_outputs(
     Each file is written beside its place; ``save()`` then stores a manifest that accepts the old
     and the new content, the files are renamed into place, and ``save()`` stores the new content
     only. ``plotly.min.js``, which plotly writes itself when absent, is recorded when it appears.
+
+    Example:
+        >>> manifest = {}
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     paths = write_outputs(Path(d), {"a.csv": lambda tmp: Path(tmp).write_text("x")},
+        ...                           manifest, lambda: None)
+        ...     paths["a.csv"].read_text(), owned(Path(d), "a.csv", manifest)
+        ('x', True)
     """
     claim(folder, list(writers), manifest)
     if (folder / PLOTLY_JS).is_symlink():  # plotly would write through it
@@ -321,7 +385,17 @@ _CHECKS: dict[str, dict[str, Callable[[Any], bool]]] = {
 
 
 class Journal:
-    """The append-only results file: one JSON object a line, flushed and fsync'd per append."""
+    """The append-only results file: one JSON object a line, flushed and fsync'd per append.
+
+    Example:
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     journal = Journal(Path(d) / JOURNAL)
+        ...     journal.append([{"kind": "header", "fingerprint": "abc", "mechkit": "0"}])
+        ...     journal.close()
+        ...     records, torn = journal.read()
+        >>> records, torn
+        ([(1, {'kind': 'header', 'fingerprint': 'abc', 'mechkit': '0'})], False)
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -391,7 +465,12 @@ def index(
     journal: Journal, records: list[tuple[int, dict[str, Any]]], entries: int
 ) -> tuple[dict, dict]:
     """Plan records by (entry, batch), and cells by (entry, batch) -> {cell: (score, prompts)};
-    checks that each cell belongs to a plan recorded before it and fits its grid."""
+    checks that each cell belongs to a plan recorded before it and fits its grid.
+
+    Example:
+        >>> index(Journal(Path("results.jsonl")), [(1, {"kind": "header"})], entries=1)
+        ({}, {})
+    """
     plans: dict[tuple[int, int], dict[str, Any]] = {}
     cells: dict[tuple[int, int], dict[tuple[int, ...], tuple[float, list[float] | None]]] = {}
     for line, record in records:

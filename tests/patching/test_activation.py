@@ -302,7 +302,7 @@ def test_result_table_plot_and_normalization(smollm2, pairs):
         ({"site": "resid_pree"}, mk.InvalidSiteError, "Expected a component"),
         ({"site": "z", "layers": [40]}, mk.InvalidSiteError, r"layers in \[0, 30\)"),
         ({"direction": "sideways"}, mk.MechkitError, "denoising"),
-        ({"direction": "noising", "ablation": "zero"}, mk.MechkitError, "either direction"),
+        ({"direction": "denoising", "ablation": "zero"}, mk.MechkitError, "ablation='corrupt'"),
         ({"memory_budget": "lots"}, mk.MechkitError, "memory budget"),
     ],
 )

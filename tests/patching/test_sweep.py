@@ -115,8 +115,11 @@ BAD_VALUES = [
     ({"sweeps": []}, "sweep.yaml: sweeps: expected a non-empty list"),
     ({"batch_size": 0}, "sweep.yaml: batch_size: expected a positive integer or null; got 0"),
     ({"memory_budget": "lots"}, "sweep.yaml: memory_budget: expected a memory budget"),
-    ({"direction": "noising", "ablation": "zero"}, "ablation: expected either a direction or"),
-    ({"ablation": "mena"}, "ablation: expected 'zero', 'mean', 'resample' or null; got 'mena'"),
+    ({"direction": "denoising", "ablation": "zero"}, "ablation: expected corrupt or null with"),
+    (
+        {"ablation": "mena"},
+        "ablation: expected 'corrupt', 'zero', 'mean', 'resample' or null; got 'mena'",
+    ),
     ({"format": "csv"}, "sweep.yaml: format: expected 'jsonl' or 'parquet'; got 'csv'"),
     ({"prompts": {"tokens": "missing.jsonl"}}, "prompts.tokens: expected an existing JSONL file"),
     ({"prompts": {"tokens": "pairs.jsonl", "generator": "ioi"}}, "prompts: expected exactly one"),
