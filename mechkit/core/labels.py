@@ -25,7 +25,8 @@ def model_name(model: Any) -> str:
 
 
 def metric_name(metric: Any) -> str:
-    """A metric's class name (``"LogitDiff"``), or a function's name.
+    """A metric's class name (``"LogitDiff"``; a wrapper's with what it wraps,
+    ``"Normalized(LogitDiff)"``), or a function's name.
 
     Example:
         >>> metric_name(mk.LogitDiff(torch.tensor([1]), torch.tensor([2])))
@@ -33,5 +34,8 @@ def metric_name(metric: Any) -> str:
     """
     if isinstance(metric, type):
         return metric.__name__
+    inner = getattr(metric, "metric", None)  # a wrapper such as Normalized names what it wraps
+    if inner is not None and callable(inner) and not isinstance(metric, type):
+        return f"{type(metric).__name__}({metric_name(inner)})"
     name = getattr(metric, "__name__", None)
     return str(name) if name else type(metric).__name__

@@ -44,18 +44,15 @@ from mechkit.core.types import Model
 from mechkit.errors import (
     InvalidArgumentError,
     InvalidSiteError,
-    InvalidTypeError,
-    PromptLengthError,
     ShapeError,
     check_choice,
 )
 from mechkit.hook_scope import hook_scope
-from mechkit.metrics import LogitDiff, Metric
+from mechkit.metrics import Metric
 from mechkit.patching import engine
 from mechkit.patching.result import PatchResult
 from mechkit.prompts import PromptPairs
 from mechkit.sites import Component, Site
-from mechkit.tokens import token_batch
 
 __all__ = [
     "activation_patch",
@@ -548,14 +545,6 @@ def site_name(site: str | Site | Sequence[Site]) -> str:
     return site if isinstance(site, str) else site.label if isinstance(site, Site) else "sites"
 
 
-def _metric_name(metric: Any) -> str:
-    if isinstance(metric, Metric):
-        inner = getattr(metric, "metric", None)
-        name = type(metric).__name__
-        return f"{name}({type(inner).__name__})" if inner is not None else name
-    return getattr(metric, "__name__", type(metric).__name__)
-
-
 def plan_cells(
     model: Model,
     site: str | Site | Sequence[Site],
@@ -869,125 +858,3 @@ def _token_text(model: Model, tokens: Tensor, position: int) -> str:
     if tokenizer is None:
         return f"#{token}"
     return repr(tokenizer.decode([token]))
-
-
-def _progress(total: int, description: str, enabled: bool) -> Any:
-    if not enabled or total == 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=description, unit="patch", leave=False)
-
-
-# ----------------------------------------------------------------------------------- legacy
-# mechkit.sae still imports these; patching itself resolves its inputs with
-# mechkit.core.resolve_contrast. To be removed once mechkit.sae uses the core.
-
-Method = Literal["denoising", "noising", "zero", "mean", "resample"]
-
-
-@dataclasses.dataclass
-class Setup:
-    """Resolved inputs shared by activation and path patching."""
-
-    base_tokens: Tensor
-    source_tokens: Tensor | None
-    clean_tokens: Tensor
-    corrupt_tokens: Tensor | None
-    metric: Any
-    method: Method
-    reference_tokens: Tensor | None
-    reference_mask: Tensor | None
-
-
-def resolve_inputs(
-    model: Any,
-    clean: Any,
-    corrupt: Any,
-    metric: Any,
-    direction: str | None,
-    ablation: str | None,
-    reference: Any,
-) -> Setup:
-    """Tokens, metric and method from the user's arguments, all checked before any run."""
-    if ablation is not None:
-        check_choice("ablation", ablation, ["zero", "mean", "resample"], also="None")
-    if direction is not None:
-        check_choice("direction", direction, ["denoising", "noising"], also="None")
-    corrupt_tokens: Tensor | None
-    if isinstance(clean, PromptPairs):
-        if corrupt is not None and not isinstance(corrupt, PromptPairs):
-            raise InvalidArgumentError(
-                "Expected corrupt=None when clean is a PromptPairs (it holds both runs); got "
-                f"{type(corrupt).__name__}."
-            )
-        pairs = clean
-        pairs.check_fits(model)
-        if ablation is None or ablation != "zero":
-            pairs.require_aligned()
-        clean_tokens, corrupt_tokens = pairs.clean_tokens, pairs.corrupt_tokens
-        if metric is None:
-            metric = LogitDiff.from_pairs(pairs)
-        if reference is None and ablation in ("mean", "resample"):
-            reference = (pairs.corrupt_tokens, pairs.corrupt_mask)
-    else:
-        clean_tokens = token_batch(model, clean)[0]
-        corrupt_tokens = None if corrupt is None else token_batch(model, corrupt)[0]
-        if reference is None and ablation in ("mean", "resample") and corrupt is not None:
-            reference = token_batch(model, corrupt)
-    if metric is None:
-        raise InvalidTypeError(
-            "Expected a metric; got None. Hint: pass mk.LogitDiff.from_pairs(pairs), any mechkit "
-            "Metric, or a function logits -> score."
-        )
-    if ablation is not None:
-        if direction is not None:
-            raise InvalidArgumentError(
-                f"Expected either direction or ablation; got direction={direction!r} and "
-                f"ablation={ablation!r}. Hint: an ablation always edits the clean run."
-            )
-        method: Method = ablation  # type: ignore[assignment]
-    else:
-        direction = direction or "denoising"
-        if corrupt_tokens is None:
-            raise InvalidArgumentError(
-                f"Expected corrupt prompts for {direction}; got None. Hint: pass corrupt "
-                "prompts, or ablation='zero' / 'mean' / 'resample' to ablate in the clean run."
-            )
-        method = direction  # type: ignore[assignment]
-    aligned = corrupt_tokens is None or corrupt_tokens.shape == clean_tokens.shape
-    if method in ("denoising", "noising") and not aligned:
-        assert corrupt_tokens is not None
-        raise PromptLengthError(
-            f"Expected clean and corrupt token batches of the same shape (positions are "
-            f"patched one for one); got {tuple(clean_tokens.shape)} clean and "
-            f"{tuple(corrupt_tokens.shape)} corrupt. Hint: use corruptions with as many "
-            "tokens as their clean prompts."
-        )
-    ref_tokens = ref_mask = None
-    if method in ("mean", "resample"):
-        if reference is None:
-            ref_tokens, ref_mask = clean_tokens, torch.ones_like(clean_tokens, dtype=torch.bool)
-        elif isinstance(reference, tuple):
-            ref_tokens, ref_mask = reference
-        else:
-            ref_tokens, ref_mask = token_batch(model, reference)
-    base: Tensor | None
-    source: Tensor | None
-    if method == "denoising":
-        base, source = corrupt_tokens, clean_tokens
-    elif method == "noising":
-        base, source = clean_tokens, corrupt_tokens
-    else:
-        base, source = clean_tokens, None
-    device = model.cfg.device
-    return Setup(
-        base.to(device),  # type: ignore[union-attr]
-        None if source is None else source.to(device),
-        clean_tokens.to(device),
-        None if corrupt_tokens is None else corrupt_tokens.to(device),
-        metric,
-        method,
-        None if ref_tokens is None else ref_tokens.to(device),
-        None if ref_mask is None else ref_mask.to(device),
-    )

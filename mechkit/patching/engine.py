@@ -42,7 +42,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-from mechkit.core.batching import check_budget, each_batch, is_out_of_memory, parse_budget
+from mechkit.core.batching import check_budget, each_batch, parse_budget
 from mechkit.core.types import Model
 from mechkit.errors import (
     InvalidArgumentError,
@@ -74,7 +74,6 @@ __all__ = [
     "check_budget",
 ]
 
-_is_oom = is_out_of_memory  # mechkit.graph.edges imports this name; use the core's
 
 Edit = Callable[[Tensor, int], None]
 """An edit: changes, in place, one patch's rows of an activation that covers the positions from

@@ -251,7 +251,6 @@ def test_moved_names_are_the_cores_and_errors_live_in_errors():
 
     assert engine.parse_budget is batching.parse_budget
     assert engine.check_budget is batching.check_budget
-    assert engine._is_oom is batching.is_out_of_memory
     assert sweep_config.SweepConfigError is mk.errors.SweepConfigError
     assert sweep_config.PromptsTooLongError is mk.errors.PromptsTooLongError
     assert issubclass(mk.errors.PromptsTooLongError, mk.errors.ContextLengthError)
