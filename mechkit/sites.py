@@ -29,9 +29,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, get_args
 
-from mechkit.errors import InvalidSiteError, SiteNotFoundError, did_you_mean
+from mechkit.errors import InvalidArgumentError, InvalidSiteError, SiteNotFoundError, did_you_mean
 
-__all__ = ["Site", "Component", "COMPONENTS", "validate_sites"]
+__all__ = ["Site", "Component", "COMPONENTS", "validate_sites", "as_site"]
 
 Component = Literal[
     "embed",
@@ -285,3 +285,35 @@ def validate_sites(model: Any, sites: Any) -> list[Site]:
             )
         out.append(site.resolve(model))
     return out
+
+
+def as_site(site: str | Site, layer: int | Site | None = None) -> Site:
+    """The :class:`Site` a method's ``layer`` and ``site`` arguments name, so every method that
+    asks for a layer and a site also takes one ``Site``: ``site="resid_pre", layer=3``,
+    ``site=Site("resid_pre", layer=3)`` or ``layer=Site("resid_pre", layer=3)``. A layer given
+    beside a Site must agree with it. The result is not yet checked against a model
+    (:meth:`Site.resolve`).
+
+    Example:
+        >>> as_site("resid_post", 2).hook_name
+        'blocks.2.hook_resid_post'
+        >>> as_site("resid_pre", Site("resid_mid", layer=1)).hook_name
+        'blocks.1.hook_resid_mid'
+    """
+    if isinstance(layer, Site):
+        return layer
+    if isinstance(site, Site):
+        if layer is not None and site.layer is not None and layer != site.layer:
+            raise InvalidArgumentError(
+                f"Expected layer=None or the Site's own layer ({site.layer}) beside "
+                f"site={site!r}; got layer={layer!r}. Hint: pass the Site alone."
+            )
+        return site
+    if not isinstance(site, str):
+        raise InvalidSiteError(
+            f"Expected a site: a component name such as 'resid_pre' or a mechkit Site; got "
+            f"{type(site).__name__}."
+        )
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+        raise InvalidSiteError(f"Expected an int layer (or a Site); got {layer!r}.")
+    return Site(site, layer=layer)  # type: ignore[arg-type]
