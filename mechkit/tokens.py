@@ -15,8 +15,10 @@ from mechkit.errors import (
     MultiTokenAnswerError,
     ShapeError,
 )
+from mechkit.models.toy import toy_record
 
 __all__ = [
+    "bos_token_id",
     "tokenizer_of",
     "encode",
     "tokenize_answer",
@@ -36,6 +38,26 @@ def tokenizer_of(model: Any) -> Any:
             "(a toy model?). Hint: pass token ids instead (PromptPairs.from_tokens)."
         )
     return tokenizer
+
+
+def bos_token_id(model: Any) -> int:
+    """The id of the model's beginning-of-sequence token: the tokenizer's BOS (else its EOS,
+    which models without a BOS put first), a toy model's recorded one, else 0 (hand-built toy
+    models put BOS at id 0 by convention).
+
+    Example:
+        >>> bos_token_id(mk.load_model("attn-only-2l"))
+        0
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        for bos in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+            if bos is not None:
+                return int(bos)
+    info = getattr(model, "mechkit_info", None)
+    if info is not None and info.source == "toy":
+        return int(toy_record(info.name).get("bos_token_id", 0))
+    return 0
 
 
 def encode(model: Any, text: str, prepend_bos: bool | None = None) -> list[int]:
