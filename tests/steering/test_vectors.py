@@ -292,3 +292,34 @@ def test_bad_inputs_raise_clear_errors(smollm2):
     with pytest.raises(mk.UnknownKindError, match="'mean'"):
         activations_at(smollm2, ["Hi"], layer=1, position="last")
     assert hook_count(smollm2) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 15: a Site wherever a layer and site are asked for
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_builders_take_a_site_for_layer_and_site(smollm2):
+    site = mk.Site("resid_post", layer=3)
+    by_ints = activations_at(smollm2, POSITIVES[:2], layer=3, site="resid_post")
+    assert torch.equal(activations_at(smollm2, POSITIVES[:2], site=site), by_ints)
+    assert torch.equal(activations_at(smollm2, POSITIVES[:2], layer=site), by_ints)
+    vec = mean_difference_vector(smollm2, POSITIVES[:2], NEGATIVES[:2], site=site)
+    old = mean_difference_vector(smollm2, POSITIVES[:2], NEGATIVES[:2], layer=3, site="resid_post")
+    assert (vec.layer, vec.site) == (3, "resid_post") and torch.equal(vec.vector, old.vector)
+    add = actadd_vector(smollm2, "Love", "Hate", site=mk.Site("resid_pre", layer=-1))
+    assert add.layer == smollm2.cfg.n_layers - 1 and add.site == "resid_pre"
+    with pytest.raises(mk.InvalidArgumentError, match="layer"):
+        activations_at(smollm2, ["Hi"], layer=4, site=site)  # disagrees with the Site's layer
+    with pytest.raises(mk.InvalidSiteError, match="residual"):
+        activations_at(smollm2, ["Hi"], site=mk.Site("z", layer=1))
+    with pytest.raises(mk.InvalidSiteError, match="head, position or neuron"):
+        activations_at(smollm2, ["Hi"], site=mk.Site("resid_pre", layer=1, position=0))
+    with pytest.raises(mk.InvalidSiteError, match="Expected a layer"):
+        activations_at(smollm2, ["Hi"])
+
+
+def test_vector_metadata_names_the_model_as_loaded(smollm2):
+    vec = mean_difference_vector(smollm2, POSITIVES[:1], NEGATIVES[:1], layer=1)
+    assert vec.metadata["model"] == "smollm2-135m"  # mechkit's load name, as core.model_name
