@@ -15,9 +15,13 @@ exception or a Ctrl-C, removes every hook.
 Directional ablation (Arditi et al. 2024) projects a direction out of the residual stream at
 every layer and position: :func:`ablate_direction`.
 
+Example:
+    >>> model = mk.load_model("smollm2-135m")
     >>> vec = mk.mean_difference_vector(model, ["I love it"], ["I hate it"], layer=6)
-    >>> out = mk.generate(model, ["I think the movie was"], steering=mk.Steering(vec, 6.0))
-    >>> out.texts[0]
+    >>> out = mk.generate(model, ["I think the movie was"], steering=mk.Steering(vec, 6.0),
+    ...                   max_new_tokens=4, temperature=0)
+    >>> out.tokens.shape        # (batch, new tokens); out.texts holds the decoded text
+    torch.Size([1, 4])
 """
 
 from __future__ import annotations
@@ -64,6 +68,11 @@ class Steering:
             tokens produced by :func:`generate`); or a tuple of positions counted from each
             prompt's first real token. A per-position vector is always added at the prompt's
             first ``len(vector)`` positions.
+
+    Example:
+        >>> vec = mk.SteeringVector(torch.ones(64), layer=1)
+        >>> mk.Steering(vec, 4.0, positions="prompt").positions
+        'prompt'
     """
 
     vector: SteeringVector
@@ -204,8 +213,13 @@ def steer(
     nothing); use :func:`generate` for generation.
 
     Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> vec = mk.SteeringVector(torch.ones(model.cfg.d_model), layer=1)
+        >>> tokens = torch.tensor([[1, 2, 3]])
         >>> with mk.steer(model, vec, coefficient=4.0):
-        ...     logits = model(tokens)   # (batch, pos, d_vocab), steered
+        ...     steered = model(tokens)   # (batch, pos, d_vocab)
+        >>> bool((steered != model(tokens)).any())   # and no hook is left afterwards
+        True
     """
     steerings = _as_steerings(vectors, coefficient, positions)
     with _steered(model, steerings, _Layout()):
@@ -224,6 +238,15 @@ def ablate_direction(
     At each chosen layer the direction's component is removed from ``resid_pre``, ``resid_mid``
     and ``resid_post`` (so neither attention nor the MLP can write it back before the next
     read), as in refusal-direction work (Arditi et al. 2024).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> d = torch.zeros(model.cfg.d_model); d[0] = 1.0
+        >>> _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+        >>> with mk.ablate_direction(model, d):
+        ...     _, ablated = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+        >>> float(ablated["blocks.1.hook_resid_pre"][..., 0].abs().max())
+        0.0
     """
     d = direction.vector if isinstance(direction, SteeringVector) else torch.as_tensor(direction)
     if d.ndim != 1 or d.shape[0] != model.cfg.d_model:
@@ -254,7 +277,13 @@ def ablate_direction(
 
 @dataclasses.dataclass(frozen=True)
 class Generations:
-    """Texts generated from prompts: ``texts[i]`` continues ``prompts[i]``."""
+    """Texts generated from prompts: ``texts[i]`` continues ``prompts[i]``.
+
+    Example:
+        >>> out = Generations(("Hi",), (" there",), torch.tensor([[1, 2]]))
+        >>> out.to_dataframe().to_dict("records")
+        [{'prompt': 'Hi', 'completion': ' there'}]
+    """
 
     prompts: tuple[str, ...]
     texts: tuple[str, ...]
@@ -297,6 +326,8 @@ def generate(
         ContextLengthError: the longest prompt plus ``max_new_tokens`` exceeds ``n_ctx``.
         NonFiniteError: the (steered) logits stop being finite, usually a steering
             coefficient far too large; no token is chosen from them.
+
+    Example: see the module docstring.
     """
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:

@@ -9,10 +9,15 @@ reconstruction (``decode(e_i) - decode(0)``, so SAEs that rescale by decoder nor
 and a coefficient ``c`` therefore adds ``c`` to the latent's activation: steering with it equals
 ``mk.splice(model, sae)`` with ``spliced.add([i], c)`` (tested).
 
-    >>> sae = mk.load_sae("smollm2-135m-res12-topk")
-    >>> vec = mk.sae_latent_vector(sae, 1725)          # blocks.12.hook_resid_post
-    >>> with mk.steer(model, vec, coefficient=8.0):    # latent 1725 raised by 8 everywhere
-    ...     logits = model(tokens)
+Example:
+    >>> sae = mk.sae.SparseDictionary.from_config(mk.sae.SAEConfig(
+    ...     architecture="relu", d_in=128, d_sae=8, hook_name="blocks.1.hook_resid_pre"))
+    >>> vec = mk.sae_latent_vector(sae, 3)             # latent 3's decoder direction, (d_model,)
+    >>> vec.hook_name, vec.vector.shape
+    ('blocks.1.hook_resid_pre', torch.Size([128]))
+    >>> model = mk.load_model("attn-only-2l")
+    >>> with mk.steer(model, vec, coefficient=8.0):    # latent 3 raised by 8 everywhere
+    ...     logits = model(torch.tensor([[1, 2, 3]]))
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ def sae_latent_vector(
     Returns:
         A ``(d_model,)`` :class:`SteeringVector` with ``method="sae_latent"`` and the latents in
         its metadata.
+
+    Example: see the module docstring.
     """
     from mechkit.sae.splice import check_latents, sae_sites
 

@@ -74,7 +74,13 @@ def _next_token_logits(
 
 @dataclasses.dataclass(frozen=True)
 class TokenProbability:
-    """Mean probability of ``target`` as the next token after each prompt."""
+    """Mean probability of ``target`` as the next token after each prompt.
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> round(TokenProbability(("The cat sat on the",), " mat")(model, [], 0), 3)
+        0.005
+    """
 
     prompts: tuple[str, ...]
     target: str
@@ -96,9 +102,10 @@ class MetricMeasure:
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
-        >>> measure = MetricMeasure(("The cat sat",), lambda logits: logits[:, 0].mean(), "l0")
-        >>> round(measure(model, [], 0), 3)  # doctest: +ELLIPSIS
-        ...
+        >>> model = mk.load_model("smollm2-135m")
+        >>> first = lambda logits: logits[:, 0]   # (batch, d_vocab) -> (batch,)
+        >>> round(MetricMeasure(("The cat sat",), first, "logit 0")(model, [], 0), 2)
+        9.94
     """
 
     prompts: tuple[str, ...]
@@ -123,10 +130,10 @@ class LogitDiffMeasure:
     steering measure of :class:`mechkit.LogitDiff` (the one logit-difference metric).
 
     Example:
-        >>> model = mk.load_model("attn-only-2l")
+        >>> model = mk.load_model("smollm2-135m")
         >>> measure = LogitDiffMeasure(("The cat sat on the",), " mat", " dog")
-        >>> isinstance(measure(model, [], 0), float)
-        True
+        >>> round(measure(model, [], 0), 2)      # logit(" mat") - logit(" dog"), unsteered
+        0.93
     """
 
     prompts: tuple[str, ...]
@@ -174,6 +181,12 @@ class ABScore:
 
     Each question ends where the model is to answer (e.g. ``"... (A) yes (B) no\\nAnswer: ("``);
     ``matching[i]`` is ``"A"`` or ``"B"``, the answer that shows the behaviour.
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> question = "Do you like cats? (A) yes (B) no\\nAnswer: ("
+        >>> round(ABScore((question,), ("A",))(model, [], 0), 2)
+        0.9
     """
 
     questions: tuple[str, ...]
@@ -204,7 +217,14 @@ class ABScore:
 
 @dataclasses.dataclass(frozen=True)
 class WordShare:
-    """Share of sampled generations that contain any of ``words`` (case-insensitive)."""
+    """Share of sampled generations that contain any of ``words`` (case-insensitive).
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> share = WordShare(("My favourite animal is the",), ("cat", "dog"), 2, max_new_tokens=3)
+        >>> share(model, [], seed=0)
+        0.5
+    """
 
     prompts: tuple[str, ...]
     words: tuple[str, ...]
@@ -348,6 +368,17 @@ def steering_sweep(
         positions: where the vectors are added (see :class:`Steering`).
         sample_prompts: prompts to generate from for the side-by-side samples.
         sample_settings: which (layer, coefficient) settings get samples; None: every setting.
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> pos, neg = ["I love this", "What a great day"], ["I hate this", "What an awful day"]
+        >>> cost = model.to_tokens(["The weather report for today says that"])  # (batch, pos)
+        >>> sweep = steering_sweep(
+        ...     model, lambda layer: mk.mean_difference_vector(model, pos, neg, layer=layer),
+        ...     layers=[4], coefficients=[0.0, 4.0], cost_tokens=cost, progress=False,
+        ...     effect=LogitDiffMeasure(("I think the movie was",), " good", " bad"))
+        >>> [(label["coefficient"], round(change, 2)) for label, change in sweep.top()]
+        [(4.0, 0.94), (0.0, 0.0)]
     """
     if not layers or not coefficients:
         raise InvalidArgumentError("Expected at least one layer and one coefficient to sweep.")
