@@ -54,7 +54,9 @@ def corpus_tokens(
     ``seed`` the windows are shuffled (reproducibly); ``max_sequences`` keeps the first ones.
 
     Example:
-        >>> corpus_tokens(model, seq_len=64, split="test").shape   # (n, 64)
+        >>> model = mk.load_model("smollm2-135m")
+        >>> corpus_tokens(model, seq_len=64, split="test", max_sequences=4).shape   # (n, 64)
+        torch.Size([4, 64])
     """
     tokenizer = tokenizer_of(model)
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

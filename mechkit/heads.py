@@ -40,12 +40,13 @@ Cost: copying multiplies ``W_O`` by ``W_U`` in every layer: ``n_layers * n_heads
 d_model * d_vocab`` multiply-adds (0.5 T for SmolLM2-135M: tens of seconds on a laptop CPU, a
 blink on a GPU).
 
-    >>> model = mk.load_model("smollm2-135m")
-    >>> scores = detect_heads(model, "induction")
+Example:
+    >>> model = mk.load_model("attn-only-2l")
+    >>> scores = detect_heads(model, "induction", n_prompts=4, seq_len=10)
     >>> scores.scores.shape                              # (layer, head)
-    torch.Size([30, 9])
-    >>> scores.top(2)
-    [('L18H6', 0.877...), ('L17H3', 0.733...)]
+    torch.Size([2, 4])
+    >>> [name for name, _ in scores.top(2)]
+    ['L1H1', 'L1H0']
 """
 
 from __future__ import annotations
@@ -520,9 +521,10 @@ def detect_heads(
         EmptyDatasetError: no row of the tokens has a target, or no successor data.
 
     Example:
-        >>> scores = detect_heads(model, "previous_token")   # model: SmolLM2-135M
-        >>> scores.scores.shape, scores.top(1)
-        (torch.Size([30, 9]), [('L16H0', 0.887...)])
+        >>> model = mk.load_model("attn-only-2l")
+        >>> scores = detect_heads(model, "previous_token", n_prompts=4, seq_len=10)
+        >>> scores.scores.shape, [name for name, _ in scores.top(1)]   # (layer, head)
+        (torch.Size([2, 4]), ['L0H2'])
     """
     _check_kind(kind, KINDS)
     check_batch_size(batch_size)  # None: one pass
@@ -644,10 +646,10 @@ def render_attention(
         An :class:`AttentionView` with ``.path``; a notebook displays it inline.
 
     Example:
-        >>> view = render_attention(model, "The cat sat. The cat", heads=[(18, 6), (-1, 0)])
-        >>> view.path.suffix, view.heads                     # model: SmolLM2-135M
+        >>> model = mk.load_model("smollm2-135m")
+        >>> view = render_attention(model, "The cat sat. The cat", heads=["L18H6", (-1, 0)])
+        >>> view.path.suffix, view.heads   # a notebook shows `view` as the patterns
         ('.html', ((18, 6), (29, 0)))
-        >>> view                                             # in a notebook: the patterns
     """
     from circuitsvis.attention import attention_heads
 

@@ -101,8 +101,11 @@ def keep_hooks(model: Any, *, on_exit: Callable[[], None] | None = None) -> Iter
             back), under the same protection against interrupts.
 
     Example:
+        >>> model = mk.load_model("attn-only-2l")
         >>> with keep_hooks(model):
-        ...     logits, cache = model.run_with_cache(tokens)
+        ...     model.add_hook("blocks.0.hook_resid_post", lambda act, hook: act * 0)
+        >>> len(model.blocks[0].hook_resid_post.fwd_hooks)
+        0
     """
     snapshot = _snapshot(model)
     try:
@@ -139,8 +142,13 @@ def hook_scope(model: Any, fwd_hooks: HookSpec = (), bwd_hooks: HookSpec = ()) -
         bwd_hooks: the same for the backward pass.
 
     Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> seen = []
+        >>> hook = lambda act, hook: seen.append(act.shape)
         >>> with hook_scope(model, fwd_hooks=[("blocks.0.hook_resid_post", hook)]):
-        ...     model(tokens)
+        ...     _ = model(torch.tensor([[1, 2, 3]]))
+        >>> seen, len(model.blocks[0].hook_resid_post.fwd_hooks)   # the hook is gone
+        ([torch.Size([1, 3, 128])], 0)
     """
     with keep_hooks(model):
         for name, hook in fwd_hooks:

@@ -5,9 +5,16 @@ activation the site selects. They take effect only inside :func:`intervene`, whi
 :func:`mechkit.hook_scope.hook_scope`: leaving the ``with`` block removes every hook, also when
 a hook, the forward pass or the user's own code raises, and when Ctrl-C interrupts.
 
-    >>> clean_z = ...  # (batch, pos, d_head), e.g. from mk.capture
-    >>> with mk.intervene(model, mk.Patch(mk.Site("z", layer=5, head=1), clean_z)):
-    ...     logits = model(corrupt_tokens)
+Example:
+    >>> model = mk.load_model("attn-only-2l")
+    >>> clean, corrupt = torch.tensor([[1, 2, 3]]), torch.tensor([[1, 5, 3]])
+    >>> site = mk.Site("z", layer=1, head=1)
+    >>> with mk.capture(model, site) as acts:
+    ...     _ = model(clean)
+    >>> acts[site].shape                   # (batch, pos, d_head) of one head
+    torch.Size([1, 3, 32])
+    >>> with mk.intervene(model, mk.Patch(site, acts[site])):
+    ...     patched = model(corrupt)       # (batch, pos, d_vocab)
 
 :func:`capture` is the reading counterpart: it records activations at sites during a forward.
 """
@@ -64,7 +71,9 @@ class Patch(Intervention):
     """Replace the site's activation with ``value`` (broadcast to the selected shape).
 
     Example:
-        >>> mk.Patch(mk.Site("resid_pre", layer=3, position=5), clean_resid)  # (batch, d_model)
+        >>> patch = mk.Patch(mk.Site("resid_pre", layer=1, position=2), torch.zeros(1, 128))
+        >>> patch.site.hook_name           # the value is (batch, d_model) at one position
+        'blocks.1.hook_resid_pre'
     """
 
     site: Site
@@ -169,9 +178,11 @@ def capture(model: Any, *sites: Site | str, grad: bool = False) -> Iterator[Capt
             values are detached.
 
     Example:
-        >>> with mk.capture(model, mk.Site("resid_pre", layer=2)) as acts:
-        ...     model(tokens)
-        >>> acts[mk.Site("resid_pre", layer=2)].shape  # (batch, pos, d_model)
+        >>> model = mk.load_model("attn-only-2l")
+        >>> with mk.capture(model, mk.Site("resid_pre", layer=1)) as acts:
+        ...     _ = model(torch.tensor([[1, 2, 3]]))
+        >>> acts[mk.Site("resid_pre", layer=1)].shape  # (batch, pos, d_model)
+        torch.Size([1, 3, 128])
     """
     asked = [Site.from_hook_name(s, model) if isinstance(s, str) else s for s in sites]
     resolved = validate_sites(model, asked)

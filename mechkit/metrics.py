@@ -6,9 +6,14 @@ and returns one value per prompt, ``(batch,)``; calling the metric object averag
 functions take plain tensors; the metric classes bind the answer ids and positions of a
 :class:`~mechkit.prompts.PromptPairs` once, so patching code calls ``metric(logits)``.
 
-    >>> metric = mk.LogitDiff.from_pairs(pairs)
-    >>> metric.per_prompt(model(pairs.clean_tokens))   # (batch,)
-    >>> metric(model(pairs.clean_tokens))              # scalar, the mean
+Example:
+    >>> logits = torch.zeros(2, 3, 10)                 # (batch, pos, d_vocab)
+    >>> logits[0, -1, 4], logits[1, 1, 4] = 2.0, 1.0
+    >>> metric = mk.LogitDiff(torch.tensor([4, 4]), torch.tensor([7, 7]), torch.tensor([2, 1]))
+    >>> metric.per_prompt(logits)                      # (batch,), at each answer position
+    tensor([2., 1.])
+    >>> metric(logits)                                 # scalar, the mean
+    tensor(1.5000)
 
 Normalized score (Wang et al. 2022; Heimersheim & Nanda 2024):
 ``(m - m_corrupt) / (m_clean - m_corrupt)``: 1 means the clean behaviour, 0 the corrupt one.

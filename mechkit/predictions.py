@@ -85,6 +85,7 @@ def predict_next_tokens(
     Prompts of different lengths are right-padded; each is read at its own last token.
 
     Example:
+        >>> model = mk.load_model("smollm2-135m")
         >>> preds = predict_next_tokens(model, ["The Eiffel Tower is located in the city of"])
         >>> preds.tokens[0][0]
         ' Paris'

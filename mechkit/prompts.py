@@ -11,12 +11,15 @@ that patch position by position need each clean prompt to have its corrupt promp
 :meth:`PromptPairs.require_aligned` checks it, and ``aligned=True`` (the default) checks it at
 construction.
 
+Example:
+    >>> model = mk.load_model("smollm2-135m")
     >>> pairs = mk.PromptPairs.from_lists(
     ...     model,
     ...     clean=["When Mary and John went to the store, John gave a drink to"],
     ...     corrupt=["When Alice and Bob went to the store, Carl gave a drink to"],
     ...     answers=[" Mary"], wrongs=[" John"])
     >>> pairs.clean_tokens.shape   # (batch, pos)
+    torch.Size([1, 14])
 
 A JSONL file holds one ``{"clean", "corrupt", "answer", "wrong"}`` object a line
 (:meth:`PromptPairs.from_jsonl`).

@@ -7,8 +7,14 @@ refuses anything else before it runs. A file that is truncated, holds random byt
 format, or parses but has the wrong shape raises :class:`~mechkit.errors.FileFormatError`
 naming the file, what was expected, and a hint.
 
-    >>> with reading("graph.json", "a circuit graph", "write it with CircuitGraph.save"):
-    ...     graph = CircuitGraph.from_dict(read_json("graph.json", "a circuit graph"))
+Example:
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "graph.json"
+    >>> _ = path.write_text('{"nodes": [')                     # truncated
+    >>> read_json(path, "a circuit graph", "write it with CircuitGraph.save")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    mechkit.errors.FileFormatError: ...graph.json...
 """
 
 from __future__ import annotations

@@ -73,6 +73,7 @@ def tokenize_answer(model: Any, answer: str) -> int:
     """The single token id of ``answer`` (no BOS), or :class:`MultiTokenAnswerError`.
 
     Example:
+        >>> model = mk.load_model("smollm2-135m")
         >>> tokenize_answer(model, " Mary")
         5099
     """
