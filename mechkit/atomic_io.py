@@ -32,4 +32,8 @@ def write_atomically(path: str | Path, write: Callable[[str], None]) -> Path:
 
 def write_text_atomically(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+    return write_atomically(path, write)

@@ -13,13 +13,16 @@ so held-out sequences never share a document with training ones.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from mechkit.errors import check_choice
 from mechkit.tokens import tokenizer_of
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["corpus_documents", "corpus_tokens"]
 
@@ -40,7 +43,7 @@ def corpus_documents(split: Split = "all") -> list[str]:
 
 
 def corpus_tokens(
-    model: Any,
+    model: HookedTransformer,
     *,
     seq_len: int = 128,
     split: Split = "train",

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -386,7 +386,7 @@ def _decompose(
             add(head_name(i, h), "head", per_head[h], i, h)
         add(f"L{i}.attn_bias", "attn_bias", model.b_O[i].expand_as(resid), i)
         if not cfg.attn_only:
-            b_out = model.blocks[i].mlp.b_out
+            b_out = cast(Tensor, model.blocks[i].mlp.b_out)  # (d_model,)
             add(mlp_name(i), "mlp", at(cache[f"blocks.{i}.hook_mlp_out"]) - b_out, i)
             mlp_bias = mlp_bias + b_out
     if not cfg.attn_only and layer > 0:
@@ -609,7 +609,7 @@ def neuron_attribution(
     values = post.T * readout  # (d_mlp, batch)
     if divide_by_scale:
         values = values / scale[:, 0]
-    n = cfg.d_mlp
+    n = values.shape[0]  # d_mlp
     return Attribution(
         labels=tuple(neuron_name(layer, i) for i in range(n)),
         kinds=("neuron",) * n,

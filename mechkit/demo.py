@@ -21,10 +21,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mechkit.atomic_io import write_atomically, write_text_atomically
 from mechkit.models import load_model, model_info
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = [
     "DEMO_PROMPTS",
@@ -96,7 +99,7 @@ def html_table(rows: list[list[Any]], header: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _model_card(model: Any, out: Path) -> str:
+def _model_card(model: HookedTransformer, out: Path) -> str:
     info = model_info(model)
     cfg = model.cfg
     card = {
@@ -111,7 +114,7 @@ def _model_card(model: Any, out: Path) -> str:
     return html_table([[k, v] for k, v in card.items()], ["property", "value"])
 
 
-def _predictions(model: Any, out: Path) -> str:
+def _predictions(model: HookedTransformer, out: Path) -> str:
     from mechkit.predictions import predict_next_tokens
 
     preds = predict_next_tokens(model, list(DEMO_PROMPTS), k=5)
@@ -128,13 +131,14 @@ def _predictions(model: Any, out: Path) -> str:
     )
 
 
-def _logit_lens(model: Any, out: Path) -> str:
+def _logit_lens(model: HookedTransformer, out: Path) -> str:
     from mechkit.lens import logit_lens
 
     clean, _, answer, _ = IOI_PAIRS[0]
     lens = logit_lens(model, clean, targets=[answer])
     grid = figure_link(out, "logit_lens.html", lens.plot())
     rank = figure_link(out, "logit_lens_answer_rank.html", lens.plot_target(0, value="rank"))
+    assert lens.target_ranks is not None  # targets were given
     ranks = lens.target_ranks[:, 0, -1, 0].tolist()
     first = next((i for i, r in enumerate(ranks) if r == 0), None)
     where = lens.layer_labels[first] if first is not None else "never"
@@ -146,7 +150,7 @@ def _logit_lens(model: Any, out: Path) -> str:
     )
 
 
-def _dla(model: Any, out: Path) -> str:
+def _dla(model: HookedTransformer, out: Path) -> str:
     from mechkit.decomposition import direct_logit_attribution
     from mechkit.prompts import PromptPairs
 
@@ -164,7 +168,7 @@ def _dla(model: Any, out: Path) -> str:
     )
 
 
-def _heads(model: Any, out: Path) -> str:
+def _heads(model: HookedTransformer, out: Path) -> str:
     from mechkit.heads import detect_heads
 
     parts = []
@@ -176,7 +180,7 @@ def _heads(model: Any, out: Path) -> str:
     return "<ul>" + "".join(parts) + "</ul>"
 
 
-def _patching(model: Any, out: Path) -> str:
+def _patching(model: HookedTransformer, out: Path) -> str:
     from mechkit.patching import activation_patch, path_patch
     from mechkit.prompts import PromptPairs
     from mechkit.sites import Site
@@ -212,7 +216,7 @@ def _patching(model: Any, out: Path) -> str:
     )
 
 
-def _circuit(model: Any, out: Path) -> str:
+def _circuit(model: HookedTransformer, out: Path) -> str:
     from mechkit.attribution import compare_attribution
     from mechkit.graph import edge_attribution, faithfulness_curve
     from mechkit.prompts import PromptPairs
@@ -263,7 +267,7 @@ def _circuit(model: Any, out: Path) -> str:
     )
 
 
-def _features(model: Any, out: Path) -> str:
+def _features(model: HookedTransformer, out: Path) -> str:
     from mechkit.corpus import corpus_tokens
     from mechkit.sae.base import load_sae
     from mechkit.sae.browser import feature_browser
@@ -327,7 +331,7 @@ STEERING_PROMPTS = (
 )
 
 
-def _steering(model: Any, out: Path) -> str:
+def _steering(model: HookedTransformer, out: Path) -> str:
     from mechkit.corpus import corpus_tokens
     from mechkit.steering import WordShare, mean_difference_vector, steering_sweep
 

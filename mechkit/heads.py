@@ -667,7 +667,7 @@ def render_attention(
         model(ids.to(model.cfg.device), stop_at_layer=max(layer for layer, _ in chosen) + 1)
     attention = torch.stack([patterns[s][0].float().cpu() for s in sites])  # (head, q, k)
     if model.tokenizer is not None:
-        labels = tuple(model.to_str_tokens(ids[0]))
+        labels = tuple(str(t) for t in model.to_str_tokens(ids[0]))
     else:
         labels = tuple(str(t) for t in ids[0].tolist())
     names = [head_name(layer, head) for layer, head in chosen]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -32,6 +32,9 @@ from torch import Tensor
 from mechkit.errors import InvalidSiteError, ShapeError, SiteNotFoundError
 from mechkit.hook_scope import hook_scope
 from mechkit.sites import Site, validate_sites
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["Intervention", "Patch", "Zero", "Add", "Transform", "intervene", "capture", "Captured"]
 
@@ -124,7 +127,7 @@ def _hook_for(intervention: Intervention, site: Site) -> Callable[[Tensor, Any],
 
 
 @contextlib.contextmanager
-def intervene(model: Any, *interventions: Intervention) -> Iterator[Any]:
+def intervene(model: HookedTransformer, *interventions: Intervention) -> Iterator[Any]:
     """Apply interventions to every forward pass of ``model`` inside the ``with`` block.
 
     Sites are validated against the model before any hook is added. On leaving the block, by
@@ -168,7 +171,7 @@ class Captured(dict):
 
 
 @contextlib.contextmanager
-def capture(model: Any, *sites: Site | str, grad: bool = False) -> Iterator[Captured]:
+def capture(model: HookedTransformer, *sites: Site | str, grad: bool = False) -> Iterator[Captured]:
     """Record the activations at ``sites`` during forward passes inside the ``with`` block.
 
     Args:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -12,6 +12,9 @@ from torch import Tensor
 
 from mechkit.errors import EmptyDatasetError
 from mechkit.tokens import check_tokens, encode, pad_right, tokenizer_of
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["NextTokenPredictions", "predict_next_tokens"]
 
@@ -78,7 +81,7 @@ class NextTokenPredictions:
 
 @torch.no_grad()
 def predict_next_tokens(
-    model: Any, prompts: Sequence[str], *, k: int = 5, prepend_bos: bool | None = None
+    model: HookedTransformer, prompts: Sequence[str], *, k: int = 5, prepend_bos: bool | None = None
 ) -> NextTokenPredictions:
     """The ``k`` most likely next tokens after each prompt, from one batched forward pass.
 

@@ -31,7 +31,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Bool, Int
@@ -52,6 +52,9 @@ from mechkit.tokens import (
     tokenize_answer,
     tokenizer_of,
 )
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["PromptPairs"]
 
@@ -159,7 +162,7 @@ class PromptPairs:
     @classmethod
     def from_lists(
         cls,
-        model: Any,
+        model: HookedTransformer,
         clean: Sequence[str],
         corrupt: Sequence[str],
         answers: Sequence[str],
@@ -220,7 +223,12 @@ class PromptPairs:
 
     @classmethod
     def from_jsonl(
-        cls, model: Any, path: str | Path, *, aligned: bool = True, prepend_bos: bool | None = None
+        cls,
+        model: HookedTransformer,
+        path: str | Path,
+        *,
+        aligned: bool = True,
+        prepend_bos: bool | None = None,
     ) -> PromptPairs:
         """From a JSONL file: one ``{"clean", "corrupt", "answer", "wrong"}`` object a line.
 
@@ -304,8 +312,13 @@ class PromptPairs:
         """The pairs at ``rows``, trimmed of padding columns no row needs."""
         if isinstance(rows, int):
             rows = slice(rows, rows + 1 if rows != -1 else None)
-        index = rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long)
-        picked = range(len(self))[rows] if isinstance(rows, slice) else index.tolist()
+        index: slice | Tensor
+        if isinstance(rows, slice):
+            index = rows
+            picked: Sequence[int] = range(len(self))[rows]
+        else:
+            index = torch.as_tensor(rows, dtype=torch.long)
+            picked = index.tolist()
 
         def texts(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
             return None if values is None else tuple(values[i] for i in picked)
@@ -368,7 +381,7 @@ class PromptPairs:
             "aligned=False to methods that do not patch by position."
         )
 
-    def check_fits(self, model: Any) -> None:
+    def check_fits(self, model: HookedTransformer) -> None:
         """Raise unless ``model`` can run these pairs: token and answer ids inside its
         vocabulary (:class:`InvalidTokenError`) and prompts no longer than its context
         (:class:`ContextLengthError`)."""

@@ -27,9 +27,12 @@ Activation shapes, by component (TransformerLens's own):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from mechkit.errors import InvalidArgumentError, InvalidSiteError, SiteNotFoundError, did_you_mean
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["Site", "Component", "COMPONENTS", "validate_sites", "as_site"]
 
@@ -177,13 +180,14 @@ class Site:
         import torch
 
         idx: list[Any] = [slice(None)] * ndim
-        if isinstance(self.position, tuple):
+        position_axis, head_axis = self.position_axis, self.head_axis
+        if isinstance(self.position, tuple) and position_axis is not None:
             idx[0] = torch.arange(len(self.position))
-            idx[self.position_axis] = torch.tensor(self.position)
-        elif self.position is not None:
-            idx[self.position_axis] = self.position
-        if self.head is not None:
-            idx[self.head_axis] = self.head
+            idx[position_axis] = torch.tensor(self.position)
+        elif self.position is not None and position_axis is not None:
+            idx[position_axis] = self.position
+        if self.head is not None and head_axis is not None:  # __post_init__: a head has an axis
+            idx[head_axis] = self.head
         if self.neuron is not None:
             idx[ndim - 1] = self.neuron
         while idx and isinstance(idx[-1], slice) and idx[-1] == slice(None):
@@ -195,7 +199,9 @@ class Site:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_hook_name(cls, name: str, model: Any | None = None, **fields: Any) -> Site:
+    def from_hook_name(
+        cls, name: str, model: HookedTransformer | None = None, **fields: Any
+    ) -> Site:
         """The site for a TransformerLens hook name such as ``blocks.3.hook_resid_pre``.
 
         With ``model`` given, the name is checked against ``model.hook_dict`` first, so a typo
@@ -223,7 +229,7 @@ class Site:
             f"{did_you_mean(name, templates) or _HOOK_HINT}"
         )
 
-    def resolve(self, model: Any) -> Site:
+    def resolve(self, model: HookedTransformer) -> Site:
         """This site checked against ``model``, with negative layers counted from the end.
 
         Raises:
@@ -273,7 +279,7 @@ def _missing_hook_hint(site: Site, cfg: Any) -> str:
     return ""
 
 
-def validate_sites(model: Any, sites: Any) -> list[Site]:
+def validate_sites(model: HookedTransformer, sites: Any) -> list[Site]:
     """Resolve a site, hook name, or a list of them against ``model`` before anything runs."""
     items = sites if isinstance(sites, list | tuple) else [sites]
     out = []

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -144,9 +145,11 @@ class TunedLens(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         write_atomically(folder / "lens.safetensors", lambda p: save_file(self._tensors(), p))
         meta = {"n_layers": self.n_layers, "d_model": self.A.shape[1], **self.meta}
-        write_atomically(
-            folder / "lens.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2))
-        )
+
+        def write_meta(tmp: str) -> None:
+            Path(tmp).write_text(json.dumps(meta, indent=2))
+
+        write_atomically(folder / "lens.json", write_meta)
         return folder
 
     @classmethod
@@ -176,6 +179,10 @@ class TunedLens(nn.Module):
 
     def _tensors(self) -> dict[str, Tensor]:
         return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+
+
+def _save_state(state: dict[str, Any], path: str) -> None:
+    torch.save(state, path)
 
 
 def _residuals(model: Model, tokens: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -227,10 +234,12 @@ def train_tuned_lens(
             "tokens": int(tokens.numel()),
         },
     ).to(device)
-    decay = [lens.A]
-    optimizer = torch.optim.Adam(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": [lens.b]}], lr=cfg.lr
-    )
+    decay: list[Tensor] = [lens.A]
+    groups: list[dict[str, Any]] = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": [lens.b]},
+    ]
+    optimizer = torch.optim.Adam(groups, lr=cfg.lr)
     order = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
     start_step = 0
     ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
@@ -274,7 +283,7 @@ def train_tuned_lens(
                     "optimizer": optimizer.state_dict(),
                     "step": step + 1,
                 }
-                write_atomically(ckpt, lambda p, s=state: torch.save(s, p))
+                write_atomically(ckpt, functools.partial(_save_state, state))
     finally:
         bar.close()
         for p in model.parameters():

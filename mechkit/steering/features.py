@@ -79,13 +79,14 @@ def sae_latent_vector(
     if latents is None:
         raise InvalidTypeError("Expected a latent index or a list of them; got None.")
     index = check_latents(latents, sites.d_sae)
+    assert index is not None  # None only for latents=None, refused above
     w = torch.ones(len(index)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     if w.shape != (len(index),):
         raise ShapeError(
             f"Expected one weight per latent ({len(index)}); got weights of shape {tuple(w.shape)}."
         )
     f = torch.zeros(sites.d_sae, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
-    f.index_add_(0, index.to(f.device), w.to(f))  # type: ignore[union-attr]
+    f.index_add_(0, index.to(f.device), w.to(f))
     vector = sae.decode(f[None])[0] - sae.decode(torch.zeros_like(f)[None])[0]  # (d_model,)
     layer, hook = int(match.group(1)), match.group(2)
     return SteeringVector(
@@ -94,7 +95,7 @@ def sae_latent_vector(
         site=_SITES[hook],
         method="sae_latent",
         metadata={
-            "latents": index.tolist(),  # type: ignore[union-attr]
+            "latents": index.tolist(),
             "weights": w.tolist(),
             "sae_hook": sites.out_hook,
             "model": getattr(sae.cfg, "model_name", None),

@@ -40,7 +40,7 @@ from mechkit.errors import (
     check_choice,
 )
 from mechkit.metrics import LogitDiff
-from mechkit.steering.apply import Generations, Steering, generate, steer
+from mechkit.steering.apply import Generations, Positions, Steering, generate, steer
 from mechkit.steering.vectors import SteeringVector
 from mechkit.tokens import check_tokens, encode, pad_right, tokenize_answer, tokenizer_of
 
@@ -347,7 +347,7 @@ def steering_sweep(
     coefficients: Sequence[float],
     effect: Callable[[Model, list[Steering], int], float],
     cost_tokens: Int[Tensor, "batch pos"],
-    positions: str = "all",
+    positions: Positions = "all",
     sample_prompts: Sequence[str] = (),
     sample_settings: Sequence[tuple[int, float]] | None = None,
     max_new_tokens: int = 24,

@@ -353,6 +353,12 @@ def _resolve_site(model: Model, site: str | Site, layer: int | Site | None) -> S
     return resolved.resolve(model)
 
 
+def _block(site: Site) -> int:
+    """The block of a resolved residual site (:func:`_resolve_site` refuses one without)."""
+    assert site.layer is not None
+    return site.layer
+
+
 def _check_prompts(prompts: Any, name: str) -> list[str]:
     if isinstance(prompts, str):
         raise ShapeError(
@@ -399,7 +405,7 @@ def _check_position(position: Any) -> None:
 def _forward_at(model: Model, site: Site, tokens: Tensor) -> Tensor:
     """``(batch, pos, d_model)`` activation at ``site``, running only the blocks it needs."""
     with torch.no_grad(), capture(model, site) as acts:
-        model(tokens.to(model.cfg.device), stop_at_layer=site.layer + 1)
+        model(tokens.to(model.cfg.device), stop_at_layer=_block(site) + 1)
     return acts[site]
 
 
@@ -568,7 +574,7 @@ def actadd_vector(
     }
     return SteeringVector(
         acts[0] - acts[1],  # (pos, d_model)
-        layer=resolved.layer,
+        layer=_block(resolved),
         site=resolved.component,
         method="actadd",
         metadata=metadata,
@@ -618,7 +624,7 @@ def mean_difference_vector(
     )  # (batch, d_model)
     return SteeringVector(
         diffs.mean(0),
-        layer=resolved.layer,
+        layer=_block(resolved),
         site=resolved.component,
         method="mean_difference",
         metadata=_pair_metadata(model, pos, neg, position),
@@ -690,7 +696,7 @@ def pca_vector(
     metadata["explained_variance_ratio"] = float(singular[0] ** 2) / total
     return SteeringVector(
         direction.float(),
-        layer=resolved.layer,
+        layer=_block(resolved),
         site=resolved.component,
         method="pca",
         metadata=metadata,
@@ -803,7 +809,7 @@ def probe_vector(
     }
     return SteeringVector(
         (direction / direction.norm()).float(),
-        layer=resolved.layer,
+        layer=_block(resolved),
         site=resolved.component,
         method="probe",
         metadata=metadata,

@@ -32,10 +32,11 @@ import math
 import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import torch
 
-CONFIG = {
+CONFIG: dict[str, Any] = {
     "n_layers": 2,
     "d_model": 128,
     "n_heads": 4,
