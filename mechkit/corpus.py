@@ -30,7 +30,13 @@ Split = Literal["train", "test", "all"]
 
 
 def corpus_documents(split: Split = "all") -> list[str]:
-    """The documents of the corpus in a fixed order (sorted by topic name)."""
+    """The documents of the corpus in a fixed order (sorted by topic name).
+
+    Example:
+        >>> docs = corpus_documents("test")
+        >>> isinstance(docs[0], str), len(docs) < len(corpus_documents("all"))
+        (True, True)
+    """
     from pydoc_data.topics import topics
 
     check_choice("split", split, ["train", "test", "all"])

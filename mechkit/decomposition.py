@@ -79,6 +79,12 @@ class ResidualDecomposition:
         scale: the final normalization's scale from the run, ``(batch, pos, 1)`` or
             ``(batch, 1)``.
         layer: the block the residual enters (``n_layers`` for the final residual).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> dec = mk.decompose_resid(model, torch.tensor([[1, 2, 3]]))
+        >>> dec.parts.shape, dec.part("L1H0").shape          # (component, batch, pos, d_model)
+        (torch.Size([12, 1, 3, 128]), torch.Size([1, 3, 128]))
     """
 
     labels: tuple[str, ...]
@@ -146,6 +152,12 @@ class Attribution:
         total: ``(batch,)`` the model's own value of the target (logit, difference or
             projection), for comparison with ``values.sum(0)``.
         n_layers, n_heads: the model's sizes (for the head heatmap).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> dla = mk.direct_logit_attribution(model, torch.tensor([[1, 2, 3]]), answer=5, wrong=6)
+        >>> dla.values.shape, dla.head_scores().shape        # (component, batch), (layer, head)
+        (torch.Size([13, 1]), torch.Size([2, 4]))
     """
 
     labels: tuple[str, ...]

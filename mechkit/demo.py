@@ -17,14 +17,30 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import inspect
 import sys
 import time
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mechkit.atomic_io import write_atomically, write_text_atomically
+from mechkit.attribution import compare_attribution
+from mechkit.corpus import corpus_tokens
+from mechkit.decomposition import direct_logit_attribution
+from mechkit.graph import edge_attribution, faithfulness_curve
+from mechkit.heads import detect_heads
+from mechkit.lens import logit_lens
 from mechkit.models import load_model, model_info
+from mechkit.patching import activation_patch, path_patch
+from mechkit.predictions import predict_next_tokens
+from mechkit.prompts import PromptPairs
+from mechkit.sae.base import load_sae
+from mechkit.sae.browser import feature_browser
+from mechkit.sae.evaluate import evaluate_sae
+from mechkit.sites import Site
+from mechkit.steering import WordShare, mean_difference_vector, steering_sweep
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -115,8 +131,6 @@ def _model_card(model: HookedTransformer, out: Path) -> str:
 
 
 def _predictions(model: HookedTransformer, out: Path) -> str:
-    from mechkit.predictions import predict_next_tokens
-
     preds = predict_next_tokens(model, list(DEMO_PROMPTS), k=5)
     preds.to_dataframe().to_csv(out / "next_tokens.csv", index=False)
     link = figure_link(out, "next_tokens.html", preds.plot())
@@ -132,8 +146,6 @@ def _predictions(model: HookedTransformer, out: Path) -> str:
 
 
 def _logit_lens(model: HookedTransformer, out: Path) -> str:
-    from mechkit.lens import logit_lens
-
     clean, _, answer, _ = IOI_PAIRS[0]
     lens = logit_lens(model, clean, targets=[answer])
     grid = figure_link(out, "logit_lens.html", lens.plot())
@@ -151,9 +163,6 @@ def _logit_lens(model: HookedTransformer, out: Path) -> str:
 
 
 def _dla(model: HookedTransformer, out: Path) -> str:
-    from mechkit.decomposition import direct_logit_attribution
-    from mechkit.prompts import PromptPairs
-
     clean, corrupt, answers, wrongs = (list(x) for x in zip(*IOI_PAIRS, strict=True))
     pairs = PromptPairs.from_lists(model, clean, corrupt, answers, wrongs, aligned=False)
     dla = direct_logit_attribution(model, pairs)
@@ -169,8 +178,6 @@ def _dla(model: HookedTransformer, out: Path) -> str:
 
 
 def _heads(model: HookedTransformer, out: Path) -> str:
-    from mechkit.heads import detect_heads
-
     parts = []
     for kind in ("previous_token", "induction", "duplicate_token"):
         scores = detect_heads(model, kind)
@@ -181,10 +188,6 @@ def _heads(model: HookedTransformer, out: Path) -> str:
 
 
 def _patching(model: HookedTransformer, out: Path) -> str:
-    from mechkit.patching import activation_patch, path_patch
-    from mechkit.prompts import PromptPairs
-    from mechkit.sites import Site
-
     clean, corrupt, answers, wrongs = (list(x) for x in zip(*IOI_PAIRS, strict=True))
     pairs = PromptPairs.from_lists(model, clean, corrupt, answers, wrongs)
     resid = activation_patch(model, pairs, site="resid_pre", progress=False).normalized()
@@ -217,10 +220,6 @@ def _patching(model: HookedTransformer, out: Path) -> str:
 
 
 def _circuit(model: HookedTransformer, out: Path) -> str:
-    from mechkit.attribution import compare_attribution
-    from mechkit.graph import edge_attribution, faithfulness_curve
-    from mechkit.prompts import PromptPairs
-
     clean, corrupt, answers, wrongs = (list(x) for x in zip(*IOI_PAIRS, strict=True))
     pairs = PromptPairs.from_lists(model, clean, corrupt, answers, wrongs)
     cmp = compare_attribution(model, pairs, site="z", progress=False)
@@ -268,11 +267,6 @@ def _circuit(model: HookedTransformer, out: Path) -> str:
 
 
 def _features(model: HookedTransformer, out: Path) -> str:
-    from mechkit.corpus import corpus_tokens
-    from mechkit.sae.base import load_sae
-    from mechkit.sae.browser import feature_browser
-    from mechkit.sae.evaluate import evaluate_sae
-
     if getattr(model.cfg, "model_name", "") != "smollm2-135m":
         return "<p>Skipped: the shipped SAE is for smollm2-135m.</p>"
     sae = load_sae("smollm2-135m-res12-topk")  # shipped inside mechkit
@@ -332,9 +326,6 @@ STEERING_PROMPTS = (
 
 
 def _steering(model: HookedTransformer, out: Path) -> str:
-    from mechkit.corpus import corpus_tokens
-    from mechkit.steering import WordShare, mean_difference_vector, steering_sweep
-
     positives, negatives = (list(x) for x in zip(*STEERING_PAIRS, strict=True))
     vectors = {
         layer: mean_difference_vector(model, positives, negatives, layer=layer, position="mean")
@@ -385,7 +376,6 @@ SECTIONS: tuple[DemoSection, ...] = (
 def registered_sections() -> tuple[DemoSection, ...]:
     """The sections other packages register under ``mechkit.demo_sections``, by entry-point
     name (the paper reproductions register ``reproductions``)."""
-    from importlib.metadata import entry_points
 
     sections: list[DemoSection] = []
     for point in sorted(entry_points(group=SECTION_GROUP), key=lambda p: p.name):
@@ -416,7 +406,6 @@ def run_demo(
     :func:`registered_sections`; without any registered (the paper reproductions not installed)
     the report says so and how to install them.
     """
-    import inspect
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

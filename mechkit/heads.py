@@ -610,6 +610,12 @@ class AttentionView:
         html: the HTML fragment CircuitsVis rendered (what notebooks display).
         heads: the ``(layer, head)`` pairs shown, in order.
         tokens: the token strings on the axes.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> view = mk.render_attention(model, [0, 5, 6, 5, 6], heads=["L1H0"])
+        >>> view.heads, view.tokens                          # no tokenizer: ids as labels
+        (((1, 0),), ('0', '5', '6', '5', '6'))
     """
 
     path: Path

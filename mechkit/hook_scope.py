@@ -171,7 +171,15 @@ def run_with_cache(
     """``model.run_with_cache(...)`` through :func:`hook_scope`: the forward pass's output and
     ``{hook name: detached activation}`` for the hooks ``names_filter`` picks (a name, a list
     of names, a predicate, or None for all). The caching hooks never outlive the call, even
-    when it is interrupted."""
+    when it is interrupted.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> logits, cache = run_with_cache(model, torch.tensor([[1, 2]]),
+        ...                                names_filter="blocks.0.hook_resid_post")
+        >>> list(cache), cache["blocks.0.hook_resid_post"].shape   # (batch, pos, d_model)
+        (['blocks.0.hook_resid_post'], torch.Size([1, 2, 128]))
+    """
     if names_filter is None:
         wanted: Callable[[str], bool] = lambda name: True  # noqa: E731
     elif isinstance(names_filter, str):

@@ -40,7 +40,14 @@ __all__ = ["Intervention", "Patch", "Zero", "Add", "Transform", "intervene", "ca
 
 
 class Intervention:
-    """Base class: a site and a rule that maps the selected activation to its new value."""
+    """Base class: a site and a rule that maps the selected activation to its new value.
+
+    Example:
+        >>> site = mk.Site("resid_pre", layer=1, position=0)
+        >>> mk.Zero(site).apply(torch.ones(1, 2, 3), site)   # (batch, pos, d_model)
+        tensor([[[0., 0., 0.],
+                 [1., 1., 1.]]])
+    """
 
     site: Site
 
@@ -88,7 +95,13 @@ class Patch(Intervention):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Zero(Intervention):
-    """Set the site's activation to zero (zero ablation)."""
+    """Set the site's activation to zero (zero ablation).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> with mk.intervene(model, mk.Zero(mk.Site("z", layer=1, head=0))):
+        ...     ablated = model(torch.tensor([[1, 2, 3]]))   # (batch, pos, d_vocab)
+    """
 
     site: Site
 
@@ -98,7 +111,13 @@ class Zero(Intervention):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Add(Intervention):
-    """Add ``scale * vector`` to the site's activation (a steering vector, say)."""
+    """Add ``scale * vector`` to the site's activation (a steering vector, say).
+
+    Example:
+        >>> site = mk.Site("resid_pre", layer=0)
+        >>> mk.Add(site, torch.ones(3), scale=2.0).apply(torch.zeros(1, 1, 3), site)
+        tensor([[[2., 2., 2.]]])
+    """
 
     site: Site
     vector: Tensor
@@ -110,7 +129,13 @@ class Add(Intervention):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Transform(Intervention):
-    """Replace the site's activation with ``fn(selected)``, for anything the others don't do."""
+    """Replace the site's activation with ``fn(selected)``, for anything the others don't do.
+
+    Example:
+        >>> site = mk.Site("resid_pre", layer=0)
+        >>> mk.Transform(site, lambda x: -x).apply(torch.ones(1, 1, 2), site)
+        tensor([[[-1., -1.]]])
+    """
 
     site: Site
     fn: Callable[[Tensor], Tensor]
@@ -135,6 +160,14 @@ def intervene(model: HookedTransformer, *interventions: Intervention) -> Iterato
 
     Yields:
         The model, for convenience.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> tokens = torch.tensor([[1, 2, 3]])
+        >>> with mk.intervene(model, mk.Zero(mk.Site("resid_pre", layer=1))):
+        ...     ablated = model(tokens)
+        >>> bool((ablated != model(tokens)).any())         # and the model is unchanged afterwards
+        True
     """
     for item in interventions:
         if not isinstance(item, Intervention):
@@ -155,6 +188,12 @@ class Captured(dict):
     """Activations recorded by :func:`capture`, keyed by the :class:`Site` asked for.
 
     ``captured[site]`` is the site's part of the activation, from the last forward pass.
+
+    Example:
+        >>> acts = Captured()
+        >>> acts[mk.Site("resid_pre", layer=0)] = torch.zeros(1, 2, 3)
+        >>> acts["blocks.0.hook_resid_pre"].shape            # by Site or hook name
+        torch.Size([1, 2, 3])
     """
 
     def __getitem__(self, site: Site | str) -> Tensor:

@@ -29,6 +29,12 @@ class NextTokenPredictions:
         tokens: the decoded top tokens, one tuple per prompt.
         probs: ``(batch, k)`` their probabilities.
         logits: ``(batch, k)`` their logits.
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> preds = predict_next_tokens(model, ["The capital of France is"], k=3)
+        >>> preds.token_ids.shape, preds.tokens[0][0]        # (batch, k)
+        (torch.Size([1, 3]), ' Paris')
     """
 
     prompts: tuple[str, ...]

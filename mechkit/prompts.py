@@ -74,6 +74,12 @@ class PromptPairs:
         wrong: ``(batch,)`` the competing token (the corrupt prompt's answer, in IOI the subject).
         clean_texts, corrupt_texts, answer_texts, wrong_texts: the strings, when built from text.
         pad_token_id: the id used for padding (never read by a causal model at real tokens).
+
+    Example:
+        >>> pairs = PromptPairs.from_tokens(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 5, 3]]),
+        ...                                 answers=[7], wrongs=[8])
+        >>> len(pairs), pairs.clean_tokens.shape, pairs.answer_positions().tolist()
+        (1, torch.Size([1, 3]), [2])
     """
 
     clean_tokens: Int[Tensor, "batch pos"]

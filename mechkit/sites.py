@@ -29,6 +29,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+import torch
+
 from mechkit.errors import InvalidArgumentError, InvalidSiteError, SiteNotFoundError, did_you_mean
 
 if TYPE_CHECKING:
@@ -177,8 +179,6 @@ class Site:
         A per-row position (a tuple) gives advanced indexing over the batch and position axes,
         so the result has the batch axis first and no position axis.
         """
-        import torch
-
         idx: list[Any] = [slice(None)] * ndim
         position_axis, head_axis = self.position_axis, self.head_axis
         if isinstance(self.position, tuple) and position_axis is not None:
@@ -280,7 +280,17 @@ def _missing_hook_hint(site: Site, cfg: Any) -> str:
 
 
 def validate_sites(model: HookedTransformer, sites: Any) -> list[Site]:
-    """Resolve a site, hook name, or a list of them against ``model`` before anything runs."""
+    """Resolve a site, hook name, or a list of them against ``model`` before anything runs.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> validate_sites(model, ["blocks.1.attn.hook_z", Site("resid_pre", layer=-1)])[1].layer
+        1
+        >>> validate_sites(model, Site("mlp_out", layer=0))   # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mechkit.errors.SiteNotFoundError: ...attention-only; it has no MLP.
+    """
     items = sites if isinstance(sites, list | tuple) else [sites]
     out = []
     for item in items:

@@ -92,6 +92,12 @@ class LogitLens:
         token_strs: the decoded input tokens per prompt (None without a tokenizer).
         top_tokens: the decoded top-k tokens, ``[layer][batch][pos] -> tuple`` (None without a
             tokenizer).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> lens = mk.logit_lens(model, torch.tensor([[1, 2, 3]]), targets=[7])
+        >>> lens.target_ranks.shape                          # (layer, batch, pos, n_targets)
+        torch.Size([3, 1, 3, 1])
     """
 
     tokens: Int[Tensor, "batch pos"]

@@ -65,6 +65,10 @@ class TunedLensConfig:
         weight_decay: on the matrices ``A`` (pulls the translator towards the identity).
         seed: order of the training sequences.
         checkpoint_every: steps between checkpoints when a folder is given.
+
+    Example:
+        >>> TunedLensConfig(steps=50).warmup_steps
+        20
     """
 
     steps: int = 200
@@ -87,6 +91,11 @@ class TunedLens(nn.Module):
         A: ``(layer, d_model, d_model)``.
         b: ``(layer, d_model)``.
         meta: what the lens was trained on and how (saved with it).
+
+    Example:
+        >>> lens = TunedLens(n_layers=2, d_model=4)          # the identity: the logit lens
+        >>> lens.A.shape, lens.b.shape    # (layer, d_model, d_model), (layer, d_model)
+        (torch.Size([2, 4, 4]), torch.Size([2, 4]))
     """
 
     def __init__(self, n_layers: int, d_model: int, meta: dict[str, Any] | None = None):

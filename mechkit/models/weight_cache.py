@@ -52,7 +52,12 @@ CHECKSUM = "xxh3_128"
 
 
 def cache_root() -> Path:
-    """The cache directory: ``$MECHKIT_CACHE_DIR`` if set, else ``~/.cache/mechkit``."""
+    """The cache directory: ``$MECHKIT_CACHE_DIR`` if set, else ``~/.cache/mechkit``.
+
+    Example:
+        >>> cache_root().name in ("mechkit",) or cache_root().is_absolute()
+        True
+    """
     env = os.environ.get(CACHE_ENV_VAR)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mechkit"
 

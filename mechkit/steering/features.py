@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from mechkit.errors import InvalidSiteError, InvalidTypeError, ShapeError
+from mechkit.sae.splice import check_latents, sae_sites
 from mechkit.steering.vectors import SteeringVector
 
 __all__ = ["sae_latent_vector"]
@@ -66,8 +67,6 @@ def sae_latent_vector(
 
     Example: see the module docstring.
     """
-    from mechkit.sae.splice import check_latents, sae_sites
-
     sites = sae_sites(sae)
     match = re.fullmatch(r"blocks\.(\d+)\.(.+)", sites.out_hook)
     if match is None or match.group(2) not in _SITES:

@@ -276,6 +276,12 @@ class SteeringSweep:
         baseline_effect: the effect without steering; ``baseline_loss`` likewise.
         samples: ``(layer, coefficient) -> Generations`` for the settings sampled, plus
             ``(None, 0.0)`` for the unsteered model.
+
+    Example:
+        >>> sweep = SteeringSweep(({"layer": 3, "coefficient": 2.0, "effect": 1.5, "kl": 0.1,
+        ...                         "loss": 3.1, "delta_loss": 0.1},), "logit diff", 1.0, 3.0, {})
+        >>> sweep.to_dataframe()[["layer", "coefficient", "effect"]].to_dict("records")
+        [{'layer': 3, 'coefficient': 2.0, 'effect': 1.5}]
     """
 
     rows: tuple[dict[str, float], ...]
