@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
@@ -49,7 +49,8 @@ from mechkit.errors import (
 )
 from mechkit.hook_scope import hook_scope
 from mechkit.lens.logit_lens import decode_residual
-from mechkit.steering.vectors import SteeringVector
+from mechkit.sites import Site
+from mechkit.steering.vectors import STEERING_SITES, SteeringVector
 from mechkit.tokens import encode, tokenizer_of
 
 if TYPE_CHECKING:
@@ -109,6 +110,18 @@ class _Layout:
     prompt_start: Tensor | None = None  # (batch,) first real column of each row
     generated_from: int | None = None  # first generated column (None: no generated tokens)
     offset: int = 0  # the column of the first position in this forward pass (key/value cache)
+
+
+def _at_site(item: Any, site: Site) -> Any:
+    """A plain tensor as a SteeringVector at ``site`` (other items as they are)."""
+    if not isinstance(item, Tensor):
+        return item
+    if site.component not in STEERING_SITES or site.layer is None:
+        raise InvalidSiteError(
+            f"Expected a residual-stream Site ({', '.join(STEERING_SITES)}) at one layer to "
+            f"steer at; got {site!r}."
+        )
+    return SteeringVector(item, layer=site.layer, site=site.component, method="custom")
 
 
 def _as_steerings(items: Sequence[Any], coefficient: float, positions: Positions) -> list[Steering]:
@@ -207,15 +220,17 @@ def _steered(
 @contextlib.contextmanager
 def steer(
     model: HookedTransformer,
-    *vectors: SteeringVector | Steering,
+    *vectors: SteeringVector | Steering | Float[Tensor, " d_model"],
     coefficient: float = 1.0,
     positions: Positions = "all",
+    site: Site | None = None,
 ) -> Iterator[Any]:
     """Add steering vectors in every forward pass inside the ``with`` block.
 
     Bare vectors get ``coefficient`` and ``positions``; :class:`Steering` objects carry their
-    own. In plain forward passes every position is a prompt position (``"generated"`` adds
-    nothing); use :func:`generate` for generation.
+    own. A plain ``(d_model,)`` tensor is added at ``site``, a residual :class:`Site`
+    (``Site("resid_pre", layer=6)``). In plain forward passes every position is a prompt
+    position (``"generated"`` adds nothing); use :func:`generate` for generation.
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -225,7 +240,15 @@ def steer(
         ...     steered = model(tokens)   # (batch, pos, d_vocab)
         >>> bool((steered != model(tokens)).any())   # and no hook is left afterwards
         True
+        >>> site = mk.Site("resid_pre", layer=1)
+        >>> with mk.steer(model, torch.ones(128), coefficient=4.0, site=site):
+        ...     same = model(tokens)                   # a plain tensor placed by a Site
+        >>> torch.equal(same, steered)
+        True
     """
+    if site is not None:
+        resolved = site.resolve(model)  # negative layers counted from the end
+        vectors = tuple(_at_site(v, resolved) for v in vectors)
     steerings = _as_steerings(vectors, coefficient, positions)
     with _steered(model, steerings, _Layout()):
         yield model

@@ -320,6 +320,19 @@ def test_builders_take_a_site_for_layer_and_site(smollm2):
         activations_at(smollm2, ["Hi"])
 
 
-def test_vector_metadata_names_the_model_as_loaded(smollm2):
-    vec = mean_difference_vector(smollm2, POSITIVES[:1], NEGATIVES[:1], layer=1)
-    assert vec.metadata["model"] == "smollm2-135m"  # mechkit's load name, as core.model_name
+@torch.no_grad()
+def test_steer_places_a_plain_tensor_at_a_site(toy):
+    tokens = torch.tensor([[1, 2, 3]])
+    direction = torch.randn(toy.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    vec = SteeringVector(direction, layer=1, site="resid_post")
+    with mk.steer(toy, vec, coefficient=3.0):
+        by_vector = toy(tokens)
+    with mk.steer(toy, direction, coefficient=3.0, site=mk.Site("resid_post", layer=-1)):
+        by_site = toy(tokens)
+    hook = ("blocks.1.hook_resid_post", lambda act, hook: act + 3.0 * direction)
+    assert torch.equal(by_site, by_vector)
+    assert torch.allclose(by_site, toy.run_with_hooks(tokens, fwd_hooks=[hook]), atol=1e-5)
+    with pytest.raises(mk.InvalidSiteError, match="residual-stream"):
+        with mk.steer(toy, direction, site=mk.Site("attn_out", layer=0)):
+            pass
+    assert hook_count(toy) == 0
