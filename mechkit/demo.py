@@ -99,7 +99,14 @@ IOI_PAIRS = (
 
 
 def figure_link(out: Path, name: str, fig: Any) -> str:
-    """Write plotly ``fig`` to ``out/name`` and return an HTML link to it."""
+    """Write plotly ``fig`` to ``out/name`` and return an HTML link to it.
+
+    Example:
+        >>> import tempfile
+        >>> import plotly.graph_objects as go
+        >>> figure_link(Path(tempfile.mkdtemp()), "bar.html", go.Figure(go.Bar(y=[1, 2])))
+        '<a href="bar.html">bar.html</a>'
+    """
     # "directory": the page loads plotly.min.js from its folder (written beside it once), so
     # the report opens offline without each figure carrying 4 MB of JavaScript.
     write_atomically(out / name, lambda tmp: fig.write_html(tmp, include_plotlyjs="directory"))
@@ -107,7 +114,12 @@ def figure_link(out: Path, name: str, fig: Any) -> str:
 
 
 def html_table(rows: list[list[Any]], header: list[str]) -> str:
-    """An HTML table of ``rows`` under ``header``, every cell escaped."""
+    """An HTML table of ``rows`` under ``header``, every cell escaped.
+
+    Example:
+        >>> html_table([[1, "<b>"]], ["n", "tag"])
+        '<table><tr><th>n</th><th>tag</th></tr><tr><td>1</td><td>&lt;b&gt;</td></tr></table>'
+    """
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
@@ -375,7 +387,12 @@ SECTIONS: tuple[DemoSection, ...] = (
 
 def registered_sections() -> tuple[DemoSection, ...]:
     """The sections other packages register under ``mechkit.demo_sections``, by entry-point
-    name (the paper reproductions register ``reproductions``)."""
+    name (the paper reproductions register ``reproductions``).
+
+    Example:
+        >>> all(callable(run) for _name, run in registered_sections())  # (name, section)
+        True
+    """
 
     sections: list[DemoSection] = []
     for point in sorted(entry_points(group=SECTION_GROUP), key=lambda p: p.name):

@@ -56,6 +56,11 @@ class Processing:
             differ from the original model's by a constant per position.
         fold_value_biases: value biases folded into the attention output bias. Off: each head's
             output keeps its own value bias, so head outputs are what the model computes.
+
+    Example:
+        >>> Processing(fold_ln=False).as_dict()  # doctest: +NORMALIZE_WHITESPACE
+        {'fold_ln': False, 'center_writing_weights': False, 'center_unembed': False,
+         'fold_value_biases': False}
     """
 
     fold_ln: bool = True
