@@ -35,6 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from mechkit.atomic_io import write_atomically, write_text_atomically
 
 CONFIG: dict[str, Any] = {
     "n_layers": 2,
@@ -118,8 +122,6 @@ def train(steps: int = 2000, batch_size: int = 32, lr: float = 1e-3, warmup: int
         >>> model.cfg.n_layers, [point["step"] for point in curve]
         (2, [0, 1])
     """
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
     torch.set_num_threads(1)  # float results depend on the thread count; fix it
     torch.manual_seed(0)
     model = HookedTransformer(HookedTransformerConfig(**CONFIG))
@@ -183,10 +185,6 @@ def write(model, curve: list[dict], out: Path, seconds: float, steps: int) -> No
         >>> sorted(p.suffix for p in out.iterdir())
         ['.json', '.safetensors']
     """
-    from safetensors.torch import save_file
-
-    from mechkit.atomic_io import write_atomically, write_text_atomically
-
     params = {k: v.detach().contiguous().float() for k, v in model.named_parameters()}
     st = out / "attn-only-2l.safetensors"
     write_atomically(st, lambda p: save_file(params, p, metadata={"name": "attn-only-2l"}))
