@@ -150,7 +150,13 @@ def _hf_rotary_tables(cfg: Any) -> dict[str, torch.Tensor]:
 
 
 def build_hooked(cfg: Any, tokenizer: Any) -> Any:
-    """An empty HookedTransformer for ``cfg`` (weights uninitialised, on the CPU)."""
+    """An empty HookedTransformer for ``cfg`` (weights uninitialised, on the CPU).
+
+    Example:
+        >>> cfg = mk.load_model("attn-only-2l").cfg
+        >>> build_hooked(cfg, None).cfg.n_layers     # empty weights, the same shapes
+        2
+    """
     with warnings.catch_warnings():  # TransformerLens 3.9 deprecates the class for 4.x
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
