@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Example:
         >>> main(["demo", "--model", "no-such-model", "--out", "unused"])  # error on stderr
+        [mechkit demo] loading no-such-model ...
         2
     """
     parser = argparse.ArgumentParser(prog="mechkit", description=__doc__)
