@@ -11,6 +11,14 @@ from mechkit.errors import MechkitError
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``mechkit`` command line on ``argv`` (None: ``sys.argv``); the exit code. A
+    mechkit error is printed as one line on stderr, code 2, without a traceback.
+
+    Example:
+        >>> main(["demo", "--model", "no-such-model", "--out", "unused"])  # error on stderr
+        [mechkit demo] loading no-such-model ...
+        2
+    """
     parser = argparse.ArgumentParser(prog="mechkit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the main analyses and write an HTML report")

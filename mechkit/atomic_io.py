@@ -14,6 +14,14 @@ def write_atomically(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
     If ``write`` raises (or the process dies), ``path`` keeps its old content, or stays absent.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> write_atomically(folder / "x", lambda tmp: Path(tmp).write_bytes(b"ok")).read_bytes()
+        b'ok'
+        >>> sorted(p.name for p in folder.iterdir())         # no temporary file left
+        ['x']
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,5 +39,15 @@ def write_atomically(path: str | Path, write: Callable[[str], None]) -> Path:
 
 
 def write_text_atomically(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    """Write ``text`` (UTF-8) to ``path`` atomically.
+
+    Example:
+        >>> import tempfile
+        >>> write_text_atomically(Path(tempfile.mkdtemp()) / "a.txt", "hello").read_text()
+        'hello'
+    """
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+    return write_atomically(path, write)

@@ -13,7 +13,7 @@ so held-out sequences never share a document with training ones.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -21,13 +21,22 @@ from torch import Tensor
 from mechkit.errors import check_choice
 from mechkit.tokens import tokenizer_of
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
 __all__ = ["corpus_documents", "corpus_tokens"]
 
 Split = Literal["train", "test", "all"]
 
 
 def corpus_documents(split: Split = "all") -> list[str]:
-    """The documents of the corpus in a fixed order (sorted by topic name)."""
+    """The documents of the corpus in a fixed order (sorted by topic name).
+
+    Example:
+        >>> docs = corpus_documents("test")
+        >>> isinstance(docs[0], str), len(docs) < len(corpus_documents("all"))
+        (True, True)
+    """
     from pydoc_data.topics import topics
 
     check_choice("split", split, ["train", "test", "all"])
@@ -40,7 +49,7 @@ def corpus_documents(split: Split = "all") -> list[str]:
 
 
 def corpus_tokens(
-    model: Any,
+    model: HookedTransformer,
     *,
     seq_len: int = 128,
     split: Split = "train",
@@ -54,7 +63,9 @@ def corpus_tokens(
     ``seed`` the windows are shuffled (reproducibly); ``max_sequences`` keeps the first ones.
 
     Example:
-        >>> corpus_tokens(model, seq_len=64, split="test").shape   # (n, 64)
+        >>> model = mk.load_model("smollm2-135m")
+        >>> corpus_tokens(model, seq_len=64, split="test", max_sequences=4).shape   # (n, 64)
+        torch.Size([4, 64])
     """
     tokenizer = tokenizer_of(model)
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

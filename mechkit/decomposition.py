@@ -19,23 +19,41 @@ direction, which do not sum to the logits but compare parts across prompts of di
 :func:`neuron_attribution` does the same for the neurons of one MLP layer without building a
 ``[d_mlp, d_model]`` tensor per position.
 
-    >>> dla = mk.direct_logit_attribution(model, pairs)     # logit(answer) - logit(wrong)
-    >>> dla.top(5)                                           # [('L25H3', 1.9), ...]
-    >>> dla.plot()                                           # layer x head heatmap + the rest
+Parts are named in the one scheme of :mod:`mechkit.core.names`: ``L9H6`` (a head), ``L9.mlp``,
+``L9N123`` (a neuron), plus ``embed``, ``pos_embed``, ``L9.attn_bias`` (block 9's attention
+output bias), ``mlp_biases``, ``ln_final_bias`` and ``unembed_bias``; ``.score(name)`` also reads
+the older and the peers' names (``a9.h6``, ``m9``).
+
+Example:
+    >>> model = mk.load_model("attn-only-2l")
+    >>> dla = mk.direct_logit_attribution(model, torch.tensor([[1, 2, 3]]), answer=[5], wrong=[6])
+    >>> dla.values.shape, dla.labels[:3]     # (component, batch)
+    (torch.Size([13, 1]), ('embed', 'pos_embed', 'L0H0'))
+    >>> bool(torch.allclose(dla.values.sum(0), dla.total, atol=1e-4))
+    True
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechkit.core.names import head_name, mlp_name, neuron_name, parse_node
+from mechkit.core.results import rank
+from mechkit.core.types import Model
 from mechkit.errors import InvalidArgumentError, InvalidSiteError, ShapeError
 from mechkit.hook_scope import run_with_cache
+from mechkit.prompts import PromptPairs
+from mechkit.sites import Site
 from mechkit.tokens import token_batch, tokenize_answer
+
+Prompts = str | Sequence[str] | Int[Tensor, "batch pos"] | PromptPairs
+"""What the functions here take as prompts: text, texts (right-padded), ids, or PromptPairs."""
 
 __all__ = [
     "ResidualDecomposition",
@@ -61,22 +79,55 @@ class ResidualDecomposition:
         scale: the final normalization's scale from the run, ``(batch, pos, 1)`` or
             ``(batch, 1)``.
         layer: the block the residual enters (``n_layers`` for the final residual).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> dec = mk.decompose_resid(model, torch.tensor([[1, 2, 3]]))
+        >>> dec.parts.shape, dec.part("L1H0").shape          # (component, batch, pos, d_model)
+        (torch.Size([12, 1, 3, 128]), torch.Size([1, 3, 128]))
     """
 
     labels: tuple[str, ...]
     kinds: tuple[str, ...]
     layers: tuple[int | None, ...]
     heads: tuple[int | None, ...]
-    parts: Tensor
-    resid: Tensor
-    scale: Tensor
+    parts: Float[Tensor, "component batch *pos d_model"]
+    resid: Float[Tensor, "batch *pos d_model"]
+    scale: Float[Tensor, "batch *pos 1"] | None
     layer: int
+
+    @property
+    def mean_norm(self) -> Float[Tensor, " component"]:
+        """Each part's norm, averaged over prompts (and positions)."""
+        return self.parts.norm(dim=-1).flatten(1).mean(-1)
+
+    def part(self, name: str) -> Tensor:
+        """The part named ``name`` (``"L3H5"``, ``"L2.mlp"``, ``"embed"``; peers' names such as
+        ``"a3.h5"`` or ``"m2"`` are read too), ``(batch, [pos,] d_model)``."""
+        return self.parts[_index(self.labels, name)]
+
+    def top(self, n: int = 10, *, absolute: bool = True) -> list[tuple[str, float]]:
+        """The ``n`` parts with the largest mean norm, ``(label, mean norm)``, by
+        :func:`mechkit.core.rank` (norms are never negative, so ``absolute`` changes nothing)."""
+        return rank(list(self.labels), self.mean_norm, n, absolute=absolute)
+
+    def plot(self) -> Any:
+        """A bar chart of each part's mean norm."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure(go.Bar(x=list(self.labels), y=self.mean_norm.tolist()))
+        fig.update_layout(
+            title=f"Parts of the residual stream before block {self.layer}",
+            xaxis_title="part",
+            yaxis_title="mean norm",
+        )
+        return fig
 
     def to_dataframe(self) -> Any:
         """One row per part: its label, kind, layer, head and mean norm over prompts/positions."""
         import pandas as pd
 
-        norms = self.parts.norm(dim=-1).flatten(1).mean(-1)
+        norms = self.mean_norm
         return pd.DataFrame(
             {
                 "label": self.labels,
@@ -101,6 +152,12 @@ class Attribution:
         total: ``(batch,)`` the model's own value of the target (logit, difference or
             projection), for comparison with ``values.sum(0)``.
         n_layers, n_heads: the model's sizes (for the head heatmap).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> dla = mk.direct_logit_attribution(model, torch.tensor([[1, 2, 3]]), answer=5, wrong=6)
+        >>> dla.values.shape, dla.head_scores().shape        # (component, batch), (layer, head)
+        (torch.Size([13, 1]), torch.Size([2, 4]))
     """
 
     labels: tuple[str, ...]
@@ -119,10 +176,15 @@ class Attribution:
         """The mean contribution over prompts."""
         return self.values.mean(-1)
 
-    def top(self, n: int = 10) -> list[tuple[str, float]]:
-        """The ``n`` parts with the largest absolute mean contribution."""
-        order = self.mean.abs().argsort(descending=True)[:n]
-        return [(self.labels[i], float(self.mean[i])) for i in order]
+    def top(self, n: int = 10, *, absolute: bool = True) -> list[tuple[str, float]]:
+        """The ``n`` parts with the largest mean contribution, ``(label, mean)``, ranked by
+        :func:`mechkit.core.rank`: by its size when ``absolute``, else the most positive first."""
+        return rank(list(self.labels), self.mean, n, absolute=absolute)
+
+    def score(self, name: str) -> float:
+        """The mean contribution of the part named ``name`` (``"L3H5"``, ``"L2.mlp"``,
+        ``"L2N7"``, ``"unembed_bias"``; peers' names such as ``"a3.h5"`` or ``"m2"`` too)."""
+        return float(self.mean[_index(self.labels, name)])
 
     def head_scores(self) -> Float[Tensor, "layer head"]:
         """The heads' mean contributions as a ``(layer, head)`` grid (0 for absent heads)."""
@@ -195,6 +257,38 @@ class Attribution:
         return fig
 
 
+def _index(labels: Sequence[str], name: str) -> int:
+    """The index of the part named ``name``: a label as written, or a node name in any scheme
+    :func:`~mechkit.core.parse_node` reads, written in ours."""
+    if name in labels:
+        return list(labels).index(name)
+    try:
+        ours = str(parse_node(name))
+    except InvalidArgumentError:
+        ours = name
+    if ours in labels:
+        return list(labels).index(ours)
+    shown = ", ".join(list(labels)[:6])
+    raise InvalidArgumentError(
+        f"Expected the name of a part ({shown}, ...); got {name!r}. Hint: .labels lists them."
+    )
+
+
+def _block(model: Model, layer: int | Site | None, components: Sequence[str]) -> int | None:
+    """The block index of a ``layer`` argument given as an int or a Site of ``components``."""
+    if not isinstance(layer, Site):
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+            raise InvalidSiteError(f"Expected an int layer or a Site; got {layer!r}.")
+        return layer
+    if layer.component not in components or layer.layer is None:
+        raise InvalidSiteError(
+            f"Expected a Site of {', '.join(components)} at one layer; got {layer!r}."
+        )
+    index = layer.resolve(model).layer
+    assert index is not None  # a resolved site of these components has a layer
+    return index + 1 if layer.component == "resid_post" else index
+
+
 def _positions(mask: Tensor, positions: Any) -> Tensor | None:
     """``(batch,)`` positions (negative ones counted from each row's last real token)."""
     if positions is None:
@@ -215,10 +309,10 @@ def _positions(mask: Tensor, positions: Any) -> Tensor | None:
 
 @torch.no_grad()
 def decompose_resid(
-    model: Any,
-    tokens: Any,
+    model: Model,
+    tokens: Prompts,
     *,
-    layer: int | None = None,
+    layer: int | Site | None = None,
     positions: Any = None,
     prepend_bos: bool | None = None,
 ) -> ResidualDecomposition:
@@ -229,19 +323,33 @@ def decompose_resid(
         tokens: a string, list of strings (right-padded), ``(batch, pos)`` ids (taken as
             unpadded), or a :class:`~mechkit.prompts.PromptPairs` (its clean prompts).
         layer: the block whose input to decompose; None (or ``n_layers``) means the final
-            residual stream, the input of the final norm.
+            residual stream, the input of the final norm. A Site is read as the residual it
+            names: ``Site("resid_pre", layer=3)`` is layer 3, ``Site("resid_post", layer=3)``
+            layer 4.
         positions: None for all positions; an int or one per prompt to keep only those
             (negative values count back from each prompt's last real token).
         prepend_bos: for string input; None means the model's default.
 
     Example:
-        >>> dec = decompose_resid(model, "The capital of Japan is", layer=12, positions=-1)
-        >>> dec.parts.shape  # (1 + 12 * (9 + 2) + 1, 1, 576): embed, heads, biases, MLPs
+        >>> model = mk.load_model("attn-only-2l")
+        >>> dec = decompose_resid(model, torch.tensor([[1, 2, 3]]), layer=1, positions=-1)
+        >>> dec.parts.shape, dec.labels[:4]  # (component, batch, d_model): embed, heads, bias
+        (torch.Size([7, 1, 128]), ('embed', 'pos_embed', 'L0H0', 'L0H1'))
+        >>> bool(torch.allclose(dec.parts.sum(0), dec.resid, atol=1e-4))
+        True
     """
-    return _decompose(model, *token_batch(model, tokens, prepend_bos), layer, positions)
+    block = _block(model, layer, ("resid_pre", "resid_post"))
+    tok, mask = (
+        (tokens.clean_tokens, tokens.clean_mask)
+        if isinstance(tokens, PromptPairs)
+        else token_batch(model, tokens, prepend_bos)
+    )
+    return _decompose(model, tok, mask, block, positions)
 
 
-def _decompose(model: Any, tok: Tensor, mask: Tensor, layer: Any, positions: Any):
+def _decompose(
+    model: Model, tok: Tensor, mask: Tensor, layer: int | None, positions: Any
+) -> ResidualDecomposition:
     cfg = model.cfg
     n_layers = cfg.n_layers
     layer = n_layers if layer is None else layer
@@ -264,7 +372,11 @@ def _decompose(model: Any, tok: Tensor, mask: Tensor, layer: Any, positions: Any
     def at(x: Tensor) -> Tensor:  # (batch, pos, ...) -> (batch, ...) at the chosen positions
         return x if pos is None else x[torch.arange(x.shape[0]), pos.to(x.device)]
 
-    labels, kinds, layers, heads, parts = [], [], [], [], []
+    labels: list[str] = []
+    kinds: list[str] = []
+    layers: list[int | None] = []
+    heads: list[int | None] = []
+    parts: list[Tensor] = []
 
     def add(label: str, kind: str, part: Tensor, lay: int | None = None, head: int | None = None):
         labels.append(label)
@@ -283,11 +395,11 @@ def _decompose(model: Any, tok: Tensor, mask: Tensor, layer: Any, positions: Any
         # (head, batch, [pos,] d_model)
         per_head = torch.einsum("...hd,hdm->h...m", z, model.blocks[i].attn.W_O)
         for h in range(cfg.n_heads):
-            add(f"L{i}H{h}", "head", per_head[h], i, h)
+            add(head_name(i, h), "head", per_head[h], i, h)
         add(f"L{i}.attn_bias", "attn_bias", model.b_O[i].expand_as(resid), i)
         if not cfg.attn_only:
-            b_out = model.blocks[i].mlp.b_out
-            add(f"L{i}.mlp", "mlp", at(cache[f"blocks.{i}.hook_mlp_out"]) - b_out, i)
+            b_out = cast(Tensor, model.blocks[i].mlp.b_out)  # (d_model,)
+            add(mlp_name(i), "mlp", at(cache[f"blocks.{i}.hook_mlp_out"]) - b_out, i)
             mlp_bias = mlp_bias + b_out
     if not cfg.attn_only and layer > 0:
         add("mlp_biases", "bias", mlp_bias.expand_as(resid))
@@ -303,19 +415,19 @@ def _decompose(model: Any, tok: Tensor, mask: Tensor, layer: Any, positions: Any
     )
 
 
-def _frozen_final_norm(model: Any, x: Tensor, scale: Tensor | None, divide: bool) -> Tensor:
+def _frozen_final_norm(model: Model, x: Tensor, scale: Tensor | None, divide: bool) -> Tensor:
     """The final norm as a linear map, with the run's scale frozen: centring (LayerNorm),
     division by the scale, and the norm's own weight when it was not folded."""
     kind = model.cfg.normalization_type
     if kind in ("LN", "LNPre"):
         x = x - x.mean(-1, keepdim=True)
-    if divide and kind is not None:
+    if divide and kind is not None and scale is not None:
         x = x / scale
     w = getattr(model.ln_final, "w", None)
     return x * w if w is not None else x
 
 
-def _direction(model: Any, n_batch: int, answer: Any, wrong: Any, direction: Any):
+def _direction(model: Model, n_batch: int, answer: Any, wrong: Any, direction: Any):
     """The residual-space direction per prompt, ``(batch, d_model)``, and words for it."""
 
     def ids(x: Any) -> Tensor:
@@ -358,10 +470,16 @@ def _direction(model: Any, n_batch: int, answer: Any, wrong: Any, direction: Any
     return u, bias, what
 
 
-def _target_inputs(model, tokens, answer, wrong, direction, positions, prepend_bos):
+def _target_inputs(
+    model: Model,
+    tokens: Prompts,
+    answer: Any,
+    wrong: Any,
+    direction: Any,
+    positions: Any,
+    prepend_bos: bool | None,
+) -> tuple[Tensor, Tensor, Any, Any, Any]:
     """Tokens, mask, answers and positions; a PromptPairs supplies whichever were not given."""
-    from mechkit.prompts import PromptPairs
-
     if not isinstance(tokens, PromptPairs):
         return (*token_batch(model, tokens, prepend_bos), answer, wrong, positions)
     pairs = tokens
@@ -375,14 +493,14 @@ def _target_inputs(model, tokens, answer, wrong, direction, positions, prepend_b
 
 @torch.no_grad()
 def direct_logit_attribution(
-    model: Any,
-    tokens: Any,
+    model: Model,
+    tokens: Prompts,
     *,
     answer: Any = None,
     wrong: Any = None,
     direction: Any = None,
     positions: Any = -1,
-    layer: int | None = None,
+    layer: int | Site | None = None,
     divide_by_scale: bool = True,
     prepend_bos: bool | None = None,
 ) -> Attribution:
@@ -398,18 +516,27 @@ def direct_logit_attribution(
             ``(batch, d_model)``.
         positions: where to attribute: -1 (each prompt's last real token), an int, or one per
             prompt.
-        layer: attribute the parts of the residual before this block (None: the final one).
+        layer: attribute the parts of the residual before this block (None: the final one), or
+            a residual Site (as in :func:`decompose_resid`).
         divide_by_scale: apply the final norm's scale frozen from the run (see module doc).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> dla = direct_logit_attribution(model, torch.tensor([[1, 2, 3]]), answer=5, wrong=6)
+        >>> dla.target, len(dla.top(3)), dla.score("a1.h0") == dla.score("L1H0")
+        ('logit(answer) - logit(wrong)', 3, True)
     """
+    block = _block(model, layer, ("resid_pre", "resid_post"))
     tok, mask, answer, wrong, positions = _target_inputs(
         model, tokens, answer, wrong, direction, positions, prepend_bos
     )
-    dec = _decompose(model, tok, mask, layer, positions)  # parts: (component, batch, d_model)
+    dec = _decompose(model, tok, mask, block, positions)  # parts: (component, batch, d_model)
     u, bias, what = _direction(model, tok.shape[0], answer, wrong, direction)
     normed = _frozen_final_norm(model, dec.parts, dec.scale, divide_by_scale)
     values = (normed * u).sum(-1)  # (component, batch)
     labels, kinds = list(dec.labels), list(dec.kinds)
-    layers, heads = list(dec.layers), list(dec.heads)
+    layers: list[int | None] = list(dec.layers)
+    heads: list[int | None] = list(dec.heads)
     final_b = getattr(model.ln_final, "b", None)
     extra = []
     if final_b is not None:
@@ -439,9 +566,9 @@ def direct_logit_attribution(
 
 @torch.no_grad()
 def neuron_attribution(
-    model: Any,
-    tokens: Any,
-    layer: int,
+    model: Model,
+    tokens: Prompts,
+    layer: int | Site,
     *,
     answer: Any = None,
     wrong: Any = None,
@@ -455,9 +582,24 @@ def neuron_attribution(
     Uses ``post[b, n] * (W_out[n] · u_b) / scale_b``: the ``(d_mlp, batch)`` table comes from one
     ``(d_mlp, d_model) @ (d_model, batch)`` product, never a ``[d_mlp, d_model]`` tensor per
     position. The neurons sum to the layer's ``L{layer}.mlp`` part in
-    :func:`direct_logit_attribution` (its output bias is not a neuron).
+    :func:`direct_logit_attribution` (its output bias is not a neuron). ``layer`` is the MLP's
+    block, or a Site of it (``Site("mlp_post", layer=3)``); neurons are named ``L3N7``.
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> na = neuron_attribution(model, "The cat sat on the", 3, answer=" mat")
+        >>> na.values.shape, na.labels[7]  # (d_mlp, batch)
+        (torch.Size([1536, 1]), 'L3N7')
     """
     cfg = model.cfg
+    if isinstance(layer, Site) and layer.component not in ("mlp_pre", "mlp_post", "mlp_out"):
+        raise InvalidSiteError(
+            f"Expected a Site of the MLP (mlp_pre, mlp_post, mlp_out); got {layer!r}."
+        )
+    layer = layer.layer if isinstance(layer, Site) and layer.layer is not None else layer
+    if isinstance(layer, Site | bool) or not isinstance(layer, int):
+        raise InvalidSiteError(f"Expected an MLP layer (an int) or a Site of it; got {layer!r}.")
+    layer = layer % cfg.n_layers if -cfg.n_layers <= layer < 0 else layer
     if cfg.attn_only or not 0 <= layer < cfg.n_layers:
         raise InvalidSiteError(
             f"Expected an MLP layer in [0, {cfg.n_layers}); got {layer}"
@@ -479,9 +621,9 @@ def neuron_attribution(
     values = post.T * readout  # (d_mlp, batch)
     if divide_by_scale:
         values = values / scale[:, 0]
-    n = cfg.d_mlp
+    n = values.shape[0]  # d_mlp
     return Attribution(
-        labels=tuple(f"L{layer}N{i}" for i in range(n)),
+        labels=tuple(neuron_name(layer, i) for i in range(n)),
         kinds=("neuron",) * n,
         layers=(layer,) * n,
         heads=(None,) * n,

@@ -17,14 +17,34 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import inspect
 import sys
 import time
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mechkit.atomic_io import write_atomically, write_text_atomically
+from mechkit.attribution import compare_attribution
+from mechkit.core.names import parse_node
+from mechkit.corpus import corpus_tokens
+from mechkit.decomposition import direct_logit_attribution
+from mechkit.graph import edge_attribution, faithfulness_curve
+from mechkit.heads import detect_heads
+from mechkit.lens import logit_lens
 from mechkit.models import load_model, model_info
+from mechkit.patching import activation_patch, path_patch
+from mechkit.predictions import predict_next_tokens
+from mechkit.prompts import PromptPairs
+from mechkit.sae.base import load_sae
+from mechkit.sae.browser import feature_browser
+from mechkit.sae.evaluate import evaluate_sae
+from mechkit.sites import Site
+from mechkit.steering import WordShare, mean_difference_vector, steering_sweep
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = [
     "DEMO_PROMPTS",
@@ -81,7 +101,14 @@ IOI_PAIRS = (
 
 
 def figure_link(out: Path, name: str, fig: Any) -> str:
-    """Write plotly ``fig`` to ``out/name`` and return an HTML link to it."""
+    """Write plotly ``fig`` to ``out/name`` and return an HTML link to it.
+
+    Example:
+        >>> import tempfile
+        >>> import plotly.graph_objects as go
+        >>> figure_link(Path(tempfile.mkdtemp()), "bar.html", go.Figure(go.Bar(y=[1, 2])))
+        '<a href="bar.html">bar.html</a>'
+    """
     # "directory": the page loads plotly.min.js from its folder (written beside it once), so
     # the report opens offline without each figure carrying 4 MB of JavaScript.
     write_atomically(out / name, lambda tmp: fig.write_html(tmp, include_plotlyjs="directory"))
@@ -89,7 +116,12 @@ def figure_link(out: Path, name: str, fig: Any) -> str:
 
 
 def html_table(rows: list[list[Any]], header: list[str]) -> str:
-    """An HTML table of ``rows`` under ``header``, every cell escaped."""
+    """An HTML table of ``rows`` under ``header``, every cell escaped.
+
+    Example:
+        >>> html_table([[1, "<b>"]], ["n", "tag"])
+        '<table><tr><th>n</th><th>tag</th></tr><tr><td>1</td><td>&lt;b&gt;</td></tr></table>'
+    """
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
@@ -97,7 +129,7 @@ def html_table(rows: list[list[Any]], header: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _model_card(model: Any, out: Path) -> str:
+def _model_card(model: HookedTransformer, out: Path) -> str:
     info = model_info(model)
     cfg = model.cfg
     card = {
@@ -112,9 +144,7 @@ def _model_card(model: Any, out: Path) -> str:
     return html_table([[k, v] for k, v in card.items()], ["property", "value"])
 
 
-def _predictions(model: Any, out: Path) -> str:
-    from mechkit.predictions import predict_next_tokens
-
+def _predictions(model: HookedTransformer, out: Path) -> str:
     preds = predict_next_tokens(model, list(DEMO_PROMPTS), k=5)
     preds.to_dataframe().to_csv(out / "next_tokens.csv", index=False)
     link = figure_link(out, "next_tokens.html", preds.plot())
@@ -129,13 +159,12 @@ def _predictions(model: Any, out: Path) -> str:
     )
 
 
-def _logit_lens(model: Any, out: Path) -> str:
-    from mechkit.lens import logit_lens
-
+def _logit_lens(model: HookedTransformer, out: Path) -> str:
     clean, _, answer, _ = IOI_PAIRS[0]
     lens = logit_lens(model, clean, targets=[answer])
     grid = figure_link(out, "logit_lens.html", lens.plot())
     rank = figure_link(out, "logit_lens_answer_rank.html", lens.plot_target(0, value="rank"))
+    assert lens.target_ranks is not None  # targets were given
     ranks = lens.target_ranks[:, 0, -1, 0].tolist()
     first = next((i for i, r in enumerate(ranks) if r == 0), None)
     where = lens.layer_labels[first] if first is not None else "never"
@@ -147,10 +176,7 @@ def _logit_lens(model: Any, out: Path) -> str:
     )
 
 
-def _dla(model: Any, out: Path) -> str:
-    from mechkit.decomposition import direct_logit_attribution
-    from mechkit.prompts import PromptPairs
-
+def _dla(model: HookedTransformer, out: Path) -> str:
     clean, corrupt, answers, wrongs = (list(x) for x in zip(*IOI_PAIRS, strict=True))
     pairs = PromptPairs.from_lists(model, clean, corrupt, answers, wrongs, aligned=False)
     dla = direct_logit_attribution(model, pairs)
@@ -165,9 +191,7 @@ def _dla(model: Any, out: Path) -> str:
     )
 
 
-def _heads(model: Any, out: Path, quick: bool = False) -> str:
-    from mechkit.heads import detect_heads
-
+def _heads(model: HookedTransformer, out: Path, quick: bool = False) -> str:
     parts = []
     for kind in ("previous_token", "induction", "duplicate_token"):
         scores = detect_heads(model, kind, n_prompts=4 if quick else 16)
@@ -182,11 +206,7 @@ def _ioi_pairs(quick: bool) -> tuple[list[str], ...]:
     return tuple(list(x) for x in zip(*chosen, strict=True))
 
 
-def _patching(model: Any, out: Path, quick: bool = False) -> str:
-    from mechkit.patching import activation_patch, path_patch
-    from mechkit.prompts import PromptPairs
-    from mechkit.sites import Site
-
+def _patching(model: HookedTransformer, out: Path, quick: bool = False) -> str:
     clean, corrupt, answers, wrongs = _ioi_pairs(quick)
     pairs = PromptPairs.from_lists(model, clean, corrupt, answers, wrongs)
     resid = activation_patch(model, pairs, site="resid_pre", progress=False).normalized()
@@ -218,12 +238,7 @@ def _patching(model: Any, out: Path, quick: bool = False) -> str:
     )
 
 
-def _circuit(model: Any, out: Path, quick: bool = False) -> str:
-    from mechkit.attribution import compare_attribution
-    from mechkit.core.names import parse_node
-    from mechkit.graph import edge_attribution, faithfulness_curve
-    from mechkit.prompts import PromptPairs
-
+def _circuit(model: HookedTransformer, out: Path, quick: bool = False) -> str:
     clean, corrupt, answers, wrongs = _ioi_pairs(quick)
     pairs = PromptPairs.from_lists(model, clean, corrupt, answers, wrongs)
     cmp = compare_attribution(model, pairs, site="z", progress=False)
@@ -272,12 +287,7 @@ def _circuit(model: Any, out: Path, quick: bool = False) -> str:
     )
 
 
-def _features(model: Any, out: Path, quick: bool = False) -> str:
-    from mechkit.corpus import corpus_tokens
-    from mechkit.sae.base import load_sae
-    from mechkit.sae.browser import feature_browser
-    from mechkit.sae.evaluate import evaluate_sae
-
+def _features(model: HookedTransformer, out: Path, quick: bool = False) -> str:
     if getattr(model.cfg, "model_name", "") != "smollm2-135m":
         return "<p>Skipped: the shipped SAE is for smollm2-135m.</p>"
     sae = load_sae("smollm2-135m-res12-topk")  # shipped inside mechkit
@@ -337,10 +347,7 @@ STEERING_PROMPTS = (
 )
 
 
-def _steering(model: Any, out: Path, quick: bool = False) -> str:
-    from mechkit.corpus import corpus_tokens
-    from mechkit.steering import WordShare, mean_difference_vector, steering_sweep
-
+def _steering(model: HookedTransformer, out: Path, quick: bool = False) -> str:
     positives, negatives = (list(x) for x in zip(*STEERING_PAIRS, strict=True))
     layers = (8,) if quick else (4, 8, 12)
     coefficients = [4.0] if quick else [2.0, 4.0, 8.0]
@@ -394,8 +401,12 @@ SECTIONS: tuple[DemoSection, ...] = (
 
 def registered_sections() -> tuple[DemoSection, ...]:
     """The sections other packages register under ``mechkit.demo_sections``, by entry-point
-    name (the paper reproductions register ``reproductions``)."""
-    from importlib.metadata import entry_points
+    name (the paper reproductions register ``reproductions``).
+
+    Example:
+        >>> all(callable(run) for _name, run in registered_sections())  # (name, section)
+        True
+    """
 
     sections: list[DemoSection] = []
     for point in sorted(entry_points(group=SECTION_GROUP), key=lambda p: p.name):
@@ -426,7 +437,6 @@ def run_demo(
     :func:`registered_sections`; without any registered (the paper reproductions not installed)
     the report says so and how to install them.
     """
-    import inspect
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

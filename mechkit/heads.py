@@ -40,12 +40,13 @@ Cost: copying multiplies ``W_O`` by ``W_U`` in every layer: ``n_layers * n_heads
 d_model * d_vocab`` multiply-adds (0.5 T for SmolLM2-135M: tens of seconds on a laptop CPU, a
 blink on a GPU).
 
-    >>> model = mk.load_model("smollm2-135m")
-    >>> scores = detect_heads(model, "induction")
+Example:
+    >>> model = mk.load_model("attn-only-2l")
+    >>> scores = detect_heads(model, "induction", n_prompts=4, seq_len=10)
     >>> scores.scores.shape                              # (layer, head)
-    torch.Size([30, 9])
-    >>> scores.top(2)
-    [('L18H6', 0.877...), ('L17H3', 0.733...)]
+    torch.Size([2, 4])
+    >>> [name for name, _ in scores.top(2)]
+    ['L1H1', 'L1H0']
 """
 
 from __future__ import annotations
@@ -64,8 +65,14 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechkit.atomic_io import write_text_atomically
+from mechkit.core.batching import each_batch
+from mechkit.core.labels import model_name
+from mechkit.core.names import head_name, parse_node
+from mechkit.core.results import rank
+from mechkit.core.types import Model
 from mechkit.errors import (
     EmptyDatasetError,
+    InvalidSiteError,
     ShapeError,
     UnknownKindError,
     check_batch_size,
@@ -74,7 +81,7 @@ from mechkit.errors import (
 from mechkit.hook_scope import hook_scope
 from mechkit.interventions import capture
 from mechkit.sites import Site
-from mechkit.tokens import encode
+from mechkit.tokens import bos_token_id, encode
 
 __all__ = [
     "KINDS",
@@ -132,17 +139,15 @@ class HeadScores:
             )
 
     def label(self, layer: int, head: int) -> str:
-        """The label of a head, e.g. ``L1H4``."""
-        return f"L{layer}H{head}"
+        """The label of a head, e.g. ``L1H4`` (:func:`mechkit.core.head_name`)."""
+        return head_name(layer, head)
 
-    def top(self, n: int = 5) -> list[tuple[str, float]]:
-        """The ``n`` best-scoring heads as ``(label, score)``, best first (NaN scores last)."""
-        flat = self.scores.flatten().nan_to_num(nan=float("-inf"))
-        n_heads = self.scores.shape[1]
-        order = flat.argsort(descending=True, stable=True)[:n].tolist()
-        return [
-            (self.label(i // n_heads, i % n_heads), float(self.scores.flatten()[i])) for i in order
-        ]
+    def top(self, n: int = 10, *, absolute: bool = True) -> list[tuple[str, float]]:
+        """The ``n`` highest-scoring heads as ``(label, score)``, by :func:`mechkit.core.rank`
+        (NaN scores last; scores are in [0, 1], so ``absolute`` changes nothing here)."""
+        n_layers, n_heads = self.scores.shape
+        labels = [self.label(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+        return rank(labels, self.scores.flatten(), n, absolute=absolute)
 
     def to_dataframe(self) -> Any:
         """A pandas DataFrame with one row per head: ``layer, head, label, score``."""
@@ -267,24 +272,30 @@ def score_patterns(
 
 
 def _attention_scores(
-    model: Any, tokens: Int[Tensor, "batch pos"], kind: HeadKind, batch_size: int
+    model: Model, tokens: Int[Tensor, "batch pos"], kind: HeadKind, batch_size: int | None
 ) -> Float[Tensor, "layer head"]:
     """All heads' scores, one forward pass per batch of prompts."""
     cfg = model.cfg
     total = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
     rows = 0
-    for start in range(0, tokens.shape[0], batch_size):
-        batch = tokens[start : start + batch_size].to(cfg.device)  # (batch, pos)
-        targets = attention_targets(batch, kind)  # (batch, query, key)
 
-        def reduce(pattern: Tensor, hook: Any, targets: Tensor = targets) -> None:
+    def run(chunk: slice) -> None:
+        nonlocal total, rows
+        batch = tokens[chunk].to(cfg.device)  # (batch, pos)
+        targets = attention_targets(batch, kind)  # (batch, query, key)
+        part = torch.zeros_like(total)  # kept only once the whole pass fitted (each_batch)
+
+        def reduce(pattern: Tensor, hook: Any) -> None:
             layer_total, _ = _target_attention(pattern, targets)  # pattern: (b, head, q, k)
-            total[hook.layer()] += layer_total.double().cpu()
+            part[hook.layer()] += layer_total.double().cpu()
 
         hooks = [(f"blocks.{layer}.attn.hook_pattern", reduce) for layer in range(cfg.n_layers)]
         with hook_scope(model, fwd_hooks=hooks):
             model(batch, stop_at_layer=cfg.n_layers)  # all blocks; no final norm or unembed
+        total += part
         rows += int(targets.any(-1).sum())
+
+    each_batch(tokens.shape[0], batch_size, run)
     if rows == 0:
         raise EmptyDatasetError(
             f"Expected tokens in which some query position has a target for {kind!r}; got none. "
@@ -294,25 +305,14 @@ def _attention_scores(
     return (total / rows).float()
 
 
-def _bos_token_id(model: Any) -> int:
-    tokenizer = model.tokenizer
-    if tokenizer is not None:
-        for bos in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-            if bos is not None:
-                return int(bos)
-    info = getattr(model, "mechkit_info", None)
-    if info is not None and info.source == "toy":
-        from mechkit.models.toy import toy_record
-
-        return int(toy_record(info.name).get("bos_token_id", 0))
-    return 0  # toy models built by hand: token 0 is BOS by convention
+_bos_token_id = bos_token_id  # the old private name, still importable (sae/evaluate.py)
 
 
-def _ordinary_token_ids(model: Any) -> Int[Tensor, " n"]:
+def _ordinary_token_ids(model: Model) -> Int[Tensor, " n"]:
     """Token ids that are neither BOS nor special (nor unused embedding rows past the tokenizer)."""
     tokenizer = model.tokenizer
     n_vocab = model.cfg.d_vocab
-    excluded = {_bos_token_id(model)}
+    excluded = {bos_token_id(model)}
     if tokenizer is not None:
         n_vocab = min(n_vocab, len(tokenizer))
         excluded |= set(tokenizer.all_special_ids)
@@ -323,7 +323,7 @@ def _ordinary_token_ids(model: Any) -> Int[Tensor, " n"]:
 
 
 def _repeated_random_tokens(
-    model: Any, n_prompts: int, seq_len: int, seed: int
+    model: Model, n_prompts: int, seq_len: int, seed: int
 ) -> Int[Tensor, "batch pos"]:
     """``[BOS] + r + r`` per prompt, ``r`` being ``seq_len`` distinct random ordinary tokens."""
     _check_positive(n_prompts=n_prompts, seq_len=seq_len)
@@ -338,7 +338,7 @@ def _repeated_random_tokens(
     weights = torch.ones(n_prompts, len(allowed))
     picks = torch.multinomial(weights, seq_len, replacement=False, generator=generator)
     segment = allowed[picks]  # (batch, seq_len)
-    bos = torch.full((n_prompts, 1), _bos_token_id(model), dtype=torch.long)
+    bos = torch.full((n_prompts, 1), bos_token_id(model), dtype=torch.long)
     return torch.cat([bos, segment, segment], dim=1)  # (batch, 1 + 2 * seq_len)
 
 
@@ -348,7 +348,7 @@ def _repeated_random_tokens(
 
 
 def _token_inputs(
-    model: Any, ids: Int[Tensor, " n"], effective_embedding: bool
+    model: Model, ids: Int[Tensor, " n"], effective_embedding: bool
 ) -> Float[Tensor, "n d_model"]:
     """How a head sees token ``t`` at the position it attends to: the (effective) embedding."""
     x = model.embed(ids[None].to(model.cfg.device))  # (1, n, d_model)
@@ -358,7 +358,7 @@ def _token_inputs(
     return x[0]
 
 
-def _to_logit_basis(model: Any, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+def _to_logit_basis(model: Model, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
     """The linear part of the final norm (centring, unfolded weights), before ``W_U``."""
     if model.cfg.normalization_type in ("LN", "LNPre"):
         x = x - x.mean(-1, keepdim=True)
@@ -367,7 +367,7 @@ def _to_logit_basis(model: Any, x: Float[Tensor, "... d_model"]) -> Float[Tensor
 
 
 def _ov_values(
-    model: Any, layer: int, inputs: Float[Tensor, "n d_model"]
+    model: Model, layer: int, inputs: Float[Tensor, "n d_model"]
 ) -> Float[Tensor, "head n d_head"]:
     """Each head's value vectors for ``inputs`` (the layer's input norm applied, no bias)."""
     block = model.blocks[layer]
@@ -376,7 +376,7 @@ def _ov_values(
 
 
 def _copying_scores(
-    model: Any, ids: Int[Tensor, " n"], top_k: int, effective_embedding: bool
+    model: Model, ids: Int[Tensor, " n"], top_k: int, effective_embedding: bool
 ) -> Float[Tensor, "layer head"]:
     """Fraction of ``ids`` whose own logit is in the head's OV top-k over the whole vocabulary."""
     cfg = model.cfg
@@ -405,7 +405,7 @@ def _copying_scores(
     return out
 
 
-def _ordinal_families(model: Any) -> list[list[int]]:
+def _ordinal_families(model: Model) -> list[list[int]]:
     """Token ids of the built-in ordinal sequences, in every spelling that is one token each."""
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -430,7 +430,7 @@ def _ordinal_families(model: Any) -> list[list[int]]:
 
 
 def _successor_scores(
-    model: Any, families: list[list[int]], effective_embedding: bool
+    model: Model, families: list[list[int]], effective_embedding: bool
 ) -> Float[Tensor, "layer head"]:
     """Fraction of items whose successor beats every other item of its sequence (OV logits)."""
     cfg = model.cfg
@@ -481,14 +481,14 @@ def _as_families(tokens: Any) -> list[list[int]]:
 
 @torch.no_grad()
 def detect_heads(
-    model: Any,
+    model: Model,
     kind: HeadKind,
     *,
     tokens: Int[Tensor, "batch pos"] | Sequence[Sequence[int]] | None = None,
     n_prompts: int = 16,  # 16 x 80 rows: SmolLM2's scores move by about 0.02 between seeds
     seq_len: int = 40,  # each prompt is [BOS] + 40 random tokens, twice: 81 positions
     seed: int = 0,
-    batch_size: int = 8,  # prompts per forward pass; lower it to save memory
+    batch_size: int | None = 8,  # prompts per forward pass; lower it to save memory
     n_tokens: int = 256,  # copying: a fraction of 256 tokens, standard error at most 0.03
     top_k: int = 5,  # copying: the token's own logit must be in the top 5
     effective_embedding: bool = True,  # OV scores read tokens through MLP0 (Gould et al.)
@@ -521,13 +521,13 @@ def detect_heads(
         EmptyDatasetError: no row of the tokens has a target, or no successor data.
 
     Example:
-        >>> scores = detect_heads(model, "previous_token")   # model: SmolLM2-135M
-        >>> scores.scores.shape, scores.top(1)
-        (torch.Size([30, 9]), [('L16H0', 0.887...)])
+        >>> model = mk.load_model("attn-only-2l")
+        >>> scores = detect_heads(model, "previous_token", n_prompts=4, seq_len=10)
+        >>> scores.scores.shape, [name for name, _ in scores.top(1)]   # (layer, head)
+        (torch.Size([2, 4]), ['L0H2'])
     """
     _check_kind(kind, KINDS)
-    n_rows = n_prompts if tokens is None else len(tokens)
-    batch_size = check_batch_size(batch_size) or max(1, n_rows)  # None: one pass
+    check_batch_size(batch_size)  # None: one pass
     _check_positive(n_tokens=n_tokens, top_k=top_k)
     if kind in _ATTENTION_KINDS:
         if tokens is None:
@@ -547,10 +547,10 @@ def detect_heads(
         families = _ordinal_families(model) if tokens is None else _as_families(tokens)
         _as_ids(model, [t for fam in families for t in fam])
         scores = _successor_scores(model, families, effective_embedding)
-    return HeadScores(kind=kind, scores=scores, model_name=_model_name(model))
+    return HeadScores(kind=kind, scores=scores, model_name=model_name(model))
 
 
-def _as_ids(model: Any, tokens: Any) -> Int[Tensor, "..."]:
+def _as_ids(model: Model, tokens: Any) -> Int[Tensor, "..."]:
     """Token ids as a long tensor, checked to be integers inside the vocabulary."""
     if isinstance(tokens, str):
         raise ShapeError(
@@ -570,7 +570,7 @@ def _as_ids(model: Any, tokens: Any) -> Int[Tensor, "..."]:
     return ids.long()
 
 
-def _as_prompts(model: Any, tokens: Any) -> Int[Tensor, "batch pos"]:
+def _as_prompts(model: Model, tokens: Any) -> Int[Tensor, "batch pos"]:
     """Prompts as ``(batch, pos)`` ids (one prompt may come as ``(pos,)``)."""
     ids = _as_ids(model, tokens)
     ids = ids[None] if ids.ndim == 1 else ids
@@ -596,11 +596,6 @@ def _check_positive(**sizes: int) -> None:
             raise ShapeError(f"Expected {name} to be a positive integer; got {value!r}.")
 
 
-def _model_name(model: Any) -> str:
-    info = getattr(model, "mechkit_info", None)
-    return str(getattr(info, "name", None) or model.cfg.model_name)
-
-
 # ----------------------------------------------------------------------------------------------
 # Rendering attention patterns
 # ----------------------------------------------------------------------------------------------
@@ -615,6 +610,12 @@ class AttentionView:
         html: the HTML fragment CircuitsVis rendered (what notebooks display).
         heads: the ``(layer, head)`` pairs shown, in order.
         tokens: the token strings on the axes.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> view = mk.render_attention(model, [0, 5, 6, 5, 6], heads=["L1H0"])
+        >>> view.heads, view.tokens                          # no tokenizer: ids as labels
+        (((1, 0),), ('0', '5', '6', '5', '6'))
     """
 
     path: Path
@@ -628,9 +629,9 @@ class AttentionView:
 
 @torch.no_grad()
 def render_attention(
-    model: Any,
+    model: Model,
     tokens_or_text: str | Int[Tensor, " pos"] | Sequence[int],
-    heads: Sequence[tuple[int, int]],
+    heads: Sequence[tuple[int, int] | str | Site],
     *,
     path: str | os.PathLike | None = None,
 ) -> AttentionView:
@@ -642,7 +643,8 @@ def render_attention(
     Args:
         model: a HookedTransformer.
         tokens_or_text: one prompt, as text (tokenized with the model's defaults) or token ids.
-        heads: ``(layer, head)`` pairs; negative layers count from the end.
+        heads: ``(layer, head)`` pairs (negative layers count from the end), head names
+            (``"L18H6"``; the older ``"a18.h6"`` and ``"18.6"`` are read too) or Sites.
         path: the HTML file to write; None for a new file in the system's temp folder. Written
             to a temporary name beside it and renamed into place.
 
@@ -650,10 +652,10 @@ def render_attention(
         An :class:`AttentionView` with ``.path``; a notebook displays it inline.
 
     Example:
-        >>> view = render_attention(model, "The cat sat. The cat", heads=[(18, 6), (-1, 0)])
-        >>> view.path.suffix, view.heads                     # model: SmolLM2-135M
+        >>> model = mk.load_model("smollm2-135m")
+        >>> view = render_attention(model, "The cat sat. The cat", heads=["L18H6", (-1, 0)])
+        >>> view.path.suffix, view.heads   # a notebook shows `view` as the patterns
         ('.html', ((18, 6), (29, 0)))
-        >>> view                                             # in a notebook: the patterns
     """
     from circuitsvis.attention import attention_heads
 
@@ -665,31 +667,49 @@ def render_attention(
         raise ShapeError(f"Expected one prompt; got {ids.shape[0]} (shape {tuple(ids.shape)}).")
     if not heads:
         raise ShapeError("Expected at least one (layer, head) pair in heads; got none.")
-    sites = [
-        Site("pattern", layer=int(layer), head=int(head)).resolve(model) for layer, head in heads
-    ]
+    sites = [_pattern_site(head).resolve(model) for head in heads]
+    chosen = tuple((int(s.layer or 0), int(s.head or 0)) for s in sites)  # resolved: both set
     with capture(model, *sites) as patterns:
-        model(ids.to(model.cfg.device), stop_at_layer=max(s.layer for s in sites) + 1)
+        model(ids.to(model.cfg.device), stop_at_layer=max(layer for layer, _ in chosen) + 1)
     attention = torch.stack([patterns[s][0].float().cpu() for s in sites])  # (head, q, k)
     if model.tokenizer is not None:
-        labels = tuple(model.to_str_tokens(ids[0]))
+        labels = tuple(str(t) for t in model.to_str_tokens(ids[0]))
     else:
         labels = tuple(str(t) for t in ids[0].tolist())
-    names = [f"L{s.layer}H{s.head}" for s in sites]
+    names = [head_name(layer, head) for layer, head in chosen]
     rendered = attention_heads(attention=attention, tokens=list(labels), attention_head_names=names)
     html = rendered.local_src
-    title = html_module.escape(f"{_model_name(model)}: {', '.join(names)}")
+    title = html_module.escape(f"{model_name(model)}: {', '.join(names)}")
     document = (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
         f"<title>{title}</title></head>\n<body>\n{html}\n</body></html>\n"
     )
-    target = write_text_atomically(path if path is not None else _fresh_html_path(), document)
+    target = write_text_atomically(Path(path) if path is not None else _fresh_html_path(), document)
     return AttentionView(
         path=target,
         html=html,
-        heads=tuple((s.layer, s.head) for s in sites),
+        heads=chosen,
         tokens=labels,
     )
+
+
+def _pattern_site(head: tuple[int, int] | str | Site) -> Site:
+    """The attention-pattern site of a head given as ``(layer, head)``, a name (``"L18H6"``,
+    or any form :func:`mechkit.core.parse_node` reads) or a :class:`Site` with a head."""
+    if isinstance(head, Site):
+        if head.head is None or head.layer is None:
+            raise InvalidSiteError(f"Expected a Site with a layer and a head; got {head!r}.")
+        return Site("pattern", layer=head.layer, head=head.head)
+    if isinstance(head, str):
+        node = parse_node(head)
+        if node.kind != "head" or node.port is not None:
+            raise InvalidSiteError(
+                f"Expected an attention head such as 'L18H6'; got {head!r} ({node.kind})."
+            )
+        assert node.layer is not None and node.index is not None  # set for every head
+        return Site("pattern", layer=node.layer, head=node.index)
+    layer, index = head
+    return Site("pattern", layer=int(layer), head=int(index))
 
 
 def _fresh_html_path() -> Path:

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["hook_scope", "keep_hooks", "run_with_cache"]
 
@@ -42,7 +45,7 @@ _NONE: frozenset[int] = frozenset()
 _PointState = tuple[Any, tuple[Any, ...], tuple[Any, ...], tuple[frozenset[int], ...], Any]
 
 
-def _snapshot(model: Any) -> tuple[list[_PointState], tuple[Any, Any]]:
+def _snapshot(model: HookedTransformer) -> tuple[list[_PointState], tuple[Any, Any]]:
     points = []
     for hp in model.hook_dict.values():
         table = hp.__dict__  # nn.Module keeps its hook dicts as instance attributes
@@ -65,7 +68,7 @@ def _unchanged(hp: Any, fwd: tuple[Any, ...], bwd: tuple[Any, ...], keys: tuple)
     )
 
 
-def _restore(model: Any, snapshot: tuple[list[_PointState], tuple[Any, Any]]) -> None:
+def _restore(model: HookedTransformer, snapshot: tuple[list[_PointState], tuple[Any, Any]]) -> None:
     """Put every hook point back as recorded; safe to run again after being cut short."""
     points, (level, caching) = snapshot
     for hp, fwd, bwd, keys, full in points:
@@ -92,7 +95,9 @@ def _restore(model: Any, snapshot: tuple[list[_PointState], tuple[Any, Any]]) ->
 
 
 @contextlib.contextmanager
-def keep_hooks(model: Any, *, on_exit: Callable[[], None] | None = None) -> Iterator[Any]:
+def keep_hooks(
+    model: HookedTransformer, *, on_exit: Callable[[], None] | None = None
+) -> Iterator[Any]:
     """On leaving the block by any route, the model carries exactly the hooks it had on entry.
 
     Args:
@@ -101,8 +106,11 @@ def keep_hooks(model: Any, *, on_exit: Callable[[], None] | None = None) -> Iter
             back), under the same protection against interrupts.
 
     Example:
+        >>> model = mk.load_model("attn-only-2l")
         >>> with keep_hooks(model):
-        ...     logits, cache = model.run_with_cache(tokens)
+        ...     model.add_hook("blocks.0.hook_resid_post", lambda act, hook: act * 0)
+        >>> len(model.blocks[0].hook_resid_post.fwd_hooks)
+        0
     """
     snapshot = _snapshot(model)
     try:
@@ -125,7 +133,9 @@ def keep_hooks(model: Any, *, on_exit: Callable[[], None] | None = None) -> Iter
 
 
 @contextlib.contextmanager
-def hook_scope(model: Any, fwd_hooks: HookSpec = (), bwd_hooks: HookSpec = ()) -> Iterator[Any]:
+def hook_scope(
+    model: HookedTransformer, fwd_hooks: HookSpec = (), bwd_hooks: HookSpec = ()
+) -> Iterator[Any]:
     """Hooks on ``model`` for the block, removed on exit by any route, a Ctrl-C included.
 
     The hooks are added straight to the hook points and removed by :func:`keep_hooks`'s
@@ -139,8 +149,13 @@ def hook_scope(model: Any, fwd_hooks: HookSpec = (), bwd_hooks: HookSpec = ()) -
         bwd_hooks: the same for the backward pass.
 
     Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> seen = []
+        >>> hook = lambda act, hook: seen.append(act.shape)
         >>> with hook_scope(model, fwd_hooks=[("blocks.0.hook_resid_post", hook)]):
-        ...     model(tokens)
+        ...     _ = model(torch.tensor([[1, 2, 3]]))
+        >>> seen, len(model.blocks[0].hook_resid_post.fwd_hooks)   # the hook is gone
+        ([torch.Size([1, 3, 128])], 0)
     """
     with keep_hooks(model):
         for name, hook in fwd_hooks:
@@ -151,12 +166,20 @@ def hook_scope(model: Any, fwd_hooks: HookSpec = (), bwd_hooks: HookSpec = ()) -
 
 
 def run_with_cache(
-    model: Any, *args: Any, names_filter: Any = None, **kwargs: Any
+    model: HookedTransformer, *args: Any, names_filter: Any = None, **kwargs: Any
 ) -> tuple[Any, dict[str, Any]]:
     """``model.run_with_cache(...)`` through :func:`hook_scope`: the forward pass's output and
     ``{hook name: detached activation}`` for the hooks ``names_filter`` picks (a name, a list
     of names, a predicate, or None for all). The caching hooks never outlive the call, even
-    when it is interrupted."""
+    when it is interrupted.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> logits, cache = run_with_cache(model, torch.tensor([[1, 2]]),
+        ...                                names_filter="blocks.0.hook_resid_post")
+        >>> list(cache), cache["blocks.0.hook_resid_post"].shape   # (batch, pos, d_model)
+        (['blocks.0.hook_resid_post'], torch.Size([1, 2, 128]))
+    """
     if names_filter is None:
         wanted: Callable[[str], bool] = lambda name: True  # noqa: E731
     elif isinstance(names_filter, str):

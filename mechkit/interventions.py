@@ -5,9 +5,16 @@ activation the site selects. They take effect only inside :func:`intervene`, whi
 :func:`mechkit.hook_scope.hook_scope`: leaving the ``with`` block removes every hook, also when
 a hook, the forward pass or the user's own code raises, and when Ctrl-C interrupts.
 
-    >>> clean_z = ...  # (batch, pos, d_head), e.g. from mk.capture
-    >>> with mk.intervene(model, mk.Patch(mk.Site("z", layer=5, head=1), clean_z)):
-    ...     logits = model(corrupt_tokens)
+Example:
+    >>> model = mk.load_model("attn-only-2l")
+    >>> clean, corrupt = torch.tensor([[1, 2, 3]]), torch.tensor([[1, 5, 3]])
+    >>> site = mk.Site("z", layer=1, head=1)
+    >>> with mk.capture(model, site) as acts:
+    ...     _ = model(clean)
+    >>> acts[site].shape                   # (batch, pos, d_head) of one head
+    torch.Size([1, 3, 32])
+    >>> with mk.intervene(model, mk.Patch(site, acts[site])):
+    ...     patched = model(corrupt)       # (batch, pos, d_vocab)
 
 :func:`capture` is the reading counterpart: it records activations at sites during a forward.
 """
@@ -17,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -26,11 +33,21 @@ from mechkit.errors import InvalidSiteError, ShapeError, SiteNotFoundError
 from mechkit.hook_scope import hook_scope
 from mechkit.sites import Site, validate_sites
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
 __all__ = ["Intervention", "Patch", "Zero", "Add", "Transform", "intervene", "capture", "Captured"]
 
 
 class Intervention:
-    """Base class: a site and a rule that maps the selected activation to its new value."""
+    """Base class: a site and a rule that maps the selected activation to its new value.
+
+    Example:
+        >>> site = mk.Site("resid_pre", layer=1, position=0)
+        >>> mk.Zero(site).apply(torch.ones(1, 2, 3), site)   # (batch, pos, d_model)
+        tensor([[[0., 0., 0.],
+                 [1., 1., 1.]]])
+    """
 
     site: Site
 
@@ -64,7 +81,9 @@ class Patch(Intervention):
     """Replace the site's activation with ``value`` (broadcast to the selected shape).
 
     Example:
-        >>> mk.Patch(mk.Site("resid_pre", layer=3, position=5), clean_resid)  # (batch, d_model)
+        >>> patch = mk.Patch(mk.Site("resid_pre", layer=1, position=2), torch.zeros(1, 128))
+        >>> patch.site.hook_name           # the value is (batch, d_model) at one position
+        'blocks.1.hook_resid_pre'
     """
 
     site: Site
@@ -76,7 +95,13 @@ class Patch(Intervention):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Zero(Intervention):
-    """Set the site's activation to zero (zero ablation)."""
+    """Set the site's activation to zero (zero ablation).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> with mk.intervene(model, mk.Zero(mk.Site("z", layer=1, head=0))):
+        ...     ablated = model(torch.tensor([[1, 2, 3]]))   # (batch, pos, d_vocab)
+    """
 
     site: Site
 
@@ -86,7 +111,13 @@ class Zero(Intervention):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Add(Intervention):
-    """Add ``scale * vector`` to the site's activation (a steering vector, say)."""
+    """Add ``scale * vector`` to the site's activation (a steering vector, say).
+
+    Example:
+        >>> site = mk.Site("resid_pre", layer=0)
+        >>> mk.Add(site, torch.ones(3), scale=2.0).apply(torch.zeros(1, 1, 3), site)
+        tensor([[[2., 2., 2.]]])
+    """
 
     site: Site
     vector: Tensor
@@ -98,7 +129,13 @@ class Add(Intervention):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Transform(Intervention):
-    """Replace the site's activation with ``fn(selected)``, for anything the others don't do."""
+    """Replace the site's activation with ``fn(selected)``, for anything the others don't do.
+
+    Example:
+        >>> site = mk.Site("resid_pre", layer=0)
+        >>> mk.Transform(site, lambda x: -x).apply(torch.ones(1, 1, 2), site)
+        tensor([[[-1., -1.]]])
+    """
 
     site: Site
     fn: Callable[[Tensor], Tensor]
@@ -115,7 +152,7 @@ def _hook_for(intervention: Intervention, site: Site) -> Callable[[Tensor, Any],
 
 
 @contextlib.contextmanager
-def intervene(model: Any, *interventions: Intervention) -> Iterator[Any]:
+def intervene(model: HookedTransformer, *interventions: Intervention) -> Iterator[Any]:
     """Apply interventions to every forward pass of ``model`` inside the ``with`` block.
 
     Sites are validated against the model before any hook is added. On leaving the block, by
@@ -123,6 +160,14 @@ def intervene(model: Any, *interventions: Intervention) -> Iterator[Any]:
 
     Yields:
         The model, for convenience.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> tokens = torch.tensor([[1, 2, 3]])
+        >>> with mk.intervene(model, mk.Zero(mk.Site("resid_pre", layer=1))):
+        ...     ablated = model(tokens)
+        >>> bool((ablated != model(tokens)).any())         # and the model is unchanged afterwards
+        True
     """
     for item in interventions:
         if not isinstance(item, Intervention):
@@ -143,6 +188,12 @@ class Captured(dict):
     """Activations recorded by :func:`capture`, keyed by the :class:`Site` asked for.
 
     ``captured[site]`` is the site's part of the activation, from the last forward pass.
+
+    Example:
+        >>> acts = Captured()
+        >>> acts[mk.Site("resid_pre", layer=0)] = torch.zeros(1, 2, 3)
+        >>> acts["blocks.0.hook_resid_pre"].shape            # by Site or hook name
+        torch.Size([1, 2, 3])
     """
 
     def __getitem__(self, site: Site | str) -> Tensor:
@@ -159,7 +210,7 @@ class Captured(dict):
 
 
 @contextlib.contextmanager
-def capture(model: Any, *sites: Site | str, grad: bool = False) -> Iterator[Captured]:
+def capture(model: HookedTransformer, *sites: Site | str, grad: bool = False) -> Iterator[Captured]:
     """Record the activations at ``sites`` during forward passes inside the ``with`` block.
 
     Args:
@@ -169,9 +220,11 @@ def capture(model: Any, *sites: Site | str, grad: bool = False) -> Iterator[Capt
             values are detached.
 
     Example:
-        >>> with mk.capture(model, mk.Site("resid_pre", layer=2)) as acts:
-        ...     model(tokens)
-        >>> acts[mk.Site("resid_pre", layer=2)].shape  # (batch, pos, d_model)
+        >>> model = mk.load_model("attn-only-2l")
+        >>> with mk.capture(model, mk.Site("resid_pre", layer=1)) as acts:
+        ...     _ = model(torch.tensor([[1, 2, 3]]))
+        >>> acts[mk.Site("resid_pre", layer=1)].shape  # (batch, pos, d_model)
+        torch.Size([1, 3, 128])
     """
     asked = [Site.from_hook_name(s, model) if isinstance(s, str) else s for s in sites]
     resolved = validate_sites(model, asked)

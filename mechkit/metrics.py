@@ -6,9 +6,14 @@ and returns one value per prompt, ``(batch,)``; calling the metric object averag
 functions take plain tensors; the metric classes bind the answer ids and positions of a
 :class:`~mechkit.prompts.PromptPairs` once, so patching code calls ``metric(logits)``.
 
-    >>> metric = mk.LogitDiff.from_pairs(pairs)
-    >>> metric.per_prompt(model(pairs.clean_tokens))   # (batch,)
-    >>> metric(model(pairs.clean_tokens))              # scalar, the mean
+Example:
+    >>> logits = torch.zeros(2, 3, 10)                 # (batch, pos, d_vocab)
+    >>> logits[0, -1, 4], logits[1, 1, 4] = 2.0, 1.0
+    >>> metric = mk.LogitDiff(torch.tensor([4, 4]), torch.tensor([7, 7]), torch.tensor([2, 1]))
+    >>> metric.per_prompt(logits)                      # (batch,), at each answer position
+    tensor([2., 1.])
+    >>> metric(logits)                                 # scalar, the mean
+    tensor(1.5000)
 
 Normalized score (Wang et al. 2022; Heimersheim & Nanda 2024):
 ``(m - m_corrupt) / (m_clean - m_corrupt)``: 1 means the clean behaviour, 0 the corrupt one.
@@ -107,19 +112,37 @@ def _gather(values: Float[Tensor, "batch d_vocab"], ids: Int[Tensor, " batch"]) 
 
 
 def logit_diff(logits, answer, wrong, positions=None) -> Float[Tensor, " batch"]:
-    """logit(answer) - logit(wrong) at the answer position, per prompt."""
+    """logit(answer) - logit(wrong) at the answer position, per prompt.
+
+    Example:
+        >>> logits = torch.tensor([[[0.0, 1.0, 3.0]]])     # (batch, pos, d_vocab)
+        >>> logit_diff(logits, torch.tensor([2]), torch.tensor([1]))   # (batch,)
+        tensor([2.])
+    """
     at = answer_logits(logits, positions)
     return _gather(at, answer) - _gather(at, wrong)
 
 
 def prob_diff(logits, answer, wrong, positions=None) -> Float[Tensor, " batch"]:
-    """p(answer) - p(wrong) at the answer position, per prompt."""
+    """p(answer) - p(wrong) at the answer position, per prompt.
+
+    Example:
+        >>> logits = torch.tensor([[[0.0, 1.0, 3.0]]])     # (batch, pos, d_vocab)
+        >>> prob_diff(logits, torch.tensor([2]), torch.tensor([1])).round(decimals=3)
+        tensor([0.7300])
+    """
     probs = answer_logits(logits, positions).float().softmax(-1)
     return _gather(probs, answer) - _gather(probs, wrong)
 
 
 def cross_entropy(logits, answer, positions=None) -> Float[Tensor, " batch"]:
-    """-log p(answer) at the answer position, per prompt (nats)."""
+    """-log p(answer) at the answer position, per prompt (nats).
+
+    Example:
+        >>> logits = torch.tensor([[[0.0, 1.0, 3.0]]])     # (batch, pos, d_vocab)
+        >>> cross_entropy(logits, torch.tensor([2])).round(decimals=3)
+        tensor([0.1700])
+    """
     logprobs = answer_logits(logits, positions).float().log_softmax(-1)
     return -_gather(logprobs, answer)
 
@@ -129,6 +152,11 @@ def kl_divergence(logits, reference_logits, positions=None) -> Float[Tensor, " b
 
     ``reference_logits`` is ``(batch, d_vocab)`` (already at the answer positions) or the full
     ``(batch, pos, d_vocab)`` of the reference run, read at the same positions.
+
+    Example:
+        >>> logits = torch.tensor([[[0.0, 1.0, 3.0]]])     # (batch, pos, d_vocab)
+        >>> kl_divergence(logits, logits)                # the same distribution: 0
+        tensor([0.])
     """
     logp = answer_logits(logits, positions).float().log_softmax(-1)
     ref = answer_logits(reference_logits, positions).float().log_softmax(-1)
@@ -141,7 +169,12 @@ def kl_divergence(logits, reference_logits, positions=None) -> Float[Tensor, " b
 
 
 def normalize(value: Tensor, clean: Tensor | float, corrupt: Tensor | float) -> Tensor:
-    """(value - corrupt) / (clean - corrupt): 1 at the clean value, 0 at the corrupt one."""
+    """(value - corrupt) / (clean - corrupt): 1 at the clean value, 0 at the corrupt one.
+
+    Example:
+        >>> normalize(torch.tensor([1.0, 2.0, 3.0]), clean=3.0, corrupt=1.0)
+        tensor([0.0000, 0.5000, 1.0000])
+    """
     clean_t = torch.as_tensor(clean, dtype=value.dtype, device=value.device)
     corrupt_t = torch.as_tensor(corrupt, dtype=value.dtype, device=value.device)
     span = clean_t - corrupt_t
@@ -155,7 +188,13 @@ def normalize(value: Tensor, clean: Tensor | float, corrupt: Tensor | float) -> 
 
 class Metric:
     """A metric bound to its dataset: ``per_prompt(logits)`` gives ``(batch,)``, ``(logits)`` the
-    mean. ``select(rows)`` gives the metric for a subset of the prompts (for chunked runs)."""
+    mean. ``select(rows)`` gives the metric for a subset of the prompts (for chunked runs).
+
+    Example:
+        >>> metric = mk.LogitDiff(torch.tensor([2, 2]), torch.tensor([1, 1]))
+        >>> metric.select(slice(0, 1)).answer                # the first prompt's metric
+        tensor([2])
+    """
 
     def per_prompt(self, logits: Tensor) -> Float[Tensor, " batch"]:
         raise NotImplementedError
@@ -165,7 +204,7 @@ class Metric:
 
     def select(self, rows: Any) -> Metric:
         """This metric restricted to ``rows`` of the batch (a slice or index tensor)."""
-        changes = {}
+        changes: dict[str, Any] = {}
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, field.name)
             if isinstance(value, Tensor) and value.ndim >= 1:
@@ -177,7 +216,13 @@ class Metric:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LogitDiff(Metric):
-    """logit(answer) - logit(wrong) at each prompt's answer position."""
+    """logit(answer) - logit(wrong) at each prompt's answer position.
+
+    Example:
+        >>> logits = torch.tensor([[[0.0, 1.0, 3.0]], [[2.0, 0.0, 0.0]]])   # (batch, pos, d_vocab)
+        >>> mk.LogitDiff(torch.tensor([2, 2]), torch.tensor([1, 1])).per_prompt(logits)
+        tensor([2., 0.])
+    """
 
     answer: Int[Tensor, " batch"]
     wrong: Int[Tensor, " batch"]
@@ -194,7 +239,13 @@ class LogitDiff(Metric):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ProbDiff(Metric):
-    """p(answer) - p(wrong) at each prompt's answer position."""
+    """p(answer) - p(wrong) at each prompt's answer position.
+
+    Example:
+        >>> logits = torch.tensor([[[0.0, 0.0]]])           # (batch, pos, d_vocab)
+        >>> mk.ProbDiff(torch.tensor([0]), torch.tensor([1]))(logits)
+        tensor(0.)
+    """
 
     answer: Int[Tensor, " batch"]
     wrong: Int[Tensor, " batch"]
@@ -210,7 +261,13 @@ class ProbDiff(Metric):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class CrossEntropy(Metric):
-    """-log p(answer) at each prompt's answer position."""
+    """-log p(answer) at each prompt's answer position.
+
+    Example:
+        >>> logits = torch.tensor([[[0.0, 0.0]]])           # (batch, pos, d_vocab)
+        >>> mk.CrossEntropy(torch.tensor([0]))(logits).round(decimals=4)   # log 2
+        tensor(0.6931)
+    """
 
     answer: Int[Tensor, " batch"]
     positions: Int[Tensor, " batch"] | None = None
@@ -228,6 +285,11 @@ class KLDivergence(Metric):
     """KL(p_reference || p_model) at each prompt's answer position.
 
     ``reference_logits`` is ``(batch, d_vocab)``: the reference run's logits at those positions.
+
+    Example:
+        >>> logits = torch.tensor([[[0.0, 1.0]]])           # (batch, pos, d_vocab)
+        >>> mk.KLDivergence(logits[:, -1])(logits)          # reference (batch, d_vocab): itself
+        tensor(0.)
     """
 
     reference_logits: Float[Tensor, "batch d_vocab"]
@@ -250,6 +312,13 @@ class Normalized(Metric):
     ``clean`` and ``corrupt`` are the base metric's per-prompt values on the clean and corrupt
     runs. ``per_prompt`` normalizes each prompt by its own values; calling the metric normalizes
     the mean by the means, the usual way to report (per-prompt spans can be near zero).
+
+    Example:
+        >>> base = mk.LogitDiff(torch.tensor([0]), torch.tensor([1]))
+        >>> clean, corrupt = torch.tensor([[[2.0, 0.0]]]), torch.tensor([[[0.0, 0.0]]])
+        >>> metric = mk.Normalized.from_runs(base, clean, corrupt)
+        >>> metric(clean), metric(corrupt), metric(torch.tensor([[[1.0, 0.0]]]))
+        (tensor(1.), tensor(0.), tensor(0.5000))
     """
 
     metric: Metric

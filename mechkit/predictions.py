@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -12,6 +12,9 @@ from torch import Tensor
 
 from mechkit.errors import EmptyDatasetError
 from mechkit.tokens import check_tokens, encode, pad_right, tokenizer_of
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["NextTokenPredictions", "predict_next_tokens"]
 
@@ -26,6 +29,12 @@ class NextTokenPredictions:
         tokens: the decoded top tokens, one tuple per prompt.
         probs: ``(batch, k)`` their probabilities.
         logits: ``(batch, k)`` their logits.
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> preds = predict_next_tokens(model, ["The capital of France is"], k=3)
+        >>> preds.token_ids.shape, preds.tokens[0][0]        # (batch, k)
+        (torch.Size([1, 3]), ' Paris')
     """
 
     prompts: tuple[str, ...]
@@ -78,13 +87,14 @@ class NextTokenPredictions:
 
 @torch.no_grad()
 def predict_next_tokens(
-    model: Any, prompts: Sequence[str], *, k: int = 5, prepend_bos: bool | None = None
+    model: HookedTransformer, prompts: Sequence[str], *, k: int = 5, prepend_bos: bool | None = None
 ) -> NextTokenPredictions:
     """The ``k`` most likely next tokens after each prompt, from one batched forward pass.
 
     Prompts of different lengths are right-padded; each is read at its own last token.
 
     Example:
+        >>> model = mk.load_model("smollm2-135m")
         >>> preds = predict_next_tokens(model, ["The Eiffel Tower is located in the city of"])
         >>> preds.tokens[0][0]
         ' Paris'

@@ -11,12 +11,15 @@ that patch position by position need each clean prompt to have its corrupt promp
 :meth:`PromptPairs.require_aligned` checks it, and ``aligned=True`` (the default) checks it at
 construction.
 
+Example:
+    >>> model = mk.load_model("smollm2-135m")
     >>> pairs = mk.PromptPairs.from_lists(
     ...     model,
     ...     clean=["When Mary and John went to the store, John gave a drink to"],
     ...     corrupt=["When Alice and Bob went to the store, Carl gave a drink to"],
     ...     answers=[" Mary"], wrongs=[" John"])
     >>> pairs.clean_tokens.shape   # (batch, pos)
+    torch.Size([1, 14])
 
 A JSONL file holds one ``{"clean", "corrupt", "answer", "wrong"}`` object a line
 (:meth:`PromptPairs.from_jsonl`).
@@ -28,7 +31,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Bool, Int
@@ -50,6 +53,9 @@ from mechkit.tokens import (
     tokenizer_of,
 )
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
 __all__ = ["PromptPairs"]
 
 _FIELDS = ("clean", "corrupt", "answer", "wrong")
@@ -68,6 +74,12 @@ class PromptPairs:
         wrong: ``(batch,)`` the competing token (the corrupt prompt's answer, in IOI the subject).
         clean_texts, corrupt_texts, answer_texts, wrong_texts: the strings, when built from text.
         pad_token_id: the id used for padding (never read by a causal model at real tokens).
+
+    Example:
+        >>> pairs = PromptPairs.from_tokens(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 5, 3]]),
+        ...                                 answers=[7], wrongs=[8])
+        >>> len(pairs), pairs.clean_tokens.shape, pairs.answer_positions().tolist()
+        (1, torch.Size([1, 3]), [2])
     """
 
     clean_tokens: Int[Tensor, "batch pos"]
@@ -156,7 +168,7 @@ class PromptPairs:
     @classmethod
     def from_lists(
         cls,
-        model: Any,
+        model: HookedTransformer,
         clean: Sequence[str],
         corrupt: Sequence[str],
         answers: Sequence[str],
@@ -217,7 +229,12 @@ class PromptPairs:
 
     @classmethod
     def from_jsonl(
-        cls, model: Any, path: str | Path, *, aligned: bool = True, prepend_bos: bool | None = None
+        cls,
+        model: HookedTransformer,
+        path: str | Path,
+        *,
+        aligned: bool = True,
+        prepend_bos: bool | None = None,
     ) -> PromptPairs:
         """From a JSONL file: one ``{"clean", "corrupt", "answer", "wrong"}`` object a line.
 
@@ -301,8 +318,13 @@ class PromptPairs:
         """The pairs at ``rows``, trimmed of padding columns no row needs."""
         if isinstance(rows, int):
             rows = slice(rows, rows + 1 if rows != -1 else None)
-        index = rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long)
-        picked = range(len(self))[rows] if isinstance(rows, slice) else index.tolist()
+        index: slice | Tensor
+        if isinstance(rows, slice):
+            index = rows
+            picked: Sequence[int] = range(len(self))[rows]
+        else:
+            index = torch.as_tensor(rows, dtype=torch.long)
+            picked = index.tolist()
 
         def texts(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
             return None if values is None else tuple(values[i] for i in picked)
@@ -365,7 +387,7 @@ class PromptPairs:
             "aligned=False to methods that do not patch by position."
         )
 
-    def check_fits(self, model: Any) -> None:
+    def check_fits(self, model: HookedTransformer) -> None:
         """Raise unless ``model`` can run these pairs: token and answer ids inside its
         vocabulary (:class:`InvalidTokenError`) and prompts no longer than its context
         (:class:`ContextLengthError`)."""

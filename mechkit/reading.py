@@ -7,8 +7,14 @@ refuses anything else before it runs. A file that is truncated, holds random byt
 format, or parses but has the wrong shape raises :class:`~mechkit.errors.FileFormatError`
 naming the file, what was expected, and a hint.
 
-    >>> with reading("graph.json", "a circuit graph", "write it with CircuitGraph.save"):
-    ...     graph = CircuitGraph.from_dict(read_json("graph.json", "a circuit graph"))
+Example:
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "graph.json"
+    >>> _ = path.write_text('{"nodes": [')                     # truncated
+    >>> read_json(path, "a circuit graph", "write it with CircuitGraph.save")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    mechkit.errors.FileFormatError: ...graph.json...
 """
 
 from __future__ import annotations
@@ -53,7 +59,15 @@ def reading(
 ) -> Iterator[None]:
     """Turn any parse or shape error raised in the block into ``error`` (a
     :class:`FileFormatError`) naming ``path``, ``what`` it should hold, the error, and ``hint``.
-    Mechkit's own errors, and OSError (a missing or unreadable file), pass through unchanged."""
+    Mechkit's own errors, and OSError (a missing or unreadable file), pass through unchanged.
+
+    Example:
+        >>> with reading("lens.json", "a lens record", "save it again"):  # doctest: +ELLIPSIS
+        ...     int("not a number")
+        Traceback (most recent call last):
+        ...
+        mechkit.errors.FileFormatError: ...lens.json...
+    """
     try:
         yield
     except MechkitError:
@@ -75,7 +89,15 @@ def read_json(
     expect: type = dict,
 ) -> Any:
     """The parsed JSON in ``path`` (UTF-8), which must be an ``expect`` (a JSON object by
-    default), or ``error``."""
+    default), or ``error``.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "meta.json"
+        >>> _ = path.write_text('{"n_layers": 2}')
+        >>> read_json(path, "a record", "write it again")
+        {'n_layers': 2}
+    """
     with reading(path, what, hint, error):
         value = json.loads(Path(path).read_text(encoding="utf-8"))
         if not isinstance(value, expect):
@@ -88,7 +110,17 @@ def read_safetensors(
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The tensors (on the CPU) and the string metadata of a safetensors file, or
     :class:`FileFormatError`. A truncated file is refused by safetensors itself, which checks
-    that the data the header announces is all there."""
+    that the data the header announces is all there.
+
+    Example:
+        >>> import tempfile
+        >>> from safetensors.torch import save_file
+        >>> path = str(Path(tempfile.mkdtemp()) / "w.safetensors")
+        >>> save_file({"A": torch.zeros(2, 3)}, path, metadata={"note": "x"})
+        >>> tensors, meta = read_safetensors(path, "weights", "save them again")
+        >>> tensors["A"].shape, meta
+        (torch.Size([2, 3]), {'note': 'x'})
+    """
     from safetensors import safe_open
 
     with reading(path, what, hint, error):
@@ -108,7 +140,15 @@ def read_checkpoint(
 ) -> Any:
     """A PyTorch checkpoint loaded with ``weights_only=True`` (tensors, numbers, strings and
     containers only), or :class:`FileFormatError`. A file whose unpickling would build any other
-    object, or call anything, is refused before it runs."""
+    object, or call anything, is refused before it runs.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "state.pt"
+        >>> torch.save({"step": 3, "w": torch.ones(2)}, path)
+        >>> read_checkpoint(path, "a checkpoint", "delete it")["step"]
+        3
+    """
     with open(path, "rb") as f:  # a missing or unreadable file raises its own OSError here
         with reading(path, what, hint, error):
             try:

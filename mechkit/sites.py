@@ -27,11 +27,16 @@ Activation shapes, by component (TransformerLens's own):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from mechkit.errors import InvalidSiteError, SiteNotFoundError, did_you_mean
+import torch
 
-__all__ = ["Site", "Component", "COMPONENTS", "validate_sites"]
+from mechkit.errors import InvalidArgumentError, InvalidSiteError, SiteNotFoundError, did_you_mean
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+__all__ = ["Site", "Component", "COMPONENTS", "validate_sites", "as_site"]
 
 Component = Literal[
     "embed",
@@ -174,16 +179,15 @@ class Site:
         A per-row position (a tuple) gives advanced indexing over the batch and position axes,
         so the result has the batch axis first and no position axis.
         """
-        import torch
-
         idx: list[Any] = [slice(None)] * ndim
-        if isinstance(self.position, tuple):
+        position_axis, head_axis = self.position_axis, self.head_axis
+        if isinstance(self.position, tuple) and position_axis is not None:
             idx[0] = torch.arange(len(self.position))
-            idx[self.position_axis] = torch.tensor(self.position)
-        elif self.position is not None:
-            idx[self.position_axis] = self.position
-        if self.head is not None:
-            idx[self.head_axis] = self.head
+            idx[position_axis] = torch.tensor(self.position)
+        elif self.position is not None and position_axis is not None:
+            idx[position_axis] = self.position
+        if self.head is not None and head_axis is not None:  # __post_init__: a head has an axis
+            idx[head_axis] = self.head
         if self.neuron is not None:
             idx[ndim - 1] = self.neuron
         while idx and isinstance(idx[-1], slice) and idx[-1] == slice(None):
@@ -195,7 +199,9 @@ class Site:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_hook_name(cls, name: str, model: Any | None = None, **fields: Any) -> Site:
+    def from_hook_name(
+        cls, name: str, model: HookedTransformer | None = None, **fields: Any
+    ) -> Site:
         """The site for a TransformerLens hook name such as ``blocks.3.hook_resid_pre``.
 
         With ``model`` given, the name is checked against ``model.hook_dict`` first, so a typo
@@ -223,7 +229,7 @@ class Site:
             f"{did_you_mean(name, templates) or _HOOK_HINT}"
         )
 
-    def resolve(self, model: Any) -> Site:
+    def resolve(self, model: HookedTransformer) -> Site:
         """This site checked against ``model``, with negative layers counted from the end.
 
         Raises:
@@ -273,8 +279,18 @@ def _missing_hook_hint(site: Site, cfg: Any) -> str:
     return ""
 
 
-def validate_sites(model: Any, sites: Any) -> list[Site]:
-    """Resolve a site, hook name, or a list of them against ``model`` before anything runs."""
+def validate_sites(model: HookedTransformer, sites: Any) -> list[Site]:
+    """Resolve a site, hook name, or a list of them against ``model`` before anything runs.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> validate_sites(model, ["blocks.1.attn.hook_z", Site("resid_pre", layer=-1)])[1].layer
+        1
+        >>> validate_sites(model, Site("mlp_out", layer=0))   # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mechkit.errors.SiteNotFoundError: ...attention-only; it has no MLP.
+    """
     items = sites if isinstance(sites, list | tuple) else [sites]
     out = []
     for item in items:
@@ -285,3 +301,35 @@ def validate_sites(model: Any, sites: Any) -> list[Site]:
             )
         out.append(site.resolve(model))
     return out
+
+
+def as_site(site: str | Site, layer: int | Site | None = None) -> Site:
+    """The :class:`Site` a method's ``layer`` and ``site`` arguments name, so every method that
+    asks for a layer and a site also takes one ``Site``: ``site="resid_pre", layer=3``,
+    ``site=Site("resid_pre", layer=3)`` or ``layer=Site("resid_pre", layer=3)``. A layer given
+    beside a Site must agree with it. The result is not yet checked against a model
+    (:meth:`Site.resolve`).
+
+    Example:
+        >>> as_site("resid_post", 2).hook_name
+        'blocks.2.hook_resid_post'
+        >>> as_site("resid_pre", Site("resid_mid", layer=1)).hook_name
+        'blocks.1.hook_resid_mid'
+    """
+    if isinstance(layer, Site):
+        return layer
+    if isinstance(site, Site):
+        if layer is not None and site.layer is not None and layer != site.layer:
+            raise InvalidArgumentError(
+                f"Expected layer=None or the Site's own layer ({site.layer}) beside "
+                f"site={site!r}; got layer={layer!r}. Hint: pass the Site alone."
+            )
+        return site
+    if not isinstance(site, str):
+        raise InvalidSiteError(
+            f"Expected a site: a component name such as 'resid_pre' or a mechkit Site; got "
+            f"{type(site).__name__}."
+        )
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+        raise InvalidSiteError(f"Expected an int layer (or a Site); got {layer!r}.")
+    return Site(site, layer=layer)  # type: ignore[arg-type]

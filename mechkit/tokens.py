@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -15,8 +15,13 @@ from mechkit.errors import (
     MultiTokenAnswerError,
     ShapeError,
 )
+from mechkit.models.toy import toy_record
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = [
+    "bos_token_id",
     "tokenizer_of",
     "encode",
     "tokenize_answer",
@@ -27,8 +32,14 @@ __all__ = [
 ]
 
 
-def tokenizer_of(model: Any) -> Any:
-    """The model's tokenizer, or a clear error for models that have none."""
+def tokenizer_of(model: HookedTransformer) -> Any:
+    """The model's tokenizer, or a clear error for models that have none.
+
+    Example:
+        >>> tokenizer = tokenizer_of(mk.load_model("smollm2-135m"))
+        >>> tokenizer.encode("Hello"), tokenizer.encode("Hello", add_special_tokens=False)
+        ([1, 19556], [19556])
+    """
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ShapeError(
@@ -38,8 +49,34 @@ def tokenizer_of(model: Any) -> Any:
     return tokenizer
 
 
-def encode(model: Any, text: str, prepend_bos: bool | None = None) -> list[int]:
-    """The token ids of ``text``; BOS in front when ``prepend_bos`` (None: the model's default)."""
+def bos_token_id(model: HookedTransformer) -> int:
+    """The id of the model's beginning-of-sequence token: the tokenizer's BOS (else its EOS,
+    which models without a BOS put first), a toy model's recorded one, else 0 (hand-built toy
+    models put BOS at id 0 by convention).
+
+    Example:
+        >>> bos_token_id(mk.load_model("attn-only-2l"))
+        0
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        for bos in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+            if bos is not None:
+                return int(bos)
+    info = getattr(model, "mechkit_info", None)
+    if info is not None and info.source == "toy":
+        return int(toy_record(info.name).get("bos_token_id", 0))
+    return 0
+
+
+def encode(model: HookedTransformer, text: str, prepend_bos: bool | None = None) -> list[int]:
+    """The token ids of ``text``; BOS in front when ``prepend_bos`` (None: the model's default).
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> encode(model, "Hello"), encode(model, "Hello", prepend_bos=True)
+        ([19556], [1, 19556])
+    """
     tokenizer = tokenizer_of(model)
     if prepend_bos is None:
         prepend_bos = bool(model.cfg.default_prepend_bos)
@@ -47,10 +84,11 @@ def encode(model: Any, text: str, prepend_bos: bool | None = None) -> list[int]:
     return [tokenizer.bos_token_id, *ids] if prepend_bos else ids
 
 
-def tokenize_answer(model: Any, answer: str) -> int:
+def tokenize_answer(model: HookedTransformer, answer: str) -> int:
     """The single token id of ``answer`` (no BOS), or :class:`MultiTokenAnswerError`.
 
     Example:
+        >>> model = mk.load_model("smollm2-135m")
         >>> tokenize_answer(model, " Mary")
         5099
     """
@@ -73,6 +111,11 @@ def pad_right(rows: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]
     """Right-pad token rows into ``(batch, pos)`` ids and a ``(batch, pos)`` mask of real tokens.
 
     With right padding a causal model's outputs at the real tokens equal the unpadded run's.
+
+    Example:
+        >>> tokens, mask = pad_right([[5, 6, 7], [8]], pad_token_id=0)   # (batch, pos) each
+        >>> tokens.tolist(), mask.tolist()
+        ([[5, 6, 7], [8, 0, 0]], [[True, True, True], [True, False, False]])
     """
     if not rows:
         raise EmptyDatasetError(
@@ -89,7 +132,23 @@ def pad_right(rows: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]
     return tokens, mask
 
 
-def token_batch(model: Any, tokens: Any, prepend_bos: bool | None = None) -> tuple[Tensor, Tensor]:
+@runtime_checkable
+class PromptSet(Protocol):
+    """What :func:`token_batch` reads from a :class:`~mechkit.prompts.PromptPairs` (a protocol:
+    prompts.py imports this module, so it cannot be imported here).
+
+    Example:
+        >>> isinstance(torch.zeros(1), PromptSet)
+        False
+    """
+
+    clean_tokens: Tensor
+    clean_mask: Tensor
+
+
+def token_batch(
+    model: HookedTransformer, tokens: Any, prepend_bos: bool | None = None
+) -> tuple[Tensor, Tensor]:
     """``(batch, pos)`` ids and mask from a string, a list of strings (right-padded), token ids
     (no padding assumed), or a :class:`~mechkit.prompts.PromptPairs` (its clean prompts).
 
@@ -97,8 +156,14 @@ def token_batch(model: Any, tokens: Any, prepend_bos: bool | None = None) -> tup
     things: no prompts (:class:`EmptyDatasetError`), ids outside the vocabulary
     (:class:`InvalidTokenError`), prompts longer than the model's context
     (:class:`ContextLengthError`).
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> tokens, mask = token_batch(model, ["Hello world", "Hi"])   # (batch, pos), right-padded
+        >>> tokens.shape, mask.sum(-1).tolist()
+        (torch.Size([2, 2]), [2, 1])
     """
-    if hasattr(tokens, "clean_tokens") and hasattr(tokens, "clean_mask"):
+    if isinstance(tokens, PromptSet):
         check_tokens(model, tokens.clean_tokens, tokens.clean_mask)
         return tokens.clean_tokens, tokens.clean_mask
     if isinstance(tokens, str):
@@ -131,10 +196,18 @@ def token_batch(model: Any, tokens: Any, prepend_bos: bool | None = None) -> tup
 
 
 def check_token_ids(
-    model: Any, ids: Tensor, what: str = "token ids", mask: Tensor | None = None
+    model: HookedTransformer, ids: Tensor, what: str = "token ids", mask: Tensor | None = None
 ) -> None:
     """Raise :class:`InvalidTokenError` unless every id (where ``mask`` is True, if given) is
-    in ``[0, d_vocab)``."""
+    in ``[0, d_vocab)``.
+
+    Example:
+        >>> check_token_ids(mk.load_model("attn-only-2l"), torch.tensor([[1, 999]]))
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mechkit.errors.InvalidTokenError: Expected token ids in [0, 500) ...; got 999 ...
+    """
     d_vocab = int(model.cfg.d_vocab)
     ids = torch.as_tensor(ids)
     if ids.numel() == 0:
@@ -152,11 +225,19 @@ def check_token_ids(
         )
 
 
-def check_tokens(model: Any, tokens: Tensor, mask: Tensor | None = None) -> None:
+def check_tokens(model: HookedTransformer, tokens: Tensor, mask: Tensor | None = None) -> None:
     """Refuse a ``(batch, pos)`` token batch the model cannot run: ids outside the vocabulary
     (:class:`InvalidTokenError`; padding, where ``mask`` is False, is not checked) or prompts
     longer than the model's context ``n_ctx`` (:class:`ContextLengthError`, also for rotary
-    models, whose ``n_ctx`` is the length they were trained on)."""
+    models, whose ``n_ctx`` is the length they were trained on).
+
+    Example:
+        >>> check_tokens(mk.load_model("attn-only-2l"), torch.zeros(1, 200, dtype=torch.long))
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mechkit.errors.ContextLengthError: ...
+    """
     check_token_ids(model, tokens, "token ids", mask)
     n_ctx = int(model.cfg.n_ctx)
     lengths = (

@@ -125,3 +125,55 @@ def test_bad_layer_and_target(smollm2, pairs, toy):
         mk.neuron_attribution(
             toy, torch.zeros(1, 4, dtype=torch.long), 0, direction=torch.ones(toy.cfg.d_model)
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 15: Sites for layers, the one naming scheme, .top by the rank rule
+# ----------------------------------------------------------------------------------------------
+
+TOY_TOKENS = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+
+
+def test_decompose_resid_takes_a_site_for_the_layer(toy):
+    by_int = mk.decompose_resid(toy, TOY_TOKENS, layer=1)
+    pre = mk.decompose_resid(toy, TOY_TOKENS, layer=mk.Site("resid_pre", layer=1))
+    post = mk.decompose_resid(toy, TOY_TOKENS, layer=mk.Site("resid_post", layer=0))
+    assert pre.labels == post.labels == by_int.labels
+    assert torch.equal(pre.parts, by_int.parts) and torch.equal(post.resid, by_int.resid)
+    with pytest.raises(mk.InvalidSiteError):
+        mk.decompose_resid(toy, TOY_TOKENS, layer=mk.Site("z", layer=0))
+
+
+def test_dla_takes_a_site_and_reads_peer_names(toy):
+    dla = mk.direct_logit_attribution(
+        toy, TOY_TOKENS, answer=[9, 9], wrong=[10, 10], layer=mk.Site("resid_post", layer=1)
+    )
+    assert dla.labels == mk.direct_logit_attribution(toy, TOY_TOKENS, answer=9, wrong=10).labels
+    i = dla.labels.index("L1H3")
+    assert dla.score("L1H3") == dla.score("a1.h3") == dla.score("1.3") == float(dla.mean[i])
+    with pytest.raises(mk.InvalidArgumentError, match="Expected the name of a part"):
+        dla.score("L7H0")
+
+
+def test_dla_top_follows_the_rank_rule(toy):
+    from mechkit.core import rank
+
+    dla = mk.direct_logit_attribution(toy, TOY_TOKENS, answer=9, wrong=10)
+    assert dla.top() == rank(list(dla.labels), dla.mean, 10)
+    assert len(dla.top()) == 10
+    signed = dla.top(3, absolute=False)
+    assert [v for _, v in signed] == sorted(dla.mean.tolist(), reverse=True)[:3]
+    dec = mk.decompose_resid(toy, TOY_TOKENS)
+    norms = dec.parts.norm(dim=-1).flatten(1).mean(-1)
+    assert dec.top(2) == rank(list(dec.labels), norms, 2)
+    assert len(dec.plot().data) == 1
+
+
+def test_mlp_and_neuron_names_follow_the_scheme(smollm2):
+    dla = mk.direct_logit_attribution(smollm2, "The cat sat on the", answer=" mat", layer=2)
+    assert "L1.mlp" in dla.labels and dla.score("m1") == dla.score("L1.mlp")
+    na = mk.neuron_attribution(
+        smollm2, "The cat sat on the", mk.Site("mlp_post", layer=1), answer=" mat"
+    )
+    assert na.labels[:2] == ("L1N0", "L1N1")
+    assert abs(float(na.values.sum()) - dla.score("L1.mlp")) < 1e-3

@@ -369,3 +369,45 @@ def test_render_attention_on_text(smollm2, tmp_path):
     assert view.tokens == tuple(smollm2.to_str_tokens("The cat sat. The cat"))
     assert view.path.read_text().count("circuits-vis-") >= 1
     assert hook_count(smollm2) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 15: the core's ranking, naming and BOS helper
+# ----------------------------------------------------------------------------------------------
+
+
+def test_head_scores_top_defaults_to_ten_by_the_rank_rule():
+    from mechkit.core import rank
+
+    scores = torch.arange(24.0).reshape(4, 6) / 24  # 24 heads, all distinct
+    result = HeadScores("induction", scores, "m")
+    top = result.top()
+    assert len(top) == 10  # was 5 before the one .top(n=10) signature
+    labels = [f"L{layer}H{head}" for layer in range(4) for head in range(6)]
+    assert top == rank(labels, scores.flatten(), 10)
+    assert top[0][0] == "L3H5" and top[-1][0] == "L2H2"  # the largest first
+    assert result.top(3, absolute=False) == top[:3]
+
+
+def test_render_attention_takes_head_names_and_sites(tmp_path):
+    model = _ov_model()
+    by_pair = render_attention(model, [0, 3, 4], heads=[(0, 2)], path=tmp_path / "a.html")
+    for spec in ("L0H2", "a0.h2", "0.2", mk_site("z", 0, 2)):
+        view = render_attention(model, [0, 3, 4], heads=[spec], path=tmp_path / "b.html")
+        assert view.heads == by_pair.heads == ((0, 2),) and "L0H2" in view.html
+    with pytest.raises(InvalidSiteError, match="attention head"):
+        render_attention(model, [0, 3, 4], heads=["L0.mlp"], path=tmp_path / "c.html")
+
+
+def mk_site(component, layer, head):
+    from mechkit.sites import Site
+
+    return Site(component, layer=layer, head=head)
+
+
+def test_bos_token_id_is_public_in_tokens_and_the_old_name_still_imports(toy):
+    from mechkit.heads import _bos_token_id
+    from mechkit.tokens import bos_token_id
+
+    assert bos_token_id(toy) == _bos_token_id(toy) == 0
+    assert bos_token_id(_ov_model()) == 0

@@ -96,3 +96,15 @@ def test_index_selects_what_the_site_names():
 def test_labels():
     assert mk.Site("z", layer=3, head=2).label == "L3H2 z"
     assert mk.Site("resid_pre", layer=5, position=4).label == "L5 resid_pre @4"
+
+
+def test_as_site_reads_a_layer_and_site_or_one_site():
+    from mechkit.sites import as_site
+
+    site = mk.Site("resid_mid", layer=2)
+    assert as_site("resid_mid", 2) == as_site(site) == as_site("resid_pre", site) == site
+    assert as_site(site, 2) == site  # a layer that agrees is fine
+    with pytest.raises(mk.InvalidArgumentError, match="layer"):
+        as_site(site, 3)
+    with pytest.raises(mk.InvalidSiteError):
+        as_site("resid_pre", "3")

@@ -14,10 +14,13 @@ Memory: logits are computed one layer and one chunk of positions at a time; only
 for is kept (top-k, targets' rank/probability/logit, and the full ``[layer, batch, pos,
 d_vocab]`` tensor only with ``keep_logits=True``).
 
+Example:
+    >>> model = mk.load_model("smollm2-135m")
     >>> lens = mk.logit_lens(model, "The Eiffel Tower is located in the city of", top_k=3)
-    >>> lens.top_tokens[-1][0][-1]       # final layer, prompt 0, last position
+    >>> lens.top_ids.shape                 # (layer, batch, pos, k)
+    torch.Size([31, 1, 10, 3])
+    >>> lens.top_tokens[-1][0][-1]         # final layer, prompt 0, last position
     (' Paris', ' Mont', ' Mar')
-    >>> lens.plot()                       # layer x position grid of top tokens
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from transformer_lens.utilities.activation_functions import apply_softcap
 
+from mechkit.core.results import rank
+from mechkit.core.types import Model
 from mechkit.errors import InvalidArgumentError, ShapeError, check_choice
 from mechkit.hook_scope import run_with_cache
 from mechkit.tokens import token_batch, tokenize_answer
@@ -38,21 +44,32 @@ __all__ = ["LogitLens", "logit_lens", "decode_residual", "lens_layer_labels"]
 
 
 def lens_layer_labels(n_layers: int) -> list[str]:
-    """Labels of the lens's layer entries: ``resid_pre 0 .. resid_pre n-1, final``."""
+    """Labels of the lens's layer entries: ``resid_pre 0 .. resid_pre n-1, final``.
+
+    Example:
+        >>> lens_layer_labels(2)
+        ['resid_pre 0', 'resid_pre 1', 'final']
+    """
     return [f"resid_pre {i}" for i in range(n_layers)] + ["final"]
 
 
 def decode_residual(
-    model: Any, resid: Float[Tensor, "... d_model"]
+    model: Model, resid: Float[Tensor, "... d_model"]
 ) -> Float[Tensor, "... d_vocab"]:
     """Logits for a residual-stream vector, as the model's own head makes them: the final norm
     recomputed on ``resid``, the unembedding, and the model's logit soft-cap if it has one.
 
     (``resid @ W_U`` reads the unembedding in place; TransformerLens's ``unembed`` copies its
     transpose, 113 MB for SmolLM2, on every call.)
-    """
-    from transformer_lens.utilities.activation_functions import apply_softcap
 
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+        >>> final = cache["blocks.1.hook_resid_post"]   # (batch, pos, d_model)
+        >>> bool(torch.allclose(decode_residual(model, final), model(torch.tensor([[1, 2, 3]])),
+        ...                     atol=1e-4))
+        True
+    """
     if model.cfg.normalization_type is not None:
         resid = model.ln_final(resid)  # recomputes the scale from resid itself
     logits = resid @ model.W_U + model.b_U
@@ -75,10 +92,16 @@ class LogitLens:
         token_strs: the decoded input tokens per prompt (None without a tokenizer).
         top_tokens: the decoded top-k tokens, ``[layer][batch][pos] -> tuple`` (None without a
             tokenizer).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> lens = mk.logit_lens(model, torch.tensor([[1, 2, 3]]), targets=[7])
+        >>> lens.target_ranks.shape                          # (layer, batch, pos, n_targets)
+        torch.Size([3, 1, 3, 1])
     """
 
     tokens: Int[Tensor, "batch pos"]
-    mask: Tensor
+    mask: Bool[Tensor, "batch pos"]
     layer_labels: tuple[str, ...]
     top_ids: Int[Tensor, "layer batch pos k"]
     top_probs: Float[Tensor, "layer batch pos k"]
@@ -99,6 +122,29 @@ class LogitLens:
                 "to save memory. Hint: mk.logit_lens(model, tokens, keep_logits=True)."
             )
         return self.logits.softmax(-1)
+
+    def top(
+        self,
+        n: int = 10,
+        *,
+        absolute: bool = True,
+        layer: int = -1,
+        prompt: int = 0,
+        position: int = -1,
+    ) -> list[tuple[str | int, float]]:
+        """The tokens the lens predicts at one cell, ``(token, probability)``, ranked by
+        :func:`mechkit.core.rank` (probabilities are never negative, so ``absolute`` changes
+        nothing). Only the kept ``top_k`` tokens can be returned. ``layer`` indexes the layer
+        entries (-1: the model's output), ``position`` the prompt's real tokens (-1: its last).
+        Tokens are strings when the model has a tokenizer, else ids.
+        """
+        if position < 0:
+            position = int(self.mask[prompt].sum()) + position
+        ids = self.top_ids[layer, prompt, position].tolist()
+        labels: list[str | int] = list(ids)
+        if self.top_tokens is not None:
+            labels = list(self.top_tokens[layer][prompt][position])
+        return rank(labels, self.top_probs[layer, prompt, position], n, absolute=absolute)
 
     def to_dataframe(self) -> Any:
         """One row per (layer, prompt, position): the top token and the targets' statistics."""
@@ -124,7 +170,12 @@ class LogitLens:
                         else int(self.top_ids[layer, b, p, 0]),
                         "top_prob": float(self.top_probs[layer, b, p, 0]),
                     }
-                    if self.target_ids is not None:
+                    if (
+                        self.target_ids is not None
+                        and self.target_ranks is not None
+                        and self.target_probs is not None
+                        and self.target_logits is not None
+                    ):
                         for t in range(self.target_ids.shape[-1]):
                             row[f"target{t}_id"] = int(self.target_ids[b, p, t])
                             row[f"target{t}_rank"] = int(self.target_ranks[layer, b, p, t])
@@ -176,7 +227,12 @@ class LogitLens:
         """A line plot of one tracked token's rank (or ``"prob"``, ``"logit"``) by layer."""
         import plotly.graph_objects as go
 
-        if self.target_ids is None:
+        if (
+            self.target_ids is None
+            or self.target_ranks is None
+            or self.target_probs is None
+            or self.target_logits is None
+        ):
             raise InvalidArgumentError(
                 "Expected a lens run with targets=...; this one tracked none."
             )
@@ -196,7 +252,7 @@ class LogitLens:
         return fig
 
 
-def _as_targets(model: Any, targets: Any, shape: tuple[int, int]) -> Tensor | None:
+def _as_targets(model: Model, targets: Any, shape: tuple[int, int]) -> Tensor | None:
     """Targets as ``(batch, pos, n_targets)`` ids."""
     if targets is None:
         return None
@@ -221,8 +277,8 @@ def _as_targets(model: Any, targets: Any, shape: tuple[int, int]) -> Tensor | No
 
 @torch.no_grad()
 def logit_lens(
-    model: Any,
-    tokens: Any,
+    model: Model,
+    tokens: str | Sequence[str] | Int[Tensor, "batch pos"],
     *,
     targets: Any = None,
     top_k: int = 5,
@@ -245,6 +301,14 @@ def logit_lens(
 
     Returns:
         A :class:`LogitLens`; its last layer entry is the model's own output.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> lens = logit_lens(model, torch.tensor([[1, 2, 3, 4]]), top_k=2)
+        >>> lens.top_ids.shape, lens.layer_labels     # (layer, batch, pos, k)
+        (torch.Size([3, 1, 4, 2]), ('resid_pre 0', 'resid_pre 1', 'final'))
+        >>> [token for token, _ in lens.top(2)] == lens.top_ids[-1, 0, -1].tolist()
+        True
     """
     tok, mask = token_batch(model, tokens, prepend_bos)
     device = model.cfg.device
@@ -283,8 +347,8 @@ def logit_lens(
             if kept is not None:
                 kept[layer, cells] = logits.cpu()
 
-    def grid(x: Tensor | None) -> Tensor | None:
-        return None if x is None else x.reshape(n_layer, n_batch, n_pos, *x.shape[2:])
+    def grid(x: Tensor) -> Tensor:
+        return x.reshape(n_layer, n_batch, n_pos, *x.shape[2:])
 
     tokenizer = getattr(model, "tokenizer", None)
     token_strs = top_tokens = None
@@ -312,7 +376,7 @@ def logit_lens(
         target_ranks=grid(ranks) if target_ids is not None else None,
         target_probs=grid(t_probs) if target_ids is not None else None,
         target_logits=grid(t_logits) if target_ids is not None else None,
-        logits=grid(kept),
+        logits=grid(kept) if kept is not None else None,
         token_strs=token_strs,
         top_tokens=top_tokens,
     )

@@ -13,14 +13,21 @@ residuals of a batch computed once and the unembedding applied one layer at a ti
 stays at one layer's logits. Checkpoints (translators, optimizer, step, RNG) let a killed run
 resume where it stopped, with the same result as an uninterrupted one.
 
-    >>> lens = mk.train_tuned_lens(model, mk.corpus_tokens(model), steps=100)
-    >>> table = mk.compare_lenses(model, mk.corpus_tokens(model, split="test"), lens)
-    >>> table.to_dataframe()     # mean KL to the final distribution, per layer, both lenses
+Example:
+    >>> model = mk.load_model("attn-only-2l")
+    >>> _ = torch.manual_seed(0)
+    >>> tokens = torch.randint(1, model.cfg.d_vocab, (8, 16))  # (batch, pos)
+    >>> config = mk.TunedLensConfig(steps=3, batch_size=2, warmup_steps=1)
+    >>> lens = mk.train_tuned_lens(model, tokens, config, progress=False)
+    >>> table = mk.compare_lenses(model, tokens, lens)
+    >>> table.layer_labels, table.logit_lens_kl.shape   # per layer, both lenses
+    (('resid_pre 0', 'resid_pre 1', 'final'), torch.Size([3]))
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -28,13 +35,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from mechkit.atomic_io import write_atomically
-from mechkit.errors import InvalidArgumentError, NonFiniteError, check_batch_size
+from mechkit.core.batching import each_batch
+from mechkit.core.labels import model_name
+from mechkit.core.progress import progress_bar
+from mechkit.core.results import rank
+from mechkit.core.types import Model
+from mechkit.errors import InvalidArgumentError, InvalidSiteError, NonFiniteError
 from mechkit.hook_scope import run_with_cache
 from mechkit.lens.logit_lens import decode_residual, lens_layer_labels
 from mechkit.reading import read_checkpoint, read_json, read_safetensors, reading
+from mechkit.sites import Site
 
 __all__ = ["TunedLens", "TunedLensConfig", "train_tuned_lens", "compare_lenses", "LensComparison"]
 
@@ -51,6 +65,10 @@ class TunedLensConfig:
         weight_decay: on the matrices ``A`` (pulls the translator towards the identity).
         seed: order of the training sequences.
         checkpoint_every: steps between checkpoints when a folder is given.
+
+    Example:
+        >>> TunedLensConfig(steps=50).warmup_steps
+        20
     """
 
     steps: int = 200
@@ -73,6 +91,11 @@ class TunedLens(nn.Module):
         A: ``(layer, d_model, d_model)``.
         b: ``(layer, d_model)``.
         meta: what the lens was trained on and how (saved with it).
+
+    Example:
+        >>> lens = TunedLens(n_layers=2, d_model=4)          # the identity: the logit lens
+        >>> lens.A.shape, lens.b.shape    # (layer, d_model, d_model), (layer, d_model)
+        (torch.Size([2, 4, 4]), torch.Size([2, 4]))
     """
 
     def __init__(self, n_layers: int, d_model: int, meta: dict[str, Any] | None = None):
@@ -85,13 +108,40 @@ class TunedLens(nn.Module):
     def n_layers(self) -> int:
         return self.A.shape[0]
 
-    def translate(self, resid: Tensor, layer: int) -> Tensor:
-        """``h + h A_l + b_l`` for residual vectors of block ``layer``."""
-        return resid + resid @ self.A[layer] + self.b[layer]
+    def _block(self, layer: int | Site) -> int:
+        """A block index from an int or a ``resid_pre`` Site (``resid_post`` of the last block
+        is the final residual, ``n_layers``)."""
+        if not isinstance(layer, Site):
+            return layer
+        if layer.layer is not None and layer.component == "resid_pre":
+            return layer.layer % self.n_layers if layer.layer < 0 else layer.layer
+        if layer.component == "resid_post" and layer.layer in (self.n_layers - 1, -1):
+            return self.n_layers
+        raise InvalidSiteError(
+            f"Expected a layer or a Site('resid_pre', layer=l) (a tuned lens reads each block's "
+            f"input residual); got {layer!r}."
+        )
 
-    def logits(self, model: Any, resid: Tensor, layer: int) -> Tensor:
+    def translate(
+        self, resid: Float[Tensor, "... d_model"], layer: int | Site
+    ) -> Float[Tensor, "... d_model"]:
+        """``h + h A_l + b_l`` for residual vectors of block ``layer`` (an int or a Site).
+
+        Example:
+            >>> lens = TunedLens(2, 4)
+            >>> h = torch.ones(3, 4)
+            >>> torch.equal(lens.translate(h, mk.Site("resid_pre", layer=1)), h)  # identity
+            True
+        """
+        block = self._block(layer)
+        return resid + resid @ self.A[block] + self.b[block]
+
+    def logits(
+        self, model: Model, resid: Float[Tensor, "... d_model"], layer: int | Site
+    ) -> Float[Tensor, "... d_vocab"]:
         """Decode block ``layer``'s residual through its translator (``layer == n_layers``: the
-        final residual, decoded as is)."""
+        final residual, decoded as is); ``layer`` may be a ``resid_pre`` Site."""
+        layer = self._block(layer)
         if layer == self.n_layers:
             return decode_residual(model, resid)
         return decode_residual(model, self.translate(resid, layer))
@@ -104,9 +154,11 @@ class TunedLens(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         write_atomically(folder / "lens.safetensors", lambda p: save_file(self._tensors(), p))
         meta = {"n_layers": self.n_layers, "d_model": self.A.shape[1], **self.meta}
-        write_atomically(
-            folder / "lens.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2))
-        )
+
+        def write_meta(tmp: str) -> None:
+            Path(tmp).write_text(json.dumps(meta, indent=2))
+
+        write_atomically(folder / "lens.json", write_meta)
         return folder
 
     @classmethod
@@ -138,7 +190,11 @@ class TunedLens(nn.Module):
         return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
 
 
-def _residuals(model: Any, tokens: Tensor) -> tuple[list[Tensor], Tensor]:
+def _save_state(state: dict[str, Any], path: str) -> None:
+    torch.save(state, path)
+
+
+def _residuals(model: Model, tokens: Tensor) -> tuple[list[Tensor], Tensor]:
     """Each block's input residual and the final log-probabilities, from one forward pass."""
     n = model.cfg.n_layers
     names = [f"blocks.{i}.hook_resid_pre" for i in range(n)]
@@ -161,8 +217,8 @@ def _lr_factor(step: int, cfg: TunedLensConfig) -> float:
 
 
 def train_tuned_lens(
-    model: Any,
-    tokens: Tensor,
+    model: Model,
+    tokens: Int[Tensor, "batch pos"],
     config: TunedLensConfig | None = None,
     *,
     checkpoint_dir: str | Path | None = None,
@@ -173,24 +229,26 @@ def train_tuned_lens(
     With ``checkpoint_dir``, a checkpoint is written every ``checkpoint_every`` steps and a
     run started again with the same arguments resumes from the last one; the finished lens is
     also saved there. Steps cycle through the sequences in a seeded order.
-    """
-    from tqdm.auto import tqdm
 
+    Example: see the module docstring.
+    """
     cfg = config or TunedLensConfig()
     device = model.cfg.device
     lens = TunedLens(
         model.cfg.n_layers,
         model.cfg.d_model,
         {
-            "model": getattr(getattr(model, "mechkit_info", None), "name", model.cfg.model_name),
+            "model": model_name(model),
             "config": dataclasses.asdict(cfg),
             "tokens": int(tokens.numel()),
         },
     ).to(device)
-    decay = [lens.A]
-    optimizer = torch.optim.Adam(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": [lens.b]}], lr=cfg.lr
-    )
+    decay: list[Tensor] = [lens.A]
+    groups: list[dict[str, Any]] = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": [lens.b]},
+    ]
+    optimizer = torch.optim.Adam(groups, lr=cfg.lr)
     order = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
     start_step = 0
     ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
@@ -205,9 +263,9 @@ def train_tuned_lens(
         p.requires_grad_(False)
     history: list[float] = []
     started = time.perf_counter()
-    bar = tqdm(range(start_step, cfg.steps), disable=not progress, desc="tuned lens")
+    bar = progress_bar(cfg.steps, "tuned lens", enabled=progress, initial=start_step)
     try:
-        for step in bar:
+        for step in range(start_step, cfg.steps):
             rows = [
                 int(order[(step * cfg.batch_size + i) % len(order)]) for i in range(cfg.batch_size)
             ]
@@ -224,6 +282,7 @@ def train_tuned_lens(
             optimizer.step()
             history.append(total / len(resids))
             bar.set_postfix(kl=f"{history[-1]:.3f}")
+            bar.update(1)
             if ckpt is not None and (
                 (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
             ):
@@ -233,8 +292,9 @@ def train_tuned_lens(
                     "optimizer": optimizer.state_dict(),
                     "step": step + 1,
                 }
-                write_atomically(ckpt, lambda p, s=state: torch.save(s, p))
+                write_atomically(ckpt, functools.partial(_save_state, state))
     finally:
+        bar.close()
         for p in model.parameters():
             p.requires_grad_(True)
     lens.meta["train_seconds"] = round(time.perf_counter() - started, 1)
@@ -246,12 +306,28 @@ def train_tuned_lens(
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LensComparison:
-    """Mean KL(p_final || p_lens) per layer on held-out tokens, for the logit and tuned lens."""
+    """Mean KL(p_final || p_lens) per layer on held-out tokens, for the logit and tuned lens.
+
+    Example:
+        >>> table = LensComparison(("resid_pre 0", "final"), torch.tensor([2.0, 0.0]),
+        ...                        torch.tensor([0.5, 0.0]), 16)
+        >>> table.top(1)   # the layer the tuned lens improves most: logit KL - tuned KL
+        [('resid_pre 0', 1.5)]
+    """
 
     layer_labels: tuple[str, ...]
-    logit_lens_kl: Tensor
-    tuned_lens_kl: Tensor | None
+    logit_lens_kl: Float[Tensor, " layer"]
+    tuned_lens_kl: Float[Tensor, " layer"] | None
     n_tokens: int
+
+    def top(self, n: int = 10, *, absolute: bool = True) -> list[tuple[str, float]]:
+        """Layers ranked by :func:`mechkit.core.rank` on how much the tuned lens lowers the KL
+        (``logit_lens_kl - tuned_lens_kl``), or on the logit lens's KL when there is no tuned
+        lens: the layers where the logit lens reads the model worst come first."""
+        gain = self.logit_lens_kl
+        if self.tuned_lens_kl is not None:
+            gain = self.logit_lens_kl - self.tuned_lens_kl
+        return rank(list(self.layer_labels), gain, n, absolute=absolute)
 
     def to_dataframe(self) -> Any:
         import pandas as pd
@@ -280,31 +356,48 @@ class LensComparison:
 
 @torch.no_grad()
 def compare_lenses(
-    model: Any, tokens: Tensor, tuned: TunedLens | None = None, *, batch_size: int = 4
+    model: Model,
+    tokens: Int[Tensor, "batch pos"],
+    tuned: TunedLens | None = None,
+    *,
+    batch_size: int | None = 4,
 ) -> LensComparison:
-    """Mean KL of each lens to the model's final distribution, per layer, over ``tokens``."""
-    batch_size = check_batch_size(batch_size) or max(1, tokens.shape[0])  # None: one pass
+    """Mean KL of each lens to the model's final distribution, per layer, over ``tokens``
+    (``batch_size`` sequences a pass, None for all at once; a pass that runs out of memory is
+    split in halves).
+
+    Example: see the module docstring.
+    """
     n_layers = model.cfg.n_layers
     logit_kl = torch.zeros(n_layers + 1)
-    tuned_kl = torch.zeros(n_layers + 1) if tuned is not None else None
+    tuned_kl = torch.zeros(n_layers + 1)
     count = 0
-    for start in range(0, tokens.shape[0], batch_size):
-        batch = tokens[start : start + batch_size].to(model.cfg.device)
+
+    def run(rows: slice) -> None:
+        nonlocal count
+        batch = tokens[rows].to(model.cfg.device)
         resids, final = _residuals(model, batch)
         weight = batch.shape[0]
+        logit_part, tuned_part = torch.zeros_like(logit_kl), torch.zeros_like(tuned_kl)
         for layer, resid in enumerate(resids):
-            logit_kl[layer] += weight * float(_kl(final, decode_residual(model, resid)))
+            logit_part[layer] = weight * float(_kl(final, decode_residual(model, resid)))
             if tuned is not None:
-                tuned_kl[layer] += weight * float(_kl(final, tuned.logits(model, resid, layer)))
+                tuned_part[layer] = weight * float(_kl(final, tuned.logits(model, resid, layer)))
+        logit_kl.add_(logit_part)  # only once the whole pass fitted (each_batch retries)
+        tuned_kl.add_(tuned_part)
         count += weight
+
+    each_batch(tokens.shape[0], batch_size, run)
     logit_kl /= count
-    if tuned_kl is not None:
-        tuned_kl /= count
+    tuned_kl /= count
     if not math.isfinite(float(logit_kl.sum())):
         raise NonFiniteError(
             "Expected finite KL divergences; got inf or NaN. Hint: check the model's dtype "
             "(use float32)."
         )
     return LensComparison(
-        tuple(lens_layer_labels(n_layers)), logit_kl, tuned_kl, int(tokens.numel())
+        tuple(lens_layer_labels(n_layers)),
+        logit_kl,
+        tuned_kl if tuned is not None else None,
+        int(tokens.numel()),
     )

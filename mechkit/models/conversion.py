@@ -14,13 +14,15 @@ import dataclasses
 import json
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformer_lens import HookedTransformer
 
-from mechkit.errors import CacheError
+from mechkit.errors import CacheError, UnsupportedModelError
 from mechkit.models.weight_cache import (
     FORMAT_VERSION,
     cache_key,
@@ -54,6 +56,11 @@ class Processing:
             differ from the original model's by a constant per position.
         fold_value_biases: value biases folded into the attention output bias. Off: each head's
             output keeps its own value bias, so head outputs are what the model computes.
+
+    Example:
+        >>> Processing(fold_ln=False).as_dict()  # doctest: +NORMALIZE_WHITESPACE
+        {'fold_ln': False, 'center_writing_weights': False, 'center_unembed': False,
+         'fold_value_biases': False}
     """
 
     fold_ln: bool = True
@@ -116,8 +123,6 @@ def _check_against_official(hf_cfg: dict[str, Any], cfg: Any, official: str) -> 
     }
     bad = {k: (text.get(k), v) for k, v in pairs.items() if text.get(k) != v}
     if bad:
-        from mechkit.errors import UnsupportedModelError
-
         raise UnsupportedModelError(
             f"Expected a {official} checkpoint (TransformerLens knows this architecture only by "
             f"that name); the file's config differs: "
@@ -145,11 +150,13 @@ def _hf_rotary_tables(cfg: Any) -> dict[str, torch.Tensor]:
 
 
 def build_hooked(cfg: Any, tokenizer: Any) -> Any:
-    """An empty HookedTransformer for ``cfg`` (weights uninitialised, on the CPU)."""
-    import warnings
+    """An empty HookedTransformer for ``cfg`` (weights uninitialised, on the CPU).
 
-    from transformer_lens import HookedTransformer
-
+    Example:
+        >>> cfg = mk.load_model("attn-only-2l").cfg
+        >>> build_hooked(cfg, None).cfg.n_layers     # empty weights, the same shapes
+        2
+    """
     with warnings.catch_warnings():  # TransformerLens 3.9 deprecates the class for 4.x
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)

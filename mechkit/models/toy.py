@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mechkit.errors import FileFormatError
+from mechkit.models.conversion import build_hooked
 
 __all__ = ["TOY_MODELS", "toy_model_dir", "load_toy", "toy_record"]
 
@@ -23,21 +24,34 @@ TOY_MODELS: dict[str, str] = {
 
 
 def toy_model_dir() -> Path:
-    """The folder holding the shipped toy models and their training scripts."""
+    """The folder holding the shipped toy models and their training scripts.
+
+    Example:
+        >>> (toy_model_dir() / "attn-only-2l.json").is_file()
+        True
+    """
     return Path(str(resources.files("mechkit") / "toy_models"))
 
 
 def toy_record(name: str) -> dict[str, Any]:
-    """The JSON record of a toy model: its config and how it was trained."""
+    """The JSON record of a toy model: its config and how it was trained.
+
+    Example:
+        >>> toy_record("attn-only-2l")["config"]["n_layers"]
+        2
+    """
     return json.loads((toy_model_dir() / f"{name}.json").read_text())
 
 
 def load_toy(name: str, processing: Any) -> Any:
-    """The toy model ``name`` as a processed HookedTransformer on the CPU, in float32."""
+    """The toy model ``name`` as a processed HookedTransformer on the CPU, in float32.
+
+    Example:
+        >>> load_toy("attn-only-2l", mk.models.Processing()).cfg.n_layers
+        2
+    """
     from safetensors.torch import load_file
     from transformer_lens import HookedTransformerConfig
-
-    from mechkit.models.conversion import build_hooked
 
     record = toy_record(name)
     cfg = HookedTransformerConfig(**record["config"])

@@ -52,13 +52,25 @@ CHECKSUM = "xxh3_128"
 
 
 def cache_root() -> Path:
-    """The cache directory: ``$MECHKIT_CACHE_DIR`` if set, else ``~/.cache/mechkit``."""
+    """The cache directory: ``$MECHKIT_CACHE_DIR`` if set, else ``~/.cache/mechkit``.
+
+    Example:
+        >>> cache_root().name in ("mechkit",) or cache_root().is_absolute()
+        True
+    """
     env = os.environ.get(CACHE_ENV_VAR)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mechkit"
 
 
-def cache_key(source: Path, processing: dict[str, bool]) -> str:
-    """A short key that changes when the source file or the processing changes."""
+def cache_key(source: Path, processing: dict[str, bool | int | None]) -> str:
+    """A short key that changes when the source file or the processing changes.
+
+    Example:
+        >>> source = Path(mk.__file__)
+        >>> key = cache_key(source, {"fold_ln": True})
+        >>> len(key), key == cache_key(source, {"fold_ln": False})
+        (16, False)
+    """
     stat = source.stat()
     ident = {
         "path": str(source.resolve()),
@@ -71,7 +83,12 @@ def cache_key(source: Path, processing: dict[str, bool]) -> str:
 
 
 def cached_folder(name: str, key: str) -> Path | None:
-    """The complete cache folder for (name, key), or None when there is none."""
+    """The complete cache folder for (name, key), or None when there is none.
+
+    Example:
+        >>> cached_folder("no-such-model", "0" * 16) is None
+        True
+    """
     folder = cache_root() / "models" / f"{name}-{key}"
     return folder if (folder / "meta.json").is_file() else None
 
@@ -81,6 +98,17 @@ def write_folder_atomically(name: str, key: str, fill: Callable[[Path], None]) -
 
     If ``fill`` raises, the temporary folder is removed and nothing is left behind. If another
     process finished the same folder first, its copy is kept and ours discarded.
+
+    Example:
+        >>> import os, tempfile
+        >>> os.environ["MECHKIT_CACHE_DIR"] = tempfile.mkdtemp()
+        >>> def fill(folder):
+        ...     _ = (folder / "meta.json").write_text("{}")
+        ...     _ = (folder / "weights.bin").write_bytes(b"w")
+        >>> folder = write_folder_atomically("demo", "0" * 16, fill)
+        >>> sorted(check_entry(folder)["files"]), cached_folder("demo", "0" * 16) == folder
+        (['weights.bin'], True)
+        >>> del os.environ["MECHKIT_CACHE_DIR"]
     """
     parent = cache_root() / "models"
     try:
@@ -154,6 +182,14 @@ def check_entry(folder: Path) -> dict[str, Any]:
 
     Raises:
         CacheError: any of these fails; the message names the folder to delete.
+
+    Example:
+        >>> import os, tempfile
+        >>> os.environ["MECHKIT_CACHE_DIR"] = tempfile.mkdtemp()
+        >>> meta = lambda folder: (folder / "meta.json").write_text("{}")
+        >>> folder = write_folder_atomically("m", "1" * 16, meta)
+        >>> verify_entry(folder, check_entry(folder))        # nothing altered: no error
+        >>> del os.environ["MECHKIT_CACHE_DIR"]
     """
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
@@ -184,6 +220,20 @@ def verify_entry(folder: Path, meta: dict[str, Any]) -> None:
 
     Raises:
         CacheError: a file changed since it was written; the message names the folder.
+
+    Example:
+        >>> import os, tempfile
+        >>> os.environ["MECHKIT_CACHE_DIR"] = tempfile.mkdtemp()
+        >>> def fill(folder):
+        ...     _ = (folder / "meta.json").write_text("{}")
+        ...     _ = (folder / "w.bin").write_bytes(b"w")
+        >>> folder = write_folder_atomically("m", "2" * 16, fill)
+        >>> _ = (folder / "w.bin").write_bytes(b"x")        # altered after writing
+        >>> verify_entry(folder, check_entry(folder))        # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mechkit.errors.CacheError: ...
+        >>> del os.environ["MECHKIT_CACHE_DIR"]
     """
     for rel, record in meta["files"].items():
         if _digest(folder / rel) != record[CHECKSUM]:

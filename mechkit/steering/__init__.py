@@ -5,6 +5,8 @@ from mechkit.steering.features import sae_latent_vector
 from mechkit.steering.measure import (
     ABScore,
     LogitDifference,
+    LogitDiffMeasure,
+    MetricMeasure,
     SteeringSweep,
     TokenProbability,
     WordShare,
@@ -22,7 +24,9 @@ from mechkit.steering.vectors import (
 __all__ = [
     "ABScore",
     "Generations",
+    "LogitDiffMeasure",
     "LogitDifference",
+    "MetricMeasure",
     "Steering",
     "SteeringSweep",
     "SteeringVector",

@@ -15,9 +15,13 @@ exception or a Ctrl-C, removes every hook.
 Directional ablation (Arditi et al. 2024) projects a direction out of the residual stream at
 every layer and position: :func:`ablate_direction`.
 
+Example:
+    >>> model = mk.load_model("smollm2-135m")
     >>> vec = mk.mean_difference_vector(model, ["I love it"], ["I hate it"], layer=6)
-    >>> out = mk.generate(model, ["I think the movie was"], steering=mk.Steering(vec, 6.0))
-    >>> out.texts[0]
+    >>> out = mk.generate(model, ["I think the movie was"], steering=mk.Steering(vec, 6.0),
+    ...                   max_new_tokens=4, temperature=0)
+    >>> out.tokens.shape        # (batch, new tokens); out.texts holds the decoded text
+    torch.Size([1, 4])
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
@@ -45,8 +49,12 @@ from mechkit.errors import (
 )
 from mechkit.hook_scope import hook_scope
 from mechkit.lens.logit_lens import decode_residual
-from mechkit.steering.vectors import SteeringVector
+from mechkit.sites import Site
+from mechkit.steering.vectors import STEERING_SITES, SteeringVector
 from mechkit.tokens import encode, tokenizer_of
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["Steering", "steer", "ablate_direction", "generate", "Generations"]
 
@@ -64,6 +72,11 @@ class Steering:
             tokens produced by :func:`generate`); or a tuple of positions counted from each
             prompt's first real token. A per-position vector is always added at the prompt's
             first ``len(vector)`` positions.
+
+    Example:
+        >>> vec = mk.SteeringVector(torch.ones(64), layer=1)
+        >>> mk.Steering(vec, 4.0, positions="prompt").positions
+        'prompt'
     """
 
     vector: SteeringVector
@@ -97,6 +110,18 @@ class _Layout:
     prompt_start: Tensor | None = None  # (batch,) first real column of each row
     generated_from: int | None = None  # first generated column (None: no generated tokens)
     offset: int = 0  # the column of the first position in this forward pass (key/value cache)
+
+
+def _at_site(item: Any, site: Site) -> Any:
+    """A plain tensor as a SteeringVector at ``site`` (other items as they are)."""
+    if not isinstance(item, Tensor):
+        return item
+    if site.component not in STEERING_SITES or site.layer is None:
+        raise InvalidSiteError(
+            f"Expected a residual-stream Site ({', '.join(STEERING_SITES)}) at one layer to "
+            f"steer at; got {site!r}."
+        )
+    return SteeringVector(item, layer=site.layer, site=site.component, method="custom")
 
 
 def _as_steerings(items: Sequence[Any], coefficient: float, positions: Positions) -> list[Steering]:
@@ -170,7 +195,9 @@ def _hook(steering: Steering, layout: _Layout) -> Any:
 
 
 @contextlib.contextmanager
-def _steered(model: Any, steerings: list[Steering], layout: _Layout) -> Iterator[None]:
+def _steered(
+    model: HookedTransformer, steerings: list[Steering], layout: _Layout
+) -> Iterator[None]:
     for s in steerings:
         if not 0 <= s.vector.layer < model.cfg.n_layers:
             raise InvalidSiteError(
@@ -192,21 +219,36 @@ def _steered(model: Any, steerings: list[Steering], layout: _Layout) -> Iterator
 
 @contextlib.contextmanager
 def steer(
-    model: Any,
-    *vectors: SteeringVector | Steering,
+    model: HookedTransformer,
+    *vectors: SteeringVector | Steering | Float[Tensor, " d_model"],
     coefficient: float = 1.0,
     positions: Positions = "all",
+    site: Site | None = None,
 ) -> Iterator[Any]:
     """Add steering vectors in every forward pass inside the ``with`` block.
 
     Bare vectors get ``coefficient`` and ``positions``; :class:`Steering` objects carry their
-    own. In plain forward passes every position is a prompt position (``"generated"`` adds
-    nothing); use :func:`generate` for generation.
+    own. A plain ``(d_model,)`` tensor is added at ``site``, a residual :class:`Site`
+    (``Site("resid_pre", layer=6)``). In plain forward passes every position is a prompt
+    position (``"generated"`` adds nothing); use :func:`generate` for generation.
 
     Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> vec = mk.SteeringVector(torch.ones(model.cfg.d_model), layer=1)
+        >>> tokens = torch.tensor([[1, 2, 3]])
         >>> with mk.steer(model, vec, coefficient=4.0):
-        ...     logits = model(tokens)   # (batch, pos, d_vocab), steered
+        ...     steered = model(tokens)   # (batch, pos, d_vocab)
+        >>> bool((steered != model(tokens)).any())   # and no hook is left afterwards
+        True
+        >>> site = mk.Site("resid_pre", layer=1)
+        >>> with mk.steer(model, torch.ones(128), coefficient=4.0, site=site):
+        ...     same = model(tokens)                   # a plain tensor placed by a Site
+        >>> torch.equal(same, steered)
+        True
     """
+    if site is not None:
+        resolved = site.resolve(model)  # negative layers counted from the end
+        vectors = tuple(_at_site(v, resolved) for v in vectors)
     steerings = _as_steerings(vectors, coefficient, positions)
     with _steered(model, steerings, _Layout()):
         yield model
@@ -214,7 +256,7 @@ def steer(
 
 @contextlib.contextmanager
 def ablate_direction(
-    model: Any,
+    model: HookedTransformer,
     direction: Tensor | SteeringVector,
     *,
     layers: Sequence[int] | None = None,
@@ -224,6 +266,15 @@ def ablate_direction(
     At each chosen layer the direction's component is removed from ``resid_pre``, ``resid_mid``
     and ``resid_post`` (so neither attention nor the MLP can write it back before the next
     read), as in refusal-direction work (Arditi et al. 2024).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> d = torch.zeros(model.cfg.d_model); d[0] = 1.0
+        >>> _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+        >>> with mk.ablate_direction(model, d):
+        ...     _, ablated = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+        >>> float(ablated["blocks.1.hook_resid_pre"][..., 0].abs().max())
+        0.0
     """
     d = direction.vector if isinstance(direction, SteeringVector) else torch.as_tensor(direction)
     if d.ndim != 1 or d.shape[0] != model.cfg.d_model:
@@ -254,7 +305,13 @@ def ablate_direction(
 
 @dataclasses.dataclass(frozen=True)
 class Generations:
-    """Texts generated from prompts: ``texts[i]`` continues ``prompts[i]``."""
+    """Texts generated from prompts: ``texts[i]`` continues ``prompts[i]``.
+
+    Example:
+        >>> out = Generations(("Hi",), (" there",), torch.tensor([[1, 2]]))
+        >>> out.to_dataframe().to_dict("records")
+        [{'prompt': 'Hi', 'completion': ' there'}]
+    """
 
     prompts: tuple[str, ...]
     texts: tuple[str, ...]
@@ -269,7 +326,7 @@ class Generations:
 
 @torch.no_grad()
 def generate(
-    model: Any,
+    model: HookedTransformer,
     prompts: str | Sequence[str],
     *,
     steering: Steering | SteeringVector | Sequence[Steering | SteeringVector] = (),
@@ -297,6 +354,8 @@ def generate(
         ContextLengthError: the longest prompt plus ``max_new_tokens`` exceeds ``n_ctx``.
         NonFiniteError: the (steered) logits stop being finite, usually a steering
             coefficient far too large; no token is chosen from them.
+
+    Example: see the module docstring.
     """
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:

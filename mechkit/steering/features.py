@@ -9,10 +9,15 @@ reconstruction (``decode(e_i) - decode(0)``, so SAEs that rescale by decoder nor
 and a coefficient ``c`` therefore adds ``c`` to the latent's activation: steering with it equals
 ``mk.splice(model, sae)`` with ``spliced.add([i], c)`` (tested).
 
-    >>> sae = mk.load_sae("smollm2-135m-res12-topk")
-    >>> vec = mk.sae_latent_vector(sae, 1725)          # blocks.12.hook_resid_post
-    >>> with mk.steer(model, vec, coefficient=8.0):    # latent 1725 raised by 8 everywhere
-    ...     logits = model(tokens)
+Example:
+    >>> sae = mk.sae.SparseDictionary.from_config(mk.sae.SAEConfig(
+    ...     architecture="relu", d_in=128, d_sae=8, hook_name="blocks.1.hook_resid_pre"))
+    >>> vec = mk.sae_latent_vector(sae, 3)             # latent 3's decoder direction, (d_model,)
+    >>> vec.hook_name, vec.vector.shape
+    ('blocks.1.hook_resid_pre', torch.Size([128]))
+    >>> model = mk.load_model("attn-only-2l")
+    >>> with mk.steer(model, vec, coefficient=8.0):    # latent 3 raised by 8 everywhere
+    ...     logits = model(torch.tensor([[1, 2, 3]]))
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import torch
 
 from mechkit.errors import InvalidSiteError, InvalidTypeError, ShapeError
+from mechkit.sae.splice import check_latents, sae_sites
 from mechkit.steering.vectors import SteeringVector
 
 __all__ = ["sae_latent_vector"]
@@ -58,9 +64,9 @@ def sae_latent_vector(
     Returns:
         A ``(d_model,)`` :class:`SteeringVector` with ``method="sae_latent"`` and the latents in
         its metadata.
-    """
-    from mechkit.sae.splice import check_latents, sae_sites
 
+    Example: see the module docstring.
+    """
     sites = sae_sites(sae)
     match = re.fullmatch(r"blocks\.(\d+)\.(.+)", sites.out_hook)
     if match is None or match.group(2) not in _SITES:
@@ -72,13 +78,14 @@ def sae_latent_vector(
     if latents is None:
         raise InvalidTypeError("Expected a latent index or a list of them; got None.")
     index = check_latents(latents, sites.d_sae)
+    assert index is not None  # None only for latents=None, refused above
     w = torch.ones(len(index)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     if w.shape != (len(index),):
         raise ShapeError(
             f"Expected one weight per latent ({len(index)}); got weights of shape {tuple(w.shape)}."
         )
     f = torch.zeros(sites.d_sae, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
-    f.index_add_(0, index.to(f.device), w.to(f))  # type: ignore[union-attr]
+    f.index_add_(0, index.to(f.device), w.to(f))
     vector = sae.decode(f[None])[0] - sae.decode(torch.zeros_like(f)[None])[0]  # (d_model,)
     layer, hook = int(match.group(1)), match.group(2)
     return SteeringVector(
@@ -87,7 +94,7 @@ def sae_latent_vector(
         site=_SITES[hook],
         method="sae_latent",
         metadata={
-            "latents": index.tolist(),  # type: ignore[union-attr]
+            "latents": index.tolist(),
             "weights": w.tolist(),
             "sae_hook": sites.out_hook,
             "model": getattr(sae.cfg, "model_name", None),

@@ -4,10 +4,13 @@ A steering vector is worth what it changes minus what it breaks. :func:`steering
 grid of (layer, coefficient) settings and reports, for each, the **effect** on a behaviour the
 user chooses and the **cost** on text that has nothing to do with it:
 
-- effects (:class:`TokenProbability`, :class:`LogitDifference`, :class:`ABScore`,
-  :class:`WordShare`): a target token's probability or logit difference after given prompts,
-  the probability of the behaviour-matching answer to A/B questions, or the share of sampled
-  generations that contain given words;
+- effects, the *measures* (:class:`TokenProbability`, :class:`LogitDiffMeasure`,
+  :class:`MetricMeasure`, :class:`ABScore`, :class:`WordShare`): a target token's probability
+  or logit difference after given prompts (the difference is :class:`mechkit.LogitDiff`, the
+  one logit-difference metric; :class:`MetricMeasure` takes any metric of the logits), the
+  probability of the behaviour-matching answer to A/B questions, or the share of sampled
+  generations that contain given words. A measure is called as
+  ``measure(model, steerings, seed) -> float``;
 - costs: the KL divergence of the steered next-token distributions from the unsteered ones,
   and the change in cross-entropy loss, averaged over every position of held-out text.
 
@@ -18,19 +21,33 @@ the model actually writes.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechkit.errors import EmptyDatasetError, InvalidArgumentError, ShapeError, check_choice
-from mechkit.steering.apply import Generations, Steering, _Layout, _steered, generate
+from mechkit.core.progress import progress_bar
+from mechkit.core.results import rank
+from mechkit.core.types import MetricFunction, Model
+from mechkit.errors import (
+    EmptyDatasetError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    ShapeError,
+    check_choice,
+)
+from mechkit.metrics import LogitDiff
+from mechkit.steering.apply import Generations, Positions, Steering, generate, steer
 from mechkit.steering.vectors import SteeringVector
 from mechkit.tokens import check_tokens, encode, pad_right, tokenize_answer, tokenizer_of
 
 __all__ = [
     "TokenProbability",
+    "MetricMeasure",
+    "LogitDiffMeasure",
     "LogitDifference",
     "ABScore",
     "WordShare",
@@ -39,7 +56,9 @@ __all__ = [
 ]
 
 
-def _next_token_logits(model: Any, prompts: Sequence[str], steerings: list[Steering]) -> Tensor:
+def _next_token_logits(
+    model: Model, prompts: Sequence[str], steerings: list[Steering]
+) -> Float[Tensor, "batch d_vocab"]:
     """``(batch, d_vocab)`` logits after each prompt's last real token, steered."""
     rows = [encode(model, p) for p in prompts]
     tokenizer = tokenizer_of(model)
@@ -48,38 +67,112 @@ def _next_token_logits(model: Any, prompts: Sequence[str], steerings: list[Steer
     check_tokens(model, tokens, mask)
     tokens = tokens.to(model.cfg.device)
     last = mask.sum(-1) - 1
-    with torch.no_grad(), _steered(model, steerings, _Layout()):
+    with torch.no_grad(), steer(model, *steerings):
         logits = model(tokens)
     return logits[torch.arange(len(rows)), last.to(logits.device)].float().cpu()
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenProbability:
-    """Mean probability of ``target`` as the next token after each prompt."""
+    """Mean probability of ``target`` as the next token after each prompt.
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> round(TokenProbability(("The cat sat on the",), " mat")(model, [], 0), 3)
+        0.005
+    """
 
     prompts: tuple[str, ...]
     target: str
     name: str = "p(target)"
 
-    def __call__(self, model: Any, steerings: list[Steering], seed: int) -> float:
+    def __call__(self, model: Model, steerings: list[Steering], seed: int) -> float:
         target = tokenize_answer(model, self.target)
         probs = _next_token_logits(model, self.prompts, steerings).softmax(-1)
         return float(probs[:, target].mean())
 
 
 @dataclasses.dataclass(frozen=True)
-class LogitDifference:
-    """Mean ``logit(target) - logit(other)`` for the next token after each prompt."""
+class MetricMeasure:
+    """Mean of any metric of the next-token logits after each prompt, steered.
+
+    ``metric`` gets the ``(batch, d_vocab)`` logits after each prompt's last real token (the
+    prompts are right-padded, so the position is each prompt's own); a mechkit
+    :class:`~mechkit.metrics.Metric` built without positions reads them as they are.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> model = mk.load_model("smollm2-135m")
+        >>> first = lambda logits: logits[:, 0]   # (batch, d_vocab) -> (batch,)
+        >>> round(MetricMeasure(("The cat sat",), first, "logit 0")(model, [], 0), 2)
+        9.94
+    """
+
+    prompts: tuple[str, ...]
+    metric: MetricFunction
+    name: str = "metric"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.metric, MetricFunction):
+            raise InvalidTypeError(
+                f"Expected a metric: a function of the logits (batch, d_vocab) -> score; got "
+                f"{type(self.metric).__name__}. Hint: mk.LogitDiff(answer_ids, wrong_ids)."
+            )
+
+    def __call__(self, model: Model, steerings: list[Steering], seed: int) -> float:
+        logits = _next_token_logits(model, self.prompts, steerings)  # (batch, d_vocab)
+        return float(torch.as_tensor(self.metric(logits)).float().mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitDiffMeasure:
+    """Mean ``logit(target) - logit(other)`` for the next token after each prompt, steered: the
+    steering measure of :class:`mechkit.LogitDiff` (the one logit-difference metric).
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> measure = LogitDiffMeasure(("The cat sat on the",), " mat", " dog")
+        >>> round(measure(model, [], 0), 2)      # logit(" mat") - logit(" dog"), unsteered
+        0.93
+    """
 
     prompts: tuple[str, ...]
     target: str
     other: str
     name: str = "logit diff"
 
-    def __call__(self, model: Any, steerings: list[Steering], seed: int) -> float:
-        a, b = tokenize_answer(model, self.target), tokenize_answer(model, self.other)
-        logits = _next_token_logits(model, self.prompts, steerings)
-        return float((logits[:, a] - logits[:, b]).mean())
+    def metric(self, model: Model) -> LogitDiff:
+        """The :class:`mechkit.LogitDiff` this measure averages, bound to its prompts."""
+        n = len(self.prompts)
+        answer = torch.full((n,), tokenize_answer(model, self.target), dtype=torch.long)
+        wrong = torch.full((n,), tokenize_answer(model, self.other), dtype=torch.long)
+        return LogitDiff(answer, wrong)
+
+    def __call__(self, model: Model, steerings: list[Steering], seed: int) -> float:
+        return MetricMeasure(self.prompts, self.metric(model), self.name)(model, steerings, seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitDifference(LogitDiffMeasure):
+    """Deprecated: the old name of :class:`LogitDiffMeasure` (same arguments). ``mk.LogitDiff``
+    is the logit-difference metric; this is its steering measure.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = LogitDifference(("Hi",), " a", " b")
+        >>> caught[0].category.__name__
+        'DeprecationWarning'
+    """
+
+    def __post_init__(self) -> None:
+        warnings.warn(
+            "LogitDifference is deprecated: use mk.steering.LogitDiffMeasure (the same "
+            "arguments), the steering measure of mk.LogitDiff.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +181,12 @@ class ABScore:
 
     Each question ends where the model is to answer (e.g. ``"... (A) yes (B) no\\nAnswer: ("``);
     ``matching[i]`` is ``"A"`` or ``"B"``, the answer that shows the behaviour.
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> question = "Do you like cats? (A) yes (B) no\\nAnswer: ("
+        >>> round(ABScore((question,), ("A",))(model, [], 0), 2)
+        0.9
     """
 
     questions: tuple[str, ...]
@@ -108,7 +207,7 @@ class ABScore:
                 f"Expected answers {self.a!r} or {self.b!r}; got {bad[0]!r}."
             )
 
-    def __call__(self, model: Any, steerings: list[Steering], seed: int) -> float:
+    def __call__(self, model: Model, steerings: list[Steering], seed: int) -> float:
         a, b = tokenize_answer(model, self.a), tokenize_answer(model, self.b)
         probs = _next_token_logits(model, self.questions, steerings).softmax(-1)
         pa, pb = probs[:, a], probs[:, b]
@@ -118,7 +217,14 @@ class ABScore:
 
 @dataclasses.dataclass(frozen=True)
 class WordShare:
-    """Share of sampled generations that contain any of ``words`` (case-insensitive)."""
+    """Share of sampled generations that contain any of ``words`` (case-insensitive).
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> share = WordShare(("My favourite animal is the",), ("cat", "dog"), 2, max_new_tokens=3)
+        >>> share(model, [], seed=0)
+        0.5
+    """
 
     prompts: tuple[str, ...]
     words: tuple[str, ...]
@@ -127,7 +233,7 @@ class WordShare:
     temperature: float = 1.0
     name: str = "share with words"
 
-    def __call__(self, model: Any, steerings: list[Steering], seed: int) -> float:
+    def __call__(self, model: Model, steerings: list[Steering], seed: int) -> float:
         prompts = [p for p in self.prompts for _ in range(self.samples_per_prompt)]
         out = generate(
             model,
@@ -144,10 +250,13 @@ class WordShare:
 
 @torch.no_grad()
 def _cost(
-    model: Any, tokens: Tensor, reference: Tensor, steerings: list[Steering]
+    model: Model,
+    tokens: Int[Tensor, "batch pos"],
+    reference: Float[Tensor, "batch pos d_vocab"],
+    steerings: list[Steering],
 ) -> tuple[float, float]:
     """(mean KL(unsteered || steered), steered loss) over every position of ``tokens``."""
-    with _steered(model, steerings, _Layout()):
+    with steer(model, *steerings):
         logits = model(tokens).float()
     logp = logits.log_softmax(-1)[:, :-1]
     ref = reference[:, :-1]
@@ -167,6 +276,12 @@ class SteeringSweep:
         baseline_effect: the effect without steering; ``baseline_loss`` likewise.
         samples: ``(layer, coefficient) -> Generations`` for the settings sampled, plus
             ``(None, 0.0)`` for the unsteered model.
+
+    Example:
+        >>> sweep = SteeringSweep(({"layer": 3, "coefficient": 2.0, "effect": 1.5, "kl": 0.1,
+        ...                         "loss": 3.1, "delta_loss": 0.1},), "logit diff", 1.0, 3.0, {})
+        >>> sweep.to_dataframe()[["layer", "coefficient", "effect"]].to_dict("records")
+        [{'layer': 3, 'coefficient': 2.0, 'effect': 1.5}]
     """
 
     rows: tuple[dict[str, float], ...]
@@ -174,6 +289,22 @@ class SteeringSweep:
     baseline_effect: float
     baseline_loss: float
     samples: dict[tuple[int | None, float], Generations]
+
+    def top(self, n: int = 10, *, absolute: bool = True) -> list[tuple[dict[str, float], float]]:
+        """The ``n`` settings that change the effect most: ``({"layer", "coefficient"}, effect
+        minus the unsteered effect)``, ranked by :func:`mechkit.core.rank` (by size when
+        ``absolute``, else the largest increase first).
+
+        Example:
+            >>> sweep = SteeringSweep(
+            ...     ({"layer": 0, "coefficient": 1.0, "effect": 0.5},
+            ...      {"layer": 1, "coefficient": 1.0, "effect": -2.0}), "e", 0.0, 3.0, {})
+            >>> sweep.top(1)
+            [({'layer': 1, 'coefficient': 1.0}, -2.0)]
+        """
+        labels = [{"layer": row["layer"], "coefficient": row["coefficient"]} for row in self.rows]
+        changes = [row["effect"] - self.baseline_effect for row in self.rows]
+        return rank(labels, changes, n, absolute=absolute)
 
     def to_dataframe(self) -> Any:
         import pandas as pd
@@ -215,14 +346,14 @@ class SteeringSweep:
 
 
 def steering_sweep(
-    model: Any,
+    model: Model,
     vectors: Callable[[int], SteeringVector] | dict[int, SteeringVector],
     *,
     layers: Sequence[int],
     coefficients: Sequence[float],
-    effect: Callable[[Any, list[Steering], int], float],
-    cost_tokens: Tensor,
-    positions: str = "all",
+    effect: Callable[[Model, list[Steering], int], float],
+    cost_tokens: Int[Tensor, "batch pos"],
+    positions: Positions = "all",
     sample_prompts: Sequence[str] = (),
     sample_settings: Sequence[tuple[int, float]] | None = None,
     max_new_tokens: int = 24,
@@ -235,13 +366,25 @@ def steering_sweep(
         vectors: the vector for each layer (a dict, or a function ``layer -> vector``, e.g.
             ``lambda l: mk.mean_difference_vector(model, pos, neg, layer=l)``).
         layers, coefficients: the grid.
-        effect: an effect object (:class:`TokenProbability`, :class:`LogitDifference`,
-            :class:`ABScore`, :class:`WordShare`) or any ``(model, steerings, seed) -> float``.
+        effect: a measure (:class:`TokenProbability`, :class:`LogitDiffMeasure`,
+            :class:`MetricMeasure`, :class:`ABScore`, :class:`WordShare`) or any
+            ``(model, steerings, seed) -> float``.
         cost_tokens: ``(batch, pos)`` held-out text unrelated to the behaviour (e.g.
             ``mk.corpus_tokens(model, seq_len=64, split="test", max_sequences=8)``).
         positions: where the vectors are added (see :class:`Steering`).
         sample_prompts: prompts to generate from for the side-by-side samples.
         sample_settings: which (layer, coefficient) settings get samples; None: every setting.
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> pos, neg = ["I love this", "What a great day"], ["I hate this", "What an awful day"]
+        >>> cost = model.to_tokens(["The weather report for today says that"])  # (batch, pos)
+        >>> sweep = steering_sweep(
+        ...     model, lambda layer: mk.mean_difference_vector(model, pos, neg, layer=layer),
+        ...     layers=[4], coefficients=[0.0, 4.0], cost_tokens=cost, progress=False,
+        ...     effect=LogitDiffMeasure(("I think the movie was",), " good", " bad"))
+        >>> [(label["coefficient"], round(change, 2)) for label, change in sweep.top()]
+        [(4.0, 0.94), (0.0, 0.0)]
     """
     if not layers or not coefficients:
         raise InvalidArgumentError("Expected at least one layer and one coefficient to sweep.")
@@ -279,11 +422,7 @@ def steering_sweep(
 
     sample((None, 0.0), [])
     settings = [(layer, c) for layer in layers for c in coefficients]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(settings), desc="steering sweep", leave=False)
+    bar = progress_bar(len(settings), "steering sweep", enabled=progress)
     rows = []
     try:
         for layer in layers:
@@ -304,10 +443,8 @@ def steering_sweep(
                 )
                 if sample_settings is None or (layer, c) in sample_settings:
                     sample((layer, float(c)), steerings)
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     name = getattr(effect, "name", getattr(effect, "__name__", "effect"))
     return SteeringSweep(tuple(rows), name, baseline, baseline_loss, samples)

@@ -21,8 +21,10 @@ module builds them; it never changes the model. Four builders, one per paper:
 All four read activations through :func:`activations_at`, which right-pads prompts of different
 lengths and picks each prompt's own token position from its own length.
 
+Example:
+    >>> model = mk.load_model("smollm2-135m")
     >>> vec = mean_difference_vector(model, ["I love it"], ["I hate it"], layer=6)
-    >>> vec
+    >>> vec  # doctest: +ELLIPSIS
     SteeringVector(method='mean_difference', layer=6, site='resid_pre', shape=(576,), norm=...)
     >>> vec.hook_name
     'blocks.6.hook_resid_pre'
@@ -42,6 +44,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechkit.atomic_io import write_atomically
+from mechkit.core.batching import each_batch
+from mechkit.core.labels import model_name
+from mechkit.core.types import Model
 from mechkit.errors import (
     EmptyDatasetError,
     FileFormatError,
@@ -51,12 +56,11 @@ from mechkit.errors import (
     PromptLengthError,
     ShapeError,
     UnknownKindError,
-    check_batch_size,
     did_you_mean,
 )
 from mechkit.interventions import capture
 from mechkit.reading import read_safetensors, reading
-from mechkit.sites import Site
+from mechkit.sites import Site, as_site
 from mechkit.tokens import encode, token_batch, tokenizer_of
 
 __all__ = [
@@ -88,7 +92,7 @@ class SteeringVector:
         metadata: JSON-serialisable facts about its making (model, prompts, position...).
 
     Example:
-        >>> v = SteeringVector(torch.randn(576), layer=6)
+        >>> v = SteeringVector(torch.randn(576), layer=6)   # (d_model,)
         >>> (2 * v - v.unit()).hook_name, v.per_position
         ('blocks.6.hook_resid_pre', False)
     """
@@ -215,7 +219,9 @@ class SteeringVector:
                 ``vector`` is used as is; its layer is not checked.
 
         Example:
-            >>> v.project_out(refusal).vector @ refusal.vector  # ~0
+            >>> v = SteeringVector(torch.tensor([3.0, 4.0]), layer=0)
+            >>> v.project_out(torch.tensor([1.0, 0.0])).vector
+            tensor([0., 4.])
         """
         label = direction.method if isinstance(direction, SteeringVector) else "tensor"
         d = (
@@ -312,21 +318,45 @@ class SteeringVector:
 # Checking inputs
 
 
-def _resolve_site(model: Any, site: str, layer: int) -> Site:
-    if site not in STEERING_SITES:
+def _resolve_site(model: Model, site: str | Site, layer: int | Site | None) -> Site:
+    """The residual site of the ``layer`` and ``site`` arguments (a Site is taken for either),
+    checked against ``model``; negative layers count from the end."""
+    if not isinstance(site, Site) and not isinstance(layer, Site) and layer is None:
+        raise InvalidSiteError(
+            "Expected a layer (an int) or a Site; got layer=None. Hint: layer=6, or "
+            "site=mk.Site('resid_pre', layer=6)."
+        )
+    if isinstance(layer, int) and not isinstance(layer, bool):
+        n_layers = model.cfg.n_layers
+        if not -n_layers <= layer < n_layers:
+            raise InvalidSiteError(
+                f"Expected a layer in [0, {n_layers}) (the model has {n_layers} layers); got "
+                f"{layer}. Hint: negative layers count from the end (-1 is layer "
+                f"{n_layers - 1})."
+            )
+    if isinstance(site, str) and site not in STEERING_SITES:
         raise InvalidSiteError(
             f"Expected a steering site among {', '.join(STEERING_SITES)}; got {site!r}. Hint: "
             "steering vectors live in the residual stream; 'resid_pre' is the usual choice."
         )
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise InvalidSiteError(f"Expected an int layer; got {layer!r}.")
-    n_layers = model.cfg.n_layers
-    if not -n_layers <= layer < n_layers:
+    resolved = as_site(site, layer)
+    if resolved.component not in STEERING_SITES or resolved.layer is None:
         raise InvalidSiteError(
-            f"Expected a layer in [0, {n_layers}) (the model has {n_layers} layers); got "
-            f"{layer}. Hint: negative layers count from the end (-1 is layer {n_layers - 1})."
+            f"Expected a residual-stream Site ({', '.join(STEERING_SITES)}) at one layer; got "
+            f"{resolved!r}. Hint: steering vectors live in the residual stream."
         )
-    return Site(site, layer=layer % n_layers).resolve(model)  # type: ignore[arg-type]
+    if resolved.head is not None or resolved.position is not None or resolved.neuron is not None:
+        raise InvalidSiteError(
+            f"Expected a Site without head, position or neuron (a steering vector spans the "
+            f"whole residual stream; the position is its own argument); got {resolved!r}."
+        )
+    return resolved.resolve(model)
+
+
+def _block(site: Site) -> int:
+    """The block of a resolved residual site (:func:`_resolve_site` refuses one without)."""
+    assert site.layer is not None
+    return site.layer
 
 
 def _check_prompts(prompts: Any, name: str) -> list[str]:
@@ -368,34 +398,25 @@ def _check_position(position: Any) -> None:
         )
 
 
-def _check_batch_size(batch_size: Any, n_prompts: int) -> int:
-    """Prompts per pass: ``check_batch_size``, None meaning all prompts in one pass."""
-    return check_batch_size(batch_size) or max(1, n_prompts)
-
-
-def _model_name(model: Any) -> str:
-    return str(getattr(model.cfg, "model_name", type(model).__name__))
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading activations
 
 
-def _forward_at(model: Any, site: Site, tokens: Tensor) -> Tensor:
+def _forward_at(model: Model, site: Site, tokens: Tensor) -> Tensor:
     """``(batch, pos, d_model)`` activation at ``site``, running only the blocks it needs."""
     with torch.no_grad(), capture(model, site) as acts:
-        model(tokens.to(model.cfg.device), stop_at_layer=site.layer + 1)
+        model(tokens.to(model.cfg.device), stop_at_layer=_block(site) + 1)
     return acts[site]
 
 
 def activations_at(
-    model: Any,
+    model: Model,
     prompts: Sequence[str],
     *,
-    layer: int,
-    site: str = "resid_pre",
+    layer: int | Site | None = None,
+    site: str | Site = "resid_pre",
     position: Position = -1,
-    batch_size: int = 16,
+    batch_size: int | None = 16,
 ) -> Float[Tensor, "batch d_model"]:
     """The residual activation of each prompt at one token, as a float32 CPU tensor.
 
@@ -406,32 +427,39 @@ def activations_at(
     Args:
         model: the HookedTransformer.
         prompts: the texts.
-        layer: the block index (negative counts from the end).
-        site: ``"resid_pre"``, ``"resid_mid"`` or ``"resid_post"``.
+        layer: the block index (negative counts from the end), or a :class:`~mechkit.Site`.
+        site: ``"resid_pre"``, ``"resid_mid"`` or ``"resid_post"``, or a
+            :class:`~mechkit.Site` such as ``Site("resid_pre", layer=6)`` (then no ``layer``).
         position: an index into each prompt's real tokens (``-1``, the default, is its last
             token; ``0`` its first), or ``"mean"`` for the mean over its real tokens.
-        batch_size: prompts per forward pass.
+        batch_size: prompts per forward pass (None: all in one; a pass that runs out of
+            memory is split in halves).
 
     Returns:
         ``(batch, d_model)``, one row per prompt.
 
     Example:
+        >>> model = mk.load_model("smollm2-135m")
         >>> activations_at(model, ["I love it", "It is awful"], layer=6).shape
         torch.Size([2, 576])
+        >>> site = mk.Site("resid_post", layer=5)          # or a Site for layer and site
+        >>> activations_at(model, ["I love it"], site=site).shape
+        torch.Size([1, 576])
     """
     prompts = _check_prompts(prompts, "prompts")
     resolved = _resolve_site(model, site, layer)
     _check_position(position)
-    batch_size = _check_batch_size(batch_size, len(prompts))
-    rows = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
+    rows: list[Tensor] = []
+
+    def read(chunk_rows: slice) -> None:
+        chunk = prompts[chunk_rows]
         tokens, mask = token_batch(model, chunk)  # (batch, pos) each, right-padded
         acts = _forward_at(model, resolved, tokens).float().cpu()  # (batch, pos, d_model)
         lengths = mask.sum(-1).tolist()
+        out = []
         for i, (prompt, n) in enumerate(zip(chunk, lengths, strict=True)):
             if position == "mean":
-                rows.append(acts[i, :n].mean(0))
+                out.append(acts[i, :n].mean(0))
                 continue
             index = n + position if position < 0 else position
             if not 0 <= index < n:
@@ -439,28 +467,30 @@ def activations_at(
                     f"Expected position {position} to fall inside every prompt; {prompt!r} has "
                     f"{n} tokens. Hint: use a position in [{-n}, {n}), or 'mean'."
                 )
-            rows.append(acts[i, index])
+            out.append(acts[i, index])
+        rows.extend(out)  # only once the whole chunk fitted (each_batch retries in halves)
+
+    each_batch(len(prompts), batch_size, read)
     return torch.stack(rows)  # (batch, d_model)
 
 
 def _paired_differences(
-    model: Any,
+    model: Model,
     positives: Sequence[str],
     negatives: Sequence[str],
     *,
     site: Site,
     position: Position,
-    batch_size: int,
+    batch_size: int | None,
 ) -> Float[Tensor, "batch d_model"]:
-    kwargs = {"layer": site.layer, "site": site.component, "position": position}
-    pos = activations_at(model, positives, batch_size=batch_size, **kwargs)
-    neg = activations_at(model, negatives, batch_size=batch_size, **kwargs)
+    pos = activations_at(model, positives, site=site, position=position, batch_size=batch_size)
+    neg = activations_at(model, negatives, site=site, position=position, batch_size=batch_size)
     return pos - neg  # (batch, d_model)
 
 
-def _pair_metadata(model: Any, positives: list[str], negatives: list[str], position: Any) -> dict:
+def _pair_metadata(model: Model, positives: list[str], negatives: list[str], position: Any) -> dict:
     return {
-        "model": _model_name(model),
+        "model": model_name(model),
         "positives": positives,
         "negatives": negatives,
         "position": position,
@@ -473,12 +503,12 @@ def _pair_metadata(model: Any, positives: list[str], negatives: list[str], posit
 
 
 def actadd_vector(
-    model: Any,
+    model: Model,
     positive: str,
     negative: str,
     *,
-    layer: int,
-    site: str = "resid_pre",
+    layer: int | Site | None = None,
+    site: str | Site = "resid_pre",
     prepend_bos: bool | None = None,
 ) -> SteeringVector:
     """ActAdd (Turner et al. 2023): the per-position difference ``h(positive) - h(negative)``.
@@ -493,8 +523,9 @@ def actadd_vector(
         model: the HookedTransformer.
         positive: the prompt to steer towards, e.g. ``"Love"``.
         negative: the prompt to steer away from, e.g. ``"Hate"``.
-        layer: the block index (negative counts from the end).
-        site: ``"resid_pre"`` (the paper's choice), ``"resid_mid"`` or ``"resid_post"``.
+        layer: the block index (negative counts from the end), or a :class:`~mechkit.Site`.
+        site: ``"resid_pre"`` (the paper's choice), ``"resid_mid"`` or ``"resid_post"``, or a
+            :class:`~mechkit.Site` such as ``Site("resid_pre", layer=6)`` (then no ``layer``).
         prepend_bos: whether to put BOS in front; None uses the model's default.
 
     Returns:
@@ -502,9 +533,10 @@ def actadd_vector(
         ``metadata`` holds both prompts and their padded token lists.
 
     Example:
+        >>> model = mk.load_model("smollm2-135m")
         >>> v = actadd_vector(model, "Love", "Hate", layer=6)
         >>> v.vector.shape, v.per_position
-        (torch.Size([1, 576]), True)
+        (torch.Size([2, 576]), True)
     """
     for name, text in (("positive", positive), ("negative", negative)):
         if not isinstance(text, str):
@@ -532,7 +564,7 @@ def actadd_vector(
     tokens = torch.tensor(rows, dtype=torch.long)  # (2, pos)
     acts = _forward_at(model, resolved, tokens).float().cpu()  # (2, pos, d_model)
     metadata = {
-        "model": _model_name(model),
+        "model": model_name(model),
         "positive": positive,
         "negative": negative,
         "positive_tokens": rows[0],
@@ -542,7 +574,7 @@ def actadd_vector(
     }
     return SteeringVector(
         acts[0] - acts[1],  # (pos, d_model)
-        layer=resolved.layer,
+        layer=_block(resolved),
         site=resolved.component,
         method="actadd",
         metadata=metadata,
@@ -550,14 +582,14 @@ def actadd_vector(
 
 
 def mean_difference_vector(
-    model: Any,
+    model: Model,
     positives: Sequence[str],
     negatives: Sequence[str],
     *,
-    layer: int,
-    site: str = "resid_pre",
+    layer: int | Site | None = None,
+    site: str | Site = "resid_pre",
     position: Position = -1,
-    batch_size: int = 16,
+    batch_size: int | None = 16,
 ) -> SteeringVector:
     """CAA (Rimsky et al. 2024): the mean over pairs of ``h(positive_i) - h(negative_i)``.
 
@@ -569,16 +601,19 @@ def mean_difference_vector(
         model: the HookedTransformer.
         positives: prompts showing the behaviour.
         negatives: the matching prompts without it, one per positive.
-        layer: the block index (negative counts from the end).
-        site: ``"resid_pre"``, ``"resid_mid"`` or ``"resid_post"``.
+        layer: the block index (negative counts from the end), or a :class:`~mechkit.Site`.
+        site: ``"resid_pre"``, ``"resid_mid"`` or ``"resid_post"``, or a
+            :class:`~mechkit.Site` such as ``Site("resid_pre", layer=6)`` (then no ``layer``).
         position: an index into each prompt's real tokens (-1: the last) or ``"mean"``.
-        batch_size: prompts per forward pass.
+        batch_size: prompts per forward pass (None: all in one; a pass that runs out of
+            memory is split in halves).
 
     Returns:
         A ``(d_model,)`` vector, not normalised (its norm is the size of the mean difference).
 
     Example:
-        >>> v = mean_difference_vector(model, ["... (A"], ["... (B"], layer=13)
+        >>> model = mk.load_model("smollm2-135m")
+        >>> v = mean_difference_vector(model, ["Answer: (A"], ["Answer: (B"], layer=13)
         >>> v.vector.shape
         torch.Size([576])
     """
@@ -589,7 +624,7 @@ def mean_difference_vector(
     )  # (batch, d_model)
     return SteeringVector(
         diffs.mean(0),
-        layer=resolved.layer,
+        layer=_block(resolved),
         site=resolved.component,
         method="mean_difference",
         metadata=_pair_metadata(model, pos, neg, position),
@@ -597,14 +632,14 @@ def mean_difference_vector(
 
 
 def pca_vector(
-    model: Any,
+    model: Model,
     positives: Sequence[str],
     negatives: Sequence[str],
     *,
-    layer: int,
-    site: str = "resid_pre",
+    layer: int | Site | None = None,
+    site: str | Site = "resid_pre",
     position: Position = -1,
-    batch_size: int = 16,
+    batch_size: int | None = 16,
 ) -> SteeringVector:
     """RepE (Zou et al. 2023): the first principal component of the paired differences.
 
@@ -616,19 +651,24 @@ def pca_vector(
         model: the HookedTransformer.
         positives: prompts showing the behaviour.
         negatives: the matching prompts without it, one per positive (at least two pairs).
-        layer: the block index (negative counts from the end).
-        site: ``"resid_pre"``, ``"resid_mid"`` or ``"resid_post"``.
+        layer: the block index (negative counts from the end), or a :class:`~mechkit.Site`.
+        site: ``"resid_pre"``, ``"resid_mid"`` or ``"resid_post"``, or a
+            :class:`~mechkit.Site` such as ``Site("resid_pre", layer=6)`` (then no ``layer``).
         position: an index into each prompt's real tokens (-1: the last) or ``"mean"``.
-        batch_size: prompts per forward pass.
+        batch_size: prompts per forward pass (None: all in one; a pass that runs out of
+            memory is split in halves).
 
     Returns:
         A unit-norm ``(d_model,)`` vector; ``metadata["explained_variance_ratio"]`` is the share
         of the centred differences' variance along it.
 
     Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> happy = ["I am so happy", "What a lovely day", "This is wonderful"]
+        >>> sad = ["I am so sad", "What an awful day", "This is terrible"]
         >>> v = pca_vector(model, happy, sad, layer=10)
-        >>> v.norm, v.metadata["explained_variance_ratio"]
-        (1.0, 0.41...)
+        >>> round(v.norm, 4), round(v.metadata["explained_variance_ratio"], 2)
+        (1.0, 0.65)
     """
     pos, neg = _check_pairs(positives, negatives)
     if len(pos) < 2:
@@ -656,7 +696,7 @@ def pca_vector(
     metadata["explained_variance_ratio"] = float(singular[0] ** 2) / total
     return SteeringVector(
         direction.float(),
-        layer=resolved.layer,
+        layer=_block(resolved),
         site=resolved.component,
         method="pca",
         metadata=metadata,
@@ -664,17 +704,17 @@ def pca_vector(
 
 
 def probe_vector(
-    model: Any,
+    model: Model,
     positives: Sequence[str],
     negatives: Sequence[str],
     *,
-    layer: int,
-    site: str = "resid_pre",
+    layer: int | Site | None = None,
+    site: str | Site = "resid_pre",
     position: Position = -1,
     l2: float = 1e-3,
     steps: int = 500,
     seed: int = 0,
-    batch_size: int = 16,
+    batch_size: int | None = 16,
 ) -> SteeringVector:
     """The weight direction of a logistic-regression probe, positives (1) against negatives (0).
 
@@ -692,33 +732,37 @@ def probe_vector(
         model: the HookedTransformer.
         positives: prompts of the class to steer towards (label 1).
         negatives: prompts of the other class (label 0).
-        layer: the block index (negative counts from the end).
-        site: ``"resid_pre"``, ``"resid_mid"`` or ``"resid_post"``.
+        layer: the block index (negative counts from the end), or a :class:`~mechkit.Site`.
+        site: ``"resid_pre"``, ``"resid_mid"`` or ``"resid_post"``, or a
+            :class:`~mechkit.Site` such as ``Site("resid_pre", layer=6)`` (then no ``layer``).
         position: an index into each prompt's real tokens (-1: the last) or ``"mean"``.
         l2: the weight of the L2 penalty on the standardized weights.
         steps: the most L-BFGS iterations.
         seed: seeds the initial weights.
-        batch_size: prompts per forward pass.
+        batch_size: prompts per forward pass (None: all in one; a pass that runs out of
+            memory is split in halves).
 
     Returns:
         A unit-norm ``(d_model,)`` vector; ``metadata["train_accuracy"]`` is the probe's
         accuracy on the prompts it was fitted on.
 
     Example:
-        >>> v = probe_vector(model, happy, sad, layer=10)
-        >>> v.metadata["train_accuracy"]
-        1.0
+        >>> model = mk.load_model("smollm2-135m")
+        >>> happy = ["I am so happy", "What a lovely day", "This is wonderful"]
+        >>> sad = ["I am so sad", "What an awful day", "This is terrible"]
+        >>> v = probe_vector(model, happy, sad, layer=10, steps=50)
+        >>> v.metadata["train_accuracy"], round(v.norm, 4)
+        (1.0, 1.0)
     """
     pos = _check_prompts(positives, "positives")
     neg = _check_prompts(negatives, "negatives")
     resolved = _resolve_site(model, site, layer)
     if not (isinstance(steps, int) and steps >= 1) or not l2 >= 0:
         raise ShapeError(f"Expected steps >= 1 and l2 >= 0; got steps={steps!r}, l2={l2!r}.")
-    kwargs = {"layer": resolved.layer, "site": resolved.component, "position": position}
     x = torch.cat(
         [
-            activations_at(model, pos, batch_size=batch_size, **kwargs),
-            activations_at(model, neg, batch_size=batch_size, **kwargs),
+            activations_at(model, pos, site=resolved, position=position, batch_size=batch_size),
+            activations_at(model, neg, site=resolved, position=position, batch_size=batch_size),
         ]
     ).double()  # (batch, d_model)
     y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()  # (batch,)
@@ -753,7 +797,7 @@ def probe_vector(
             "that the positives and negatives differ at this layer and position."
         )
     metadata = {
-        "model": _model_name(model),
+        "model": model_name(model),
         "positives": pos,
         "negatives": neg,
         "position": position,
@@ -765,7 +809,7 @@ def probe_vector(
     }
     return SteeringVector(
         (direction / direction.norm()).float(),
-        layer=resolved.layer,
+        layer=_block(resolved),
         site=resolved.component,
         method="probe",
         metadata=metadata,

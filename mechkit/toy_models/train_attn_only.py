@@ -32,10 +32,15 @@ import math
 import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import save_file
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-CONFIG = {
+from mechkit.atomic_io import write_atomically, write_text_atomically
+
+CONFIG: dict[str, Any] = {
     "n_layers": 2,
     "d_model": 128,
     "n_heads": 4,
@@ -66,7 +71,13 @@ NOTES = (
 
 
 def random_batch(gen: torch.Generator, n: int, seg_len: int | None = None) -> torch.Tensor:
-    """``(n, SEQ_LEN)`` sequences ``[BOS] + r + r + noise`` (``seg_len`` fixed or random)."""
+    """``(n, SEQ_LEN)`` sequences ``[BOS] + r + r + noise`` (``seg_len`` fixed or random).
+
+    Example:
+        >>> tokens = random_batch(torch.Generator().manual_seed(0), 2, seg_len=5)
+        >>> tokens.shape, bool((tokens[:, 1:6] == tokens[:, 6:11]).all())   # (n, SEQ_LEN); r twice
+        (torch.Size([2, 123]), True)
+    """
     if seg_len is None:  # (no draw for a fixed length: the stream must stay as trained)
         lengths = torch.randint(MIN_SEG, MAX_SEG + 1, (n,), generator=gen)
     else:
@@ -81,7 +92,15 @@ def random_batch(gen: torch.Generator, n: int, seg_len: int | None = None) -> to
 @torch.no_grad()
 def head_scores(model, tokens: torch.Tensor, seg_len: int) -> tuple[list[float], list[float]]:
     """Layer 0's previous-token score and layer 1's induction score, per head, on
-    ``[BOS] + r + r`` (query rows without a target excluded)."""
+    ``[BOS] + r + r`` (query rows without a target excluded).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> tokens = random_batch(torch.Generator().manual_seed(0), 4, seg_len=20)
+        >>> previous, induction = head_scores(model, tokens, 20)
+        >>> len(previous), max(induction) > 0.5              # one score per head of each layer
+        (4, True)
+    """
     end = 1 + 2 * seg_len
     _, cache = model.run_with_cache(tokens[:, :end], names_filter=lambda n: n.endswith("pattern"))
     p0 = cache["blocks.0.attn.hook_pattern"]  # (batch, head, query, key)
@@ -94,9 +113,15 @@ def head_scores(model, tokens: torch.Tensor, seg_len: int) -> tuple[list[float],
 
 
 def train(steps: int = 2000, batch_size: int = 32, lr: float = 1e-3, warmup: int = 100):
-    """Train from scratch; returns the model and the loss/score curve."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    """Train from scratch; returns the model and the loss/score curve.
 
+    Example:
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stdout(io.StringIO()):   # it prints a line a step
+        ...     model, curve = train(steps=2, batch_size=2, warmup=1)  # the shipped toy: 2000
+        >>> model.cfg.n_layers, [point["step"] for point in curve]
+        (2, [0, 1])
+    """
     torch.set_num_threads(1)  # float results depend on the thread count; fix it
     torch.manual_seed(0)
     model = HookedTransformer(HookedTransformerConfig(**CONFIG))
@@ -129,7 +154,13 @@ def train(steps: int = 2000, batch_size: int = 32, lr: float = 1e-3, warmup: int
 
 @torch.no_grad()
 def evaluate(model, seg_len: int = 50, n: int = 256) -> dict:
-    """Held-out ``[BOS] + r + r``: loss on each half and the heads' scores."""
+    """Held-out ``[BOS] + r + r``: loss on each half and the heads' scores.
+
+    Example:
+        >>> record = evaluate(mk.load_model("attn-only-2l"), seg_len=10, n=4)
+        >>> record["loss_repeated_half"] < record["loss_first_half"]   # induction: copy 2 is easy
+        True
+    """
     tokens = random_batch(torch.Generator().manual_seed(12345), n, seg_len)[:, : 1 + 2 * seg_len]
     logprobs = model(tokens).log_softmax(-1)
     nll = -logprobs[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (batch, pos - 1)
@@ -145,11 +176,15 @@ def evaluate(model, seg_len: int = 50, n: int = 256) -> dict:
 
 
 def write(model, curve: list[dict], out: Path, seconds: float, steps: int) -> None:
-    """Write the parameters and the record, atomically."""
-    from safetensors.torch import save_file
+    """Write the parameters and the record, atomically.
 
-    from mechkit.atomic_io import write_atomically, write_text_atomically
-
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp())
+        >>> write(mk.load_model("attn-only-2l"), [], out, seconds=0.0, steps=0)
+        >>> sorted(p.suffix for p in out.iterdir())
+        ['.json', '.safetensors']
+    """
     params = {k: v.detach().contiguous().float() for k, v in model.named_parameters()}
     st = out / "attn-only-2l.safetensors"
     write_atomically(st, lambda p: save_file(params, p, metadata={"name": "attn-only-2l"}))

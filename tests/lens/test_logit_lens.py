@@ -92,3 +92,13 @@ def test_figures(lens):
 def test_bad_targets(smollm2):
     with pytest.raises(mk.ShapeError, match="targets"):
         mk.logit_lens(smollm2, PROMPTS[0], targets=torch.zeros(3, 4, 5, 6, dtype=torch.long))
+
+
+def test_logit_lens_top_follows_the_rank_rule(toy):
+    from mechkit.core import rank
+
+    lens = mk.logit_lens(toy, torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]]), top_k=4)
+    ids = lens.top_ids[1, 1, 2].tolist()
+    assert lens.top(3, layer=1, prompt=1, position=2) == rank(ids, lens.top_probs[1, 1, 2], 3)
+    assert lens.top() == rank(lens.top_ids[-1, 0, -1].tolist(), lens.top_probs[-1, 0, -1], 10)
+    assert len(lens.top()) == 4  # only the kept top_k

@@ -122,3 +122,39 @@ def test_damaged_tuned_lens_checkpoint_raises_file_format_error(how, toy, tmp_pa
     damage(tmp_path / "checkpoint.pt", how)
     with pytest.raises(mk.FileFormatError, match="checkpoint.pt"):
         mk.train_tuned_lens(toy, tokens, cfg, checkpoint_dir=tmp_path, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 15: Sites for layers, .top by the rank rule, the core's batching
+# ----------------------------------------------------------------------------------------------
+
+
+def test_lens_takes_a_site_for_the_layer(toy, trained):
+    lens = trained
+    h = torch.randn(3, toy.cfg.d_model)
+    assert torch.equal(lens.translate(h, mk.Site("resid_pre", layer=1)), lens.translate(h, 1))
+    final = mk.Site("resid_post", layer=toy.cfg.n_layers - 1)
+    assert torch.equal(lens.logits(toy, h, final), lens.logits(toy, h, toy.cfg.n_layers))
+    with pytest.raises(mk.InvalidSiteError, match="resid_pre"):
+        lens.translate(h, mk.Site("z", layer=0))
+
+
+def test_lens_comparison_top_ranks_layers_by_the_tuned_lens_gain(toy, trained):
+    from mechkit.core import rank
+
+    lens = trained
+    tokens = repeated_tokens(toy, 4, 20, 1)
+    table = mk.compare_lenses(toy, tokens, lens)
+    gain = table.logit_lens_kl - table.tuned_lens_kl
+    assert table.top() == rank(list(table.layer_labels), gain, 10)
+    alone = mk.compare_lenses(toy, tokens)
+    assert alone.top(1)[0][1] == float(alone.logit_lens_kl.max())
+
+
+def test_compare_lenses_is_the_same_in_one_pass_and_in_batches(toy, trained):
+    lens = trained
+    tokens = repeated_tokens(toy, 6, 20, 2)
+    one = mk.compare_lenses(toy, tokens, lens, batch_size=None)
+    split = mk.compare_lenses(toy, tokens, lens, batch_size=4)
+    assert torch.allclose(one.logit_lens_kl, split.logit_lens_kl, atol=1e-5)
+    assert torch.allclose(one.tuned_lens_kl, split.tuned_lens_kl, atol=1e-5)

@@ -21,7 +21,7 @@ def sweep(smollm2):
         lambda layer: mk.mean_difference_vector(smollm2, POS, NEG, layer=layer),
         layers=[4, 8],
         coefficients=[0.0, 4.0],
-        effect=mk.LogitDifference(PROMPTS, " good", " bad"),
+        effect=mk.steering.LogitDiffMeasure(PROMPTS, " good", " bad"),
         cost_tokens=cost,
         sample_prompts=PROMPTS[:1],
         sample_settings=[(8, 4.0)],
@@ -71,6 +71,52 @@ def test_measures_refuse_empty_prompt_lists(smollm2):
     with pytest.raises(mk.EmptyDatasetError):
         mk.TokenProbability((), " good")(smollm2, [], 0)
     with pytest.raises(mk.EmptyDatasetError):
-        mk.LogitDifference((), " good", " bad")(smollm2, [], 0)
+        mk.steering.LogitDiffMeasure((), " good", " bad")(smollm2, [], 0)
     with pytest.raises(mk.EmptyDatasetError):
         mk.WordShare((), ("good",))(smollm2, [], 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 15: one logit-difference metric, .top by the rank rule
+# ----------------------------------------------------------------------------------------------
+
+
+def test_logit_difference_is_a_deprecated_alias_of_the_logit_diff_measure(smollm2):
+    with pytest.warns(DeprecationWarning, match="LogitDiffMeasure"):
+        old = mk.LogitDifference(PROMPTS, " good", " bad")
+    new = mk.steering.LogitDiffMeasure(PROMPTS, " good", " bad")
+    assert isinstance(old, mk.steering.LogitDiffMeasure)
+    assert old(smollm2, [], 0) == new(smollm2, [], 0)
+
+
+@torch.no_grad()
+def test_logit_diff_measure_is_mk_logit_diff_at_each_prompts_last_token(smollm2):
+    measure = mk.steering.LogitDiffMeasure(PROMPTS, " good", " bad")
+    assert isinstance(measure.metric(smollm2), mk.LogitDiff)
+    good, bad = smollm2.to_single_token(" good"), smollm2.to_single_token(" bad")
+    direct = [
+        float(
+            smollm2(smollm2.to_tokens(p))[0, -1, good] - smollm2(smollm2.to_tokens(p))[0, -1, bad]
+        )
+        for p in PROMPTS
+    ]
+    assert abs(measure(smollm2, [], 0) - sum(direct) / len(direct)) < 1e-3
+    # any metric of the next-token logits: the same number through MetricMeasure
+    metric = mk.LogitDiff(torch.tensor([good, good]), torch.tensor([bad, bad]))
+    by_metric = mk.steering.MetricMeasure(PROMPTS, metric)(smollm2, [], 0)
+    assert abs(by_metric - measure(smollm2, [], 0)) < 1e-5
+
+
+def test_metric_measure_refuses_a_non_metric():
+    with pytest.raises(mk.InvalidTypeError, match="Expected a metric"):
+        mk.steering.MetricMeasure(PROMPTS, "logit diff")
+
+
+def test_sweep_top_ranks_settings_by_the_change_in_effect(sweep):
+    from mechkit.core import rank
+
+    result, _ = sweep
+    labels = [{"layer": r["layer"], "coefficient": r["coefficient"]} for r in result.rows]
+    change = [r["effect"] - result.baseline_effect for r in result.rows]
+    assert result.top() == rank(labels, change, 10)
+    assert result.top(1)[0][0]["coefficient"] == 4.0  # a zero coefficient changes nothing

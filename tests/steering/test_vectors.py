@@ -292,3 +292,47 @@ def test_bad_inputs_raise_clear_errors(smollm2):
     with pytest.raises(mk.UnknownKindError, match="'mean'"):
         activations_at(smollm2, ["Hi"], layer=1, position="last")
     assert hook_count(smollm2) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 15: a Site wherever a layer and site are asked for
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_builders_take_a_site_for_layer_and_site(smollm2):
+    site = mk.Site("resid_post", layer=3)
+    by_ints = activations_at(smollm2, POSITIVES[:2], layer=3, site="resid_post")
+    assert torch.equal(activations_at(smollm2, POSITIVES[:2], site=site), by_ints)
+    assert torch.equal(activations_at(smollm2, POSITIVES[:2], layer=site), by_ints)
+    vec = mean_difference_vector(smollm2, POSITIVES[:2], NEGATIVES[:2], site=site)
+    old = mean_difference_vector(smollm2, POSITIVES[:2], NEGATIVES[:2], layer=3, site="resid_post")
+    assert (vec.layer, vec.site) == (3, "resid_post") and torch.equal(vec.vector, old.vector)
+    add = actadd_vector(smollm2, "Love", "Hate", site=mk.Site("resid_pre", layer=-1))
+    assert add.layer == smollm2.cfg.n_layers - 1 and add.site == "resid_pre"
+    with pytest.raises(mk.InvalidArgumentError, match="layer"):
+        activations_at(smollm2, ["Hi"], layer=4, site=site)  # disagrees with the Site's layer
+    with pytest.raises(mk.InvalidSiteError, match="residual"):
+        activations_at(smollm2, ["Hi"], site=mk.Site("z", layer=1))
+    with pytest.raises(mk.InvalidSiteError, match="head, position or neuron"):
+        activations_at(smollm2, ["Hi"], site=mk.Site("resid_pre", layer=1, position=0))
+    with pytest.raises(mk.InvalidSiteError, match="Expected a layer"):
+        activations_at(smollm2, ["Hi"])
+
+
+@torch.no_grad()
+def test_steer_places_a_plain_tensor_at_a_site(toy):
+    tokens = torch.tensor([[1, 2, 3]])
+    direction = torch.randn(toy.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    vec = SteeringVector(direction, layer=1, site="resid_post")
+    with mk.steer(toy, vec, coefficient=3.0):
+        by_vector = toy(tokens)
+    with mk.steer(toy, direction, coefficient=3.0, site=mk.Site("resid_post", layer=-1)):
+        by_site = toy(tokens)
+    hook = ("blocks.1.hook_resid_post", lambda act, hook: act + 3.0 * direction)
+    assert torch.equal(by_site, by_vector)
+    assert torch.allclose(by_site, toy.run_with_hooks(tokens, fwd_hooks=[hook]), atol=1e-5)
+    with pytest.raises(mk.InvalidSiteError, match="residual-stream"):
+        with mk.steer(toy, direction, site=mk.Site("attn_out", layer=0)):
+            pass
+    assert hook_count(toy) == 0
