@@ -305,9 +305,6 @@ def _attention_scores(
     return (total / rows).float()
 
 
-_bos_token_id = bos_token_id  # the old private name, still importable (sae/evaluate.py)
-
-
 def _ordinary_token_ids(model: Model) -> Int[Tensor, " n"]:
     """Token ids that are neither BOS nor special (nor unused embedding rows past the tokenizer)."""
     tokenizer = model.tokenizer

@@ -405,9 +405,8 @@ def mk_site(component, layer, head):
     return Site(component, layer=layer, head=head)
 
 
-def test_bos_token_id_is_public_in_tokens_and_the_old_name_still_imports(toy):
-    from mechkit.heads import _bos_token_id
+def test_bos_token_id_is_public_in_tokens(toy):
     from mechkit.tokens import bos_token_id
 
-    assert bos_token_id(toy) == _bos_token_id(toy) == 0
+    assert bos_token_id(toy) == 0
     assert bos_token_id(_ov_model()) == 0

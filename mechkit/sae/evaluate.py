@@ -54,7 +54,7 @@ from mechkit.errors import (
 from mechkit.hook_scope import hook_scope
 from mechkit.lens.logit_lens import decode_residual
 from mechkit.sae.splice import SAESites, as_rows, check_hooks, hook_layer, reconstruct, sae_sites
-from mechkit.tokens import token_batch
+from mechkit.tokens import bos_token_id, token_batch
 
 __all__ = [
     "SAEEvaluation",
@@ -310,9 +310,7 @@ def counted_positions(
     if exclude == "first":
         counted[:, 0] = False
     elif exclude == "bos":
-        from mechkit.heads import _bos_token_id
-
-        counted[:, 0] &= tokens[:, 0] != _bos_token_id(model)
+        counted[:, 0] &= tokens[:, 0] != bos_token_id(model)
     return counted
 
 
