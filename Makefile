@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - create .venv, install mechkit, write reports/index.html
-#   make test   - the same set-up, then lint, format check and the whole test suite
+#   make test   - the same set-up, then lint, format check, type check (mypy) and the whole
+#                 test suite, the docstrings' examples included
 #   make docs   - the same set-up, then the documentation site in site/ (offline)
 #   make test-fast - lint and the tests that do not load the 135M model (the edit-run loop)
 #
@@ -42,7 +43,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/python -m mypy
 
-test: lint
+test: lint typecheck
 	$(BIN)/python -m pytest -q
 
 # The tutorials are executed first (only those changed since their cached copy in

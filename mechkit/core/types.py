@@ -44,7 +44,8 @@ class SparseDictionaryLike(Protocol):
     ``cfg.hook_name`` (and ``cfg.output_hook_name`` for a transcoder), as in
     :class:`~mechkit.sae.SparseDictionary`."""
 
-    W_dec: Tensor
+    @property
+    def W_dec(self) -> Tensor: ...  # noqa: N802  (the field's name in every SAE library)
 
     def encode(self, x: Tensor, /) -> Tensor: ...
 
