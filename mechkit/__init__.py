@@ -35,6 +35,7 @@ from mechkit import (
     sae,
     sites,
     steering,
+    version,
 )
 
 # The names below are grouped by what a user does, not sorted.
@@ -106,7 +107,7 @@ from mechkit.errors import (
 
 # isort: on
 
-__version__ = "0.1.0"
+__version__ = version.__version__
 
 __all__ = [
     # subpackages

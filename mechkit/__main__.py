@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
-from mechkit.errors import MechkitError
+from mechkit.corpus import corpus_tokens
+from mechkit.demo import run_demo
+from mechkit.errors import InvalidArgumentError, MechkitError, SweepConfigError, check_choice
+from mechkit.lens import TunedLensConfig, compare_lenses, train_tuned_lens
+from mechkit.models import load_model
+from mechkit.patching.sweep import config_help, load_config, run_sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            from mechkit.demo import run_demo
-
             run_demo(args.out, args.model, quick=args.quick)
         elif args.command == "tuned-lens":
             _tuned_lens(args)
@@ -74,15 +81,11 @@ REPRODUCTIONS = "mechkit.reproductions"
 
 def _reproductions() -> dict[str, Any]:
     """The registered reproductions' entry points by name (nothing is imported)."""
-    from importlib.metadata import entry_points
-
     return {point.name: point for point in entry_points(group=REPRODUCTIONS)}
 
 
 def _reproduce(name: str, argv: list[str]) -> int:
     """Load reproduction ``name``'s ``main`` through its entry point and run it on ``argv``."""
-    from mechkit.errors import InvalidArgumentError, check_choice
-
     points = _reproductions()
     if not points:
         raise InvalidArgumentError(
@@ -97,24 +100,19 @@ def _reproduce(name: str, argv: list[str]) -> int:
 
 
 def _tuned_lens(args: argparse.Namespace) -> None:
-    import time
-    from pathlib import Path
-
-    import mechkit as mk
-
-    model = mk.load_model(args.model)
-    config = mk.TunedLensConfig(
+    model = load_model(args.model)
+    config = TunedLensConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.steps // 10
     )
-    train = mk.corpus_tokens(model, seq_len=args.seq_len, split="train")
+    train = corpus_tokens(model, seq_len=args.seq_len, split="train")
     start = time.perf_counter()
-    lens = mk.train_tuned_lens(model, train, config, checkpoint_dir=args.out)
+    lens = train_tuned_lens(model, train, config, checkpoint_dir=args.out)
     seconds, n_seq = time.perf_counter() - start, args.steps * args.batch_size
     print(f"trained in {seconds:.0f} s on {n_seq} sequences of {args.seq_len} tokens")
-    held_out = mk.corpus_tokens(
+    held_out = corpus_tokens(
         model, seq_len=args.seq_len, split="test", max_sequences=args.eval_sequences
     )
-    table = mk.compare_lenses(model, held_out, lens)
+    table = compare_lenses(model, held_out, lens)
     df = table.to_dataframe()
     out = Path(args.out)
     df.to_csv(out / "kl_by_layer.csv", index=False)
@@ -123,10 +121,6 @@ def _tuned_lens(args: argparse.Namespace) -> None:
 
 
 def _add_sweep_parser(commands: argparse._SubParsersAction) -> None:
-    import textwrap
-
-    from mechkit.patching.sweep import config_help
-
     sweep = commands.add_parser(
         "sweep",
         help="run a resumable activation-patching sweep described by a YAML config",
@@ -157,11 +151,6 @@ def _add_sweep_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
-
-    from mechkit.patching.sweep import SweepConfigError, load_config, run_sweep
-
     def say(message: str) -> None:
         print(f"[mechkit sweep] {message}", file=sys.stderr, flush=True)
 

@@ -39,7 +39,9 @@ def _imported_modules(path: Path) -> set[str]:
 def test_version_has_one_source_that_the_changelog_names():
     assert "version" not in PYPROJECT["project"]  # no second copy to drift
     assert "version" in PYPROJECT["project"]["dynamic"]
-    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "mechkit.__version__"}
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "mechkit.version.__version__"
+    }
     assert re.fullmatch(r"\d+\.\d+\.\d+", mk.__version__)
     releases = re.findall(r"^## (\S+)", (ROOT / "CHANGELOG.md").read_text(), re.M)
     assert releases[0] == "Unreleased"
@@ -123,7 +125,7 @@ def test_reproduce_names_a_typo_and_a_missing_registration(monkeypatch, capsys):
 def _sections_registered(monkeypatch, points: dict[str, str]) -> None:
     group = "mechkit.demo_sections"
     found = [EntryPoint(name=n, value=v, group=group) for n, v in points.items()]
-    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: found)
+    monkeypatch.setattr("mechkit.demo.entry_points", lambda group: found)
 
 
 def test_demo_adds_the_registered_sections_and_skips_a_broken_registration(monkeypatch, capsys):

@@ -14,6 +14,7 @@ from mechkit.errors import (
     OutOfMemoryError,
     check_batch_size,
 )
+from mechkit.metrics import Metric
 
 __all__ = ["each_batch", "prompts_per_pass", "parse_budget", "check_budget", "is_out_of_memory"]
 
@@ -45,8 +46,6 @@ def prompts_per_pass(n_prompts: int, batch_size: int | None, metric: Any) -> int
         >>> prompts_per_pass(10, None, lambda logits: logits.sum())
         10
     """
-    from mechkit.metrics import Metric  # metrics imports nothing from here; kept light at import
-
     size = check_batch_size(batch_size) or max(1, n_prompts)
     if size < n_prompts and not isinstance(metric, Metric):
         raise InvalidTypeError(

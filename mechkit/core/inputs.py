@@ -36,6 +36,7 @@ from mechkit.errors import (
     ShapeError,
     check_choice,
 )
+from mechkit.metrics import LogitDiff
 from mechkit.prompts import PromptPairs
 from mechkit.tokens import token_batch
 
@@ -178,8 +179,6 @@ def resolve_contrast(
         clean_tokens, clean_mask = pairs.clean_tokens, pairs.clean_mask
         corrupt_tokens, corrupt_mask = pairs.corrupt_tokens, pairs.corrupt_mask
         if metric is None and needs_metric:
-            from mechkit.metrics import LogitDiff
-
             metric = LogitDiff.from_pairs(pairs)
     else:
         clean_tokens, clean_mask = token_batch(model, clean)

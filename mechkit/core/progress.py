@@ -3,6 +3,7 @@ the terminal in scripts)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 __all__ = ["progress_bar"]
@@ -54,8 +55,6 @@ def progress_bar(
         bar = _NoBar()
         bar.n = initial
         return bar
-    import sys
-
     from tqdm.auto import tqdm
 
     return tqdm(

@@ -21,6 +21,10 @@ from typing import Any
 
 import torch
 from transformer_lens import HookedTransformer
+from transformer_lens.loading_from_pretrained import (
+    get_pretrained_model_config,
+    get_pretrained_state_dict,
+)
 
 from mechkit.errors import CacheError, UnsupportedModelError
 from mechkit.models.weight_cache import (
@@ -88,8 +92,6 @@ def _tl_config(
 ) -> Any:
     """TransformerLens's config for the Hugging Face config saved in ``hf_config_dir`` (or, for
     the architectures in OFFICIAL_CONFIG_NAMES, TransformerLens's config of ``official``)."""
-    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
-
     hf_cfg = json.loads((hf_config_dir / "config.json").read_text())
     max_pos = hf_cfg.get("max_position_embeddings") or hf_cfg.get("n_positions")
     if n_ctx is None and max_pos is not None and max_pos > DEFAULT_MAX_CTX:
@@ -178,8 +180,6 @@ def _convert(
         (model, buffers): the model, and the buffers set from the HF model that a cached copy
         must restore (rotary tables for OFFICIAL_CONFIG_NAMES architectures; else empty).
     """
-    from transformer_lens.loading_from_pretrained import get_pretrained_state_dict
-
     official = OFFICIAL_CONFIG_NAMES.get(type(hf_model).__name__)
     cfg = _tl_config(hf_config_dir, name, processing, n_ctx, official, **kw)
     state_dict = get_pretrained_state_dict(official or str(hf_config_dir), cfg, hf_model=hf_model)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 from transformer_lens import HookedTransformer
+from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, make_model_alias_map
 
 from mechkit.devices import resolve_device, resolve_dtype
 from mechkit.errors import (
@@ -275,16 +276,12 @@ def _converting(path: Path, convert: Any) -> Any:
 
 def _transformer_lens_name(name: str) -> str | None:
     """The official TransformerLens name for ``name`` (alias or official), or None."""
-    from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, make_model_alias_map
-
     if name in OFFICIAL_MODEL_NAMES:
         return name
     return make_model_alias_map().get(name.lower())
 
 
 def _unknown_model_message(name: str) -> str:
-    from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, make_model_alias_map
-
     choices = [*BUILTIN_MODELS, *OFFICIAL_MODEL_NAMES, *make_model_alias_map()]
     hint = did_you_mean(name, choices) or (
         f" Hint: built-in models are {', '.join(BUILTIN_MODELS)}; a local Hugging Face folder "

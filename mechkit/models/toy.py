@@ -12,6 +12,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from transformer_lens import HookedTransformerConfig
+
 from mechkit.errors import FileFormatError
 from mechkit.models.conversion import build_hooked
 
@@ -51,7 +53,6 @@ def load_toy(name: str, processing: Any) -> Any:
         2
     """
     from safetensors.torch import load_file
-    from transformer_lens import HookedTransformerConfig
 
     record = toy_record(name)
     cfg = HookedTransformerConfig(**record["config"])

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import xxhash
 
 from mechkit.errors import CacheError
 
@@ -153,10 +156,6 @@ def _digest(path: Path) -> str:
     """The xxHash3-128 of a file, hashed straight from a read-only memory map: no copy into
     Python buffers (three times faster than reading it in chunks), and xxhash releases the GIL,
     so the model can be built meanwhile."""
-    import mmap
-
-    import xxhash
-
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return xxhash.xxh3_128(b"").hexdigest()

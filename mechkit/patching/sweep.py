@@ -86,6 +86,7 @@ from mechkit.patching.sweep_folder import (
     write_outputs,
 )
 from mechkit.prompts import PromptPairs
+from mechkit.version import __version__
 
 __all__ = [
     "CONFIG_KEYS",
@@ -218,8 +219,6 @@ def _run(
     progress: bool,
     log: Callable[[str], None] | None,
 ) -> SweepRun:
-    import mechkit  # the package imports its subpackages: its version is read at call time
-
     start = time.perf_counter()
     say = log or (lambda _msg: None)
     identity = config_identity(config)
@@ -249,7 +248,7 @@ def _run(
         complete = previous is not None and previous.get("status") == "complete"
         complete = complete and {i for i, _ in plans} == set(range(len(config.sweeps)))
         setup = None if complete else _prepare(config, say)  # checks the config on the model
-        info.update(mechkit=mechkit.__version__, fingerprint=fp, config=config.to_dict())
+        info.update(mechkit=__version__, fingerprint=fp, config=config.to_dict())
         info.update(identity=identity, out=str(folder))
         info.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         _write_run_file(folder, info, status="running")

@@ -46,6 +46,7 @@ from mechkit.errors import (
 from mechkit.metrics import CrossEntropy, LogitDiff, ProbDiff
 from mechkit.patching.activation import HEAD_SITES, NEURON_SITES, PATCHABLE
 from mechkit.prompts import PromptPairs
+from mechkit.version import __version__
 
 __all__ = [
     "CONFIG_KEYS",
@@ -700,8 +701,6 @@ def config_identity(config: SweepConfig) -> dict[str, Any]:
         ['ablation', 'batch_size', 'direction', 'dtype', 'mechkit', 'metric', 'model', 'prompts',
          'seed', 'sweeps']
     """
-    import mechkit  # the package imports its subpackages: its version is read at call time
-
     data = config.to_dict()
     for key in ("device", "memory_budget", "format", "out"):
         data.pop(key)
@@ -709,7 +708,7 @@ def config_identity(config: SweepConfig) -> dict[str, Any]:
         path = data["prompts"][key]
         if path is not None:
             data["prompts"][key] = "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    data["mechkit"] = mechkit.__version__
+    data["mechkit"] = __version__
     return data
 
 
