@@ -36,8 +36,10 @@ def main() -> None:
     timed("neuron attribution (layer 20)", lambda: mk.neuron_attribution(model, pairs, 20))
     for kind in ("previous_token", "duplicate_token", "induction", "successor", "copying"):
         timed(f"detect_heads {kind}", lambda kind=kind: mk.detect_heads(model, kind))
-    held_out = mk.corpus_tokens(model, seq_len=64, split="test", max_sequences=4)
-    timed("compare_lenses (logit lens, 256 tokens)", lambda: mk.compare_lenses(model, held_out))
+    held_out = mk.corpus.corpus_tokens(model, seq_len=64, split="test", max_sequences=4)
+    timed(
+        "compare_lenses (logit lens, 256 tokens)", lambda: mk.lens.compare_lenses(model, held_out)
+    )
 
 
 if __name__ == "__main__":

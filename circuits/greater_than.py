@@ -144,9 +144,9 @@ class GreaterThanReport:
     n_prompts: int
     clean_score: float
     corrupt_score: float
-    heads: mk.PatchResult
-    mlps: mk.PatchResult
-    attribution_heads: mk.PatchResult
+    heads: mk.patching.PatchResult
+    mlps: mk.patching.PatchResult
+    attribution_heads: mk.patching.PatchResult
     graph: mk.CircuitGraph
     curve: Any
     seconds: float

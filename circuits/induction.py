@@ -15,7 +15,7 @@ minus loss at token 50) when, and because, induction heads form.
 2. **Prefix matching** (``mk.detect_heads(model, "induction")``) and **copying**
    (``mk.detect_heads(model, "copying")``: does the head's OV circuit raise the logit of the
    token it attends to) for every head; previous-token scores beside them.
-3. **In-context-learning score** on natural text (``mk.corpus_tokens(..., split="test")``):
+3. **In-context-learning score** on natural text (``mk.corpus.corpus_tokens(..., split="test")``):
    mean loss on token 500 minus mean loss on token 50 (each averaged over a window of ``±10``
    tokens, since one token's loss over a few dozen sequences is too noisy to read); models with
    a context shorter than 512 get the positions scaled to their context, and the report says so.
@@ -137,9 +137,9 @@ class InductionReport:
 
     Attributes:
         model_name: the model.
-        prefix_matching, copying, previous_token: per-head scores (``mk.HeadScores``).
+        prefix_matching, copying, previous_token: per-head scores (``mk.heads.HeadScores``).
         induction_heads: heads with prefix matching ``>= min_score``, best first.
-        path_patching: ``mk.PatchResult`` of every head as a sender into the best induction
+        path_patching: ``mk.patching.PatchResult`` of every head as a sender into the best induction
             heads' keys (score: the metric's value; below the clean value: the head feeds them).
         previous_token_heads: the senders that lower the metric most (the feeding heads).
         icl: the in-context-learning score on natural text.
@@ -151,11 +151,11 @@ class InductionReport:
     """
 
     model_name: str
-    prefix_matching: mk.HeadScores
-    copying: mk.HeadScores
-    previous_token: mk.HeadScores
+    prefix_matching: mk.heads.HeadScores
+    copying: mk.heads.HeadScores
+    previous_token: mk.heads.HeadScores
     induction_heads: tuple[tuple[int, int], ...]
-    path_patching: mk.PatchResult
+    path_patching: mk.patching.PatchResult
     previous_token_heads: tuple[tuple[int, int], ...]
     icl: ICLScore
     repeated_loss: dict[str, float]
@@ -675,7 +675,7 @@ def _icl(model: Any, n_sequences: int | None) -> ICLScore:
         late = min(late, n_ctx - 1 - window)
         seq = n_ctx
         note = f"Context of {n_ctx} tokens: the paper's 50 and 500 scaled to {early} and {late}."
-    text = mk.corpus_tokens(model, seq_len=seq, split="test", max_sequences=n_sequences)
+    text = mk.corpus.corpus_tokens(model, seq_len=seq, split="test", max_sequences=n_sequences)
     losses = per_token_loss(model, text)
     score, stderr = icl_score(losses, early, late, window)
     curve = tuple(round(float(v), 4) for v in losses.mean(0))

@@ -14,7 +14,7 @@ They saw the change after billions of tokens. Here it must happen in a few minut
 thread, for both models together, so the data is chosen to make induction pay early:
 
 * **Corpus**: Python's reference documentation (``pydoc_data.topics``, the same offline corpus
-  as ``mk.corpus_tokens``; English prose with code), split by document as mechkit splits it
+  as ``mk.corpus.corpus_tokens``; English prose with code), split by document as mechkit splits it
   (every fifth topic held out).
 * **Tokenization**: word-level with a character fallback. The vocabulary (512 ids) is BOS, UNK,
   every character of the training documents, and the most frequent words (regular expression
@@ -487,8 +487,9 @@ def _phase_change(models: dict[str, Any]) -> dict[str, Any]:
 
 
 def _documents(split: str) -> list[str]:
-    """The corpus's documents, split as ``mk.corpus_tokens`` splits them (every fifth topic in
-    sorted order is held out); mechkit exports tokens only, and this model has its own tokens."""
+    """The corpus's documents, split as ``mk.corpus.corpus_tokens`` splits them (every fifth topic
+    in sorted order is held out); mechkit exports tokens only, and this model has its own
+    tokens."""
     from pydoc_data.topics import topics
 
     names = sorted(topics)

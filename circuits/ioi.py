@@ -209,7 +209,7 @@ class IOIReport:
     completeness: list[dict[str, Any]]
     minimality: list[dict[str, Any]]
     dla: torch.Tensor  # (layer, head)
-    path_scores: dict[str, mk.PatchResult]
+    path_scores: dict[str, mk.patching.PatchResult]
     circuit: mk.CircuitGraph
     seconds: float
 
@@ -325,7 +325,7 @@ def reproduce(
                 classes["other direct"].append(evidence)
 
     # 4. S-inhibition: every head's path into the name movers' queries
-    path_scores: dict[str, mk.PatchResult] = {}
+    path_scores: dict[str, mk.patching.PatchResult] = {}
     mover_sites = [mk.Site("q", layer=layer, head=head) for (layer, head), _ in movers]
     path_pairs = pairs[: min(n_path_prompts, len(pairs))]
     into_q = _path(model, path_pairs, mover_sites, progress)
@@ -547,7 +547,7 @@ def _circuit_graph(
 ) -> mk.CircuitGraph:
     """The head-level circuit as a graph: senders into the receivers they were found through,
     scored by their path-patching drop (and the name movers by their DLA into the logits)."""
-    layout = mk.GraphLayout.from_model(model)
+    layout = mk.graph.GraphLayout.from_model(model)
     group = model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads)
     scores = torch.zeros(layout.valid.shape)
     edges: list[str] = []

@@ -22,6 +22,7 @@ from typing import Any
 from mechkit import (
     attribution,
     core,
+    corpus,
     decomposition,
     errors,
     graph,
@@ -35,6 +36,7 @@ from mechkit import (
     sae,
     sites,
     steering,
+    tokens,
     version,
 )
 
@@ -111,8 +113,8 @@ __version__ = version.__version__
 
 __all__ = [
     # subpackages
-    "attribution", "core", "decomposition", "errors", "graph", "heads", "interventions", "lens",
-    "metrics", "models", "patching", "prompts", "sae", "sites", "steering",
+    "attribution", "core", "corpus", "decomposition", "errors", "graph", "heads", "interventions",
+    "lens", "metrics", "models", "patching", "prompts", "sae", "sites", "steering", "tokens",
     # models, prompts and metrics
     "load_model", "model_info", "PromptPairs", "Site", "tokenize_answer",
     "Metric", "LogitDiff", "ProbDiff", "CrossEntropy", "KLDivergence", "Normalized",

@@ -49,20 +49,24 @@ def _batch_size_calls(toy, toy_tokens, toy_sae, toy_graph):
         "evaluate_feature_circuit": lambda b: mk.evaluate_feature_circuit(
             toy, toy_sae, ["r0.err"], clean, corrupt, _metric, batch_size=b
         ),
-        "activations_at": lambda b: mk.activations_at(toy, texts, layer=0, batch_size=b),
-        "mean_difference_vector": lambda b: mk.mean_difference_vector(
+        "activations_at": lambda b: mk.steering.activations_at(toy, texts, layer=0, batch_size=b),
+        "mean_difference_vector": lambda b: mk.steering.mean_difference_vector(
             toy, texts[:1], texts[1:], layer=0, batch_size=b
         ),
-        "pca_vector": lambda b: mk.pca_vector(toy, texts, texts[::-1], layer=0, batch_size=b),
-        "probe_vector": lambda b: mk.probe_vector(toy, texts, texts[::-1], layer=0, batch_size=b),
+        "pca_vector": lambda b: mk.steering.pca_vector(
+            toy, texts, texts[::-1], layer=0, batch_size=b
+        ),
+        "probe_vector": lambda b: mk.steering.probe_vector(
+            toy, texts, texts[::-1], layer=0, batch_size=b
+        ),
         "detect_heads": lambda b: mk.detect_heads(toy, "previous_token", batch_size=b),
-        "collect_features": lambda b: mk.collect_features(
+        "collect_features": lambda b: mk.sae.collect_features(
             toy, toy_sae, clean, [0], batch_size=b, progress=False
         ),
         "evaluate_sae": lambda b: mk.evaluate_sae(
             toy, toy_sae, clean, batch_size=b, progress=False
         ),
-        "compare_lenses": lambda b: mk.compare_lenses(toy, clean, batch_size=b),
+        "compare_lenses": lambda b: mk.lens.compare_lenses(toy, clean, batch_size=b),
         "patch_latents": lambda b: mk.patch_latents(
             toy, toy_sae, clean, corrupt, _metric, batch_size=b, progress=False
         ),

@@ -65,7 +65,7 @@ def test_dla_sums_to_the_logit_difference(smollm2, pairs):
     dla = mk.direct_logit_attribution(smollm2, pairs)
     with torch.no_grad():
         logits = smollm2(pairs.clean_tokens)
-    expected = mk.logit_diff(logits, pairs.answer, pairs.wrong, pairs.answer_positions())
+    expected = mk.metrics.logit_diff(logits, pairs.answer, pairs.wrong, pairs.answer_positions())
     assert torch.allclose(dla.values.sum(0), expected, atol=1e-4)
     assert torch.allclose(dla.total, expected, atol=1e-4)
     assert dla.labels[-1] == "unembed_bias"

@@ -212,10 +212,10 @@ CHOICE_TYPOS = {
         m, s["sae"], s["pairs"], None, None, positions="eachh"
     ),
     "evaluate_sae exclude": lambda m, s: mk.evaluate_sae(m, s["sae"], s["tokens"], exclude="frist"),
-    "collect_features exclude": lambda m, s: mk.collect_features(
+    "collect_features exclude": lambda m, s: mk.sae.collect_features(
         m, s["sae"], s["tokens"], [0], exclude="frist"
     ),
-    "Steering positions": lambda m, s: mk.Steering(s["vector"], positions="prompts"),
+    "Steering positions": lambda m, s: mk.steering.Steering(s["vector"], positions="prompts"),
     "steer positions": lambda m, s: _steer(m, s, positions="promt"),
     "steering_sweep positions": lambda m, s: mk.steering_sweep(
         m,
@@ -231,14 +231,16 @@ CHOICE_TYPOS = {
     "answer_positions run": lambda m, s: s["pairs"].answer_positions("clen"),
     "corpus split": lambda m, s: corpus_documents("tset"),
     "stdlib split": lambda m, s: stdlib_documents("tset"),
-    "ActivationStore cache_dtype": lambda m, s: mk.ActivationStore(
+    "ActivationStore cache_dtype": lambda m, s: mk.sae.ActivationStore(
         m, "blocks.0.hook_resid_post", s["tokens"], cache_dtype="flaot16"
     ),
     "SAEConfig normalize_activations": lambda m, s: SAEConfig(
         architecture="relu", d_in=8, d_sae=8, hook_name="h", normalize_activations="nonee"
     ),
-    "TrainConfig b_dec_init": lambda m, s: mk.TrainConfig(b_dec_init="meen"),
-    "save_sae weights_dtype": lambda m, s: mk.save_sae(s["sae"], "unused", weights_dtype="flaot16"),
+    "TrainConfig b_dec_init": lambda m, s: mk.sae.TrainConfig(b_dec_init="meen"),
+    "save_sae weights_dtype": lambda m, s: mk.sae.save_sae(
+        s["sae"], "unused", weights_dtype="flaot16"
+    ),
     "resolve_dtype": lambda m, s: mk.load_model("attn-only-2l", dtype="flaot32"),
 }
 

@@ -23,17 +23,17 @@ def test_logit_and_prob_diff(logits):
     expected = torch.stack(
         [logits[i, POS[i], ANSWER[i]] - logits[i, POS[i], WRONG[i]] for i in range(4)]
     )
-    assert torch.allclose(mk.logit_diff(logits, ANSWER, WRONG, POS), expected)
+    assert torch.allclose(mk.metrics.logit_diff(logits, ANSWER, WRONG, POS), expected)
     probs = logits.softmax(-1)
     expected_p = torch.stack(
         [probs[i, POS[i], ANSWER[i]] - probs[i, POS[i], WRONG[i]] for i in range(4)]
     )
-    assert torch.allclose(mk.prob_diff(logits, ANSWER, WRONG, POS), expected_p)
+    assert torch.allclose(mk.metrics.prob_diff(logits, ANSWER, WRONG, POS), expected_p)
 
 
 def test_default_position_is_the_last(logits):
     assert torch.allclose(
-        mk.logit_diff(logits, ANSWER, WRONG),
+        mk.metrics.logit_diff(logits, ANSWER, WRONG),
         logits[:, -1, ANSWER].diagonal() - logits[:, -1, WRONG].diagonal(),
     )
 
@@ -41,7 +41,7 @@ def test_default_position_is_the_last(logits):
 def test_cross_entropy(logits):
     at = logits[torch.arange(4), POS]
     assert torch.allclose(
-        mk.cross_entropy(logits, ANSWER, POS), F.cross_entropy(at, ANSWER, reduction="none")
+        mk.metrics.cross_entropy(logits, ANSWER, POS), F.cross_entropy(at, ANSWER, reduction="none")
     )
 
 
@@ -51,8 +51,8 @@ def test_kl(logits):
     expected = F.kl_div(
         at.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none"
     ).sum(-1)
-    assert torch.allclose(mk.kl_divergence(logits, ref, POS), expected, atol=1e-6)
-    assert torch.allclose(mk.kl_divergence(at, at), torch.zeros(4), atol=1e-6)
+    assert torch.allclose(mk.metrics.kl_divergence(logits, ref, POS), expected, atol=1e-6)
+    assert torch.allclose(mk.metrics.kl_divergence(at, at), torch.zeros(4), atol=1e-6)
 
 
 def test_metric_objects_batch_and_select(logits):
@@ -63,7 +63,7 @@ def test_metric_objects_batch_and_select(logits):
     assert torch.allclose(sub.per_prompt(logits[1:3]), per[1:3])
     assert torch.allclose(
         mk.CrossEntropy(ANSWER, POS).select(torch.tensor([0, 3])).per_prompt(logits[[0, 3]]),
-        mk.cross_entropy(logits, ANSWER, POS)[[0, 3]],
+        mk.metrics.cross_entropy(logits, ANSWER, POS)[[0, 3]],
     )
 
 
@@ -79,11 +79,11 @@ def test_normalized_is_one_at_clean_and_zero_at_corrupt(logits):
 
 def test_normalize_refuses_equal_clean_and_corrupt():
     with pytest.raises(ValueError, match="differ"):
-        mk.normalize(torch.tensor(1.0), 2.0, 2.0)
+        mk.metrics.normalize(torch.tensor(1.0), 2.0, 2.0)
 
 
 def test_shape_errors(logits):
     with pytest.raises(mk.ShapeError, match="one answer position per prompt"):
-        mk.logit_diff(logits, ANSWER, WRONG, torch.tensor([1, 2]))
+        mk.metrics.logit_diff(logits, ANSWER, WRONG, torch.tensor([1, 2]))
     with pytest.raises(mk.ShapeError, match="one token id per prompt"):
-        mk.logit_diff(logits, ANSWER[:2], WRONG, POS)
+        mk.metrics.logit_diff(logits, ANSWER[:2], WRONG, POS)

@@ -49,7 +49,7 @@ def test_padding_leaves_each_prompts_answer_logits_unchanged(smollm2, pairs):
         assert (batched[i, positions[i]] - alone).abs().max() < 1e-4
     metric = mk.LogitDiff.from_pairs(pairs)
     single = [
-        mk.logit_diff(
+        mk.metrics.logit_diff(
             smollm2(smollm2.to_tokens(t)), pairs.answer[i : i + 1], pairs.wrong[i : i + 1]
         )
         for i, t in enumerate(CLEAN)

@@ -60,7 +60,7 @@ def test_component_typo_suggests():
 
 def test_hook_name_typo_suggests_real_names(smollm2):
     with pytest.raises(mk.SiteNotFoundError) as err:
-        mk.validate_sites(smollm2, "blocks.5.attn.hook_zz")
+        mk.sites.validate_sites(smollm2, "blocks.5.attn.hook_zz")
     assert "'blocks.5.attn.hook_z'" in str(err.value)
     assert isinstance(err.value, KeyError)
 

@@ -17,9 +17,9 @@ Example:
     >>> model = mk.load_model("attn-only-2l")
     >>> _ = torch.manual_seed(0)
     >>> tokens = torch.randint(1, model.cfg.d_vocab, (8, 16))  # (batch, pos)
-    >>> config = mk.TunedLensConfig(steps=3, batch_size=2, warmup_steps=1)
+    >>> config = mk.lens.TunedLensConfig(steps=3, batch_size=2, warmup_steps=1)
     >>> lens = mk.train_tuned_lens(model, tokens, config, progress=False)
-    >>> table = mk.compare_lenses(model, tokens, lens)
+    >>> table = mk.lens.compare_lenses(model, tokens, lens)
     >>> table.layer_labels, table.logit_lens_kl.shape   # per layer, both lenses
     (('resid_pre 0', 'resid_pre 1', 'final'), torch.Size([3]))
 """

@@ -20,7 +20,7 @@ script, nothing fetched: it opens offline), written atomically.
     >>> sae = SparseDictionary.from_config(SAEConfig(
     ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
     >>> tokens = torch.randint(1, 500, (8, 16), generator=torch.Generator().manual_seed(0))
-    >>> report = mk.collect_features(model, sae, tokens, [3], progress=False)
+    >>> report = mk.sae.collect_features(model, sae, tokens, [3], progress=False)
     >>> len(report[3].contexts[0].tokens) > 0     # the window around its strongest activation
     True
 """
@@ -91,7 +91,7 @@ class FeatureContext:
         >>> model = mk.load_model("attn-only-2l")
         >>> sae = SparseDictionary.from_config(SAEConfig(
         ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
-        >>> report = mk.collect_features(model, sae, torch.randint(1, 500, (4, 16)), [1, 2],
+        >>> report = mk.sae.collect_features(model, sae, torch.randint(1, 500, (4, 16)), [1, 2],
         ...                              progress=False)
         >>> context = report[1].contexts[0]               # its strongest context
         >>> context.activations[context.position - context.start] == context.max_activation
@@ -129,7 +129,7 @@ class FeatureData:
         >>> model = mk.load_model("attn-only-2l")
         >>> sae = SparseDictionary.from_config(SAEConfig(
         ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
-        >>> report = mk.collect_features(model, sae, torch.randint(1, 500, (4, 16)), [1, 2],
+        >>> report = mk.sae.collect_features(model, sae, torch.randint(1, 500, (4, 16)), [1, 2],
         ...                              progress=False)
         >>> feature = report[2]
         >>> 0 <= feature.frequency <= 1, feature.max_activation == float(feature.activations.max())
@@ -161,7 +161,7 @@ class FeatureReport:
         >>> model = mk.load_model("attn-only-2l")
         >>> sae = SparseDictionary.from_config(SAEConfig(
         ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
-        >>> report = mk.collect_features(model, sae, torch.randint(1, 500, (4, 16)), [1, 2],
+        >>> report = mk.sae.collect_features(model, sae, torch.randint(1, 500, (4, 16)), [1, 2],
         ...                              progress=False)
         >>> report.latents, sorted(latent for latent, _ in report.top(2))  # by max activation
         ((1, 2), [1, 2])
@@ -273,7 +273,7 @@ def collect_features(
         model: a HookedTransformer.
         sae: an SAE or transcoder.
         tokens: ``(batch, pos)`` token ids (or texts); None for the corpus's held-out split
-            (``mk.corpus_tokens(model, seq_len=128, split="test", max_sequences=64)``).
+            (``mk.corpus.corpus_tokens(model, seq_len=128, split="test", max_sequences=64)``).
         latents: a latent index or a list of them.
         n_contexts: contexts per latent (one per sequence, strongest first).
         window: tokens per context, the maximum placed three quarters of the way in (more

@@ -355,7 +355,7 @@ def evaluate_sae(
         model: a HookedTransformer.
         sae: an SAE or transcoder (``cfg.hook_name``; ``cfg.out_hook_name`` for transcoders).
         tokens: ``(batch, pos)`` token ids, or texts; None for
-            ``mk.corpus_tokens(model, seq_len=128, split="test", max_sequences=64)``.
+            ``mk.corpus.corpus_tokens(model, seq_len=128, split="test", max_sequences=64)``.
         batch_size: sequences per forward pass.
         exclude: ``"first"``, ``"bos"`` or ``"none"``: which positions are left out (see the
             module docstring).
@@ -486,7 +486,7 @@ def evaluation_tokens(
     if tokens.ndim != 2 or tokens.numel() == 0 or tokens.is_floating_point():
         raise ShapeError(
             f"Expected token ids of shape (batch, pos); got {tuple(tokens.shape)} "
-            f"({tokens.dtype}). Hint: mk.corpus_tokens(model, split='test')."
+            f"({tokens.dtype}). Hint: mk.corpus.corpus_tokens(model, split='test')."
         )
     if mask is None:
         mask = torch.ones(tokens.shape, dtype=torch.bool)

@@ -17,8 +17,8 @@ every layer and position: :func:`ablate_direction`.
 
 Example:
     >>> model = mk.load_model("smollm2-135m")
-    >>> vec = mk.mean_difference_vector(model, ["I love it"], ["I hate it"], layer=6)
-    >>> out = mk.generate(model, ["I think the movie was"], steering=mk.Steering(vec, 6.0),
+    >>> vec = mk.steering.mean_difference_vector(model, ["I love it"], ["I hate it"], layer=6)
+    >>> out = mk.generate(model, ["I think the movie was"], steering=mk.steering.Steering(vec, 6.0),
     ...                   max_new_tokens=4, temperature=0)
     >>> out.tokens.shape        # (batch, new tokens); out.texts holds the decoded text
     torch.Size([1, 4])
@@ -75,7 +75,7 @@ class Steering:
 
     Example:
         >>> vec = mk.SteeringVector(torch.ones(64), layer=1)
-        >>> mk.Steering(vec, 4.0, positions="prompt").positions
+        >>> mk.steering.Steering(vec, 4.0, positions="prompt").positions
         'prompt'
     """
 
@@ -87,8 +87,8 @@ class Steering:
         if not isinstance(self.vector, SteeringVector):
             raise InvalidTypeError(
                 f"Expected a SteeringVector; got {type(self.vector).__name__}. Hint: build one "
-                "with mk.actadd_vector, mk.mean_difference_vector, mk.pca_vector or "
-                "mk.probe_vector."
+                "with mk.steering.actadd_vector, mean_difference_vector, pca_vector or "
+                "probe_vector."
             )
         if isinstance(self.positions, list):
             object.__setattr__(self, "positions", tuple(self.positions))
@@ -271,7 +271,7 @@ def ablate_direction(
         >>> model = mk.load_model("attn-only-2l")
         >>> d = torch.zeros(model.cfg.d_model); d[0] = 1.0
         >>> _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]))
-        >>> with mk.ablate_direction(model, d):
+        >>> with mk.steering.ablate_direction(model, d):
         ...     _, ablated = model.run_with_cache(torch.tensor([[1, 2, 3]]))
         >>> float(ablated["blocks.1.hook_resid_pre"][..., 0].abs().max())
         0.0

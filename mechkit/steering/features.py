@@ -12,7 +12,7 @@ and a coefficient ``c`` therefore adds ``c`` to the latent's activation: steerin
 Example:
     >>> sae = mk.sae.SparseDictionary.from_config(mk.sae.SAEConfig(
     ...     architecture="relu", d_in=128, d_sae=8, hook_name="blocks.1.hook_resid_pre"))
-    >>> vec = mk.sae_latent_vector(sae, 3)             # latent 3's decoder direction, (d_model,)
+    >>> vec = mk.steering.sae_latent_vector(sae, 3)  # latent 3's decoder direction, (d_model,)
     >>> vec.hook_name, vec.vector.shape
     ('blocks.1.hook_resid_pre', torch.Size([128]))
     >>> model = mk.load_model("attn-only-2l")

@@ -364,13 +364,13 @@ def steering_sweep(
 
     Args:
         vectors: the vector for each layer (a dict, or a function ``layer -> vector``, e.g.
-            ``lambda l: mk.mean_difference_vector(model, pos, neg, layer=l)``).
+            ``lambda l: mk.steering.mean_difference_vector(model, pos, neg, layer=l)``).
         layers, coefficients: the grid.
         effect: a measure (:class:`TokenProbability`, :class:`LogitDiffMeasure`,
             :class:`MetricMeasure`, :class:`ABScore`, :class:`WordShare`) or any
             ``(model, steerings, seed) -> float``.
         cost_tokens: ``(batch, pos)`` held-out text unrelated to the behaviour (e.g.
-            ``mk.corpus_tokens(model, seq_len=64, split="test", max_sequences=8)``).
+            ``mk.corpus.corpus_tokens(model, seq_len=64, split="test", max_sequences=8)``).
         positions: where the vectors are added (see :class:`Steering`).
         sample_prompts: prompts to generate from for the side-by-side samples.
         sample_settings: which (layer, coefficient) settings get samples; None: every setting.
@@ -380,7 +380,8 @@ def steering_sweep(
         >>> pos, neg = ["I love this", "What a great day"], ["I hate this", "What an awful day"]
         >>> cost = model.to_tokens(["The weather report for today says that"])  # (batch, pos)
         >>> sweep = steering_sweep(
-        ...     model, lambda layer: mk.mean_difference_vector(model, pos, neg, layer=layer),
+        ...     model,
+        ...     lambda layer: mk.steering.mean_difference_vector(model, pos, neg, layer=layer),
         ...     layers=[4], coefficients=[0.0, 4.0], cost_tokens=cost, progress=False,
         ...     effect=LogitDiffMeasure(("I think the movie was",), " good", " bad"))
         >>> [(label["coefficient"], round(change, 2)) for label, change in sweep.top()]
@@ -394,12 +395,12 @@ def steering_sweep(
     if cost_tokens.ndim != 2 or cost_tokens.shape[1] < 2:
         raise ShapeError(
             f"Expected held-out cost tokens of shape (batch, pos >= 2); got "
-            f"{tuple(cost_tokens.shape)}. Hint: mk.corpus_tokens(model, seq_len=64, "
+            f"{tuple(cost_tokens.shape)}. Hint: mk.corpus.corpus_tokens(model, seq_len=64, "
             "split='test')."
         )
     if cost_tokens.shape[0] == 0:
         raise EmptyDatasetError(
-            "Expected at least one held-out cost sequence; got none. Hint: mk.corpus_tokens("
+            "Expected at least one held-out cost sequence; got none. Hint: mk.corpus.corpus_tokens("
             "model, seq_len=64, split='test')."
         )
     check_tokens(model, cost_tokens)

@@ -17,7 +17,7 @@ def repeated_tokens(model, n: int, half: int, seed: int) -> torch.Tensor:
     return torch.cat([torch.zeros(n, 1, dtype=torch.long), body, body], dim=1)
 
 
-CFG = mk.TunedLensConfig(steps=60, batch_size=8, lr=3e-3, warmup_steps=5, checkpoint_every=20)
+CFG = mk.lens.TunedLensConfig(steps=60, batch_size=8, lr=3e-3, warmup_steps=5, checkpoint_every=20)
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +27,18 @@ def trained(toy):
 
 def test_fresh_lens_is_the_logit_lens(smollm2):
     tokens = smollm2.to_tokens("The capital of Japan is Tokyo, and the capital of France is")
-    fresh = mk.TunedLens(30, 576)
+    fresh = mk.lens.TunedLens(30, 576)
     with torch.no_grad():
         resids, _ = tl._residuals(smollm2, tokens)
         for layer in [0, 13, 29]:
             lens_logits = fresh.logits(smollm2, resids[layer], layer)
-            plain = mk.decode_residual(smollm2, resids[layer])
+            plain = mk.lens.decode_residual(smollm2, resids[layer])
             assert torch.equal(lens_logits, plain)
 
 
 def test_compare_lenses_matches_the_logit_lens_kl(smollm2):
     tokens = smollm2.to_tokens(["The capital of Japan is Tokyo, and the capital of France is"])
-    table = mk.compare_lenses(smollm2, tokens)
+    table = mk.lens.compare_lenses(smollm2, tokens)
     lens = mk.logit_lens(smollm2, tokens, keep_logits=True)
     logp = lens.logits.log_softmax(-1)  # (layer, batch, pos, d_vocab)
     final = logp[-1]
@@ -49,7 +49,7 @@ def test_compare_lenses_matches_the_logit_lens_kl(smollm2):
 
 def test_trained_lens_beats_the_logit_lens_on_held_out_tokens(toy, trained):
     held_out = repeated_tokens(toy, 64, 20, seed=123)
-    table = mk.compare_lenses(toy, held_out, trained)
+    table = mk.lens.compare_lenses(toy, held_out, trained)
     assert (table.tuned_lens_kl[:-1] < table.logit_lens_kl[:-1]).all(), table.to_dataframe()
     assert set(table.to_dataframe().columns) == {"layer", "logit_lens_kl", "tuned_lens_kl"}
     assert len(table.plot().data) == 2
@@ -57,7 +57,7 @@ def test_trained_lens_beats_the_logit_lens_on_held_out_tokens(toy, trained):
 
 def test_save_and_load(trained, tmp_path):
     trained.save(tmp_path / "lens")
-    again = mk.TunedLens.load(tmp_path / "lens")
+    again = mk.lens.TunedLens.load(tmp_path / "lens")
     assert torch.equal(again.A, trained.A) and torch.equal(again.b, trained.b)
     assert again.meta["config"]["steps"] == CFG.steps
     assert not list((tmp_path / "lens").glob("*.tmp"))
@@ -65,7 +65,9 @@ def test_save_and_load(trained, tmp_path):
 
 def test_killed_run_resumes_to_the_same_lens(toy, tmp_path, monkeypatch):
     tokens = repeated_tokens(toy, 64, 12, 1)
-    cfg = mk.TunedLensConfig(steps=8, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=3)
+    cfg = mk.lens.TunedLensConfig(
+        steps=8, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=3
+    )
     straight = mk.train_tuned_lens(toy, tokens, cfg, progress=False)
 
     real = tl._residuals
@@ -117,7 +119,7 @@ def test_tuned_lens_record_that_does_not_fit_its_weights_raises_file_format_erro
 @pytest.mark.parametrize("how", DAMAGES)
 def test_damaged_tuned_lens_checkpoint_raises_file_format_error(how, toy, tmp_path):
     tokens = repeated_tokens(toy, 16, 6, 1)
-    cfg = mk.TunedLensConfig(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2)
+    cfg = mk.lens.TunedLensConfig(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2)
     torch.save({"lens": {}, "optimizer": {}, "step": 2}, tmp_path / "checkpoint.pt")
     damage(tmp_path / "checkpoint.pt", how)
     with pytest.raises(mk.FileFormatError, match="checkpoint.pt"):
@@ -144,17 +146,17 @@ def test_lens_comparison_top_ranks_layers_by_the_tuned_lens_gain(toy, trained):
 
     lens = trained
     tokens = repeated_tokens(toy, 4, 20, 1)
-    table = mk.compare_lenses(toy, tokens, lens)
+    table = mk.lens.compare_lenses(toy, tokens, lens)
     gain = table.logit_lens_kl - table.tuned_lens_kl
     assert table.top() == rank(list(table.layer_labels), gain, 10)
-    alone = mk.compare_lenses(toy, tokens)
+    alone = mk.lens.compare_lenses(toy, tokens)
     assert alone.top(1)[0][1] == float(alone.logit_lens_kl.max())
 
 
 def test_compare_lenses_is_the_same_in_one_pass_and_in_batches(toy, trained):
     lens = trained
     tokens = repeated_tokens(toy, 6, 20, 2)
-    one = mk.compare_lenses(toy, tokens, lens, batch_size=None)
-    split = mk.compare_lenses(toy, tokens, lens, batch_size=4)
+    one = mk.lens.compare_lenses(toy, tokens, lens, batch_size=None)
+    split = mk.lens.compare_lenses(toy, tokens, lens, batch_size=4)
     assert torch.allclose(one.logit_lens_kl, split.logit_lens_kl, atol=1e-5)
     assert torch.allclose(one.tuned_lens_kl, split.tuned_lens_kl, atol=1e-5)

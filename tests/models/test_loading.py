@@ -69,7 +69,7 @@ def test_smollm2_config_and_processing(smollm2):
     assert (cfg.d_head, cfg.d_mlp, cfg.d_vocab, cfg.n_ctx) == (64, 1536, 49152, 2048)
     assert cfg.normalization_type == "RMSPre"  # the norm scales were folded into the weights
     info = mk.model_info(smollm2)
-    assert info.processing == mk.Processing(fold_ln=True)
+    assert info.processing == mk.models.Processing(fold_ln=True)
     assert info.source == "embedded" and info.location.endswith(".gguf")
     assert not info.from_cache  # the session's first load converted the file
     assert not smollm2.training

@@ -218,7 +218,14 @@ def test_help_documents_every_key(capsys):
     keys += [f"sweeps[].{f.name}" for f in dataclasses.fields(SweepEntry)]
     documented = {line.split()[0] for line in text.splitlines() if line.startswith("  ")}
     assert set(keys) <= documented, set(keys) - documented
-    for word in ("--restart", "--out", "resumes", *mk.PATCHABLE, "repeated_tokens", "parquet"):
+    for word in (
+        "--restart",
+        "--out",
+        "resumes",
+        *mk.patching.PATCHABLE,
+        "repeated_tokens",
+        "parquet",
+    ):
         assert word in text
 
 

@@ -255,7 +255,7 @@ def test_bad_inputs(model):
 def test_rotary_gated_model_from_the_cached_block(smollm2):
     """SmolLM2 (rotary, RMSNorm): the losses run from the cached residual at the SAE's block
     equal the model's own loss, and a perfect dictionary recovers all of it."""
-    tokens = mk.corpus_tokens(smollm2, seq_len=24, split="test", max_sequences=2)
+    tokens = mk.corpus.corpus_tokens(smollm2, seq_len=24, split="test", max_sequences=2)
     sae = perfect_dict("blocks.20.hook_resid_post", 576)
     ev = evaluate_sae(smollm2, sae, tokens, exclude="first", progress=False)
     with torch.no_grad():

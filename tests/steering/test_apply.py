@@ -42,7 +42,7 @@ def test_given_positions_and_per_position_vectors(smollm2, vector):
         smollm2(tokens)
     base = seen["act"]
     # the recording hook runs after the steering hook on the same point: it sees the sum
-    steering = mk.Steering(vector, 1.5, positions=(1, 3))
+    steering = mk.steering.Steering(vector, 1.5, positions=(1, 3))
     with (
         mk.steer(smollm2, steering),
         smollm2.hooks(fwd_hooks=[("blocks.6.hook_resid_pre", record)]),
@@ -66,7 +66,7 @@ def test_given_positions_and_per_position_vectors(smollm2, vector):
 
 @torch.no_grad()
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(smollm2, vector):
-    steering = [mk.Steering(vector, 4.0, positions="prompt")]
+    steering = [mk.steering.Steering(vector, 4.0, positions="prompt")]
     both = mk.generate(smollm2, PROMPTS, steering=steering, max_new_tokens=6, temperature=0)
     for i, prompt in enumerate(PROMPTS):
         alone = mk.generate(smollm2, [prompt], steering=steering, max_new_tokens=6, temperature=0)
@@ -78,7 +78,7 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(smollm2, vec
 
 @torch.no_grad()
 def test_prompt_and_generated_positions_split_at_the_prompt_end(smollm2, vector):
-    only_generated = mk.Steering(vector, 8.0, positions="generated")
+    only_generated = mk.steering.Steering(vector, 8.0, positions="generated")
     plain = mk.generate(smollm2, PROMPTS[:1], max_new_tokens=1, temperature=0)
     first = mk.generate(
         smollm2, PROMPTS[:1], steering=only_generated, max_new_tokens=1, temperature=0
@@ -116,7 +116,7 @@ def test_directional_ablation_removes_the_direction_everywhere(smollm2, vector):
     tokens = smollm2.to_tokens(PROMPTS)
     unit = vector.vector / vector.vector.norm()
     names = [f"blocks.{layer}.hook_resid_post" for layer in range(smollm2.cfg.n_layers)]
-    with mk.ablate_direction(smollm2, vector):
+    with mk.steering.ablate_direction(smollm2, vector):
         _, cache = smollm2.run_with_cache(tokens, names_filter=lambda n: n in names)
     for name in names:
         act = cache[name]
@@ -126,7 +126,7 @@ def test_directional_ablation_removes_the_direction_everywhere(smollm2, vector):
 
 def test_bad_steering_is_refused_before_running(smollm2, vector):
     with pytest.raises(mk.MechkitError, match="positions"):
-        mk.Steering(vector, 1.0, positions="everywhere")
+        mk.steering.Steering(vector, 1.0, positions="everywhere")
     wrong_width = mk.SteeringVector(torch.ones(10), layer=3)
     with pytest.raises(mk.ShapeError, match="width"), mk.steer(smollm2, wrong_width):
         pass
@@ -155,7 +155,7 @@ def test_generate_with_non_finite_logits_raises_instead_of_emitting_token_0(
         mk.generate(
             smollm2,
             PROMPTS[:1],
-            steering=mk.Steering(vector, coefficient),
+            steering=mk.steering.Steering(vector, coefficient),
             max_new_tokens=2,
             temperature=0,
         )

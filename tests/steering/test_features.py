@@ -18,7 +18,7 @@ TRAINED = Path(mk.__file__).parent / "sae" / "trained"
 def test_steering_with_a_latent_equals_adding_to_it_in_the_splice(smollm2, name):
     sae = mk.load_sae(TRAINED / name)
     tokens = smollm2.to_tokens(["When Mary and John went to the store, John gave a drink to"])
-    vec = mk.sae_latent_vector(sae, [7, 300], weights=[1.0, -0.5])
+    vec = mk.steering.sae_latent_vector(sae, [7, 300], weights=[1.0, -0.5])
     assert vec.hook_name == "blocks.12.hook_resid_post" and vec.vector.shape == (576,)
     with torch.no_grad():
         with mk.steer(smollm2, vec, coefficient=6.0):
@@ -37,14 +37,14 @@ def test_bad_latents_and_sites_are_refused():
         SAEConfig(architecture="relu", d_in=64, d_sae=8, hook_name="blocks.0.attn.hook_z")
     )
     with pytest.raises(InvalidSiteError, match="residual stream"):
-        mk.sae_latent_vector(z, 1)
+        mk.steering.sae_latent_vector(z, 1)
     resid = SparseDictionary.from_config(
         SAEConfig(architecture="relu", d_in=64, d_sae=8, hook_name="blocks.3.hook_resid_pre")
     )
     with pytest.raises(InvalidSiteError, match=r"\[0, 8\)"):
-        mk.sae_latent_vector(resid, 9)
+        mk.steering.sae_latent_vector(resid, 9)
     with pytest.raises(MechkitError, match="one weight per latent"):
-        mk.sae_latent_vector(resid, [1, 2], weights=[1.0])
-    vec = mk.sae_latent_vector(resid, 2)
+        mk.steering.sae_latent_vector(resid, [1, 2], weights=[1.0])
+    vec = mk.steering.sae_latent_vector(resid, 2)
     assert vec.site == "resid_pre" and vec.layer == 3
     torch.testing.assert_close(vec.vector, resid.W_dec[2].float())

@@ -15,10 +15,10 @@ PROMPTS = ("I think the movie was", "The food at the restaurant was")
 
 @pytest.fixture(scope="module")
 def sweep(smollm2):
-    cost = mk.corpus_tokens(smollm2, seq_len=24, split="test", max_sequences=2)
+    cost = mk.corpus.corpus_tokens(smollm2, seq_len=24, split="test", max_sequences=2)
     return mk.steering_sweep(
         smollm2,
-        lambda layer: mk.mean_difference_vector(smollm2, POS, NEG, layer=layer),
+        lambda layer: mk.steering.mean_difference_vector(smollm2, POS, NEG, layer=layer),
         layers=[4, 8],
         coefficients=[0.0, 4.0],
         effect=mk.steering.LogitDiffMeasure(PROMPTS, " good", " bad"),
@@ -43,7 +43,7 @@ def test_zero_coefficient_costs_nothing_and_changes_nothing(sweep):
 def test_effect_and_cost_equal_a_direct_computation(smollm2, sweep):
     result, cost = sweep
     row = result.to_dataframe().query("layer == 8 and coefficient == 4.0").iloc[0]
-    vector = mk.mean_difference_vector(smollm2, POS, NEG, layer=8)
+    vector = mk.steering.mean_difference_vector(smollm2, POS, NEG, layer=8)
     good, bad = smollm2.to_single_token(" good"), smollm2.to_single_token(" bad")
     hook = ("blocks.8.hook_resid_pre", lambda act, hook: act + 4.0 * vector.vector)
     diffs = []
@@ -69,11 +69,11 @@ def test_samples_table_and_plot(sweep):
 
 def test_measures_refuse_empty_prompt_lists(smollm2):
     with pytest.raises(mk.EmptyDatasetError):
-        mk.TokenProbability((), " good")(smollm2, [], 0)
+        mk.steering.TokenProbability((), " good")(smollm2, [], 0)
     with pytest.raises(mk.EmptyDatasetError):
         mk.steering.LogitDiffMeasure((), " good", " bad")(smollm2, [], 0)
     with pytest.raises(mk.EmptyDatasetError):
-        mk.WordShare((), ("good",))(smollm2, [], 0)
+        mk.steering.WordShare((), ("good",))(smollm2, [], 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def test_measures_refuse_empty_prompt_lists(smollm2):
 
 def test_logit_difference_is_a_deprecated_alias_of_the_logit_diff_measure(smollm2):
     with pytest.warns(DeprecationWarning, match="LogitDiffMeasure"):
-        old = mk.LogitDifference(PROMPTS, " good", " bad")
+        old = mk.steering.LogitDifference(PROMPTS, " good", " bad")
     new = mk.steering.LogitDiffMeasure(PROMPTS, " good", " bad")
     assert isinstance(old, mk.steering.LogitDiffMeasure)
     assert old(smollm2, [], 0) == new(smollm2, [], 0)
