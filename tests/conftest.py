@@ -5,64 +5,30 @@ the toy model; the ``slow`` marker, set on every test that loads a real model.
 those tests. A test that requests ``smollm2`` or ``session_cache`` (directly or through another
 fixture) is marked automatically; a test that loads a real model any other way must carry
 ``@pytest.mark.slow`` itself, and fails when it does not (a real model is loaded through the
-GGUF reader, which refuses while an unmarked test runs). Tests that load a real model in a
+GGUF reader, which refuses while an unmarked test or doctest runs: the guard is in the root
+conftest.py, so that it sees the doctests under mechkit/ too). Tests that load a real model in a
 subprocess (notebooks, the CLI) cannot be checked that way and carry the mark explicitly.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 import mechkit as mk
-import mechkit.models.loading as _loading
 
 pytest_plugins = ["pytester"]
 
 SLOW_FIXTURES = frozenset({"smollm2", "session_cache"})
 """Fixtures that exist only for the real models: requesting one makes a test slow."""
 
-REAL_MODEL_BYTES = 10 * 1024**2
-"""GGUF files larger than this are real models (the 135M one is ~90 MB); tests of broken or
-hand-made files stay fast."""
-
-_running: dict[str, pytest.Item] = {}
-
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_setup(item: pytest.Item):
-    _running["item"] = item  # before its fixtures, so module fixtures that load count too
-    yield
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    real = _loading.load_gguf
-
-    @functools.wraps(real)
-    def load_gguf(path, *args, **kwargs):
-        item = _running.get("item")
-        real_model = Path(path).is_file() and Path(path).stat().st_size > REAL_MODEL_BYTES
-        if real_model and item is not None and item.get_closest_marker("slow") is None:
-            pytest.fail(
-                f"{item.nodeid} loads a real model ({path}) but is not marked slow. "
-                "Hint: add @pytest.mark.slow (make test-fast skips slow tests), or use the toy "
-                "model (fixture `toy`).",
-                pytrace=False,
-            )
-        return real(path, *args, **kwargs)
-
-    _loading.load_gguf = load_gguf
-    config.add_cleanup(lambda: setattr(_loading, "load_gguf", real))
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 CONFTEST = Path(__file__).with_name("conftest.py")
+ROOT_CONFTEST = Path(__file__).parents[1] / "conftest.py"  # the guard, for tests and doctests
 
 
 def test_real_model_tests_are_marked_and_a_forgotten_mark_fails(pytester):
-    pytester.makeconftest(CONFTEST.read_text())
+    tests_conftest = CONFTEST.read_text().replace("from __future__ import annotations\n", "")
+    pytester.makeconftest(ROOT_CONFTEST.read_text() + "\n" + tests_conftest)
     pytester.makepyfile(
         test_inner="""
         import pytest
