@@ -436,6 +436,18 @@ def run_demo(
     the page says so. ``sections`` defaults to mechkit's own :data:`SECTIONS` followed by
     :func:`registered_sections`; without any registered (the paper reproductions not installed)
     the report says so and how to install them.
+
+    Example:
+        >>> import tempfile
+        >>> from mechkit.demo import SECTIONS
+        >>> with tempfile.TemporaryDirectory() as folder:  # the model card only, on the toy model
+        ...     index = run_demo(folder, "attn-only-2l", sections=SECTIONS[:1])
+        ...     print(index.name, "<h2>Model</h2>" in index.read_text())  # doctest: +ELLIPSIS
+        [mechkit demo] loading attn-only-2l ...
+        [mechkit demo] loaded in ... s (from cache: False)
+        [mechkit demo] Model: ... s
+        [mechkit demo] wrote .../index.html
+        index.html True
     """
 
     out = Path(out_dir)

@@ -68,6 +68,7 @@ from mechkit.atomic_io import write_text_atomically
 from mechkit.core.batching import each_batch
 from mechkit.core.labels import model_name
 from mechkit.core.names import head_name, parse_node
+from mechkit.core.progress import progress_bar
 from mechkit.core.results import rank
 from mechkit.core.types import Model
 from mechkit.errors import (
@@ -272,7 +273,11 @@ def score_patterns(
 
 
 def _attention_scores(
-    model: Model, tokens: Int[Tensor, "batch pos"], kind: HeadKind, batch_size: int | None
+    model: Model,
+    tokens: Int[Tensor, "batch pos"],
+    kind: HeadKind,
+    batch_size: int | None,
+    bar: Any,
 ) -> Float[Tensor, "layer head"]:
     """All heads' scores, one forward pass per batch of prompts."""
     cfg = model.cfg
@@ -294,6 +299,7 @@ def _attention_scores(
             model(batch, stop_at_layer=cfg.n_layers)  # all blocks; no final norm or unembed
         total += part
         rows += int(targets.any(-1).sum())
+        bar.update(batch.shape[0])
 
     each_batch(tokens.shape[0], batch_size, run)
     if rows == 0:
@@ -373,7 +379,7 @@ def _ov_values(
 
 
 def _copying_scores(
-    model: Model, ids: Int[Tensor, " n"], top_k: int, effective_embedding: bool
+    model: Model, ids: Int[Tensor, " n"], top_k: int, effective_embedding: bool, bar: Any
 ) -> Float[Tensor, "layer head"]:
     """Fraction of ``ids`` whose own logit is in the head's OV top-k over the whole vocabulary."""
     cfg = model.cfg
@@ -399,6 +405,7 @@ def _copying_scores(
             beats = (logits >= own[..., None]) & ~is_self  # ties count against t
             at_least += beats.sum(-1)
         out[layer] = (at_least < top_k).float().mean(-1).cpu()
+        bar.update(1)
     return out
 
 
@@ -427,7 +434,7 @@ def _ordinal_families(model: Model) -> list[list[int]]:
 
 
 def _successor_scores(
-    model: Model, families: list[list[int]], effective_embedding: bool
+    model: Model, families: list[list[int]], effective_embedding: bool, bar: Any
 ) -> Float[Tensor, "layer head"]:
     """Fraction of items whose successor beats every other item of its sequence (OV logits)."""
     cfg = model.cfg
@@ -457,6 +464,7 @@ def _successor_scores(
         target = logits.gather(-1, successor[None, :, None].expand(cfg.n_heads, -1, 1))[..., 0]
         best_other = logits.masked_fill(~others, float("-inf")).amax(-1)  # (head, m)
         out[layer] = (target > best_other).float().mean(-1).cpu()
+        bar.update(1)
     return out
 
 
@@ -489,6 +497,7 @@ def detect_heads(
     n_tokens: int = 256,  # copying: a fraction of 256 tokens, standard error at most 0.03
     top_k: int = 5,  # copying: the token's own logit must be in the top 5
     effective_embedding: bool = True,  # OV scores read tokens through MLP0 (Gould et al.)
+    progress: bool = True,
 ) -> HeadScores:
     """Score every attention head of ``model`` for one kind of behaviour.
 
@@ -508,6 +517,8 @@ def detect_heads(
         effective_embedding: for copying and successor, read a token as its embedding plus block
             0's MLP output on it; False for the bare embedding (no effect on attention-only
             models).
+        progress: show a bar (over the prompts for attention kinds, over the layers for
+            ``"copying"`` and ``"successor"``).
 
     Returns:
         The :class:`HeadScores`, ``scores`` of shape ``(layer, head)``.
@@ -531,7 +542,8 @@ def detect_heads(
             data = _repeated_random_tokens(model, n_prompts, seq_len, seed)
         else:
             data = _as_prompts(model, tokens)
-        scores = _attention_scores(model, data, kind, batch_size)
+        with progress_bar(len(data), f"{kind} heads", enabled=progress, unit="prompt") as bar:
+            scores = _attention_scores(model, data, kind, batch_size, bar)
     elif kind == "copying":
         if tokens is None:
             allowed = _ordinary_token_ids(model)
@@ -539,11 +551,17 @@ def detect_heads(
             ids = allowed[torch.randperm(len(allowed), generator=generator)[:n_tokens]]
         else:
             ids = _as_ids(model, tokens).flatten().unique()
-        scores = _copying_scores(model, ids, top_k, effective_embedding)
+        with progress_bar(
+            model.cfg.n_layers, "copying heads", enabled=progress, unit="layer"
+        ) as bar:
+            scores = _copying_scores(model, ids, top_k, effective_embedding, bar)
     else:
         families = _ordinal_families(model) if tokens is None else _as_families(tokens)
         _as_ids(model, [t for fam in families for t in fam])
-        scores = _successor_scores(model, families, effective_embedding)
+        with progress_bar(
+            model.cfg.n_layers, "successor heads", enabled=progress, unit="layer"
+        ) as bar:
+            scores = _successor_scores(model, families, effective_embedding, bar)
     return HeadScores(kind=kind, scores=scores, model_name=model_name(model))
 
 

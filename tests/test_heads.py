@@ -410,3 +410,31 @@ def test_bos_token_id_is_public_in_tokens(toy):
 
     assert bos_token_id(toy) == 0
     assert bos_token_id(_ov_model()) == 0
+
+
+def _recording_progress_bar(monkeypatch, module):
+    """Replace ``module.progress_bar`` (mechkit.core's, as imported there) by one that records
+    each bar's arguments and how far it got, and shows nothing."""
+    from mechkit.core import progress_bar
+
+    bars = []
+
+    def recording(total, description, *, enabled=True, **kw):
+        bar = progress_bar(total, description, enabled=False, **kw)
+        bars.append({"total": total, "enabled": enabled, "bar": bar})
+        return bar
+
+    monkeypatch.setattr(module, "progress_bar", recording)
+    return bars
+
+
+@pytest.mark.parametrize("kind", ["induction", "copying"])
+def test_detect_heads_progress_argument_drives_the_core_progress_bar(toy, monkeypatch, kind):
+    bars = _recording_progress_bar(monkeypatch, heads)
+    kw = {"n_prompts": 5, "seq_len": 6, "batch_size": 2} if kind == "induction" else {}
+    shown = detect_heads(toy, kind, n_tokens=32, **kw)
+    hidden = detect_heads(toy, kind, n_tokens=32, progress=False, **kw)
+    torch.testing.assert_close(shown.scores, hidden.scores)
+    assert [b["enabled"] for b in bars] == [True, False]
+    total = 5 if kind == "induction" else toy.cfg.n_layers  # prompts, or layers for OV kinds
+    assert [(b["total"], b["bar"].n) for b in bars] == [(total, total)] * 2

@@ -86,9 +86,18 @@ def attribution_patch(
             is a Taylor expansion around the run that is patched (the corrupt run when
             denoising, the clean run when noising) and needs only the value put in, whatever
             it is.
-        batch_size: prompts per forward/backward pass (None: all at once; splitting needs a
-            mechkit Metric). Scores are summed over batches exactly, weighted by their size. A
-            batch that runs out of memory is split in two and retried.
+        batch_size: the one cost knob: prompts per pass (None: all at once; splitting needs
+            a mechkit Metric). Each batch costs one forward and one backward pass of the run
+            that is patched, plus one forward for the values put in (none for
+            ``ablation="zero"``), whatever the number of cells. Scores are summed over batches
+            exactly, weighted by their size. A batch that runs out of memory is split in two
+            and retried.
+
+    There is no ``memory_budget``: :func:`mechkit.activation_patch` and
+    :func:`mechkit.path_patch` use theirs to pack their many patched runs (one per cell) into
+    chunks, but here every cell is read off the same gradient, so there are no runs to pack;
+    the memory is one backward pass over a batch (the activations at the swept sites and their
+    gradients), and ``batch_size`` is what lowers it.
 
     Returns:
         A :class:`PatchResult` with ``estimator="attribution patching"``.

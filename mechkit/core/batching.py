@@ -128,6 +128,14 @@ def parse_budget(budget: int | str | None, device: torch.device | str = "cpu") -
 
 
 def check_budget(budget: int | str | None) -> None:
-    """Check a ``memory_budget`` argument before any work starts (as :func:`parse_budget`)."""
+    """Check a ``memory_budget`` argument before any work starts (as :func:`parse_budget`).
+
+    Example:
+        >>> check_budget("512MB")  # fine: returns None
+        >>> check_budget("2 parsecs")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mechkit.errors.InvalidArgumentError: Expected a memory budget such as '2GB', ...
+    """
     if budget is not None:
         parse_budget(budget, "cpu")

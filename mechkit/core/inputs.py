@@ -69,6 +69,15 @@ class Contrast:
         reference_tokens, reference_mask: the reference prompts of ``"mean"`` and
             ``"resample"`` (None for the other ablations).
         pairs: the :class:`PromptPairs` given, if any.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> c = resolve_contrast(model, [[1, 2, 3], [4, 5, 6]], [[1, 2, 7], [4, 5, 8]],
+        ...                      lambda logits: logits[:, -1, 0])
+        >>> c.n_prompts, c.direction, c.ablation, tuple(c.clean_tokens.shape)  # (batch, pos)
+        (2, 'denoising', 'corrupt', (2, 3))
+        >>> c.base_tokens.tolist(), c.source_tokens.tolist()  # run corrupt, put clean in
+        ([[1, 2, 7], [4, 5, 8]], [[1, 2, 3], [4, 5, 6]])
     """
 
     clean_tokens: Int[Tensor, "batch pos"]

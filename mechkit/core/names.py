@@ -64,7 +64,12 @@ def mlp_name(layer: int) -> str:
 
 
 def attn_name(layer: int) -> str:
-    """``"L9.attn"``: the attention layer as a whole."""
+    """``"L9.attn"``: the attention layer as a whole.
+
+    Example:
+        >>> attn_name(9), parse_node("L9.attn").kind
+        ('L9.attn', 'attn')
+    """
     return f"L{int(layer)}.attn"
 
 
@@ -91,7 +96,15 @@ def edge_name(sender: str, receiver: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class NodeName:
     """A parsed name: ``kind``, ``layer`` and ``head`` (or neuron) where they apply, and the
-    ``port`` (q, k, v) of a head's input. ``str()`` writes it in the one scheme."""
+    ``port`` (q, k, v) of a head's input. ``str()`` writes it in the one scheme.
+
+    Example:
+        >>> node = NodeName("head", layer=9, index=6, port="q")
+        >>> str(node), node.head, node == parse_node("a9.h6<q>")  # EAP-IG's spelling
+        ('L9H6.q', 6, True)
+        >>> str(NodeName("mlp", layer=3)), str(NodeName("logits"))
+        ('L3.mlp', 'logits')
+    """
 
     kind: Kind
     layer: int | None = None

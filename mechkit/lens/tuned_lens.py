@@ -230,7 +230,19 @@ def train_tuned_lens(
     run started again with the same arguments resumes from the last one; the finished lens is
     also saved there. Steps cycle through the sequences in a seeded order.
 
-    Example: see the module docstring.
+    Example:
+        >>> import tempfile
+        >>> model = mk.load_model("attn-only-2l")
+        >>> tokens = torch.randint(1, model.cfg.d_vocab, (8, 16))  # (batch, pos)
+        >>> config = mk.lens.TunedLensConfig(steps=2, batch_size=2, warmup_steps=1)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     lens = mk.train_tuned_lens(model, tokens, config, checkpoint_dir=folder,
+        ...                                progress=False)
+        ...     saved = mk.lens.TunedLens.load(folder)
+        >>> lens.A.shape, lens.b.shape  # (layer, d_model, d_model), (layer, d_model)
+        (torch.Size([2, 128, 128]), torch.Size([2, 128]))
+        >>> torch.equal(saved.A, lens.A), len(lens.meta["mean_kl_last_steps"])
+        (True, 2)
     """
     cfg = config or TunedLensConfig()
     device = model.cfg.device
@@ -361,12 +373,20 @@ def compare_lenses(
     tuned: TunedLens | None = None,
     *,
     batch_size: int | None = 4,
+    progress: bool = True,
 ) -> LensComparison:
     """Mean KL of each lens to the model's final distribution, per layer, over ``tokens``
     (``batch_size`` sequences a pass, None for all at once; a pass that runs out of memory is
-    split in halves).
+    split in halves). ``progress`` shows a bar over the sequences.
 
-    Example: see the module docstring.
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> tokens = torch.randint(1, model.cfg.d_vocab, (4, 16))  # (batch, pos)
+        >>> table = mk.lens.compare_lenses(model, tokens, progress=False)  # the logit lens only
+        >>> table.layer_labels, table.logit_lens_kl.shape, table.tuned_lens_kl, table.n_tokens
+        (('resid_pre 0', 'resid_pre 1', 'final'), torch.Size([3]), None, 64)
+        >>> float(table.logit_lens_kl[-1])  # the final residual decodes to the logits themselves
+        0.0
     """
     n_layers = model.cfg.n_layers
     logit_kl = torch.zeros(n_layers + 1)
@@ -386,8 +406,10 @@ def compare_lenses(
         logit_kl.add_(logit_part)  # only once the whole pass fitted (each_batch retries)
         tuned_kl.add_(tuned_part)
         count += weight
+        bar.update(weight)
 
-    each_batch(tokens.shape[0], batch_size, run)
+    with progress_bar(tokens.shape[0], "lens KL", enabled=progress, unit="seq") as bar:
+        each_batch(tokens.shape[0], batch_size, run)
     logit_kl /= count
     tuned_kl /= count
     if not math.isfinite(float(logit_kl.sum())):

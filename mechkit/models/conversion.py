@@ -213,6 +213,14 @@ def load_gguf(path: Path, name: str, processing: Processing, n_ctx: int | None =
 
     Returns:
         (model, from_cache): the model on the CPU in float32, and whether the cache served it.
+
+    Example:
+        >>> from pathlib import Path
+        >>> from mechkit.models import PROCESSING
+        >>> path = Path(mk.model_info(mk.load_model("smollm2-135m")).location)  # its GGUF file
+        >>> model, from_cache = load_gguf(path, "smollm2-135m", PROCESSING)
+        >>> path.suffix, from_cache, model.cfg.n_layers, model.cfg.d_model
+        ('.gguf', True, 30, 576)
     """
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
@@ -310,7 +318,33 @@ def _load_parameters(model: Any, params: dict[str, torch.Tensor]) -> None:
 
 
 def load_hf_folder(folder: Path, name: str, processing: Processing, n_ctx: int | None = None):
-    """A processed HookedTransformer from a local Hugging Face model folder (no cache needed)."""
+    """A processed HookedTransformer from a local Hugging Face model folder (no cache needed).
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from tokenizers import Tokenizer, models, pre_tokenizers
+        >>> from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+        >>> from mechkit.models import PROCESSING
+        >>> vocab = {"<s>": 0, "</s>": 1, "hello": 2, "world": 3}
+        >>> words = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+        >>> words.pre_tokenizer = pre_tokenizers.Whitespace()
+        >>> tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>")
+        >>> _ = torch.manual_seed(0)
+        >>> hf_model = LlamaForCausalLM(LlamaConfig(  # a tiny random Llama, written offline
+        ...     vocab_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        ...     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)).eval()
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     hf_model.save_pretrained(folder)
+        ...     _ = tokenizer.save_pretrained(folder)
+        ...     model = load_hf_folder(Path(folder), "tiny-llama", PROCESSING)
+        >>> model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab
+        (2, 16, 4)
+        >>> tokens = torch.tensor([[0, 2, 3, 2]])  # (batch, pos)
+        >>> torch.allclose(model(tokens).log_softmax(-1),  # processing keeps the distribution
+        ...                hf_model(tokens).logits.log_softmax(-1), atol=1e-4)
+        True
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -97,6 +97,13 @@ class PatchJob:
         capture: hook names whose (suffix) activation of this job's rows is returned.
         stop: run blocks only up to this one (exclusive) and skip the metric: for jobs that
             only capture. None runs the whole model and scores it.
+
+    Example:
+        >>> def zero_head_2(rows, first):  # rows: block 1's z, (rows, pos - first, head, d_head)
+        ...     rows[:, :, 2] = 0.0
+        >>> job = PatchJob("L1H2", layer=1, start=0, edits={"blocks.1.attn.hook_z": zero_head_2})
+        >>> job.key, job.layer, job.start, list(job.edits), job.capture, job.stop
+        ('L1H2', 1, 0, ['blocks.1.attn.hook_z'], (), None)
     """
 
     key: Any
@@ -109,7 +116,22 @@ class PatchJob:
 
 @dataclasses.dataclass
 class JobResult:
-    """What :func:`run_jobs` returns for one job: its metric, per-prompt scores and captures."""
+    """What :func:`run_jobs` returns for one job: its metric, per-prompt scores and captures.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> base = run_base(model, torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]))
+        >>> reader = MetricReader(lambda logits: logits[:, -1, 3], base)  # one value per prompt
+        >>> def zero_head_2(rows, first):
+        ...     rows[:, :, 2] = 0.0
+        >>> job = PatchJob("L1H2", layer=1, start=0, edits={"blocks.1.attn.hook_z": zero_head_2})
+        >>> [result] = [r for chunk in run_jobs(model, base, [job], reader, budget=2**30)
+        ...             for r in chunk]
+        >>> result.key, result.score.shape, result.per_prompt.shape, result.captured
+        ('L1H2', torch.Size([]), torch.Size([2]), {})
+        >>> torch.allclose(result.score, result.per_prompt.mean())  # the score: their mean
+        True
+    """
 
     key: Any
     score: Tensor  # () the metric
@@ -358,8 +380,29 @@ def run_jobs(
     budget: int,
     progress: Any = None,
 ) -> Iterator[list[JobResult]]:
-    """Run ``jobs``, yielding each finished chunk's results (in no promised order; the
-    module's example runs one)."""
+    """Run ``jobs``, yielding each finished chunk's results (in no promised order). Each job's
+    score equals a full forward pass with its edits as TransformerLens hooks.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> tokens = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])  # (batch, pos)
+        >>> base = run_base(model, tokens)
+        >>> reader = MetricReader(lambda logits: logits[:, -1, 3], base)
+        >>> def zero_head(head):
+        ...     def edit(rows, first):  # rows: (rows, pos - first, head, d_head)
+        ...         rows[:, :, head] = 0.0
+        ...     return edit
+        >>> jobs = [PatchJob(f"L1H{h}", layer=1, start=0,
+        ...                  edits={"blocks.1.attn.hook_z": zero_head(h)}) for h in range(4)]
+        >>> results = {r.key: r for chunk in run_jobs(model, base, jobs, reader, budget=2**30)
+        ...            for r in chunk}
+        >>> sorted(results)
+        ['L1H0', 'L1H1', 'L1H2', 'L1H3']
+        >>> hand = model.run_with_hooks(  # the same patch, one full forward
+        ...     tokens, fwd_hooks=[("blocks.1.attn.hook_z", lambda z, hook: zero_head(2)(z, 0))])
+        >>> torch.allclose(results["L1H2"].per_prompt, hand[:, -1, 3], atol=1e-5)
+        True
+    """
     for chunk in plan_chunks(model, base, jobs, budget, reader.full):
         yield from _run_with_split(model, base, chunk, reader, progress)
 

@@ -161,7 +161,20 @@ class SweepRun:
         cells_computed: cells this call ran; the rest came from the journal.
         seconds: wall time of this call.
 
-    Example: :func:`run_sweep` returns one.
+    Example:
+        >>> import tempfile
+        >>> config = config_from_dict({"model": "attn-only-2l", "device": "cpu",
+        ...     "prompts": {"generator": "repeated_tokens", "n": 2, "length": 3},
+        ...     "sweeps": [{"site": "z", "heads": ["L1H0", "L1H3"]}]})
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     first = run_sweep(config, out=folder, progress=False)
+        ...     again = run_sweep(config, out=folder, progress=False)  # resumed: all journaled
+        >>> first.cells_total, first.cells_computed, again.cells_computed
+        (2, 2, 0)
+        >>> sorted(first.files["0_z"]), first.results["0_z"].scores.shape  # (layer, head)
+        (['csv', 'html', 'png'], torch.Size([1, 2]))
+        >>> torch.equal(first.results["0_z"].scores, again.results["0_z"].scores)
+        True
     """
 
     out: Path

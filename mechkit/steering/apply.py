@@ -259,13 +259,16 @@ def ablate_direction(
     model: HookedTransformer,
     direction: Tensor | SteeringVector,
     *,
-    layers: Sequence[int] | None = None,
+    layers: int | Site | Sequence[int | Site] | None = None,
 ) -> Iterator[Any]:
     """Project ``direction`` out of the residual stream at every layer and position.
 
-    At each chosen layer the direction's component is removed from ``resid_pre``, ``resid_mid``
-    and ``resid_post`` (so neither attention nor the MLP can write it back before the next
-    read), as in refusal-direction work (Arditi et al. 2024).
+    At each layer given as an int (all layers when None; negative ones count from the end) the
+    direction's component is removed from ``resid_pre``, ``resid_mid`` and ``resid_post`` (so
+    neither attention nor the MLP can write it back before the next read), as in
+    refusal-direction work (Arditi et al. 2024). A :class:`~mechkit.Site` such as
+    ``mk.Site("resid_post", layer=1)`` names one residual site instead, as the other steering
+    functions take one; ints and Sites mix.
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -275,6 +278,11 @@ def ablate_direction(
         ...     _, ablated = model.run_with_cache(torch.tensor([[1, 2, 3]]))
         >>> float(ablated["blocks.1.hook_resid_pre"][..., 0].abs().max())
         0.0
+        >>> with mk.steering.ablate_direction(model, d, layers=[mk.Site("resid_post", layer=1)]):
+        ...     _, only_last = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+        >>> [float(only_last[f"blocks.1.hook_resid_{s}"][..., 0].abs().max()) > 0
+        ...  for s in ("pre", "post")]
+        [True, False]
     """
     d = direction.vector if isinstance(direction, SteeringVector) else torch.as_tensor(direction)
     if d.ndim != 1 or d.shape[0] != model.cfg.d_model:
@@ -284,20 +292,47 @@ def ablate_direction(
     if float(d.norm()) == 0:
         raise InvalidArgumentError("Expected a non-zero direction to ablate; got the zero vector.")
     unit = d.float() / d.float().norm()
-    chosen = range(model.cfg.n_layers) if layers is None else layers
+    names = _residual_hooks(model, layers)
 
     def project(act: Tensor, hook: Any) -> Tensor:
         u = unit.to(act.device, act.dtype)
         return act - (act @ u)[..., None] * u
 
-    names = [
-        f"blocks.{layer}.{name}"
-        for layer in chosen
-        for name in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
-    ]
-    names = [n for n in names if n in model.hook_dict]
     with hook_scope(model, fwd_hooks=[(n, project) for n in names]):
         yield model
+
+
+def _residual_hooks(model: HookedTransformer, layers: Any) -> list[str]:
+    """The residual hook names that ``layers`` of :func:`ablate_direction` names, checked: an
+    int is every residual site of that layer the model has, a Site is that one site."""
+    n_layers = model.cfg.n_layers
+    if layers is None:
+        layers = range(n_layers)
+    elif isinstance(layers, int | Site):
+        layers = [layers]
+    names: list[str] = []
+    for item in layers:
+        if isinstance(item, Site):
+            if (
+                item.component not in STEERING_SITES
+                or item.layer is None
+                or any(v is not None for v in (item.head, item.position, item.neuron))
+            ):
+                raise InvalidSiteError(
+                    f"Expected a residual-stream Site ({', '.join(STEERING_SITES)}) at one layer, "
+                    f"without head, position or neuron; got {item!r}. Hint: a direction is "
+                    "ablated at every position of the whole residual stream."
+                )
+            names.append(item.resolve(model).hook_name)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            layer = Site("resid_pre", layer=item).resolve(model).layer  # checks the range
+            names += [f"blocks.{layer}.hook_{c}" for c in STEERING_SITES]
+            names = [n for n in names if n in model.hook_dict]  # attention-only: no resid_mid
+        else:
+            raise InvalidTypeError(
+                f"Expected layers as ints or mechkit Sites (or None for all); got {item!r}."
+            )
+    return list(dict.fromkeys(names))
 
 
 # ----------------------------------------------------------------------------------- generation
@@ -355,7 +390,14 @@ def generate(
         NonFiniteError: the (steered) logits stop being finite, usually a steering
             coefficient far too large; no token is chosen from them.
 
-    Example: see the module docstring.
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> out = mk.generate(model, ["The capital of France is", "One, two,"], max_new_tokens=4,
+        ...                   temperature=0)  # greedy; the module docstring steers
+        >>> out.texts
+        (' Paris.\\n\\n', ' or three-digit')
+        >>> out.tokens.shape  # (batch, new token)
+        torch.Size([2, 4])
     """
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:

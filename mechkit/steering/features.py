@@ -65,7 +65,15 @@ def sae_latent_vector(
         A ``(d_model,)`` :class:`SteeringVector` with ``method="sae_latent"`` and the latents in
         its metadata.
 
-    Example: see the module docstring.
+    Example:
+        >>> from mechkit.sae import SAEConfig, SparseDictionary
+        >>> sae = SparseDictionary.from_config(SAEConfig(
+        ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.1.hook_resid_pre"))
+        >>> vec = mk.steering.sae_latent_vector(sae, [3, 5], weights=[1.0, -2.0])
+        >>> vec.layer, vec.site, vec.method, vec.vector.shape  # (d_model,)
+        (1, 'resid_pre', 'sae_latent', torch.Size([128]))
+        >>> torch.allclose(vec.vector, sae.W_dec[3] - 2 * sae.W_dec[5])  # a linear decoder
+        True
     """
     sites = sae_sites(sae)
     match = re.fullmatch(r"blocks\.(\d+)\.(.+)", sites.out_hook)

@@ -160,3 +160,24 @@ def test_compare_lenses_is_the_same_in_one_pass_and_in_batches(toy, trained):
     split = mk.lens.compare_lenses(toy, tokens, lens, batch_size=4)
     assert torch.allclose(one.logit_lens_kl, split.logit_lens_kl, atol=1e-5)
     assert torch.allclose(one.tuned_lens_kl, split.tuned_lens_kl, atol=1e-5)
+
+
+def test_compare_lenses_progress_argument_drives_the_core_progress_bar(toy, monkeypatch):
+    from mechkit.core import progress_bar
+
+    bars = []
+
+    def recording(total, description, *, enabled=True, **kw):
+        bar = progress_bar(total, description, enabled=False, **kw)
+        bars.append((total, enabled, bar))
+        return bar
+
+    monkeypatch.setattr(tl, "progress_bar", recording)
+    tokens = repeated_tokens(toy, 5, 4, 0)
+    shown = mk.lens.compare_lenses(toy, tokens, batch_size=2)
+    hidden = mk.lens.compare_lenses(toy, tokens, batch_size=2, progress=False)
+    torch.testing.assert_close(shown.logit_lens_kl, hidden.logit_lens_kl)
+    assert [(total, enabled, bar.n) for total, enabled, bar in bars] == [
+        (5, True, 5),  # one step per sequence, all done
+        (5, False, 5),
+    ]

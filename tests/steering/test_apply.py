@@ -194,3 +194,51 @@ def test_generate_past_the_context_raises_context_length_error(smollm2, monkeypa
     )
     with pytest.raises(mk.EmptyDatasetError):
         mk.generate(smollm2, [])
+
+
+def _project_out(unit: torch.Tensor):
+    def hook(act, hook):
+        return act - (act @ unit)[..., None] * unit
+
+    return hook
+
+
+@torch.no_grad()
+def test_ablate_direction_accepts_sites_as_layers(toy):
+    """A Site in ``layers`` ablates at that residual site only, an int at every residual site of
+    its layer (checked against hand-written TransformerLens hooks); the two mix."""
+    tokens = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    direction = torch.randn(toy.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    unit = direction / direction.norm()
+    cases = {
+        (mk.Site("resid_post", layer=1),): ["blocks.1.hook_resid_post"],
+        (mk.Site("resid_pre", layer=-1), 0): [
+            "blocks.1.hook_resid_pre",
+            "blocks.0.hook_resid_pre",
+            "blocks.0.hook_resid_post",
+        ],
+    }
+    for layers, hook_names in cases.items():
+        with mk.steering.ablate_direction(toy, direction, layers=list(layers)):
+            ablated = toy(tokens)
+        hand = toy.run_with_hooks(tokens, fwd_hooks=[(n, _project_out(unit)) for n in hook_names])
+        torch.testing.assert_close(ablated, hand)
+    with mk.steering.ablate_direction(toy, direction, layers=mk.Site("resid_pre", layer=1)):
+        one = toy(tokens)
+    hand = toy.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_pre", _project_out(unit))])
+    torch.testing.assert_close(one, hand)
+    assert hook_count(toy) == 0
+
+
+def test_ablate_direction_refuses_layers_the_model_lacks(toy):
+    direction = torch.ones(toy.cfg.d_model)
+    for layers, error in [
+        ([5], mk.InvalidSiteError),  # was silently ignored: nothing ablated
+        ([mk.Site("resid_post", layer=5)], mk.InvalidSiteError),
+        ([mk.Site("attn_out", layer=0)], mk.InvalidSiteError),  # not the residual stream
+        ([mk.Site("resid_pre", layer=0, position=1)], mk.InvalidSiteError),
+        (["resid_pre"], mk.InvalidTypeError),
+    ]:
+        with pytest.raises(error), mk.steering.ablate_direction(toy, direction, layers=layers):
+            pass
+    assert hook_count(toy) == 0
