@@ -11,7 +11,9 @@ the current code from this checkout, the old code from a git worktree of ``--old
 one table: seconds, the ratio to the current code, and the largest absolute difference of the
 scores from the current ``eap-ig-activations`` scores (old vs new must agree to float
 tolerance: both use the sender-runs estimator). The machine may be shared: the load average
-(``os.getloadavg()``) is printed at the start and the end; compare ratios, not seconds.
+(``os.getloadavg()``) is printed at the start and the end, and each run's CPU seconds beside its
+wall seconds; compare ratios, not seconds. Runs use one torch thread by default (``--threads``):
+on a loaded two-core machine two threads wait on each other and run several times slower.
 """
 
 from __future__ import annotations
@@ -52,15 +54,16 @@ def worker(args: argparse.Namespace) -> None:
     import mechkit as mk
 
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     data = json.loads(Path(args.pairs).read_text())
     model = _model(args.layers)
     pairs = mk.PromptPairs.from_tokens(
         data["clean"], data["corrupt"], data["answer"], data["wrong"]
     )
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     graph = mk.edge_attribution(model, pairs, method=args.method, steps=args.steps, progress=False)
-    seconds = time.perf_counter() - start
-    torch.save({"scores": graph.scores, "seconds": seconds, "method": graph.method,
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    torch.save({"scores": graph.scores, "seconds": seconds, "cpu": cpu, "method": graph.method,
                 "edges": int(graph.layout.n_edges), "code": str(Path(mk.__file__).parent.parent)},
                args.out)  # fmt: skip
 
@@ -96,6 +99,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="keep only the first N blocks")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run (1: on a shared machine, more threads wait "
+                        "on each other)")  # fmt: skip
     parser.add_argument("--old-commit", default="d87761b~1")
     parser.add_argument("--old-path", default="/tmp/eapig-old")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -122,10 +128,11 @@ def main() -> None:
         out = folder / f"{len(results)}.pt"
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--method",
                    method, "--steps", str(args.steps), "--pairs", str(pairs),
+                   "--threads", str(args.threads),
                    "--out", str(out)]  # fmt: skip
         if args.layers is not None:
             command += ["--layers", str(args.layers)]
-        env = {**os.environ, "PYTHONPATH": str(code)}
+        env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(args.threads)}
         before = _load()
         subprocess.run(command, check=True, env=env, cwd=code)
         results.append((method, label, torch.load(out), before))
@@ -134,12 +141,13 @@ def main() -> None:
     n_layers = args.layers if args.layers is not None else "all"
     print(f"\nsmollm2-135m, {n_layers} layers, {results[0][2]['edges']} edges, "
           f"{args.prompts} IOI pairs, {args.steps} steps")  # fmt: skip
-    print(f"{'method':20s} {'code':10s} {'seconds':>9s} {'/ current':>10s}  load at its start"
-          "  (code imported from)")  # fmt: skip
+    print(f"{'method':20s} {'code':10s} {'seconds':>9s} {'/ current':>10s} {'CPU s':>8s}"
+          "  load at its start  (code imported from)")  # fmt: skip
     for method, label, result, before in results:
         print(
             f"{method:20s} {label:10s} {result['seconds']:9.1f} "
-            f"{result['seconds'] / base:9.2f}x  {before.split(' (')[0]}  ({result['code']})"
+            f"{result['seconds'] / base:9.2f}x {result['cpu']:8.1f}  {before.split(' (')[0]}  "
+            f"({result['code']})"
         )
     old_scores = results[1][2]["scores"]
     diff = float((old_scores - new_scores).abs().max())

@@ -342,7 +342,9 @@ def logits_at(
     picked = residual[rows, positions.to(residual.device)][:, None]  # (batch, 1, d_model)
     if model.cfg.normalization_type is not None:
         picked = model.ln_final(picked)
-    logits = model.unembed(picked)[:, 0]  # (batch, d_vocab)
+    # (batch, d_model) @ (d_model, d_vocab): not through the Unembed module, whose forward
+    # copies W_U transposed on every call (as long as one pass of several blocks here)
+    logits = torch.addmm(model.unembed.b_U, picked[:, 0], model.unembed.W_U)
     cap = getattr(model.cfg, "output_logits_soft_cap", None)
     if cap is not None and cap > 0:  # Gemma-style soft cap, as the forward applies it
         logits = cap * torch.tanh(logits / cap)
