@@ -6,7 +6,11 @@ and ``g_v`` the metric's gradient at the receiver's input, averaged over integra
 (one point, the clean run, for EAP). The points of one block (or of the input) run as one batch
 of ``steps`` stacked copies of the prompts, and a run that interpolates a block starts at that
 block from the clean residual (everything before it runs clean), so its forward and backward
-passes cover only the layers from the block on.
+passes cover only the layers from the block on. With ``ig_average="sender-runs"`` every block's
+last point (alpha = 1) is the clean run itself: it runs once for all blocks. For mechkit's
+metrics that read one position per prompt only those positions are unembedded
+(:func:`answer_positions`), and the q/k/v receivers' gradients are taken without per-head copies
+of the residual (:func:`~mechkit.graph.runs.fused_qkv`).
 """
 
 from __future__ import annotations
