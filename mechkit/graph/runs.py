@@ -28,15 +28,17 @@ __all__ = [
     "graph_mode",
     "sender_outputs",
     "receiver_gradients",
+    "logits_at",
+    "fused_qkv",
     "masked_logits",
     "receiver_hook_names",
 ]
 
 
 @contextlib.contextmanager
-def graph_mode(model: Model) -> Iterator[None]:
-    """Per-head q/k/v inputs and the MLP input hook on, for the block; the config and the
-    hooks restored on leaving it, also after an interrupt.
+def graph_mode(model: Model, *, split_qkv: bool = True) -> Iterator[None]:
+    """Per-head q/k/v inputs (unless ``split_qkv`` is False) and the MLP input hook on, for the
+    block; the config and the hooks restored on leaving it, also after an interrupt.
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -54,7 +56,7 @@ def graph_mode(model: Model) -> Iterator[None]:
             model.set_use_hook_mlp_in(old[1])
 
     with keep_hooks(model, on_exit=put_back):
-        model.set_use_split_qkv_input(True)
+        model.set_use_split_qkv_input(split_qkv)
         if not cfg.attn_only:
             model.set_use_hook_mlp_in(True)
         yield
@@ -150,6 +152,7 @@ def receiver_gradients(
     residual: Float[Tensor, "repeats_batch pos d_model"] | None = None,
     start_layer: int = 0,
     repeats: int = 1,
+    positions: Int[Tensor, " repeats_batch"] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """dM/d(input of every receiver) on ``tokens``: ``(batch, pos, receiver, d_model)``.
 
@@ -164,6 +167,10 @@ def receiver_gradients(
             its ``.grad`` (the same backward pass).
         repeats: the run holds ``repeats`` stacked copies of the batch (the points of an
             integral, batched); the gradients returned are summed over the copies.
+        positions: the one position each row's value reads, ``(repeats * batch,)``: the
+            unembedding then runs at those positions only and ``value_of`` gets their logits,
+            ``(repeats * batch, d_vocab)`` (for metrics that read one position per prompt; the
+            unembedding of every position costs as much as several blocks).
 
     Returns:
         ``(gradients, metric value, sender outputs or None)``. Parameters get no ``.grad``.
@@ -179,6 +186,7 @@ def receiver_gradients(
     inputs: dict[int, Tensor] = {}
     names = receiver_hook_names(layout)
     n_batch, seq = tokens.shape
+    fused = fused_qkv(model)
     sent = (
         torch.zeros(n_batch, seq, len(layout.senders), layout.d_model, device=tokens.device)
         if senders
@@ -209,16 +217,36 @@ def receiver_gradients(
     hooks += [(name, differentiable(fn)) for name, fn in (overrides or {}).items()]
     if senders:
         hooks += _sender_hooks(model, layout, store)
+    if fused:
+        # q, k and v (one tensor each per layer, not one copy of the residual per head): their
+        # gradients are carried back to the per-head inputs below (_qkv_input_gradients)
+        resid: dict[int, Tensor] = {}
+        wanted_names = []
+        for name, first, count in names:
+            if name.endswith(("hook_q_input", "hook_k_input", "hook_v_input")):
+                layer = int(name.split(".")[1])
+                name = f"blocks.{layer}.attn.hook_{name.split('.')[-1][5]}"
+                if name.endswith("hook_q"):
+                    hooks.append((f"blocks.{layer}.hook_resid_pre", _keep_into(resid, layer)))
+            wanted_names.append((name, first, count))
+        names = wanted_names
     hooks += [(name, keep(first)) for name, first, _ in names]
-    with torch.enable_grad(), graph_mode(model), hook_scope(model, fwd_hooks=hooks):
+    with (
+        torch.enable_grad(),
+        graph_mode(model, split_qkv=not fused),
+        hook_scope(model, fwd_hooks=hooks),
+    ):
+        stop = None if positions is None else layout.n_layers
         if residual is None:
-            logits = model(tokens)
+            logits = model(tokens, stop_at_layer=stop)
         else:
             start = residual if residual.requires_grad else residual.detach().requires_grad_(True)
-            logits = model(start, start_at_layer=start_layer)
+            logits = model(start, start_at_layer=start_layer, stop_at_layer=stop)
+        if positions is not None:  # the final residual, (rows, pos, d_model)
+            logits = logits_at(model, logits, positions)
         value = value_of(logits)
-        fired = [(first, count) for _, first, count in names if first in inputs]
-        wanted = [inputs[first] for first, _ in fired]
+        fired = [(name, first, count) for name, first, count in names if first in inputs]
+        wanted = [inputs[first] for _, first, _ in fired]
         if residual is not None and residual.requires_grad:
             wanted.append(residual)
         grads = list(torch.autograd.grad(value, wanted, allow_unused=True))
@@ -227,13 +255,100 @@ def receiver_gradients(
         if extra is not None:
             residual.grad = extra if residual.grad is None else residual.grad + extra
     out = torch.zeros(n_batch, seq, len(layout.receivers), layout.d_model, device=tokens.device)
-    for (first, count), grad in zip(fired, grads, strict=True):
+    for (name, first, count), grad in zip(fired, grads, strict=True):
         if grad is None:
             continue
         grad = grad.detach()
+        if fused and name.split(".")[-1] in ("hook_q", "hook_k", "hook_v"):
+            layer = int(name.split(".")[1])
+            grad = _qkv_input_gradient(model, layer, name[-1], grad, resid[layer].detach())
         grad = grad if grad.ndim == 4 else grad[:, :, None]  # (repeats * batch, pos, count, d)
         out[:, :, first : first + count] = grad.reshape(repeats, n_batch, *grad.shape[1:]).sum(0)
     return out, value.detach(), sent
+
+
+def _keep_into(store: dict[int, Tensor], key: int) -> Callable:
+    def hook(act: Tensor, hook: Any) -> None:
+        store[key] = act
+
+    return hook
+
+
+_NORMS = ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre", "Identity")
+
+
+def fused_qkv(model: Model) -> bool:
+    """Whether receiver gradients can run without per-head copies of the residual (the
+    q/k/v gradients carried back through ``W_Q``/``W_K``/``W_V`` and ``ln1`` by hand): true
+    for the attention and norms TransformerLens models usually have.
+
+    Example:
+        >>> fused_qkv(mk.load_model("attn-only-2l"))
+        True
+    """
+    cfg = model.cfg
+    if cfg.use_attn_in or getattr(cfg, "ungroup_grouped_query_attention", False):
+        return False
+    if getattr(cfg, "load_in_4bit", False) or cfg.positional_embedding_type == "shortformer":
+        return False
+    return all(type(block.ln1).__name__ in _NORMS for block in model.blocks)
+
+
+def _qkv_input_gradient(
+    model: Model, layer: int, which: str, grad: Tensor, x: Tensor
+) -> Float[Tensor, "batch pos head d_model"]:
+    """The gradient at each head's q (k, v) input, the residual ``x`` entering ``ln1``, from
+    the gradient at its q (k, v): ``J_ln1(x)^T (W[h] g_h)`` per head, as the per-head copies of
+    ``use_split_qkv_input`` would get it."""
+    attn = model.blocks[layer].attn
+    weight = {"q": attn.W_Q, "k": getattr(attn, "_W_K", attn.W_K),
+              "v": getattr(attn, "_W_V", attn.W_V)}[which]  # (head, d_model, d_head)  # fmt: skip
+    # (batch, pos, head, d_head) x (head, d_model, d_head) -> (batch, pos, head, d_model)
+    v = torch.einsum("bphe,hme->bphm", grad, weight.to(grad.dtype))
+    norm = model.blocks[layer].ln1
+    kind = type(norm).__name__
+    if kind == "Identity":
+        return v
+    if kind in ("LayerNorm", "RMSNorm"):
+        v = v * norm.w.to(v.dtype)
+    x = x.to(torch.float32)[:, :, None]  # (batch, pos, 1, d_model)
+    v = v.to(torch.float32)
+    if kind.startswith("LayerNorm"):
+        x = x - x.mean(-1, keepdim=True)
+    scale = (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+    y = x / scale
+    if kind.startswith("LayerNorm"):
+        v = v - v.mean(-1, keepdim=True)
+    return (v - y * (y * v).mean(-1, keepdim=True)) / scale
+
+
+def logits_at(
+    model: Model,
+    residual: Float[Tensor, "batch pos d_model"],
+    positions: Int[Tensor, " batch"],
+) -> Float[Tensor, "batch d_vocab"]:
+    """The logits of the final residual at one position per row, as the model's forward
+    computes them (final norm, unembedding, soft cap) at every position.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+        >>> residual = model(tokens, stop_at_layer=model.cfg.n_layers)
+        >>> at = logits_at(model, residual, torch.tensor([2, 0]))
+        >>> torch.allclose(at, model(tokens)[[0, 1], [2, 0]], atol=1e-5)
+        True
+    """
+    rows = torch.arange(residual.shape[0], device=residual.device)
+    picked = residual[rows, positions.to(residual.device)][:, None]  # (batch, 1, d_model)
+    if model.cfg.normalization_type is not None:
+        picked = model.ln_final(picked)
+    # (batch, d_model) @ (d_model, d_vocab): not through the Unembed module, whose forward
+    # copies W_U transposed on every call (as long as one pass of several blocks here)
+    logits = torch.addmm(model.unembed.b_U, picked[:, 0], model.unembed.W_U)
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    if cap is not None and cap > 0:  # Gemma-style soft cap, as the forward applies it
+        logits = cap * torch.tanh(logits / cap)
+    return logits
 
 
 @torch.no_grad()

@@ -500,3 +500,35 @@ def test_evaluations_share_the_vocabulary_and_rank_rule(toy, toy_runs):
     assert [(lab["size"], v) for lab, v in curve.top(absolute=False)] == expected
     assert curve.faithfulness[0, 1] == pytest.approx(ev.faithfulness, abs=1e-5)
     assert len(ev.plot().data) == 1 and len(curve.plot().data) == 1
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_eap_ig_activations_with_answer_positions_equals_naive_loop(toy, normalized):
+    """A LogitDiff (or its Normalized) read at positions other than the last: the runs unembed
+    only those positions, the plain loop every position."""
+    generator = torch.Generator().manual_seed(6)
+    clean = torch.randint(1, 500, (2, 7), generator=generator)
+    corrupt = clean.clone()
+    corrupt[:, 1:3] = torch.randint(1, 500, (2, 2), generator=generator)
+    metric = mk.LogitDiff(torch.tensor([5, 9]), torch.tensor([8, 2]), torch.tensor([4, 6]))
+    if normalized:
+        with torch.no_grad():
+            metric = mk.metrics.Normalized.from_runs(metric, toy(clean), toy(corrupt))
+    graph = mk.edge_attribution(
+        toy, clean, corrupt, metric, method="eap-ig-activations", steps=3, progress=False
+    )
+    # what edge attribution differentiates: the mean over prompts of each prompt's value
+    mean = lambda logits: metric.per_prompt(logits).mean()  # noqa: E731
+    expected = naive_ig_activations(toy, clean, corrupt, mean, 3, "sender-runs")
+    torch.testing.assert_close(graph.scores, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_eap_ig_activations_with_one_step_is_eap(toy, toy_runs):
+    """One point per block is the clean run for every block (the shared clean point alone)."""
+    clean, corrupt = toy_runs
+    one = mk.edge_attribution(
+        toy, clean, corrupt, toy_metric, method="eap-ig-activations", steps=1, progress=False
+    )
+    eap = mk.edge_attribution(toy, clean, corrupt, toy_metric, method="eap", progress=False)
+    torch.testing.assert_close(one.scores, eap.scores, atol=1e-6, rtol=1e-5)
+    assert one.clean_score == pytest.approx(eap.clean_score, abs=1e-5)

@@ -6,7 +6,11 @@ and ``g_v`` the metric's gradient at the receiver's input, averaged over integra
 (one point, the clean run, for EAP). The points of one block (or of the input) run as one batch
 of ``steps`` stacked copies of the prompts, and a run that interpolates a block starts at that
 block from the clean residual (everything before it runs clean), so its forward and backward
-passes cover only the layers from the block on.
+passes cover only the layers from the block on. With ``ig_average="sender-runs"`` every block's
+last point (alpha = 1) is the clean run itself: it runs once for all blocks. For mechkit's
+metrics that read one position per prompt only those positions are unembedded
+(:func:`answer_positions`), and the q/k/v receivers' gradients are taken without per-head copies
+of the residual (:func:`~mechkit.graph.runs.fused_qkv`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechkit.core import Model, progress_bar
@@ -24,8 +28,9 @@ from mechkit.graph.registry import EdgeScores
 from mechkit.graph.runs import graph_mode, receiver_gradients, receiver_hook_names
 from mechkit.graph.setup import EdgeSetup, batch_metric, mean_value
 from mechkit.hook_scope import hook_scope
+from mechkit.metrics import CrossEntropy, KLDivergence, LogitDiff, Normalized, ProbDiff
 
-__all__ = ["gradient_scores", "sender_groups"]
+__all__ = ["gradient_scores", "sender_groups", "answer_positions"]
 
 
 def gradient_scores(
@@ -72,11 +77,26 @@ def gradient_scores(
         delta = ablated - clean  # (batch, pos, sender, d_model)
         local = torch.zeros_like(scores)
         values: list[float] = []
+        at = answer_positions(metric, tokens)
+        # sender-runs: the last point (alpha = 1) of every block is the clean run itself, so it
+        # runs once, for all blocks, and each block runs only its other points
+        shared = per_block and not all_runs
+        points = alphas[:-1] if shared else alphas
+        if shared:
+            clean_grads, value, _ = receiver_gradients(
+                model, layout, tokens, lambda logits: mean_value(metric, logits),
+                positions=at,
+            )  # fmt: skip
+            values.append(float(value))
+            # every sender's share of the clean point: one product for all blocks
+            _add_scores(local, delta, clean_grads / len(alphas), slice(None))
+        if not len(points):  # one step: every block's one point is the clean run
+            bar.update(len(groups))
         starts = _clean_block_inputs(model, layout, tokens, per_block, graph=all_runs)
         summed = None  # all-runs: the receiver gradients summed over every run
-        for first, stop in groups:
+        for first, stop in groups if len(points) else []:
             layer, residual, overrides = _interpolation(
-                layout, clean, ablated, alphas, (first, stop), starts
+                layout, clean, ablated, points, (first, stop), starts
             )
             if all_runs:
                 residual.requires_grad_(True)
@@ -84,19 +104,20 @@ def gradient_scores(
             def value_of(logits: Tensor, m: Any = metric) -> Tensor:
                 # the sum over the stacked points of the mean metric: its gradient is the sum
                 # of each point's gradient
-                parts = [mean_value(m, part) for part in logits.chunk(len(alphas))]
+                parts = [mean_value(m, part) for part in logits.chunk(len(points))]
                 values.append(float(parts[-1].detach()))  # the last point (alpha = 1)
                 return torch.stack(parts).sum()
 
             grads, _, _ = receiver_gradients(
                 model, layout, tokens, value_of, overrides=overrides, residual=residual,
-                start_layer=layer, repeats=len(alphas),
+                start_layer=layer, repeats=len(points),
+                positions=None if at is None else at.repeat(len(points)),
             )  # fmt: skip
             if all_runs:
                 summed = grads if summed is None else summed + grads
                 assert residual.grad is not None
                 # (alpha * batch, pos, d_model) -> summed over the points
-                pushed = residual.grad.reshape(len(alphas), *tokens.shape, -1).sum(0)
+                pushed = residual.grad.reshape(len(points), *tokens.shape, -1).sum(0)
                 starts["grads"][layer] = starts["grads"].get(layer, 0) + pushed
             else:
                 scored = slice(first, stop) if len(groups) > 1 else slice(None)
@@ -106,12 +127,37 @@ def gradient_scores(
             assert summed is not None
             summed = summed + _prefix_gradients(starts)
             _add_scores(local, delta, summed / (len(groups) * len(alphas)), slice(None))
+        if shared:
+            # the clean point's gradients reach receivers before a block, which the block's
+            # own runs do not: no edge leads there
+            local.masked_fill_(~layout.valid.to(local.device), 0.0)
         scores.add_(local * weight)  # only once the whole batch has run
         totals["clean"] += values[0] * weight
 
     with progress_bar(total, f"{description} edges", enabled=progress and total > 1) as bar:
         setup.each_batch(lambda rows: work(rows, bar))
     return EdgeScores(scores, totals["clean"])
+
+
+def answer_positions(metric: Any, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"] | None:
+    """The one position each prompt's metric reads, for mechkit's metrics that read one
+    (:class:`~mechkit.LogitDiff`, ``ProbDiff``, ``CrossEntropy``, ``KLDivergence``, and these
+    :class:`~mechkit.metrics.Normalized`), whose ``per_prompt`` also takes the logits at those
+    positions, ``(batch, d_vocab)``; None for any other metric (the full logits are computed).
+
+    Example:
+        >>> answer_positions(mk.LogitDiff(torch.tensor([1]), torch.tensor([2])),
+        ...                  torch.tensor([[5, 6, 7]]))
+        tensor([2])
+        >>> answer_positions(lambda logits: logits[:, -1, 0].mean(), torch.tensor([[5, 6, 7]]))
+    """
+    base = metric.metric if type(metric) is Normalized else metric
+    if type(base) not in (LogitDiff, ProbDiff, CrossEntropy, KLDivergence):
+        return None
+    n_batch, seq = tokens.shape
+    if base.positions is None:  # the last position
+        return torch.full((n_batch,), seq - 1, dtype=torch.long, device=tokens.device)
+    return base.positions.to(tokens.device)
 
 
 def _add_scores(local: Tensor, delta: Tensor, grads: Tensor, senders: slice) -> None:
@@ -150,7 +196,12 @@ def _clean_block_inputs(
                 out["inputs"][first] = act
 
             hooks.append((name, keep_input))
-    with torch.set_grad_enabled(graph), graph_mode(model), hook_scope(model, fwd_hooks=hooks):
+    # per-head input copies only where the receivers' inputs are kept
+    with (
+        torch.set_grad_enabled(graph),
+        graph_mode(model, split_qkv=graph),
+        hook_scope(model, fwd_hooks=hooks),
+    ):
         model(tokens, stop_at_layer=layout.n_layers)
     out["shape"] = (tokens.shape[0], tokens.shape[1], len(layout.receivers), layout.d_model)
     return out
