@@ -310,12 +310,16 @@ def _qkv_input_gradient(
     if kind == "Identity":
         return v
     if kind in ("LayerNorm", "RMSNorm"):
-        v = v * norm.w.to(v.dtype)
+        w = norm.w
+        assert isinstance(w, Tensor)
+        v = v * w.to(v.dtype)
     x = x.to(torch.float32)[:, :, None]  # (batch, pos, 1, d_model)
     v = v.to(torch.float32)
     if kind.startswith("LayerNorm"):
         x = x - x.mean(-1, keepdim=True)
-    scale = (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+    eps = norm.eps
+    assert isinstance(eps, float)
+    scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
     y = x / scale
     if kind.startswith("LayerNorm"):
         v = v - v.mean(-1, keepdim=True)

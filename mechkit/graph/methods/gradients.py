@@ -152,8 +152,10 @@ def answer_positions(metric: Any, tokens: Int[Tensor, "batch pos"]) -> Int[Tenso
         >>> answer_positions(lambda logits: logits[:, -1, 0].mean(), torch.tensor([[5, 6, 7]]))
     """
     base = metric.metric if type(metric) is Normalized else metric
-    if type(base) not in (LogitDiff, ProbDiff, CrossEntropy, KLDivergence):
+    if not isinstance(base, LogitDiff | ProbDiff | CrossEntropy | KLDivergence):
         return None
+    if type(base) not in (LogitDiff, ProbDiff, CrossEntropy, KLDivergence):
+        return None  # a subclass may read other positions
     n_batch, seq = tokens.shape
     if base.positions is None:  # the last position
         return torch.full((n_batch,), seq - 1, dtype=torch.long, device=tokens.device)
