@@ -44,7 +44,7 @@ typecheck: $(STAMP)
 	$(BIN)/python -m mypy
 
 test: lint typecheck
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 # The tutorials are executed first (only those changed since their cached copy in
 # build/docs-notebooks, so the first run takes minutes and later ones seconds) so that their
@@ -55,7 +55,7 @@ docs: $(STAMP)
 
 # Tests marked slow load the real 135M model (or Gemma); CI runs them through `make test`.
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
 clean:
 	rm -rf $(VENV) reports site build/docs-notebooks .pytest_cache .ruff_cache
