@@ -50,7 +50,7 @@ def _induction(model: Any, out: Path, quick: bool = False) -> str:
 
     sizes = {"n_prompts": 8, "icl_sequences": 4} if quick else {}
     report = induction.reproduce(model, **sizes)
-    report.to_html(out / "induction" / "index.html")
+    report.write(out / "induction")
     data = report.to_dict()
     heads = ", ".join(f"{h['head']} ({h['prefix_matching']:.2f})" for h in data["induction_heads"])
     feeding = ", ".join(h["head"] for h in data["previous_token_heads"]) or "none found"

@@ -33,7 +33,7 @@ minus loss at token 50) when, and because, induction heads form.
     >>> report = reproduce(mk.load_model("attn-only-2l"))
     >>> report.induction_heads                    # ((1, 0), (1, 1), (1, 2), (1, 3))
     >>> report.previous_token_heads[0]            # (0, 2): the layer-0 head their keys read
-    >>> report.to_html("reports/induction/index.html")
+    >>> report.write("reports/induction")
 
 CLI: ``mechkit reproduce induction --model smollm2-135m --out reports/induction`` (from a
 checkout also ``python -m circuits.induction ...``).
@@ -133,7 +133,7 @@ class Ablation:
 @dataclasses.dataclass(frozen=True, eq=False)
 class InductionReport:
     """Everything :func:`reproduce` measured; ``.to_dict()``, ``.to_dataframe()``, ``.plot()``,
-    ``.to_html(path)``.
+    ``.write(folder)`` (``.to_html(path)`` for the page alone).
 
     Attributes:
         model_name: the model.
@@ -311,6 +311,14 @@ class InductionReport:
         )
         figures["ablation"] = bars
         return figures
+
+    def write(self, out: str | Path) -> Path:
+        """Write the report into the folder ``out`` as the other reproductions do:
+        ``index.html`` with its figures beside it, and ``induction.json`` with every number."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "induction.json").write_text(json.dumps(self.to_dict(), indent=1))
+        return self.to_html(out / "index.html")
 
     def to_html(self, path: str | Path) -> Path:
         """A report page at ``path``; each figure is a page beside it loading the one
@@ -741,7 +749,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     report.to_json(args.out / "induction.json")
-    page = report.to_html(args.out / "index.html")
+    page = report.write(args.out)
     data = report.to_dict()
     print(json.dumps({k: data[k] for k in ("induction_heads", "previous_token_heads")}, indent=1))
     print("ICL score:", data["icl"]["score"], "| ablation:", data["ablation_increase"])

@@ -170,7 +170,8 @@ def test_report_serializes(toy_report, tmp_path):
     assert data["icl"]["score"] is None  # the toy model has no tokenizer
     frame = toy_report.to_dataframe()
     assert len(frame) == 8 and frame["induction_head"].sum() == len(toy_report.induction_heads)
-    page = toy_report.to_html(tmp_path / "index.html")
+    page = toy_report.write(tmp_path)
+    assert json.loads((tmp_path / "induction.json").read_text()) == toy_report.to_dict()
     assert "Induction heads" in page.read_text()
     assert (tmp_path / "plotly.min.js").exists() and (tmp_path / "index_ablation.html").exists()
 
