@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -50,6 +52,7 @@ def worker(args: argparse.Namespace) -> None:
     """One timing, in the code on ``sys.path`` (API common to old and new: ``load_model``,
     ``PromptPairs.from_tokens``, ``edge_attribution(model, pairs, method=, steps=)``)."""
     import torch
+    from safetensors.torch import save_file
 
     import mechkit as mk
 
@@ -63,9 +66,12 @@ def worker(args: argparse.Namespace) -> None:
     start, cpu = time.perf_counter(), time.process_time()
     graph = mk.edge_attribution(model, pairs, method=args.method, steps=args.steps, progress=False)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    torch.save({"scores": graph.scores, "seconds": seconds, "cpu": cpu, "method": graph.method,
-                "edges": int(graph.layout.n_edges), "code": str(Path(mk.__file__).parent.parent)},
-               args.out)  # fmt: skip
+    # files are data, never code: the scores as safetensors, the rest as JSON (no pickle)
+    save_file({"scores": graph.scores.contiguous()}, args.out)
+    Path(args.out).with_suffix(".json").write_text(json.dumps({
+        "seconds": seconds, "cpu": cpu, "method": graph.method,
+        "edges": int(graph.layout.n_edges), "code": str(Path(mk.__file__).parent.parent),
+    }))  # fmt: skip
 
 
 def _old_checkout(commit: str, path: Path) -> Path:
@@ -112,7 +118,6 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    import torch
 
     print(f"start: {_load()}; the machine is shared with other jobs", flush=True)
     old = _old_checkout(args.old_commit, Path(args.old_path))
@@ -125,7 +130,7 @@ def main() -> None:
     ]
     results = []
     for method, label, code in runs:
-        out = folder / f"{len(results)}.pt"
+        out = folder / f"{len(results)}.safetensors"
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--method",
                    method, "--steps", str(args.steps), "--pairs", str(pairs),
                    "--threads", str(args.threads),
@@ -135,7 +140,9 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(args.threads)}
         before = _load()
         subprocess.run(command, check=True, env=env, cwd=code)
-        results.append((method, label, torch.load(out), before))
+        record = json.loads(out.with_suffix(".json").read_text())
+        record["scores"] = load_file(out)["scores"]
+        results.append((method, label, record, before))
     new_scores = results[0][2]["scores"]
     base = results[0][2]["seconds"]
     n_layers = args.layers if args.layers is not None else "all"
