@@ -92,7 +92,7 @@ class FeatureContext:
         >>> sae = SparseDictionary.from_config(SAEConfig(
         ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
         >>> report = mk.sae.collect_features(model, sae, torch.randint(1, 500, (4, 16)), [1, 2],
-        ...                              progress=False)
+        ...                                  progress=False)
         >>> context = report[1].contexts[0]               # its strongest context
         >>> context.activations[context.position - context.start] == context.max_activation
         True
@@ -130,7 +130,7 @@ class FeatureData:
         >>> sae = SparseDictionary.from_config(SAEConfig(
         ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
         >>> report = mk.sae.collect_features(model, sae, torch.randint(1, 500, (4, 16)), [1, 2],
-        ...                              progress=False)
+        ...                                  progress=False)
         >>> feature = report[2]
         >>> 0 <= feature.frequency <= 1, feature.max_activation == float(feature.activations.max())
         (True, True)
@@ -162,7 +162,7 @@ class FeatureReport:
         >>> sae = SparseDictionary.from_config(SAEConfig(
         ...     architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post"))
         >>> report = mk.sae.collect_features(model, sae, torch.randint(1, 500, (4, 16)), [1, 2],
-        ...                              progress=False)
+        ...                                  progress=False)
         >>> report.latents, sorted(latent for latent, _ in report.top(2))  # by max activation
         ((1, 2), [1, 2])
     """
