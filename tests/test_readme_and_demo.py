@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import mechkit as mk
@@ -34,44 +35,120 @@ def test_readme_quickstart_runs(smollm2):
     assert "tensor(" in out.getvalue()
 
 
-def test_demo_writes_report(smollm2, tmp_path, monkeypatch):
+# The files each demo section writes under the report folder (every .html one is linked from
+# the page). A new section gets its entry here: test_every_demo_section_is_tested says so.
+SECTION_FILES = {
+    "Model": [],
+    "Next-token predictions": ["next_tokens.html", "next_tokens.csv"],
+    "Logit lens": ["logit_lens.html", "logit_lens_answer_rank.html"],
+    "Direct logit attribution (IOI)": ["dla.html"],
+    "Attention heads": ["heads_induction.html"],
+    "Activation and path patching (IOI)": [
+        "patch_resid_pre.html",
+        "patch_heads.html",
+        "path_patch.html",
+        "path_patch.csv",
+    ],
+    "Attribution patching and the circuit graph (IOI)": [
+        "attribution_vs_patching.html",
+        "faithfulness.html",
+        "ioi_circuit.html",
+        "ioi_circuit.json",
+        "ioi_circuit.svg",
+    ],
+    "Steering (activation addition)": ["steering_sweep.html", "steering_samples.csv"],
+    "Sparse autoencoder features": ["features.html"],
+    "IOI circuit (Wang et al. 2022)": ["ioi/index.html", "ioi/ioi.json"],
+    "Induction heads (Olsson et al. 2022)": ["induction/index.html"],
+    "Greater-than (Hanna et al. 2023)": ["greater_than/index.html"],
+    "Sparse feature circuit (IOI)": [
+        "feature_circuit.html",
+        "feature_faithfulness.html",
+        "feature_circuit.json",
+    ],
+}
+
+
+def _all_sections() -> dict:
+    from mechkit.demo import SECTIONS, registered_sections
+
+    return dict([*SECTIONS, *registered_sections()])
+
+
+def _check_section(title: str, out: Path, page: str) -> None:
+    """What a section's output must say beyond its files."""
+    if title == "Next-token predictions":
+        assert "&#x27; Paris&#x27;" in page or "' Paris'" in page  # top prediction shown
+        assert (out / "next_tokens.csv").read_text().count("\n") > 5
+    elif title.startswith("Attribution patching"):
+        circuit = mk.CircuitGraph.load(out / "ioi_circuit.json")
+        assert 0 < circuit.n_edges <= 150 and circuit.model_name == "smollm2-135m"
+        assert (out / "ioi_circuit.svg").read_text().startswith("<svg")
+    elif title == "Sparse feature circuit (IOI)":
+        features = mk.CircuitGraph.load(out / "feature_circuit.json")
+        rows = ["input", "r6", "m12", "r12", "r18", "r24", "logits"]
+        assert features.layout.row_labels() == rows
+        assert 0 < features.n_edges <= 60 and features.node_scores
+    elif title.startswith("IOI circuit"):
+        numbers = json.loads((out / "ioi" / "ioi.json").read_text())
+        assert numbers["logit_diff"] > 1 and numbers["classes"]["name mover"]
+
+
+def test_every_demo_section_is_tested():
+    sections = _all_sections()
+    # the paper reproductions' sections come through their entry point (mechkit_circuits)
+    assert "IOI circuit (Wang et al. 2022)" in sections, "run `pip install -e .` again"
+    assert set(sections) == set(SECTION_FILES), "add the new section's files to SECTION_FILES"
+
+
+# One test per section (xdist spreads them over the cores), each on the session's model.
+@pytest.mark.parametrize("title", list(SECTION_FILES))
+def test_demo_section_writes_its_report(title, smollm2, tmp_path, monkeypatch):
     def session_model(name):  # the session's model, not a second copy loaded from the cache
         assert name == "smollm2-135m"
         return smollm2
 
     monkeypatch.setattr(sys.modules[run_demo.__module__], "load_model", session_model)
     config, sums = smollm2.cfg.to_dict(), {n: p.sum() for n, p in smollm2.named_parameters()}
-    from mechkit.demo import registered_sections
-
-    # the paper reproductions' sections come through their entry point (mechkit_circuits)
-    assert registered_sections(), "no demo sections registered: run `pip install -e .` again"
-    index = run_demo(tmp_path / "reports", "smollm2-135m", quick=True)
+    section = (title, _all_sections()[title])
+    index = run_demo(tmp_path / "reports", "smollm2-135m", quick=True, sections=[section])
     # the demo leaves the shared model as it found it: no hooks, settings or weights changed
     assert hook_count(smollm2) == 0 and smollm2.cfg.to_dict() == config
     assert all(torch.equal(p.sum(), sums[n]) for n, p in smollm2.named_parameters())
-    page = index.read_text()
-    assert index.name == "index.html" and "smollm2-135m" in page
-    assert "&#x27; Paris&#x27;" in page or "' Paris'" in page  # top prediction shown
-    figures = ["next_tokens", "logit_lens", "logit_lens_answer_rank", "dla", "heads_induction"]
-    for figure in [*figures, "attribution_vs_patching", "faithfulness", "ioi_circuit"]:
-        assert (tmp_path / "reports" / f"{figure}.html").is_file(), figure
-        assert f'href="{figure}.html"' in page
-    assert (tmp_path / "reports" / "plotly.min.js").is_file()  # the report opens offline
-    assert (tmp_path / "reports" / "next_tokens.csv").read_text().count("\n") > 5
-    assert not list((tmp_path / "reports").glob("*.tmp"))
-    circuit = mk.CircuitGraph.load(tmp_path / "reports" / "ioi_circuit.json")
-    assert 0 < circuit.n_edges <= 150 and circuit.model_name == "smollm2-135m"
-    assert (tmp_path / "reports" / "ioi_circuit.svg").read_text().startswith("<svg")
-    for report in ["ioi/index.html", "induction/index.html", "greater_than/index.html"]:
-        assert (tmp_path / "reports" / report).is_file(), report
-        assert f'href="{report}"' in page
-    assert (tmp_path / "reports" / "features.html").is_file()
-    features = mk.CircuitGraph.load(tmp_path / "reports" / "feature_circuit.json")
-    assert features.layout.row_labels() == ["input", "r6", "m12", "r12", "r18", "r24", "logits"]
-    assert 0 < features.n_edges <= 60 and features.node_scores
-    assert 'href="feature_circuit.html"' in page and 'href="feature_faithfulness.html"' in page
-    numbers = json.loads((tmp_path / "reports" / "ioi" / "ioi.json").read_text())
-    assert numbers["logit_diff"] > 1 and numbers["classes"]["name mover"]
+    out, page = tmp_path / "reports", index.read_text()
+    assert index.name == "index.html" and "smollm2-135m" in page and f"<h2>{title}" in page
+    for name in SECTION_FILES[title]:
+        assert (out / name).is_file(), name
+        if name.endswith(".html"):
+            assert f'href="{name}"' in page, name
+    for name in SECTION_FILES[title]:  # each report folder opens offline: plotly.js beside it
+        if name.endswith(".html") and name != "features.html":
+            assert (out / name).parent.joinpath("plotly.min.js").is_file(), name
+    assert not list(out.rglob("*.tmp"))
+    _check_section(title, out, page)
+
+
+def test_demo_page_lists_every_section_and_says_when_reproductions_are_missing(
+    tmp_path, monkeypatch, capsys
+):
+    import mechkit.demo as demo
+
+    ran = []
+
+    def section(name):
+        def run(model, out, quick=False):
+            ran.append((name, quick))
+            return f"<p>{name} body</p>"
+
+        return (name, run)
+
+    monkeypatch.setattr(demo, "SECTIONS", (section("first"), section("second")))
+    monkeypatch.setattr(demo, "registered_sections", lambda: ())
+    page = run_demo(tmp_path, "attn-only-2l", quick=True).read_text()
+    assert ran == [("first", True), ("second", True)]
+    assert page.index("<h2>first</h2><p>first body</p>") < page.index("<h2>second</h2>")
+    assert "Quick run" in page and "The paper reproductions are not installed" in page
+    assert "pip install -e ." in capsys.readouterr().out
 
 
 def test_cli_reports_errors_plainly(capsys):

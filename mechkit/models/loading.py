@@ -38,6 +38,7 @@ from mechkit.errors import (
     did_you_mean,
 )
 from mechkit.models.conversion import Processing, load_gguf, load_hf_folder
+from mechkit.models.layout import use_forward_layout
 from mechkit.models.toy import TOY_MODELS, load_toy
 from mechkit.models.weight_cache import cache_root
 
@@ -214,6 +215,7 @@ def load_model(
     model = model.to(dev, print_details=False)
     if dt != torch.float32:
         model = model.to(dt, print_details=False)
+    use_forward_layout(model)  # TransformerLens's per-pass weight copies become views
     model.eval()
     model.mechkit_info = ModelInfo(
         name=key,
