@@ -18,7 +18,11 @@ Example:
     ('attention', torch.Size([1, 3, 3]))
 """
 
-from mechkit.mixing import attention as _attention  # noqa: F401  (registers the methods)
+# Importing a method's module registers it; the order here is the order of METHODS.
+# isort: off
+from mechkit.mixing import attention, norms, alti  # noqa: F401
+
+# isort: on
 from mechkit.mixing.api import context_mixing
 from mechkit.mixing.registry import METHODS
 from mechkit.mixing.result import ContextMixing

@@ -60,3 +60,29 @@ def tiny_model(**overrides) -> HookedTransformer:
                 p.normal_(0, 0.1)
     model.eval()
     return model
+
+
+ARCHITECTURES = {
+    "layernorm-gelu": dict(normalization_type="LN", act_fn="gelu"),
+    "llama-like": dict(
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        n_key_value_heads=2,
+        gated_mlp=True,
+        act_fn="silu",
+        final_rms=True,
+    ),
+    "gemma-like": dict(
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        n_key_value_heads=1,
+        gated_mlp=True,
+        act_fn="gelu_pytorch_tanh",
+        final_rms=True,
+        use_normalization_before_and_after=True,
+    ),
+    "attention-only": dict(attn_only=True, normalization_type="LNPre"),
+}
+"""Small random decoders of each kind the methods must read exactly."""
