@@ -20,7 +20,7 @@ Example:
 
 # Importing a method's module registers it; the order here is the order of METHODS.
 # isort: off
-from mechkit.mixing import attention, norms, alti, value_zeroing  # noqa: F401
+from mechkit.mixing import attention, norms, alti, value_zeroing, decompx  # noqa: F401
 
 # isort: on
 from mechkit.mixing.api import context_mixing
