@@ -82,7 +82,7 @@ from mechkit.sae import (
 from mechkit.steering import SteeringVector, generate, steer, steering_sweep
 
 # Context mixing
-from mechkit.mixing import ContextMixing, context_mixing
+from mechkit.mixing import ContextMixing, MixingAgreement, context_mixing, mixing_agreement
 
 # Errors: every one is a MechkitError and the builtin a user would catch
 from mechkit.errors import (
@@ -138,7 +138,7 @@ __all__ = [
     # steering
     "SteeringVector", "steer", "generate", "steering_sweep",
     # context mixing
-    "context_mixing", "ContextMixing",
+    "context_mixing", "ContextMixing", "mixing_agreement", "MixingAgreement",
     # errors
     "MechkitError", "CacheError", "ContextLengthError", "DatasetFormatError", "DeviceError",
     "EmptyDatasetError", "FileFormatError", "InvalidArgumentError", "InvalidSiteError",

@@ -23,8 +23,9 @@ Example:
 from mechkit.mixing import attention, norms, alti, value_zeroing, decompx  # noqa: F401
 
 # isort: on
+from mechkit.mixing.agreement import MixingAgreement, mixing_agreement
 from mechkit.mixing.api import context_mixing
 from mechkit.mixing.registry import METHODS
 from mechkit.mixing.result import ContextMixing
 
-__all__ = ["context_mixing", "ContextMixing", "METHODS"]
+__all__ = ["context_mixing", "ContextMixing", "mixing_agreement", "MixingAgreement", "METHODS"]
