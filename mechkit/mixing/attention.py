@@ -111,7 +111,7 @@ def max_flow(
     with progress_bar(len(queries) * n_pos, "attention flow", enabled=progress) as bar:
         for row, query in enumerate(queries):
             width = query + 1  # positions after the query never reach it (causal)
-            n_nodes = (n_layers + 1) * width + 1  # node (layer, pos) = layer * width + pos
+            n_nodes = (n_layers + 1) * width  # node (layer, pos) = layer * width + pos
             src, dst, cap = [], [], []
             for layer in range(n_layers):
                 block = caps[layer, :width, :width]  # (to i, from k)
@@ -119,18 +119,13 @@ def max_flow(
                 src.append(layer * width + k)
                 dst.append((layer + 1) * width + i)
                 cap.append(block[i, k])
-            super_source = n_nodes - 1
+            graph = csr_matrix(
+                (np.concatenate(cap).astype(np.int32), (np.concatenate(src), np.concatenate(dst))),
+                shape=(n_nodes, n_nodes),
+            )
             sink = n_layers * width + query
-            for key in range(width):
-                edges = (
-                    np.concatenate([*src, [super_source]]),
-                    np.concatenate([*dst, [key]]),
-                    np.concatenate([*cap, [FLOW_UNIT * n_pos]]),
-                )
-                graph = csr_matrix(
-                    (edges[2].astype(np.int32), (edges[0], edges[1])), shape=(n_nodes, n_nodes)
-                )
-                value = maximum_flow(graph, super_source, sink, method="dinic").flow_value
+            for key in range(width):  # source: input position `key`, node `key` of layer 0
+                value = maximum_flow(graph, key, sink, method="dinic").flow_value
                 out[row, key] = value / FLOW_UNIT
                 bar.update(1)
             bar.update(n_pos - width)
