@@ -32,6 +32,7 @@ from mechkit import (
     metrics,
     models,
     patching,
+    probing,
     prompts,
     sae,
     sites,
@@ -80,6 +81,9 @@ from mechkit.sae import (
 # Steering
 from mechkit.steering import SteeringVector, generate, steer, steering_sweep
 
+# Representations: probes, concept erasure, subspace interventions
+from mechkit.probing import ProbeResult, ProbingDataset, train_probe
+
 # Errors: every one is a MechkitError and the builtin a user would catch
 from mechkit.errors import (
     CacheError,
@@ -114,7 +118,8 @@ __version__ = version.__version__
 __all__ = [
     # subpackages
     "attribution", "core", "corpus", "decomposition", "errors", "graph", "heads", "interventions",
-    "lens", "metrics", "models", "patching", "prompts", "sae", "sites", "steering", "tokens",
+    "lens", "metrics", "models", "patching", "probing", "prompts", "sae", "sites", "steering",
+    "tokens",
     # models, prompts and metrics
     "load_model", "model_info", "PromptPairs", "Site", "tokenize_answer",
     "Metric", "LogitDiff", "ProbDiff", "CrossEntropy", "KLDivergence", "Normalized",
@@ -132,6 +137,8 @@ __all__ = [
     "evaluate_feature_circuit", "train_sae", "evaluate_sae", "feature_browser",
     # steering
     "SteeringVector", "steer", "generate", "steering_sweep",
+    # representations
+    "train_probe", "ProbeResult", "ProbingDataset",
     # errors
     "MechkitError", "CacheError", "ContextLengthError", "DatasetFormatError", "DeviceError",
     "EmptyDatasetError", "FileFormatError", "InvalidArgumentError", "InvalidSiteError",

@@ -1,0 +1,48 @@
+"""Representations: probes with controls, concept erasure, and subspace interventions.
+
+Three questions about a site's activations, each with its standard method:
+
+- *Is this property linearly readable here?* :func:`train_probe` fits probes at every layer
+  with cross-validated regularisation and a control task (Hewitt & Liang 2019), on a
+  :class:`ProbingDataset` (built in code: IOI name tokens, name gender, Python syntax roles,
+  or a user's JSONL).
+
+Example:
+    >>> data = ProbingDataset(["I met Mary"], [-1], ["female"])
+    >>> data.name, len(data)
+    ('custom', 1)
+"""
+
+from mechkit.probing.datasets import (
+    FEMALE_NAMES,
+    MALE_NAMES,
+    ProbingDataset,
+    collect_activations,
+    ioi_name_tokens,
+    name_gender,
+    python_syntax,
+)
+from mechkit.probing.probes import (
+    L2_GRID,
+    Probe,
+    ProbeResult,
+    control_labels,
+    fit_probe,
+    train_probe,
+)
+
+__all__ = [
+    "FEMALE_NAMES",
+    "L2_GRID",
+    "MALE_NAMES",
+    "Probe",
+    "ProbeResult",
+    "ProbingDataset",
+    "collect_activations",
+    "control_labels",
+    "fit_probe",
+    "ioi_name_tokens",
+    "name_gender",
+    "python_syntax",
+    "train_probe",
+]
