@@ -82,7 +82,14 @@ from mechkit.sae import (
 from mechkit.steering import SteeringVector, generate, steer, steering_sweep
 
 # Representations: probes, concept erasure, subspace interventions
-from mechkit.probing import ProbeResult, ProbingDataset, train_probe
+from mechkit.probing import (
+    ConceptEraser,
+    ProbeResult,
+    ProbingDataset,
+    erase,
+    fit_leace,
+    train_probe,
+)
 
 # Errors: every one is a MechkitError and the builtin a user would catch
 from mechkit.errors import (
@@ -138,7 +145,7 @@ __all__ = [
     # steering
     "SteeringVector", "steer", "generate", "steering_sweep",
     # representations
-    "train_probe", "ProbeResult", "ProbingDataset",
+    "train_probe", "ProbeResult", "ProbingDataset", "fit_leace", "ConceptEraser", "erase",
     # errors
     "MechkitError", "CacheError", "ContextLengthError", "DatasetFormatError", "DeviceError",
     "EmptyDatasetError", "FileFormatError", "InvalidArgumentError", "InvalidSiteError",

@@ -6,6 +6,10 @@ Three questions about a site's activations, each with its standard method:
   with cross-validated regularisation and a control task (Hewitt & Liang 2019), on a
   :class:`ProbingDataset` (built in code: IOI name tokens, name gender, Python syntax roles,
   or a user's JSONL).
+- *What happens if the model can no longer read it?* :func:`fit_leace` (Belrose et al. 2023)
+  and :func:`fit_inlp` (Ravfogel et al. 2020) return a :class:`ConceptEraser`; :func:`erase`
+  applies it inside the model; :func:`amnesic_probe` (Elazar et al. 2021) compares the LM's
+  loss with the concept erased against a random subspace of the same rank.
 
 Example:
     >>> data = ProbingDataset(["I met Mary"], [-1], ["female"])
@@ -22,6 +26,16 @@ from mechkit.probing.datasets import (
     name_gender,
     python_syntax,
 )
+from mechkit.probing.erasure import (
+    AmnesicResult,
+    ConceptEraser,
+    OracleEraser,
+    amnesic_probe,
+    erase,
+    fit_inlp,
+    fit_leace,
+    lm_loss,
+)
 from mechkit.probing.probes import (
     L2_GRID,
     Probe,
@@ -32,6 +46,14 @@ from mechkit.probing.probes import (
 )
 
 __all__ = [
+    "AmnesicResult",
+    "ConceptEraser",
+    "OracleEraser",
+    "amnesic_probe",
+    "erase",
+    "fit_inlp",
+    "fit_leace",
+    "lm_loss",
     "FEMALE_NAMES",
     "L2_GRID",
     "MALE_NAMES",

@@ -56,7 +56,16 @@ from mechkit.reading import read_safetensors
 from mechkit.sites import COMPONENTS, Site
 from mechkit.steering.vectors import STEERING_SITES, SteeringVector
 
-__all__ = ["Probe", "ProbeResult", "fit_probe", "train_probe", "control_labels", "L2_GRID"]
+__all__ = [
+    "Probe",
+    "ProbeResult",
+    "fit_probe",
+    "fit_logistic",
+    "check_site",
+    "train_probe",
+    "control_labels",
+    "L2_GRID",
+]
 
 ProbeKind = Literal["logistic", "ridge", "mlp"]
 L2_GRID: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -67,8 +76,17 @@ L2_GRID: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 # Fitting on activations
 
 
-def _fit_logistic(z: Tensor, y: Tensor, n_classes: int, l2: float, steps: int) -> dict[str, Tensor]:
-    """``{"weight": (out, d), "bias": (out,)}`` minimising mean cross-entropy + l2 ||W||^2."""
+def fit_logistic(
+    z: Float[Tensor, "batch d"], y: Tensor, n_classes: int, l2: float, steps: int = 200
+) -> dict[str, Tensor]:
+    """``{"weight": (out, d), "bias": (out,)}`` minimising mean cross-entropy + l2 ||W||^2
+    (full-batch L-BFGS in float64 from zero; ``out`` is 1 for two classes, else C).
+
+    Example:
+        >>> z = torch.tensor([[-2.0], [-1.0], [1.0], [2.0]], dtype=torch.float64)
+        >>> fit_logistic(z, torch.tensor([0, 0, 1, 1]), 2, 1e-2)["weight"].shape   # (out, d)
+        torch.Size([1, 1])
+    """
     out = 1 if n_classes == 2 else n_classes
     w = torch.zeros(out, z.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(out, dtype=torch.float64, requires_grad=True)
@@ -291,7 +309,7 @@ def fit_probe(
         std = torch.where(std > 1e-12, std, torch.ones_like(std))
         z = (xs - mean) / std
         if model_kind == "logistic":
-            params = _fit_logistic(z, ys, n_classes, weight, steps)
+            params = fit_logistic(z, ys, n_classes, weight, steps)
         elif model_kind == "ridge":
             params = _fit_ridge(z, ys, weight)
         else:

@@ -10,7 +10,7 @@ import torch
 
 import mechkit as mk
 from mechkit.probing import ProbingDataset, collect_activations, control_labels, fit_probe
-from mechkit.probing.probes import _fit_logistic, _fit_ridge
+from mechkit.probing.probes import _fit_ridge, fit_logistic
 from tests.conftest import hook_count
 
 sklearn = pytest.importorskip("sklearn")
@@ -29,7 +29,7 @@ def _data(n=300, d=6, classes=2, seed=0):
 def test_logistic_equals_sklearn(classes):
     x, y = _data(classes=classes)
     l2 = 1e-2
-    ours = _fit_logistic(x, y, classes, l2, steps=500)
+    ours = fit_logistic(x, y, classes, l2, steps=500)
     ref = LogisticRegression(C=1 / (2 * l2 * len(y)), tol=1e-10, max_iter=5000).fit(x, y)
     coef = torch.as_tensor(ref.coef_)
     assert torch.allclose(ours["weight"], coef, atol=1e-5)
