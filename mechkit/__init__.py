@@ -84,8 +84,10 @@ from mechkit.steering import SteeringVector, generate, steer, steering_sweep
 # Representations: probes, concept erasure, subspace interventions
 from mechkit.probing import (
     ConceptEraser,
+    DasResult,
     ProbeResult,
     ProbingDataset,
+    das,
     erase,
     fit_leace,
     train_probe,
@@ -146,6 +148,7 @@ __all__ = [
     "SteeringVector", "steer", "generate", "steering_sweep",
     # representations
     "train_probe", "ProbeResult", "ProbingDataset", "fit_leace", "ConceptEraser", "erase",
+    "das", "DasResult",
     # errors
     "MechkitError", "CacheError", "ContextLengthError", "DatasetFormatError", "DeviceError",
     "EmptyDatasetError", "FileFormatError", "InvalidArgumentError", "InvalidSiteError",

@@ -10,6 +10,9 @@ Three questions about a site's activations, each with its standard method:
   and :func:`fit_inlp` (Ravfogel et al. 2020) return a :class:`ConceptEraser`; :func:`erase`
   applies it inside the model; :func:`amnesic_probe` (Elazar et al. 2021) compares the LM's
   loss with the concept erased against a random subspace of the same rank.
+- *Is this subspace the one the model uses?* :func:`das` (Geiger et al. 2023; boundless: Wu et
+  al. 2023) learns a rotation whose interchange intervention realises a high-level causal
+  model, and reports :func:`illusion_check` (Makelov et al. 2023) with every result.
 
 Example:
     >>> data = ProbingDataset(["I met Mary"], [-1], ["female"])
@@ -17,6 +20,7 @@ Example:
     ('custom', 1)
 """
 
+from mechkit.probing.das import DasResult, das
 from mechkit.probing.datasets import (
     FEMALE_NAMES,
     MALE_NAMES,
@@ -36,6 +40,8 @@ from mechkit.probing.erasure import (
     fit_leace,
     lm_loss,
 )
+from mechkit.probing.illusion import IllusionReport, illusion_check, row_space_projector
+from mechkit.probing.interchange import interchange, site_activations, subspace_iia
 from mechkit.probing.probes import (
     L2_GRID,
     Probe,
@@ -46,6 +52,14 @@ from mechkit.probing.probes import (
 )
 
 __all__ = [
+    "DasResult",
+    "IllusionReport",
+    "das",
+    "illusion_check",
+    "interchange",
+    "row_space_projector",
+    "site_activations",
+    "subspace_iia",
     "AmnesicResult",
     "ConceptEraser",
     "OracleEraser",
