@@ -24,9 +24,12 @@ from mechkit.probing.das import DasResult, das
 from mechkit.probing.datasets import (
     FEMALE_NAMES,
     MALE_NAMES,
+    InterchangePairs,
     ProbingDataset,
     collect_activations,
+    interchange_pairs,
     ioi_name_tokens,
+    ioi_position_pairs,
     name_gender,
     python_syntax,
 )
@@ -53,6 +56,9 @@ from mechkit.probing.probes import (
 
 __all__ = [
     "DasResult",
+    "InterchangePairs",
+    "interchange_pairs",
+    "ioi_position_pairs",
     "IllusionReport",
     "das",
     "illusion_check",

@@ -62,6 +62,9 @@ __all__ = [
     "ioi_name_tokens",
     "name_gender",
     "python_syntax",
+    "InterchangePairs",
+    "interchange_pairs",
+    "ioi_position_pairs",
     "FEMALE_NAMES",
     "MALE_NAMES",
 ]
@@ -88,6 +91,12 @@ _IOI_TEMPLATES = (
     "Then, {A} and {B} had a long talk at the {place}. {B} handed the {thing} to",
     "After {A} and {B} arrived at the {place}, {B} sent a {thing} to",
     "While {A} and {B} were at the {place}, {B} passed the {thing} to",
+)
+_IOI_SUBJECT_TEMPLATES = (  # {C}: the subject, one of A and B; the other is the indirect object
+    "When {A} and {B} went to the {place}, {C} gave a {thing} to",
+    "Then, {A} and {B} had a long talk at the {place}. {C} handed the {thing} to",
+    "After {A} and {B} arrived at the {place}, {C} sent a {thing} to",
+    "While {A} and {B} were at the {place}, {C} passed the {thing} to",
 )
 _PLACES = ("store", "park", "school", "office", "station", "garden", "market", "library")
 _THINGS = ("book", "ring", "drink", "bone", "kiss", "basket", "letter", "ball")
@@ -360,6 +369,117 @@ def python_syntax(
             found = True
         used += int(found)
     return ProbingDataset(texts, positions, labels, types, "python_syntax")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs for interchange interventions (DAS)
+
+
+@dataclasses.dataclass(frozen=True)
+class InterchangePairs:
+    """Base and source prompts with the high-level model's counterfactual labels (for DAS).
+
+    Attributes:
+        base, source: the prompts of each pair.
+        labels: the answer the base run should give with the variable taken from the source.
+        choices: per pair, the candidate answers compared (IIA among them).
+        answers: the base run's own answer (what the unchanged model should say).
+
+    Example:
+        >>> pairs = InterchangePairs(["a"], ["b"], [" x"], [[" x", " y"]], [" y"])
+        >>> len(pairs), pairs[0:1].labels
+        (1, [' x'])
+    """
+
+    base: list[str]
+    source: list[str]
+    labels: list[str]
+    choices: list[list[str]]
+    answers: list[str]
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, rows: slice) -> InterchangePairs:
+        return InterchangePairs(self.base[rows], self.source[rows], self.labels[rows],
+                                self.choices[rows], self.answers[rows])  # fmt: skip
+
+
+def interchange_pairs(
+    examples: Sequence[Any],
+    render: Any,
+    high_level: Any,
+    variable: Any,
+    *,
+    n: int,
+    seed: int = 0,
+) -> InterchangePairs:
+    """Pairs from a high-level causal model written in a few lines of Python.
+
+    Args:
+        examples: the high-level inputs to draw from (anything: tuples of names, numbers...).
+        render: ``example -> prompt`` text.
+        high_level: ``(example, variable value) -> answer`` (the high-level model's output with
+            the variable set to that value; a single-token string).
+        variable: ``example -> the variable's value`` in that example.
+        n: how many pairs (base and source drawn independently, with replacement).
+        The choices of a pair are the high-level model's answers for the base under every
+        value the variable takes in ``examples``.
+        seed: the draw.
+
+    Example:
+        >>> examples = [(a, b) for a in range(3) for b in range(3)]
+        >>> pairs = interchange_pairs(examples, lambda e: f"{e[0]} + {e[1]} =",
+        ...                           lambda e, first: f" {first + e[1]}", lambda e: e[0], n=2)
+        >>> pairs.base[0], pairs.source[0], pairs.labels[0], pairs.choices[0]
+        ('2 + 0 =', '2 + 0 =', ' 2', [' 0', ' 1', ' 2'])
+    """
+    rng = random.Random(seed)
+    pool = list(examples)
+    values = sorted(set(map(variable, pool)), key=repr)
+    out = InterchangePairs([], [], [], [], [])
+    for _ in range(n):
+        base, source = rng.choice(pool), rng.choice(pool)
+        out.base.append(render(base))
+        out.source.append(render(source))
+        out.labels.append(high_level(base, variable(source)))
+        out.answers.append(high_level(base, variable(base)))
+        out.choices.append(sorted({high_level(base, v) for v in values}))
+    return out
+
+
+def ioi_position_pairs(model: Model, n: int = 160, *, seed: int = 0) -> InterchangePairs:
+    """IOI pairs for DAS: the variable is which name slot holds the indirect object.
+
+    Base and source share a template (Wang et al. 2022's "When A and B went to the place, C
+    gave a thing to", C the subject, the other name the indirect object) but not their names;
+    the high-level model answers with the name in the indirect object's slot, so the
+    counterfactual label is the base's name in the *source's* slot. Choices are the base's two
+    names.
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> pairs = ioi_position_pairs(model, 4)
+        >>> len(pairs), pairs.choices[0] == sorted(pairs.choices[0])
+        (4, True)
+    """
+    names = _single_token_names(model, FEMALE_NAMES + MALE_NAMES)
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(4 * n):
+        a, b = rng.sample(names, 2)
+        examples.append((rng.choice(_IOI_SUBJECT_TEMPLATES), a, b, rng.choice(_PLACES),
+                         rng.choice(_THINGS), rng.randrange(2)))  # fmt: skip
+
+    def render(e: tuple) -> str:
+        template, a, b, place, thing, slot = e
+        subject = b if slot == 0 else a  # the other name is the indirect object, in ``slot``
+        return template.format(A=a, B=b, C=subject, place=place, thing=thing)
+
+    def high_level(e: tuple, slot: int) -> str:
+        return " " + (e[1] if slot == 0 else e[2])
+
+    return interchange_pairs(examples, render, high_level, lambda e: e[5], n=n, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -168,6 +168,14 @@ def _score(pred: Tensor, y: Tensor, n_classes: int) -> float:
     return float(1 - (pred - y).pow(2).sum() / total) if total > 0 else 0.0
 
 
+def _group_split(groups: Tensor, n_parts: int, seed: int) -> list[Tensor]:
+    """Indices cut into ``n_parts`` parts with every group wholly inside one part."""
+    g = torch.Generator().manual_seed(seed)
+    unique = torch.unique(groups)
+    order = unique[torch.randperm(len(unique), generator=g)]
+    return [torch.nonzero(torch.isin(groups, order[i::n_parts]))[:, 0] for i in range(n_parts)]
+
+
 def _stratified_split(y: Tensor, n_classes: int, n_parts: int, seed: int) -> list[Tensor]:
     """Indices cut into ``n_parts`` parts, each class spread evenly (regression: at random)."""
     g = torch.Generator().manual_seed(seed)
@@ -247,6 +255,7 @@ def fit_probe(
     test_fraction: float = 0.25,
     steps: int = 200,
     hidden: int = 64,
+    groups: Tensor | None = None,
     seed: int = 0,
 ) -> Probe:
     """Fit a probe on activations ``x`` for integer class ``labels`` (or float targets).
@@ -260,6 +269,8 @@ def fit_probe(
         test_fraction: the share held out (stratified by class) to score the final probe.
         steps: L-BFGS iterations (logistic) or Adam steps (MLP).
         hidden: the MLP's hidden width.
+        groups: ``(batch,)`` integer group ids (word types): the test split and the folds then
+            hold out whole groups, so the score is on types never seen in training.
         seed: the split, the folds and the MLP's initialisation.
 
     Example:
@@ -299,7 +310,17 @@ def fit_probe(
         )
     model_kind: str = "mlp" if kind == "mlp" else ("ridge" if regression else "logistic")
     x = x.double()
-    parts = _stratified_split(y, n_classes, max(2, round(1 / test_fraction)), seed)
+    n_parts = max(2, round(1 / test_fraction))
+    if groups is not None:
+        groups = torch.as_tensor(groups).long()
+        if groups.shape != y.shape or len(torch.unique(groups)) < max(n_parts, folds):
+            raise InvalidArgumentError(
+                f"Expected one group id per example and at least {max(n_parts, folds)} groups; "
+                f"got shape {tuple(groups.shape)} with {len(torch.unique(groups))} groups."
+            )
+        parts = _group_split(groups, n_parts, seed)
+    else:
+        parts = _stratified_split(y, n_classes, n_parts, seed)
     test = parts[0]
     train = torch.cat(parts[1:])
 
@@ -322,7 +343,11 @@ def fit_probe(
 
     cv: dict[float, float] = {}
     if l2 is None:
-        fold_parts = _stratified_split(y[train], n_classes, folds, seed + 1)
+        fold_parts = (
+            _stratified_split(y[train], n_classes, folds, seed + 1)
+            if groups is None
+            else _group_split(groups[train], folds, seed + 1)
+        )
         for weight in l2_grid:
             values = []
             for i, held in enumerate(fold_parts):
@@ -572,6 +597,7 @@ def train_probe(
     l2_grid: Sequence[float] = L2_GRID,
     folds: int = 5,
     test_fraction: float = 0.25,
+    split: Literal["random", "type"] = "random",
     seed: int = 0,
     batch_size: int | None = 16,
     progress: bool = False,
@@ -587,6 +613,10 @@ def train_probe(
         control: also fit the control task (Hewitt & Liang) for selectivity.
         l2: a fixed L2 weight (None: cross-validated among ``l2_grid``).
         folds, test_fraction, seed: cross-validation folds, held-out share and seed.
+        split: ``"random"`` (examples split at random, stratified by class: Hewitt & Liang's
+            setting, where a control task can be memorised from types seen in training) or
+            ``"type"`` (whole word types held out: accuracy on types never seen, where the
+            control task is at chance and selectivity measures generalisation).
         batch_size: texts per forward pass (None: all; halved on running out of memory).
         progress: show a progress bar.
 
@@ -606,8 +636,13 @@ def train_probe(
     acts = collect_activations(model, dataset, hooks, batch_size=batch_size, progress=progress)
     y = dataset.label_ids
     y_control = control_labels(dataset, seed=seed) if control else None
+    check_choice("split", split, ["random", "type"])
+    groups = None
+    if split == "type":
+        index = {t: i for i, t in enumerate(dict.fromkeys(dataset.word_types))}
+        groups = torch.tensor([index[t] for t in dataset.word_types])
     options = dict(kind=kind, l2=l2, l2_grid=l2_grid, folds=folds,
-                   test_fraction=test_fraction, seed=seed)  # fmt: skip
+                   test_fraction=test_fraction, seed=seed, groups=groups)  # fmt: skip
     probes, accuracy, control_acc = [], [], []
     for hook in hooks:
         probe = fit_probe(acts[hook], y, **options)  # type: ignore[arg-type]
@@ -620,7 +655,7 @@ def train_probe(
     counts = torch.bincount(y) if not dataset.is_regression else None
     majority = float(counts.max() / counts.sum()) if counts is not None else float("nan")
     metadata = {"model": model_name(model), "dataset": dataset.name, "kind": kind,
-                "seed": seed, "n_examples": len(dataset)}  # fmt: skip
+                "seed": seed, "n_examples": len(dataset), "split": split}  # fmt: skip
     return ProbeResult(
         tuple(layer_list), site, torch.tensor(accuracy), torch.tensor(control_acc),
         torch.tensor([p.train_score for p in probes]), torch.tensor([p.l2 for p in probes]),

@@ -146,3 +146,17 @@ def test_jsonl_dataset(tmp_path):
     path.write_text('{"text": "a", "label": 1}\n')
     with pytest.raises(mk.DatasetFormatError, match=r"d.jsonl:1: .*missing \['position'\]"):
         ProbingDataset.from_jsonl(path)
+
+
+def test_a_type_split_holds_out_whole_types_and_puts_the_control_at_chance(toy):
+    data = _toy_dataset(120)
+    by_type = mk.train_probe(toy, data, layers=[0], l2=1e-2, split="type", folds=3)
+    by_example = mk.train_probe(toy, data, layers=[0], l2=1e-2, folds=3)
+    # memorised control labels do not carry over to unseen types; the parity of a token id
+    # is not linear in its embedding either, so both fall towards chance on unseen tokens
+    assert float(by_example.control_accuracy[0]) > 0.9
+    assert float(by_type.control_accuracy[0]) < 0.8
+    groups = torch.tensor([int(t) for t in data.word_types])
+    x = torch.randn(120, 4)
+    probe = fit_probe(x, data.label_ids, l2=1e-2, groups=groups, folds=3)
+    assert 0.0 <= probe.test_score <= 1.0
