@@ -33,6 +33,7 @@ from mechkit import (
     mixing,
     models,
     patching,
+    probing,
     prompts,
     sae,
     sites,
@@ -84,6 +85,18 @@ from mechkit.steering import SteeringVector, generate, steer, steering_sweep
 # Context mixing
 from mechkit.mixing import ContextMixing, MixingAgreement, context_mixing, mixing_agreement
 
+# Representations: probes, concept erasure, subspace interventions
+from mechkit.probing import (
+    ConceptEraser,
+    DasResult,
+    ProbeResult,
+    ProbingDataset,
+    das,
+    erase,
+    fit_leace,
+    train_probe,
+)
+
 # Errors: every one is a MechkitError and the builtin a user would catch
 from mechkit.errors import (
     CacheError,
@@ -118,8 +131,8 @@ __version__ = version.__version__
 __all__ = [
     # subpackages
     "attribution", "core", "corpus", "decomposition", "errors", "graph", "heads", "interventions",
-    "lens", "metrics", "mixing", "models", "patching", "prompts", "sae", "sites", "steering",
-    "tokens",
+    "lens", "metrics", "mixing", "models", "patching", "probing", "prompts", "sae", "sites",
+    "steering", "tokens",
     # models, prompts and metrics
     "load_model", "model_info", "PromptPairs", "Site", "tokenize_answer",
     "Metric", "LogitDiff", "ProbDiff", "CrossEntropy", "KLDivergence", "Normalized",
@@ -139,6 +152,9 @@ __all__ = [
     "SteeringVector", "steer", "generate", "steering_sweep",
     # context mixing
     "context_mixing", "ContextMixing", "mixing_agreement", "MixingAgreement",
+    # representations
+    "train_probe", "ProbeResult", "ProbingDataset", "fit_leace", "ConceptEraser", "erase",
+    "das", "DasResult",
     # errors
     "MechkitError", "CacheError", "ContextLengthError", "DatasetFormatError", "DeviceError",
     "EmptyDatasetError", "FileFormatError", "InvalidArgumentError", "InvalidSiteError",

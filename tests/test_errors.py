@@ -41,6 +41,10 @@ ALLOWED_BUILTIN_RAISES = {
     ("reading.py", "TypeError", "read_json"),
     ("reading.py", "ValueError", "read_checkpoint"),
     ("lens/tuned_lens.py", "ValueError", "load"),
+    # a file of another kind: turned into a FileFormatError naming the file in the same function
+    ("probing/das.py", "KeyError", "load"),
+    ("probing/erasure.py", "KeyError", "load"),
+    ("probing/probes.py", "KeyError", "load"),
     # the user's own Ctrl-C, raised again once the hook scope has restored the model
     ("hook_scope.py", "KeyboardInterrupt", "keep_hooks"),
     # a module's __getattr__ must raise AttributeError for unknown names (PEP 562): hasattr,
