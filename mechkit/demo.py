@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from mechkit.atomic_io import write_atomically, write_text_atomically
+from mechkit.atomic_io import write_text_atomically
 from mechkit.attribution import compare_attribution
 from mechkit.core.names import parse_node
 from mechkit.corpus import corpus_tokens
@@ -36,7 +36,9 @@ from mechkit.lens import logit_lens
 from mechkit.models import load_model, model_info
 from mechkit.patching import activation_patch, path_patch
 from mechkit.predictions import predict_next_tokens
+from mechkit.probing.demo import demo_section as _probing
 from mechkit.prompts import PromptPairs
+from mechkit.report_parts import figure_link, html_table
 from mechkit.sae.base import load_sae
 from mechkit.sae.browser import feature_browser
 from mechkit.sae.evaluate import evaluate_sae
@@ -98,35 +100,6 @@ IOI_PAIRS = (
         " Paul",
     ),
 )
-
-
-def figure_link(out: Path, name: str, fig: Any) -> str:
-    """Write plotly ``fig`` to ``out/name`` and return an HTML link to it.
-
-    Example:
-        >>> import tempfile
-        >>> import plotly.graph_objects as go
-        >>> figure_link(Path(tempfile.mkdtemp()), "bar.html", go.Figure(go.Bar(y=[1, 2])))
-        '<a href="bar.html">bar.html</a>'
-    """
-    # "directory": the page loads plotly.min.js from its folder (written beside it once), so
-    # the report opens offline without each figure carrying 4 MB of JavaScript.
-    write_atomically(out / name, lambda tmp: fig.write_html(tmp, include_plotlyjs="directory"))
-    return f'<a href="{name}">{html.escape(name)}</a>'
-
-
-def html_table(rows: list[list[Any]], header: list[str]) -> str:
-    """An HTML table of ``rows`` under ``header``, every cell escaped.
-
-    Example:
-        >>> html_table([[1, "<b>"]], ["n", "tag"])
-        '<table><tr><th>n</th><th>tag</th></tr><tr><td>1</td><td>&lt;b&gt;</td></tr></table>'
-    """
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _model_card(model: HookedTransformer, out: Path) -> str:
@@ -396,6 +369,7 @@ SECTIONS: tuple[DemoSection, ...] = (
     ("Attribution patching and the circuit graph (IOI)", _circuit),
     ("Steering (activation addition)", _steering),
     ("Sparse autoencoder features", _features),
+    ("Probes, concept erasure and DAS", _probing),
 )
 
 

@@ -11,7 +11,7 @@ two-prompt forward and more than half of each generation step on a CPU.
 parameter keeps its shape and values, but its memory is laid out as the transpose
 TransformerLens asks for, so ``.T.contiguous()`` and the attention's rearrangement return views
 and ``F.linear`` receives the very same matrix it received before. Outputs are bit-identical
-(``tests/models/test_layout.py``); only parameters that TransformerLens reads through such a
+(``tests/models/test_forward_layout.py``); only parameters that TransformerLens reads through such a
 copy are touched (the plain ``MLP``, which multiplies with ``addmm``, keeps its layout).
 :func:`mechkit.load_model` applies it to every model it loads.
 """
@@ -19,7 +19,6 @@ copy are touched (the plain ``MLP``, which multiplies with ``addmm``, keeps its 
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformer_lens.components import Unembed
 from transformer_lens.components.abstract_attention import AbstractAttention
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
@@ -32,7 +31,7 @@ __all__ = ["use_forward_layout"]
 _HEAD_INPUT_WEIGHTS = ("W_Q", "W_K", "W_V", "_W_K", "_W_V")
 
 
-def _store(parameter: nn.Parameter, storage_order: tuple[int, ...]) -> int:
+def _store(parameter: torch.Tensor, storage_order: tuple[int, ...]) -> int:
     """Lay ``parameter`` out in memory in ``storage_order``; its shape and values stay."""
     data = parameter.data
     inverse = [0] * len(storage_order)
@@ -76,7 +75,7 @@ def use_forward_layout(model: Model) -> int:
                 moved += _store(weight, (2, 0, 1))  # (d_model, head, d_head)
         elif isinstance(module, GatedMLP):
             for name in ("W_gate", "W_in", "W_out"):
-                moved += _store(module._parameters[name], (1, 0))
+                moved += _store(getattr(module, name), (1, 0))
         elif isinstance(module, Unembed):
-            moved += _store(module._parameters["W_U"], (1, 0))
+            moved += _store(module.W_U, (1, 0))
     return moved

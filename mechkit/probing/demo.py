@@ -13,11 +13,11 @@ from pathlib import Path
 
 from mechkit.core.types import Model
 from mechkit.corpus import corpus_tokens
-from mechkit.demo import figure_link, html_table
 from mechkit.probing.das import das
 from mechkit.probing.datasets import ioi_position_pairs, name_gender
 from mechkit.probing.erasure import amnesic_probe, fit_leace
 from mechkit.probing.probes import train_probe
+from mechkit.report_parts import figure_link, html_table
 
 __all__ = ["demo_section"]
 

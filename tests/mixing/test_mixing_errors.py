@@ -50,13 +50,14 @@ def test_a_model_without_attention_weights_is_refused():
         mk.context_mixing(model, TOKENS, method="alti")
 
 
-def test_value_zeroing_refuses_when_its_hook_never_runs(toy, monkeypatch):
-    # a model whose attention bypasses hook_v (as a fused kernel would) must not score zeros
-    attn = toy.blocks[0].attn
-    monkeypatch.setattr(attn, "hook_v", torch.nn.Identity())
+def test_value_zeroing_refuses_when_its_hook_never_runs():
+    # a model whose attention bypasses hook_v (as a fused kernel would) must not score zeros;
+    # a model of its own: swapping a hook point out must not leak into the session's toy model
+    model = mk.load_model("attn-only-2l")
+    model.blocks[0].attn.hook_v = torch.nn.Identity()
     with pytest.raises(mk.UnsupportedModelError, match="never ran"):
-        mk.context_mixing(toy, TOKENS, method="value_zeroing", layers=[0])
-    assert hook_count(toy) == 0
+        mk.context_mixing(model, TOKENS, method="value_zeroing", layers=[0])
+    assert hook_count(model) == 0
 
 
 def test_decompx_refuses_parallel_blocks():
