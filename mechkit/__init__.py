@@ -24,6 +24,7 @@ from mechkit import (
     core,
     corpus,
     decomposition,
+    distributed,
     errors,
     graph,
     heads,
@@ -80,6 +81,9 @@ from mechkit.sae import (
 # Steering
 from mechkit.steering import SteeringVector, generate, steer, steering_sweep
 
+# Scaling out: a Ray cluster's actors (mechkit sweep --ray)
+from mechkit.distributed import RayExecutor
+
 # Errors: every one is a MechkitError and the builtin a user would catch
 from mechkit.errors import (
     CacheError,
@@ -105,6 +109,8 @@ from mechkit.errors import (
     UnknownKindError,
     UnknownModelError,
     UnsupportedModelError,
+    MissingDependencyError,
+    WorkerError,
 )
 
 # isort: on
@@ -113,8 +119,9 @@ __version__ = version.__version__
 
 __all__ = [
     # subpackages
-    "attribution", "core", "corpus", "decomposition", "errors", "graph", "heads", "interventions",
-    "lens", "metrics", "models", "patching", "prompts", "sae", "sites", "steering", "tokens",
+    "attribution", "core", "corpus", "decomposition", "distributed", "errors", "graph", "heads",
+    "interventions", "lens", "metrics", "models", "patching", "prompts", "sae", "sites",
+    "steering", "tokens",
     # models, prompts and metrics
     "load_model", "model_info", "PromptPairs", "Site", "tokenize_answer",
     "Metric", "LogitDiff", "ProbDiff", "CrossEntropy", "KLDivergence", "Normalized",
@@ -132,8 +139,11 @@ __all__ = [
     "evaluate_feature_circuit", "train_sae", "evaluate_sae", "feature_browser",
     # steering
     "SteeringVector", "steer", "generate", "steering_sweep",
+    # scaling out
+    "RayExecutor",
     # errors
-    "MechkitError", "CacheError", "ContextLengthError", "DatasetFormatError", "DeviceError",
+    "MechkitError", "MissingDependencyError", "WorkerError", "CacheError", "ContextLengthError",
+    "DatasetFormatError", "DeviceError",
     "EmptyDatasetError", "FileFormatError", "InvalidArgumentError", "InvalidSiteError",
     "InvalidTokenError", "InvalidTypeError", "ModelUnavailableError", "MultiTokenAnswerError",
     "NonFiniteError", "NotFoundError", "OutOfMemoryError", "OutputFolderError",
