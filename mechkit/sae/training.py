@@ -614,6 +614,7 @@ def train_sae(
         sae.to(dtype=scfg.torch_dtype)
         if cfg.calibration_batches and _replayable(activations):  # on global batches
             sae.calibrate(_batches(activations, cfg, 0, shard=False), cfg.calibration_batches)
+            broadcast_module(sae)  # ranks reading their own stores calibrate apart: take rank 0's
     return TrainedSAE(sae, result)
 
 
