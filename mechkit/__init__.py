@@ -24,6 +24,7 @@ from mechkit import (
     core,
     corpus,
     decomposition,
+    distributed,
     errors,
     graph,
     heads,
@@ -97,6 +98,9 @@ from mechkit.probing import (
     train_probe,
 )
 
+# Scaling out: a Ray cluster's actors (mechkit sweep --ray)
+from mechkit.distributed import RayExecutor
+
 # Errors: every one is a MechkitError and the builtin a user would catch
 from mechkit.errors import (
     CacheError,
@@ -122,6 +126,8 @@ from mechkit.errors import (
     UnknownKindError,
     UnknownModelError,
     UnsupportedModelError,
+    MissingDependencyError,
+    WorkerError,
 )
 
 # isort: on
@@ -130,9 +136,9 @@ __version__ = version.__version__
 
 __all__ = [
     # subpackages
-    "attribution", "core", "corpus", "decomposition", "errors", "graph", "heads", "interventions",
-    "lens", "metrics", "mixing", "models", "patching", "probing", "prompts", "sae", "sites",
-    "steering", "tokens",
+    "attribution", "core", "corpus", "decomposition", "distributed", "errors", "graph", "heads",
+    "interventions", "lens", "metrics", "mixing", "models", "patching", "probing", "prompts",
+    "sae", "sites", "steering", "tokens",
     # models, prompts and metrics
     "load_model", "model_info", "PromptPairs", "Site", "tokenize_answer",
     "Metric", "LogitDiff", "ProbDiff", "CrossEntropy", "KLDivergence", "Normalized",
@@ -155,8 +161,11 @@ __all__ = [
     # representations
     "train_probe", "ProbeResult", "ProbingDataset", "fit_leace", "ConceptEraser", "erase",
     "das", "DasResult",
+    # scaling out
+    "RayExecutor",
     # errors
-    "MechkitError", "CacheError", "ContextLengthError", "DatasetFormatError", "DeviceError",
+    "MechkitError", "MissingDependencyError", "WorkerError", "CacheError", "ContextLengthError",
+    "DatasetFormatError", "DeviceError",
     "EmptyDatasetError", "FileFormatError", "InvalidArgumentError", "InvalidSiteError",
     "InvalidTokenError", "InvalidTypeError", "ModelUnavailableError", "MultiTokenAnswerError",
     "NonFiniteError", "NotFoundError", "OutOfMemoryError", "OutputFolderError",

@@ -4,6 +4,7 @@ reproduce`` (also ``python -m mechkit ...``)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import textwrap
 import time
@@ -130,7 +131,8 @@ def _add_sweep_parser(commands: argparse._SubParsersAction) -> None:
             "crash and it resumes where it stopped, computing no cell twice. When an entry is "
             "complete, OUT/NAME.csv, NAME.html and NAME.png hold its table and heatmap; "
             "OUT/run.json holds the config, mechkit's version and the status. A config whose "
-            "keys (other than device, memory_budget, format, out) differ from the one in OUT is "
+            "keys (other than device, memory_budget, format, out, executor, ray_address, "
+            "actors) differ from the one in OUT is "
             "refused: pass --restart to discard the old results, or another --out. A sweep "
             "deletes or overwrites only files it wrote, as run.json records them (name, size, "
             "SHA-256); a foreign or edited file in its way stops it with an error naming it.",
@@ -148,6 +150,18 @@ def _add_sweep_parser(commands: argparse._SubParsersAction) -> None:
         help="discard the results a sweep wrote in the output folder (never other files)",
     )
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sweep.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run the cells on a Ray cluster's actors, each loading the model once (needs pip "
+        "install 'mechkit[ray]'); ADDRESS: a running cluster (auto, head:6379, "
+        "ray://head:10001), none: start a local one. Overrides the config's executor.",
+    )
+    sweep.add_argument(
+        "--actors", type=int, help="with --ray: model copies (default: one per GPU, else per CPU)"
+    )
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -155,6 +169,13 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"[mechkit sweep] {message}", file=sys.stderr, flush=True)
 
     config = load_config(args.config)  # every key checked before the model loads
+    if args.ray is not None or args.actors is not None:
+        config = dataclasses.replace(
+            config,
+            executor="ray" if args.ray is not None else config.executor,
+            ray_address=args.ray or config.ray_address,
+            actors=args.actors or config.actors,
+        )
     out = args.out or config.out or str(Path("runs") / Path(args.config).stem)
     start = time.perf_counter()
     try:

@@ -41,6 +41,8 @@ __all__ = [
     "SAEFileError",
     "SweepConfigError",
     "PromptsTooLongError",
+    "MissingDependencyError",
+    "WorkerError",
     "did_you_mean",
     "check_choice",
     "check_batch_size",
@@ -547,4 +549,28 @@ class PromptsTooLongError(SweepConfigError, ContextLengthError):
         Traceback (most recent call last):
         ...
         mechkit.errors.PromptsTooLongError: prompts.generator: expected prompts of at most ...
+    """
+
+
+class MissingDependencyError(MechkitError, ImportError):
+    """An optional dependency a feature needs is not installed; the message gives the install
+    command (``pip install 'mechkit[ray]'``).
+
+    Example:
+        >>> raise MissingDependencyError("Expected Ray. Hint: pip install 'mechkit[ray]'")
+        Traceback (most recent call last):
+        ...
+        mechkit.errors.MissingDependencyError: Expected Ray. Hint: pip install 'mechkit[ray]'
+    """
+
+
+class WorkerError(MechkitError, RuntimeError):
+    """Distributed work could not finish: its workers (Ray actors) died more often than allowed,
+    or none could load the model; the message gives the limit and the last worker error.
+
+    Example:
+        >>> raise WorkerError("Expected a task to finish; its actor died 4 times.")
+        Traceback (most recent call last):
+        ...
+        mechkit.errors.WorkerError: Expected a task to finish; its actor died 4 times.
     """

@@ -27,8 +27,9 @@ import torch
 from transformer_lens import HookedTransformer
 from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, make_model_alias_map
 
-from mechkit.devices import resolve_device, resolve_dtype
+from mechkit.devices import block_devices, place_blocks, resolve_device, resolve_dtype
 from mechkit.errors import (
+    DeviceError,
     InvalidArgumentError,
     MechkitError,
     ModelUnavailableError,
@@ -145,6 +146,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     n_ctx: int | None = None,
+    n_devices: int = 1,
 ) -> Any:
     """Load a model as a TransformerLens ``HookedTransformer`` in eval mode.
 
@@ -155,6 +157,9 @@ def load_model(
         dtype: the parameters' dtype (``"float32"``, ``"bfloat16"``...); None means float32.
         n_ctx: the longest context to allocate for (a positive integer); None means the
             model's own, capped at 2048 for converted models.
+        n_devices: split the blocks across this many GPUs from ``device`` (contiguous runs of
+            blocks, TransformerLens's rule: :func:`~mechkit.devices.block_devices`); the
+            weights go from the CPU straight to their GPU. Needs CUDA; refused on CPU.
 
     Raises:
         UnknownModelError: the name is none of the above.
@@ -173,6 +178,16 @@ def load_model(
     start = time.perf_counter()
     dev = resolve_device(device)  # fail on a bad device before any loading work
     dt = resolve_dtype(dtype)
+    check_positive_int("n_devices", n_devices)
+    if n_devices != 1:  # before any loading: a split that cannot be made is refused now
+        if dev.type != "cuda":
+            block_devices(n_devices, n_devices, dev)  # raises: several devices need CUDA
+        available = torch.cuda.device_count() - (dev.index or 0)
+        if n_devices > available:
+            raise DeviceError(
+                f"Expected {n_devices} GPUs from {dev} to split the model; this machine has "
+                f"{available}. Hint: lower n_devices."
+            )
     if n_ctx is not None:  # before any conversion: a bad value must not cost one
         check_positive_int("n_ctx", n_ctx)
     key = str(name)
@@ -212,9 +227,12 @@ def load_model(
         source, location = "transformer-lens", official
         model = _load_transformer_lens(official, n_ctx)
 
-    model = model.to(dev, print_details=False)
+    if n_devices == 1:
+        model = model.to(dev, print_details=False)
     if dt != torch.float32:
         model = model.to(dt, print_details=False)
+    if n_devices != 1:
+        place_blocks(model, block_devices(model.cfg.n_layers, n_devices, dev))
     use_forward_layout(model)  # TransformerLens's per-pass weight copies become views
     model.eval()
     model.mechkit_info = ModelInfo(

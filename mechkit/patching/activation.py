@@ -29,8 +29,9 @@ a list of :class:`Site`        ``(site,)``: each site as given (its own head/pos
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -53,6 +54,9 @@ from mechkit.patching import engine
 from mechkit.patching.result import PatchResult
 from mechkit.prompts import PromptPairs
 from mechkit.sites import Component, Site
+
+if TYPE_CHECKING:
+    from mechkit.distributed import RayExecutor
 
 __all__ = [
     "activation_patch",
@@ -106,6 +110,7 @@ def activation_patch(
     batch_size: int | None = None,
     memory_budget: int | str | None = None,
     progress: bool = True,
+    executor: RayExecutor | None = None,
 ) -> PatchResult:
     """Patch each activation of a sweep and measure the metric.
 
@@ -137,6 +142,8 @@ def activation_patch(
         memory_budget: bytes (or ``"2GB"``) a batch may use; None: 2 GiB on CPU, 60% of free
             memory on CUDA. A batch that still runs out of memory is split and retried.
         progress: show a progress bar.
+        executor: a :class:`~mechkit.distributed.RayExecutor`: the cells run as tasks on its
+            actors (the model is shipped to each once), the reference runs and the result here.
 
     Returns:
         A :class:`PatchResult` with ``scores`` laid out like TransformerLens's function.
@@ -168,8 +175,11 @@ def activation_patch(
             size,
             memory_budget=memory_budget,
             progress=progress,
+            executor=executor,
             **kwargs,
         )
+    if executor is not None:
+        return _on_executor(executor, model, (clean, corrupt, metric, kwargs), memory_budget)
     if corrupt is None and isinstance(clean, PromptPairs):
         buckets = _length_buckets(clean, contrast.metric, site, positions, contrast.ablation)
         if buckets is not None:
@@ -179,6 +189,42 @@ def activation_patch(
     for chunk in plan.run(memory_budget=memory_budget, progress=progress):
         done.update(chunk)
     return plan.result(done)
+
+
+def _on_executor(
+    executor: RayExecutor, model: Model, inputs: tuple, memory_budget: int | str | None
+) -> PatchResult:
+    """The plan made here (arguments checked, labels); its cells run in ranges on the actors."""
+    clean, corrupt, metric, kwargs = inputs
+    plan = plan_patch(model, clean, corrupt, metric, **kwargs)
+    n = len(plan.cells)
+    parts = executor.chunks(n, 1)
+    shared = executor.share(inputs)
+    call = uuid.uuid4().hex  # the actors keep one plan per call
+    tasks = [(call, shared, slice(k * n // parts, (k + 1) * n // parts), memory_budget)
+             for k in range(parts)]  # fmt: skip
+    done: dict[tuple[int, ...], tuple[float, list[float] | None]] = {}
+    for _, chunk in executor.map(model, _cells_on_actor, tasks):
+        done.update(chunk)
+    return plan.result(done)
+
+
+def _cells_on_actor(
+    model: Model, cache: dict, call: str, inputs: tuple, cells: slice, memory_budget: Any
+) -> dict[tuple[int, ...], tuple[float, list[float] | None]]:
+    """On an actor: the scores of the plan's cells in range ``cells``."""
+    if call not in cache:
+        cache.clear()  # one plan (its reference activations) at a time
+        clean, corrupt, metric, kwargs = inputs
+        cache[call] = plan_patch(model, clean, corrupt, metric, **kwargs)
+    plan = cache[call]
+    wanted = set(plan.cells[cells])
+    done: dict[tuple[int, ...], tuple[float, list[float] | None]] = {}
+    for chunk in plan.run(
+        skip=set(plan.cells) - wanted, memory_budget=memory_budget, progress=False
+    ):
+        done.update(chunk)
+    return done
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,19 +45,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mechkit.atomic_io import write_text_atomically
-from mechkit.core.labels import model_name
 from mechkit.core.progress import progress_bar
 from mechkit.core.types import Model
-from mechkit.errors import FileFormatError, MechkitError, OutputFolderError, SweepConfigError
+from mechkit.distributed.ray_executor import RayExecutor
+from mechkit.errors import (
+    MechkitError,
+    MissingDependencyError,
+    OutputFolderError,
+    SweepConfigError,
+)
 from mechkit.models import load_model
-from mechkit.patching.activation import PaddedPrompts, PatchPlan, plan_cells, plan_patch
+from mechkit.patching import sweep_remote
 from mechkit.patching.result import PatchResult
+from mechkit.patching.sweep_cells import (
+    assemble,
+    batch_slices,
+    cell_records,
+    count_cells,
+    plan_batch,
+    plan_record,
+    reference_of,
+)
 from mechkit.patching.sweep_config import (
     CONFIG_KEYS,
-    METRICS,
     PromptSource,
     SweepConfig,
     SweepEntry,
@@ -67,7 +78,6 @@ from mechkit.patching.sweep_config import (
     config_identity,
     fingerprint,
     load_config,
-    lower_first,
 )
 from mechkit.patching.sweep_config import config_from_dict as config_from_dict  # re-export
 from mechkit.patching.sweep_folder import (
@@ -85,6 +95,7 @@ from mechkit.patching.sweep_folder import (
     read_run_file,
     write_outputs,
 )
+from mechkit.patching.sweep_remote import RemoteSetup
 from mechkit.prompts import PromptPairs
 from mechkit.version import __version__
 
@@ -101,23 +112,6 @@ __all__ = [
 ]
 
 _locked = locked  # as the tests reach it
-
-
-def _batches(n: int, size: int | None) -> list[slice]:
-    size = size or n
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def _batch(pairs: PromptPairs, rows: slice) -> PromptPairs:
-    """Rows of ``pairs`` at the full padded width, so a position means the same in each batch."""
-    if rows == slice(0, len(pairs)):
-        return pairs
-    changes: dict[str, Any] = {}
-    for field in dataclasses.fields(pairs):
-        value = getattr(pairs, field.name)
-        if isinstance(value, torch.Tensor | tuple):
-            changes[field.name] = value[rows]
-    return dataclasses.replace(pairs, **changes)
 
 
 # ----------------------------------------------------------------------------------- folder
@@ -192,6 +186,7 @@ def run_sweep(
     restart: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    executor: RayExecutor | None = None,
 ) -> SweepRun:
     """Run (or resume) a sweep, writing results incrementally, then tables and heatmaps.
 
@@ -201,6 +196,11 @@ def run_sweep(
         restart: discard results already in ``out`` (else a different config is an error).
         progress: show a progress bar (stderr).
         log: called with one-line status messages (None: silent).
+        executor: a :class:`~mechkit.distributed.RayExecutor` to run the cells on (kept open
+            for the caller); None: the config's ``executor`` (``ray``: one is started with its
+            ``ray_address`` and ``actors`` and closed at the end), by default this process.
+            The journal is written by this process alone either way, and a run may be resumed
+            with another executor.
 
     Example:
         >>> import tempfile
@@ -217,12 +217,19 @@ def run_sweep(
     source = None
     if not isinstance(config, SweepConfig):
         source, config = str(config), load_config(config)
+    owned = None
+    if executor is None and config.executor == "ray":
+        executor = owned = RayExecutor(config.ray_address, actors=config.actors)
     try:
-        return _run(config, Path(out or config.out or "runs/sweep"), restart, progress, log)
+        folder = Path(out or config.out or "runs/sweep")
+        return _run(config, folder, restart, progress, log, executor)
     except SweepConfigError as exc:  # checked on the model: name the file too
         if exc.source is not None or source is None:
             raise
         raise type(exc)(exc.path, exc.detail, source) from None
+    finally:
+        if owned is not None:
+            owned.close()
 
 
 def _run(
@@ -231,6 +238,7 @@ def _run(
     restart: bool,
     progress: bool,
     log: Callable[[str], None] | None,
+    executor: RayExecutor | None,
 ) -> SweepRun:
     start = time.perf_counter()
     say = log or (lambda _msg: None)
@@ -260,7 +268,13 @@ def _run(
         claim(folder, _output_names(config), manifest)  # before any model loads
         complete = previous is not None and previous.get("status") == "complete"
         complete = complete and {i for i, _ in plans} == set(range(len(config.sweeps)))
-        setup = None if complete else _prepare(config, say)  # checks the config on the model
+        setup: _Setup | RemoteSetup | None = None
+        if not complete:  # checks the config on the model
+            setup = (
+                _prepare(config, say)
+                if executor is None
+                else _prepare_remote(config, executor, say)
+            )
         info.update(mechkit=__version__, fingerprint=fp, config=config.to_dict())
         info.update(identity=identity, out=str(folder))
         info.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -281,8 +295,13 @@ def _run(
             if setup is None:
                 say(f"{folder}: already complete; rewriting its tables and figures")
                 for i, name in enumerate(config.entry_names):
-                    finish(name, _assemble(i, plans, cells))
+                    finish(name, assemble(i, plans, cells))
                 total, computed = sum(len(c) for c in cells.values()), 0
+            elif isinstance(setup, RemoteSetup):
+                assert executor is not None  # a RemoteSetup comes from one
+                total, computed = sweep_remote.compute(
+                    config, executor, setup, journal, plans, cells, finish, progress, say
+                )
             else:
                 total, computed = _compute(
                     config, setup, journal, plans, cells, finish, progress, say
@@ -330,10 +349,23 @@ def _prepare(config: SweepConfig, say: Callable[[str], None]) -> _Setup:
     except MechkitError as exc:
         raise SweepConfigError("model", str(exc)) from None
     pairs = build_pairs(model, config)
-    batches = _batches(len(pairs), config.batch_size)
+    batches = batch_slices(len(pairs), config.batch_size)
     seq = pairs.clean_tokens.shape[1]
-    counts = [_count_cells(model, entry, i, seq) for i, entry in enumerate(config.sweeps)]
+    counts = [count_cells(model, entry, i, seq) for i, entry in enumerate(config.sweeps)]
     return _Setup(model, pairs, batches, sum(counts) * len(batches))
+
+
+def _prepare_remote(
+    config: SweepConfig, executor: RayExecutor, say: Callable[[str], None]
+) -> RemoteSetup:
+    """Start the executor's actors (each loads the model) and prepare the sweep on one."""
+    say(f"loading {config.model} on the Ray actors ...")
+    try:
+        return sweep_remote.prepare(config, executor)
+    except (SweepConfigError, MissingDependencyError):
+        raise
+    except MechkitError as exc:
+        raise SweepConfigError("model", str(exc)) from None
 
 
 def _compute(
@@ -354,35 +386,18 @@ def _compute(
         + (f"resuming with {already} already done" if already else "starting")
     )
     bar = progress_bar(total, "sweep", enabled=progress, unit="cell", initial=already, leave=True)
-    reference = None
-    if config.ablation in ("mean", "resample"):  # the whole dataset's corrupt prompts
-        reference = PaddedPrompts(pairs.corrupt_tokens, pairs.corrupt_mask)
+    reference = reference_of(config, pairs)  # mean, resample: the whole dataset's corrupt prompts
     computed = 0
     try:
-        for i, (entry, name) in enumerate(zip(config.sweeps, config.entry_names, strict=True)):
+        for i, name in enumerate(config.entry_names):
             for b, rows in enumerate(batches):
                 key = (i, b)
                 done = cells.setdefault(key, {})
                 if key in plans and len(done) == plans[key]["cells"]:
                     continue
                 bar.set_description(f"{name} batch {b + 1}/{len(batches)}")
-                part = _batch(pairs, rows)
-                plan = plan_patch(
-                    model,
-                    part,
-                    None,
-                    METRICS[config.metric].from_pairs(part),
-                    site=entry.site,
-                    positions=_positions(entry.positions),
-                    layers=entry.layers,
-                    heads=entry.heads,
-                    neurons=entry.neurons,
-                    direction=config.direction,
-                    ablation=config.ablation,
-                    reference=reference,
-                    seed=config.seed + b,
-                )
-                record = _plan_record(plan, i, b, rows)
+                plan = plan_batch(model, config, pairs, i, b, rows, reference)
+                record = plan_record(plan, i, b, rows)
                 if key not in plans:
                     journal.append([record])
                     plans[key] = record
@@ -397,128 +412,14 @@ def _compute(
                 for chunk in plan.run(
                     skip=set(done), memory_budget=config.memory_budget, progress=False
                 ):
-                    journal.append(
-                        [
-                            {
-                                "kind": "cell",
-                                "entry": i,
-                                "batch": b,
-                                "cell": list(cell),
-                                "score": score,
-                                "per_prompt": prompts,
-                            }
-                            for cell, (score, prompts) in chunk.items()
-                        ]
-                    )
+                    journal.append(cell_records(i, b, chunk))
                     done.update(chunk)
                     computed += len(chunk)
                     bar.update(len(chunk))
-            finish(name, _assemble(i, plans, cells))
+            finish(name, assemble(i, plans, cells))
     finally:
         bar.close()
     return total, computed
-
-
-def _positions(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _count_cells(model: Model, entry: SweepEntry, index: int, seq: int) -> int:
-    """The entry's number of cells; checks its layers, heads, neurons, positions on ``model``."""
-    cfg = model.cfg
-    heads = (cfg.n_key_value_heads or cfg.n_heads) if entry.site in ("k", "v") else cfg.n_heads
-    sizes = {"layers": cfg.n_layers, "heads": heads, "neurons": cfg.d_mlp or 0}
-    if isinstance(entry.positions, tuple):
-        sizes["positions"] = seq
-    for key, size in sizes.items():
-        values = getattr(entry, key)
-        bad = [v for v in values or () if not -size <= v < size]
-        if bad:
-            raise SweepConfigError(
-                f"sweeps[{index}].{key}",
-                f"expected values in [0, {size}) (negative counts from the end); got {bad} "
-                f"({model_name(model)} has {size} {key}"
-                + (" in the longest prompt" if key == "positions" else "")
-                + ")",
-            )
-    try:
-        _, _, planned = plan_cells(
-            model,
-            entry.site,
-            _positions(entry.positions),
-            entry.layers,
-            entry.heads,
-            entry.neurons,
-            seq,
-        )
-    except MechkitError as exc:
-        raise SweepConfigError(f"sweeps[{index}].site", lower_first(str(exc))) from None
-    return len(planned)
-
-
-def _plan_record(plan: PatchPlan, entry: int, batch: int, rows: slice) -> dict[str, Any]:
-    result = plan.result({c: (0.0, None) for c in plan.cells})  # labels and baselines only
-    return {
-        "kind": "plan",
-        "entry": entry,
-        "batch": batch,
-        "rows": [rows.start, rows.stop],
-        "cells": len(plan.cells),
-        "axes": list(result.axes),
-        "labels": result.labels,
-        "tick_labels": result.tick_labels,
-        "clean": result.clean_score,
-        "corrupt": result.corrupt_score,
-        "method": result.method,
-        "site": result.site,
-        "metric": result.metric_name,
-    }
-
-
-def _assemble(entry: int, plans: dict, cells: dict) -> PatchResult:
-    """One entry's result over every batch: size-weighted mean scores, per-prompt scores joined."""
-    keys = sorted(k for k in plans if k[0] == entry)
-    first = plans[keys[0]]
-    axes = tuple(first["axes"])
-    shape = tuple(len(first["labels"][a]) for a in axes)
-    sizes = [plans[k]["rows"][1] - plans[k]["rows"][0] for k in keys]
-    total = sum(sizes)
-    scores = torch.zeros(shape, dtype=torch.float64)
-    per_prompt: torch.Tensor | None = torch.full((*shape, total), float("nan"))
-    offset = 0
-    for key, size in zip(keys, sizes, strict=True):
-        done = cells.get(key, {})
-        if len(done) != plans[key]["cells"]:
-            raise FileFormatError(
-                f"Expected every cell of sweep entry {entry}, batch {key[1]}, in the journal; "
-                f"{plans[key]['cells'] - len(done)} are missing. Hint: rerun to compute them."
-            )
-        for cell, (score, prompts) in done.items():
-            scores[cell] += score * size
-            if prompts is None:
-                per_prompt = None
-            elif per_prompt is not None:
-                per_prompt[cell][offset : offset + size] = torch.tensor(prompts)
-        offset += size
-
-    def mean(field: str) -> float | None:
-        values = [plans[k][field] for k in keys]
-        if any(v is None for v in values):
-            return None
-        return sum(v * s for v, s in zip(values, sizes, strict=True)) / total
-
-    return PatchResult(
-        scores=(scores / total).float(),
-        per_prompt=per_prompt,
-        axes=axes,
-        labels=first["labels"],
-        tick_labels=first["tick_labels"],
-        clean_score=mean("clean"),
-        corrupt_score=mean("corrupt"),
-        method=first["method"],
-        site=first["site"],
-        metric_name=first["metric"],
-    )
 
 
 # ----------------------------------------------------------------------------------- export

@@ -162,6 +162,21 @@ CONFIG_KEYS: tuple[tuple[str, str], ...] = (
         "--out overrides. May change between runs.",
     ),
     ("seed", "seed of the generators and of resample ablation (default 0)."),
+    (
+        "executor",
+        "local (default: this process) | ray (tasks on a Ray cluster's actors, each loading the "
+        "model once; needs pip install 'mechkit[ray]'; --ray overrides). May change between runs.",
+    ),
+    (
+        "ray_address",
+        "executor ray only: null (start a local cluster) or a running cluster's address "
+        "(auto, head:6379, ray://head:10001). May change between runs.",
+    ),
+    (
+        "actors",
+        "executor ray only: null (one per GPU of the cluster, else one per CPU) or how many "
+        "model copies. May change between runs.",
+    ),
 )
 
 
@@ -346,6 +361,9 @@ class SweepConfig:
     format: Literal["jsonl", "parquet"] = "jsonl"
     out: str | None = None  # None: runs/<config name>
     seed: int = 0
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None  # None: a local Ray cluster
+    actors: int | None = None  # None: one per GPU, else one per CPU
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -391,6 +409,17 @@ class SweepConfig:
             raise SweepConfigError("out", f"expected a folder path; got {self.out!r}")
         if not _is_int(self.seed):
             raise SweepConfigError("seed", f"expected an integer; got {self.seed!r}")
+        _choice("executor", self.executor, ("local", "ray"))
+        if self.ray_address is not None and (
+            not isinstance(self.ray_address, str) or not self.ray_address
+        ):
+            raise SweepConfigError(
+                "ray_address", f"expected null or a Ray cluster address; got {self.ray_address!r}"
+            )
+        if self.actors is not None and (not _is_int(self.actors) or self.actors < 1):
+            raise SweepConfigError(
+                "actors", f"expected a positive integer or null; got {self.actors!r}"
+            )
         seen: dict[str, int] = {}
         for i, name in enumerate(self.entry_names):
             if name in seen:
@@ -702,7 +731,7 @@ def config_identity(config: SweepConfig) -> dict[str, Any]:
          'seed', 'sweeps']
     """
     data = config.to_dict()
-    for key in ("device", "memory_budget", "format", "out"):
+    for key in ("device", "memory_budget", "format", "out", "executor", "ray_address", "actors"):
         data.pop(key)
     for key in ("file", "tokens"):
         path = data["prompts"][key]

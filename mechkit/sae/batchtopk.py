@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechkit.distributed.data_parallel import global_kth_largest, global_min, rank_and_world
 from mechkit.sae.base import SAEConfig, SparseDictionary, register_architecture
 from mechkit.sae.topk import sparse_training_step
 
@@ -87,9 +88,16 @@ class BatchTopKSAE(SparseDictionary):
         x_in = self._encoder_input(x).detach()
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x_in, self.W_enc)  # (batch, d_sae)
-            values, flat = pre.reshape(-1).topk(cast(int, self.cfg.k) * batch, sorted=False)
-            flat, order = flat.sort()  # row-major: rows ascending, as embedding_bag wants
-            values = values[order]
+            world = rank_and_world()[1]
+            if world == 1:
+                values, flat = pre.reshape(-1).topk(cast(int, self.cfg.k) * batch, sorted=False)
+                flat, order = flat.sort()  # row-major: rows ascending, as embedding_bag wants
+                values = values[order]
+            else:  # the global batch's k * batch * world largest: those above its threshold
+                n = cast(int, self.cfg.k) * batch * world
+                cut = global_kth_largest(pre.reshape(-1), n)
+                flat = (pre.reshape(-1) >= cut).nonzero().squeeze(1)  # ascending
+                values = pre.reshape(-1)[flat]
             rows, cols = flat // d_sae, flat % d_sae
             counts = torch.bincount(rows, minlength=batch)
             offsets = torch.cumsum(counts, 0) - counts  # (batch,) start of each row's bag
@@ -99,7 +107,7 @@ class BatchTopKSAE(SparseDictionary):
         )  # fmt: skip
         with torch.no_grad():
             positive = values.relu()
-            smallest = torch.where(positive > 0, positive, torch.inf).min()
+            smallest = global_min(torch.where(positive > 0, positive, torch.inf).min())
             smallest = torch.where(torch.isfinite(smallest), smallest, self.threshold[0])
             moved = self.threshold * (1 - THRESHOLD_RATE) + THRESHOLD_RATE * smallest
             # the first batch sets it (no bias towards the zero it starts from)

@@ -44,6 +44,14 @@ from torch import Tensor
 
 from mechkit.atomic_io import write_atomically
 from mechkit.core.progress import progress_bar
+from mechkit.distributed.data_parallel import (
+    any_rank,
+    average_gradients,
+    broadcast_module,
+    gather_rows,
+    global_sum,
+    rank_and_world,
+)
 from mechkit.errors import SAEConfigError, ShapeError, TrainConfigError, did_you_mean
 from mechkit.reading import read_checkpoint, reading
 from mechkit.sae.base import SAEConfig, SparseDictionary
@@ -292,12 +300,25 @@ class _TensorBatches:
             epoch, index = epoch + 1, 0
 
 
-def _batches(data: Any, cfg: TrainConfig, start: int) -> Iterator[Any]:
-    """An iterator over batches from global batch index ``start`` on."""
+def _batches(data: Any, cfg: TrainConfig, start: int, shard: bool = True) -> Iterator[Any]:
+    """An iterator over batches from global batch index ``start`` on. With several ranks a
+    tensor's global batches have ``batch_size * world`` rows and each rank reads its own
+    ``batch_size`` of them (``shard=False``: the whole global batches)."""
+    rank, world = rank_and_world()
     if isinstance(data, Tensor):
-        return _TensorBatches(data, None, cfg.batch_size, cfg.seed).iter_batches(start)
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        return _TensorBatches(data[0], data[1], cfg.batch_size, cfg.seed).iter_batches(start)
+        data = (data, None)
+    if (
+        isinstance(data, tuple)
+        and len(data) == 2
+        and isinstance(data[0], Tensor)
+        and (data[1] is None or isinstance(data[1], Tensor))
+    ):
+        batches = _TensorBatches(data[0], data[1], cfg.batch_size * world, cfg.seed)
+        it = batches.iter_batches(start)
+        if world == 1 or not shard:
+            return it
+        rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+        return (b[rows] if isinstance(b, Tensor) else (b[0][rows], b[1][rows]) for b in it)
     if hasattr(data, "iter_batches"):
         return data.iter_batches(start)
     if isinstance(data, Iterable):
@@ -426,6 +447,14 @@ def train_sae(
 ) -> TrainedSAE:
     """Train a sparse dictionary; returns ``TrainedSAE(sae, result)``.
 
+    Data parallel: called on every rank of an initialised ``torch.distributed`` process group
+    (``torchrun``, or :func:`mechkit.distributed.spawn`), each rank trains on ``batch_size``
+    rows of every global batch of ``batch_size * world`` rows (a tensor's rows are split by
+    rank; a store or iterable must give each rank its own shard), gradients are averaged, and
+    the batch-wide statistics are global (:mod:`mechkit.distributed.data_parallel`): W ranks
+    at ``batch_size = B / W`` compute what one process does at ``B``. Rank 0 writes the
+    checkpoints; they resume on any number of ranks with the same global batch.
+
     Args:
         sae: a dictionary to train in place, or a config (initialised with ``cfg.seed``).
         activations: an ActivationStore, a ``(rows, d_in)`` tensor, an ``(inputs, targets)``
@@ -461,9 +490,11 @@ def train_sae(
         )
     scfg = sae.cfg
     _check_source(activations, scfg)
+    rank, world = rank_and_world()
     device = torch.device(cfg.device) if cfg.device else sae.W_enc.device
     sae.to(device=device, dtype=torch.float32)  # master weights in float32
-    batch_size = getattr(activations, "batch_size", cfg.batch_size)
+    broadcast_module(sae)  # every rank starts from rank 0's weights
+    batch_size = getattr(activations, "batch_size", cfg.batch_size) * world  # global rows
     total_steps = max(1, math.ceil(cfg.total_tokens / batch_size))
     lr = cfg.lr if cfg.lr is not None else default_lr(scfg)
     coefficient = cfg.sparsity_coefficient
@@ -482,6 +513,7 @@ def train_sae(
         "dead": torch.zeros(scfg.d_sae, dtype=torch.bool, device=device),
         "n_dead": 0,
         "history": [],
+        "global_batch": batch_size,
     }
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILENAME if checkpoint_dir else None
     if ckpt_path is not None and ckpt_path.is_file():
@@ -492,7 +524,7 @@ def train_sae(
     progress = progress_bar(
         total_steps,
         "train_sae",
-        enabled=cfg.progress,
+        enabled=cfg.progress and rank == 0,
         unit="step",
         initial=state["step"],
         leave=True,
@@ -532,15 +564,17 @@ def train_sae(
                     aux_coefficient=cfg.aux_coefficient,
                 )
             out.loss.backward()
+            average_gradients(sae)  # one process: nothing to do
             sae.before_optimizer_step()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sae.after_optimizer_step()
 
-            rows = x.shape[0]
+            rows = x.shape[0] * world
             since = state["since_fired"]
-            state["since_fired"] = torch.where(out.fired, torch.zeros_like(since), since + rows)
-            window.add(out, y, rows)
+            fired = any_rank(out.fired)
+            state["since_fired"] = torch.where(fired, torch.zeros_like(since), since + rows)
+            window.add(out, y, x.shape[0])
             state["step"] = step + 1
             state["tokens"] += rows
             steps_this_call += 1
@@ -558,7 +592,8 @@ def train_sae(
                         ev=f"{row['explained_variance']:.3f}",
                         dead=state["n_dead"],
                     )
-                if ckpt_path is not None and (state["step"] % cfg.checkpoint_every == 0 or last):
+                due = state["step"] % cfg.checkpoint_every == 0 or last
+                if ckpt_path is not None and rank == 0 and due:  # rank 0 alone writes
                     elapsed = state["seconds"] + time.perf_counter() - started
                     _save_checkpoint(ckpt_path, sae, optimizer, {**state, "seconds": elapsed})
     finally:
@@ -577,8 +612,9 @@ def train_sae(
     if state["step"] >= total_steps:
         sae.fold_input_scale(result.scale_in, result.scale_out)
         sae.to(dtype=scfg.torch_dtype)
-        if cfg.calibration_batches and _replayable(activations):
-            sae.calibrate(_batches(activations, cfg, 0), cfg.calibration_batches)
+        if cfg.calibration_batches and _replayable(activations):  # on global batches
+            sae.calibrate(_batches(activations, cfg, 0, shard=False), cfg.calibration_batches)
+            broadcast_module(sae)  # ranks reading their own stores calibrate apart: take rank 0's
     return TrainedSAE(sae, result)
 
 
@@ -586,7 +622,8 @@ def train_sae(
 def _initialise_from_batch(
     sae: SparseDictionary, x: Tensor, y: Tensor, cfg: TrainConfig, state: dict[str, Any]
 ) -> None:
-    """Scale constants from the first batch, and the decoder bias from its targets."""
+    """Scale constants from the first (global) batch, and the decoder bias from its targets."""
+    x, y = gather_rows(x), gather_rows(y)  # one process: unchanged
     if cfg.normalize_activations:
         state["scale_in"] = math.sqrt(x.shape[-1]) / float(x.norm(dim=-1).mean().clamp_min(1e-12))
         state["scale_out"] = (
@@ -627,8 +664,9 @@ class _Window:
         self.steps += 1
 
     def read(self, state: dict[str, Any], lr: float) -> dict[str, float]:
-        values = torch.stack([self.sq_err, self.var, self.loss, self.sparsity, self.l0]).tolist()
-        sq_err, var, loss, sparsity, l0 = values
+        stacked = torch.stack([self.sq_err, self.var, self.loss, self.sparsity, self.l0])
+        world = rank_and_world()[1]
+        sq_err, var, loss, sparsity, l0 = (global_sum(stacked) / world).tolist()  # rank means
         row = {
             "step": state["step"],
             "tokens": state["tokens"],
@@ -684,5 +722,12 @@ def _load_checkpoint(
             )
         sae.load_state_dict(payload["sae"])
         optimizer.load_state_dict(payload["optimizer"])
+        saved = payload["state"].get("global_batch", state["global_batch"])
+        if saved != state["global_batch"]:
+            raise TrainConfigError(
+                f"Expected the checkpoint's global batch ({saved} rows: batch_size x ranks) "
+                f"to resume; this run's is {state['global_batch']}. Hint: choose batch_size "
+                f"so that batch_size x ranks = {saved}, on any number of ranks."
+            )
         state.update(payload["state"])
         torch.set_rng_state(payload["torch_rng"])

@@ -1,0 +1,231 @@
+"""Sweeps on a local Ray cluster (2 CPUs, 2 actors holding the toy model), checked against the
+single-process run of the same config: same cells, same scores; an actor killed mid-run and a
+driver interrupted mid-run still end with every cell in the journal exactly once; closing the
+executor leaves no actor process. One cluster and one executor serve the whole module (starting
+Ray and loading mechkit in each actor costs seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import mechkit as mk
+from mechkit.__main__ import main
+from mechkit.distributed import RayExecutor
+from mechkit.patching import sweep
+from mechkit.patching.sweep import load_config, run_sweep
+from mechkit.patching.sweep_remote import cells_task
+
+ray = pytest.importorskip("ray")
+
+ROOT = Path(__file__).resolve().parents[2]
+TOL = 1e-5
+
+
+def _config(folder: Path) -> Path:
+    """Two entries (12 resid_pre and 8 z cells per batch) over 6 prompt pairs in 3 batches."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model": "attn-only-2l",
+        "prompts": {"generator": "repeated_tokens", "n": 6, "length": 3},
+        "sweeps": [{"site": "resid_pre", "positions": "each"}, {"site": "z"}],
+        "batch_size": 2,
+        "device": "cpu",
+    }
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _journal_cells(out: Path) -> list[tuple]:
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return [(r["entry"], r["batch"], tuple(r["cell"])) for r in records if r["kind"] == "cell"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster for this module, shut down at its end."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=200_000_000,
+            log_to_driver=False,
+        )
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def executor(cluster):
+    """Two CPU actors; each loads the toy model once, at the first sweep."""
+    ex = RayExecutor(actors=2)
+    try:
+        yield ex
+    finally:
+        ex.close()
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    """The single-process run, the reference of every Ray run here."""
+    folder = tmp_path_factory.mktemp("local")
+    return run_sweep(_config(folder), out=folder / "out", progress=False)
+
+
+def _check_same(run, local) -> None:
+    assert run.cells_total == local.cells_total
+    for name, result in local.results.items():
+        other = run.results[name]
+        assert other.labels == result.labels
+        torch.testing.assert_close(other.scores, result.scores, atol=TOL, rtol=0)
+        torch.testing.assert_close(other.per_prompt, result.per_prompt, atol=TOL, rtol=0)
+
+
+def test_ray_run_equals_the_single_process_run_with_each_cell_once(tmp_path, executor, local):
+    run = run_sweep(_config(tmp_path), out=tmp_path / "out", progress=False, executor=executor)
+    assert executor.size == 2 and len(set(executor.pids())) == 2
+    _check_same(run, local)
+    cells = _journal_cells(run.out)
+    assert len(cells) == run.cells_total == run.cells_computed == 3 * (12 + 8)
+    assert max(Counter(cells).values()) == 1
+    # the same folder resumed by the single-process runner: nothing left to compute
+    again = run_sweep(_config(tmp_path), out=tmp_path / "out", progress=False)
+    assert again.cells_computed == 0
+
+
+class _DriverKilled(Exception):
+    pass
+
+
+def test_a_driver_stopped_mid_run_resumes_with_each_cell_once(tmp_path, executor, local):
+    journal_append = sweep.Journal.append
+    written = []
+
+    def dies_after_three_writes(self, records):
+        if len(written) == 3:
+            raise _DriverKilled  # as a kill between two journal writes
+        written.append(len(records))
+        journal_append(self, records)
+
+    sweep.Journal.append = dies_after_three_writes
+    try:
+        with pytest.raises(_DriverKilled):
+            run_sweep(_config(tmp_path), out=tmp_path / "out", progress=False, executor=executor)
+    finally:
+        sweep.Journal.append = journal_append
+    before = len(_journal_cells(tmp_path / "out"))
+    assert 0 < before < local.cells_total
+    run = run_sweep(_config(tmp_path), out=tmp_path / "out", progress=False, executor=executor)
+    assert run.cells_computed == run.cells_total - before
+    _check_same(run, local)
+    cells = _journal_cells(run.out)
+    assert len(cells) == run.cells_total and max(Counter(cells).values()) == 1
+
+
+def test_cli_ray_flag_sets_the_executor_and_address(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(config, **kwargs):
+        seen["config"] = config
+        raise KeyboardInterrupt  # stop here: only the parsing is checked
+
+    monkeypatch.setattr("mechkit.__main__.run_sweep", fake_run)
+    path = _config(tmp_path)
+    assert main(["sweep", str(path), "--ray", "head:6379", "--actors", "3"]) == 130
+    assert (seen["config"].executor, seen["config"].ray_address) == ("ray", "head:6379")
+    assert seen["config"].actors == 3
+    assert main(["sweep", str(path), "--ray"]) == 130
+    assert (seen["config"].executor, seen["config"].ray_address) == ("ray", None)
+    assert load_config(path).executor == "local"
+
+
+def test_an_actor_killed_mid_run_loses_no_cell_and_writes_none_twice(
+    tmp_path, executor, local, monkeypatch
+):
+    plain_map = executor.map
+
+    def kill_after_first(model, fn, tasks, **kwargs):  # ray.kill one actor mid-run
+        for n, item in enumerate(plain_map(model, fn, tasks, **kwargs)):
+            yield item
+            if n == 0 and fn is cells_task:
+                ray.kill(executor._pool[0])
+
+    monkeypatch.setattr(executor, "map", kill_after_first)
+    run = run_sweep(_config(tmp_path), out=tmp_path / "out", progress=False, executor=executor)
+    assert executor.size == 1  # the killed actor left the pool; its task ran on the other
+    _check_same(run, local)
+    cells = _journal_cells(run.out)
+    assert len(cells) == run.cells_total and max(Counter(cells).values()) == 1
+
+
+def test_activation_patch_on_the_executor_equals_the_local_call(toy, executor):
+    pairs = mk.PromptPairs.from_tokens(
+        [[0, 5, 6, 7, 5, 6], [0, 8, 9, 10, 8, 9], [0, 11, 12, 13, 11, 12], [0, 4, 3, 2, 4, 3]],
+        [[0, 5, 6, 9, 5, 6], [0, 8, 9, 14, 8, 9], [0, 11, 12, 2, 11, 12], [0, 4, 3, 7, 4, 3]],
+        [7, 10, 13, 2],
+        [9, 14, 2, 7],
+    )
+    for kwargs in ({"site": "z"}, {"site": "resid_pre", "positions": "each", "batch_size": 2}):
+        here = mk.activation_patch(toy, pairs, progress=False, **kwargs)
+        there = mk.activation_patch(toy, pairs, progress=False, executor=executor, **kwargs)
+        assert there.labels == here.labels
+        torch.testing.assert_close(there.scores, here.scores, atol=TOL, rtol=0)
+    assert executor.size == 2  # a new pool: the actors now hold this model object
+
+
+def test_closing_the_executor_leaves_no_actor_process(executor):
+    pids = executor.pids() or []
+    assert pids, "the module's executor should hold live actors here"
+    executor.close()
+    deadline = time.monotonic() + 20
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if _alive(p)]
+        time.sleep(0.2)
+    assert not alive, f"actor processes {alive} outlived close()"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for its parent counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_without_ray_mechkit_imports_and_asking_for_ray_names_the_install_command(tmp_path):
+    code = (
+        "import sys; sys.modules['ray'] = None\n"  # as if Ray were not installed
+        "import mechkit as mk\n"
+        "from mechkit.__main__ import main\n"
+        f"code = main(['sweep', {str(_config(tmp_path))!r}, '--ray', '--out', "
+        f"{str(tmp_path / 'out')!r}])\n"
+        "try:\n"
+        "    mk.RayExecutor(actors=1).share(1)\n"
+        "except ImportError as exc:\n"
+        "    print(type(exc).__name__, code)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.stdout.strip() == "MissingDependencyError 2", done.stderr
+    assert "pip install 'mechkit[ray]'" in done.stderr
