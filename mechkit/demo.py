@@ -30,6 +30,7 @@ from mechkit.attribution import compare_attribution
 from mechkit.core.names import parse_node
 from mechkit.corpus import corpus_tokens
 from mechkit.decomposition import direct_logit_attribution
+from mechkit.distributed.demo import demo_section as _scaling
 from mechkit.graph import edge_attribution, faithfulness_curve
 from mechkit.heads import detect_heads
 from mechkit.lens import logit_lens
@@ -370,6 +371,7 @@ SECTIONS: tuple[DemoSection, ...] = (
     ("Steering (activation addition)", _steering),
     ("Sparse autoencoder features", _features),
     ("Probes, concept erasure and DAS", _probing),
+    ("Scaling out (Ray, torch.distributed, several GPUs)", _scaling),
 )
 
 

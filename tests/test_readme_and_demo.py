@@ -59,6 +59,7 @@ SECTION_FILES = {
     "Steering (activation addition)": ["steering_sweep.html", "steering_samples.csv"],
     "Sparse autoencoder features": ["features.html"],
     "Probes, concept erasure and DAS": ["probe_name_gender.html"],
+    "Scaling out (Ray, torch.distributed, several GPUs)": ["gpu_placement.json"],
     "IOI circuit (Wang et al. 2022)": ["ioi/index.html", "ioi/ioi.json"],
     "Induction heads (Olsson et al. 2022)": ["induction/index.html"],
     "Greater-than (Hanna et al. 2023)": ["greater_than/index.html"],
