@@ -1,7 +1,8 @@
 """Reproductions of published circuits, one module per paper, built only on mechkit's public API.
 
 ``induction`` (Olsson et al. 2022) with ``induction_phase_change``, ``ioi`` (Wang et al. 2022),
-``greater_than`` (Hanna et al. 2023), and ``demo``: their sections of ``mechkit demo``.
+``greater_than`` (Hanna et al. 2023), ``successor_heads`` (Gould et al. 2023), and ``demo``:
+their sections of ``mechkit demo``.
 
 This folder is the package ``circuits`` in a checkout and installs as ``mechkit_circuits`` (a
 top-level ``circuits`` would clash with an unrelated PyPI project), so its modules import each

@@ -3,9 +3,10 @@
 mechkit's demo writes the library's own sections and then every section registered under the
 entry-point group ``mechkit.demo_sections``; this package registers :data:`SECTIONS` there (see
 pyproject.toml), so the library never imports the reproductions. Sections: the IOI circuit
-(Wang et al.), induction heads (Olsson et al.), greater-than (Hanna et al.), and an IOI sparse
-feature circuit over the shipped SAEs and transcoder (Marks et al.), which needs this package's
-IOI dataset. Each takes ``(model, out, quick=False)`` and returns the section's HTML.
+(Wang et al.), induction heads (Olsson et al.), greater-than (Hanna et al.), successor heads
+(Gould et al.), and an IOI sparse feature circuit over the shipped SAEs and transcoder (Marks et
+al.), which needs this package's IOI dataset. Each takes ``(model, out, quick=False)`` and
+returns the section's HTML.
 """
 
 from __future__ import annotations
@@ -27,20 +28,24 @@ def _ioi(model: Any, out: Path, quick: bool = False) -> str:
     def ours(published: list[str]) -> str:  # the paper's "9.6" in our names
         return ", ".join(str(parse_node(h)) for h in published) or "-"
 
-    n_prompts, n_path = (8, 4) if quick else (16, 8)
-    report = ioi.reproduce(model, n_prompts=n_prompts, n_path_prompts=n_path)
+    n_prompts, n_path, n_eval = (8, 4, 15) if quick else (16, 8, 64)
+    report = ioi.reproduce(model, n_prompts=n_prompts, n_path_prompts=n_path,
+                           n_eval_prompts=n_eval)  # fmt: skip
     report.write(out / "ioi")
     rows = [
         [kind, ", ".join(report.heads(kind)) or "none found", ours(heads)]
         for kind, heads in [*ioi.PAPER_GPT2["classes"].items(), ("other direct", [])]
     ]
+    a, e = report.assignment, report.evaluation
     return (
-        f"<p>Wang et al.'s method on {n_prompts} prompts of the paper's 15 templates (report: "
-        '<a href="ioi/index.html">ioi/index.html</a>, with the path-patching figures, the '
-        'circuit drawn as a graph and <a href="ioi/ioi.json">every number</a>). Logit '
-        f"difference {report.logit_diff:.2f} (GPT-2 in the paper: 3.56), IO over S "
-        f"{report.io_over_s:.0%}; the circuit's faithfulness with every other head "
-        f"mean-ablated over p_ABC: {report.faithfulness:.0%} (GPT-2: 87%).</p>"
+        f"<p>Wang et al.'s method: classes assigned on {n_prompts} prompts of the paper's 15 "
+        'templates (report: <a href="ioi/index.html">ioi/index.html</a>, with the '
+        "path-patching figures, the backup name movers, the circuit drawn as a graph and "
+        '<a href="ioi/ioi.json">every number</a>). Logit difference '
+        f"{report.logit_diff:.2f} (GPT-2 in the paper: 3.56), IO over S "
+        f"{report.io_over_s:.0%}. The circuit's faithfulness with every other head "
+        f"mean-ablated over p_ABC: {e['faithfulness']:.0%} on {e['n_prompts']} held-out "
+        f"prompts ({a['faithfulness']:.0%} on the assignment prompts; GPT-2: 87%).</p>"
         + html_table(rows, ["class", "heads found here", "GPT-2 small (paper)"])
     )
 
@@ -88,6 +93,37 @@ def _greater_than(model: Any, out: Path, quick: bool = False) -> str:
         f"{html.escape(note)} Probability difference {report.clean_score:.0%}, after the "
         f'"01" corruption {report.corrupt_score:.0%}. Heads that restore it most: '
         f"{', '.join(report.top_heads(5))}; MLPs: {report.top_mlps()}.</p>"
+    )
+
+
+def _successor_heads(model: Any, out: Path, quick: bool = False) -> str:
+    from . import successor_heads
+
+    report = successor_heads.reproduce(model, random_draws=2 if quick else 5)
+    report.write(out / "successor_heads")
+    heads = ", ".join(f"{h['head']} ({h['succession_score']:.2f})" for h in report.heads)
+    a, g, m = report.ablation, report.agreement, report.mod10
+    rows = [
+        [run, f"{a[run]['accuracy_among_items']:.0%}", f"{a[run]['log_prob']:+.2f}"]
+        for run in ("clean", "successor heads ablated", "random heads ablated")
+    ]
+    probe = (
+        "too few items past index 10 to test it"
+        if m.get("accuracy") is None
+        else f"a probe trained on items 1-10 reads the index mod 10 of items 11-20 with "
+        f"accuracy {m['accuracy']:.0%} (constant guess {m['chance']:.0%}, shuffled labels "
+        f"{m['control_accuracy']:.0%})"
+    )
+    return (
+        "<p>Gould et al.'s succession score (each head's OV circuit on the effective "
+        "embeddings of ordinal-sequence tokens, the successor ranked against every token of "
+        f'the dataset; report: <a href="successor_heads/index.html">successor_heads/'
+        f"index.html</a>). Successor heads: {html.escape(heads)} (GPT-2 small in the paper: "
+        f'L9H1). <code>detect_heads(model, "successor")</code> ranks the heads alike '
+        f"(Spearman {g['spearman']:.2f}, top-5 overlap {g['top5_overlap']:.0%}). Mod-10 "
+        f"structure: {html.escape(probe)}. Mean-ablating the successor heads on "
+        f'{a["n_prompts"]} prompts such as "Monday, Tuesday, Wednesday,":</p>'
+        + html_table(rows, ["run", "successor beats the other items", "mean log-probability"])
     )
 
 
@@ -181,5 +217,6 @@ SECTIONS: tuple[DemoSection, ...] = (
     ("IOI circuit (Wang et al. 2022)", _ioi),
     ("Induction heads (Olsson et al. 2022)", _induction),
     ("Greater-than (Hanna et al. 2023)", _greater_than),
+    ("Successor heads (Gould et al. 2023)", _successor_heads),
     ("Sparse feature circuit (IOI)", _feature_circuit),
 )

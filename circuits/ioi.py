@@ -13,7 +13,11 @@ model mechkit loads, step by step, with mechkit's public API only:
    three unrelated ones (same template, same token positions);
 2. the model's logit difference logit(IO) - logit(S) and how often IO wins;
 3. direct logit attribution by head at the final position: name movers (large positive) and
-   negative name movers (large negative), with their attention from the end to IO and S;
+   negative name movers (large negative). The attention check comes first: only a head that
+   attends from the end to IO (at least ``min_attention``, and more than to S2) can be a name
+   mover, and the class threshold is taken among the heads that pass it;
+3b. backup name movers (Wang et al. sec. 3.4): with the name movers mean-ablated, the heads
+   whose direct effect rises most, and that then attend to IO;
 4. path patching (noising with p_ABC) from every head into the name movers' queries:
    S-inhibition heads;
 5. path patching into the S-inhibition heads' values: induction and duplicate-token heads, told
@@ -23,7 +27,9 @@ model mechkit loads, step by step, with mechkit's public API only:
    (a class the paper did not need for GPT-2) and kept in the circuit;
 7. the circuit's faithfulness with every other head mean-ablated over p_ABC (per template),
    completeness (ablating a class from the circuit and from the model should hurt alike) and
-   minimality (each head's own contribution inside the circuit).
+   minimality (each head's own contribution inside the circuit), on the prompts the classes
+   were assigned on and on a second, larger set drawn with another seed over all 15 templates
+   (the held-out numbers are the ones to quote).
 
     mechkit reproduce ioi --model smollm2-135m --out reports/ioi --prompts 32
     python -m circuits.ioi ...    # the same from a checkout
@@ -194,7 +200,12 @@ def ioi_dataset(model: Any, n: int = 32, *, seed: int = 0) -> IOIDataset:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class IOIReport:
-    """Every number of the reproduction, the evidence per head, and the figures' data."""
+    """Every number of the reproduction, the evidence per head, and the figures' data.
+
+    ``assignment`` and ``evaluation`` hold the circuit's scores (faithfulness, completeness,
+    minimality) on the prompts the classes were assigned on and on the held-out prompts drawn
+    with ``eval_seed``; ``faithfulness`` is the held-out one.
+    """
 
     model_name: str
     n_prompts: int
@@ -203,15 +214,18 @@ class IOIReport:
     logit_diff: float
     io_over_s: float
     classes: dict[str, list[dict[str, Any]]]
-    faithfulness: float
-    ablated_all_logit_diff: float
-    circuit_logit_diff: float
-    completeness: list[dict[str, Any]]
-    minimality: list[dict[str, Any]]
+    assignment: dict[str, Any]
+    evaluation: dict[str, Any]
     dla: torch.Tensor  # (layer, head)
+    dla_movers_ablated: torch.Tensor  # (layer, head), the name movers mean-ablated
     path_scores: dict[str, mk.patching.PatchResult]
     circuit: mk.CircuitGraph
     seconds: float
+
+    @property
+    def faithfulness(self) -> float:
+        """The circuit's faithfulness on the held-out prompts."""
+        return float(self.evaluation["faithfulness"])
 
     def heads(self, kind: str) -> list[str]:
         return [h["head"] for h in self.classes.get(kind, [])]
@@ -226,10 +240,8 @@ class IOIReport:
             "io_over_s": self.io_over_s,
             "classes": self.classes,
             "faithfulness": self.faithfulness,
-            "circuit_logit_diff": self.circuit_logit_diff,
-            "all_heads_ablated_logit_diff": self.ablated_all_logit_diff,
-            "completeness": self.completeness,
-            "minimality": self.minimality,
+            "assignment_prompts": self.assignment,
+            "evaluation_prompts": self.evaluation,
             "seconds": self.seconds,
             "paper_gpt2": PAPER_GPT2,
         }
@@ -254,6 +266,20 @@ class IOIReport:
             title=f"Direct logit attribution to logit(IO) - logit(S), {self.model_name}",
         )
 
+    def plot_backup(self) -> Any:
+        """How each head's direct logit attribution changes when the name movers are
+        mean-ablated (backup name movers rise), layer x head."""
+        import plotly.express as px
+
+        return px.imshow(
+            (self.dla_movers_ablated - self.dla).numpy(),
+            labels={"x": "head", "y": "layer", "color": "change in DLA"},
+            color_continuous_scale="RdBu",
+            color_continuous_midpoint=0.0,
+            aspect="auto",
+            title=f"Change in DLA with the name movers mean-ablated, {self.model_name}",
+        )
+
     def write(self, out: str | Path) -> Path:
         """Write ``index.html`` with the figures, the circuit (JSON, SVG, plotly) and
         ``ioi.json`` with every number into ``out``."""
@@ -262,7 +288,11 @@ class IOIReport:
         (out / "ioi.json").write_text(json.dumps(self.to_dict(), indent=1))
         self.circuit.save(out / "ioi_circuit.json")
         (out / "ioi_circuit.svg").write_text(self.circuit.to_svg())
-        figures = {"dla.html": self.plot(), "circuit.html": self.circuit.plot()}
+        figures = {
+            "dla.html": self.plot(),
+            "backup.html": self.plot_backup(),
+            "circuit.html": self.circuit.plot(),
+        }
         for name, result in self.path_scores.items():
             figures[f"path_{name}.html"] = result.plot(title=f"Path patching into {name}")
         for name, fig in figures.items():
@@ -278,8 +308,11 @@ def reproduce(
     *,
     n_prompts: int = 32,
     n_path_prompts: int = 8,
+    n_eval_prompts: int = 64,
     seed: int = 0,
+    eval_seed: int | None = None,
     threshold: float = 0.2,
+    min_attention: float = 0.1,
     max_per_class: int = 4,
     progress: bool = False,
 ) -> IOIReport:
@@ -287,59 +320,95 @@ def reproduce(
 
     Args:
         model: a HookedTransformer whose tokenizer has single-token names.
-        n_prompts, seed: the dataset (logit difference, DLA, attention, faithfulness).
+        n_prompts, seed: the prompts the classes are assigned on (logit difference, DLA,
+            attention, backup name movers).
         n_path_prompts: the first prompts of the dataset used for path patching (two passes
             per sender; on a CPU the cost that decides the run time). All 15 templates are
             covered from 15 prompts up.
+        n_eval_prompts, eval_seed: the held-out prompts the circuit is evaluated on as well
+            (all 15 templates from 15 prompts up; ``eval_seed`` None: ``seed + 1``).
         threshold: a head joins a class when its score is at least this fraction of the
-            class's strongest score (and at most ``max_per_class`` heads per class).
+            strongest score among the heads that qualify (at most ``max_per_class`` heads).
+        min_attention: the attention from the end to IO a (backup or negative) name mover
+            needs, besides attending to IO more than to S2.
         progress: progress bars of the patching sweeps.
     """
     start = time.perf_counter()
     data = ioi_dataset(model, n_prompts, seed=seed)
     pairs = data.pairs
     metric = mk.LogitDiff.from_pairs(pairs)
+    eval_seed = seed + 1 if eval_seed is None else eval_seed
+    if eval_seed == seed:
+        raise mk.InvalidArgumentError(
+            f"Expected an eval_seed other than seed ({seed}): the circuit is evaluated on "
+            "prompts it was not found on. Hint: leave eval_seed out (seed + 1)."
+        )
 
     # 2. the model's behaviour
     with torch.no_grad():
         per_prompt = metric.per_prompt(model(pairs.clean_tokens))
     logit_diff, io_over_s = float(per_prompt.mean()), float((per_prompt > 0).float().mean())
 
-    # 3. name movers and negative name movers: direct logit attribution at the end
+    # 3. name movers and negative name movers: direct logit attribution at the end. The
+    # attention check comes first (Wang et al. sec. 3.1: a name mover attends from the end to
+    # IO and copies it); the class threshold is relative to the best head that passes it.
     dla = mk.direct_logit_attribution(model, pairs).head_scores()  # (layer, head)
     attention = _attention_from_end(model, data)
-    # a name mover attends from the end to the IO name (more than to S2) and writes it out;
-    # a negative name mover attends to IO and writes against it (Wang et al. sec. 3.1).
-    # Heads with a large direct effect that attend elsewhere are kept apart as evidence.
+    passes = _attends_to_io(attention, min_attention)  # (layer, head) bool
     classes: dict[str, list[dict[str, Any]]] = {k: [] for k in (*CLASSES, "other direct")}
-    movers, negative = [], []
-    for sign, picked in ((1.0, movers), (-1.0, negative)):
-        for (layer, head), value in _pick(sign * dla, threshold, 2 * max_per_class):
-            seen = attention[layer][head]
-            evidence = _evidence(layer, head, dla=sign * value, **seen)
-            if seen["attn_end_to_io"] > seen["attn_end_to_s2"] and len(picked) < max_per_class:
-                picked.append(((layer, head), value))
-                kind = "name mover" if sign > 0 else "negative name mover"
-                classes[kind].append(evidence)
-            else:
-                classes["other direct"].append(evidence)
+    movers: list[tuple[tuple[int, int], float]] = []
+    for sign, kind in ((1.0, "name mover"), (-1.0, "negative name mover")):
+        picked = _pick((sign * dla).masked_fill(~passes, 0.0), threshold, max_per_class)
+        for (layer, head), value in picked:
+            classes[kind].append(_evidence(layer, head, dla=sign * value, **attention[layer][head]))
+        if sign > 0:
+            movers = picked
+    # heads with a large direct effect that fail the check: kept apart, as evidence
+    failing = dla.abs().masked_fill(passes, 0.0)
+    for (layer, head), _ in _pick(failing, threshold, max_per_class, best=dla.abs().max()):
+        classes["other direct"].append(
+            _evidence(layer, head, dla=float(dla[layer, head]), **attention[layer][head])
+        )
+
+    # 3b. backup name movers: the name movers mean-ablated, whose direct effect rises?
+    means = _template_means(model, data)
+    mover_heads = [h for h, _ in movers]
+    with torch.no_grad(), mk.intervene(model, *_mean_ablations(mover_heads, means)):
+        dla_ablated = mk.direct_logit_attribution(model, pairs).head_scores()
+        attention_ablated = _attention_from_end(model, data)
+    rise = dla_ablated - dla
+    taken = {(layer, head) for items in classes.values() for h in items
+             for layer, head in [_parse(h["head"])]}  # fmt: skip
+    eligible = _attends_to_io(attention_ablated, min_attention)
+    for cell in taken:
+        eligible[cell] = False
+    if mover_heads:
+        for (layer, head), value in _pick(rise.masked_fill(~eligible, 0.0), threshold,
+                                          2 * max_per_class):  # fmt: skip
+            seen = attention_ablated[layer][head]
+            classes["backup name mover"].append(_evidence(
+                layer, head, dla=float(dla[layer, head]), dla_rise=value,
+                attn_end_to_io_movers_ablated=seen["attn_end_to_io"],
+                attn_end_to_s2_movers_ablated=seen["attn_end_to_s2"],
+            ))  # fmt: skip
 
     # 4. S-inhibition: every head's path into the name movers' queries
     path_scores: dict[str, mk.patching.PatchResult] = {}
     mover_sites = [mk.Site("q", layer=layer, head=head) for (layer, head), _ in movers]
     path_pairs = pairs[: min(n_path_prompts, len(pairs))]
-    into_q = _path(model, path_pairs, mover_sites, progress)
-    path_scores["name mover queries"] = into_q
-    first_mover = min(layer for (layer, _), _ in movers) if movers else model.cfg.n_layers
-    drop_q = _drop(into_q, before_layer=first_mover)
-    s_inhibition = _pick(drop_q, threshold, max_per_class)
+    s_inhibition: list[tuple[tuple[int, int], float]] = []
+    if mover_sites:
+        into_q = _path(model, path_pairs, mover_sites, progress)
+        path_scores["name mover queries"] = into_q
+        first_mover = min(layer for (layer, _), _ in movers)
+        s_inhibition = _pick(_drop(into_q, before_layer=first_mover), threshold, max_per_class)
     for (layer, head), value in s_inhibition:
         classes["s-inhibition"].append(_evidence(layer, head, path_drop_into_movers=value))
 
     # 5. induction and duplicate-token heads: paths into the S-inhibition heads' values
-    induction_scores = mk.detect_heads(model, "induction").scores
-    duplicate_scores = mk.detect_heads(model, "duplicate_token").scores
-    previous_scores = mk.detect_heads(model, "previous_token").scores
+    induction_scores = mk.detect_heads(model, "induction", progress=False).scores
+    duplicate_scores = mk.detect_heads(model, "duplicate_token", progress=False).scores
+    previous_scores = mk.detect_heads(model, "previous_token", progress=False).scores
     group = model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads)
     value_sites = _unique_sites("v", [(lay, h // group) for (lay, h), _ in s_inhibition])
     induction: list[tuple[tuple[int, int], float]] = []
@@ -370,16 +439,47 @@ def reproduce(
                           previous_token_score=float(previous_scores[layer, head]))
             )  # fmt: skip
 
-    # 7. faithfulness, completeness, minimality: mean ablation over p_ABC, per template
+    # 7. faithfulness, completeness, minimality: mean ablation over p_ABC, per template, on
+    # the assignment prompts and on held-out prompts
+    assignment = _circuit_scores(model, data, classes, means)
+    held_out = ioi_dataset(model, n_eval_prompts, seed=eval_seed)
+    evaluation = _circuit_scores(model, held_out, classes, _template_means(model, held_out))
+
+    graph = _circuit_graph(model, classes, path_scores, dla)
+    return IOIReport(
+        model_name=str(getattr(model.cfg, "model_name", "model")),
+        n_prompts=n_prompts,
+        n_path_prompts=len(path_pairs),
+        seed=seed,
+        logit_diff=logit_diff,
+        io_over_s=io_over_s,
+        classes={k: v for k, v in classes.items()},
+        assignment=assignment,
+        evaluation=evaluation,
+        dla=dla,
+        dla_movers_ablated=dla_ablated,
+        path_scores=path_scores,
+        circuit=graph,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _circuit_scores(
+    model: Any,
+    data: IOIDataset,
+    classes: dict[str, list[dict[str, Any]]],
+    means: list[torch.Tensor],
+) -> dict[str, Any]:
+    """Faithfulness, completeness and minimality of the circuit on ``data`` (Wang et al.
+    sec. 4), every head outside the kept set mean-ablated over ``data``'s p_ABC prompts."""
+    metric = mk.LogitDiff.from_pairs(data.pairs)
     circuit_heads = sorted({_parse(h["head"]) for items in classes.values() for h in items})
-    means = _template_means(model, data)
     everything = [(layer, head) for layer in range(model.cfg.n_layers)
                   for head in range(model.cfg.n_heads)]  # fmt: skip
     score = _ablated_score_fn(model, data, metric, means)
     full = score(everything)
     circuit_ld = score(circuit_heads)
     none = score([])
-    faithfulness = circuit_ld / full if full else float("nan")
     completeness = []
     for kind, items in classes.items():
         if not items:
@@ -401,37 +501,29 @@ def reproduce(
             "circuit_logit_diff_without": without,
             "relative_drop": (circuit_ld - without) / circuit_ld if circuit_ld else float("nan"),
         })  # fmt: skip
-
-    graph = _circuit_graph(model, classes, path_scores, dla)
-    return IOIReport(
-        model_name=str(getattr(model.cfg, "model_name", "model")),
-        n_prompts=n_prompts,
-        n_path_prompts=len(path_pairs),
-        seed=seed,
-        logit_diff=logit_diff,
-        io_over_s=io_over_s,
-        classes={k: v for k, v in classes.items()},
-        faithfulness=faithfulness,
-        ablated_all_logit_diff=none,
-        circuit_logit_diff=circuit_ld,
-        completeness=completeness,
-        minimality=minimality,
-        dla=dla,
-        path_scores=path_scores,
-        circuit=graph,
-        seconds=time.perf_counter() - start,
-    )
+    return {
+        "n_prompts": len(data),
+        "seed": data.seed,
+        "templates": len(set(data.templates)),
+        "model_logit_diff": full,
+        "circuit_logit_diff": circuit_ld,
+        "all_heads_ablated_logit_diff": none,
+        "faithfulness": circuit_ld / full if full else float("nan"),
+        "completeness": completeness,
+        "minimality": minimality,
+    }
 
 
 # ----------------------------------------------------------------------------------- steps
 
 
 def _pick(
-    scores: torch.Tensor, threshold: float, limit: int
+    scores: torch.Tensor, threshold: float, limit: int, *, best: Any = None
 ) -> list[tuple[tuple[int, int], float]]:
-    """The (layer, head) cells with the largest scores: at least ``threshold`` x the best."""
+    """The (layer, head) cells with the largest scores: at least ``threshold`` x the best
+    (``best``: the largest score, unless given)."""
     flat = scores.flatten()
-    best = float(flat.max())
+    best = float(flat.max() if best is None else best)
     if best <= 0:
         return []
     order = flat.argsort(descending=True)[:limit]
@@ -471,6 +563,31 @@ def _attention_from_end(model: Any, data: IOIDataset) -> list[list[dict[str, flo
              for a, b in zip(to_io, to_s2, strict=True)]
         )  # fmt: skip
     return out
+
+
+def _attends_to_io(attention: list[list[dict[str, float]]], least: float) -> torch.Tensor:
+    """``(layer, head)``: the head attends from the end to IO, at least ``least`` and more
+    than to S2 (the check a name mover passes)."""
+    return torch.tensor([
+        [a["attn_end_to_io"] >= least and a["attn_end_to_io"] > a["attn_end_to_s2"] for a in row]
+        for row in attention
+    ])  # fmt: skip
+
+
+def _mean_ablations(heads: Sequence[tuple[int, int]], means: list[torch.Tensor]) -> list[Any]:
+    """Interventions that set these heads' z to their p_ABC template means."""
+    edits = []
+    for layer in sorted({layer for layer, _ in heads}):
+        mask = torch.zeros(means[layer].shape[2], dtype=torch.bool)
+        mask[[h for lay, h in heads if lay == layer]] = True
+        mask = mask.to(means[layer].device)[None, None, :, None]
+        edits.append(
+            mk.Transform(
+                mk.Site("z", layer=layer),
+                lambda z, m=mask, v=means[layer]: torch.where(m, v.to(z.dtype), z),
+            )
+        )
+    return edits
 
 
 def _path(model: Any, pairs: mk.PromptPairs, receivers: list[mk.Site], progress: bool) -> Any:
@@ -519,21 +636,10 @@ def _ablated_score_fn(model: Any, data: IOIDataset, metric: Any, means: list[tor
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
 
     def score(kept: Sequence[tuple[int, int]]) -> float:
-        keep = torch.zeros(n_layers, n_heads, dtype=torch.bool)
-        for layer, head in kept:
-            keep[layer, head] = True
-        edits = []
-        for layer in range(n_layers):
-            if bool(keep[layer].all()):
-                continue
-            mask = keep[layer].to(means[layer].device)[None, None, :, None]
-            edits.append(
-                mk.Transform(
-                    mk.Site("z", layer=layer),
-                    lambda z, m=mask, v=means[layer]: torch.where(m, z, v.to(z.dtype)),
-                )
-            )
-        with torch.no_grad(), mk.intervene(model, *edits):
+        keep = set(kept)
+        ablated = [(layer, head) for layer in range(n_layers) for head in range(n_heads)
+                   if (layer, head) not in keep]  # fmt: skip
+        with torch.no_grad(), mk.intervene(model, *_mean_ablations(ablated, means)):
             return float(metric(model(data.pairs.clean_tokens)))
 
     return score
@@ -562,7 +668,7 @@ def _circuit_graph(
         edges.append(name)
 
     heads = {kind: [_parse(h["head"]) for h in items] for kind, items in classes.items()}
-    for kind in ("name mover", "negative name mover", "other direct"):
+    for kind in ("name mover", "negative name mover", "backup name mover", "other direct"):
         for layer, head in heads.get(kind, []):
             add((layer, head), "logits", float(dla[layer, head]))
     pairs = [
@@ -601,26 +707,58 @@ def _page(report: IOIReport, figures: list[str]) -> str:
             f"<tr><td>{html.escape(kind)}</td><td>{html.escape(ours)}</td>"
             f"<td>{html.escape(theirs)}</td></tr>"
         )
-    evidence = report.to_dataframe().to_html(index=False) if any(report.classes.values()) else ""
+    # one table per class, with the evidence columns that class has (no empty cells)
+    evidence = "".join(
+        f"<h3>{html.escape(kind)}</h3>{_records_table(items)}"
+        for kind, items in report.classes.items()
+        if items
+    )
     links = " ".join(f'<a href="{html.escape(f)}">{html.escape(f)}</a>' for f in figures)
+    a, e = report.assignment, report.evaluation
+    sets = (
+        f"<tr><td>prompts (seed)</td><td>{a['n_prompts']} ({a['seed']})</td>"
+        f"<td>{e['n_prompts']} ({e['seed']})</td><td></td></tr>"
+        f"<tr><td>templates covered</td><td>{a['templates']}</td><td>{e['templates']}</td>"
+        "<td>15</td></tr>"
+        + "".join(
+            f"<tr><td>{label}</td><td>{a[key]:.2f}</td><td>{e[key]:.2f}</td><td></td></tr>"
+            for label, key in (
+                ("logit difference, model", "model_logit_diff"),
+                ("logit difference, circuit", "circuit_logit_diff"),
+                ("logit difference, every head ablated", "all_heads_ablated_logit_diff"),
+            )
+        )
+        + f"<tr><td>faithfulness</td><td>{a['faithfulness']:.1%}</td>"
+        f"<td>{e['faithfulness']:.1%}</td><td>{paper['faithfulness']:.0%}</td></tr>"
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8">
 <title>IOI circuit: {html.escape(report.model_name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style></head>
 <body><h1>Indirect object identification: {html.escape(report.model_name)}</h1>
-<p>{report.n_prompts} prompts (seed {report.seed}; path patching on the first
-{report.n_path_prompts}), {report.seconds:.0f} s. Figures: {links};
+<p>Classes assigned on {report.n_prompts} prompts (seed {report.seed}; path patching on the
+first {report.n_path_prompts}); the circuit evaluated on those and on {e["n_prompts"]} held-out
+prompts (seed {e["seed"]}), {report.seconds:.0f} s. Figures: {links};
 the circuit as <a href="ioi_circuit.svg">SVG</a> and <a href="ioi_circuit.json">JSON</a>;
 every number in <a href="ioi.json">ioi.json</a>.</p>
 <table><tr><th></th><th>{html.escape(report.model_name)}</th><th>GPT-2 small (paper)</th></tr>
 <tr><td>logit difference</td><td>{report.logit_diff:.2f}</td><td>{paper["logit_diff"]}</td></tr>
 <tr><td>IO over S</td><td>{report.io_over_s:.1%}</td><td>{paper["io_over_s"]:.1%}</td></tr>
-<tr><td>faithfulness (mean ablation over p_ABC)</td><td>{report.faithfulness:.1%}</td>
-<td>{paper["faithfulness"]:.0%}</td></tr></table>
+</table>
 <h2>Heads by class</h2><table><tr><th>class</th><th>ours</th><th>paper (GPT-2)</th></tr>
-{"".join(rows)}</table><h2>Evidence</h2>{evidence}
-<h2>Completeness and minimality</h2>
-{_records_table(report.completeness)}{_records_table(report.minimality)}
+{"".join(rows)}</table>
+<p>A name mover (and a negative one) attends from the end to IO, at least as much as the
+threshold asks and more than to S2; the class threshold is relative to the strongest head that
+passes this check. Backup name movers: heads whose direct effect rises when the name movers are
+mean-ablated, and that then attend to IO (<a href="backup.html">backup.html</a>).</p>
+<h2>Evidence</h2>{evidence}
+<h2>Faithfulness (every head outside the circuit mean-ablated over p_ABC)</h2>
+<table><tr><th></th><th>assignment prompts</th><th>held-out prompts</th>
+<th>GPT-2 (paper)</th></tr>{sets}</table>
+<h2>Completeness and minimality, held-out prompts</h2>
+{_records_table(e["completeness"])}{_records_table(e["minimality"])}
+<h2>Completeness and minimality, assignment prompts</h2>
+{_records_table(a["completeness"])}{_records_table(a["minimality"])}
 </body></html>
 """
 
@@ -647,16 +785,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="reports/ioi")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--path-prompts", type=int, default=8)
+    parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-seed", type=int, default=None)
     args = parser.parse_args(argv)
     model = mk.load_model(args.model)
     report = reproduce(
-        model, n_prompts=args.prompts, n_path_prompts=args.path_prompts, seed=args.seed,
+        model, n_prompts=args.prompts, n_path_prompts=args.path_prompts,
+        n_eval_prompts=args.eval_prompts, seed=args.seed, eval_seed=args.eval_seed,
         progress=True,
     )  # fmt: skip
     index = report.write(args.out)
     print(f"logit difference {report.logit_diff:.2f}, IO over S {report.io_over_s:.1%}, "
-          f"faithfulness {report.faithfulness:.1%}")  # fmt: skip
+          f"faithfulness {report.assignment['faithfulness']:.1%} on the "
+          f"{report.n_prompts} assignment prompts, {report.faithfulness:.1%} on "
+          f"{report.evaluation['n_prompts']} held-out prompts")  # fmt: skip
     for kind in (*CLASSES, "other direct"):
         print(f"{kind:20s} {', '.join(report.heads(kind)) or '-'}")
     print(f"wrote {index}")

@@ -3,7 +3,7 @@ selection, evaluation, drawing.
 
 Example:
     >>> list(mk.graph.EDGE_METHODS)
-    ['eap', 'eap-ig-activations', 'eap-ig-inputs', 'exact']
+    ['cd-t', 'eap', 'eap-ig-activations', 'eap-ig-inputs', 'exact']
 """
 
 import warnings

@@ -80,7 +80,7 @@ class EdgeMethodRegistry(Mapping[str, EdgeMethod]):
 
     Example:
         >>> list(EDGE_METHODS)
-        ['eap', 'eap-ig-activations', 'eap-ig-inputs', 'exact']
+        ['cd-t', 'eap', 'eap-ig-activations', 'eap-ig-inputs', 'exact']
         >>> EDGE_METHODS["eap-ig"]
         Traceback (most recent call last):
         ...
@@ -124,7 +124,7 @@ class EdgeMethodRegistry(Mapping[str, EdgeMethod]):
 
         Example:
             >>> EDGE_METHODS.to_dataframe()["name"].tolist()
-            ['eap', 'eap-ig-activations', 'eap-ig-inputs', 'exact']
+            ['cd-t', 'eap', 'eap-ig-activations', 'eap-ig-inputs', 'exact']
         """
         import pandas as pd
 

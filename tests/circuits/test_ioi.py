@@ -98,3 +98,53 @@ def test_greater_than_adapts_to_the_tokenizer(smollm2):
         clean = float(metric(smollm2(pairs.clean_tokens)))
         corrupt = float(metric(smollm2(pairs.corrupt_tokens)))
     assert clean > 0.2 and corrupt < clean  # later tens digits are preferred, less so after "01"
+
+
+def test_attention_check_comes_before_the_name_mover_threshold():
+    # head (0, 1) has the largest DLA but attends to neither name: it must not set the bar
+    attention = [
+        [
+            {"attn_end_to_io": 0.6, "attn_end_to_s2": 0.1},
+            {"attn_end_to_io": 0.002, "attn_end_to_s2": 0.002},
+            {"attn_end_to_io": 0.3, "attn_end_to_s2": 0.4},
+        ],
+        [
+            {"attn_end_to_io": 0.15, "attn_end_to_s2": 0.05},
+            {"attn_end_to_io": 0.5, "attn_end_to_s2": 0.0},
+            {"attn_end_to_io": 0.05, "attn_end_to_s2": 0.0},
+        ],
+    ]
+    passes = ioi._attends_to_io(attention, 0.1)
+    assert passes.tolist() == [[True, False, False], [True, True, False]]
+    dla = torch.tensor([[1.0, 10.0, 3.0], [0.3, 0.5, 2.0]])
+    picked = ioi._pick(dla.masked_fill(~passes, 0.0), 0.4, 4)
+    # among the passing heads the best is 1.0: 0.5 passes the 40% bar, 0.3 does not
+    assert [cell for cell, _ in picked] == [(0, 0), (1, 1)]
+    # relative to an explicit best (the strongest head overall) the bar rises
+    assert [cell for cell, _ in ioi._pick(dla, 0.25, 4, best=10.0)] == [(0, 1), (0, 2)]
+
+
+@pytest.mark.slow
+def test_mean_ablations_set_the_heads_to_their_means(smollm2, data):
+    means = ioi._template_means(smollm2, data)
+    site = mk.Site("z", layer=3)
+    edits = ioi._mean_ablations([(3, 1), (3, 4), (5, 0)], [m[:4] for m in means])
+    assert len(edits) == 2  # one per layer
+    with torch.no_grad(), mk.intervene(smollm2, *edits), mk.capture(smollm2, site) as acts:
+        smollm2(data.pairs.clean_tokens[:4])
+    with torch.no_grad(), mk.capture(smollm2, site) as clean:
+        smollm2(data.pairs.clean_tokens[:4])
+    z, z_clean = acts[site], clean[site]
+    torch.testing.assert_close(z[:, :, [1, 4]], means[3][:4, :, [1, 4]])
+    others = [h for h in range(smollm2.cfg.n_heads) if h not in (1, 4)]
+    torch.testing.assert_close(z[:, :, others], z_clean[:, :, others])
+
+
+def test_report_tables_have_no_empty_cells():
+    classes = {
+        "name mover": [ioi._evidence(9, 9, dla=1.0, attn_end_to_io=0.5, attn_end_to_s2=0.1)],
+        "s-inhibition": [ioi._evidence(7, 3, path_drop_into_movers=0.3)],
+    }
+    tables = [ioi._records_table(items) for items in classes.values()]
+    assert "nan" not in "".join(tables).lower()
+    assert "path_drop_into_movers" not in tables[0] and "dla" not in tables[1]

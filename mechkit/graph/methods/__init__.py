@@ -7,9 +7,10 @@ A new method (CD-T, another EAP variant) is one module here holding one function
 registers the same way and is then available to ``mk.edge_attribution(..., method=name)``.
 """
 
+from mechkit.graph.methods.cdt import cdt
 from mechkit.graph.methods.eap import eap
 from mechkit.graph.methods.eap_ig_activations import eap_ig_activations
 from mechkit.graph.methods.eap_ig_inputs import eap_ig_inputs
 from mechkit.graph.methods.exact import exact
 
-__all__ = ["eap", "eap_ig_inputs", "eap_ig_activations", "exact"]
+__all__ = ["eap", "eap_ig_inputs", "eap_ig_activations", "exact", "cdt"]

@@ -1,0 +1,386 @@
+"""CD-T, contextual decomposition for transformers (Hsu et al. 2024, "Efficient Automated Circuit
+Discovery in Transformers using Contextual Decomposition"), as an edge-attribution method.
+
+Contextual decomposition (Murdoch et al. 2018; Singh et al. 2019) splits every activation ``x``
+into a **relevant** part ``beta`` (what a chosen source contributes) and an **irrelevant** part
+``gamma`` (everything else), ``x = beta + gamma``, and carries the split through the network
+with one rule per operation. For an edge ``u -> v`` the source is the change the ablation makes
+to ``u``'s output, ``delta_u = a_u - a'_u``, entering receiver ``v`` only: ``v``'s input splits
+into ``beta = delta_u`` and ``gamma = input - delta_u``, every other input into ``beta = 0`` and
+``gamma = input``; the split then runs to the logits, and the edge scores
+``M(logits - beta_logits) - M(logits)``: the metric with the edge's relevant part taken out.
+
+The rules (CD-T's, with the irrelevant part first):
+
+- linear maps act on both parts; biases go to the irrelevant part (CD-T shares them out in
+  proportion to the parts' sizes; here a bias belongs to no source);
+- normalization (LayerNorm, RMSNorm) is linear in each part with the **scale frozen** at the
+  clean run's value (CD-T's rule: the statistics of the whole input);
+- an elementwise nonlinearity ``f``: ``gamma' = f(gamma)``, ``beta' = f(beta + gamma) -
+  f(gamma)``; a gated MLP multiplies the parts out, ``gamma' = f(g_gamma) * u_gamma`` and
+  ``beta'`` the rest of the product;
+- attention: the pattern of the irrelevant queries and keys, ``A_gamma = softmax(q_gamma
+  k_gamma^T)``, with ``A_beta = A - A_gamma`` (the nonlinearity rule applied to the softmax),
+  and ``z_gamma = A_gamma v_gamma``, ``z_beta = A v_beta + A_beta v_gamma``.
+
+Every rule keeps ``beta + gamma`` equal to the real activation (:func:`decompose` returns both
+parts at every layer; the tests check the identity). With the irrelevant part first, a model
+without normalization gives exactly the edge's real ablation (``method="exact"``), which the
+tests also check; in a normalized model the frozen scales are the whole of the approximation.
+Cost: one pass from the receiver's layer to the logits per edge, edges batched side by side
+(``memory_budget``): the work of exact edge patching with the norms frozen, not a gradient
+method's single backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechkit.core import Model, progress_bar
+from mechkit.errors import UnsupportedModelError
+from mechkit.graph.layout import GraphLayout
+from mechkit.graph.registry import EdgeScores, register_edge_method
+from mechkit.graph.setup import EdgeSetup, batch_metric, mean_value
+from mechkit.hook_scope import hook_scope
+
+__all__ = ["cdt", "CleanRun", "Decomposition", "clean_run", "decompose"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CleanRun:
+    """What the decomposition freezes from the clean run: the residual entering each block and
+    the final one ``(batch, pos, d_model)``, every norm's scale ``(batch, pos, 1)`` by hook
+    name, and each layer's attention pattern ``(batch, head, query, key)``.
+
+    Example:
+        >>> run = clean_run(mk.load_model("attn-only-2l"), torch.tensor([[1, 2, 3]]))
+        >>> sorted(run.scales)[:2], tuple(run.logits.shape)
+        (['blocks.0.ln1', 'blocks.1.ln1'], (1, 3, 500))
+    """
+
+    resid: list[Tensor]
+    scales: dict[str, Tensor]
+    patterns: list[Tensor]
+    logits: Tensor
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Decomposition:
+    """The relevant and irrelevant parts: of the residual entering each block and the final
+    residual (``resid_beta[l]``, ``(copy * batch, pos, d_model)``), and of the logits.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> run = clean_run(model, torch.tensor([[1, 2, 3]]))
+        >>> parts = decompose(model, run, 0, {("v", 1): torch.ones(1, 1, 3, 128)})
+        >>> len(parts.resid_beta), bool(parts.resid_beta[0].abs().max() == 0)
+        (3, True)
+    """
+
+    resid_beta: list[Tensor]
+    resid_gamma: list[Tensor]
+    logits_beta: Tensor
+    logits_gamma: Tensor
+
+
+def _check_model(model: Model) -> None:
+    cfg = model.cfg
+    if cfg.parallel_attn_mlp or (cfg.act_fn or "").startswith("solu"):
+        raise UnsupportedModelError(
+            "Expected a sequential transformer without SoLU for CD-T; got "
+            f"parallel_attn_mlp={cfg.parallel_attn_mlp}, act_fn={cfg.act_fn!r}. Hint: "
+            "method='eap' or 'exact' support it."
+        )
+
+
+@torch.no_grad()
+def clean_run(model: Model, tokens: Tensor) -> CleanRun:
+    """The clean run's residuals, norm scales, patterns and logits.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> run = clean_run(model, torch.tensor([[1, 2, 3]]))
+        >>> len(run.resid), tuple(run.patterns[0].shape)   # 2 blocks and the final residual
+        (3, (1, 4, 3, 3))
+    """
+    _check_model(model)
+    n_layers = model.cfg.n_layers
+    resid: dict[int, Tensor] = {}
+    scales: dict[str, Tensor] = {}
+    patterns: dict[int, Tensor] = {}
+    hooks: list[tuple[str, Any]] = []
+    for layer in range(n_layers):
+
+        def keep_resid(act: Tensor, hook: Any, layer: int = layer) -> None:
+            resid[layer] = act
+
+        def keep_pattern(act: Tensor, hook: Any, layer: int = layer) -> None:
+            patterns[layer] = act
+
+        hooks += [
+            (f"blocks.{layer}.hook_resid_pre", keep_resid),
+            (f"blocks.{layer}.attn.hook_pattern", keep_pattern),
+        ]
+
+    def keep_final(act: Tensor, hook: Any) -> None:
+        resid[n_layers] = act
+
+    def keep_scale(act: Tensor, hook: Any) -> None:
+        scales[hook.name.removesuffix(".hook_scale")] = act
+
+    hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", keep_final))
+    hooks += [(name, keep_scale) for name in model.hook_dict if name.endswith(".hook_scale")]
+    with hook_scope(model, fwd_hooks=hooks):
+        logits = model(tokens)
+    return CleanRun(
+        [resid[i] for i in range(n_layers + 1)],
+        scales,
+        [patterns[i] for i in range(n_layers)],
+        logits,
+    )
+
+
+def _norm(
+    module: Any, name: str, run: CleanRun, beta: Tensor, gamma: Tensor, repeats: int
+) -> tuple[Tensor, Tensor]:
+    """A norm, linear in each part with the clean run's scale; its bias to ``gamma``."""
+    kind = type(module).__name__
+    if kind == "Identity":
+        return beta, gamma
+    scale = run.scales[name].repeat(repeats, 1, 1)  # (copy * batch, pos, 1)
+    if beta.ndim == 4:  # per-head inputs (copy * batch, pos, head, d_model)
+        scale = scale[:, :, None]
+    if kind in ("LayerNorm", "LayerNormPre"):
+        beta = beta - beta.mean(-1, keepdim=True)
+        gamma = gamma - gamma.mean(-1, keepdim=True)
+    elif kind not in ("RMSNorm", "RMSNormPre"):
+        raise UnsupportedModelError(
+            f"Expected LayerNorm, RMSNorm or no normalization for CD-T; got {kind}."
+        )
+    beta, gamma = beta / scale, gamma / scale
+    weight, bias = getattr(module, "w", None), getattr(module, "b", None)
+    if weight is not None:
+        beta, gamma = beta * weight, gamma * weight
+    if bias is not None:
+        gamma = gamma + bias
+    return beta, gamma
+
+
+def _kv_weights(attn: Any, which: str) -> tuple[Tensor, Tensor]:
+    """``W`` ``(kv_head, d_model, d_head)`` and ``b`` of keys or values, unexpanded in GQA."""
+    if hasattr(attn, f"_W_{which}"):
+        return getattr(attn, f"_W_{which}"), getattr(attn, f"_b_{which}")
+    return getattr(attn, f"W_{which}"), getattr(attn, f"b_{which}")
+
+
+def _attention(
+    model: Model,
+    layer: int,
+    run: CleanRun,
+    inputs: dict[str, tuple[Tensor, Tensor]],
+    repeats: int,
+) -> tuple[Tensor, Tensor]:
+    """The attention block's output, split: ``inputs`` maps ``q`` to per-head and ``k``, ``v``
+    to per-key/value-head pre-norm inputs ``(beta, gamma)``, ``(copy * batch, pos, head,
+    d_model)``."""
+    block = model.blocks[layer]
+    attn = block.attn
+    name = f"blocks.{layer}.ln1"
+    q_b, q_g = _norm(block.ln1, name, run, *inputs["q"], repeats)
+    k_b, k_g = _norm(block.ln1, name, run, *inputs["k"], repeats)
+    v_b, v_g = _norm(block.ln1, name, run, *inputs["v"], repeats)
+    group = model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads)
+    W_K, b_K = _kv_weights(attn, "K")
+    W_V, b_V = _kv_weights(attn, "V")
+    # (copy * batch, pos, head, d_head)
+    q = torch.einsum("bphm,hmd->bphd", q_g, attn.W_Q) + attn.b_Q
+    k = (torch.einsum("bphm,hmd->bphd", k_g, W_K) + b_K).repeat_interleave(group, dim=2)
+    value_b = torch.einsum("bphm,hmd->bphd", v_b, W_V).repeat_interleave(group, dim=2)
+    value_g = (torch.einsum("bphm,hmd->bphd", v_g, W_V) + b_V).repeat_interleave(group, dim=2)
+    if model.cfg.positional_embedding_type == "rotary":
+        q, k = attn.apply_rotary(q), attn.apply_rotary(k)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / attn.attn_scale
+    if getattr(model.cfg, "attn_scores_soft_cap", -1.0) > 0:
+        cap = model.cfg.attn_scores_soft_cap
+        scores = cap * torch.tanh(scores / cap)
+    a_gamma = attn.apply_causal_mask(scores).softmax(-1)  # (copy * batch, head, query, key)
+    a_full = run.patterns[layer].repeat(repeats, 1, 1, 1)
+    z_b = torch.einsum("bhqk,bkhd->bqhd", a_full, value_b) + torch.einsum(
+        "bhqk,bkhd->bqhd", a_full - a_gamma, value_g
+    )
+    z_g = torch.einsum("bhqk,bkhd->bqhd", a_gamma, value_g)
+    out_b = torch.einsum("bqhd,hdm->bqm", z_b, attn.W_O)
+    out_g = torch.einsum("bqhd,hdm->bqm", z_g, attn.W_O) + attn.b_O
+    return out_b, out_g
+
+
+def _mlp(
+    model: Model, layer: int, run: CleanRun, beta: Tensor, gamma: Tensor, repeats: int
+) -> tuple[Tensor, Tensor]:
+    block = model.blocks[layer]
+    mlp: Any = block.mlp  # MLP or GatedMLP, whose weights the type checker does not see
+    x_b, x_g = _norm(block.ln2, f"blocks.{layer}.ln2", run, beta, gamma, repeats)
+    pre_b, pre_g = x_b @ mlp.W_in, x_g @ mlp.W_in
+    if model.cfg.gated_mlp:  # TransformerLens: act(x W_gate) * (x W_in) + b_in
+        gate_b, gate_g = x_b @ mlp.W_gate, x_g @ mlp.W_gate
+        h_g = mlp.act_fn(gate_g) * pre_g + mlp.b_in
+        h_b = mlp.act_fn(gate_b + gate_g) * (pre_b + pre_g) + mlp.b_in - h_g
+    else:
+        pre_g = pre_g + mlp.b_in
+        h_g = mlp.act_fn(pre_g)
+        h_b = mlp.act_fn(pre_b + pre_g) - h_g
+    return h_b @ mlp.W_out, h_g @ mlp.W_out + mlp.b_out
+
+
+@torch.no_grad()
+def decompose(
+    model: Model,
+    run: CleanRun,
+    start_layer: int,
+    injections: dict[tuple[str, int], Float[Tensor, "copy batch pos d_model"]],
+) -> Decomposition:
+    """Carry the split from block ``start_layer`` to the logits: ``beta`` is zero in the
+    residual entering ``start_layer``; ``injections[(kind, index)]`` (``kind`` ``"q"`` with a
+    query head, ``"k"``/``"v"`` with a key/value head of that block, ``"mlp"`` and ``"logits"``
+    with 0) is moved from ``gamma`` to ``beta`` at that input only, one copy of the batch per
+    row of its first dimension (zeros where a copy has none).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> tokens = torch.tensor([[1, 2, 3]])
+        >>> run = clean_run(model, tokens)
+        >>> delta = torch.randn(1, 1, 3, 128)   # one copy, moved into head 2's query
+        >>> parts = decompose(model, run, 1, {("q", 2): delta})
+        >>> torch.allclose(parts.logits_beta + parts.logits_gamma, run.logits, atol=1e-4)
+        True
+    """
+    n_batch = run.resid[0].shape[0]
+    copies = next(iter(injections.values())).shape[0] if injections else 1
+    cfg = model.cfg
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+
+    def inject(kind: str, count: int, beta: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
+        # (copy * batch, pos, d_model) -> (copy * batch, pos, count, d_model)
+        beta = beta[:, :, None].repeat(1, 1, count, 1)
+        gamma = gamma[:, :, None].repeat(1, 1, count, 1)
+        for (k, index), delta in injections.items():
+            if k == kind:
+                flat = delta.flatten(0, 1).to(beta.dtype)  # (copy * batch, pos, d_model)
+                beta[:, :, index] += flat
+                gamma[:, :, index] -= flat
+        return beta, gamma
+
+    gamma = run.resid[start_layer].repeat(copies, 1, 1)
+    beta = torch.zeros_like(gamma)
+    betas, gammas = [beta], [gamma]
+    for layer in range(start_layer, cfg.n_layers):
+        first = layer == start_layer
+        inputs = {
+            kind: inject(kind, count, beta, gamma) if first else
+            (beta[:, :, None].expand(-1, -1, count, -1),
+             gamma[:, :, None].expand(-1, -1, count, -1))
+            for kind, count in (("q", cfg.n_heads), ("k", n_kv), ("v", n_kv))
+        }  # fmt: skip
+        out_b, out_g = _attention(model, layer, run, inputs, copies)
+        beta, gamma = beta + out_b, gamma + out_g
+        if not cfg.attn_only:
+            m_b, m_g = inject("mlp", 1, beta, gamma) if first else (beta, gamma)
+            if first:
+                m_b, m_g = m_b[:, :, 0], m_g[:, :, 0]
+            out_b, out_g = _mlp(model, layer, run, m_b, m_g, copies)
+            beta, gamma = beta + out_b, gamma + out_g
+        betas.append(beta)
+        gammas.append(gamma)
+    if start_layer == cfg.n_layers or any(kind == "logits" for kind, _ in injections):
+        f_b, f_g = inject("logits", 1, beta, gamma)
+        beta, gamma = f_b[:, :, 0], f_g[:, :, 0]
+    name = "ln_final"
+    x_b, x_g = _norm(getattr(model, "ln_final", torch.nn.Identity()), name, run, beta, gamma,
+                     copies)  # fmt: skip
+    logits_b = x_b @ model.W_U
+    logits_g = x_g @ model.W_U + model.b_U
+    del n_batch
+    return Decomposition(betas, gammas, logits_b, logits_g)
+
+
+def _receiver_key(layout: GraphLayout, receiver: int) -> tuple[int, tuple[str, int]]:
+    """``(layer the receiver reads in, injection key)``."""
+    r = layout.receivers[receiver]
+    if r.kind == "logits":
+        return layout.n_layers, ("logits", 0)
+    assert r.layer is not None
+    if r.kind == "mlp":
+        return r.layer, ("mlp", 0)
+    assert r.head is not None
+    return r.layer, (r.kind, r.head)
+
+
+@register_edge_method(
+    "cd-t",
+    description="contextual decomposition: each edge's ablation change carried to the logits "
+    "as the relevant part, norms frozen",
+    paper="Hsu et al. 2024, Efficient Automated Circuit Discovery in Transformers using "
+    "Contextual Decomposition",
+)
+@torch.no_grad()
+def cdt(model: Model, setup: EdgeSetup, *, progress: bool) -> EdgeScores:
+    """CD-T edge scores (module docstring); run through
+    ``mk.edge_attribution(..., method="cd-t")``.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> graph = mk.edge_attribution(model, torch.tensor([[1, 2, 3]]),
+        ...     torch.tensor([[1, 7, 3]]), lambda logits: logits[:, -1, 0].mean(), method="cd-t")
+        >>> graph.method, graph.n_edges
+        ('cd-t', 81)
+    """
+    _check_model(model)
+    layout = setup.layout
+    n_prompts = setup.n_prompts
+    edges = layout.valid.nonzero().tolist()
+    by_layer: dict[int, list[tuple[int, int, tuple[str, int]]]] = {}
+    for s, r in edges:
+        layer, key = _receiver_key(layout, r)
+        by_layer.setdefault(layer, []).append((s, r, key))
+    scores = torch.zeros(len(layout.senders), len(layout.receivers))
+    totals = {"clean": 0.0}
+    total = len(edges) * -(-n_prompts // setup.batch_size)
+
+    with progress_bar(total, "cd-t edges", enabled=progress) as bar:
+
+        def work(rows: slice) -> None:
+            weight = (rows.stop - rows.start) / n_prompts
+            metric = batch_metric(setup.metric, rows, n_prompts)
+            tokens = setup.clean_tokens[rows]
+            run = clean_run(model, tokens)
+            base = float(mean_value(metric, run.logits))
+            delta = setup.clean_senders[rows] - setup.ablated_rows(rows)  # (b, p, sender, d)
+            n_batch, seq = tokens.shape
+            per_copy = n_batch * seq * (model.cfg.d_model * 16 + model.cfg.d_vocab) * 4
+            size = max(1, int(setup.memory_budget // max(1, per_copy)))
+            local = torch.zeros_like(scores)
+            for layer, items in sorted(by_layer.items()):
+                for lo in range(0, len(items), size):
+                    part = items[lo : lo + size]
+                    injections: dict[tuple[str, int], Tensor] = {}
+                    for c, (s, _, key) in enumerate(part):
+                        if key not in injections:
+                            injections[key] = delta.new_zeros(len(part), n_batch, seq,
+                                                              delta.shape[-1])  # fmt: skip
+                        injections[key][c] = delta[:, :, s]
+                    parts = decompose(model, run, layer, injections)
+                    logits = run.logits.repeat(len(part), 1, 1) - parts.logits_beta
+                    for c, (s, r, _) in enumerate(part):
+                        chunk = logits[c * n_batch : (c + 1) * n_batch]
+                        local[s, r] = float(mean_value(metric, chunk)) - base
+                    bar.update(len(part))
+            scores.add_(local * weight)
+            totals["clean"] += base * weight
+
+        setup.each_batch(work)
+    return EdgeScores(scores, totals["clean"])
