@@ -63,6 +63,7 @@ SECTION_FILES = {
     "IOI circuit (Wang et al. 2022)": ["ioi/index.html", "ioi/ioi.json"],
     "Induction heads (Olsson et al. 2022)": ["induction/index.html"],
     "Greater-than (Hanna et al. 2023)": ["greater_than/index.html"],
+    "Successor heads (Gould et al. 2023)": ["successor_heads/index.html"],
     "Sparse feature circuit (IOI)": [
         "feature_circuit.html",
         "feature_faithfulness.html",
