@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mechkit.core.progress import progress_bar
 from mechkit.core.types import Model
 from mechkit.errors import UnsupportedModelError
 from mechkit.mixing.attention import row_normalise
@@ -101,6 +102,7 @@ def decompx(model: Model, run: MixingRun) -> LayerMaps:
     bias = torch.zeros_like(embed)  # (batch, pos, d_model)
     maps = []
     both = cfg.use_normalization_before_and_after
+    bar = progress_bar(cfg.n_layers, "DecompX", enabled=run.progress, unit="layer")
     for layer in range(cfg.n_layers):
         block = model.blocks[layer]
         attn = block.attn
@@ -153,6 +155,8 @@ def decompx(model: Model, run: MixingRun) -> LayerMaps:
             parts = parts + out
             bias = bias + out_b
         maps.append(row_normalise(parts.norm(dim=-1)))
+        bar.update(1)
+    bar.close()
     u, unembed_bias = _unembed(model, run, blocks.logits)  # (batch, d_model), (batch,)
     final, final_b = split_norm(
         model, model.ln_final, parts, bias, cache.get("ln_final.hook_scale")
