@@ -176,9 +176,7 @@ def alti_logit(model: Model, run: MixingRun) -> LayerMaps:
             mlp = (blocks.cache[f"blocks.{layer}.hook_mlp_out"] * u[:, None]).sum(-1) * inv
             part = part + mlp[..., None] * rolled[layer]
         maps.append(part)
-    embed = blocks.cache["hook_embed"]
-    if "hook_pos_embed" in blocks.cache and model.cfg.positional_embedding_type == "standard":
-        embed = embed + blocks.cache["hook_pos_embed"]
+    embed = blocks.resid_pre(0)  # what the embeddings put in the stream, however made
     embedding = (embed * u[:, None]).sum(-1) * inv  # (batch, pos): stays with its own token
     stacked = torch.stack(maps)
     total = stacked.sum(0) + torch.diag_embed(embedding)

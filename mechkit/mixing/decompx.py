@@ -93,9 +93,7 @@ def decompx(model: Model, run: MixingRun) -> LayerMaps:
     blocks = read_blocks(model, run.tokens, extra=tuple(extra))
     cache = blocks.cache
     n_batch, n_pos = run.tokens.shape
-    embed = cache["hook_embed"]
-    if cfg.positional_embedding_type == "standard":
-        embed = embed + cache["hook_pos_embed"]
+    embed = blocks.resid_pre(0)  # the embeddings as they enter block 0 (scaled, positions)
     index = torch.arange(n_pos, device=embed.device)
     parts = torch.zeros(n_batch, n_pos, n_pos, cfg.d_model, device=embed.device)
     parts[:, index, index] = embed  # (batch, pos, token, d_model)
