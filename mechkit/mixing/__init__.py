@@ -25,7 +25,15 @@ from mechkit.mixing import attention, norms, alti, value_zeroing, decompx  # noq
 # isort: on
 from mechkit.mixing.agreement import MixingAgreement, mixing_agreement
 from mechkit.mixing.api import context_mixing
+from mechkit.mixing.demo import demo_section
 from mechkit.mixing.registry import METHODS
 from mechkit.mixing.result import ContextMixing
 
-__all__ = ["context_mixing", "ContextMixing", "mixing_agreement", "MixingAgreement", "METHODS"]
+__all__ = [
+    "context_mixing",
+    "ContextMixing",
+    "mixing_agreement",
+    "MixingAgreement",
+    "METHODS",
+    "demo_section",
+]

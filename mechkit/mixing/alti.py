@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechkit.core.progress import progress_bar
 from mechkit.core.types import Model
 from mechkit.mixing.attention import roll_out
 from mechkit.mixing.blocks import BlockRun, post_scale, read_blocks, transformed_vectors
@@ -73,10 +74,13 @@ def alti_contributions(
     return torch.where(total > 0, out / total.clamp_min(1e-30), out)
 
 
-def _alti_layers(model: Model, blocks: BlockRun, budget: int) -> Tensor:
-    return torch.stack(
-        [alti_contributions(model, blocks, layer, budget) for layer in range(model.cfg.n_layers)]
-    )
+def _alti_layers(model: Model, blocks: BlockRun, budget: int, progress: bool) -> Tensor:
+    maps = []
+    with progress_bar(model.cfg.n_layers, "ALTI", enabled=progress, unit="layer") as bar:
+        for layer in range(model.cfg.n_layers):
+            maps.append(alti_contributions(model, blocks, layer, budget))
+            bar.update(1)
+    return torch.stack(maps)
 
 
 @register("alti")
@@ -84,7 +88,7 @@ def _alti_layers(model: Model, blocks: BlockRun, budget: int) -> Tensor:
 def alti(model: Model, run: MixingRun) -> LayerMaps:
     """ALTI: per-layer L1-distance contributions, rolled out through the layers."""
     blocks = read_blocks(model, run.tokens)
-    rolled = roll_out(_alti_layers(model, blocks, run.memory_budget))
+    rolled = roll_out(_alti_layers(model, blocks, run.memory_budget, run.progress))
     return LayerMaps(
         maps=rolled,
         aggregated=rolled[-1],
@@ -137,7 +141,9 @@ def alti_logit(model: Model, run: MixingRun) -> LayerMaps:
         extra=tuple(f"blocks.{layer}.hook_mlp_out" for layer in range(model.cfg.n_layers)),
     )
     n_layers = model.cfg.n_layers
-    rolled = roll_out(_alti_layers(model, blocks, run.memory_budget))  # (layer, b, q, k)
+    rolled = roll_out(
+        _alti_layers(model, blocks, run.memory_budget, run.progress)
+    )  # (layer, b, q, k)
     u, final_bias, bias = logit_direction(model, run, blocks.logits)
     if model.cfg.normalization_type is None:
         scale = torch.ones_like(run.tokens[..., None], dtype=u.dtype)
@@ -170,9 +176,7 @@ def alti_logit(model: Model, run: MixingRun) -> LayerMaps:
             mlp = (blocks.cache[f"blocks.{layer}.hook_mlp_out"] * u[:, None]).sum(-1) * inv
             part = part + mlp[..., None] * rolled[layer]
         maps.append(part)
-    embed = blocks.cache["hook_embed"]
-    if "hook_pos_embed" in blocks.cache and model.cfg.positional_embedding_type == "standard":
-        embed = embed + blocks.cache["hook_pos_embed"]
+    embed = blocks.resid_pre(0)  # what the embeddings put in the stream, however made
     embedding = (embed * u[:, None]).sum(-1) * inv  # (batch, pos): stays with its own token
     stacked = torch.stack(maps)
     total = stacked.sum(0) + torch.diag_embed(embedding)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mechkit.core.progress import progress_bar
 from mechkit.core.types import Model
 from mechkit.errors import UnsupportedModelError
 from mechkit.mixing.attention import row_normalise
@@ -92,15 +93,14 @@ def decompx(model: Model, run: MixingRun) -> LayerMaps:
     blocks = read_blocks(model, run.tokens, extra=tuple(extra))
     cache = blocks.cache
     n_batch, n_pos = run.tokens.shape
-    embed = cache["hook_embed"]
-    if cfg.positional_embedding_type == "standard":
-        embed = embed + cache["hook_pos_embed"]
+    embed = blocks.resid_pre(0)  # the embeddings as they enter block 0 (scaled, positions)
     index = torch.arange(n_pos, device=embed.device)
     parts = torch.zeros(n_batch, n_pos, n_pos, cfg.d_model, device=embed.device)
     parts[:, index, index] = embed  # (batch, pos, token, d_model)
     bias = torch.zeros_like(embed)  # (batch, pos, d_model)
     maps = []
     both = cfg.use_normalization_before_and_after
+    bar = progress_bar(cfg.n_layers, "DecompX", enabled=run.progress, unit="layer")
     for layer in range(cfg.n_layers):
         block = model.blocks[layer]
         attn = block.attn
@@ -153,6 +153,8 @@ def decompx(model: Model, run: MixingRun) -> LayerMaps:
             parts = parts + out
             bias = bias + out_b
         maps.append(row_normalise(parts.norm(dim=-1)))
+        bar.update(1)
+    bar.close()
     u, unembed_bias = _unembed(model, run, blocks.logits)  # (batch, d_model), (batch,)
     final, final_b = split_norm(
         model, model.ln_final, parts, bias, cache.get("ln_final.hook_scale")

@@ -51,12 +51,11 @@ def test_a_model_without_attention_weights_is_refused():
 
 
 def test_value_zeroing_refuses_when_its_hook_never_runs():
-    # a model whose attention bypasses hook_v (as a fused kernel would) must not score zeros;
-    # a model of its own: swapping a hook point out must not leak into the session's toy model
-    model = mk.load_model("attn-only-2l")
-    model.blocks[0].attn.hook_v = torch.nn.Identity()
+    # a model whose attention bypasses hook_v (as a fused kernel would) must not score zeros
+    model = tiny_model(n_layers=1, attn_only=True)
+    model.blocks[0].attn.hook_v = torch.nn.Identity()  # hook_dict still names the old point
     with pytest.raises(mk.UnsupportedModelError, match="never ran"):
-        mk.context_mixing(model, TOKENS, method="value_zeroing", layers=[0])
+        mk.context_mixing(model, TOKENS, method="value_zeroing")
     assert hook_count(model) == 0
 
 
