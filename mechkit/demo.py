@@ -34,6 +34,7 @@ from mechkit.distributed.demo import demo_section as _scaling
 from mechkit.graph import edge_attribution, faithfulness_curve
 from mechkit.heads import detect_heads
 from mechkit.lens import logit_lens
+from mechkit.mixing import demo_section as _mixing
 from mechkit.models import load_model, model_info
 from mechkit.patching import activation_patch, path_patch
 from mechkit.predictions import predict_next_tokens
@@ -370,6 +371,7 @@ SECTIONS: tuple[DemoSection, ...] = (
     ("Attribution patching and the circuit graph (IOI)", _circuit),
     ("Steering (activation addition)", _steering),
     ("Sparse autoencoder features", _features),
+    ("Context mixing", _mixing),
     ("Probes, concept erasure and DAS", _probing),
     ("Scaling out (Ray, torch.distributed, several GPUs)", _scaling),
 )

@@ -58,6 +58,7 @@ SECTION_FILES = {
     ],
     "Steering (activation addition)": ["steering_sweep.html", "steering_samples.csv"],
     "Sparse autoencoder features": ["features.html"],
+    "Context mixing": ["context_mixing_alti.html"],
     "Probes, concept erasure and DAS": ["probe_name_gender.html"],
     "Scaling out (Ray, torch.distributed, several GPUs)": ["gpu_placement.json"],
     "IOI circuit (Wang et al. 2022)": ["ioi/index.html", "ioi/ioi.json"],
