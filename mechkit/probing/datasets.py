@@ -422,9 +422,9 @@ def interchange_pairs(
         high_level: ``(example, variable value) -> answer`` (the high-level model's output with
             the variable set to that value; a single-token string).
         variable: ``example -> the variable's value`` in that example.
-        n: how many pairs (base and source drawn independently, with replacement).
-        The choices of a pair are the high-level model's answers for the base under every
-        value the variable takes in ``examples``.
+        n: how many pairs (base and source drawn independently, with replacement). The
+            choices of a pair are the high-level model's answers for the base under every
+            value the variable takes in ``examples``.
         seed: the draw.
 
     Example:
@@ -505,8 +505,8 @@ def collect_activations(
     stops after the last block it needs. No hook is left on the model.
 
     Raises:
-        SiteNotFoundError: a hook the model lacks. PromptLengthError: a position outside its
-        text.
+        SiteNotFoundError: a hook the model lacks.
+        PromptLengthError: a position outside its text.
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
