@@ -122,7 +122,9 @@ def ioi_pairs(model, n: int, seed: int = 0):
 
 
 def ioi_das(model, layers) -> None:
-    base, source, labels, choices, io = ioi_pairs(model, 120)
+    pairs = mk.probing.ioi_position_pairs(model, 96)
+    base, source, labels, choices, io = (pairs.base, pairs.source, pairs.labels,
+                                         pairs.choices, pairs.answers)  # fmt: skip
     ids = torch.tensor([[mk.tokenize_answer(model, c) for c in row] for row in choices])
     # the unchanged model's logits at each base's last token (k = 0: no intervention)
     logits = mk.probing.interchange(model, base, base, torch.zeros(0, model.cfg.d_model),
@@ -135,7 +137,7 @@ def ioi_das(model, layers) -> None:
         t = time.time()
         result = mk.das(
             model, base, source, labels, hook_name=f"blocks.{layer}.hook_resid_post",
-            choices=choices, k=1, steps=60, lr=2e-2, batch_size=16,
+            choices=choices, k=1, steps=40, lr=2e-2, batch_size=16,
         )  # fmt: skip
         report = result.illusion
         figures[f"das_ioi_L{layer}"] = {
