@@ -12,7 +12,6 @@ Run: ``OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/probing_note.py [out.
 from __future__ import annotations
 
 import json
-import random
 import sys
 import time
 
@@ -83,46 +82,10 @@ def erasure(model, datasets, layer: int) -> None:
         save()
 
 
-TEMPLATES = (
-    "When {A} and {B} went to the {place}, {C} gave a {thing} to",
-    "After {A} and {B} arrived at the {place}, {C} sent a {thing} to",
-    "While {A} and {B} were at the {place}, {C} passed the {thing} to",
-)
-PLACES = ("store", "park", "school", "office", "garden", "market")
-THINGS = ("book", "ring", "drink", "letter", "ball", "basket")
-
-
-def ioi_pairs(model, n: int, seed: int = 0):
-    """Base and source IOI prompts of the same template; the variable is which name slot holds
-    the indirect object; the counterfactual label is the base's name in the source's IO slot."""
-    names = [
-        nm for nm in mk.probing.FEMALE_NAMES + mk.probing.MALE_NAMES
-        if len(model.tokenizer.encode(" " + nm, add_special_tokens=False)) == 1
-    ]  # fmt: skip
-    rng = random.Random(seed)
-    base, source, labels, choices, io = [], [], [], [], []
-    for _ in range(n):
-        template = rng.choice(TEMPLATES)
-        place, thing = rng.choice(PLACES), rng.choice(THINGS)
-
-        def prompt(slot: int, template=template, place=place, thing=thing):
-            a, b = rng.sample(names, 2)
-            subject = b if slot == 0 else a  # IO in slot 0 -> the subject is B
-            return template.format(A=a, B=b, C=subject, place=place, thing=thing), (a, b)
-
-        slot_b, slot_s = rng.randrange(2), rng.randrange(2)
-        text_b, names_b = prompt(slot_b)
-        text_s, _ = prompt(slot_s)
-        base.append(text_b)
-        source.append(text_s)
-        labels.append(" " + names_b[slot_s])
-        choices.append([" " + names_b[0], " " + names_b[1]])
-        io.append(" " + names_b[slot_b])
-    return base, source, labels, choices, io
-
-
 def ioi_das(model, layers) -> None:
-    base, source, labels, choices, io = ioi_pairs(model, 120)
+    pairs = mk.probing.ioi_position_pairs(model, 96)
+    base, source, labels, choices, io = (pairs.base, pairs.source, pairs.labels,
+                                         pairs.choices, pairs.answers)  # fmt: skip
     ids = torch.tensor([[mk.tokenize_answer(model, c) for c in row] for row in choices])
     # the unchanged model's logits at each base's last token (k = 0: no intervention)
     logits = mk.probing.interchange(model, base, base, torch.zeros(0, model.cfg.d_model),
@@ -135,7 +98,7 @@ def ioi_das(model, layers) -> None:
         t = time.time()
         result = mk.das(
             model, base, source, labels, hook_name=f"blocks.{layer}.hook_resid_post",
-            choices=choices, k=1, steps=60, lr=2e-2, batch_size=16,
+            choices=choices, k=1, steps=40, lr=2e-2, batch_size=16,
         )  # fmt: skip
         report = result.illusion
         figures[f"das_ioi_L{layer}"] = {

@@ -327,7 +327,8 @@ def python_syntax(
 
     Lines are drawn (seeded) from the held-out files of
     :func:`~mechkit.sae.activations.stdlib_documents`; each labelled model token is the last
-    one of a Python token (the model token whose text ends where the Python token ends).
+    one of a Python token (the model token that ends where the Python token ends and holds
+    nothing before it but spaces; Python tokens merged into one model token are skipped).
 
     Example:
         >>> model = mk.load_model("smollm2-135m")
@@ -355,15 +356,18 @@ def python_syntax(
         except (tokenize.TokenError, SyntaxError, IndentationError):
             continue
         encoded = tokenizer(line, add_special_tokens=False, return_offsets_mapping=True)
-        ends = {e: i for i, (s, e) in enumerate(encoded["offset_mapping"]) if e > s}
+        ends = {e: (i, s) for i, (s, e) in enumerate(encoded["offset_mapping"]) if e > s}
         found = False
         for tok in py_tokens:
             role = _syntax_role(tok)
             end = tok.end[1]
             if role is None or tok.start[0] != 1 or end not in ends:
                 continue
+            index, first = ends[end]
+            if line[first : tok.start[1]].strip():  # the model token also holds earlier text
+                continue
             texts.append(line)
-            positions.append(ends[end] + start)
+            positions.append(index + start)
             labels.append(role)
             types.append(tok.string)
             found = True
