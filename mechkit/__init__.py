@@ -24,6 +24,7 @@ from mechkit import (
     core,
     corpus,
     decomposition,
+    editing,
     errors,
     graph,
     heads,
@@ -80,6 +81,9 @@ from mechkit.sae import (
 # Steering
 from mechkit.steering import SteeringVector, generate, steer, steering_sweep
 
+# Facts: causal tracing and editing
+from mechkit.editing import TraceResult, causal_trace
+
 # Errors: every one is a MechkitError and the builtin a user would catch
 from mechkit.errors import (
     CacheError,
@@ -113,8 +117,9 @@ __version__ = version.__version__
 
 __all__ = [
     # subpackages
-    "attribution", "core", "corpus", "decomposition", "errors", "graph", "heads", "interventions",
-    "lens", "metrics", "models", "patching", "prompts", "sae", "sites", "steering", "tokens",
+    "attribution", "core", "corpus", "decomposition", "editing", "errors", "graph", "heads",
+    "interventions", "lens", "metrics", "models", "patching", "prompts", "sae", "sites",
+    "steering", "tokens",
     # models, prompts and metrics
     "load_model", "model_info", "PromptPairs", "Site", "tokenize_answer",
     "Metric", "LogitDiff", "ProbDiff", "CrossEntropy", "KLDivergence", "Normalized",
@@ -132,6 +137,8 @@ __all__ = [
     "evaluate_feature_circuit", "train_sae", "evaluate_sae", "feature_browser",
     # steering
     "SteeringVector", "steer", "generate", "steering_sweep",
+    # facts: causal tracing and editing
+    "causal_trace", "TraceResult",
     # errors
     "MechkitError", "CacheError", "ContextLengthError", "DatasetFormatError", "DeviceError",
     "EmptyDatasetError", "FileFormatError", "InvalidArgumentError", "InvalidSiteError",
