@@ -82,7 +82,7 @@ from mechkit.sae import (
 from mechkit.steering import SteeringVector, generate, steer, steering_sweep
 
 # Facts: causal tracing and editing
-from mechkit.editing import TraceResult, causal_trace
+from mechkit.editing import TraceResult, WeightEdit, causal_trace, edit
 
 # Errors: every one is a MechkitError and the builtin a user would catch
 from mechkit.errors import (
@@ -138,7 +138,7 @@ __all__ = [
     # steering
     "SteeringVector", "steer", "generate", "steering_sweep",
     # facts: causal tracing and editing
-    "causal_trace", "TraceResult",
+    "causal_trace", "TraceResult", "edit", "WeightEdit",
     # errors
     "MechkitError", "CacheError", "ContextLengthError", "DatasetFormatError", "DeviceError",
     "EmptyDatasetError", "FileFormatError", "InvalidArgumentError", "InvalidSiteError",

@@ -2,8 +2,13 @@
 
 - :mod:`~mechkit.editing.facts`: the built-in facts, the CounterFact loader, tokenized facts.
 - :mod:`~mechkit.editing.tracing`: :func:`causal_trace` and :class:`TraceResult`.
+- :mod:`~mechkit.editing.rome`: :func:`rome`, one fact in one MLP;
+  :mod:`~mechkit.editing.covariance`: the keys' second moment it uses.
+- :mod:`~mechkit.editing.edits`: :class:`WeightEdit`, applied in a scope with :func:`edit`.
 """
 
+from mechkit.editing.covariance import key_covariance
+from mechkit.editing.edits import AppliedEdit, WeightEdit, edit
 from mechkit.editing.facts import (
     BUILTIN_FACTS,
     Fact,
@@ -14,6 +19,7 @@ from mechkit.editing.facts import (
     tokenize_fact,
     tokenize_facts,
 )
+from mechkit.editing.rome import RomeConfig, rome, rome_update
 from mechkit.editing.tracing import KINDS, TOKEN_CLASSES, TraceResult, causal_trace
 
 __all__ = [
@@ -29,4 +35,11 @@ __all__ = [
     "TOKEN_CLASSES",
     "TraceResult",
     "causal_trace",
+    "key_covariance",
+    "AppliedEdit",
+    "WeightEdit",
+    "edit",
+    "RomeConfig",
+    "rome",
+    "rome_update",
 ]
