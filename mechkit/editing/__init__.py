@@ -4,11 +4,14 @@
 - :mod:`~mechkit.editing.tracing`: :func:`causal_trace` and :class:`TraceResult`.
 - :mod:`~mechkit.editing.rome`: :func:`rome`, one fact in one MLP;
   :mod:`~mechkit.editing.covariance`: the keys' second moment it uses.
+- :mod:`~mechkit.editing.memit`: :func:`memit`, many facts over a range of layers.
+- :mod:`~mechkit.editing.evaluation`: :func:`evaluate_edits`, CounterFact's scores.
 - :mod:`~mechkit.editing.edits`: :class:`WeightEdit`, applied in a scope with :func:`edit`.
 """
 
 from mechkit.editing.covariance import key_covariance
 from mechkit.editing.edits import AppliedEdit, WeightEdit, edit
+from mechkit.editing.evaluation import EditEvaluation, evaluate_edits
 from mechkit.editing.facts import (
     BUILTIN_FACTS,
     Fact,
@@ -19,6 +22,7 @@ from mechkit.editing.facts import (
     tokenize_fact,
     tokenize_facts,
 )
+from mechkit.editing.memit import memit
 from mechkit.editing.rome import RomeConfig, rome, rome_update
 from mechkit.editing.tracing import KINDS, TOKEN_CLASSES, TraceResult, causal_trace
 
@@ -42,4 +46,7 @@ __all__ = [
     "RomeConfig",
     "rome",
     "rome_update",
+    "memit",
+    "EditEvaluation",
+    "evaluate_edits",
 ]

@@ -49,6 +49,7 @@ __all__ = [
     "builtin_facts",
     "load_facts",
     "known_facts",
+    "last_logits",
     "tokenize_fact",
     "tokenize_facts",
 ]
@@ -452,6 +453,25 @@ def tokenize_facts(
 
 
 @torch.no_grad()
+def last_logits(model: Model, prompts: Sequence[Sequence[int]]) -> Tensor:
+    """The logits ``(prompt, d_vocab)`` after each prompt's last token; prompts of one length
+    run as one batch.
+
+    Example:
+        >>> last_logits(mk.load_model("attn-only-2l"), [[0, 1, 2], [0, 3], [0, 4, 5]]).shape
+        torch.Size([3, 500])
+    """
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    out = torch.zeros(len(prompts), model.cfg.d_vocab)
+    for group in groups.values():
+        tokens = torch.tensor([list(prompts[i]) for i in group], device=model.cfg.device)
+        out[group] = model(tokens)[:, -1].float().cpu()
+    return out
+
+
+@torch.no_grad()
 def known_facts(
     model: Model,
     facts: Sequence[Fact] | None = None,
@@ -469,13 +489,12 @@ def known_facts(
     """
     top_k = check_positive_int("top_k", top_k)
     facts = list(BUILTIN_FACTS if facts is None else facts)
-    kept = []
+    usable = []
     for fact in facts:
         try:
-            tf = tokenize_fact(model, dataclasses.replace(fact, new_target=None))
+            usable.append((fact, tokenize_fact(model, dataclasses.replace(fact, new_target=None))))
         except (MultiTokenAnswerError, InvalidArgumentError):
             continue
-        logits = model(tf.tokens[None].to(model.cfg.device))[0, -1]
-        if tf.target in logits.topk(top_k).indices.tolist():
-            kept.append(fact)
-    return kept
+    logits = last_logits(model, [tf.tokens.tolist() for _, tf in usable])
+    top = logits.topk(top_k).indices  # (fact, top_k)
+    return [fact for (fact, tf), best in zip(usable, top, strict=True) if tf.target in best]

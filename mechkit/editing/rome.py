@@ -55,6 +55,9 @@ __all__ = [
     "context_prefixes",
     "prefixed",
     "subject_key",
+    "mean_at_subject",
+    "essence_prompt",
+    "request_text",
     "target_value",
 ]
 
@@ -161,18 +164,42 @@ def subject_key(
         >>> subject_key(model, [TokenizedFact(torch.tensor([1, 2, 3]), (0, 2), 4)], 0).shape
         torch.Size([16])
     """
-    name = f"blocks.{layer}.mlp.hook_post"
-    total = torch.zeros(int(model.cfg.d_mlp or 0), device=model.cfg.device, dtype=torch.float64)
+    return mean_at_subject(model, prompts, f"blocks.{layer}.mlp.hook_post", layer)
+
+
+@torch.no_grad()
+def mean_at_subject(
+    model: Model, prompts: Sequence[TokenizedFact], hook_name: str, layer: int
+) -> Float[Tensor, " d"]:
+    """The activation at ``hook_name`` (in block ``layer``) at the subject's last token,
+    averaged over ``prompts`` (batched by length; the forward stops after block ``layer``).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> p = TokenizedFact(torch.tensor([0, 2, 3]), (1, 2), 4)
+        >>> mean_at_subject(model, [p, p], "blocks.0.hook_resid_post", 0).shape
+        torch.Size([128])
+    """
+    total: Tensor | None = None
     for group in _by_length(prompts):
         tokens = torch.stack([prompts[i].tokens for i in group]).to(model.cfg.device)
-        _, cache = run_with_cache(model, tokens, names_filter=name, stop_at_layer=layer + 1)
+        _, cache = run_with_cache(model, tokens, names_filter=hook_name, stop_at_layer=layer + 1)
         at = torch.tensor([prompts[i].last_subject for i in group], device=tokens.device)
-        total += cache[name][torch.arange(len(group)), at].double().sum(0)
+        part = cache[hook_name][torch.arange(len(group)), at].double().sum(0)
+        total = part if total is None else total + part
+    assert total is not None
     return (total / len(prompts)).to(model.cfg.dtype)
 
 
-def _essence(model: Model, fact: TokenizedFact) -> TokenizedFact:
-    """``"{subject} is a"`` (or the subject's tokens alone for a fact given as ids)."""
+def essence_prompt(model: Model, fact: TokenizedFact) -> TokenizedFact:
+    """``"{subject} is a"``, whose prediction the KL term keeps (the subject's tokens alone
+    for a fact given as ids).
+
+    Example:
+        >>> f = TokenizedFact(torch.tensor([1, 2, 3, 4]), (1, 3), target=5)
+        >>> essence_prompt(mk.load_model("attn-only-2l"), f).tokens.tolist()
+        [1, 2, 3]
+    """
     if fact.fact is not None:
         text = Fact(fact.fact.subject, "{} is a", fact.fact.target)
         return tokenize_fact(model, text)
@@ -251,7 +278,7 @@ def target_value(
                 kl = torch.sum(base_logp.exp() * (base_logp - logp))  # KL(before || after)
                 loss = loss + config.kl_weight * kl
             losses = {"nll": float(nll.detach()), "kl": float(kl.detach()), "steps": step + 1.0}
-            if float(nll) < config.stop_loss:
+            if float(nll.detach()) < config.stop_loss:
                 break
             (grad,) = torch.autograd.grad(loss, [delta])
             delta.grad = grad
@@ -334,7 +361,7 @@ def rome(
     prefixes = context_prefixes(model, config.n_prefixes, config.prefix_len, config.seed)
     prompts = prefixed(tf, prefixes)
     key = subject_key(model, prompts, layer)  # k*: averaged over the prompts
-    delta, losses = target_value(model, prompts, layer, config, essence=_essence(model, tf))
+    delta, losses = target_value(model, prompts, layer, config, essence=essence_prompt(model, tf))
     W_out = model.blocks[layer].mlp.W_out.detach()  # noqa: N806
     value = W_out.T @ key + delta  # v* = W k* + delta, at the same averaged k*
     C = covariances(model, [layer], covariance, n_tokens=n_tokens, progress=progress)[layer]  # noqa: N806
@@ -342,7 +369,7 @@ def rome(
     return WeightEdit(
         deltas={f"blocks.{layer}.mlp.W_out": change},
         method="ROME",
-        requests=(_request(model, tf),),
+        requests=(request_text(tf),),
         keys={f"L{layer}": key.detach().cpu()},
         values={f"L{layer}": value.detach().cpu()},
         record={
@@ -354,7 +381,13 @@ def rome(
     )
 
 
-def _request(model: Model, tf: TokenizedFact) -> str:
+def request_text(tf: TokenizedFact) -> str:
+    """One line for an edit request: ``"The capital of France is: Paris -> Rome"``.
+
+    Example:
+        >>> request_text(TokenizedFact(torch.tensor([1, 2]), (0, 1), 3, new_target=4))
+        '[1, 2]: 3 -> 4'
+    """
     if tf.fact is not None:
         f = tf.fact
         return f"{f.text}:{f.target} ->{f.new_target}"
