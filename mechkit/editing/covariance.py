@@ -62,7 +62,6 @@ def check_layer(model: Model, layer: object) -> int:
     return layer
 
 
-@torch.no_grad()
 def key_covariance(
     model: Model,
     layer: int,
@@ -80,7 +79,8 @@ def key_covariance(
         model: a HookedTransformer with MLPs.
         layer: the block.
         tokens: ``(batch, pos)`` token ids to use instead of the corpus (not cached).
-        n_tokens: at most this many corpus tokens (None: the whole training split).
+        n_tokens: at most about this many corpus tokens (whole windows; None: the whole
+            training split).
         seq_len: the corpus's window length.
         batch_size: windows per forward pass.
         cache: read and write the estimate under the mechkit cache.
@@ -97,56 +97,103 @@ def key_covariance(
         >>> C.shape   # (d_mlp, d_mlp)
         torch.Size([16, 16])
     """
-    layer = check_layer(model, layer)
+    return key_covariances(
+        model, [layer], tokens=tokens, n_tokens=n_tokens, seq_len=seq_len,
+        batch_size=batch_size, cache=cache, progress=progress,
+    )[layer]  # fmt: skip
+
+
+@torch.no_grad()
+def key_covariances(
+    model: Model,
+    layers: Sequence[int],
+    *,
+    tokens: Int[Tensor, "batch pos"] | None = None,
+    n_tokens: int | None = None,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    cache: bool = True,
+    progress: bool = True,
+) -> dict[int, Float[Tensor, "d_mlp d_mlp"]]:
+    """:func:`key_covariance` of several layers, in one pass over the tokens (the forward stops
+    after the last of them); cached ones are read, not recomputed.
+
+    Example:
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> model = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=8,
+        ...     d_head=4, n_heads=2, d_mlp=16, d_vocab=20, act_fn="relu"))
+        >>> tokens = torch.randint(0, 20, (30, 8))
+        >>> both = key_covariances(model, [0, 1], tokens=tokens, progress=False)
+        >>> torch.allclose(both[1], key_covariance(model, 1, tokens=tokens, progress=False))
+        True
+    """
+    layers = sorted({check_layer(model, layer) for layer in layers})
     seq_len = check_positive_int("seq_len", seq_len)
     batch_size = check_positive_int("batch_size", batch_size)
     d_mlp = int(model.cfg.d_mlp or 0)
-    path = None
+    found: dict[int, Tensor] = {}
+    paths: dict[int, Path] = {}
     if tokens is None:
         tokens = corpus_tokens(model, seq_len=seq_len, split="train")
         if n_tokens is not None:
             tokens = tokens[: -(-check_positive_int("n_tokens", n_tokens) // seq_len)]
         if cache:
-            path = covariance_path(model, layer, int(tokens.numel()))
-            if path.is_file():
-                found, _ = read_safetensors(path, "an MLP key covariance", "delete the file")
-                return found["covariance"].to(model.cfg.device)
+            for layer in layers:
+                paths[layer] = covariance_path(model, layer, int(tokens.numel()))
+                if paths[layer].is_file():
+                    read, _ = read_safetensors(paths[layer], "an MLP key covariance", "delete it")
+                    found[layer] = read["covariance"].to(model.cfg.device)
+    todo = [layer for layer in layers if layer not in found]
+    if not todo:
+        return found
     count = int(tokens.numel())
     if count < FEW_TOKENS_PER_DIM * d_mlp:
         warnings.warn(
-            f"The key covariance of layer {layer} is estimated on {count} tokens, fewer than "
+            f"The key covariance of layer(s) {todo} is estimated on {count} tokens, fewer than "
             f"{FEW_TOKENS_PER_DIM} x d_mlp = {FEW_TOKENS_PER_DIM * d_mlp}: the estimate is noisy"
             + (" and singular" if count < d_mlp else "")
             + ". Hint: more tokens (n_tokens=None uses the whole corpus), or "
             "covariance='identity'.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    total = torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=model.cfg.device)
-    name = f"blocks.{layer}.mlp.hook_post"
-    keys: list[Tensor] = []
+    totals = {
+        layer: torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=model.cfg.device)
+        for layer in todo
+    }
 
-    def keep(act: Tensor, hook: object) -> None:
-        keys.append(act.detach())
+    def accumulate(act: Tensor, hook: object) -> None:
+        layer = int(str(getattr(hook, "name", "")).split(".")[1])
+        k = act.detach().reshape(-1, d_mlp).double()  # (batch * pos, d_mlp)
+        totals[layer].add_(k.T @ k)
 
+    hooks = [(f"blocks.{layer}.mlp.hook_post", accumulate) for layer in todo]
     with progress_bar(tokens.shape[0], "key covariance", enabled=progress) as bar:
 
         def work(rows: slice) -> None:
-            keys.clear()
-            with hook_scope(model, fwd_hooks=[(name, keep)]):
-                model(tokens[rows].to(model.cfg.device), stop_at_layer=layer + 1)
-            k = keys[0].reshape(-1, d_mlp).double()  # (batch * pos, d_mlp)
-            total.add_(k.T @ k)
+            with hook_scope(model, fwd_hooks=hooks):
+                model(tokens[rows].to(model.cfg.device), stop_at_layer=max(todo) + 1)
             bar.update(rows.stop - rows.start)
 
-        each_batch(tokens.shape[0], batch_size, work)
-    covariance = (total / count).to(model.cfg.dtype)
-    if path is not None:
-        from safetensors.torch import save_file
+        # a split retry would count rows twice: run at the given size, no splitting
+        each_batch(tokens.shape[0], batch_size, work, can_split=False)
+    for layer in todo:
+        covariance = (totals[layer] / count).to(model.cfg.dtype)
+        found[layer] = covariance
+        if layer in paths:
+            _write_covariance(paths[layer], covariance, count)
+    return found
 
-        data = {"covariance": covariance.cpu().contiguous()}
-        write_atomically(path, lambda tmp: save_file(data, tmp, metadata={"tokens": str(count)}))
-    return covariance
+
+def _write_covariance(path: Path, covariance: Tensor, count: int) -> None:
+    from safetensors.torch import save_file
+
+    data = {"covariance": covariance.cpu().contiguous()}
+
+    def write(tmp: str) -> None:
+        save_file(data, tmp, metadata={"tokens": str(count)})
+
+    write_atomically(path, write)
 
 
 def covariance_path(model: Model, layer: int, n_tokens: int) -> Path:
@@ -181,7 +228,7 @@ def covariances(
     if covariance == "identity":
         return {layer: None for layer in layers}
     if covariance == "corpus":
-        return {layer: key_covariance(model, layer, **kwargs) for layer in layers}  # type: ignore[arg-type]
+        return dict(key_covariances(model, layers, **kwargs))  # type: ignore[arg-type]
     raise InvalidArgumentError(
         f"Expected covariance to be 'corpus', 'identity', a (d_mlp, d_mlp) tensor or a dict of "
         f"them by layer; got {covariance!r}."

@@ -191,6 +191,7 @@ def evaluate_edits(
     edits: WeightEdit | Sequence[WeightEdit],
     *,
     fluency_tokens: int = 20,
+    before: dict[str, Tensor] | None = None,
     progress: bool = True,
 ) -> EditEvaluation:
     """Score ``facts`` before and after their edits (module docstring).
@@ -201,6 +202,8 @@ def evaluate_edits(
         edits: one edit of all the facts (MEMIT), or one edit per fact, in order (ROME: each is
             applied alone and scored on its own fact).
         fluency_tokens: greedy tokens generated for fluency (0 skips it).
+        before: the unedited scores of the same facts from an earlier evaluation
+            (``earlier.before``), to skip computing them again.
         progress: show a progress bar.
 
     Example:
@@ -219,7 +222,8 @@ def evaluate_edits(
         )
     if any(f.new_target is None for f in facts):
         raise InvalidArgumentError("Expected every fact to have a new_target to evaluate.")
-    before = _scores(model, facts, fluency_tokens)
+    if before is None:
+        before = _scores(model, facts, fluency_tokens)
     if isinstance(edits, WeightEdit):
         with edit(model, edits):
             after = _scores(model, facts, fluency_tokens)

@@ -74,6 +74,7 @@ def memit(
     mom2_weight: float | None = None,
     config: RomeConfig | None = None,
     n_tokens: int | None = None,
+    targets: Tensor | None = None,
     progress: bool = True,
 ) -> WeightEdit:
     """One MEMIT edit of all ``facts`` (towards their ``new_target``) over ``layers``.
@@ -88,6 +89,9 @@ def memit(
         mom2_weight: ``lambda`` (None: ``d_mlp``).
         config: how each target is optimised (:class:`~mechkit.editing.RomeConfig`).
         n_tokens: corpus tokens for the covariance (None: the whole training split).
+        targets: ``(fact, d_model)`` changes of the last layer's MLP output at the subject to
+            use instead of optimising them (ROME edits at that layer with the same ``config``
+            give the same: ``values[...] - W_out^T keys[...]``).
         progress: show a progress bar over facts and layers.
 
     Returns:
@@ -122,16 +126,18 @@ def memit(
     keys: dict[str, Tensor] = {}
     losses = []
     with progress_bar(len(tfs) + len(layers), "MEMIT", enabled=progress) as bar:
-        targets = []
-        for tf, group in zip(tfs, prompts, strict=True):
-            delta, loss = target_value(
-                model, group, last, config, essence=essence_prompt(model, tf)
-            )
-            targets.append(mean_at_subject(model, group, resid, last) + delta)
-            losses.append(loss)
+        zs = []
+        for i, (tf, group) in enumerate(zip(tfs, prompts, strict=True)):
+            if targets is None:
+                essence = essence_prompt(model, tf)
+                delta, loss = target_value(model, group, last, config, essence=essence)
+                losses.append(loss)
+            else:
+                delta = targets[i].to(model.cfg.device)
+            zs.append(mean_at_subject(model, group, resid, last) + delta)
             bar.update()
-        z = torch.stack(targets)  # (fact, d_model)
-        for i, layer in enumerate(layers):
+        z = torch.stack(zs)  # (fact, d_model)
+        for n_done, layer in enumerate(layers):
             name = f"blocks.{layer}.mlp.W_out"
             so_far = WeightEdit(dict(deltas), "MEMIT")
             with edit(model, so_far):
@@ -142,7 +148,7 @@ def memit(
                     ]
                 )  # (fact, d_mlp)
                 h = torch.stack([mean_at_subject(model, g, resid, last) for g in prompts])
-            R = (z - h) / (len(layers) - i)  # noqa: N806  (fact, d_model)
+            R = (z - h) / (len(layers) - n_done)  # noqa: N806  (fact, d_model)
             C = Cs[layer]  # noqa: N806
             if C is None:
                 scale = float((K.double() ** 2).sum(-1).mean()) / K.shape[1]

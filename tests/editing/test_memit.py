@@ -56,3 +56,14 @@ def test_bad_input(tiny, tiny_facts):
         memit(tiny, tiny_facts, layers=[2, 9], covariance="identity", progress=False)
     with pytest.raises(mk.InvalidArgumentError, match="at least one layer"):
         memit(tiny, tiny_facts, layers=[], covariance="identity", progress=False)
+
+
+def test_targets_from_rome_edits_skip_the_optimisation(tiny, tiny_facts):
+    e = rome(tiny, tiny_facts[1], layer=2, covariance="identity", config=CONFIG)
+    W = tiny.blocks[2].mlp.W_out.detach()
+    target = e.values["L2"] - W.T @ e.keys["L2"]  # v* - W k*: the optimised change
+    kw = {"layers": [1, 2], "covariance": "identity", "config": CONFIG, "progress": False}
+    own = memit(tiny, tiny_facts[1], **kw)
+    reused = memit(tiny, tiny_facts[1], targets=target[None], **kw)
+    for name in own.deltas:
+        assert torch.allclose(own.deltas[name], reused.deltas[name], atol=1e-5)
