@@ -10,6 +10,7 @@
 """
 
 from mechkit.editing.covariance import key_covariance
+from mechkit.editing.demo import demo_section
 from mechkit.editing.edits import AppliedEdit, WeightEdit, edit
 from mechkit.editing.evaluation import EditEvaluation, evaluate_edits
 from mechkit.editing.facts import (
@@ -49,4 +50,5 @@ __all__ = [
     "memit",
     "EditEvaluation",
     "evaluate_edits",
+    "demo_section",
 ]
