@@ -25,6 +25,7 @@ from mechkit import (
     corpus,
     decomposition,
     distributed,
+    editing,
     errors,
     graph,
     heads,
@@ -101,6 +102,9 @@ from mechkit.probing import (
 # Scaling out: a Ray cluster's actors (mechkit sweep --ray)
 from mechkit.distributed import RayExecutor
 
+# Facts: causal tracing and editing
+from mechkit.editing import TraceResult, WeightEdit, causal_trace, edit
+
 # Errors: every one is a MechkitError and the builtin a user would catch
 from mechkit.errors import (
     CacheError,
@@ -136,9 +140,9 @@ __version__ = version.__version__
 
 __all__ = [
     # subpackages
-    "attribution", "core", "corpus", "decomposition", "distributed", "errors", "graph", "heads",
-    "interventions", "lens", "metrics", "mixing", "models", "patching", "probing", "prompts",
-    "sae", "sites", "steering", "tokens",
+    "attribution", "core", "corpus", "decomposition", "distributed", "editing", "errors",
+    "graph", "heads", "interventions", "lens", "metrics", "mixing", "models", "patching",
+    "probing", "prompts", "sae", "sites", "steering", "tokens",
     # models, prompts and metrics
     "load_model", "model_info", "PromptPairs", "Site", "tokenize_answer",
     "Metric", "LogitDiff", "ProbDiff", "CrossEntropy", "KLDivergence", "Normalized",
@@ -163,6 +167,8 @@ __all__ = [
     "das", "DasResult",
     # scaling out
     "RayExecutor",
+    # facts: causal tracing and editing
+    "causal_trace", "TraceResult", "edit", "WeightEdit",
     # errors
     "MechkitError", "MissingDependencyError", "WorkerError", "CacheError", "ContextLengthError",
     "DatasetFormatError", "DeviceError",
