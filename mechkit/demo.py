@@ -31,6 +31,7 @@ from mechkit.core.names import parse_node
 from mechkit.corpus import corpus_tokens
 from mechkit.decomposition import direct_logit_attribution
 from mechkit.distributed.demo import demo_section as _scaling
+from mechkit.editing import demo_section as _editing
 from mechkit.graph import edge_attribution, faithfulness_curve
 from mechkit.heads import detect_heads
 from mechkit.lens import logit_lens
@@ -373,6 +374,7 @@ SECTIONS: tuple[DemoSection, ...] = (
     ("Sparse autoencoder features", _features),
     ("Context mixing", _mixing),
     ("Probes, concept erasure and DAS", _probing),
+    ("Causal tracing and editing (ROME)", _editing),
     ("Scaling out (Ray, torch.distributed, several GPUs)", _scaling),
 )
 

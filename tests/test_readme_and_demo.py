@@ -60,6 +60,7 @@ SECTION_FILES = {
     "Sparse autoencoder features": ["features.html"],
     "Context mixing": ["context_mixing_alti.html"],
     "Probes, concept erasure and DAS": ["probe_name_gender.html"],
+    "Causal tracing and editing (ROME)": ["trace.html", "edits.csv"],
     "Scaling out (Ray, torch.distributed, several GPUs)": ["gpu_placement.json"],
     "IOI circuit (Wang et al. 2022)": ["ioi/index.html", "ioi/ioi.json"],
     "Induction heads (Olsson et al. 2022)": ["induction/index.html"],

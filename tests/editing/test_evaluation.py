@@ -32,7 +32,13 @@ def test_subject_spans_of_the_builtin_facts(smollm2):
 
 def test_rome_on_smollm2_flips_the_fact_and_keeps_neighbours(smollm2):
     fact = builtin_facts(["capital"])[0]  # The capital of France is: Paris -> Berlin
-    e = rome(smollm2, fact, layer=4, covariance="identity", config=RomeConfig(n_prefixes=3))
+    e = rome(
+        smollm2,
+        fact,
+        layer=4,
+        covariance="identity",
+        config=RomeConfig(steps=10, n_prefixes=1, prefix_len=4),
+    )
     ev = evaluate_edits(smollm2, [fact], [e], fluency_tokens=8, progress=False)
     s = ev.summary()
     assert s["before"]["efficacy"] == 0 and s["after"]["efficacy"] == 100
