@@ -27,6 +27,7 @@ from mechkit import (
     errors,
     graph,
     heads,
+    input_attribution,
     interventions,
     lens,
     metrics,
@@ -77,6 +78,18 @@ from mechkit.sae import (
     train_sae,
 )
 
+# Input attribution
+from mechkit.input_attribution import (
+    InputAttribution,
+    InputAttributionComparison,
+    attribute_inputs,
+    compare_input_attributions,
+    comprehensiveness,
+    sufficiency,
+    aopc_curves,
+    sensitivity_n,
+)
+
 # Steering
 from mechkit.steering import SteeringVector, generate, steer, steering_sweep
 
@@ -113,8 +126,9 @@ __version__ = version.__version__
 
 __all__ = [
     # subpackages
-    "attribution", "core", "corpus", "decomposition", "errors", "graph", "heads", "interventions",
-    "lens", "metrics", "models", "patching", "prompts", "sae", "sites", "steering", "tokens",
+    "attribution", "core", "corpus", "decomposition", "errors", "graph", "heads",
+    "input_attribution", "interventions", "lens", "metrics", "models", "patching", "prompts",
+    "sae", "sites", "steering", "tokens",
     # models, prompts and metrics
     "load_model", "model_info", "PromptPairs", "Site", "tokenize_answer",
     "Metric", "LogitDiff", "ProbDiff", "CrossEntropy", "KLDivergence", "Normalized",
@@ -130,6 +144,10 @@ __all__ = [
     # sparse dictionaries
     "load_sae", "splice", "patch_latents", "attribute_latents", "feature_circuit",
     "evaluate_feature_circuit", "train_sae", "evaluate_sae", "feature_browser",
+    # input attribution
+    "attribute_inputs", "InputAttribution", "compare_input_attributions",
+    "InputAttributionComparison", "comprehensiveness", "sufficiency", "aopc_curves",
+    "sensitivity_n",
     # steering
     "SteeringVector", "steer", "generate", "steering_sweep",
     # errors
