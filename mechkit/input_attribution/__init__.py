@@ -22,6 +22,7 @@ from mechkit.input_attribution.compare import (
     compare_input_attributions,
     rank_correlation,
 )
+from mechkit.input_attribution.demo import demo_section
 from mechkit.input_attribution.faithfulness import (
     AOPCCurves,
     ErasureScores,
@@ -48,6 +49,7 @@ __all__ = [
     "ErasureScores",
     "AOPCCurves",
     "METHODS",
+    "demo_section",
     "attention",
     "gradients",
     "perturbation",
