@@ -53,7 +53,7 @@ def rows_per_pass(
         return batch_size
     cfg = model.cfg
     d_mlp = cfg.d_mlp or 0
-    layer = 8 * cfg.d_model + 3 * d_mlp + 3 * cfg.n_heads * length
+    layer = 16 * cfg.d_model + 6 * d_mlp + 4 * cfg.n_heads * length  # generous: 2x a count
     per_row = 4 * length * (cfg.d_vocab * 2 + layer * (cfg.n_layers if backward else 2))
     budget = parse_budget(memory_budget, cfg.device or "cpu")
     return max(1, int(budget // max(1, per_row)))
