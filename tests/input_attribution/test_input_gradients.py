@@ -168,5 +168,7 @@ def test_smollm2_completeness_and_captum(smollm2):
     theirs = IntegratedGradients(embedding_function(smollm2, tokens, answer)).attribute(
         x, baselines=base, n_steps=6, method="gausslegendre", internal_batch_size=6
     ).sum(-1)[0]  # fmt: skip
-    ours = mk.attribute_inputs(smollm2, tokens, answer, n_steps=6, progress=False)
+    ours = mk.attribute_inputs(
+        smollm2, tokens, answer, n_steps=6, quadrature="gausslegendre", progress=False
+    )
     assert float((ours.scores[0] - theirs).abs().max()) < 1e-3 * float(theirs.abs().max())
