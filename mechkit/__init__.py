@@ -29,6 +29,7 @@ from mechkit import (
     errors,
     graph,
     heads,
+    input_attribution,
     interventions,
     lens,
     metrics,
@@ -79,6 +80,18 @@ from mechkit.sae import (
     patch_latents,
     splice,
     train_sae,
+)
+
+# Input attribution
+from mechkit.input_attribution import (
+    InputAttribution,
+    InputAttributionComparison,
+    attribute_inputs,
+    compare_input_attributions,
+    comprehensiveness,
+    sufficiency,
+    aopc_curves,
+    sensitivity_n,
 )
 
 # Steering
@@ -141,8 +154,8 @@ __version__ = version.__version__
 __all__ = [
     # subpackages
     "attribution", "core", "corpus", "decomposition", "distributed", "editing", "errors",
-    "graph", "heads", "interventions", "lens", "metrics", "mixing", "models", "patching",
-    "probing", "prompts", "sae", "sites", "steering", "tokens",
+    "graph", "heads", "input_attribution", "interventions", "lens", "metrics", "mixing",
+    "models", "patching", "probing", "prompts", "sae", "sites", "steering", "tokens",
     # models, prompts and metrics
     "load_model", "model_info", "PromptPairs", "Site", "tokenize_answer",
     "Metric", "LogitDiff", "ProbDiff", "CrossEntropy", "KLDivergence", "Normalized",
@@ -158,6 +171,10 @@ __all__ = [
     # sparse dictionaries
     "load_sae", "splice", "patch_latents", "attribute_latents", "feature_circuit",
     "evaluate_feature_circuit", "train_sae", "evaluate_sae", "feature_browser",
+    # input attribution
+    "attribute_inputs", "InputAttribution", "compare_input_attributions",
+    "InputAttributionComparison", "comprehensiveness", "sufficiency", "aopc_curves",
+    "sensitivity_n",
     # steering
     "SteeringVector", "steer", "generate", "steering_sweep",
     # context mixing
