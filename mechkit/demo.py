@@ -34,6 +34,7 @@ from mechkit.distributed.demo import demo_section as _scaling
 from mechkit.editing import demo_section as _editing
 from mechkit.graph import edge_attribution, faithfulness_curve
 from mechkit.heads import detect_heads
+from mechkit.input_attribution import demo_section as _input_attribution
 from mechkit.lens import logit_lens
 from mechkit.mixing import demo_section as _mixing
 from mechkit.models import load_model, model_info
@@ -372,6 +373,7 @@ SECTIONS: tuple[DemoSection, ...] = (
     ("Attribution patching and the circuit graph (IOI)", _circuit),
     ("Steering (activation addition)", _steering),
     ("Sparse autoencoder features", _features),
+    ("Input attribution", _input_attribution),
     ("Context mixing", _mixing),
     ("Probes, concept erasure and DAS", _probing),
     ("Causal tracing and editing (ROME)", _editing),

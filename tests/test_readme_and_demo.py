@@ -58,6 +58,7 @@ SECTION_FILES = {
     ],
     "Steering (activation addition)": ["steering_sweep.html", "steering_samples.csv"],
     "Sparse autoencoder features": ["features.html"],
+    "Input attribution": ["input_attribution.html", "input_attribution_compare.html"],
     "Context mixing": ["context_mixing_alti.html"],
     "Probes, concept erasure and DAS": ["probe_name_gender.html"],
     "Causal tracing and editing (ROME)": ["trace.html", "edits.csv"],
