@@ -94,7 +94,7 @@ def test_entry_points_name_what_the_reproductions_define():
     from circuits.demo import SECTIONS
 
     titles = [title for title, _ in SECTIONS]
-    assert titles[0] == "IOI circuit (Wang et al. 2022)" and len(titles) == 4
+    assert titles[0] == "IOI circuit (Wang et al. 2022)" and len(titles) == 5
 
 
 def _register(monkeypatch, points: dict[str, str]) -> None:

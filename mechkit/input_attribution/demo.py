@@ -60,10 +60,9 @@ def demo_section(model: Model, out: Path, quick: bool = False) -> str:
         for name, row in zip(frame.index, frame.values.tolist(), strict=True)
     )
     return (
-        "<h2>Input attribution</h2><p>Which prompt tokens drove the next-token prediction, by "
-        "gradients, perturbation and attention (<a href='input_attribution.html'>token "
-        "heatmaps</a>), and how faithful each method is by erasure (<a "
-        "href='input_attribution_compare.html'>figure</a>): comprehensiveness (high is "
-        "faithful), sufficiency (low is faithful), AOPC against random orders.</p>"
-        f"<table><tr>{head}</tr>{body}</table>"
+        "<p>Which prompt tokens drove the next-token prediction, by gradients, perturbation and "
+        'attention (<a href="input_attribution.html">token heatmaps</a>), and how faithful each '
+        'method is by erasure (<a href="input_attribution_compare.html">figure</a>): '
+        "comprehensiveness (high is faithful), sufficiency (low is faithful), AOPC against "
+        f"random orders.</p><table><tr>{head}</tr>{body}</table>"
     )
