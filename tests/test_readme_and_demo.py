@@ -33,6 +33,10 @@ def test_readme_quickstart_runs(smollm2):
     assert abs(float(clean) - float(patched)) < 1e-4  # the claim in the README's comment
     assert float(clean) > 2
     assert "tensor(" in out.getvalue()
+    assert namespace["words"].top(1)[0][0][2] == " Mary"  # the README's comment
+    shares = namespace["shares"]
+    tokens = namespace["mixing"].str_tokens[0]
+    assert shares[tokens.index(" Mary")] > shares[tokens.index(" John")]
 
 
 # The files each demo section writes under the report folder (every .html one is linked from
