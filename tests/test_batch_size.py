@@ -73,6 +73,35 @@ def _batch_size_calls(toy, toy_tokens, toy_sae, toy_graph):
         "attribute_latents": lambda b: mk.attribute_latents(
             toy, toy_sae, clean, corrupt, _metric, batch_size=b
         ),
+        **_family_calls(toy),
+    }
+
+
+def _family_calls(toy):
+    """The method families of issues 17-21: input attribution, context mixing, probing."""
+    prompt = [[1, 2, 3, 4, 5]]
+    attr = mk.attribute_inputs(toy, prompt, 6, method="occlusion", progress=False)
+    data = mk.ProbingDataset([[1, 2, 3, 4]] * 4 + [[5, 6, 7, 8]] * 4, [-1] * 8, [0] * 4 + [1] * 4)
+    base, source = [[i, 7, 9] for i in range(1, 9)], [[i, 7, 9] for i in range(21, 29)]
+    return {
+        "attribute_inputs": lambda b: mk.attribute_inputs(
+            toy, prompt, 6, method="occlusion", batch_size=b, progress=False
+        ),
+        "comprehensiveness": lambda b: mk.comprehensiveness(toy, attr, batch_size=b),
+        "sufficiency": lambda b: mk.sufficiency(toy, attr, batch_size=b),
+        "aopc_curves": lambda b: mk.aopc_curves(toy, attr, n_random=1, batch_size=b),
+        "sensitivity_n": lambda b: mk.sensitivity_n(toy, attr, [1], n_samples=2, batch_size=b),
+        "compare_input_attributions": lambda b: mk.compare_input_attributions(
+            toy, prompt, 6, methods=["occlusion"], n_random=1, batch_size=b, progress=False
+        ),
+        "context_mixing": lambda b: mk.context_mixing(
+            toy, prompt, method="value_zeroing", batch_size=b, progress=False
+        ),
+        "train_probe": lambda b: mk.train_probe(toy, data, layers=[1], folds=2, batch_size=b),
+        "fit_leace": lambda b: mk.fit_leace(toy, data, layer=1, batch_size=b),
+        "das": lambda b: mk.das(
+            toy, base, source, [9] * 8, hook_name="blocks.1.hook_resid_post", steps=1, batch_size=b
+        ),
     }
 
 
@@ -95,6 +124,16 @@ BATCH_SIZE_FUNCTIONS = [
     "compare_lenses",
     "patch_latents",
     "attribute_latents",
+    "attribute_inputs",
+    "comprehensiveness",
+    "sufficiency",
+    "aopc_curves",
+    "sensitivity_n",
+    "compare_input_attributions",
+    "context_mixing",
+    "train_probe",
+    "fit_leace",
+    "das",
 ]
 
 

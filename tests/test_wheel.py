@@ -195,6 +195,7 @@ def test_installed_wheel_runs_outside_the_repository(installed, tmp_path):
         "IOI circuit (Wang et al. 2022)",
         "Induction heads (Olsson et al. 2022)",
         "Greater-than (Hanna et al. 2023)",
+        "Successor heads (Gould et al. 2023)",
         "Sparse feature circuit (IOI)",
     ]
     assert found["toy_logits"] == [1, 9, mk.load_model("attn-only-2l").cfg.d_vocab]

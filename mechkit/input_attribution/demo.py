@@ -27,7 +27,7 @@ def demo_section(model: Model, out: Path, quick: bool = False) -> str:
         >>> import tempfile
         >>> part = demo_section(mk.load_model("attn-only-2l"), Path(tempfile.mkdtemp()),
         ...                     quick=True)
-        >>> part.startswith("<h2>Input attribution</h2>")
+        >>> part.startswith("<p>Which prompt tokens") and "comprehensiveness" in part
         True
     """
     out = Path(out)
