@@ -53,7 +53,8 @@ def _ioi(model: Any, out: Path, quick: bool = False) -> str:
 def _induction(model: Any, out: Path, quick: bool = False) -> str:
     from . import induction
 
-    sizes = {"n_prompts": 8, "icl_sequences": 4} if quick else {}
+    quick_sizes = {"n_prompts": 4, "seq_len": 20, "n_path_prompts": 2, "path_heads": 1}
+    sizes = {**quick_sizes, "n_controls": 1, "icl_sequences": 2} if quick else {}
     report = induction.reproduce(model, **sizes)
     report.write(out / "induction")
     data = report.to_dict()
