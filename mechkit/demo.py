@@ -5,8 +5,9 @@ one ``plotly.min.js`` in the folder, so the report opens offline) and tables (CS
 own sections: the model card, next-token predictions, the logit lens, direct logit attribution
 on IOI prompts, attention-head detection, activation and path patching on IOI prompts,
 attribution patching and the IOI circuit graph with its faithfulness curve, a steering sweep
-(effect against cost, with sampled generations), and the shipped SAE's evaluation and feature
-browser. Then every section registered under the entry-point group ``mechkit.demo_sections``
+(effect against cost, with sampled generations), the shipped SAE's evaluation and feature
+browser, and one section per method family (input attribution, context mixing, probes and
+concept erasure, causal tracing and ROME, scaling out; each family's ``demo_section``). Then every section registered under the entry-point group ``mechkit.demo_sections``
 (each entry point names a sequence of ``(title, section)``): the paper reproductions
 (``mechkit_circuits``, the repository's ``circuits/``) register the IOI, induction and
 greater-than reproductions and an IOI sparse feature circuit over the shipped SAEs and

@@ -3,12 +3,12 @@ table, on a few prompts of the demo's model."""
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 
-from mechkit.atomic_io import write_atomically, write_text_atomically
+from mechkit.atomic_io import write_text_atomically
 from mechkit.core.types import Model
 from mechkit.input_attribution.compare import compare_input_attributions
+from mechkit.report_parts import figure_link, html_table
 
 __all__ = ["demo_section"]
 
@@ -45,24 +45,13 @@ def demo_section(model: Model, out: Path, quick: bool = False) -> str:
     heatmaps = "".join(comparison.attributions[m].html() for m in comparison.methods)
     page = f"<!doctype html><meta charset='utf-8'><body>{heatmaps}</body>"
     write_text_atomically(out / "input_attribution.html", page)
-    fig = comparison.plot()
-    write_atomically(
-        out / "input_attribution_compare.html",
-        lambda tmp: fig.write_html(tmp, include_plotlyjs="directory"),
-    )
+    figure_link(out, "input_attribution_compare.html", comparison.plot())
     frame = comparison.to_dataframe().round(3)
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in ["method", *frame.columns])
-    body = "".join(
-        "<tr>"
-        + f"<td>{html.escape(str(name))}</td>"
-        + "".join(f"<td>{v}</td>" for v in row)
-        + "</tr>"
-        for name, row in zip(frame.index, frame.values.tolist(), strict=True)
-    )
+    rows = [[name, *row] for name, row in zip(frame.index, frame.values.tolist(), strict=True)]
     return (
         "<p>Which prompt tokens drove the next-token prediction, by gradients, perturbation and "
         'attention (<a href="input_attribution.html">token heatmaps</a>), and how faithful each '
         'method is by erasure (<a href="input_attribution_compare.html">figure</a>): '
         "comprehensiveness (high is faithful), sufficiency (low is faithful), AOPC against "
-        f"random orders.</p><table><tr>{head}</tr>{body}</table>"
+        "random orders.</p>" + html_table(rows, ["method", *map(str, frame.columns)])
     )

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any
 
-from mechkit.atomic_io import write_atomically
 from mechkit.core.types import Model
 from mechkit.mixing.agreement import mixing_agreement
 from mechkit.mixing.api import context_mixing
+from mechkit.report_parts import figure_link, html_table
 
 __all__ = ["demo_section", "IOI_PROMPT", "AGREEMENT_PROMPTS"]
 
@@ -23,14 +22,6 @@ AGREEMENT_PROMPTS = (
     "The Eiffel Tower is located in the city of",
 )
 """The prompts of the agreement table (each scored at its last token)."""
-
-
-def _table(rows: list[list[Any]], header: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def demo_section(model: Model, out: Path, quick: bool = False) -> str:
@@ -60,17 +51,13 @@ def demo_section(model: Model, out: Path, quick: bool = False) -> str:
         best = sorted(range(len(words)), key=lambda k: -float(row[k]))[:3]
         rows.append([method, ", ".join(f"{words[k]!r} {float(row[k]):.2f}" for k in best)])
     assert alti is not None  # "alti" is always among the methods
-    fig = alti.plot()
-    write_atomically(
-        out / "context_mixing_alti.html",
-        lambda tmp: fig.write_html(tmp, include_plotlyjs="directory"),
-    )
+    alti_link = figure_link(out, "context_mixing_alti.html", alti.plot())
     parts = [
         f"<p>What the last position of <code>{html.escape(IOI_PROMPT)}</code> draws on, by "
         "method (the three largest entries of its row over all layers; ALTI-Logit and DecompX "
         "give shares of the top prediction's logit). ALTI's map per layer: "
-        '<a href="context_mixing_alti.html">context_mixing_alti.html</a>.</p>',
-        _table(rows, ["method", "largest shares (token, value)"]),
+        f"{alti_link}.</p>",
+        html_table(rows, ["method", "largest shares (token, value)"]),
     ]
     if not quick:
         agree = mixing_agreement(model, list(AGREEMENT_PROMPTS), methods=methods, progress=False)
@@ -80,6 +67,6 @@ def demo_section(model: Model, out: Path, quick: bool = False) -> str:
         ]
         parts.append(
             f"<p>Agreement with input attributions (Spearman, mean over {len(AGREEMENT_PROMPTS)} "
-            "prompts):</p>" + _table(agree_rows, ["method", *agree.baselines])
+            "prompts):</p>" + html_table(agree_rows, ["method", *agree.baselines])
         )
     return "\n".join(parts)
