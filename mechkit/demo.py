@@ -7,8 +7,9 @@ on IOI prompts, attention-head detection, activation and path patching on IOI pr
 attribution patching and the IOI circuit graph with its faithfulness curve, a steering sweep
 (effect against cost, with sampled generations), the shipped SAE's evaluation and feature
 browser, and one section per method family (input attribution, context mixing, probes and
-concept erasure, causal tracing and ROME, scaling out; each family's ``demo_section``). Then every section registered under the entry-point group ``mechkit.demo_sections``
-(each entry point names a sequence of ``(title, section)``): the paper reproductions
+concept erasure, causal tracing and ROME, scaling out; each family's ``demo_section``).
+Then every section registered under the entry-point group ``mechkit.demo_sections`` (each
+entry point names a sequence of ``(title, section)``): the paper reproductions
 (``mechkit_circuits``, the repository's ``circuits/``) register the IOI, induction and
 greater-than reproductions and an IOI sparse feature circuit over the shipped SAEs and
 transcoder. mechkit never imports them itself. Each section is timed.
