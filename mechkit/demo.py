@@ -10,9 +10,9 @@ browser, and one section per method family (input attribution, context mixing, p
 concept erasure, causal tracing and ROME, scaling out; each family's ``demo_section``).
 Then every section registered under the entry-point group ``mechkit.demo_sections`` (each
 entry point names a sequence of ``(title, section)``): the paper reproductions
-(``mechkit_circuits``, the repository's ``circuits/``) register the IOI, induction and
-greater-than reproductions and an IOI sparse feature circuit over the shipped SAEs and
-transcoder. mechkit never imports them itself. Each section is timed.
+(``mechkit_circuits``, the repository's ``circuits/``) register the IOI, induction,
+greater-than and successor-heads reproductions and an IOI sparse feature circuit over the
+shipped SAEs and transcoder. mechkit never imports them itself. Each section is timed.
 """
 
 from __future__ import annotations
