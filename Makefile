@@ -48,8 +48,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/python -m mypy
 
+# One test at a time per worker (--maxschedchunk 1), the longest first (conftest.py orders them
+# from tests/durations.json), so the two workers of a 2-core machine finish together.
 test: lint typecheck
-	$(BIN)/python -m pytest -q -n auto
+	$(BIN)/python -m pytest -q -n auto --maxschedchunk 1
 
 # The tutorials are executed first (only those changed since their cached copy in
 # build/docs-notebooks, so the first run takes minutes and later ones seconds) so that their
@@ -60,7 +62,7 @@ docs: $(STAMP)
 
 # Tests marked slow load the real 135M model (or Gemma); CI runs them through `make test`.
 test-fast: lint
-	$(BIN)/python -m pytest -q -n auto -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --maxschedchunk 1 -m "not slow"
 
 clean:
 	rm -rf $(VENV) reports site build/docs-notebooks .pytest_cache .ruff_cache

@@ -1,8 +1,17 @@
 """Doctests: every example in mechkit's docstrings runs in the suite (``--doctest-modules`` on
 ``mechkit/``), with ``mk`` and ``torch`` already imported, as a reader would have them. An
-example that loads a real model is marked ``slow``, like the tests that do (tests/conftest.py)."""
+example that loads a real model is marked ``slow``, like the tests that do (tests/conftest.py).
+
+Order: the files that took longest in a recorded run (tests/durations.json) run first, and
+within a file its longest tests, so that the workers of ``pytest -n auto`` (which take one test
+at a time, ``--maxschedchunk 1`` in the Makefile) end together instead of one of them finishing
+a long reproduction alone. A file's tests stay together, so module fixtures are built once per
+worker. Refresh the record with ``benchmarks/test_times.py RUN.xml --write-durations
+tests/durations.json``; files it does not know run after those it does, in pytest's order.
+"""
 
 import functools
+import json
 from pathlib import Path
 
 import pytest
@@ -20,12 +29,37 @@ hand-made files stay fast."""
 _running: dict[str, pytest.Item] = {}
 
 
+DURATIONS = Path(__file__).parent / "tests" / "durations.json"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if isinstance(item, pytest.DoctestItem) and item.dtest is not None:
             source = "".join(example.source for example in item.dtest.examples)
             if any(name in source for name in REAL_MODELS):
                 item.add_marker(pytest.mark.slow)
+    items[:] = longest_first(items, DURATIONS)
+
+
+def longest_first(items: list[pytest.Item], record: Path) -> list[pytest.Item]:
+    """``items`` with the longest recorded files first (each file's tests together, its
+    longest tests first); unknown files and tests keep pytest's order after the known ones."""
+    try:
+        seconds = json.loads(record.read_text())
+        files, tests = dict(seconds["files"]), dict(seconds["tests"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return items  # no usable record: pytest's order
+    position = {item.nodeid: n for n, item in enumerate(items)}
+    first_seen: dict[str, int] = {}
+    for item in items:
+        first_seen.setdefault(item.nodeid.split("::")[0], position[item.nodeid])
+
+    def key(item: pytest.Item) -> tuple[float, int, float, int]:
+        file = item.nodeid.split("::")[0]
+        return (-files.get(file, 0.0), first_seen[file], -tests.get(item.nodeid, 0.0),
+                position[item.nodeid])  # fmt: skip
+
+    return sorted(items, key=key)
 
 
 @pytest.fixture(autouse=True)

@@ -121,7 +121,7 @@ def patching(model, counts: list[int], peak: float) -> None:
 
 
 def feature_edges(model, pairs, n_dicts: int, latents: int, method: str, steps: int) -> None:
-    import mechkit.sae.feature_circuits as fc
+    import mechkit.sae.feature_edges as fe
     from mechkit.sae import SAEConfig, SparseDictionary
 
     layers = torch.linspace(0, model.cfg.n_layers - 2, n_dicts).round().long().tolist()
@@ -144,12 +144,12 @@ def feature_edges(model, pairs, n_dicts: int, latents: int, method: str, steps: 
         )  # fmt: skip
 
     t_new, new = _timed(run)
-    real = fc._batched_grad
-    fc._batched_grad = fc._grad_per_seed  # the old path: one backward pass per receiver
+    real = fe._batched_grad
+    fe._batched_grad = fe._grad_per_seed  # the old path: one backward pass per receiver
     try:
         t_old, old = _timed(run)
     finally:
-        fc._batched_grad = real
+        fe._batched_grad = real
     diff = float((new.scores - old.scores).abs().max())
     print(
         f"batched receivers {t_new:7.1f} s, one pass per receiver {t_old:7.1f} s, ratio "

@@ -3,6 +3,10 @@
     .venv/bin/python -m pytest --junitxml=after.xml
     .venv/bin/python benchmarks/test_times.py after.xml               # one run
     .venv/bin/python benchmarks/test_times.py before.xml after.xml    # side by side
+    .venv/bin/python benchmarks/test_times.py after.xml --write-durations tests/durations.json
+
+``--write-durations`` records each file's time for the suite's scheduler: the root conftest.py
+starts the longest files first, so that two workers finish together (see tests/durations.json).
 
 Each test's time is pytest's total for it (setup, call and teardown), so a session or module
 fixture is charged to the first test that needs it. Files are sorted by their largest time.
@@ -11,6 +15,7 @@ fixture is charged to the first test that needs it. Files are sorted by their la
 from __future__ import annotations
 
 import argparse
+import json
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
@@ -33,6 +38,43 @@ def per_file(path: Path) -> dict[str, tuple[float, int, int]]:
     return {k: (v[0], int(v[1]), int(v[2])) for k, v in totals.items()}
 
 
+def file_path(module: str) -> str:
+    """The file a JUnit classname names: "tests.x.test_y" (maybe with a class) or, for a
+    doctest, the dotted module "mechkit.x" (a module file or a package's __init__.py)."""
+    parts = module.split(".")
+    while parts and parts[0] == "tests" and not parts[-1].startswith("test_"):
+        parts.pop()
+    path = "/".join(parts)
+    if parts and parts[0] != "tests" and Path(path).is_dir():
+        return path + "/__init__.py"
+    return path + ".py"
+
+
+def node_id(module: str, name: str) -> str:
+    """pytest's node id of a JUnit test case (file, then class if any, then the name)."""
+    path = file_path(module)
+    dotted = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+    inner = module.removeprefix(dotted).strip(".")
+    return "::".join([path, *([inner] if inner else []), name])
+
+
+def durations(path: Path, least: float = 3.0) -> dict[str, dict[str, float]]:
+    """From one JUnit XML file: ``{"files": file -> seconds, "tests": node id -> seconds}``,
+    the longest first, tests only from ``least`` seconds up (rounded to 0.1 s)."""
+    files: dict[str, float] = defaultdict(float)
+    tests: dict[str, float] = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        module, seconds = case.get("classname", ""), float(case.get("time", 0) or 0)
+        files[file_path(module)] += seconds
+        if seconds >= least:
+            tests[node_id(module, case.get("name", ""))] = seconds
+
+    def ordered(table: dict[str, float]) -> dict[str, float]:
+        return {k: round(v, 1) for k, v in sorted(table.items(), key=lambda kv: -kv[1])}
+
+    return {"files": ordered(files), "tests": ordered(tests)}
+
+
 def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)}:{seconds % 60:04.1f}"
 
@@ -40,7 +82,16 @@ def _minutes(seconds: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="one or two JUnit XML files")
+    parser.add_argument(
+        "--write-durations",
+        type=Path,
+        metavar="JSON",
+        help="also write the (last) run's seconds per file there, for the scheduler",
+    )
     args = parser.parse_args(argv)
+    if args.write_durations is not None:
+        text = json.dumps(durations(args.runs[-1]), indent=1) + "\n"
+        args.write_durations.write_text(text)
     if len(args.runs) > 2:
         parser.error("give one run, or a before and an after run")
     runs = [per_file(path) for path in args.runs]

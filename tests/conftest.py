@@ -33,8 +33,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def session_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A fresh conversion cache for the whole session, so the first load really converts."""
-    path = tmp_path_factory.mktemp("mechkit-cache")
+    """A fresh conversion cache for the whole session, so the first load really converts.
+
+    One folder for all the workers of ``pytest -n``: the first worker to load a model converts
+    it, the others wait for that entry (the cache's lock file) instead of converting again."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = shared / "mechkit-cache"
+    path.mkdir(exist_ok=True)
     old = os.environ.get("MECHKIT_CACHE_DIR")
     os.environ["MECHKIT_CACHE_DIR"] = str(path)
     yield str(path)

@@ -102,6 +102,18 @@ def _check_section(title: str, out: Path, page: str) -> None:
     elif title.startswith("IOI circuit"):
         numbers = json.loads((out / "ioi" / "ioi.json").read_text())
         assert numbers["logit_diff"] > 1 and numbers["classes"]["name mover"]
+    elif title.startswith("Induction heads"):
+        # Olsson et al.'s claims on SmolLM2, at tests/circuits/test_induction.py's settings
+        # (the quick demo's): this is the suite's one run of the reproduction on the real model
+        numbers = json.loads((out / "induction" / "induction.json").read_text())
+        heads = numbers["heads"]
+        best = max(heads, key=lambda row: row["prefix_matching"])["label"]
+        assert numbers["induction_heads"][0]["head"] == best
+        layer = {row["label"]: row["layer"] for row in heads}
+        first_induction_layer = min(row["layer"] for row in heads if row["induction_head"])
+        assert layer[numbers["previous_token_heads"][0]["head"]] < first_induction_layer
+        increase = numbers["ablation_increase"]
+        assert increase["induction"]["zero"] > increase["control"]["zero"]
 
 
 def test_every_demo_section_is_tested():

@@ -10,11 +10,13 @@ applies the processing in :class:`Processing`. GGUF conversions are cached (see
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from mechkit.models.weight_cache import (
     write_folder_atomically,
 )
 
-__all__ = ["Processing", "load_gguf", "load_hf_folder", "build_hooked"]
+__all__ = ["Processing", "load_gguf", "load_hf_folder", "build_hooked", "one_gguf_parse"]
 
 # Rotary models allocate an [n_ctx, n_ctx] causal mask per layer; SmolLM2's 8192 would cost
 # 2 GiB over 30 layers. 2048 tokens covers interpretability work; pass n_ctx to go further.
@@ -208,6 +210,48 @@ def _gguf_add_bos(path: Path) -> bool:
     return bool(field.parts[field.data[0]][0]) if field is not None else False
 
 
+@contextlib.contextmanager
+def one_gguf_parse() -> Iterator[None]:
+    """Within the block, every ``gguf.GGUFReader`` of the same file is the first one made.
+
+    transformers re-reads a GGUF file's metadata for the config, the tokenizer and the
+    weights, and each read parses every field again: for Gemma 3's 262,144-token vocabulary
+    one parse costs 10-50 s of Python. A reader only memory-maps the file and is read, never
+    written, so sharing it changes no value; the block makes one conversion parse once.
+
+    Example:
+        >>> import gguf, os, tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = os.path.join(folder, "tiny.gguf")
+        ...     writer = gguf.GGUFWriter(path, "llama")
+        ...     writer.write_header_to_file()
+        ...     writer.write_kv_data_to_file()
+        ...     writer.write_tensors_to_file()
+        ...     writer.close()
+        ...     with one_gguf_parse():
+        ...         shared = gguf.GGUFReader(path) is gguf.GGUFReader(path)
+        >>> shared, gguf.GGUFReader.__name__  # the class itself is back after the block
+        (True, 'GGUFReader')
+    """
+    import gguf
+
+    module: Any = gguf  # the class is replaced by a function for the block's duration
+    original = module.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    module.GGUFReader = reader
+    try:
+        yield
+    finally:
+        module.GGUFReader = original
+
+
 def load_gguf(path: Path, name: str, processing: Processing, n_ctx: int | None = None):
     """A processed HookedTransformer from a GGUF file, through the cache.
 
@@ -234,13 +278,14 @@ def load_gguf(path: Path, name: str, processing: Processing, n_ctx: int | None =
         def fill(tmp: Path) -> None:
             from transformers import AutoModelForCausalLM
 
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            hf_model = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=torch.float32
-            ).eval()
+            with one_gguf_parse():  # config, tokenizer, weights and BOS flag: one parse
+                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+                hf_model = AutoModelForCausalLM.from_pretrained(
+                    path.parent, gguf_file=path.name, dtype=torch.float32
+                ).eval()
+                add_bos = _gguf_add_bos(path)
             _save_hf_config(hf_model, tmp)
             tokenizer.save_pretrained(tmp / "tokenizer")
-            add_bos = _gguf_add_bos(path)
             model, buffers = _convert(
                 hf_model, tokenizer, tmp, name, processing, n_ctx, default_prepend_bos=add_bos
             )

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import xxhash
+from filelock import FileLock
 
 from mechkit.errors import CacheError
 
@@ -99,8 +100,10 @@ def cached_folder(name: str, key: str) -> Path | None:
 def write_folder_atomically(name: str, key: str, fill: Callable[[Path], None]) -> Path:
     """Create the cache folder for (name, key) by calling ``fill(tmp_folder)``, then rename.
 
-    If ``fill`` raises, the temporary folder is removed and nothing is left behind. If another
-    process finished the same folder first, its copy is kept and ours discarded.
+    If ``fill`` raises, the temporary folder is removed and nothing is left behind. Processes
+    (or threads) that ask for the same folder at once take turns on a lock file beside it
+    (``.NAME-KEY.lock``, left in place): the first fills it, the others wait and return its
+    folder, so a model is converted once however many workers load it at the same time.
 
     Example:
         >>> import os, tempfile
@@ -125,21 +128,25 @@ def write_folder_atomically(name: str, key: str, fill: Callable[[Path], None]) -
             "folder you can write, e.g. export MECHKIT_CACHE_DIR=~/.cache/mechkit."
         ) from None
     final = parent / f"{name}-{key}"
-    try:
-        fill(tmp)
-        if not (tmp / "meta.json").is_file():
-            raise RuntimeError("cache writer did not write meta.json")  # a bug, not user input
-        meta = json.loads((tmp / "meta.json").read_text())
-        meta["files"] = {rel: _record(tmp / rel) for rel in _entry_files(tmp)}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "meta.json").is_file():  # not a concurrent writer: a real failure
-                raise
-    finally:
-        if tmp.exists():
+    with FileLock(parent / f".{name}-{key}.lock"):
+        if cached_folder(name, key) is not None:  # another process filled it while we waited
             shutil.rmtree(tmp, ignore_errors=True)
+            return final
+        try:
+            fill(tmp)
+            if not (tmp / "meta.json").is_file():
+                raise RuntimeError("cache writer did not write meta.json")  # a bug, not input
+            meta = json.loads((tmp / "meta.json").read_text())
+            meta["files"] = {rel: _record(tmp / rel) for rel in _entry_files(tmp)}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not (final / "meta.json").is_file():  # not a concurrent writer: a failure
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mechkit as mk
+from mechkit.models.conversion import one_gguf_parse
 
 PROMPTS = [
     "The capital of France is",
@@ -16,17 +17,27 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def gemma(session_cache):
-    return mk.load_model("gemma3-270m", device="cpu")
+def gemma_and_hf(session_cache):
+    """mechkit's model and transformers' reference, from one parse of the GGUF file (its
+    262k-token vocabulary costs tens of seconds per parse; mechkit's conversion on an empty
+    cache reuses this block's reader)."""
+    from transformers import AutoModelForCausalLM
+
+    with one_gguf_parse():
+        gemma = mk.load_model("gemma3-270m", device="cpu")
+        folder, name = mk.model_info(gemma).location.rsplit("/", 1)
+        hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return gemma, hf.eval()
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_and_hf):
+    return gemma_and_hf[0]
 
 
 @torch.no_grad()
-def test_gemma3_logits_match_hugging_face(gemma):
-    from transformers import AutoModelForCausalLM
-
-    path = mk.model_info(gemma).location
-    folder, name = path.rsplit("/", 1)
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+def test_gemma3_logits_match_hugging_face(gemma_and_hf):
+    gemma, hf = gemma_and_hf
     lengths = []
     for prompt in PROMPTS:
         tokens = gemma.to_tokens(prompt)  # BOS first, as the Gemma tokenizer does
@@ -38,7 +49,6 @@ def test_gemma3_logits_match_hugging_face(gemma):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-3)
         assert ours[0, -1].argmax() == theirs[0, -1].argmax()
     assert max(lengths) > 512
-    del hf
 
 
 def test_gemma3_config(gemma):

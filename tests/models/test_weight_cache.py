@@ -24,7 +24,39 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="crashed"):
         weight_cache.write_folder_atomically("m", "k1", fill)
     assert weight_cache.cached_folder("m", "k1") is None
-    assert list((tmp_path / "models").iterdir()) == []
+    # only the (empty) lock file that writers of this entry take turns on
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [".m-k1.lock"]
+
+
+def test_writers_at_once_fill_the_entry_once(tmp_path, monkeypatch):
+    """Workers loading the same model at the same time convert it once: the others wait on
+    the entry's lock file and get the first one's folder."""
+    import threading
+    import time
+
+    monkeypatch.setenv("MECHKIT_CACHE_DIR", str(tmp_path))
+    fills = []
+
+    def fill(folder):
+        fills.append(threading.get_ident())
+        time.sleep(0.3)  # the others arrive while this one converts
+        (folder / "weights.safetensors").write_bytes(b"data")
+        (folder / "meta.json").write_text("{}")
+
+    results = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(weight_cache.write_folder_atomically("m", "k0", fill))
+        )
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(fills) == 1 and len(results) == 3 and len(set(results)) == 1
+    assert weight_cache.cached_folder("m", "k0") == results[0]
+    assert not list((tmp_path / "models").glob("*.partial"))
 
 
 def test_complete_write_is_found(tmp_path, monkeypatch):
@@ -61,6 +93,12 @@ def test_killed_writer_leaves_no_cache_entry(tmp_path, monkeypatch):
     monkeypatch.setenv("MECHKIT_CACHE_DIR", str(tmp_path))
     assert weight_cache.cached_folder("m", "k3") is None
     assert not (tmp_path / "models" / "m-k3").exists()
+
+    def fill(folder):
+        (folder / "meta.json").write_text("{}")
+
+    # the kill released the lock (the OS drops it with the process): a new writer goes on
+    assert weight_cache.write_folder_atomically("m", "k3", fill) == tmp_path / "models" / "m-k3"
 
 
 def test_key_changes_with_processing_and_file(tmp_path):
