@@ -476,17 +476,17 @@ def _circuit_scores(
     circuit_heads = sorted({_parse(h["head"]) for items in classes.values() for h in items})
     everything = [(layer, head) for layer in range(model.cfg.n_layers)
                   for head in range(model.cfg.n_heads)]  # fmt: skip
-    score = _ablated_score_fn(model, data, metric, means)
-    full = score(everything)
-    circuit_ld = score(circuit_heads)
-    none = score([])
+    kinds = [(kind, {_parse(h["head"]) for h in items}) for kind, items in classes.items() if items]
+    sets: list[list[tuple[int, int]]] = [everything, circuit_heads, []]
+    for _, removed in kinds:
+        sets.append([h for h in circuit_heads if h not in removed])
+        sets.append([h for h in everything if h not in removed])
+    sets += [[h for h in circuit_heads if h != head] for head in circuit_heads]
+    values = iter(_ablated_scores_fn(model, data, metric, means)(sets))  # in the order above
+    full, circuit_ld, none = next(values), next(values), next(values)
     completeness = []
-    for kind, items in classes.items():
-        if not items:
-            continue
-        removed = {_parse(h["head"]) for h in items}
-        in_circuit = score([h for h in circuit_heads if h not in removed])
-        in_model = score([h for h in everything if h not in removed])
+    for kind, _ in kinds:
+        in_circuit, in_model = next(values), next(values)
         completeness.append({
             "removed": kind,
             "circuit_logit_diff": in_circuit,
@@ -495,7 +495,7 @@ def _circuit_scores(
         })  # fmt: skip
     minimality = []
     for head in circuit_heads:
-        without = score([h for h in circuit_heads if h != head])
+        without = next(values)
         minimality.append({
             "head": head_name(*head),
             "circuit_logit_diff_without": without,
@@ -633,16 +633,49 @@ def _template_means(model: Any, data: IOIDataset) -> list[torch.Tensor]:
 
 def _ablated_score_fn(model: Any, data: IOIDataset, metric: Any, means: list[torch.Tensor]):
     """``score(kept_heads)``: the mean logit difference with every other head mean-ablated."""
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    scores = _ablated_scores_fn(model, data, metric, means)
+    return lambda kept: scores([kept])[0]
 
-    def score(kept: Sequence[tuple[int, int]]) -> float:
-        keep = set(kept)
-        ablated = [(layer, head) for layer in range(n_layers) for head in range(n_heads)
-                   if (layer, head) not in keep]  # fmt: skip
-        with torch.no_grad(), mk.intervene(model, *_mean_ablations(ablated, means)):
-            return float(metric(model(data.pairs.clean_tokens)))
 
-    return score
+PROMPTS_PER_PASS = 64
+"""Prompts in one forward pass of :func:`_ablated_scores_fn` (the prompts times the head sets
+it scores together): one pass per set would leave a CPU's matrix units mostly idle."""
+
+
+def _ablated_scores_fn(model: Any, data: IOIDataset, metric: Any, means: list[torch.Tensor]):
+    """``scores(kept_sets)``: for each set of kept heads, the mean logit difference with every
+    other head mean-ablated. Several sets run in one forward pass: the prompts repeated once
+    per set, each copy with its own heads ablated."""
+    n_layers, n_heads, n = model.cfg.n_layers, model.cfg.n_heads, len(data)
+    tokens = data.pairs.clean_tokens
+    per_pass = max(1, PROMPTS_PER_PASS // n)
+
+    def scores(kept_sets: Sequence[Sequence[tuple[int, int]]]) -> list[float]:
+        out: list[float] = []
+        for lo in range(0, len(kept_sets), per_pass):
+            chunk = kept_sets[lo : lo + per_pass]
+            keep = torch.zeros(len(chunk), n_layers, n_heads, dtype=torch.bool)
+            for i, kept in enumerate(chunk):
+                for layer, head in kept:
+                    keep[i, layer, head] = True
+            edits = []
+            for layer in range(n_layers):
+                if bool(keep[:, layer].all()):
+                    continue  # every copy keeps this layer's heads
+                mean = means[layer].repeat(len(chunk), 1, 1, 1)  # (copy prompt, pos, head, d)
+                mask = keep[:, layer].repeat_interleave(n, 0).to(mean.device)[:, None, :, None]
+                edits.append(
+                    mk.Transform(
+                        mk.Site("z", layer=layer),
+                        lambda z, m=mask, v=mean: torch.where(m, z, v.to(z.dtype)),
+                    )
+                )
+            with torch.no_grad(), mk.intervene(model, *edits):
+                logits = model(tokens.repeat(len(chunk), 1))
+            out += [float(metric(logits[i * n : (i + 1) * n])) for i in range(len(chunk))]
+        return out
+
+    return scores
 
 
 def _circuit_graph(

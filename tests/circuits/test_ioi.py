@@ -66,6 +66,9 @@ def test_mean_ablation_score_identities(smollm2, data):
         expected = float(metric(smollm2(data.pairs.clean_tokens)))
     kept = [h for h in everything if h != (layer, head)]
     assert score(kept) == pytest.approx(expected, abs=1e-4)
+    # several head sets in one pass (the prompts repeated once per set) = one pass per set
+    together = ioi._ablated_scores_fn(smollm2, data, metric, means)([kept, everything, [], kept])
+    assert together == pytest.approx([expected, score(everything), score([]), expected], abs=1e-4)
 
 
 def test_year_metric_equals_a_direct_sum():

@@ -55,12 +55,18 @@ def receiver_hook(model, name):
     return f"blocks.{node.layer}.hook_{node.port}_input", (slice(None), slice(None), node.head)
 
 
-def naive_edge_patch(model, clean, corrupt, metric, edge):
+def run_caches(model, clean, corrupt):
+    """Every activation of the clean and the corrupt run in graph mode (per-head q/k/v inputs);
+    the naive references below take them, so a test of several edges caches once."""
+    with torch.no_grad(), graph_mode(model):
+        return model.run_with_cache(clean)[1], model.run_with_cache(corrupt)[1]
+
+
+def naive_edge_patch(model, clean, corrupt, metric, edge, caches=None):
     """M(clean run with only this edge carrying the corrupt sender value) - M(clean)."""
     src, dst = edge.split("->")
+    clean_cache, corrupt_cache = caches or run_caches(model, clean, corrupt)
     with torch.no_grad(), graph_mode(model):
-        _, clean_cache = model.run_with_cache(clean)
-        _, corrupt_cache = model.run_with_cache(corrupt)
         delta = sender_value(model, corrupt_cache, src) - sender_value(model, clean_cache, src)
         hook_name, index = receiver_hook(model, dst)
 
@@ -74,13 +80,11 @@ def naive_edge_patch(model, clean, corrupt, metric, edge):
             return float(metric(model(clean))) - base
 
 
-def naive_eap(model, clean, corrupt, metric, edge, embed_alpha=None):
+def naive_eap(model, clean, corrupt, metric, edge, embed_alpha=None, caches=None):
     """(a'_u - a_u) . dM/d(input_v) with the gradient from run_with_cache and autograd; with
     ``embed_alpha`` averaged over runs whose embeddings are interpolated."""
     src, dst = edge.split("->")
-    with torch.no_grad(), graph_mode(model):
-        _, clean_cache = model.run_with_cache(clean)
-        _, corrupt_cache = model.run_with_cache(corrupt)
+    clean_cache, corrupt_cache = caches or run_caches(model, clean, corrupt)
     delta = sender_value(model, corrupt_cache, src) - sender_value(model, clean_cache, src)
     hook_name, index = receiver_hook(model, dst)
     alphas = embed_alpha or [None]
@@ -242,11 +246,13 @@ def test_smollm2_grouped_heads_mlps_and_padding(smollm2, ioi_pairs):
     assert graph.clean_score == pytest.approx(clean_value, abs=1e-4)
     assert graph.ablated_score == pytest.approx(corrupt_value, abs=1e-3)
     clean, corrupt = ioi_pairs.clean_tokens, ioi_pairs.corrupt_tokens
+    caches = run_caches(smollm2, clean, corrupt)
     for edge in ["L3H2->L20H1.k", "L10H4->L10.mlp", "L5.mlp->L22H7.q", "L23H3->logits"]:
         s, r = layout.edge_index(edge)
-        expected = naive_eap(smollm2, clean, corrupt, metric, edge)
+        expected = naive_eap(smollm2, clean, corrupt, metric, edge, caches=caches)
         assert float(graph.scores[s, r]) == pytest.approx(expected, abs=2e-4), edge
-    exact = naive_edge_patch(smollm2, clean, corrupt, metric, "L10H4->L10.mlp")
+    exact = naive_edge_patch(smollm2, clean, corrupt, metric, "L10H4->L10.mlp", caches=caches)
+    del caches
     keep = graph.without(["L10H4->L10.mlp"])
     assert keep.n_edges == layout.n_edges - 1
     ev = mk.evaluate_circuit(smollm2, keep, ioi_pairs)
