@@ -4,17 +4,20 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/context_mixing_speed.py --agreement
 
 Prints one line per method: seconds for ``mk.context_mixing(model, tokens, method=...)`` on one
-prompt of ``--tokens`` tokens (every layer kept, float16), with flow computed for the last
-position only (its cost is one max-flow per key over ``layers x pos^2`` edges). ``--skip``
-leaves methods out (e.g. ``--skip decompx`` on a slow machine). ``--agreement`` prints the
-Spearman table of :func:`mechkit.mixing_agreement` on IOI and factual prompts instead.
-``--json PATH`` also writes the figures.
+prompt of ``--tokens`` tokens (every layer kept, float16), with flow and ``decompx_logit``
+computed for the last position only (flow: one max-flow per key; decompx_logit: one backward
+pass per query). Each line gives the wall time and the process's CPU time: on a shared machine
+(the load average printed before and after) the CPU time, at one thread, is the figure to
+compare. ``--skip`` leaves methods out (e.g. ``--skip decompx`` on a slow machine).
+``--agreement`` prints the Spearman table of :func:`mechkit.mixing_agreement` on IOI and
+factual prompts instead. ``--json PATH`` also writes the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -59,19 +62,21 @@ def main() -> None:
         figures["agreement"] = agree.to_dataframe().to_dict(orient="list")
     else:
         tokens = long_prompt(model, args.tokens)
-        start = time.perf_counter()
+        print("load:", os.getloadavg(), flush=True)
+        start, cpu = time.perf_counter(), time.process_time()
         model(tokens)
-        figures["forward_s"] = time.perf_counter() - start
-        print(f"one forward pass, {tokens.shape[1]} tokens: {figures['forward_s']:.2f} s")
+        figures["forward"] = (time.perf_counter() - start, time.process_time() - cpu)
+        print(f"one forward pass, {tokens.shape[1]} tokens: {figures['forward'][1]:.2f} s cpu")
         for method in mk.mixing.METHODS:
             if method in args.skip:
                 continue
-            positions = -1 if method == "flow" else None
-            start = time.perf_counter()
+            positions = -1 if method in ("flow", "decompx_logit") else None
+            start, cpu = time.perf_counter(), time.process_time()
             mk.context_mixing(model, tokens, method=method, positions=positions, progress=False)
-            seconds = time.perf_counter() - start
-            figures[method] = seconds
-            print(f"{method:15s} {seconds:8.2f} s", flush=True)
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+            figures[method] = (wall, cpu)
+            print(f"{method:15s} {cpu:8.2f} s cpu {wall:8.2f} s wall", flush=True)
+        print("load:", os.getloadavg(), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)

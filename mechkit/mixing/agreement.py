@@ -3,14 +3,14 @@ evaluation of the papers themselves (Abnar & Zuidema 2020; Ferrando et al. 2022;
 2023): the Spearman rank correlation, over the tokens of a prompt, between what the last
 position draws on in a method's map over all layers and
 
-- **gradient x input**: ``||g_j * e_j||_2``, the embedding ``e_j`` of token ``j`` times the
-  gradient of the target logit (difference) at the last position with respect to it;
-- **erasure** (occlusion): ``|F(x) - F(x with e_j = 0)|``, the change of that target when token
-  ``j``'s embedding is zeroed, all tokens in one batched pass.
+- **input x gradient**: ``sum_d g_jd e_jd``, token ``j``'s embedding times the gradient of the
+  target logit (difference) at the last position with respect to it;
+- **occlusion** (erasure): the change of that target when token ``j`` is deleted,
 
-Signed maps (ALTI-Logit, DecompX logit shares) are compared by their size. Both baselines are
-computed here by small helpers (:func:`gradient_x_input`, :func:`erasure`) until the
-input-attribution family lands; the numbers are per prompt, then averaged.
+both computed by :func:`mechkit.attribute_inputs` (``method="input_x_gradient"`` and
+``"occlusion"``, ``kind="logit"``) on the same prompt and target, over the tokens it attributes
+(a leading BOS is not). Every map and attribution is compared by its size (signed maps: ALTI-
+Logit, DecompX logit shares; signed attributions). The numbers are per prompt, then averaged.
 """
 
 from __future__ import annotations
@@ -20,21 +20,23 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechkit.core.progress import progress_bar
 from mechkit.core.results import rank
 from mechkit.core.types import Model
 from mechkit.errors import InvalidArgumentError, check_choice
-from mechkit.hook_scope import hook_scope
+from mechkit.input_attribution import attribute_inputs
+from mechkit.metrics import LogitDiff
 from mechkit.mixing.api import answer_ids, context_mixing
 from mechkit.mixing.registry import METHODS
 from mechkit.tokens import token_batch
 
-__all__ = ["MixingAgreement", "mixing_agreement", "spearman", "gradient_x_input", "erasure"]
+__all__ = ["MixingAgreement", "mixing_agreement", "spearman", "baseline_scores"]
 
-BASELINES = ("gradient_x_input", "erasure")
+BASELINES = ("input_x_gradient", "occlusion")
+"""The :func:`mechkit.attribute_inputs` methods the maps are held against."""
 
 
 def spearman(a: Float[Tensor, " n"], b: Float[Tensor, " n"]) -> float:
@@ -62,58 +64,40 @@ def spearman(a: Float[Tensor, " n"], b: Float[Tensor, " n"]) -> float:
     return float((ra * rb).sum()) / denominator if denominator > 0 else float("nan")
 
 
-def _target(model: Model, logits: Tensor, last: int, answer: int, wrong: int | None) -> Tensor:
-    value = logits[:, last, answer]
-    return value - logits[:, last, wrong] if wrong is not None else value
-
-
-def gradient_x_input(
-    model: Model, tokens: Tensor, answer: int, wrong: int | None = None
-) -> Float[Tensor, " pos"]:
-    """``||g_j * e_j||`` for one unpadded prompt ``(1, pos)``: the gradient of the target at the
-    last position with respect to token ``j``'s embedding, times that embedding.
-
-    Example:
-        >>> model = mk.load_model("attn-only-2l")
-        >>> gradient_x_input(model, torch.tensor([[1, 2, 3]]), answer=5).shape
-        torch.Size([3])
-    """
-    kept: dict[str, Tensor] = {}
-
-    def leaf(embed: Tensor, hook: object) -> Tensor:
-        kept["e"] = embed.detach().requires_grad_(True)
-        return kept["e"]
-
-    with torch.enable_grad(), hook_scope(model, fwd_hooks=[("hook_embed", leaf)]):
-        logits = model(tokens)
-        target = _target(model, logits, tokens.shape[1] - 1, answer, wrong).sum()
-        (grad,) = torch.autograd.grad(target, kept["e"])
-    return (grad * kept["e"]).detach()[0].norm(dim=-1)
-
-
-@torch.no_grad()
-def erasure(
-    model: Model, tokens: Tensor, answer: int, wrong: int | None = None
-) -> Float[Tensor, " pos"]:
-    """``|F(x) - F(x with e_j = 0)|`` for one unpadded prompt ``(1, pos)``, every ``j`` in one
-    batch of copies.
+def baseline_scores(
+    model: Model,
+    prompt: Int[Tensor, "1 pos"],
+    answer: int,
+    wrong: int | None = None,
+    memory_budget: int | str | None = None,
+) -> tuple[Float[Tensor, "baseline pos"], Bool[Tensor, " pos"]]:
+    """The baselines' sizes for one unpadded prompt, by :func:`mechkit.attribute_inputs`, and
+    the positions it attributes (a leading BOS is not).
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
-        >>> erasure(model, torch.tensor([[1, 2, 3]]), answer=5).shape
-        torch.Size([3])
+        >>> scores, kept = baseline_scores(model, torch.tensor([[1, 2, 3]]), answer=5)
+        >>> scores.shape, kept.tolist()                  # (baseline, pos)
+        (torch.Size([2, 3]), [True, True, True])
     """
-    n = tokens.shape[1]
-    base = _target(model, model(tokens), n - 1, answer, wrong)
-
-    def zero(embed: Tensor, hook: object) -> Tensor:  # copy c: token c's embedding zeroed
-        embed = embed.clone()
-        embed[torch.arange(n), torch.arange(n)] = 0.0
-        return embed
-
-    with hook_scope(model, fwd_hooks=[("hook_embed", zero)]):
-        erased = _target(model, model(tokens.expand(n, -1)), n - 1, answer, wrong)
-    return (base - erased).abs()
+    ids = [[int(t) for t in prompt[0].tolist()]]
+    target: Any = (
+        answer if wrong is None else LogitDiff(torch.tensor([answer]), torch.tensor([wrong]))
+    )
+    found = [
+        attribute_inputs(
+            model,
+            ids,
+            target,
+            method=method,
+            kind="logit",
+            memory_budget=memory_budget,
+            progress=False,
+        )
+        for method in BASELINES
+    ]
+    scores = torch.stack([r.scores[0].abs() for r in found])
+    return scores, found[0].attributed[0]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -122,7 +106,8 @@ class MixingAgreement:
 
     Attributes:
         methods: the methods compared.
-        baselines: ``("gradient_x_input", "erasure")``.
+        baselines: ``("input_x_gradient", "occlusion")``, methods of
+            :func:`mechkit.attribute_inputs`.
         values: ``(method, baseline, prompt)`` the correlations.
 
     Example:
@@ -150,7 +135,7 @@ class MixingAgreement:
             >>> agree = mk.mixing_agreement(model, torch.tensor([[1, 2, 3, 4]]),
             ...                             methods=["rollout"], answer=7)
             >>> sorted(label for label, _ in agree.top())
-            ['rollout/erasure', 'rollout/gradient_x_input']
+            ['rollout/input_x_gradient', 'rollout/occlusion']
         """
         labels = [f"{m}/{b}" for m in self.methods for b in self.baselines]
         return rank(labels, self.table.flatten(), n, absolute=absolute)
@@ -163,7 +148,7 @@ class MixingAgreement:
             >>> agree = mk.mixing_agreement(model, torch.tensor([[1, 2, 3, 4]]),
             ...                             methods=["rollout"], answer=7)
             >>> list(agree.to_dataframe().columns)
-            ['method', 'gradient_x_input', 'erasure', 'prompts']
+            ['method', 'input_x_gradient', 'occlusion', 'prompts']
         """
         import pandas as pd
 
@@ -210,7 +195,8 @@ def mixing_agreement(
     progress: bool = True,
 ) -> MixingAgreement:
     """Spearman correlation of each method's map (the last position's row of its map over all
-    layers) with gradient x input and with erasure of the target logit, prompt by prompt.
+    layers) with input x gradient and with occlusion of the target logit (both by
+    :func:`mechkit.attribute_inputs`), prompt by prompt, over the tokens those attribute.
 
     Args:
         model: a HookedTransformer.
@@ -249,10 +235,8 @@ def mixing_agreement(
             else:
                 target = int(answers[b])
             other = None if wrongs is None else int(wrongs[b])
-            baselines = [
-                gradient_x_input(model, prompt, target, other).cpu(),
-                erasure(model, prompt, target, other).cpu(),
-            ]
+            baselines, kept = baseline_scores(model, prompt, target, other, memory_budget)
+            kept = kept.cpu()
             for m, method in enumerate(chosen):
                 mix = context_mixing(
                     model,
@@ -266,7 +250,7 @@ def mixing_agreement(
                     layers=[model.cfg.n_layers - 1],
                 )
                 row = (mix.logit if mix.logit is not None else mix.aggregated)[0, 0].abs()
-                for k, baseline in enumerate(baselines):
-                    values[m, k, b] = spearman(row, baseline)
+                for k, baseline in enumerate(baselines.cpu()):
+                    values[m, k, b] = spearman(row[kept], baseline[kept])
                 bar.update(1)
     return MixingAgreement(methods=tuple(chosen), baselines=BASELINES, values=values)

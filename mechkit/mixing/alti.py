@@ -35,10 +35,20 @@ from torch import Tensor
 from mechkit.core.progress import progress_bar
 from mechkit.core.types import Model
 from mechkit.mixing.attention import roll_out
-from mechkit.mixing.blocks import BlockRun, post_scale, read_blocks, transformed_vectors
+from mechkit.mixing.blocks import (
+    BlockRun,
+    post_scale,
+    read_blocks,
+    transformed_vectors,
+    value_outputs,
+)
 from mechkit.mixing.registry import LayerMaps, MixingRun, register
 
 __all__ = ["alti_contributions", "logit_direction"]
+
+CHUNK = 32
+"""Queries per chunk: small enough that each chunk's keys stop near its queries (about half the
+work of the full square), large enough to keep the products efficient."""
 
 
 @torch.no_grad()
@@ -58,18 +68,20 @@ def alti_contributions(
     y = x + run.attn_out(layer)  # resid_mid
     n_batch, n_pos, d_model = x.shape
     per_query = max(1, n_batch * n_pos * d_model * x.element_size() * 3)
-    step = max(1, min(n_pos, memory_budget // per_query))
+    step = max(1, min(n_pos, CHUNK, memory_budget // per_query))
     out = torch.zeros(n_batch, n_pos, n_pos, device=x.device)
+    vo = value_outputs(model, run, layer)  # (batch, head, key, d_model), once per layer
     for start in range(0, n_pos, step):
         rows = slice(start, min(n_pos, start + step))
-        t = transformed_vectors(model, run, layer, rows)  # (batch, query, key, d_model)
+        keys = rows.stop  # keys after the chunk's last query get nothing (causal)
+        t = transformed_vectors(model, run, layer, rows, keys, vo)  # (batch, query, key, d)
         index = torch.arange(rows.start, rows.stop, device=x.device)
         t[:, index - start, index] += x[:, index]  # the residual: T_i(x_i) gets x_i
         target = y[:, rows, None, :]  # (batch, query, 1, d_model)
         distance = (target - t).abs().sum(-1)  # (batch, query, key)
         c = (target.abs().sum(-1) - distance).clamp_min(0)
-        causal = index[:, None] >= torch.arange(n_pos, device=x.device)[None]  # keys <= query
-        out[:, rows] = c * causal
+        causal = index[:, None] >= torch.arange(keys, device=x.device)[None]  # keys <= query
+        out[:, rows, :keys] = c * causal
     total = out.sum(-1, keepdim=True)
     return torch.where(total > 0, out / total.clamp_min(1e-30), out)
 

@@ -100,7 +100,8 @@ def context_mixing(
     mean over heads or one ``head``), ``"rollout"`` and ``"flow"`` (Abnar & Zuidema 2020),
     ``"attention_norm"`` (Kobayashi et al. 2020/2021), ``"globenc"`` (Modarressi et al. 2022),
     ``"alti"`` (Ferrando et al. 2022), ``"alti_logit"`` (Ferrando et al. 2023),
-    ``"value_zeroing"`` (Mohebbi et al. 2023), ``"decompx"`` (Modarressi et al. 2023).
+    ``"value_zeroing"`` (Mohebbi et al. 2023), ``"decompx"`` (Modarressi et al. 2023) and
+    ``"decompx_logit"`` (its logit shares alone, by one backward pass per query: fast).
 
     Args:
         model: a HookedTransformer (LayerNorm or RMSNorm, rotary or learned positions, grouped-
@@ -109,8 +110,9 @@ def context_mixing(
         method: one of :data:`~mechkit.mixing.METHODS`.
         head: for ``"attention"``, ``"rollout"`` and ``"flow"``: one head instead of the mean.
         layers: which layers' maps to keep (None: all, stored in float16 to save memory).
-        positions: the query positions to keep (None: all). Flow computes only these.
-        answer, wrong: the target logit (difference) of ``"alti_logit"`` and ``"decompx"``:
+        positions: the query positions to keep (None: all). Flow and ``"decompx_logit"``
+            compute only these.
+        answer, wrong: the target logit (difference) of ``"alti_logit"`` and the DecompX methods:
             a token string or id, or one per prompt; None: the model's top prediction at each
             prompt's last token.
         prepend_bos: for string input; None means the model's default.

@@ -9,9 +9,11 @@ Attention Flow in Transformers", ACL).
 - ``flow``: the same layered graph (nodes: positions at each layer; an edge of capacity
   ``Â_l[i, k]`` from position ``k`` below to ``i`` above), and the value of a maximum flow from
   input ``j`` to output ``i``, by scipy's Dinic algorithm on integer capacities (exact to about
-  ``pos / 2**22``). Its cost grows fast with the length (one max-flow per query and key over
-  ``layers x pos^2`` edges), so it is computed only for the
-  last layer and the chosen query positions (``positions=``).
+  ``pos / 2**22``). Flow from input ``j`` to output ``i`` can only pass positions ``j..i``
+  (attention is causal), so each max-flow runs on that part of the graph alone (``layers x
+  (i - j)^2`` edges, a third of the whole on average). Its cost still grows fast with the
+  length (one max-flow per query and key), so it is computed only for the last layer and the
+  chosen query positions (``positions=``).
 
 Decoders put most of the rolled-out mass on the first token (the attention sink): expected.
 """
@@ -110,25 +112,23 @@ def max_flow(
     out = torch.zeros(len(queries), n_pos)
     with progress_bar(len(queries) * n_pos, "attention flow", enabled=progress) as bar:
         for row, query in enumerate(queries):
-            width = query + 1  # positions after the query never reach it (causal)
-            n_nodes = (n_layers + 1) * width  # node (layer, pos) = layer * width + pos
-            src, dst, cap = [], [], []
-            for layer in range(n_layers):
-                block = caps[layer, :width, :width]  # (to i, from k)
-                i, k = np.nonzero(block)
-                src.append(layer * width + k)
-                dst.append((layer + 1) * width + i)
-                cap.append(block[i, k])
-            graph = csr_matrix(
-                (np.concatenate(cap).astype(np.int32), (np.concatenate(src), np.concatenate(dst))),
-                shape=(n_nodes, n_nodes),
-            )
-            sink = n_layers * width + query
-            for key in range(width):  # source: input position `key`, node `key` of layer 0
-                value = maximum_flow(graph, key, sink, method="dinic").flow_value
-                out[row, key] = value / FLOW_UNIT
+            for key in range(query + 1):
+                # flow from input `key` reaches only positions key..query (causal): the
+                # graph of those alone, node (layer, pos) = layer * width + pos - key
+                width = query + 1 - key
+                block = caps[:, key : query + 1, key : query + 1]  # (layer, to i, from k)
+                layer, i, k = np.nonzero(block)
+                graph = csr_matrix(
+                    (
+                        block[layer, i, k].astype(np.int32),
+                        (layer * width + k, (layer + 1) * width + i),
+                    ),
+                    shape=((n_layers + 1) * width,) * 2,
+                )
+                sink = n_layers * width + width - 1
+                out[row, key] = maximum_flow(graph, 0, sink, method="dinic").flow_value / FLOW_UNIT
                 bar.update(1)
-            bar.update(n_pos - width)
+            bar.update(n_pos - query - 1)
     return out
 
 

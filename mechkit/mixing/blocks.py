@@ -155,9 +155,16 @@ def post_scale(model: Model, run: BlockRun, layer: int) -> Tensor | None:
 
 
 def transformed_vectors(
-    model: Model, run: BlockRun, layer: int, queries: slice | None = None
+    model: Model,
+    run: BlockRun,
+    layer: int,
+    queries: slice | None = None,
+    n_keys: int | None = None,
+    values: Tensor | None = None,
 ) -> Float[Tensor, "batch query key d_model"]:
-    """``f_i(x_j)`` for the queries in ``queries`` (all when None) and every key.
+    """``f_i(x_j)`` for the queries in ``queries`` (all when None) and the first ``n_keys``
+    keys (all when None; causal attention gives keys after the last query nothing).
+    ``values``: :func:`value_outputs` of the layer, when the caller already has them.
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -167,8 +174,9 @@ def transformed_vectors(
         True
     """
     queries = queries if queries is not None else slice(None)
-    pattern = run.pattern(layer)[:, :, queries]  # (batch, head, query, key)
-    f = torch.einsum("bhqk,bhkm->bqkm", pattern, value_outputs(model, run, layer))
+    pattern = run.pattern(layer)[:, :, queries, :n_keys]  # (batch, head, query, key)
+    vo = values if values is not None else value_outputs(model, run, layer)
+    f = torch.einsum("bhqk,bhkm->bqkm", pattern, vo[:, :, :n_keys])
     post = post_scale(model, run, layer)
     if post is not None:
         f = f * post[:, queries, None, :]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from mechkit.atomic_io import write_atomically, write_text_atomically
 from mechkit.core.results import rank
-from mechkit.errors import FileFormatError, InvalidArgumentError, ShapeError
+from mechkit.errors import FileFormatError, InvalidArgumentError, ShapeError, check_choice
 from mechkit.reading import read_json, read_safetensors
 
 __all__ = ["ContextMixing"]
@@ -222,6 +222,50 @@ class ContextMixing:
                 f"white-space:pre'>{html_module.escape(word)}</span>"
             )
         return f"<div style='font-family:monospace;line-height:1.8'>{''.join(parts)}</div>"
+
+    def circuitsvis(self, view: str = "heads", prompt: int = 0, position: int = -1) -> Any:
+        """The maps drawn by circuitsvis, where it draws such maps: ``view="heads"``
+        (``circuitsvis.attention.attention_heads``) or ``"patterns"`` (``attention_patterns``)
+        with each kept layer's map as a "head" (``L0``, ``L1``, ...) and the aggregated map last
+        (``all``); ``"tokens"``: ``circuitsvis.tokens.colored_tokens`` of what ``position`` draws
+        on in the aggregated map. Rows of queries not kept are zero; signed maps get a
+        symmetric colour scale. A notebook displays the returned ``RenderedHTML``.
+
+        Example:
+            >>> model = mk.load_model("attn-only-2l")
+            >>> mix = mk.context_mixing(model, torch.tensor([[1, 2, 3]]), method="rollout")
+            >>> type(mix.circuitsvis()).__name__, type(mix.circuitsvis("tokens")).__name__
+            ('RenderedHTML', 'RenderedHTML')
+        """
+        check_choice("view", view, ["heads", "patterns", "tokens"])
+        self._check_prompt(prompt)
+        import circuitsvis.attention
+        import circuitsvis.tokens
+
+        n = int(self.mask[prompt].sum())
+        if view == "tokens":
+            values = self.row(position, prompt).float().nan_to_num()
+            words = list(self.str_tokens[prompt][: len(values)])
+            top = float(values.abs().max()) or 1.0
+            low = -top if bool((values < 0).any()) else 0.0
+            return circuitsvis.tokens.colored_tokens(words, values, min_value=low, max_value=top)
+        square = torch.zeros(len(self.layers) + 1, n, n)  # (layer map, query, key)
+        rows = [i for i, q in enumerate(self.queries) if q < n]
+        at = [self.queries[i] for i in rows]
+        square[:-1, at] = self.maps[:, prompt, rows, :n].float()
+        square[-1, at] = self.aggregated[prompt, rows, :n].float()
+        square = square.nan_to_num()
+        words = list(self.str_tokens[prompt][:n])
+        if view == "patterns":
+            return circuitsvis.attention.attention_patterns(tokens=words, attention=square)
+        top = float(square.abs().max()) or 1.0
+        return circuitsvis.attention.attention_heads(
+            attention=square,
+            tokens=words,
+            attention_head_names=[f"L{layer}" for layer in self.layers] + ["all"],
+            max_value=top,
+            min_value=-top if bool((square < 0).any()) else 0.0,
+        )
 
     def words(self) -> ContextMixing:
         """The maps at word level (Clark et al. 2019): a word's keys summed, its queries

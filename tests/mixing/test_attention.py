@@ -78,3 +78,23 @@ def test_flow_keeps_only_the_chosen_queries(toy):
     assert mix.aggregated.shape == (1, 2, 8)
     full = mk.context_mixing(toy, TOKENS, method="flow")
     assert torch.allclose(full.aggregated[0, [2, 7]], mix.aggregated[0], equal_nan=True)
+
+
+def test_flow_equals_networkx_max_flow_on_a_random_layered_graph():
+    nx = pytest.importorskip("networkx")
+    torch.manual_seed(0)
+    n_layers, n = 3, 6
+    steps = torch.rand(n_layers, n, n).tril()
+    steps = steps / steps.sum(-1, keepdim=True)
+    graph = nx.DiGraph()
+    for layer in range(n_layers):
+        for i in range(n):
+            for k in range(i + 1):
+                graph.add_edge((layer, k), (layer + 1, i), capacity=float(steps[layer, i, k]))
+    flow = max_flow(steps, (3, 5))
+    for row, query in enumerate((3, 5)):
+        for key in range(n):
+            expected = (
+                nx.maximum_flow_value(graph, (0, key), (n_layers, query)) if key <= query else 0
+            )
+            assert float(flow[row, key]) == pytest.approx(expected, abs=1e-5)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mechkit as mk
+from tests.conftest import hook_count
 from tests.mixing.models import ARCHITECTURES, tiny_model
 
 TOKENS = torch.tensor([[1, 7, 3, 9, 2, 4], [6, 2, 2, 9, 1, 3]])
@@ -35,3 +36,17 @@ def test_decompx_equals_alti_logit_on_one_attention_only_layer():
     alti = mk.context_mixing(model, TOKENS, method="alti_logit", answer=3)
     assert torch.allclose(mix.logit, alti.logit, atol=1e-5)
     assert float(mix.logit.abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_adjoint_logit_equals_the_propagated_decomposition(arch):
+    # two independent computations of the same shares: the packed forward decomposition and
+    # the gradient of the frozen model (autograd through the real blocks)
+    model = tiny_model(**ARCHITECTURES[arch])
+    full = mk.context_mixing(model, TOKENS, method="decompx", answer=[7, 4], wrong=2)
+    fast = mk.context_mixing(
+        model, TOKENS, method="decompx_logit", answer=[7, 4], wrong=2, positions=[2, 5]
+    )
+    assert torch.allclose(fast.logit, full.logit[:, [2, 5]], atol=1e-5)
+    assert torch.allclose(fast.logit_rest, full.logit_rest[:, [2, 5]], atol=1e-4)
+    assert hook_count(model) == 0

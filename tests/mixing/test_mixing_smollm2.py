@@ -23,7 +23,7 @@ def test_identities_hold_on_smollm2(smollm2):
         logits = run.logits[0, -1]
     mary, john = model.to_single_token(" Mary"), model.to_single_token(" John")
     expected = float(logits[mary] - logits[john])
-    for method in ("alti_logit", "decompx"):
+    for method in ("alti_logit", "decompx", "decompx_logit"):
         mix = mk.context_mixing(
             model, tokens, method=method, answer=" Mary", wrong=" John", positions=-1, layers=[29]
         )

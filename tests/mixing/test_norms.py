@@ -132,3 +132,19 @@ def test_alti_logit_defaults_to_the_top_prediction(toy):
     default = mk.context_mixing(toy, tokens, method="alti_logit")
     chosen = mk.context_mixing(toy, tokens, method="alti_logit", answer=top)
     assert torch.equal(default.logit, chosen.logit)
+
+
+def test_alti_in_causal_chunks_equals_the_full_square(monkeypatch):
+    # chunks of queries read only the keys up to their last query: the same contributions as
+    # one chunk over every key, on a prompt several chunks long
+    import mechkit.mixing.alti as alti_module
+
+    model = tiny_model(n_ctx=40, **ARCHITECTURES["llama-like"])
+    run = read_blocks(
+        model, torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(0))
+    )
+    chunked = alti_module.alti_contributions(model, run, 1)
+    monkeypatch.setattr(alti_module, "CHUNK", 1000)
+    full = alti_module.alti_contributions(model, run, 1)
+    assert torch.allclose(chunked, full, atol=1e-6)
+    assert float(chunked[:, 35:, :30].sum()) > 0  # later chunks do read earlier keys

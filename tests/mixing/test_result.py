@@ -50,3 +50,28 @@ def test_save_load_dataframe_plot_and_token_view(toy, tmp_path):
     fig = mix.plot()
     assert len(fig.data) == len(mix.layers) + 1 and fig.data[-1].visible
     assert mix.token_view(-1).count("<span") == 4
+
+
+def test_circuitsvis_views_draw_each_layer_map_and_the_row(toy, monkeypatch):
+    cv_attention = pytest.importorskip("circuitsvis.attention")
+    from circuitsvis.utils.render import RenderedHTML
+
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    mix = mk.context_mixing(toy, tokens, method="alti_logit", answer=3)  # signed maps
+    for view in ("heads", "patterns", "tokens"):
+        assert isinstance(mix.circuitsvis(view), RenderedHTML)
+    seen = {}
+    monkeypatch.setattr(cv_attention, "attention_heads", lambda **kw: seen.update(kw))
+    mix.circuitsvis("heads")
+    square = seen["attention"]  # (layer map, query, key): each layer, then the aggregated map
+    assert square.shape == (len(mix.layers) + 1, 5, 5)
+    assert torch.equal(square[:-1], mix.maps[:, 0].float())
+    assert torch.equal(square[-1], mix.aggregated[0])
+    assert seen["attention_head_names"] == ["L0", "L1", "all"] and seen["min_value"] < 0
+    flow = mk.context_mixing(toy, tokens, method="flow", positions=[2])  # one query kept
+    flow.circuitsvis("heads")
+    assert seen["attention"].shape == (2, 5, 5)
+    assert torch.equal(seen["attention"][-1, 2, :3], flow.aggregated[0, 0, :3])
+    assert float(seen["attention"][-1, [0, 1, 3, 4]].abs().sum()) == 0.0
+    with pytest.raises(mk.InvalidArgumentError, match="Did you mean"):
+        mix.circuitsvis("head")

@@ -40,9 +40,12 @@ def _by_loop(model, tokens):
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama-like", "layernorm-gelu"])
+PARALLEL = dict(parallel_attn_mlp=True)
+
+
+@pytest.mark.parametrize("arch", ["llama-like", "layernorm-gelu", "gemma-like", "parallel"])
 def test_value_zeroing_equals_a_loop_of_hooked_forwards(arch):
-    model = tiny_model(**ARCHITECTURES[arch])
+    model = tiny_model(**(PARALLEL if arch == "parallel" else ARCHITECTURES[arch]))
     tokens = torch.tensor([[1, 7, 3, 9, 2, 4]])
     mix = mk.context_mixing(model, tokens, method="value_zeroing", batch_size=4, layers=[0, 1])
     expected = _by_loop(model, tokens)
@@ -56,3 +59,15 @@ def test_value_zeroing_of_a_prompt_in_a_batch_is_as_alone(toy):
     one = mk.context_mixing(toy, both[1:, :3], method="value_zeroing", layers=[1])
     both = mk.context_mixing(toy, both, method="value_zeroing", layers=[1], batch_size=2)
     assert torch.allclose(both.maps[0, 1, :3, :3], one.maps[0, 0], atol=1e-5)
+
+
+def test_value_zeroing_refuses_values_that_do_not_make_the_output():
+    # a hook that edits the attention after the weights and values were read: the batched
+    # reading would no longer be the model's computation, so it is refused
+    model = tiny_model(n_layers=1, attn_only=True)
+    model.add_hook("blocks.0.attn.hook_z", lambda z, hook: 2 * z)
+    try:
+        with pytest.raises(mk.UnsupportedModelError, match="it is not"):
+            mk.context_mixing(model, torch.tensor([[1, 2, 3]]), method="value_zeroing")
+    finally:
+        model.reset_hooks()
