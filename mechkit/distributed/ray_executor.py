@@ -40,7 +40,7 @@ from mechkit.errors import (
 )
 from mechkit.models import load_model
 
-__all__ = ["RayExecutor", "ModelWorker", "require_ray"]
+__all__ = ["RayExecutor", "InlineExecutor", "ModelWorker", "require_ray"]
 
 TaskFunction = Callable[..., Any]  # fn(model, cache, *args) -> picklable result
 
@@ -320,6 +320,35 @@ class RayExecutor:
             for ref in running:  # the caller stopped early (an error, a kill): stop the rest
                 ray.cancel(ref, force=False)
 
+    def each_batch(
+        self,
+        model: str | Model,
+        function: Callable[..., Any],
+        n_prompts: int,
+        size: int | None,
+        arguments: Callable[[slice], tuple[tuple[Any, ...], dict[str, Any]]],
+    ) -> list[tuple[slice, Any]]:
+        """The executor's :func:`~mechkit.core.each_batch`: ``function(model, *args, **kwargs)``
+        for consecutive slices of at most ``size`` prompts, each batch one task, with
+        ``(args, kwargs) = arguments(rows)`` made here; ``(rows, result)`` in the batches' order.
+
+        A method run this way (:func:`~mechkit.path_patch`, :func:`~mechkit.edge_attribution`,
+        ...) combines the batches' results as it does in one process.
+
+        Example:
+            >>> with InlineExecutor() as ex:
+            ...     ex.each_batch("attn-only-2l", lambda m, rows: rows.stop - rows.start, 5, 2,
+            ...                   lambda rows: ((rows,), {}))
+            [(slice(0, 2, None), 2), (slice(2, 4, None), 2), (slice(4, 5, None), 1)]
+        """
+        step = size or max(1, n_prompts)
+        batches = [slice(i, min(i + step, n_prompts)) for i in range(0, n_prompts, step)]
+        tasks = [(function, *arguments(rows)) for rows in batches]
+        results: list[Any] = [None] * len(tasks)
+        for index, result in self.map(model, _call, tasks):
+            results[index] = result
+        return list(zip(batches, results, strict=True))
+
     def _drop(
         self, actor: Any, exc: Exception, attempt: int, idle: list, running: dict[Any, tuple]
     ) -> None:
@@ -382,5 +411,81 @@ class RayExecutor:
         return max(1, min(n, math.ceil(2 * actors / max(units, 1))))
 
 
+@dataclasses.dataclass
+class InlineExecutor(RayExecutor):
+    """A :class:`RayExecutor` that runs every task here, in this process, one after another: the
+    same calls and results without a cluster (Ray's deprecated ``local_mode``), for examples,
+    debugging and checks on a machine without Ray.
+
+    One :class:`ModelWorker` holds the model: a name is loaded once; a model object is used
+    itself, not a copy (with ``device=`` it is moved there). Nothing is retried: an error in a
+    task is raised as it is.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> pairs = mk.PromptPairs.from_tokens([[1, 2, 3], [1, 4, 5]], [[1, 6, 3], [1, 7, 5]],
+        ...                                    [2, 3], [4, 5])
+        >>> with InlineExecutor() as ex:
+        ...     there = mk.activation_patch(model, pairs, site="z", executor=ex, progress=False)
+        >>> here = mk.activation_patch(model, pairs, site="z", progress=False)
+        >>> bool(torch.allclose(there.scores, here.scores, atol=1e-6)), ex.size
+        (True, 0)
+    """
+
+    actors: int | None = 1
+
+    def close(self) -> None:
+        """Drop the worker (and the model it loaded)."""
+        self._pool, self._source = [], None
+
+    def share(self, value: Any) -> Any:
+        """``value`` itself (every task runs in this process).
+
+        Example:
+            >>> InlineExecutor().share(3)
+            3
+        """
+        return value
+
+    def map(
+        self,
+        model: str | Model,
+        fn: TaskFunction,
+        tasks: Sequence[tuple[Any, ...]],
+        *,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Iterator[tuple[int, Any]]:
+        """``(index, fn(model, cache, *task))`` for each task in turn, as :meth:`RayExecutor.map`.
+
+        Example:
+            >>> list(InlineExecutor().map("attn-only-2l", lambda m, c, n: n * m.cfg.n_layers,
+            ...                           [(1,), (2,)]))
+            [(0, 2), (1, 4)]
+        """
+        key = self._key(model, device, dtype)
+        if self._source != key or not self._pool:
+            name = None if dtype is None else str(dtype).removeprefix("torch.")
+            self._pool, self._source = [ModelWorker(model, device, name)], key
+        worker = self._pool[0]
+        for index, task in enumerate(tasks):
+            yield index, worker.call(fn, *task)
+
+    def pids(self) -> list[int]:
+        """This process's id once the worker holds a model.
+
+        Example:
+            >>> InlineExecutor().pids()
+            []
+        """
+        return [os.getpid()] if self._pool else []
+
+
 def _pid(model: Model, cache: dict) -> int:
     return os.getpid()
+
+
+def _call(
+    model: Model, cache: dict, function: Callable[..., Any], args: tuple, kwargs: dict
+) -> Any:
+    return function(model, *args, **kwargs)

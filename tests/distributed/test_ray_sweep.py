@@ -25,6 +25,7 @@ from mechkit.distributed import RayExecutor
 from mechkit.patching import sweep
 from mechkit.patching.sweep import load_config, run_sweep
 from mechkit.patching.sweep_remote import cells_task
+from mechkit.sae import SAEConfig, SparseDictionary
 
 ray = pytest.importorskip("ray")
 
@@ -186,6 +187,59 @@ def test_activation_patch_on_the_executor_equals_the_local_call(toy, executor):
         assert there.labels == here.labels
         torch.testing.assert_close(there.scores, here.scores, atol=TOL, rtol=0)
     assert executor.size == 2  # a new pool: the actors now hold this model object
+
+
+def _five_pairs() -> mk.PromptPairs:
+    return mk.PromptPairs.from_tokens(
+        [[0, 5, 6, 7, 5, 6], [0, 8, 9, 10, 8, 9], [0, 11, 12, 13, 11, 12], [0, 4, 3, 2, 4, 3],
+         [0, 4, 8, 2, 4, 8]],
+        [[0, 5, 6, 9, 5, 6], [0, 8, 9, 14, 8, 9], [0, 11, 12, 2, 11, 12], [0, 4, 3, 7, 4, 3],
+         [0, 4, 9, 7, 4, 9]],
+        [7, 10, 13, 2, 2],
+        [9, 14, 2, 7, 7],
+    )  # fmt: skip
+
+
+def test_path_patch_batches_on_the_executor_equal_the_local_call(toy, executor):
+    pairs = _five_pairs()  # batches of 2, 2, 1: three tasks on two actors
+    for kwargs in ({}, {"receivers": [mk.Site("q", layer=1, head=0)], "ablation": "mean"}):
+        here = mk.path_patch(toy, pairs, progress=False, **kwargs)
+        there = mk.path_patch(toy, pairs, progress=False, batch_size=2, executor=executor, **kwargs)
+        assert (there.axes, there.labels, there.method) == (here.axes, here.labels, here.method)
+        torch.testing.assert_close(there.scores, here.scores, atol=TOL, rtol=0)
+        torch.testing.assert_close(there.per_prompt, here.per_prompt, atol=TOL, rtol=0)
+        assert abs(there.clean_score - here.clean_score) < TOL
+
+
+def test_edge_attribution_batches_on_the_executor_equal_the_local_call(toy, executor):
+    pairs = _five_pairs()
+    for kwargs in ({"method": "eap", "ablation": "mean"}, {"method": "exact"}):
+        here = mk.edge_attribution(toy, pairs, progress=False, **kwargs)
+        there = mk.edge_attribution(toy, pairs, progress=False, batch_size=2, executor=executor,
+                                    **kwargs)  # fmt: skip
+        assert there.method == here.method and there.layout.senders == here.layout.senders
+        assert here.scores.abs().max() > 0.1  # a nontrivial graph
+        torch.testing.assert_close(there.scores, here.scores, atol=TOL, rtol=0)
+        assert abs(there.clean_score - here.clean_score) < TOL
+        assert abs(there.ablated_score - here.ablated_score) < TOL
+
+
+def test_feature_circuit_batches_on_the_executor_equal_the_local_call(toy, executor):
+    torch.manual_seed(0)
+    sae = SparseDictionary.from_config(
+        SAEConfig(architecture="relu", d_in=128, d_sae=64, hook_name="blocks.0.hook_resid_post")
+    )
+    pairs = _five_pairs()
+    here = mk.feature_circuit(toy, sae, pairs, latents_per_dictionary=3, progress=False)
+    there = mk.feature_circuit(toy, sae, pairs, latents_per_dictionary=3, progress=False,
+                               batch_size=2, executor=executor)  # fmt: skip
+    assert [n.name for n in there.layout.senders] == [n.name for n in here.layout.senders]
+    assert here.scores.abs().max() > 0.1
+    torch.testing.assert_close(there.scores, here.scores, atol=TOL, rtol=0)
+    assert here.node_scores is not None and there.node_scores is not None
+    for name, value in here.node_scores.items():
+        assert abs(there.node_scores[name] - value) < TOL, name
+    assert abs(there.clean_score - here.clean_score) < TOL
 
 
 def test_closing_the_executor_leaves_no_actor_process(executor):
