@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,16 +32,17 @@ ray = pytest.importorskip("ray")
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
+N_KILLED = 12  # prompt pairs of the sweep whose driver is killed
 
 
-def _config(folder: Path) -> Path:
+def _config(folder: Path, n: int = 6, batch_size: int = 2) -> Path:
     """Two entries (12 resid_pre and 8 z cells per batch) over 6 prompt pairs in 3 batches."""
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "model": "attn-only-2l",
-        "prompts": {"generator": "repeated_tokens", "n": 6, "length": 3},
+        "prompts": {"generator": "repeated_tokens", "n": n, "length": 3},
         "sweeps": [{"site": "resid_pre", "positions": "each"}, {"site": "z"}],
-        "batch_size": 2,
+        "batch_size": batch_size,
         "device": "cpu",
     }
     path = folder / "sweep.yaml"
@@ -58,8 +60,11 @@ def cluster():
     """A local Ray cluster for this module, shut down at its end."""
     started = not ray.is_initialized()
     if started:
+        # no worker killed by Ray's memory monitor when other work fills a shared machine:
+        # the tests kill actors themselves, and a spurious kill would read as a failure
+        os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
         ray.init(
-            num_cpus=2,
+            num_cpus=4,  # logical: the module's 2 actors and a subprocess driver's 2
             include_dashboard=False,
             object_store_memory=200_000_000,
             log_to_driver=False,
@@ -240,6 +245,46 @@ def test_feature_circuit_batches_on_the_executor_equal_the_local_call(toy, execu
     for name, value in here.node_scores.items():
         assert abs(there.node_scores[name] - value) < TOL, name
     assert abs(there.clean_score - here.clean_score) < TOL
+
+
+def test_a_sweep_driver_killed_with_sigkill_resumes_with_each_cell_once(tmp_path, executor):
+    """A real ``mechkit sweep --ray`` subprocess on this cluster, SIGKILLed as soon as its
+    journal holds a cell (24 tasks of one batch each: far from done), then resumed here."""
+    config = _config(tmp_path, n=N_KILLED, batch_size=1)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    address = ray.get_runtime_context().gcs_address
+    log = (tmp_path / "driver.log").open("w")  # a file: a full pipe would block the driver
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "mechkit", "sweep", str(config), "--ray", address, "--actors",
+         "2", "--out", str(out), "--no-progress"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    journal = out / "results.jsonl"
+    deadline = time.monotonic() + 240
+    try:
+        while driver.poll() is None and time.monotonic() < deadline:
+            if journal.exists() and '"kind":"cell"' in journal.read_text():
+                break
+            time.sleep(0.005)
+        log.flush()
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        os.kill(driver.pid, signal.SIGKILL)
+    finally:
+        driver.kill()
+        driver.wait(timeout=30)
+        log.close()
+    assert driver.returncode == -signal.SIGKILL
+    before = len(_journal_cells(out))
+    local = run_sweep(_config(tmp_path / "local", n=N_KILLED, batch_size=1), out=tmp_path / "local"
+                      / "out", progress=False)  # fmt: skip
+    total = local.cells_total
+    assert 0 < before < total
+    run = run_sweep(config, out=out, progress=False, executor=executor)
+    assert run.cells_total == total and run.cells_computed == total - before
+    _check_same(run, local)
+    cells = _journal_cells(out)
+    assert len(cells) == total and max(Counter(cells).values()) == 1
 
 
 def test_closing_the_executor_leaves_no_actor_process(executor):
