@@ -113,7 +113,7 @@ from mechkit.probing import (
 )
 
 # Scaling out: a Ray cluster's actors (mechkit sweep --ray)
-from mechkit.distributed import RayExecutor
+from mechkit.distributed import InlineExecutor, RayExecutor
 
 # Facts: causal tracing and editing
 from mechkit.editing import TraceResult, WeightEdit, causal_trace, edit
@@ -183,7 +183,7 @@ __all__ = [
     "train_probe", "ProbeResult", "ProbingDataset", "fit_leace", "ConceptEraser", "erase",
     "das", "DasResult",
     # scaling out
-    "RayExecutor",
+    "RayExecutor", "InlineExecutor",
     # facts: causal tracing and editing
     "causal_trace", "TraceResult", "edit", "WeightEdit",
     # errors

@@ -31,6 +31,7 @@ from torch import Tensor
 __all__ = [
     "any_rank",
     "average_gradients",
+    "barrier",
     "gather_rows",
     "global_kth_largest",
     "global_min",
@@ -150,6 +151,16 @@ def average_gradients(module: torch.nn.Module) -> None:
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def barrier() -> None:
+    """Wait until every rank got here (nothing with one process).
+
+    Example:
+        >>> barrier()
+    """
+    if rank_and_world()[1] > 1:
+        dist.barrier()
 
 
 @torch.no_grad()

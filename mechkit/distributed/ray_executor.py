@@ -40,7 +40,7 @@ from mechkit.errors import (
 )
 from mechkit.models import load_model
 
-__all__ = ["RayExecutor", "ModelWorker", "require_ray"]
+__all__ = ["RayExecutor", "InlineExecutor", "ModelWorker", "require_ray"]
 
 TaskFunction = Callable[..., Any]  # fn(model, cache, *args) -> picklable result
 
@@ -85,11 +85,20 @@ class ModelWorker:
     def __init__(
         self, source: str | Model, device: str | None = None, dtype: str | None = None
     ) -> None:
+        self.load(source, device, dtype)
+
+    def load(
+        self, source: str | Model, device: str | None = None, dtype: str | None = None
+    ) -> bool:
+        """Hold another model (the cache emptied): an actor keeps its process, and the
+        libraries it imported, from one model to the next."""
+        self.model = None  # the old model freed before the new one loads
         if isinstance(source, str):
             self.model = load_model(source, device=device, dtype=dtype)
         else:
             self.model = source if device is None else source.to(device)
         self.cache: dict[Any, Any] = {}
+        return True
 
     def call(self, fn: TaskFunction, *args: Any) -> Any:
         """Run ``fn(model, cache, *args)`` and return its result."""
@@ -121,11 +130,17 @@ class RayExecutor:
     The executor keeps its actors (and a local cluster it started) until :meth:`close`, or the
     end of a ``with`` block, so several calls reuse the loaded models.
 
-    Example:
-        >>> with mk.RayExecutor(actors=1) as ray_executor:  # doctest: +SKIP
-        ...     result = mk.activation_patch(model, pairs, site="z", executor=ray_executor)
-        >>> RayExecutor(actors=2).actors
-        2
+    Example (:class:`InlineExecutor` runs the same calls in this process; a Ray cluster
+    would take ``mk.RayExecutor(actors=2)`` in its place):
+
+        >>> model = mk.load_model("attn-only-2l")
+        >>> pairs = mk.PromptPairs.from_tokens([[1, 2, 3], [1, 4, 5]], [[1, 6, 3], [1, 7, 5]],
+        ...                                    [2, 3], [4, 5])
+        >>> with mk.InlineExecutor() as executor:
+        ...     result = mk.activation_patch(model, pairs, site="z", executor=executor,
+        ...                                  progress=False)
+        >>> result.axes, RayExecutor(actors=2).actors
+        (('layer', 'head'), 2)
     """
 
     address: str | None = None
@@ -210,15 +225,29 @@ class RayExecutor:
         key = self._key(source, device, dtype)
         if self._source is not None and self._source[0] == key and self._pool:
             return self._pool
-        for actor in self._pool:  # another model: free the old actors first
-            ray.kill(actor)
         self._check_fits(ray)
         shipped = source if isinstance(source, str) else ray.put(source)
         spec = (shipped, device, None if dtype is None else str(dtype).removeprefix("torch."))
-        self._pool = [self._start(ray, spec) for _ in range(self._size(ray))]
+        self._pool = self._reload(ray, spec)  # another model: the live actors load it
+        self._pool += [self._start(ray, spec) for _ in range(self._size(ray) - len(self._pool))]
         self._source, self._restarts = (key, spec), 0
         self._wait_ready(ray)
         return self._pool
+
+    def _reload(self, ray: ModuleType, spec: tuple) -> list[Any]:
+        """The live actors of the pool, each now holding the model of ``spec``."""
+        loads = {actor.load.remote(*spec): actor for actor in self._pool}
+        alive = []
+        for ref, actor in loads.items():
+            try:
+                ray.get(ref)
+                alive.append(actor)
+            except ray.exceptions.RayActorError:
+                continue  # died meanwhile: started anew below
+            except ray.exceptions.RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                raise cause if isinstance(cause, BaseException) else exc from None
+        return alive
 
     def _check_fits(self, ray: ModuleType) -> None:
         """Refuse a pool the whole cluster could never hold (it would wait forever)."""
@@ -253,9 +282,11 @@ class RayExecutor:
     def share(self, value: Any) -> Any:
         """Put ``value`` in Ray's object store once; pass the handle in many tasks' arguments.
 
-        Example:
-            >>> with RayExecutor(actors=1) as ex:  # doctest: +SKIP
+        Example (an :class:`InlineExecutor` shares the value itself):
+            >>> with InlineExecutor() as ex:
             ...     tokens = ex.share(torch.zeros(4, 8, dtype=torch.long))
+            >>> tokens.shape
+            torch.Size([4, 8])
         """
         return self._connect().put(value)
 
@@ -284,8 +315,8 @@ class RayExecutor:
                 died and ``max_restarts`` new ones did too. An error inside ``fn`` is raised
                 as itself.
 
-        Example:
-            >>> with RayExecutor(actors=2) as ex:  # doctest: +SKIP
+        Example (in this process; ``RayExecutor(actors=2)`` gives the same on a cluster):
+            >>> with InlineExecutor() as ex:
             ...     sorted(ex.map("attn-only-2l", lambda m, c, n: n * m.cfg.n_layers, [(1,), (2,)]))
             [(0, 2), (1, 4)]
         """
@@ -319,6 +350,35 @@ class RayExecutor:
         finally:
             for ref in running:  # the caller stopped early (an error, a kill): stop the rest
                 ray.cancel(ref, force=False)
+
+    def each_batch(
+        self,
+        model: str | Model,
+        function: Callable[..., Any],
+        n_prompts: int,
+        size: int | None,
+        arguments: Callable[[slice], tuple[tuple[Any, ...], dict[str, Any]]],
+    ) -> list[tuple[slice, Any]]:
+        """The executor's :func:`~mechkit.core.each_batch`: ``function(model, *args, **kwargs)``
+        for consecutive slices of at most ``size`` prompts, each batch one task, with
+        ``(args, kwargs) = arguments(rows)`` made here; ``(rows, result)`` in the batches' order.
+
+        A method run this way (:func:`~mechkit.path_patch`, :func:`~mechkit.edge_attribution`,
+        ...) combines the batches' results as it does in one process.
+
+        Example:
+            >>> with InlineExecutor() as ex:
+            ...     ex.each_batch("attn-only-2l", lambda m, rows: rows.stop - rows.start, 5, 2,
+            ...                   lambda rows: ((rows,), {}))
+            [(slice(0, 2, None), 2), (slice(2, 4, None), 2), (slice(4, 5, None), 1)]
+        """
+        step = size or max(1, n_prompts)
+        batches = [slice(i, min(i + step, n_prompts)) for i in range(0, n_prompts, step)]
+        tasks = [(function, *arguments(rows)) for rows in batches]
+        results: list[Any] = [None] * len(tasks)
+        for index, result in self.map(model, _call, tasks):
+            results[index] = result
+        return list(zip(batches, results, strict=True))
 
     def _drop(
         self, actor: Any, exc: Exception, attempt: int, idle: list, running: dict[Any, tuple]
@@ -382,5 +442,81 @@ class RayExecutor:
         return max(1, min(n, math.ceil(2 * actors / max(units, 1))))
 
 
+@dataclasses.dataclass
+class InlineExecutor(RayExecutor):
+    """A :class:`RayExecutor` that runs every task here, in this process, one after another: the
+    same calls and results without a cluster (Ray's deprecated ``local_mode``), for examples,
+    debugging and checks on a machine without Ray.
+
+    One :class:`ModelWorker` holds the model: a name is loaded once; a model object is used
+    itself, not a copy (with ``device=`` it is moved there). Nothing is retried: an error in a
+    task is raised as it is.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> pairs = mk.PromptPairs.from_tokens([[1, 2, 3], [1, 4, 5]], [[1, 6, 3], [1, 7, 5]],
+        ...                                    [2, 3], [4, 5])
+        >>> with InlineExecutor() as ex:
+        ...     there = mk.activation_patch(model, pairs, site="z", executor=ex, progress=False)
+        >>> here = mk.activation_patch(model, pairs, site="z", progress=False)
+        >>> bool(torch.allclose(there.scores, here.scores, atol=1e-6)), ex.size
+        (True, 0)
+    """
+
+    actors: int | None = 1
+
+    def close(self) -> None:
+        """Drop the worker (and the model it loaded)."""
+        self._pool, self._source = [], None
+
+    def share(self, value: Any) -> Any:
+        """``value`` itself (every task runs in this process).
+
+        Example:
+            >>> InlineExecutor().share(3)
+            3
+        """
+        return value
+
+    def map(
+        self,
+        model: str | Model,
+        fn: TaskFunction,
+        tasks: Sequence[tuple[Any, ...]],
+        *,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Iterator[tuple[int, Any]]:
+        """``(index, fn(model, cache, *task))`` for each task in turn, as :meth:`RayExecutor.map`.
+
+        Example:
+            >>> list(InlineExecutor().map("attn-only-2l", lambda m, c, n: n * m.cfg.n_layers,
+            ...                           [(1,), (2,)]))
+            [(0, 2), (1, 4)]
+        """
+        key = self._key(model, device, dtype)
+        if self._source != key or not self._pool:
+            name = None if dtype is None else str(dtype).removeprefix("torch.")
+            self._pool, self._source = [ModelWorker(model, device, name)], key
+        worker = self._pool[0]
+        for index, task in enumerate(tasks):
+            yield index, worker.call(fn, *task)
+
+    def pids(self) -> list[int]:
+        """This process's id once the worker holds a model.
+
+        Example:
+            >>> InlineExecutor().pids()
+            []
+        """
+        return [os.getpid()] if self._pool else []
+
+
 def _pid(model: Model, cache: dict) -> int:
     return os.getpid()
+
+
+def _call(
+    model: Model, cache: dict, function: Callable[..., Any], args: tuple, kwargs: dict
+) -> Any:
+    return function(model, *args, **kwargs)

@@ -29,12 +29,19 @@ exists). Prompts of unequal length are right-padded and scored at their answer p
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import mechkit.graph.methods  # noqa: F401  (registers the built-in methods)
-from mechkit.core import Model, check_budget, each_batch, metric_name, model_name
+from mechkit.core import (
+    Model,
+    check_budget,
+    each_batch,
+    metric_name,
+    model_name,
+    prompts_per_pass,
+)
 from mechkit.errors import (
     InvalidArgumentError,
     ShapeError,
@@ -53,6 +60,11 @@ from mechkit.graph.setup import (
     mean_value,
     resolve_edge_contrast,
 )
+from mechkit.patching.activation import PaddedPrompts
+
+if TYPE_CHECKING:
+    from mechkit.core import Contrast
+    from mechkit.distributed import RayExecutor
 
 __all__ = ["edge_attribution", "EdgeSetup", "batch_metric", "mean_value", "each_batch"]
 
@@ -72,6 +84,7 @@ def edge_attribution(
     batch_size: int | None = None,
     memory_budget: int | str | None = None,
     progress: bool = True,
+    executor: RayExecutor | None = None,
     **options: Any,
 ) -> CircuitGraph:
     """Score every edge of the model's graph.
@@ -96,6 +109,10 @@ def edge_attribution(
         memory_budget: bytes (or ``"2GB"``) for the circuits ``"exact"`` runs side by side;
             None: 2 GiB on CPU, 60% of free memory on CUDA.
         progress: a progress bar for the multi-pass methods.
+        executor: a :class:`~mechkit.distributed.RayExecutor`: each batch of ``batch_size``
+            prompts is one task on its actors (each holds the model, shipped once), scored
+            there against the whole reference set; the scores (means over prompts) are combined
+            here, weighted by the batches' sizes. Needs a mechkit Metric when it splits.
         options: further options of a registered method.
 
     Returns:
@@ -138,6 +155,10 @@ def edge_attribution(
     contrast = resolve_edge_contrast(
         model, clean, corrupt, metric, direction=direction, ablation=ablation, reference=reference
     )
+    if executor is not None:
+        size = prompts_per_pass(contrast.n_prompts, batch_size, contrast.metric)
+        given = dict(given, method=method, memory_budget=memory_budget)
+        return _on_executor(executor, model, contrast, size, given)
     setup = edge_setup(model, contrast, batch_size=batch_size, memory_budget=memory_budget)
     layout = setup.layout
     result = entry.function(model, setup, progress=progress, **{**entry.options, **given})
@@ -158,4 +179,45 @@ def edge_attribution(
         clean_score=float(result.clean_score),
         ablated_score=all_ablated_score(model, setup),
         model_name=model_name(model),
+    )
+
+
+def _on_executor(
+    executor: RayExecutor, model: Model, contrast: Contrast, size: int, given: dict[str, Any]
+) -> CircuitGraph:
+    """Each batch one task: :func:`edge_attribution` of its prompts with the whole reference
+    set; every score a mean over prompts, so the graph is the size-weighted mean of theirs."""
+    n = contrast.n_prompts
+    reference = None
+    if contrast.reference_tokens is not None and contrast.reference_mask is not None:
+        reference = PaddedPrompts(contrast.reference_tokens, contrast.reference_mask)
+    kwargs = dict(given, ablation=contrast.ablation, reference=reference, progress=False)
+
+    def inputs(rows: slice) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        corrupt = None
+        if contrast.corrupt_tokens is not None and contrast.corrupt_mask is not None:
+            corrupt = PaddedPrompts(contrast.corrupt_tokens[rows], contrast.corrupt_mask[rows])
+        clean = PaddedPrompts(contrast.clean_tokens[rows], contrast.clean_mask[rows])
+        return (clean, corrupt, batch_metric(contrast.metric, rows, n)), kwargs
+
+    parts = executor.each_batch(model, edge_attribution, n, size, inputs)
+    weights = [(rows.stop - rows.start) / n for rows, _ in parts]
+    graphs: list[CircuitGraph] = [graph for _, graph in parts]
+
+    def mean(values: list[float | None]) -> float | None:
+        if any(v is None for v in values):
+            return None
+        return sum(w * float(v) for w, v in zip(weights, values, strict=True))  # type: ignore[arg-type]
+
+    first = graphs[0]
+    return CircuitGraph(
+        layout=first.layout,
+        scores=sum(w * g.scores.double() for w, g in zip(weights, graphs, strict=True)).float(),
+        mask=None,
+        method=first.method,
+        ablation=first.ablation,
+        metric_name=metric_name(contrast.metric),
+        clean_score=mean([g.clean_score for g in graphs]),
+        ablated_score=mean([g.ablated_score for g in graphs]),
+        model_name=first.model_name,
     )

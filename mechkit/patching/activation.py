@@ -257,7 +257,9 @@ def patch_in_batches(
     :func:`activation_patch`) run on ``size`` prompts of ``contrast`` at a time, at the full
     padded width so that a position means the same in every batch; each cell's score is the
     size-weighted mean of the batches' (the metric's mean over all prompts), per-prompt scores
-    are joined, and mean ablation averages over the whole reference set.
+    are joined, and mean ablation averages over the whole reference set. With an ``executor``
+    in ``kwargs`` each batch is one task on its actors
+    (:meth:`~mechkit.distributed.RayExecutor.each_batch`).
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -281,22 +283,25 @@ def patch_in_batches(
     sub_kwargs.pop("batch_size", None)
     if contrast.reference_tokens is not None and contrast.reference_mask is not None:
         sub_kwargs["reference"] = PaddedPrompts(contrast.reference_tokens, contrast.reference_mask)
+    executor = sub_kwargs.pop("executor", None)
     parts: list[tuple[int, PatchResult]] = []
 
-    def work(rows: slice) -> None:
+    def inputs(rows: slice) -> tuple[PaddedPrompts, PaddedPrompts | None, Any]:
         corrupt = None
         if contrast.corrupt_tokens is not None and contrast.corrupt_mask is not None:
             corrupt = PaddedPrompts(contrast.corrupt_tokens[rows], contrast.corrupt_mask[rows])
-        part = method(
-            model,
-            PaddedPrompts(contrast.clean_tokens[rows], contrast.clean_mask[rows]),
-            corrupt,
-            contrast.metric.select(rows),
-            **sub_kwargs,
-        )
-        parts.append((rows.stop - rows.start, part))
+        clean = PaddedPrompts(contrast.clean_tokens[rows], contrast.clean_mask[rows])
+        return clean, corrupt, contrast.metric.select(rows)
 
-    each_batch(n, size, work)
+    def work(rows: slice) -> None:
+        parts.append((rows.stop - rows.start, method(model, *inputs(rows), **sub_kwargs)))
+
+    if executor is None:
+        each_batch(n, size, work)
+    else:  # each batch one task on the executor's actors
+        remote_kwargs = dict(sub_kwargs, progress=False)
+        done = executor.each_batch(model, method, n, size, lambda r: (inputs(r), remote_kwargs))
+        parts = [(rows.stop - rows.start, part) for rows, part in done]
     first = parts[0][1]
 
     def mean(values: list[float | None]) -> float | None:

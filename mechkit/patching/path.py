@@ -16,7 +16,7 @@ engine (:mod:`mechkit.patching.engine`), not one forward per head. A result over
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -37,6 +37,9 @@ from mechkit.patching.activation import (
 )
 from mechkit.patching.result import PatchResult
 from mechkit.sites import Site
+
+if TYPE_CHECKING:
+    from mechkit.distributed import RayExecutor
 
 __all__ = ["path_patch", "FINAL_RESIDUAL"]
 
@@ -62,6 +65,7 @@ def path_patch(
     batch_size: int | None = None,
     memory_budget: int | str | None = None,
     progress: bool = True,
+    executor: RayExecutor | None = None,
 ) -> PatchResult:
     """Score each sender by its effect on the metric through ``receivers`` only.
 
@@ -93,6 +97,9 @@ def path_patch(
             :class:`InvalidSiteError`.
         batch_size, memory_budget, progress: as for :func:`activation_patch` (``batch_size``
             prompts at a time, scores their size-weighted mean).
+        executor: a :class:`~mechkit.distributed.RayExecutor`: each batch of ``batch_size``
+            prompts is one task on its actors (each holds the model, shipped once); the scores
+            are combined here as in one process.
 
     Returns:
         A :class:`PatchResult`; a sender at or after every receiver's layer cannot reach it and
@@ -116,20 +123,20 @@ def path_patch(
         model, clean, corrupt, metric, direction=direction, ablation=ablation, reference=reference
     )
     size = prompts_per_pass(contrast.n_prompts, batch_size, contrast.metric)
+    kwargs: dict[str, Any] = {
+        "senders": senders, "receivers": receivers, "reference": reference, "seed": seed,
+        "layers": layers, "memory_budget": memory_budget,
+    }  # fmt: skip
     if size < contrast.n_prompts:
         return patch_in_batches(
-            path_patch,
-            model,
-            contrast,
-            size,
-            senders=senders,
-            receivers=receivers,
-            reference=reference,
-            seed=seed,
-            layers=layers,
-            memory_budget=memory_budget,
-            progress=progress,
+            path_patch, model, contrast, size, progress=progress, executor=executor, **kwargs
         )
+    if executor is not None:  # one batch: one task
+        given = dict(kwargs, direction=direction, ablation=ablation, progress=False)
+        ((_, result),) = executor.each_batch(
+            model, path_patch, 1, None, lambda rows: ((clean, corrupt, metric), given)
+        )
+        return result
     cfg = model.cfg
     n_batch, seq = contrast.base_tokens.shape
     receiver_sites = _receivers(model, receivers)

@@ -10,7 +10,11 @@ repeat with new orders. The order depends only on the seed, the same with or wit
 
 With ``cache_dir`` the first pass writes the activations to a memory-mapped ``.npy`` file
 (``(rows, d_in + d_out)``) beside a small JSON header naming the model, hooks, token hash and
-dtype; a later store with the same header reads the file instead of running the model.
+dtype; a later store with the same header reads the file instead of running the model. Called
+on every rank of a ``torch.distributed`` group (``torchrun``), the ranks fill the file in
+parallel, each its share of the chunks (the folder must be one they all see), and
+:meth:`ActivationStore.rank_share` gives each rank its rows of every batch for data-parallel
+training.
 
 :func:`sae_corpus_tokens` is a larger offline corpus than :func:`mechkit.corpus_tokens`: the
 Python reference documentation (``pydoc_data``, ~110k SmolLM2 tokens of prose) followed by the
@@ -46,6 +50,7 @@ from mechkit.atomic_io import write_text_atomically
 from mechkit.core.progress import progress_bar
 from mechkit.core.types import Model
 from mechkit.corpus import corpus_documents
+from mechkit.distributed.data_parallel import barrier, rank_and_world
 from mechkit.errors import (
     ActivationCacheError,
     EmptyDatasetError,
@@ -57,7 +62,7 @@ from mechkit.errors import (
 from mechkit.hook_scope import run_with_cache
 from mechkit.tokens import tokenizer_of
 
-__all__ = ["ActivationStore", "sae_corpus_tokens", "stdlib_documents"]
+__all__ = ["ActivationStore", "RankShare", "sae_corpus_tokens", "stdlib_documents"]
 
 HEADER = "header.json"
 DATA = "activations.npy"
@@ -234,23 +239,52 @@ class ActivationStore:
                 )
             self._memmap = np.load(path, mmap_mode="r", allow_pickle=False)
             return path
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        width = self.d_in + (self.d_out or 0)
+        rank, world = rank_and_world()
         tmp = self.cache_dir / (DATA + ".partial")
-        data = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=_NP_DTYPES[self.cache_dtype], shape=(self.n_rows, width)
-        )
-        with progress_bar(self.n_chunks, "activations", enabled=self.n_chunks >= 8) as bar:
-            for chunk in range(self.n_chunks):
+        if rank == 0:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            width = self.d_in + (self.d_out or 0)
+            dtype = _NP_DTYPES[self.cache_dtype]
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(self.n_rows, width))
+        barrier()  # the file exists (with several ranks, one folder they all see)
+        data = np.load(tmp, mmap_mode="r+", allow_pickle=False)
+        mine = range(rank, self.n_chunks, world)  # the ranks fill their chunks in parallel
+        with progress_bar(len(mine), "activations", enabled=len(mine) >= 8 and rank == 0) as bar:
+            for chunk in mine:
                 a, b = self._chunk_rows(chunk)
                 data[a:b] = self._chunk(chunk).numpy()
                 bar.update(1)
         data.flush()
         del data
-        tmp.replace(path)
-        write_text_atomically(header_path, json.dumps(header, indent=2) + "\n")  # marks complete
+        barrier()  # every chunk written
+        if rank == 0:
+            tmp.replace(path)
+            write_text_atomically(header_path, json.dumps(header, indent=2) + "\n")  # complete
+        barrier()
         self._memmap = np.load(path, mmap_mode="r", allow_pickle=False)
         return path
+
+    def rank_share(self) -> RankShare:
+        """This rank's share of every batch, for data-parallel training: with ``W`` ranks of a
+        ``torch.distributed`` process group, batches of ``batch_size / W`` rows that together
+        are this store's batches, as :func:`~mechkit.sae.train_sae` reads a tensor. Each rank
+        reads the whole store, so give it a ``cache_dir`` (the ranks fill it in parallel once).
+
+        Example:
+            >>> model = mk.load_model("attn-only-2l")
+            >>> store = ActivationStore(model, "blocks.0.hook_resid_post",
+            ...                         torch.randint(1, 500, (4, 9)), batch_size=8)
+            >>> share = store.rank_share()                # one process: the whole batches
+            >>> share.batch_size, next(share.iter_batches()).shape
+            (8, torch.Size([8, 128]))
+        """
+        rank, world = rank_and_world()
+        if self.batch_size % world:
+            raise ShapeError(
+                f"Expected the store's batch_size to split evenly over the {world} ranks; got "
+                f"{self.batch_size}. Hint: a batch_size that is a multiple of {world}."
+            )
+        return RankShare(self, rank, world)
 
     # -- batches -------------------------------------------------------------------------------
 
@@ -305,6 +339,43 @@ class ActivationStore:
             f"ActivationStore({self.hook_name!r}{out}, rows={self.n_rows}, d_in={self.d_in}, "
             f"batch_size={self.batch_size}, cache={self.cache_dir and str(self.cache_dir)})"
         )
+
+
+class RankShare:
+    """One rank's rows of each batch of an :class:`ActivationStore`
+    (:meth:`ActivationStore.rank_share`): ``batch_size`` is the rows per rank.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> store = ActivationStore(model, "blocks.0.hook_resid_post",
+        ...                         torch.randint(1, 500, (4, 9)), batch_size=8)
+        >>> share = RankShare(store, rank=1, world=2)        # as rank 1 of 2 would read it
+        >>> bool((next(share.iter_batches()) == next(iter(store))[4:]).all())
+        True
+    """
+
+    def __init__(self, store: ActivationStore, rank: int, world: int) -> None:
+        self.store, self.rank, self.world = store, rank, world
+        self.batch_size = store.batch_size // world
+        self.d_in, self.d_out = store.d_in, store.d_out
+        self.hook_name, self.out_hook_name = store.hook_name, store.out_hook_name
+
+    def iter_batches(self, start: int = 0) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+        """This rank's rows of the store's batches from global batch index ``start`` on. A
+        short last batch of an epoch is split as evenly as it goes (the ranks' mean gradients
+        then weigh its rows slightly unevenly: make the store's rows a multiple of
+        ``batch_size`` for exactly one process's training)."""
+        for batch in self.store.iter_batches(start):
+            whole = batch if isinstance(batch, Tensor) else batch[0]
+            size = -(-whole.shape[0] // self.world)
+            rows = slice(self.rank * size, (self.rank + 1) * size)
+            yield batch[rows] if isinstance(batch, Tensor) else (batch[0][rows], batch[1][rows])
+
+    def __iter__(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+        return self.iter_batches(0)
+
+    def __repr__(self) -> str:
+        return f"RankShare({self.store!r}, rank={self.rank}, world={self.world})"
 
 
 # ----------------------------------------------------------------------------------------------

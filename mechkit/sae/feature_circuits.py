@@ -21,14 +21,16 @@ is named by the user (``{name: sae}``) or by its site (``r12``: the residual str
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+import uuid
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mechkit.core.batching import check_budget, each_batch, parse_budget, prompts_per_pass
-from mechkit.core.inputs import resolve_contrast
+from mechkit.core.inputs import Contrast, resolve_contrast
 from mechkit.core.labels import metric_name, model_name
 from mechkit.core.metrics import batch_metric
 from mechkit.core.progress import progress_bar
@@ -49,6 +51,9 @@ from mechkit.sae.feature_nodes import (
     node_gradients_ig,
     summed_metric,
 )
+
+if TYPE_CHECKING:
+    from mechkit.distributed import RayExecutor
 
 # evaluate_feature_circuit and FeatureCircuitEvaluation lived here: importable from here still
 __all__ = ["feature_circuit", "evaluate_feature_circuit", "FeatureCircuitEvaluation"]
@@ -71,6 +76,7 @@ def feature_circuit(
     batch_size: int | None = None,
     memory_budget: int | str | None = None,
     progress: bool = True,
+    executor: RayExecutor | None = None,
 ) -> CircuitGraph:
     """Score a sparse feature circuit: latents and error terms of spliced dictionaries as nodes.
 
@@ -100,6 +106,10 @@ def feature_circuit(
         memory_budget: bytes (or ``"2GB"``) for the stacked gradients of one batched backward
             pass of the edge pass (None: 256 MiB).
         progress: a progress bar over the passes (nodes, then one per receiving node).
+        executor: a :class:`~mechkit.distributed.RayExecutor`: each batch of ``batch_size``
+            prompts is one task on its actors (the model and dictionaries shipped once), its
+            node pass kept there for its edge pass; the latents are chosen here from the
+            summed node scores, as in one process.
 
     Returns:
         A :class:`mechkit.CircuitGraph` over a :class:`mechkit.graph.FeatureLayout`: ``scores``
@@ -147,50 +157,61 @@ def feature_circuit(
     budget = (
         None if memory_budget is None else parse_budget(memory_budget, model.cfg.device or "cpu")
     )
-    ablated = ablated_values(model, entries, contrast)
+    n_ig = (len(entries) + 1) * steps if method == "ig" else 0
     node_sum = [torch.zeros(d.site.d_sae, dtype=torch.float64) for d in entries]
     err_sum = torch.zeros(len(entries), dtype=torch.float64)
     totals = {"input": 0.0, "clean": 0.0, "source": 0.0}
-    cache: list[tuple[slice, NodeValues, NodeValues]] = []
 
-    def nodes(rows: slice) -> None:
-        tokens = contrast.clean_tokens[rows]
-        m = batch_metric(contrast.metric, rows, n_batch)
-        values, grads, clean_value = node_gradients(model, entries, tokens, m)
-        away, source_logits = ablated(rows, values)
-        if method == "ig":
-            grads = node_gradients_ig(model, entries, tokens, m, values, away, steps, bar)
-        delta = away.minus(values)
-        source_value = 0.0
-        if source_logits is not None:  # the corrupt run, read while recording its nodes
-            with torch.no_grad():
-                source_value = float(summed_metric(m, source_logits, tokens.shape[0]))
-        # nothing is kept from a batch that failed (it is retried in halves)
-        cache.append((rows, delta, grads))
-        bar.update(1)
+    def add(sums: _NodeSums) -> None:
         for k in range(len(entries)):
-            node_sum[k] += (delta.f[k] * grads.f[k]).sum((0, 1)).double().cpu()
-            err_sum[k] += float((delta.e[k] * grads.e[k]).sum())
-        totals["input"] += float((delta.x0 * grads.x0).sum())
-        totals["clean"] += clean_value
-        totals["source"] += source_value
+            node_sum[k] += sums.latents[k]
+        err_sum.add_(sums.errors)
+        for name in totals:
+            totals[name] += getattr(sums, name)
 
-    n_ig = (len(entries) + 1) * steps if method == "ig" else 0
-    with progress_bar(
-        -(-n_batch // size) * (1 + n_ig), "feature circuit: nodes", enabled=progress
-    ) as bar:
-        each_batch(n_batch, size, nodes)
-    chosen = [_choose(s / n_batch, latents_per_dictionary, node_threshold) for s in node_sum]
-    n_receivers = sum(len(c) + 1 for c in chosen) + 1
+    if executor is None:
+        ablated = ablated_values(model, entries, contrast)
+        cache: list[tuple[slice, NodeValues, NodeValues]] = []
 
-    scores = torch.zeros(1, dtype=torch.float64)
-    with progress_bar(len(cache) * n_receivers, "feature circuit: edges", enabled=progress) as bar:
-        for rows, delta, grads in cache:
-            tokens = contrast.clean_tokens[rows]
-            m = batch_metric(contrast.metric, rows, n_batch)
-            scores = scores + edge_scores(
-                model, entries, tokens, m, chosen, delta, grads, bar, budget=budget
+        def nodes(rows: slice) -> None:
+            delta, grads, sums = _node_pass(
+                model, entries, contrast, ablated, rows, method, steps, bar
             )
+            cache.append((rows, delta, grads))  # nothing is kept from a batch that failed
+            bar.update(1)
+            add(sums)
+
+        with progress_bar(
+            -(-n_batch // size) * (1 + n_ig), "feature circuit: nodes", enabled=progress
+        ) as bar:
+            each_batch(n_batch, size, nodes)
+        chosen = [_choose(s / n_batch, latents_per_dictionary, node_threshold) for s in node_sum]
+        n_receivers = sum(len(c) + 1 for c in chosen) + 1
+
+        scores = torch.zeros(1, dtype=torch.float64)
+        with progress_bar(
+            len(cache) * n_receivers, "feature circuit: edges", enabled=progress
+        ) as bar:
+            for rows, delta, grads in cache:
+                tokens = contrast.clean_tokens[rows]
+                m = batch_metric(contrast.metric, rows, n_batch)
+                scores = scores + edge_scores(
+                    model, entries, tokens, m, chosen, delta, grads, bar, budget=budget
+                )
+    else:  # each batch one task, its node pass kept on the actor for its edge pass
+        call = uuid.uuid4().hex
+        inputs = executor.share(
+            (dictionaries, (clean, corrupt, metric), {"ablation": ablation, "reference": reference})
+        )
+        batches = [slice(i, min(i + size, n_batch)) for i in range(0, n_batch, size)]
+        node_tasks = [(call, inputs, rows, method, steps) for rows in batches]
+        for _, sums in executor.map(model, _nodes_on_actor, node_tasks):
+            add(sums)
+        chosen = [_choose(s / n_batch, latents_per_dictionary, node_threshold) for s in node_sum]
+        edge_tasks = [(*task, chosen, budget) for task in node_tasks]
+        scores = torch.zeros(1, dtype=torch.float64)
+        for _, part in executor.map(model, _edges_on_actor, edge_tasks):
+            scores = scores + part
     scores = scores / n_batch
 
     layout = FeatureLayout.build(
@@ -218,6 +239,110 @@ def feature_circuit(
         model_name=model_name(model),
         node_scores=node_scores,
     )
+
+
+@dataclasses.dataclass
+class _NodeSums:
+    """One batch's node scores summed over its prompts (divided by all prompts' count later)."""
+
+    latents: list[Tensor]  # per dictionary, (d_sae,) float64
+    errors: Tensor  # (dictionary,) float64
+    input: float
+    clean: float
+    source: float
+
+
+def _node_pass(
+    model: Model,
+    entries: list[DictionaryEntry],
+    contrast: Contrast,
+    ablated: Any,
+    rows: slice,
+    method: str,
+    steps: int,
+    bar: Any,
+) -> tuple[NodeValues, NodeValues, _NodeSums]:
+    """The node pass of prompts ``rows``: the move to the ablated values, the gradients, and the
+    batch's summed node scores."""
+    n_batch = contrast.n_prompts
+    tokens = contrast.clean_tokens[rows]
+    m = batch_metric(contrast.metric, rows, n_batch)
+    values, grads, clean_value = node_gradients(model, entries, tokens, m)
+    away, source_logits = ablated(rows, values)
+    if method == "ig":
+        grads = node_gradients_ig(model, entries, tokens, m, values, away, steps, bar)
+    delta = away.minus(values)
+    source_value = 0.0
+    if source_logits is not None:  # the corrupt run, read while recording its nodes
+        with torch.no_grad():
+            source_value = float(summed_metric(m, source_logits, tokens.shape[0]))
+    sums = _NodeSums(
+        latents=[(delta.f[k] * grads.f[k]).sum((0, 1)).double().cpu() for k in range(len(entries))],
+        errors=torch.tensor(
+            [float((delta.e[k] * grads.e[k]).sum()) for k in range(len(entries))],
+            dtype=torch.float64,
+        ),
+        input=float((delta.x0 * grads.x0).sum()),
+        clean=clean_value,
+        source=source_value,
+    )
+    return delta, grads, sums
+
+
+def _actor_setup(model: Model, cache: dict, call: str, inputs: tuple) -> tuple:
+    """On an actor: this call's dictionaries, contrast and ablated values (made once)."""
+    if cache.get("feature_circuit", (None,))[0] != call:
+        dictionaries, (clean, corrupt, metric), options = inputs
+        entries = dictionary_entries(model, dictionaries)
+        contrast = resolve_contrast(
+            model,
+            clean,
+            corrupt,
+            metric,
+            direction="noising",
+            ablations=FEATURE_ABLATIONS,
+            directions=("noising",),
+            **options,
+        )
+        passes: dict[tuple[int, int], tuple[NodeValues, NodeValues]] = {}
+        setup = (entries, contrast, ablated_values(model, entries, contrast), passes)
+        cache["feature_circuit"] = (call, setup)  # one call's batches at a time
+    return cache["feature_circuit"][1]
+
+
+def _nodes_on_actor(
+    model: Model, cache: dict, call: str, inputs: tuple, rows: slice, method: str, steps: int
+) -> _NodeSums:
+    """On an actor: the node pass of one batch (kept for its edge pass)."""
+    entries, contrast, ablated, passes = _actor_setup(model, cache, call, inputs)
+    bar = progress_bar(0, "", enabled=False)
+    delta, grads, sums = _node_pass(model, entries, contrast, ablated, rows, method, steps, bar)
+    passes[(rows.start, rows.stop)] = (delta, grads)
+    return sums
+
+
+def _edges_on_actor(
+    model: Model,
+    cache: dict,
+    call: str,
+    inputs: tuple,
+    rows: slice,
+    method: str,
+    steps: int,
+    chosen: list[Tensor],
+    budget: int | None,
+) -> Tensor:
+    """On an actor: one batch's edge scores (its node pass redone if another actor ran it)."""
+    entries, contrast, ablated, passes = _actor_setup(model, cache, call, inputs)
+    found = passes.pop((rows.start, rows.stop), None)
+    bar = progress_bar(0, "", enabled=False)
+    if found is None:
+        delta, grads, _ = _node_pass(model, entries, contrast, ablated, rows, method, steps, bar)
+    else:
+        delta, grads = found
+    tokens = contrast.clean_tokens[rows]
+    m = batch_metric(contrast.metric, rows, contrast.n_prompts)
+    return edge_scores(model, entries, tokens, m, chosen, delta, grads, bar, budget=budget)
 
 
 def _choose(scores: Float[Tensor, " d_sae"], n: int, threshold: float | None) -> Tensor:

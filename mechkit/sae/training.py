@@ -54,6 +54,7 @@ from mechkit.distributed.data_parallel import (
 )
 from mechkit.errors import SAEConfigError, ShapeError, TrainConfigError, did_you_mean
 from mechkit.reading import read_checkpoint, reading
+from mechkit.sae.activations import RankShare
 from mechkit.sae.base import SAEConfig, SparseDictionary
 
 __all__ = ["TrainConfig", "TrainResult", "TrainedSAE", "train_sae", "default_lr"]
@@ -319,6 +320,8 @@ def _batches(data: Any, cfg: TrainConfig, start: int, shard: bool = True) -> Ite
             return it
         rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
         return (b[rows] if isinstance(b, Tensor) else (b[0][rows], b[1][rows]) for b in it)
+    if isinstance(data, RankShare) and not shard:  # a rank's share: the whole global batches
+        return data.store.iter_batches(start)
     if hasattr(data, "iter_batches"):
         return data.iter_batches(start)
     if isinstance(data, Iterable):
