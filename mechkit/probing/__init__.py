@@ -43,7 +43,12 @@ from mechkit.probing.erasure import (
     fit_leace,
     lm_loss,
 )
-from mechkit.probing.illusion import IllusionReport, illusion_check, row_space_projector
+from mechkit.probing.illusion import (
+    IllusionReport,
+    illusion_check,
+    illusion_verdict,
+    row_space_projector,
+)
 from mechkit.probing.interchange import interchange, site_activations, subspace_iia
 from mechkit.probing.probes import (
     L2_GRID,
@@ -62,6 +67,7 @@ __all__ = [
     "IllusionReport",
     "das",
     "illusion_check",
+    "illusion_verdict",
     "interchange",
     "row_space_projector",
     "site_activations",

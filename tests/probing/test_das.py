@@ -86,6 +86,21 @@ def test_the_illusion_check_flags_the_dormant_direction(weight):
     assert true.verdict == "ok" and true.iia_subspace == 1.0
 
 
+def test_a_site_with_no_causal_role_gets_no_effect():
+    """Two tokens, the variable read at the last one: the first token's residual plays no role
+    (attention writes nothing), so neither the planted direction there nor the whole component
+    moves the answer beyond the unchanged run."""
+    model = planted_model(dormant_weight=3.0, echo=1.0)
+    base, source, labels, choices = pairs(120, seed=3)
+    tail = torch.randint(0, 20, (120,), generator=torch.Generator().manual_seed(4)).tolist()
+    base2 = [b + [t] for b, t in zip(base, tail, strict=True)]
+    source2 = [s + [t] for s, t in zip(source, tail, strict=True)]
+    report = illusion_check(model, torch.eye(8)[:1], base2, source2, labels, hook_name=HOOK,
+                            position=0, choices=choices)  # fmt: skip
+    assert report.iia_full == report.iia_subspace == report.iia_none < 0.7
+    assert report.verdict == "no effect" and report.flagged
+
+
 def _patched_by_hand(model, base, source, hook, position):
     _, cache = model.run_with_cache(torch.tensor(source), names_filter=hook)
 
