@@ -51,6 +51,7 @@ from mechkit.errors import (
     InvalidArgumentError,
     ShapeError,
     SiteNotFoundError,
+    check_choice,
     check_positive_int,
     did_you_mean,
 )
@@ -95,6 +96,18 @@ def _concept_matrix(labels: Tensor, n: int) -> Tensor:
     return z
 
 
+def _whitening(xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``Sigma^(-1/2)``, ``Sigma^(1/2)`` (pseudo-inverse roots, float64) of centred ``xc``'s
+    sample covariance, and the ``(d, r)`` orthonormal basis of its range."""
+    sigma_xx = xc.T @ xc / (xc.shape[0] - 1)
+    values, vectors = torch.linalg.eigh(sigma_xx)
+    keep = values > values[-1] * sigma_xx.shape[-1] * torch.finfo(values.dtype).eps
+    values = values.clamp_min(0.0)
+    w = vectors * torch.where(keep, values.rsqrt(), 0.0) @ vectors.T  # Sigma^(-1/2)
+    w_inv = vectors * torch.where(keep, values.sqrt(), 0.0) @ vectors.T  # Sigma^(1/2)
+    return w, w_inv, vectors[:, keep]
+
+
 def _check_x(x: Any) -> Tensor:
     if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[0] < 2:
         raise ShapeError(
@@ -111,7 +124,7 @@ class ConceptEraser:
         proj_left: ``(d, rank)``.
         proj_right: ``(rank, d)``.
         bias: ``(d,)`` the point the edit is anchored at (the mean for LEACE), or None.
-        method: ``"leace"``, ``"inlp"`` or ``"random"``.
+        method: ``"leace"``, ``"inlp"``, ``"random"`` or ``"random-whitened"``.
         hook_name: where in the model it was fitted (None for one fitted on plain tensors).
         metadata: model, dataset, classes...
 
@@ -170,13 +183,8 @@ class ConceptEraser:
         n = x.shape[0]
         mean = x.mean(0)
         xc, zc = x - mean, z - z.mean(0)
-        sigma_xx = xc.T @ xc / (n - 1)
         sigma_xz = xc.T @ zc / (n - 1)
-        values, vectors = torch.linalg.eigh(sigma_xx)
-        keep = values > values[-1] * sigma_xx.shape[-1] * torch.finfo(values.dtype).eps
-        values = values.clamp_min(0.0)
-        w = vectors * torch.where(keep, values.rsqrt(), 0.0) @ vectors.T  # Sigma^(-1/2)
-        w_inv = vectors * torch.where(keep, values.sqrt(), 0.0) @ vectors.T  # Sigma^(1/2)
+        w, w_inv, _ = _whitening(xc)
         u, s, _ = torch.linalg.svd(w @ sigma_xz, full_matrices=False)
         u = u[:, s > svd_tol]  # (d, rank)
         return cls(w_inv @ u, u.T @ w, mean, "leace")
@@ -224,23 +232,59 @@ class ConceptEraser:
 
     @classmethod
     def random(
-        cls, d: int, rank: int, *, bias: Tensor | None = None, seed: int = 0
+        cls,
+        d: int,
+        rank: int,
+        *,
+        bias: Tensor | None = None,
+        seed: int = 0,
+        like: Float[Tensor, "batch d"] | None = None,
     ) -> ConceptEraser:
-        """The orthogonal projection that removes a random ``rank``-dimensional subspace
-        (about ``bias``): amnesic probing's control.
+        """An eraser of a random ``rank``-dimensional subspace: amnesic probing's control.
+
+        Without ``like``, the orthogonal projection that removes a uniformly random subspace
+        (about ``bias``). With activations ``like``, a random *LEACE-shaped* eraser: LEACE's
+        formula ``x - Sigma^(1/2) U U^T Sigma^(-1/2) (x - mean)`` with its concept directions
+        ``U`` replaced by a uniformly random orthonormal ``rank``-frame of the whitened space
+        (inside the covariance's range), anchored at ``like``'s mean (or ``bias``). It removes
+        exactly as much whitened variance as LEACE of the same rank (``rank`` unit-variance
+        directions) and differs from LEACE only in which directions it takes, which is the
+        comparison amnesic probing means to make. An isotropic random direction instead reads
+        and writes every coordinate alike; on a model with massive activations (attention
+        sinks, thousands of times the usual size in a few coordinates) that alone can break the
+        model, whatever the concept.
 
         Example:
             >>> e = ConceptEraser.random(8, 2, seed=1)
             >>> e.rank, bool(torch.allclose(e.matrix @ e.matrix, e.matrix, atol=1e-10))
+            (2, True)
+            >>> x = torch.randn(100, 8, dtype=torch.float64) * torch.arange(1, 9)
+            >>> w = ConceptEraser.random(8, 2, like=x, seed=1)
+            >>> w.rank, bool(torch.allclose(w.matrix @ w.matrix, w.matrix, atol=1e-10))
             (2, True)
         """
         check_positive_int("d", d)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= d:
             raise InvalidArgumentError(f"Expected 0 <= rank <= d ({d}); got {rank!r}.")
         g = torch.Generator().manual_seed(seed)
-        q, _ = torch.linalg.qr(torch.randn(d, max(rank, 1), generator=g, dtype=torch.float64))
-        q = q[:, :rank]
-        return cls(q, q.T.clone(), bias, "random")
+        if like is None:
+            q, _ = torch.linalg.qr(torch.randn(d, max(rank, 1), generator=g, dtype=torch.float64))
+            q = q[:, :rank]
+            return cls(q, q.T.clone(), bias, "random")
+        x = _check_x(like)
+        if x.shape[1] != d:
+            raise ShapeError(f"Expected activations of width d={d}; got {tuple(x.shape)}.")
+        mean = x.mean(0)
+        w, w_inv, span = _whitening(x - mean)
+        if rank > span.shape[1]:
+            raise InvalidArgumentError(
+                f"Expected rank <= {span.shape[1]} (the dimension the activations span); got "
+                f"{rank}. Hint: more activations, or a smaller rank."
+            )
+        frame = torch.randn(span.shape[1], max(rank, 1), generator=g, dtype=torch.float64)
+        u, _ = torch.linalg.qr(span @ frame)  # (d, rank): random, inside the range
+        u = u[:, :rank]
+        return cls(w_inv @ u, u.T @ w, mean if bias is None else bias, "random-whitened")
 
     def at(self, hook_name: str, **metadata: Any) -> ConceptEraser:
         """The same eraser, recorded as belonging at ``hook_name``."""
@@ -536,6 +580,7 @@ def amnesic_probe(
     texts: Sequence[str | Sequence[int]] | None = None,
     metric: Callable[[Model], float] | None = None,
     n_random: int = 3,
+    control: str = "whitened",
     seed: int = 0,
     batch_size: int | None = 16,
 ) -> AmnesicResult:
@@ -548,6 +593,12 @@ def amnesic_probe(
         texts: the texts the LM loss is measured on (None: the dataset's distinct texts).
         metric: a function of the model to a number (a task metric), measured as the loss is.
         n_random: random erasers of the same rank (about the same bias) to compare with.
+        control: how they are drawn (see :meth:`ConceptEraser.random`): ``"whitened"``
+            (default: LEACE's form with random directions of the whitened space, fitted on the
+            dataset's activations; as much variance removed as LEACE removes, and massive
+            activations read no more than LEACE reads them) or ``"isotropic"`` (a uniformly
+            random orthogonal projection, which on a model with massive activations can break
+            the model for reasons unrelated to the concept).
         seed: the random erasers' seed; ``seed + i`` for the i-th.
         batch_size: texts per forward pass.
 
@@ -566,6 +617,7 @@ def amnesic_probe(
             "fitted on plain tensors."
         )
     check_positive_int("n_random", n_random)
+    check_choice("control", control, ("whitened", "isotropic"))
     texts = list(dict.fromkeys(dataset.texts)) if texts is None else list(texts)
     hook = eraser.hook_name
     x = collect_activations(model, dataset, [hook], batch_size=batch_size)[hook].double()
@@ -582,9 +634,12 @@ def amnesic_probe(
 
     loss_clean, metric_clean = measure(None)
     loss_erased, metric_erased = measure(eraser)
+    like = x if control == "whitened" else None
     randoms = [
         measure(
-            ConceptEraser.random(x.shape[1], eraser.rank, bias=eraser.bias, seed=seed + i).at(hook)
+            ConceptEraser.random(
+                x.shape[1], eraser.rank, bias=eraser.bias, seed=seed + i, like=like
+            ).at(hook)
         )
         for i in range(n_random)
     ]
@@ -592,5 +647,6 @@ def amnesic_probe(
         loss_clean, loss_erased, torch.tensor([r[0] for r in randoms]), before, after,
         metric_clean, metric_erased,
         torch.tensor([r[1] for r in randoms]) if metric is not None else torch.tensor([]),
-        eraser.rank, {"model": model_name(model), "dataset": dataset.name, "hook_name": hook},
+        eraser.rank, {"model": model_name(model), "dataset": dataset.name, "hook_name": hook,
+                      "control": control},
     )  # fmt: skip
