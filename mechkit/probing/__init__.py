@@ -30,6 +30,7 @@ from mechkit.probing.datasets import (
     interchange_pairs,
     ioi_name_tokens,
     ioi_position_pairs,
+    ioi_swap_pairs,
     name_gender,
     python_syntax,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "InterchangePairs",
     "interchange_pairs",
     "ioi_position_pairs",
+    "ioi_swap_pairs",
     "IllusionReport",
     "das",
     "illusion_check",

@@ -65,6 +65,7 @@ __all__ = [
     "InterchangePairs",
     "interchange_pairs",
     "ioi_position_pairs",
+    "ioi_swap_pairs",
     "FEMALE_NAMES",
     "MALE_NAMES",
 ]
@@ -388,6 +389,8 @@ class InterchangePairs:
         labels: the answer the base run should give with the variable taken from the source.
         choices: per pair, the candidate answers compared (IIA among them).
         answers: the base run's own answer (what the unchanged model should say).
+        positions: named token positions shared by every prompt (e.g. ``{"S2": 9, "END":
+            -1}``), where the pairs were built with aligned tokens; empty otherwise.
 
     Example:
         >>> pairs = InterchangePairs(["a"], ["b"], [" x"], [[" x", " y"]], [" y"])
@@ -400,13 +403,15 @@ class InterchangePairs:
     labels: list[str]
     choices: list[list[str]]
     answers: list[str]
+    positions: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, rows: slice) -> InterchangePairs:
         return InterchangePairs(self.base[rows], self.source[rows], self.labels[rows],
-                                self.choices[rows], self.answers[rows])  # fmt: skip
+                                self.choices[rows], self.answers[rows],
+                                dict(self.positions))  # fmt: skip
 
 
 def interchange_pairs(
@@ -484,6 +489,79 @@ def ioi_position_pairs(model: Model, n: int = 160, *, seed: int = 0) -> Intercha
         return " " + (e[1] if slot == 0 else e[2])
 
     return interchange_pairs(examples, render, high_level, lambda e: e[5], n=n, seed=seed)
+
+
+IOI_SWAPS = ("repeated", "io")
+"""The interchanges of :func:`ioi_swap_pairs`."""
+
+
+def ioi_swap_pairs(
+    model: Model, n: int = 96, *, swap: str = "repeated", seed: int = 0
+) -> InterchangePairs:
+    """IOI pairs whose prompts share every token position, for sweeps over sites and positions.
+
+    The task (Wang et al. 2022): "When {IO} and {S} went to the {place}, {S} gave a {thing}
+    to" -> " {IO}", one template, single-token names, places and things, so every prompt has
+    the same length and ``positions`` names the base's tokens: ``"IO"``, ``"S1"``, ``"S2"``,
+    ``"END"`` (-1). The interchanges are the IOI literature's:
+
+    - ``swap="repeated"``: the source repeats the *other* name ("..., {IO} gave a {thing}
+      to"); the high-level model answers with the name that is not repeated, so the
+      counterfactual label is the base's S. Choices: the two names. The base and the source
+      agree on every token before S2, so a patch at IO or S1 changes nothing.
+    - ``swap="io"``: the source puts a third name C in the IO slot; the counterfactual label is
+      C. Choices: IO, S and C.
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> pairs = ioi_swap_pairs(model, 2)
+        >>> pairs.base[0], pairs.source[0], pairs.labels[0], pairs.answers[0], pairs.positions
+        ... # doctest: +ELLIPSIS
+        ('When ... gave a ... to', '...', ' ...', ' ...', {'IO': 1, 'S1': 3, 'S2': 9, 'END': -1})
+    """
+    from mechkit.errors import check_choice
+
+    check_choice("swap", swap, IOI_SWAPS)
+    tokenizer = tokenizer_of(model)
+
+    def single(words: Sequence[str]) -> list[str]:
+        return [w for w in words if len(tokenizer.encode(" " + w, add_special_tokens=False)) == 1]
+
+    names = _single_token_names(model, FEMALE_NAMES + MALE_NAMES)
+    places, things = single(_PLACES), single(_THINGS)
+    if len(names) < 3 or not places or not things:
+        raise EmptyDatasetError(
+            "Expected at least three single-token names and one single-token place and thing "
+            f"in this tokenizer; got {len(names)} names, {len(places)} places, {len(things)} "
+            "things."
+        )
+    template = _IOI_SUBJECT_TEMPLATES[0]
+    rng = random.Random(seed)
+    out = InterchangePairs([], [], [], [], [])
+    roles: tuple[str, str] = ("", "")
+    for i in range(n):
+        io, s, c = rng.sample(names, 3)
+        roles = (io, s) if i == 0 else roles
+        place, thing = rng.choice(places), rng.choice(things)
+        out.base.append(template.format(A=io, B=s, C=s, place=place, thing=thing))
+        if swap == "repeated":
+            out.source.append(template.format(A=io, B=s, C=io, place=place, thing=thing))
+            out.labels.append(" " + s)
+            out.choices.append(sorted([" " + io, " " + s]))
+        else:
+            out.source.append(template.format(A=c, B=s, C=s, place=place, thing=thing))
+            out.labels.append(" " + c)
+            out.choices.append(sorted([" " + io, " " + s, " " + c]))
+        out.answers.append(" " + io)
+    rows = [encode(model, t) for t in out.base + out.source]
+    if len({len(r) for r in rows}) != 1:  # pragma: no cover - every word is one token
+        raise PromptLengthError("Expected IOI prompts of one length; the tokenizer split one.")
+    first = rows[0]  # the first base: its names' token ids give the positions
+    io_id, s_id = (tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in roles)
+    io_at = first.index(io_id)
+    s_at = [i for i, t in enumerate(first) if t == s_id]
+    out.positions.update({"IO": io_at, "S1": s_at[0], "S2": s_at[1], "END": -1})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
