@@ -53,20 +53,21 @@ def pick(logits, choices):
     return choices.gather(-1, logits.gather(-1, choices).argmax(-1, keepdim=True))[:, 0]
 
 
-def sweep(model, pairs, swap: str) -> dict:
+def sweep(model, pairs, swap: str, layers=LAYERS) -> dict:
+    """IIA of whole-site patching at each layer's resid_post and each named position."""
     tokens = lambda texts: torch.tensor([model.to_tokens(t, prepend_bos=None)[0].tolist()  # noqa: E731
                                          for t in texts])  # fmt: skip
     base, source = tokens(pairs.base), tokens(pairs.source)
     choices, labels = ids(model, pairs.choices), ids(model, [[w] for w in pairs.labels])[:, 0]
     answers = ids(model, [[w] for w in pairs.answers])[:, 0]
-    hooks = [f"blocks.{layer}.hook_resid_post" for layer in LAYERS]
+    hooks = [f"blocks.{layer}.hook_resid_post" for layer in layers]
     with torch.no_grad():
         logits, base_cache = model.run_with_cache(base, names_filter=hooks)
         _, source_cache = model.run_with_cache(source, names_filter=hooks)
     chosen = pick(logits[:, -1], choices)
     out = {"task_accuracy": float((chosen == answers).double().mean()),
            "iia_none": float((chosen == labels).double().mean()), "sites": []}  # fmt: skip
-    for layer, hook in zip(LAYERS, hooks, strict=True):
+    for layer, hook in zip(layers, hooks, strict=True):
         for name, pos in pairs.positions.items():
             edited = base_cache[hook].clone()
             edited[:, pos] = source_cache[hook][:, pos]

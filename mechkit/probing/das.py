@@ -51,8 +51,10 @@ from mechkit.errors import (
     FileFormatError,
     InvalidArgumentError,
     ShapeError,
+    check_choice,
     check_positive_int,
 )
+from mechkit.probing.datasets import InterchangePairs
 from mechkit.probing.illusion import illusion_check
 from mechkit.probing.interchange import (
     Prompt,
@@ -191,12 +193,12 @@ class DasResult:
 
 def das(
     model: Model,
-    base: Sequence[Prompt],
-    source: Sequence[Prompt],
-    labels: Sequence[str | int],
+    base: Sequence[Prompt] | InterchangePairs,
+    source: Sequence[Prompt] | None = None,
+    labels: Sequence[str | int] | None = None,
     *,
     hook_name: str,
-    position: int = -1,
+    position: int | str = -1,
     k: int = 1,
     boundless: bool = False,
     choices: Int[Tensor, "batch n_choices"] | Sequence[Sequence[str | int]] | None = None,
@@ -214,11 +216,15 @@ def das(
 
     Args:
         model: the HookedTransformer.
-        base, source: the pairs' prompts (text or token ids).
+        base, source: the pairs' prompts (text or token ids); or ``base`` is an
+            :class:`~mechkit.probing.InterchangePairs` (from
+            :func:`~mechkit.probing.interchange_pairs`, the user's high-level model in a few
+            lines) and ``source``, ``labels`` and, unless given, ``choices`` come from it.
         labels: per pair, the answer the intervened base run should give (a single-token
             string or a token id), from the user's high-level causal model.
         hook_name: the site (any hook; its activation is flattened per position).
-        position: the token of both runs that is intervened on (-1: the last).
+        position: the token of both runs that is intervened on (-1: the last), or the name
+            of one of the pairs' ``positions`` (``"S2"``).
         k: the subspace's dimension (for boundless DAS, the mask's starting boundary).
         boundless: learn ``k`` with a sigmoid mask and an annealed temperature.
         choices: per pair, the candidate answers IIA and the loss compare (None: the whole
@@ -242,6 +248,26 @@ def das(
         (1.0, 1.0)
     """
     check_hook(model, hook_name)
+    if isinstance(base, InterchangePairs):
+        if source is not None or labels is not None:
+            raise InvalidArgumentError(
+                "Expected either InterchangePairs or base, source and labels; got both. Hint: "
+                "das(model, pairs, hook_name=...)."
+            )
+        pairs = base
+        base, source, labels = pairs.base, pairs.source, pairs.labels
+        choices = pairs.choices if choices is None else choices
+        if isinstance(position, str):
+            position = int(pairs.positions[check_choice("position", position, pairs.positions)])
+    if source is None or labels is None:
+        raise InvalidArgumentError(
+            "Expected source prompts and labels (or InterchangePairs as base); got None."
+        )
+    if isinstance(position, str):
+        raise InvalidArgumentError(
+            f"Expected an integer position (a named one, {position!r}, needs InterchangePairs "
+            "with positions)."
+        )
     base_rows, source_rows = prompt_rows(model, base, "base"), prompt_rows(model, source, "source")
     n = len(base_rows)
     if len(source_rows) != n:

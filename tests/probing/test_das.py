@@ -62,6 +62,23 @@ def test_das_recovers_the_planted_direction():
     assert hook_count(model) == 0
 
 
+def test_das_on_a_task_defined_in_a_few_lines():
+    """The user's high-level model (the answer is A for an even token, B for an odd one; the
+    variable is the token's parity) through interchange_pairs, straight into das."""
+    model = planted_model(dormant_weight=0.1, echo=0.0)
+    pairs = mk.probing.interchange_pairs(
+        range(20), lambda t: [t], lambda t, even: A if even else B, lambda t: t % 2 == 0,
+        n=200, seed=5,
+    )  # fmt: skip
+    assert all((s[0] % 2 == 0) == (label == A) for s, label in zip(pairs.source, pairs.labels))
+    result = mk.das(model, pairs, hook_name=HOOK, k=1, steps=150, lr=0.05, batch_size=64)
+    assert abs(float(result.basis[0] @ torch.eye(8)[0])) > 0.99 and result.iia_test == 1.0
+    with pytest.raises(mk.InvalidArgumentError, match="position"):
+        mk.das(model, pairs, hook_name=HOOK, position="S2")
+    with pytest.raises(mk.InvalidArgumentError, match="either"):
+        mk.das(model, pairs, pairs.source, hook_name=HOOK)
+
+
 def test_boundless_das_learns_a_small_subspace_that_works():
     model = planted_model(dormant_weight=0.1, echo=0.0)
     base, source, labels, choices = pairs(200, seed=1)
