@@ -32,6 +32,7 @@ from mechkit.probing.datasets import (
     ioi_position_pairs,
     ioi_swap_pairs,
     name_gender,
+    prompts_per_forward,
     python_syntax,
 )
 from mechkit.probing.erasure import (
@@ -93,6 +94,7 @@ __all__ = [
     "fit_probe",
     "ioi_name_tokens",
     "name_gender",
+    "prompts_per_forward",
     "python_syntax",
     "train_probe",
 ]

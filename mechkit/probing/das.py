@@ -54,7 +54,7 @@ from mechkit.errors import (
     check_choice,
     check_positive_int,
 )
-from mechkit.probing.datasets import InterchangePairs
+from mechkit.probing.datasets import InterchangePairs, prompts_per_forward
 from mechkit.probing.illusion import illusion_check
 from mechkit.probing.interchange import (
     Prompt,
@@ -209,6 +209,7 @@ def das(
     check_illusion: bool = True,
     weight: Tensor | None = None,
     seed: int = 0,
+    memory_budget: int | str | None = None,
     progress: bool = False,
 ) -> DasResult:
     """Learn a ``k``-dimensional subspace at ``hook_name`` whose interchange realises the
@@ -235,6 +236,9 @@ def das(
         weight: for the illusion check, the weights that read the site (None: the MLP's
             ``W_out`` at an MLP hidden site, else the span of the activations).
         seed: the rotation's initialisation, the split and the batches.
+        memory_budget: bytes (or ``"2GB"``) one forward pass of the reading and evaluation
+            passes may use (training steps take ``batch_size`` pairs); None: 2 GiB on CPU, 60%
+            of free memory on CUDA.
         progress: show a progress bar.
 
     Example:
@@ -292,7 +296,9 @@ def das(
             )
     check_positive_int("steps", steps)
     check_positive_int("batch_size", batch_size)
-    sources = site_activations(model, source_rows, hook_name=hook_name, position=position)
+    sources = site_activations(model, source_rows, hook_name=hook_name, position=position,
+                               memory_budget=memory_budget)  # fmt: skip
+    size = prompts_per_forward(model, base_rows, None, memory_budget)
     d = sources.shape[1]
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= d:
         raise InvalidArgumentError(
@@ -367,7 +373,7 @@ def das(
     k_final = int((final_mask > 0.5).sum()) if final_mask is not None else k
 
     def iia(rows: list[int], basis: Tensor) -> float:
-        logits = eval_subspace(model, base_rows, index, sources, basis, hook_name, rows)
+        logits = eval_subspace(model, base_rows, index, sources, basis, hook_name, rows, size)
         return choice_accuracy(logits, y[rows], None if choice_ids is None else choice_ids[rows])
 
     basis = r[:k_final]
@@ -384,7 +390,9 @@ def das(
             [int(v) for v in y[test]], weight=weight,
             choices=None if choice_ids is None else choice_ids[test],
             activations=torch.cat([site_activations(model, base_rows, hook_name=hook_name,
-                                                    position=position), sources]),
+                                                    position=position,
+                                                    memory_budget=memory_budget), sources]),
+            memory_budget=memory_budget,
         )  # fmt: skip
         result = dataclasses.replace(result, illusion=report)
     return result

@@ -40,7 +40,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechkit.core.batching import each_batch
+from mechkit.core.batching import check_budget, each_batch
 from mechkit.core.progress import progress_bar
 from mechkit.core.types import Model
 from mechkit.errors import (
@@ -50,9 +50,12 @@ from mechkit.errors import (
     PromptLengthError,
     ShapeError,
     SiteNotFoundError,
+    check_batch_size,
+    check_choice,
     did_you_mean,
 )
 from mechkit.hook_scope import run_with_cache
+from mechkit.input_attribution.runs import rows_per_pass
 from mechkit.sae.activations import stdlib_documents
 from mechkit.tokens import encode, pad_right, tokenizer_of
 
@@ -66,6 +69,7 @@ __all__ = [
     "interchange_pairs",
     "ioi_position_pairs",
     "ioi_swap_pairs",
+    "prompts_per_forward",
     "FEMALE_NAMES",
     "MALE_NAMES",
 ]
@@ -519,8 +523,6 @@ def ioi_swap_pairs(
         ... # doctest: +ELLIPSIS
         ('When ... gave a ... to', '...', ' ...', ' ...', {'IO': 1, 'S1': 3, 'S2': 9, 'END': -1})
     """
-    from mechkit.errors import check_choice
-
     check_choice("swap", swap, IOI_SWAPS)
     tokenizer = tokenizer_of(model)
 
@@ -572,19 +574,43 @@ def _token_rows(model: Model, texts: Sequence[Text]) -> list[list[int]]:
     return [encode(model, t) if isinstance(t, str) else list(t) for t in texts]
 
 
+def prompts_per_forward(
+    model: Model,
+    rows: Sequence[Sequence[int]],
+    batch_size: int | None,
+    memory_budget: int | str | None,
+) -> int:
+    """Prompts per forward pass: ``batch_size`` when given, else as many of the longest of
+    ``rows`` as ``memory_budget`` holds (a rough count of a pass's float32 activations; see
+    :func:`mechkit.input_attribution.rows_per_pass`).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> prompts_per_forward(model, [[1, 2, 3]], 4, None), prompts_per_forward(
+        ...     model, [[1, 2, 3]], None, 1)
+        (4, 1)
+    """
+    check_batch_size(batch_size)
+    check_budget(memory_budget)
+    length = max((len(r) for r in rows), default=1)
+    return rows_per_pass(model, max(length, 1), batch_size, memory_budget)
+
+
 def collect_activations(
     model: Model,
     dataset: ProbingDataset,
     hook_names: Sequence[str],
     *,
-    batch_size: int | None = 16,
+    batch_size: int | None = None,
+    memory_budget: int | str | None = None,
     progress: bool = False,
 ) -> dict[str, Float[Tensor, "batch d"]]:
     """Each example's activation at each hook, ``{hook name: (examples, width)}`` float32 CPU.
 
     Texts are grouped (each distinct text runs once), right-padded in batches of
-    ``batch_size`` texts (a batch that runs out of memory is split in halves), and the model
-    stops after the last block it needs. No hook is left on the model.
+    ``batch_size`` texts (None: as many as ``memory_budget`` holds, 2 GiB on CPU by default; a
+    batch that runs out of memory is split in halves), and the model stops after the last
+    block it needs. No hook is left on the model.
 
     Raises:
         SiteNotFoundError: a hook the model lacks.
@@ -653,6 +679,7 @@ def collect_activations(
                 out[name][row] = value
         bar.update(chunk.stop - chunk.start)
 
+    size = prompts_per_forward(model, _token_rows(model, unique), batch_size, memory_budget)
     with bar:
-        each_batch(len(unique), batch_size, read)
+        each_batch(len(unique), size, read)
     return {n: torch.stack([v for v in out[n] if v is not None]) for n in names}

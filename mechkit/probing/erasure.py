@@ -56,7 +56,7 @@ from mechkit.errors import (
     did_you_mean,
 )
 from mechkit.hook_scope import hook_scope
-from mechkit.probing.datasets import ProbingDataset, collect_activations
+from mechkit.probing.datasets import ProbingDataset, collect_activations, prompts_per_forward
 from mechkit.probing.probes import check_site, fit_logistic, fit_probe
 from mechkit.reading import read_safetensors
 from mechkit.tokens import encode, pad_right
@@ -376,10 +376,17 @@ class OracleEraser:
 
 
 def _fit_on_model(
-    model: Model, dataset: ProbingDataset, layer: int, site: str, batch_size: int | None
+    model: Model,
+    dataset: ProbingDataset,
+    layer: int,
+    site: str,
+    batch_size: int | None,
+    memory_budget: int | str | None,
 ) -> tuple[str, Tensor, Tensor]:
     (hook,) = check_site(model, site, [layer])
-    x = collect_activations(model, dataset, [hook], batch_size=batch_size)[hook]
+    x = collect_activations(
+        model, dataset, [hook], batch_size=batch_size, memory_budget=memory_budget
+    )[hook]
     return hook, x.double(), dataset.label_ids
 
 
@@ -390,12 +397,14 @@ def fit_leace(
     layer: int,
     site: str = "resid_pre",
     svd_tol: float = 0.01,
-    batch_size: int | None = 16,
+    batch_size: int | None = None,
+    memory_budget: int | str | None = None,
 ) -> ConceptEraser:
     """The LEACE eraser of ``dataset``'s labels from ``site`` at ``layer`` of ``model``.
 
-    Activations are read at the dataset's positions; use the eraser in the model with
-    :func:`erase` (at every position by default).
+    Activations are read at the dataset's positions (``batch_size`` texts per forward pass,
+    None: as many as ``memory_budget`` holds, 2 GiB on CPU by default); use the eraser in the
+    model with :func:`erase` (at every position by default).
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -404,7 +413,7 @@ def fit_leace(
         >>> mk.fit_leace(model, data, layer=1)
         ConceptEraser(method='leace', rank=1, d=128, hook_name='blocks.1.hook_resid_pre')
     """
-    hook, x, y = _fit_on_model(model, dataset, layer, site, batch_size)
+    hook, x, y = _fit_on_model(model, dataset, layer, site, batch_size, memory_budget)
     meta = {"model": model_name(model), "dataset": dataset.name,
             "classes": [str(c) for c in dataset.classes]}  # fmt: skip
     return ConceptEraser.leace(x, y, svd_tol=svd_tol).at(hook, **meta)
@@ -418,9 +427,11 @@ def fit_inlp(
     site: str = "resid_pre",
     n_iterations: int = 10,
     l2: float = 1e-4,
-    batch_size: int | None = 16,
+    batch_size: int | None = None,
+    memory_budget: int | str | None = None,
 ) -> ConceptEraser:
-    """The INLP eraser (:meth:`ConceptEraser.inlp`) of ``dataset``'s classes at a layer.
+    """The INLP eraser (:meth:`ConceptEraser.inlp`) of ``dataset``'s classes at a layer
+    (activations read as :func:`fit_leace` reads them).
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -429,7 +440,7 @@ def fit_inlp(
         >>> mk.probing.fit_inlp(model, data, layer=0, n_iterations=2).method
         'inlp'
     """
-    hook, x, y = _fit_on_model(model, dataset, layer, site, batch_size)
+    hook, x, y = _fit_on_model(model, dataset, layer, site, batch_size, memory_budget)
     eraser = ConceptEraser.inlp(x, y, n_iterations=n_iterations, l2=l2)
     return eraser.at(hook, model=model_name(model), dataset=dataset.name)
 
@@ -475,10 +486,15 @@ def erase(
 
 
 def lm_loss(
-    model: Model, texts: Sequence[str | Sequence[int]], *, batch_size: int | None = 16
+    model: Model,
+    texts: Sequence[str | Sequence[int]],
+    *,
+    batch_size: int | None = None,
+    memory_budget: int | str | None = None,
 ) -> float:
     """The mean next-token cross-entropy over every real token of ``texts`` (right-padded in
-    batches; padding never counts).
+    batches of ``batch_size`` texts, None: as many as ``memory_budget`` holds, 2 GiB on CPU by
+    default; padding never counts).
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -504,7 +520,7 @@ def lm_loss(
         totals[0] += float(nll[keep].sum())
         totals[1] += float(keep.sum())
 
-    each_batch(len(rows), batch_size, work)
+    each_batch(len(rows), prompts_per_forward(model, rows, batch_size, memory_budget), work)
     return totals[0] / max(totals[1], 1.0)
 
 
@@ -582,7 +598,8 @@ def amnesic_probe(
     n_random: int = 3,
     control: str = "whitened",
     seed: int = 0,
-    batch_size: int | None = 16,
+    batch_size: int | None = None,
+    memory_budget: int | str | None = None,
 ) -> AmnesicResult:
     """Amnesic probing (Elazar et al. 2021) of ``eraser`` (fitted on ``dataset``).
 
@@ -600,7 +617,9 @@ def amnesic_probe(
             random orthogonal projection, which on a model with massive activations can break
             the model for reasons unrelated to the concept).
         seed: the random erasers' seed; ``seed + i`` for the i-th.
-        batch_size: texts per forward pass.
+        batch_size: texts per forward pass (None: as many as ``memory_budget`` holds).
+        memory_budget: bytes (or ``"2GB"``) a forward pass may use when ``batch_size`` is
+            None; None: 2 GiB on CPU, 60% of free memory on CUDA.
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -620,7 +639,9 @@ def amnesic_probe(
     check_choice("control", control, ("whitened", "isotropic"))
     texts = list(dict.fromkeys(dataset.texts)) if texts is None else list(texts)
     hook = eraser.hook_name
-    x = collect_activations(model, dataset, [hook], batch_size=batch_size)[hook].double()
+    x = collect_activations(
+        model, dataset, [hook], batch_size=batch_size, memory_budget=memory_budget
+    )[hook].double()
     y = dataset.label_ids
     before = fit_probe(x, y, l2=1e-3, seed=seed).test_score
     after = fit_probe(eraser(x), y, l2=1e-3, seed=seed).test_score
@@ -628,7 +649,7 @@ def amnesic_probe(
     def measure(e: ConceptEraser | None) -> tuple[float, float]:
         scope = erase(model, e) if e is not None else contextlib.nullcontext()
         with scope:
-            loss = lm_loss(model, texts, batch_size=batch_size)
+            loss = lm_loss(model, texts, batch_size=batch_size, memory_budget=memory_budget)
             value = float(metric(model)) if metric is not None else float("nan")
         return loss, value
 

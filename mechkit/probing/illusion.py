@@ -207,6 +207,7 @@ def illusion_check(
     weight: Tensor | None = None,
     choices: Tensor | None = None,
     activations: Tensor | None = None,
+    memory_budget: int | str | None = None,
 ) -> IllusionReport:
     """Makelov et al.'s checks of a subspace (a :class:`DasResult` or an orthonormal basis) on
     held-out pairs (see the module docstring).
@@ -219,6 +220,8 @@ def illusion_check(
             site, else the span of the activations is used).
         choices: per pair, the candidate answers IIA compares.
         activations: real activations at the site (None: the pairs' own).
+        memory_budget: bytes (or ``"2GB"``) a forward pass may use; None: 2 GiB on CPU, 60%
+            of free memory on CUDA.
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -240,8 +243,10 @@ def illusion_check(
     d = basis.shape[1]
     if activations is None:
         activations = torch.cat(
-            [site_activations(model, base, hook_name=hook_name, position=position),
-             site_activations(model, source, hook_name=hook_name, position=position)]
+            [site_activations(model, base, hook_name=hook_name, position=position,
+                              memory_budget=memory_budget),
+             site_activations(model, source, hook_name=hook_name, position=position,
+                              memory_budget=memory_budget)]
         )  # fmt: skip
     mlp = re.fullmatch(r"blocks\.(\d+)\.mlp\.hook_post", hook_name)
     if weight is None and mlp is not None:
@@ -257,7 +262,8 @@ def illusion_check(
 
     def iia(b: Tensor) -> float:
         return subspace_iia(model, base, source, labels, b, hook_name=hook_name,
-                            position=position, choices=choices)  # fmt: skip
+                            position=position, choices=choices,
+                            memory_budget=memory_budget)  # fmt: skip
 
     none = iia(torch.zeros(0, d))
     sub = iia(basis)

@@ -70,7 +70,9 @@ def test_das_on_a_task_defined_in_a_few_lines():
         range(20), lambda t: [t], lambda t, even: A if even else B, lambda t: t % 2 == 0,
         n=200, seed=5,
     )  # fmt: skip
-    assert all((s[0] % 2 == 0) == (label == A) for s, label in zip(pairs.source, pairs.labels))
+    assert all(
+        (s[0] % 2 == 0) == (label == A) for s, label in zip(pairs.source, pairs.labels, strict=True)
+    )
     result = mk.das(model, pairs, hook_name=HOOK, k=1, steps=150, lr=0.05, batch_size=64)
     assert abs(float(result.basis[0] @ torch.eye(8)[0])) > 0.99 and result.iia_test == 1.0
     with pytest.raises(mk.InvalidArgumentError, match="position"):
