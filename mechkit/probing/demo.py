@@ -14,7 +14,7 @@ from pathlib import Path
 from mechkit.core.types import Model
 from mechkit.corpus import corpus_tokens
 from mechkit.probing.das import das
-from mechkit.probing.datasets import ioi_position_pairs, name_gender
+from mechkit.probing.datasets import ioi_swap_pairs, name_gender
 from mechkit.probing.erasure import amnesic_probe, fit_leace
 from mechkit.probing.probes import train_probe
 from mechkit.report_parts import figure_link, html_table
@@ -57,21 +57,22 @@ def demo_section(model: Model, out: Path, quick: bool = False) -> str:
         f"<p>LEACE (Belrose et al. 2023) of the same property at layer {layer} (rank "
         f"{eraser.rank}), applied at every position: LM loss on held-out text "
         f"{amnesic.loss_clean:.4f} unchanged, {amnesic.loss_erased:.4f} with the property "
-        f"erased, {html.escape(random_losses)} with random subspaces of the same rank erased; "
+        f"erased, {html.escape(random_losses)} with random subspaces of the same rank erased "
+        "(random directions of the whitened space, LEACE's form: as much variance removed); "
         f"probe accuracy {amnesic.probe_accuracy:.2f} before, "
         f"{amnesic.probe_accuracy_erased:.2f} after.</p>",
     ]
     if not quick:
-        pairs = ioi_position_pairs(model, 96)
-        result = das(
-            model, pairs.base, pairs.source, pairs.labels, choices=pairs.choices,
-            hook_name=f"blocks.{layer}.hook_resid_post", k=1, steps=40, lr=2e-2,
-        )  # fmt: skip
+        late = (4 * n) // 5  # SmolLM2: the answer reaches END between layers 18 and 24
+        pairs = ioi_swap_pairs(model, 96, swap="repeated")
+        result = das(model, pairs, hook_name=f"blocks.{late}.hook_resid_post", position="END",
+                     k=1, steps=30, lr=5e-2)  # fmt: skip
         report = result.illusion
         das_link = figure_link(out, "das_ioi_illusion.html", report.plot())
         parts.append(
             f"<p>DAS (Geiger et al. 2023), one direction of the residual stream after layer "
-            f"{layer} at the last token, for which name slot holds IOI's indirect object: "
+            f"{late} at the last token, for IOI with the source repeating the other name (the "
+            "answer should become the base's subject): "
             f"held-out IIA {result.iia_test:.2f} (unchanged run {result.iia_none:.2f}, whole "
             f"residual patched {result.iia_full:.2f}). Illusion check (Makelov et al. 2023, "
             f"{html.escape(report.split)}): {html.escape(report.verdict)}; {das_link}.</p>"

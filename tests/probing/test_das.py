@@ -73,8 +73,11 @@ def test_das_on_a_task_defined_in_a_few_lines():
     assert all(
         (s[0] % 2 == 0) == (label == A) for s, label in zip(pairs.source, pairs.labels, strict=True)
     )
-    result = mk.das(model, pairs, hook_name=HOOK, k=1, steps=150, lr=0.05, batch_size=64)
+    pairs.positions["token"] = 0  # the one token, by name
+    result = mk.das(model, pairs, hook_name=HOOK, position="token", k=1, steps=150, lr=0.05,
+                    batch_size=64)  # fmt: skip
     assert abs(float(result.basis[0] @ torch.eye(8)[0])) > 0.99 and result.iia_test == 1.0
+    assert result.position == 0
     with pytest.raises(mk.InvalidArgumentError, match="position"):
         mk.das(model, pairs, hook_name=HOOK, position="S2")
     with pytest.raises(mk.InvalidArgumentError, match="either"):
