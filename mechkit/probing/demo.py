@@ -57,8 +57,7 @@ def demo_section(model: Model, out: Path, quick: bool = False) -> str:
         f"<p>LEACE (Belrose et al. 2023) of the same property at layer {layer} (rank "
         f"{eraser.rank}), applied at every position: LM loss on held-out text "
         f"{amnesic.loss_clean:.4f} unchanged, {amnesic.loss_erased:.4f} with the property "
-        f"erased, {html.escape(random_losses)} with random subspaces of the same rank erased "
-        "(random directions of the whitened space, LEACE's form: as much variance removed); "
+        f"erased, {html.escape(random_losses)} with random subspaces of the same rank erased; "
         f"probe accuracy {amnesic.probe_accuracy:.2f} before, "
         f"{amnesic.probe_accuracy_erased:.2f} after.</p>",
     ]
