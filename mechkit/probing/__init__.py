@@ -30,7 +30,9 @@ from mechkit.probing.datasets import (
     interchange_pairs,
     ioi_name_tokens,
     ioi_position_pairs,
+    ioi_swap_pairs,
     name_gender,
+    prompts_per_forward,
     python_syntax,
 )
 from mechkit.probing.erasure import (
@@ -43,7 +45,12 @@ from mechkit.probing.erasure import (
     fit_leace,
     lm_loss,
 )
-from mechkit.probing.illusion import IllusionReport, illusion_check, row_space_projector
+from mechkit.probing.illusion import (
+    IllusionReport,
+    illusion_check,
+    illusion_verdict,
+    row_space_projector,
+)
 from mechkit.probing.interchange import interchange, site_activations, subspace_iia
 from mechkit.probing.probes import (
     L2_GRID,
@@ -59,9 +66,11 @@ __all__ = [
     "InterchangePairs",
     "interchange_pairs",
     "ioi_position_pairs",
+    "ioi_swap_pairs",
     "IllusionReport",
     "das",
     "illusion_check",
+    "illusion_verdict",
     "interchange",
     "row_space_projector",
     "site_activations",
@@ -85,6 +94,7 @@ __all__ = [
     "fit_probe",
     "ioi_name_tokens",
     "name_gender",
+    "prompts_per_forward",
     "python_syntax",
     "train_probe",
 ]

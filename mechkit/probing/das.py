@@ -51,8 +51,10 @@ from mechkit.errors import (
     FileFormatError,
     InvalidArgumentError,
     ShapeError,
+    check_choice,
     check_positive_int,
 )
+from mechkit.probing.datasets import InterchangePairs, prompts_per_forward
 from mechkit.probing.illusion import illusion_check
 from mechkit.probing.interchange import (
     Prompt,
@@ -191,12 +193,12 @@ class DasResult:
 
 def das(
     model: Model,
-    base: Sequence[Prompt],
-    source: Sequence[Prompt],
-    labels: Sequence[str | int],
+    base: Sequence[Prompt] | InterchangePairs,
+    source: Sequence[Prompt] | None = None,
+    labels: Sequence[str | int] | None = None,
     *,
     hook_name: str,
-    position: int = -1,
+    position: int | str = -1,
     k: int = 1,
     boundless: bool = False,
     choices: Int[Tensor, "batch n_choices"] | Sequence[Sequence[str | int]] | None = None,
@@ -207,6 +209,7 @@ def das(
     check_illusion: bool = True,
     weight: Tensor | None = None,
     seed: int = 0,
+    memory_budget: int | str | None = None,
     progress: bool = False,
 ) -> DasResult:
     """Learn a ``k``-dimensional subspace at ``hook_name`` whose interchange realises the
@@ -214,11 +217,15 @@ def das(
 
     Args:
         model: the HookedTransformer.
-        base, source: the pairs' prompts (text or token ids).
+        base, source: the pairs' prompts (text or token ids); or ``base`` is an
+            :class:`~mechkit.probing.InterchangePairs` (from
+            :func:`~mechkit.probing.interchange_pairs`, the user's high-level model in a few
+            lines) and ``source``, ``labels`` and, unless given, ``choices`` come from it.
         labels: per pair, the answer the intervened base run should give (a single-token
             string or a token id), from the user's high-level causal model.
         hook_name: the site (any hook; its activation is flattened per position).
-        position: the token of both runs that is intervened on (-1: the last).
+        position: the token of both runs that is intervened on (-1: the last), or the name
+            of one of the pairs' ``positions`` (``"S2"``).
         k: the subspace's dimension (for boundless DAS, the mask's starting boundary).
         boundless: learn ``k`` with a sigmoid mask and an annealed temperature.
         choices: per pair, the candidate answers IIA and the loss compare (None: the whole
@@ -229,6 +236,9 @@ def das(
         weight: for the illusion check, the weights that read the site (None: the MLP's
             ``W_out`` at an MLP hidden site, else the span of the activations).
         seed: the rotation's initialisation, the split and the batches.
+        memory_budget: bytes (or ``"2GB"``) one forward pass of the reading and evaluation
+            passes may use (training steps take ``batch_size`` pairs); None: 2 GiB on CPU, 60%
+            of free memory on CUDA.
         progress: show a progress bar.
 
     Example:
@@ -242,6 +252,26 @@ def das(
         (1.0, 1.0)
     """
     check_hook(model, hook_name)
+    if isinstance(base, InterchangePairs):
+        if source is not None or labels is not None:
+            raise InvalidArgumentError(
+                "Expected either InterchangePairs or base, source and labels; got both. Hint: "
+                "das(model, pairs, hook_name=...)."
+            )
+        pairs = base
+        base, source, labels = pairs.base, pairs.source, pairs.labels
+        choices = pairs.choices if choices is None else choices
+        if isinstance(position, str):
+            position = int(pairs.positions[check_choice("position", position, pairs.positions)])
+    if source is None or labels is None:
+        raise InvalidArgumentError(
+            "Expected source prompts and labels (or InterchangePairs as base); got None."
+        )
+    if isinstance(position, str):
+        raise InvalidArgumentError(
+            f"Expected an integer position (a named one, {position!r}, needs InterchangePairs "
+            "with positions)."
+        )
     base_rows, source_rows = prompt_rows(model, base, "base"), prompt_rows(model, source, "source")
     n = len(base_rows)
     if len(source_rows) != n:
@@ -266,7 +296,9 @@ def das(
             )
     check_positive_int("steps", steps)
     check_positive_int("batch_size", batch_size)
-    sources = site_activations(model, source_rows, hook_name=hook_name, position=position)
+    sources = site_activations(model, source_rows, hook_name=hook_name, position=position,
+                               memory_budget=memory_budget)  # fmt: skip
+    size = prompts_per_forward(model, base_rows, None, memory_budget)
     d = sources.shape[1]
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= d:
         raise InvalidArgumentError(
@@ -341,7 +373,7 @@ def das(
     k_final = int((final_mask > 0.5).sum()) if final_mask is not None else k
 
     def iia(rows: list[int], basis: Tensor) -> float:
-        logits = eval_subspace(model, base_rows, index, sources, basis, hook_name, rows)
+        logits = eval_subspace(model, base_rows, index, sources, basis, hook_name, rows, size)
         return choice_accuracy(logits, y[rows], None if choice_ids is None else choice_ids[rows])
 
     basis = r[:k_final]
@@ -358,7 +390,9 @@ def das(
             [int(v) for v in y[test]], weight=weight,
             choices=None if choice_ids is None else choice_ids[test],
             activations=torch.cat([site_activations(model, base_rows, hook_name=hook_name,
-                                                    position=position), sources]),
+                                                    position=position,
+                                                    memory_budget=memory_budget), sources]),
+            memory_budget=memory_budget,
         )  # fmt: skip
         result = dataclasses.replace(result, illusion=report)
     return result

@@ -40,7 +40,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechkit.core.batching import each_batch
+from mechkit.core.batching import check_budget, each_batch
 from mechkit.core.progress import progress_bar
 from mechkit.core.types import Model
 from mechkit.errors import (
@@ -50,9 +50,12 @@ from mechkit.errors import (
     PromptLengthError,
     ShapeError,
     SiteNotFoundError,
+    check_batch_size,
+    check_choice,
     did_you_mean,
 )
 from mechkit.hook_scope import run_with_cache
+from mechkit.input_attribution.runs import rows_per_pass
 from mechkit.sae.activations import stdlib_documents
 from mechkit.tokens import encode, pad_right, tokenizer_of
 
@@ -65,6 +68,8 @@ __all__ = [
     "InterchangePairs",
     "interchange_pairs",
     "ioi_position_pairs",
+    "ioi_swap_pairs",
+    "prompts_per_forward",
     "FEMALE_NAMES",
     "MALE_NAMES",
 ]
@@ -388,6 +393,8 @@ class InterchangePairs:
         labels: the answer the base run should give with the variable taken from the source.
         choices: per pair, the candidate answers compared (IIA among them).
         answers: the base run's own answer (what the unchanged model should say).
+        positions: named token positions shared by every prompt (e.g. ``{"S2": 9, "END":
+            -1}``), where the pairs were built with aligned tokens; empty otherwise.
 
     Example:
         >>> pairs = InterchangePairs(["a"], ["b"], [" x"], [[" x", " y"]], [" y"])
@@ -400,13 +407,15 @@ class InterchangePairs:
     labels: list[str]
     choices: list[list[str]]
     answers: list[str]
+    positions: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, rows: slice) -> InterchangePairs:
         return InterchangePairs(self.base[rows], self.source[rows], self.labels[rows],
-                                self.choices[rows], self.answers[rows])  # fmt: skip
+                                self.choices[rows], self.answers[rows],
+                                dict(self.positions))  # fmt: skip
 
 
 def interchange_pairs(
@@ -486,6 +495,77 @@ def ioi_position_pairs(model: Model, n: int = 160, *, seed: int = 0) -> Intercha
     return interchange_pairs(examples, render, high_level, lambda e: e[5], n=n, seed=seed)
 
 
+IOI_SWAPS = ("repeated", "io")
+"""The interchanges of :func:`ioi_swap_pairs`."""
+
+
+def ioi_swap_pairs(
+    model: Model, n: int = 96, *, swap: str = "repeated", seed: int = 0
+) -> InterchangePairs:
+    """IOI pairs whose prompts share every token position, for sweeps over sites and positions.
+
+    The task (Wang et al. 2022): "When {IO} and {S} went to the {place}, {S} gave a {thing}
+    to" -> " {IO}", one template, single-token names, places and things, so every prompt has
+    the same length and ``positions`` names the base's tokens: ``"IO"``, ``"S1"``, ``"S2"``,
+    ``"END"`` (-1). The interchanges are the IOI literature's:
+
+    - ``swap="repeated"``: the source repeats the *other* name ("..., {IO} gave a {thing}
+      to"); the high-level model answers with the name that is not repeated, so the
+      counterfactual label is the base's S. Choices: the two names. The base and the source
+      agree on every token before S2, so a patch at IO or S1 changes nothing.
+    - ``swap="io"``: the source puts a third name C in the IO slot; the counterfactual label is
+      C. Choices: IO, S and C.
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> pairs = ioi_swap_pairs(model, 2)
+        >>> pairs.base[0], pairs.source[0], pairs.labels[0], pairs.answers[0], pairs.positions
+        ... # doctest: +ELLIPSIS
+        ('When ... gave a ... to', '...', ' ...', ' ...', {'IO': 1, 'S1': 3, 'S2': 9, 'END': -1})
+    """
+    check_choice("swap", swap, IOI_SWAPS)
+    tokenizer = tokenizer_of(model)
+
+    def single(words: Sequence[str]) -> list[str]:
+        return [w for w in words if len(tokenizer.encode(" " + w, add_special_tokens=False)) == 1]
+
+    names = _single_token_names(model, FEMALE_NAMES + MALE_NAMES)
+    places, things = single(_PLACES), single(_THINGS)
+    if len(names) < 3 or not places or not things:
+        raise EmptyDatasetError(
+            "Expected at least three single-token names and one single-token place and thing "
+            f"in this tokenizer; got {len(names)} names, {len(places)} places, {len(things)} "
+            "things."
+        )
+    template = _IOI_SUBJECT_TEMPLATES[0]
+    rng = random.Random(seed)
+    out = InterchangePairs([], [], [], [], [])
+    roles: tuple[str, str] = ("", "")
+    for i in range(n):
+        io, s, c = rng.sample(names, 3)
+        roles = (io, s) if i == 0 else roles
+        place, thing = rng.choice(places), rng.choice(things)
+        out.base.append(template.format(A=io, B=s, C=s, place=place, thing=thing))
+        if swap == "repeated":
+            out.source.append(template.format(A=io, B=s, C=io, place=place, thing=thing))
+            out.labels.append(" " + s)
+            out.choices.append(sorted([" " + io, " " + s]))
+        else:
+            out.source.append(template.format(A=c, B=s, C=s, place=place, thing=thing))
+            out.labels.append(" " + c)
+            out.choices.append(sorted([" " + io, " " + s, " " + c]))
+        out.answers.append(" " + io)
+    rows = [encode(model, t) for t in out.base + out.source]
+    if len({len(r) for r in rows}) != 1:  # pragma: no cover - every word is one token
+        raise PromptLengthError("Expected IOI prompts of one length; the tokenizer split one.")
+    first = rows[0]  # the first base: its names' token ids give the positions
+    io_id, s_id = (tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in roles)
+    io_at = first.index(io_id)
+    s_at = [i for i, t in enumerate(first) if t == s_id]
+    out.positions.update({"IO": io_at, "S1": s_at[0], "S2": s_at[1], "END": -1})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading activations
 
@@ -494,19 +574,43 @@ def _token_rows(model: Model, texts: Sequence[Text]) -> list[list[int]]:
     return [encode(model, t) if isinstance(t, str) else list(t) for t in texts]
 
 
+def prompts_per_forward(
+    model: Model,
+    rows: Sequence[Sequence[int]],
+    batch_size: int | None,
+    memory_budget: int | str | None,
+) -> int:
+    """Prompts per forward pass: ``batch_size`` when given, else as many of the longest of
+    ``rows`` as ``memory_budget`` holds (a rough count of a pass's float32 activations; see
+    :func:`mechkit.input_attribution.rows_per_pass`).
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> prompts_per_forward(model, [[1, 2, 3]], 4, None), prompts_per_forward(
+        ...     model, [[1, 2, 3]], None, 1)
+        (4, 1)
+    """
+    check_batch_size(batch_size)
+    check_budget(memory_budget)
+    length = max((len(r) for r in rows), default=1)
+    return rows_per_pass(model, max(length, 1), batch_size, memory_budget)
+
+
 def collect_activations(
     model: Model,
     dataset: ProbingDataset,
     hook_names: Sequence[str],
     *,
-    batch_size: int | None = 16,
+    batch_size: int | None = None,
+    memory_budget: int | str | None = None,
     progress: bool = False,
 ) -> dict[str, Float[Tensor, "batch d"]]:
     """Each example's activation at each hook, ``{hook name: (examples, width)}`` float32 CPU.
 
     Texts are grouped (each distinct text runs once), right-padded in batches of
-    ``batch_size`` texts (a batch that runs out of memory is split in halves), and the model
-    stops after the last block it needs. No hook is left on the model.
+    ``batch_size`` texts (None: as many as ``memory_budget`` holds, 2 GiB on CPU by default; a
+    batch that runs out of memory is split in halves), and the model stops after the last
+    block it needs. No hook is left on the model.
 
     Raises:
         SiteNotFoundError: a hook the model lacks.
@@ -575,6 +679,7 @@ def collect_activations(
                 out[name][row] = value
         bar.update(chunk.stop - chunk.start)
 
+    size = prompts_per_forward(model, _token_rows(model, unique), batch_size, memory_budget)
     with bar:
-        each_batch(len(unique), batch_size, read)
+        each_batch(len(unique), size, read)
     return {n: torch.stack([v for v in out[n] if v is not None]) for n in names}

@@ -14,7 +14,7 @@ from pathlib import Path
 from mechkit.core.types import Model
 from mechkit.corpus import corpus_tokens
 from mechkit.probing.das import das
-from mechkit.probing.datasets import ioi_position_pairs, name_gender
+from mechkit.probing.datasets import ioi_swap_pairs, name_gender
 from mechkit.probing.erasure import amnesic_probe, fit_leace
 from mechkit.probing.probes import train_probe
 from mechkit.report_parts import figure_link, html_table
@@ -62,16 +62,16 @@ def demo_section(model: Model, out: Path, quick: bool = False) -> str:
         f"{amnesic.probe_accuracy_erased:.2f} after.</p>",
     ]
     if not quick:
-        pairs = ioi_position_pairs(model, 96)
-        result = das(
-            model, pairs.base, pairs.source, pairs.labels, choices=pairs.choices,
-            hook_name=f"blocks.{layer}.hook_resid_post", k=1, steps=40, lr=2e-2,
-        )  # fmt: skip
+        late = (4 * n) // 5  # SmolLM2: the answer reaches END between layers 18 and 24
+        pairs = ioi_swap_pairs(model, 96, swap="repeated")
+        result = das(model, pairs, hook_name=f"blocks.{late}.hook_resid_post", position="END",
+                     k=1, steps=30, lr=5e-2)  # fmt: skip
         report = result.illusion
         das_link = figure_link(out, "das_ioi_illusion.html", report.plot())
         parts.append(
             f"<p>DAS (Geiger et al. 2023), one direction of the residual stream after layer "
-            f"{layer} at the last token, for which name slot holds IOI's indirect object: "
+            f"{late} at the last token, for IOI with the source repeating the other name (the "
+            "answer should become the base's subject): "
             f"held-out IIA {result.iia_test:.2f} (unchanged run {result.iia_none:.2f}, whole "
             f"residual patched {result.iia_full:.2f}). Illusion check (Makelov et al. 2023, "
             f"{html.escape(report.split)}): {html.escape(report.verdict)}; {das_link}.</p>"

@@ -51,11 +51,12 @@ from mechkit.errors import (
     InvalidArgumentError,
     ShapeError,
     SiteNotFoundError,
+    check_choice,
     check_positive_int,
     did_you_mean,
 )
 from mechkit.hook_scope import hook_scope
-from mechkit.probing.datasets import ProbingDataset, collect_activations
+from mechkit.probing.datasets import ProbingDataset, collect_activations, prompts_per_forward
 from mechkit.probing.probes import check_site, fit_logistic, fit_probe
 from mechkit.reading import read_safetensors
 from mechkit.tokens import encode, pad_right
@@ -95,6 +96,18 @@ def _concept_matrix(labels: Tensor, n: int) -> Tensor:
     return z
 
 
+def _whitening(xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``Sigma^(-1/2)``, ``Sigma^(1/2)`` (pseudo-inverse roots, float64) of centred ``xc``'s
+    sample covariance, and the ``(d, r)`` orthonormal basis of its range."""
+    sigma_xx = xc.T @ xc / (xc.shape[0] - 1)
+    values, vectors = torch.linalg.eigh(sigma_xx)
+    keep = values > values[-1] * sigma_xx.shape[-1] * torch.finfo(values.dtype).eps
+    values = values.clamp_min(0.0)
+    w = vectors * torch.where(keep, values.rsqrt(), 0.0) @ vectors.T  # Sigma^(-1/2)
+    w_inv = vectors * torch.where(keep, values.sqrt(), 0.0) @ vectors.T  # Sigma^(1/2)
+    return w, w_inv, vectors[:, keep]
+
+
 def _check_x(x: Any) -> Tensor:
     if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[0] < 2:
         raise ShapeError(
@@ -111,7 +124,7 @@ class ConceptEraser:
         proj_left: ``(d, rank)``.
         proj_right: ``(rank, d)``.
         bias: ``(d,)`` the point the edit is anchored at (the mean for LEACE), or None.
-        method: ``"leace"``, ``"inlp"`` or ``"random"``.
+        method: ``"leace"``, ``"inlp"``, ``"random"`` or ``"random-whitened"``.
         hook_name: where in the model it was fitted (None for one fitted on plain tensors).
         metadata: model, dataset, classes...
 
@@ -170,13 +183,8 @@ class ConceptEraser:
         n = x.shape[0]
         mean = x.mean(0)
         xc, zc = x - mean, z - z.mean(0)
-        sigma_xx = xc.T @ xc / (n - 1)
         sigma_xz = xc.T @ zc / (n - 1)
-        values, vectors = torch.linalg.eigh(sigma_xx)
-        keep = values > values[-1] * sigma_xx.shape[-1] * torch.finfo(values.dtype).eps
-        values = values.clamp_min(0.0)
-        w = vectors * torch.where(keep, values.rsqrt(), 0.0) @ vectors.T  # Sigma^(-1/2)
-        w_inv = vectors * torch.where(keep, values.sqrt(), 0.0) @ vectors.T  # Sigma^(1/2)
+        w, w_inv, _ = _whitening(xc)
         u, s, _ = torch.linalg.svd(w @ sigma_xz, full_matrices=False)
         u = u[:, s > svd_tol]  # (d, rank)
         return cls(w_inv @ u, u.T @ w, mean, "leace")
@@ -224,23 +232,57 @@ class ConceptEraser:
 
     @classmethod
     def random(
-        cls, d: int, rank: int, *, bias: Tensor | None = None, seed: int = 0
+        cls,
+        d: int,
+        rank: int,
+        *,
+        bias: Tensor | None = None,
+        seed: int = 0,
+        like: Float[Tensor, "batch d"] | None = None,
     ) -> ConceptEraser:
-        """The orthogonal projection that removes a random ``rank``-dimensional subspace
-        (about ``bias``): amnesic probing's control.
+        """An eraser of a random ``rank``-dimensional subspace: amnesic probing's control.
+
+        Without ``like``, the orthogonal projection that removes a uniformly random subspace
+        (about ``bias``). With activations ``like``, a random *LEACE-shaped* eraser: LEACE's
+        formula ``x - Sigma^(1/2) U U^T Sigma^(-1/2) (x - mean)`` with its concept directions
+        ``U`` replaced by a uniformly random orthonormal ``rank``-frame of the whitened space
+        (inside the covariance's range), anchored at ``like``'s mean (or ``bias``). It removes
+        exactly as much whitened variance as LEACE of the same rank (``rank`` unit-variance
+        directions) and differs from LEACE only in which directions it takes. Like LEACE, it
+        reads through ``Sigma^(-1/2)``, so on activations far outside ``like`` (an attention
+        sink's massive activations) its edit can be very large.
 
         Example:
             >>> e = ConceptEraser.random(8, 2, seed=1)
             >>> e.rank, bool(torch.allclose(e.matrix @ e.matrix, e.matrix, atol=1e-10))
+            (2, True)
+            >>> x = torch.randn(100, 8, dtype=torch.float64) * torch.arange(1, 9)
+            >>> w = ConceptEraser.random(8, 2, like=x, seed=1)
+            >>> w.rank, bool(torch.allclose(w.matrix @ w.matrix, w.matrix, atol=1e-10))
             (2, True)
         """
         check_positive_int("d", d)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= d:
             raise InvalidArgumentError(f"Expected 0 <= rank <= d ({d}); got {rank!r}.")
         g = torch.Generator().manual_seed(seed)
-        q, _ = torch.linalg.qr(torch.randn(d, max(rank, 1), generator=g, dtype=torch.float64))
-        q = q[:, :rank]
-        return cls(q, q.T.clone(), bias, "random")
+        if like is None:
+            q, _ = torch.linalg.qr(torch.randn(d, max(rank, 1), generator=g, dtype=torch.float64))
+            q = q[:, :rank]
+            return cls(q, q.T.clone(), bias, "random")
+        x = _check_x(like)
+        if x.shape[1] != d:
+            raise ShapeError(f"Expected activations of width d={d}; got {tuple(x.shape)}.")
+        mean = x.mean(0)
+        w, w_inv, span = _whitening(x - mean)
+        if rank > span.shape[1]:
+            raise InvalidArgumentError(
+                f"Expected rank <= {span.shape[1]} (the dimension the activations span); got "
+                f"{rank}. Hint: more activations, or a smaller rank."
+            )
+        frame = torch.randn(span.shape[1], max(rank, 1), generator=g, dtype=torch.float64)
+        u, _ = torch.linalg.qr(span @ frame)  # (d, rank): random, inside the range
+        u = u[:, :rank]
+        return cls(w_inv @ u, u.T @ w, mean if bias is None else bias, "random-whitened")
 
     def at(self, hook_name: str, **metadata: Any) -> ConceptEraser:
         """The same eraser, recorded as belonging at ``hook_name``."""
@@ -332,10 +374,17 @@ class OracleEraser:
 
 
 def _fit_on_model(
-    model: Model, dataset: ProbingDataset, layer: int, site: str, batch_size: int | None
+    model: Model,
+    dataset: ProbingDataset,
+    layer: int,
+    site: str,
+    batch_size: int | None,
+    memory_budget: int | str | None,
 ) -> tuple[str, Tensor, Tensor]:
     (hook,) = check_site(model, site, [layer])
-    x = collect_activations(model, dataset, [hook], batch_size=batch_size)[hook]
+    x = collect_activations(
+        model, dataset, [hook], batch_size=batch_size, memory_budget=memory_budget
+    )[hook]
     return hook, x.double(), dataset.label_ids
 
 
@@ -346,12 +395,14 @@ def fit_leace(
     layer: int,
     site: str = "resid_pre",
     svd_tol: float = 0.01,
-    batch_size: int | None = 16,
+    batch_size: int | None = None,
+    memory_budget: int | str | None = None,
 ) -> ConceptEraser:
     """The LEACE eraser of ``dataset``'s labels from ``site`` at ``layer`` of ``model``.
 
-    Activations are read at the dataset's positions; use the eraser in the model with
-    :func:`erase` (at every position by default).
+    Activations are read at the dataset's positions (``batch_size`` texts per forward pass,
+    None: as many as ``memory_budget`` holds, 2 GiB on CPU by default); use the eraser in the
+    model with :func:`erase` (at every position by default).
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -360,7 +411,7 @@ def fit_leace(
         >>> mk.fit_leace(model, data, layer=1)
         ConceptEraser(method='leace', rank=1, d=128, hook_name='blocks.1.hook_resid_pre')
     """
-    hook, x, y = _fit_on_model(model, dataset, layer, site, batch_size)
+    hook, x, y = _fit_on_model(model, dataset, layer, site, batch_size, memory_budget)
     meta = {"model": model_name(model), "dataset": dataset.name,
             "classes": [str(c) for c in dataset.classes]}  # fmt: skip
     return ConceptEraser.leace(x, y, svd_tol=svd_tol).at(hook, **meta)
@@ -374,9 +425,11 @@ def fit_inlp(
     site: str = "resid_pre",
     n_iterations: int = 10,
     l2: float = 1e-4,
-    batch_size: int | None = 16,
+    batch_size: int | None = None,
+    memory_budget: int | str | None = None,
 ) -> ConceptEraser:
-    """The INLP eraser (:meth:`ConceptEraser.inlp`) of ``dataset``'s classes at a layer.
+    """The INLP eraser (:meth:`ConceptEraser.inlp`) of ``dataset``'s classes at a layer
+    (activations read as :func:`fit_leace` reads them).
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -385,7 +438,7 @@ def fit_inlp(
         >>> mk.probing.fit_inlp(model, data, layer=0, n_iterations=2).method
         'inlp'
     """
-    hook, x, y = _fit_on_model(model, dataset, layer, site, batch_size)
+    hook, x, y = _fit_on_model(model, dataset, layer, site, batch_size, memory_budget)
     eraser = ConceptEraser.inlp(x, y, n_iterations=n_iterations, l2=l2)
     return eraser.at(hook, model=model_name(model), dataset=dataset.name)
 
@@ -431,10 +484,15 @@ def erase(
 
 
 def lm_loss(
-    model: Model, texts: Sequence[str | Sequence[int]], *, batch_size: int | None = 16
+    model: Model,
+    texts: Sequence[str | Sequence[int]],
+    *,
+    batch_size: int | None = None,
+    memory_budget: int | str | None = None,
 ) -> float:
     """The mean next-token cross-entropy over every real token of ``texts`` (right-padded in
-    batches; padding never counts).
+    batches of ``batch_size`` texts, None: as many as ``memory_budget`` holds, 2 GiB on CPU by
+    default; padding never counts).
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -460,7 +518,7 @@ def lm_loss(
         totals[0] += float(nll[keep].sum())
         totals[1] += float(keep.sum())
 
-    each_batch(len(rows), batch_size, work)
+    each_batch(len(rows), prompts_per_forward(model, rows, batch_size, memory_budget), work)
     return totals[0] / max(totals[1], 1.0)
 
 
@@ -536,8 +594,10 @@ def amnesic_probe(
     texts: Sequence[str | Sequence[int]] | None = None,
     metric: Callable[[Model], float] | None = None,
     n_random: int = 3,
+    control: str = "isotropic",
     seed: int = 0,
-    batch_size: int | None = 16,
+    batch_size: int | None = None,
+    memory_budget: int | str | None = None,
 ) -> AmnesicResult:
     """Amnesic probing (Elazar et al. 2021) of ``eraser`` (fitted on ``dataset``).
 
@@ -548,8 +608,18 @@ def amnesic_probe(
         texts: the texts the LM loss is measured on (None: the dataset's distinct texts).
         metric: a function of the model to a number (a task metric), measured as the loss is.
         n_random: random erasers of the same rank (about the same bias) to compare with.
+        control: how they are drawn (see :meth:`ConceptEraser.random`): ``"isotropic"``
+            (default: a uniformly random orthogonal projection) or ``"whitened"`` (LEACE's
+            form with random directions of the whitened space, fitted on the dataset's
+            activations: as much whitened variance removed as LEACE removes). Neither is fair
+            at a token far outside the fitting data (an attention sink with massive
+            activations): there any of these edits can be thousands large; measured on
+            SmolLM2, the whitened control broke the model as often as LEACE did. Erase at the
+            other positions (``mk.erase(..., positions=...)``) to leave the sink alone.
         seed: the random erasers' seed; ``seed + i`` for the i-th.
-        batch_size: texts per forward pass.
+        batch_size: texts per forward pass (None: as many as ``memory_budget`` holds).
+        memory_budget: bytes (or ``"2GB"``) a forward pass may use when ``batch_size`` is
+            None; None: 2 GiB on CPU, 60% of free memory on CUDA.
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -566,9 +636,12 @@ def amnesic_probe(
             "fitted on plain tensors."
         )
     check_positive_int("n_random", n_random)
+    check_choice("control", control, ("whitened", "isotropic"))
     texts = list(dict.fromkeys(dataset.texts)) if texts is None else list(texts)
     hook = eraser.hook_name
-    x = collect_activations(model, dataset, [hook], batch_size=batch_size)[hook].double()
+    x = collect_activations(
+        model, dataset, [hook], batch_size=batch_size, memory_budget=memory_budget
+    )[hook].double()
     y = dataset.label_ids
     before = fit_probe(x, y, l2=1e-3, seed=seed).test_score
     after = fit_probe(eraser(x), y, l2=1e-3, seed=seed).test_score
@@ -576,15 +649,18 @@ def amnesic_probe(
     def measure(e: ConceptEraser | None) -> tuple[float, float]:
         scope = erase(model, e) if e is not None else contextlib.nullcontext()
         with scope:
-            loss = lm_loss(model, texts, batch_size=batch_size)
+            loss = lm_loss(model, texts, batch_size=batch_size, memory_budget=memory_budget)
             value = float(metric(model)) if metric is not None else float("nan")
         return loss, value
 
     loss_clean, metric_clean = measure(None)
     loss_erased, metric_erased = measure(eraser)
+    like = x if control == "whitened" else None
     randoms = [
         measure(
-            ConceptEraser.random(x.shape[1], eraser.rank, bias=eraser.bias, seed=seed + i).at(hook)
+            ConceptEraser.random(
+                x.shape[1], eraser.rank, bias=eraser.bias, seed=seed + i, like=like
+            ).at(hook)
         )
         for i in range(n_random)
     ]
@@ -592,5 +668,6 @@ def amnesic_probe(
         loss_clean, loss_erased, torch.tensor([r[0] for r in randoms]), before, after,
         metric_clean, metric_erased,
         torch.tensor([r[1] for r in randoms]) if metric is not None else torch.tensor([]),
-        eraser.rank, {"model": model_name(model), "dataset": dataset.name, "hook_name": hook},
+        eraser.rank, {"model": model_name(model), "dataset": dataset.name, "hook_name": hook,
+                      "control": control},
     )  # fmt: skip

@@ -19,8 +19,18 @@ data), patching along ``v`` moves the activation along ``v_row`` by an amount se
 - the subspace's variation on real data against an average direction's;
 - held-out IIA (the pairs passed are the held-out ones).
 
-The subspace is *flagged* when its effect (IIA above the unchanged run's) needs both parts
-(each alone keeps under half of it), or when it barely varies on real data.
+The verdict, in this order (``gain`` is an IIA above the unchanged run's, ``EFFECT`` = 0.1):
+
+- ``"no effect"``: neither the subspace nor the whole component gains more than ``EFFECT``:
+  the site plays no causal role for this variable, so there is nothing to explain (and
+  nothing to flag as an illusion either);
+- ``"not found"``: the whole component gains, the subspace does not: the variable is there
+  but not in this subspace;
+- ``"illusion"``: the subspace's gain needs both parts (each alone keeps under half of it);
+- ``"dormant"``: the subspace barely varies on real data (under 1% of an average direction);
+- ``"ok"``: otherwise.
+
+Every verdict but ``"ok"`` is *flagged*.
 
 Example:
     >>> report = IllusionReport(0.9, 0.1, 0.1, 1.0, 0.0, 0.5, 1.2, "activation span", "ok")
@@ -44,7 +54,11 @@ from mechkit.core.types import Model
 from mechkit.errors import InvalidArgumentError, ShapeError
 from mechkit.probing.interchange import site_activations, subspace_iia
 
-__all__ = ["IllusionReport", "illusion_check", "row_space_projector"]
+__all__ = ["IllusionReport", "illusion_check", "illusion_verdict", "row_space_projector"]
+
+EFFECT = 0.1
+"""The least IIA gain over the unchanged run that counts as an effect (10 points of accuracy:
+on a few dozen held-out pairs, smaller gains are within sampling noise)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +75,8 @@ class IllusionReport:
         inside_fraction: the share of the subspace (squared norm) in the inside part.
         variation: the activations' variance along the subspace over an average direction's.
         split: what "inside" means: ``"row space of W"`` or ``"activation span"``.
-        verdict: ``"ok"``, ``"illusion"`` or ``"dormant"``.
+        verdict: ``"ok"``, ``"illusion"``, ``"dormant"``, ``"no effect"`` or ``"not found"``
+            (see :func:`illusion_verdict`).
 
     Example:
         >>> IllusionReport(0.9, 0.0, 0.0, 1.0, 0.0, 0.5, 1.0, "activation span",
@@ -81,7 +96,8 @@ class IllusionReport:
 
     @property
     def flagged(self) -> bool:
-        """Whether the subspace looks like an illusion (or a dormant direction)."""
+        """Whether the verdict is anything but ``"ok"`` (an illusion, a dormant direction, no
+        effect at the site, or an effect the subspace misses)."""
         return self.verdict != "ok"
 
     def scores(self) -> dict[str, float]:
@@ -133,6 +149,36 @@ def row_space_projector(
     return (u @ u.T).float()
 
 
+def illusion_verdict(
+    iia_none: float,
+    iia_subspace: float,
+    iia_inside: float,
+    iia_outside: float,
+    iia_full: float,
+    variation: float,
+) -> str:
+    """The illusion check's verdict from its numbers (the rules in the module docstring).
+
+    Example:
+        >>> illusion_verdict(0.5, 0.52, 0.5, 0.5, 0.49, 1.0)  # nothing moves: no causal role
+        'no effect'
+        >>> illusion_verdict(0.0, 1.0, 0.1, 0.1, 1.0, 1.0)    # the effect needs both parts
+        'illusion'
+        >>> illusion_verdict(0.0, 1.0, 1.0, 0.0, 1.0, 1.0)
+        'ok'
+    """
+    gain = iia_subspace - iia_none
+    if gain <= EFFECT and iia_full - iia_none <= EFFECT:
+        return "no effect"
+    if gain <= EFFECT:
+        return "not found"
+    if max(iia_inside - iia_none, iia_outside - iia_none) < 0.5 * gain:
+        return "illusion"
+    if variation < 0.01:
+        return "dormant"
+    return "ok"
+
+
 def _span_projector(acts: Tensor, tol: float = 1e-3) -> Tensor:
     """The projector onto the span of the centred activations (singular values above ``tol``
     times the largest: directions along which real data varies at all)."""
@@ -161,6 +207,7 @@ def illusion_check(
     weight: Tensor | None = None,
     choices: Tensor | None = None,
     activations: Tensor | None = None,
+    memory_budget: int | str | None = None,
 ) -> IllusionReport:
     """Makelov et al.'s checks of a subspace (a :class:`DasResult` or an orthonormal basis) on
     held-out pairs (see the module docstring).
@@ -173,6 +220,8 @@ def illusion_check(
             site, else the span of the activations is used).
         choices: per pair, the candidate answers IIA compares.
         activations: real activations at the site (None: the pairs' own).
+        memory_budget: bytes (or ``"2GB"``) a forward pass may use; None: 2 GiB on CPU, 60%
+            of free memory on CUDA.
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -194,8 +243,10 @@ def illusion_check(
     d = basis.shape[1]
     if activations is None:
         activations = torch.cat(
-            [site_activations(model, base, hook_name=hook_name, position=position),
-             site_activations(model, source, hook_name=hook_name, position=position)]
+            [site_activations(model, base, hook_name=hook_name, position=position,
+                              memory_budget=memory_budget),
+             site_activations(model, source, hook_name=hook_name, position=position,
+                              memory_budget=memory_budget)]
         )  # fmt: skip
     mlp = re.fullmatch(r"blocks\.(\d+)\.mlp\.hook_post", hook_name)
     if weight is None and mlp is not None:
@@ -211,7 +262,8 @@ def illusion_check(
 
     def iia(b: Tensor) -> float:
         return subspace_iia(model, base, source, labels, b, hook_name=hook_name,
-                            position=position, choices=choices)  # fmt: skip
+                            position=position, choices=choices,
+                            memory_budget=memory_budget)  # fmt: skip
 
     none = iia(torch.zeros(0, d))
     sub = iia(basis)
@@ -223,14 +275,7 @@ def illusion_check(
     along = (centred @ basis.double().T).pow(2).sum(-1).mean() / basis.shape[0]
     average = centred.pow(2).sum(-1).mean() / d
     variation = float(along / average) if average > 0 else 0.0
-    gain = sub - none
-    if gain > 0.1 and max(iia_in - none, iia_out - none) < 0.5 * gain:
-        verdict = "illusion"
-    elif variation < 0.01:
-        verdict = "dormant"
-    else:
-        verdict = "ok"
     return IllusionReport(
         sub, iia_in, iia_out, full, none, float(inside.pow(2).sum() / basis.shape[0]),
-        variation, split, verdict,
+        variation, split, illusion_verdict(none, sub, iia_in, iia_out, full, variation),
     )  # fmt: skip

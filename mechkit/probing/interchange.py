@@ -33,6 +33,7 @@ from mechkit.errors import (
     did_you_mean,
 )
 from mechkit.hook_scope import hook_scope, run_with_cache
+from mechkit.probing.datasets import prompts_per_forward
 from mechkit.tokens import encode, pad_right, tokenize_answer
 
 __all__ = ["interchange", "site_activations", "subspace_iia"]
@@ -81,9 +82,12 @@ def site_activations(
     *,
     hook_name: str,
     position: int = -1,
-    batch_size: int | None = 32,
+    batch_size: int | None = None,
+    memory_budget: int | str | None = None,
 ) -> Float[Tensor, "batch d"]:
-    """Each prompt's activation at ``hook_name`` and one token (flattened to ``(batch, d)``).
+    """Each prompt's activation at ``hook_name`` and one token (flattened to ``(batch, d)``),
+    ``batch_size`` prompts per forward pass (None: as many as ``memory_budget`` holds, 2 GiB
+    on CPU by default).
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -104,7 +108,7 @@ def site_activations(
         act = act.reshape(act.shape[0], act.shape[1], -1)  # (batch, pos, d)
         out.append(act[torch.arange(act.shape[0]), index[chunk].to(act.device)].float().cpu())
 
-    each_batch(len(rows), batch_size, read)
+    each_batch(len(rows), prompts_per_forward(model, rows, batch_size, memory_budget), read)
     return torch.cat(out)
 
 
@@ -153,12 +157,15 @@ def interchange(
     *,
     hook_name: str,
     position: int = -1,
-    batch_size: int | None = 32,
+    batch_size: int | None = None,
+    memory_budget: int | str | None = None,
 ) -> Float[Tensor, "batch d_vocab"]:
     """The interchange intervention on the subspace spanned by ``basis``'s (orthonormal) rows:
     each base run's activation at ``hook_name`` and ``position`` gets the source run's
     coordinates in that subspace (``h + (s - h) B^T B``). Returns the logits at each base's
     last token. ``k = 0`` is the unchanged base run; ``basis = I`` patches the whole activation.
+    ``batch_size`` pairs per forward pass (None: as many as ``memory_budget`` holds, 2 GiB on
+    CPU by default).
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -175,8 +182,9 @@ def interchange(
             f"{len(source_rows)} sources."
         )
     sources = site_activations(
-        model, source, hook_name=hook_name, position=position, batch_size=batch_size
-    )
+        model, source, hook_name=hook_name, position=position, batch_size=batch_size,
+        memory_budget=memory_budget,
+    )  # fmt: skip
     basis = torch.as_tensor(basis).float()
     if basis.ndim != 2 or basis.shape[1] != sources.shape[1]:
         raise ShapeError(
@@ -193,7 +201,8 @@ def interchange(
             )  # fmt: skip
         out.append(logits.float().cpu())
 
-    each_batch(len(base_rows), batch_size, work)
+    size = prompts_per_forward(model, base_rows, batch_size, memory_budget)
+    each_batch(len(base_rows), size, work)
     return torch.cat(out)
 
 
@@ -225,6 +234,7 @@ def eval_subspace(
     basis: Tensor,
     hook_name: str,
     rows: list[int],
+    size: int,
 ) -> Tensor:
     out: list[Tensor] = []
 
@@ -237,7 +247,7 @@ def eval_subspace(
             )  # fmt: skip
         out.append(logits.float().cpu())
 
-    each_batch(len(rows), 32, work)
+    each_batch(len(rows), size, work)
     return torch.cat(out)
 
 
@@ -251,9 +261,11 @@ def subspace_iia(
     hook_name: str,
     position: int = -1,
     choices: Tensor | None = None,
+    memory_budget: int | str | None = None,
 ) -> float:
     """IIA of the interchange on ``basis``'s span: the share of pairs whose intervened run
-    gives its label (among ``choices`` when given).
+    gives its label (among ``choices`` when given); forward passes as large as
+    ``memory_budget`` holds (2 GiB on CPU by default).
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -263,6 +275,7 @@ def subspace_iia(
         ...              hook_name="blocks.1.hook_resid_post")     # the whole last state
         1.0
     """
-    logits = interchange(model, base, source, basis, hook_name=hook_name, position=position)
+    logits = interchange(model, base, source, basis, hook_name=hook_name, position=position,
+                         memory_budget=memory_budget)  # fmt: skip
     y = label_ids(model, labels, len(logits))
     return choice_accuracy(logits, y, choices)

@@ -599,7 +599,8 @@ def train_probe(
     test_fraction: float = 0.25,
     split: Literal["random", "type"] = "random",
     seed: int = 0,
-    batch_size: int | None = 16,
+    batch_size: int | None = None,
+    memory_budget: int | str | None = None,
     progress: bool = False,
 ) -> ProbeResult:
     """Train a probe (and its control-task twin) at each layer of ``site`` on ``dataset``.
@@ -617,7 +618,10 @@ def train_probe(
             setting, where a control task can be memorised from types seen in training) or
             ``"type"`` (whole word types held out: accuracy on types never seen, where the
             control task is at chance and selectivity measures generalisation).
-        batch_size: texts per forward pass (None: all; halved on running out of memory).
+        batch_size: texts per forward pass (None: as many as ``memory_budget`` holds; halved
+            on running out of memory).
+        memory_budget: bytes (or ``"2GB"``) a forward pass may use when ``batch_size`` is
+            None; None: 2 GiB on CPU, 60% of free memory on CUDA.
         progress: show a progress bar.
 
     Example:
@@ -633,7 +637,8 @@ def train_probe(
         raise InvalidArgumentError("Expected at least one layer to probe; got none.")
     hooks = check_site(model, site, layer_list)
     layer_list = [la % model.cfg.n_layers for la in layer_list]
-    acts = collect_activations(model, dataset, hooks, batch_size=batch_size, progress=progress)
+    acts = collect_activations(model, dataset, hooks, batch_size=batch_size,
+                               memory_budget=memory_budget, progress=progress)  # fmt: skip
     y = dataset.label_ids
     y_control = control_labels(dataset, seed=seed) if control else None
     check_choice("split", split, ["random", "type"])

@@ -62,6 +62,28 @@ def test_das_recovers_the_planted_direction():
     assert hook_count(model) == 0
 
 
+def test_das_on_a_task_defined_in_a_few_lines():
+    """The user's high-level model (the answer is A for an even token, B for an odd one; the
+    variable is the token's parity) through interchange_pairs, straight into das."""
+    model = planted_model(dormant_weight=0.1, echo=0.0)
+    pairs = mk.probing.interchange_pairs(
+        range(20), lambda t: [t], lambda t, even: A if even else B, lambda t: t % 2 == 0,
+        n=200, seed=5,
+    )  # fmt: skip
+    assert all(
+        (s[0] % 2 == 0) == (label == A) for s, label in zip(pairs.source, pairs.labels, strict=True)
+    )
+    pairs.positions["token"] = 0  # the one token, by name
+    result = mk.das(model, pairs, hook_name=HOOK, position="token", k=1, steps=150, lr=0.05,
+                    batch_size=64)  # fmt: skip
+    assert abs(float(result.basis[0] @ torch.eye(8)[0])) > 0.99 and result.iia_test == 1.0
+    assert result.position == 0
+    with pytest.raises(mk.InvalidArgumentError, match="position"):
+        mk.das(model, pairs, hook_name=HOOK, position="S2")
+    with pytest.raises(mk.InvalidArgumentError, match="either"):
+        mk.das(model, pairs, pairs.source, hook_name=HOOK)
+
+
 def test_boundless_das_learns_a_small_subspace_that_works():
     model = planted_model(dormant_weight=0.1, echo=0.0)
     base, source, labels, choices = pairs(200, seed=1)
@@ -84,6 +106,21 @@ def test_the_illusion_check_flags_the_dormant_direction(weight):
     true = illusion_check(model, torch.eye(8)[:1], base, source, labels, hook_name=HOOK,
                           choices=choices, weight=w)  # fmt: skip
     assert true.verdict == "ok" and true.iia_subspace == 1.0
+
+
+def test_a_site_with_no_causal_role_gets_no_effect():
+    """Two tokens, the variable read at the last one: the first token's residual plays no role
+    (attention writes nothing), so neither the planted direction there nor the whole component
+    moves the answer beyond the unchanged run."""
+    model = planted_model(dormant_weight=3.0, echo=1.0)
+    base, source, labels, choices = pairs(120, seed=3)
+    tail = torch.randint(0, 20, (120,), generator=torch.Generator().manual_seed(4)).tolist()
+    base2 = [b + [t] for b, t in zip(base, tail, strict=True)]
+    source2 = [s + [t] for s, t in zip(source, tail, strict=True)]
+    report = illusion_check(model, torch.eye(8)[:1], base2, source2, labels, hook_name=HOOK,
+                            position=0, choices=choices)  # fmt: skip
+    assert report.iia_full == report.iia_subspace == report.iia_none < 0.7
+    assert report.verdict == "no effect" and report.flagged
 
 
 def _patched_by_hand(model, base, source, hook, position):

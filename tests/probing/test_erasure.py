@@ -103,6 +103,33 @@ def test_inlp_removes_what_a_probe_reads_with_an_orthogonal_projection():
     assert 1 <= eraser.rank <= 8 and acc < majority + 0.1
 
 
+def test_whitened_random_eraser_is_leace_with_random_directions():
+    """In the whitened space (Sigma^(-1/2) by scipy), LEACE and the whitened random eraser are
+    both orthogonal projections removing ``rank`` unit-variance directions."""
+    from scipy.linalg import fractional_matrix_power
+
+    g = torch.Generator().manual_seed(7)
+    x = (
+        torch.randn(800, 6, generator=g, dtype=torch.float64)
+        @ torch.randn(6, 6, generator=g).double()
+    )
+    x[:, 0] = 300 * x[:, 0] + 5000  # a huge coordinate
+    y = torch.arange(800) % 3
+    sigma = torch.cov(x.T)
+    w = torch.tensor(fractional_matrix_power(sigma.numpy(), -0.5).real)
+    for eraser in (ConceptEraser.leace(x, y),
+                   ConceptEraser.random(6, 2, like=x, seed=3)):  # fmt: skip
+        assert eraser.rank == 2
+        p = w @ eraser.matrix @ torch.linalg.inv(w)  # the edit in whitened coordinates
+        assert torch.allclose(p, p.T, atol=1e-6) and torch.allclose(p @ p, p, atol=1e-6)
+        white = (eraser(x) - eraser(x).mean(0)) @ w
+        assert torch.linalg.eigvalsh(torch.cov(white.T)).round(decimals=6).tolist() == [
+            0.0, 0.0, 1.0, 1.0, 1.0, 1.0]  # fmt: skip
+        assert torch.allclose(eraser(x).mean(0), x.mean(0), atol=1e-6)
+    other = ConceptEraser.random(6, 2, like=x, seed=4)
+    assert not torch.allclose(other.matrix, ConceptEraser.random(6, 2, like=x, seed=3).matrix)
+
+
 def test_erase_in_the_model_equals_a_hand_written_hook(toy):
     x = torch.randn(300, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     eraser = ConceptEraser.leace(x, (x[:, :3].sum(1) > 0).long()).at("blocks.1.hook_resid_pre")
@@ -145,6 +172,16 @@ def test_amnesic_probe_on_the_toy_model(toy, tmp_path):
     assert result.metric_random.shape == (2,) and result.loss_random.shape == (2,)
     assert result.probe_accuracy_erased < result.probe_accuracy
     assert len(result.to_dataframe()) == 4 and result.plot().data
+    # the whitened control: LEACE's form with random whitened directions, fitted on the data
+    whitened = amnesic_probe(toy, data, eraser, n_random=1, control="whitened")
+    x = mk.probing.collect_activations(toy, data, [eraser.hook_name])[eraser.hook_name]
+    first = ConceptEraser.random(128, 1, like=x.double(), bias=eraser.bias, seed=0)
+    with mk.erase(toy, first.at(eraser.hook_name)):
+        assert float(whitened.loss_random[0]) == pytest.approx(
+            lm_loss(toy, list(dict.fromkeys(rows))), abs=1e-6
+        )
+    assert result.metadata["control"] == "isotropic"
+    assert whitened.loss_random[0] != result.loss_random[0]
     path = tmp_path / "e.safetensors"
     eraser.save(path)
     back = ConceptEraser.load(path)

@@ -57,3 +57,21 @@ def test_ioi_position_pairs_follow_the_high_level_model(smollm2, n):
         assert answer in choices and label in choices
         subject_clause = re.split(r"[,.] ", base)[-1]  # "C gave a ring to"
         assert answer.strip() not in subject_clause and label in choices
+
+
+@pytest.mark.parametrize("swap", ["repeated", "io"])
+def test_ioi_swap_pairs_share_positions_and_follow_the_task(smollm2, swap):
+    pairs = mk.probing.ioi_swap_pairs(smollm2, 6, swap=swap, seed=3)
+    for base, source, label, answer in zip(pairs.base, pairs.source, pairs.labels,
+                                           pairs.answers, strict=True):  # fmt: skip
+        b, s = smollm2.to_tokens(base)[0], smollm2.to_tokens(source)[0]
+        assert len(b) == len(s)
+        word = lambda p, toks=b: smollm2.tokenizer.decode([toks[p]])  # noqa: E731
+        io, s1, s2 = (word(pairs.positions[k]) for k in ("IO", "S1", "S2"))
+        assert io == answer and s1 == s2 != io
+        if swap == "repeated":  # the source repeats the IO: the answer becomes S
+            assert label == s1 and word(pairs.positions["S2"], s) == io
+            assert torch.equal(b[: pairs.positions["S2"]], s[: pairs.positions["S2"]])
+        else:  # a new name in the IO slot, the rest equal
+            assert word(pairs.positions["IO"], s) == label not in (io, s1)
+            assert (b != s).sum() == 1
