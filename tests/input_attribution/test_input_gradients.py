@@ -193,10 +193,12 @@ def test_smollm2_completeness_and_captum(smollm2):
         "France. It is named after the engineer Gustave Eiffel, whose company designed and"
     )
     tokens = smollm2.to_tokens(text, prepend_bos=False)[:, :30]
-    r = mk.attribute_inputs(smollm2, tokens, progress=False)  # defaults: pad, adaptive, 64
-    delta = r.target_values - r.extras["baseline_value"]
-    # measured 6.7% on this prompt (the benchmark's); a fixed Gauss-Legendre rule: 45% at 32
-    assert float((r.completeness_gap / delta).abs().max()) < 0.10
+    # the default baseline and rule (pad, adaptive) at a 5% tolerance, to keep the test cheap
+    # (the benchmark measures the default 1%); a fixed Gauss-Legendre rule: 45% at 32 points
+    r = mk.attribute_inputs(smollm2, tokens, tolerance=0.05, progress=False)
+    delta = r.extras["target_value"] - r.extras["baseline_value"]
+    assert float((r.completeness_gap / delta).abs().max()) <= 0.05 + 1e-4
+    assert int(r.extras["n_points"][0]) <= 1024
     # agreement with captum on the same embeddings at 6 points
     answer = int(smollm2(tokens)[0, -1].argmax())
     x = embed(smollm2, tokens)
