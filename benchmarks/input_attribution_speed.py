@@ -142,7 +142,7 @@ def embedding_forward(model, tokens: torch.Tensor, answer: int):
 def faithfulness(model) -> None:
     print("## Faithfulness on SmolLM2, 24 prompts (logprob of the predicted next token)")
     options = {
-        "integrated_gradients": {"n_steps": 32},
+        "integrated_gradients": {"n_steps": 32, "max_steps": 32},  # no refinement
         "kernel_shap": {"n_samples": 200},
         "lime": {"n_samples": 200},
     }
