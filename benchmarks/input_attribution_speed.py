@@ -2,15 +2,17 @@
 
 Three parts, each printing a table (``--part`` picks one; all by default):
 
-- ``completeness``: the integrated-gradients completeness gap ``|sum IG - (F(x) - F(x'))|``
-  per baseline and quadrature rule at several step counts (log-probability of the next token of
-  30-token prompts), which chose the defaults;
+- ``completeness``: the integrated-gradients completeness gap ``sum IG - (F(x) - F(x'))`` of
+  every baseline offered with the default adaptive rule (1% tolerance), beside fixed
+  Gauss-Legendre rules, and the step count (and time) captum's ``IntegratedGradients`` needs
+  for a 1% gap (log-probability of the next token of 30-token prompts);
 - ``speed``: the same attributions timed with mechkit and with captum (``IntegratedGradients``
   on a function from input embeddings to the target through the same model, captum's best
   batching at equal steps; ``KernelShap`` and ``Lime`` at 500 samples with captum's defaults
   and with 50 perturbations per pass), in one run, with the ratios and the largest difference
-  between the two IGs;
-- ``faithfulness``: comprehensiveness, sufficiency and AOPC of every method on 24 prompts.
+  between the two IGs (``--part lime``: LIME's timings alone);
+- ``faithfulness``: comprehensiveness, sufficiency, AOPC (against random orders) and
+  sensitivity-n of every method on 24 prompts, and the rank correlations between methods.
 
 Run: ``OMP_NUM_THREADS=2 python benchmarks/input_attribution_speed.py [--part speed]``.
 """
@@ -31,7 +33,7 @@ PROMPTS = [
     "some bread, milk and eggs for dinner, and then John gave the bag to",
 ]
 
-N_PROMPTS = 1
+N_PROMPTS = 2
 
 FAITH_PROMPTS = [
     "The capital of France is",
@@ -66,48 +68,97 @@ def prompt_tokens(model, text: str, n: int = 30) -> torch.Tensor:
     return ids[None]
 
 
+SWAPS = {" Paris": " London", " John": " Mark"}  # the corrupt baseline: one word swapped
+
+
+def corrupted(model, tokens: torch.Tensor) -> torch.Tensor:
+    out = tokens.clone()
+    for a, b in SWAPS.items():
+        out[out == model.to_single_token(a)] = model.to_single_token(b)
+    return out
+
+
 def completeness(model) -> None:
+    from captum.attr import IntegratedGradients
+
     print("## IG completeness gap on SmolLM2 (logprob of the next token, 30-token prompts)")
-    print("| baseline | rule | steps | mean abs gap (nats) | mean relative gap | s |")
-    print("|---|---|---|---|---|---|")
-    for baseline in ("pad", "zero", "mean"):
-        for rule in ("adaptive", "gausslegendre"):
-            for steps in (32, 64):
-                gaps, rel, t0 = [], [], time.perf_counter()
-                for text in PROMPTS[:N_PROMPTS]:
-                    r = mk.attribute_inputs(
-                        model, prompt_tokens(model, text), baseline=baseline, n_steps=steps,
-                        quadrature=rule, progress=False,
-                    )  # fmt: skip
-                    gap = float(r.extras["completeness_gap"][0])
-                    delta = float(r.extras["target_value"][0] - r.extras["baseline_value"][0])
-                    gaps.append(abs(gap))
-                    rel.append(abs(gap) / max(abs(delta), 1e-9))
-                dt = (time.perf_counter() - t0) / N_PROMPTS
-                print(
-                    f"| {baseline} | {rule} | {steps} | {sum(gaps) / len(gaps):.4g} | "
-                    f"{sum(rel) / len(rel):.2%} | {dt:.1f} |",
-                    flush=True,
-                )
+    print("| prompt | baseline | rule | gradient points | F(x) - F(x') | gap | relative | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k, text in enumerate(PROMPTS[:N_PROMPTS]):
+        tokens = prompt_tokens(model, text)
+        answer = int(model(tokens)[0, -1].argmax())
+        bases = {"pad": "pad", "zero": "zero", "mean": "mean", "token 0": 0}
+        bases["corrupt (one word)"] = corrupted(model, tokens)
+        runs = [(b, "adaptive", {}) for b in bases] + [
+            ("pad", "gausslegendre", {"n_steps": 32}), ("pad", "gausslegendre", {"n_steps": 64}),
+        ]  # fmt: skip
+        for name, rule, extra in runs:
+            t0 = time.perf_counter()
+            r = mk.attribute_inputs(
+                model, tokens, answer, baseline=bases[name], quadrature=rule, progress=False,
+                **extra,
+            )  # fmt: skip
+            dt = time.perf_counter() - t0
+            gap = float(r.extras["completeness_gap"][0])
+            delta = float(r.extras["target_value"][0] - r.extras["baseline_value"][0])
+            print(
+                f"| {k} | {name} | {rule} | {int(r.extras['n_points'][0])} | {delta:.2f} | "
+                f"{gap:.3g} | {abs(gap) / max(abs(delta), 1e-9):.2%} | {dt:.1f} |",
+                flush=True,
+            )
+        # captum's IntegratedGradients (its default Gauss-Legendre rule) from the pad baseline:
+        # the step count it needs for a 1% gap, and that run's time
+        x = model.W_E[tokens].detach()
+        base = model.W_E[torch.full_like(tokens, model.tokenizer.pad_token_id)].detach()
+        forward = embedding_forward(model, tokens, answer)
+        with torch.no_grad():
+            span = float(forward(x) - forward(base))
+        for steps in (64, 128, 256, 512, 1024):
+            t0 = time.perf_counter()
+            _, delta_c = IntegratedGradients(forward).attribute(
+                x, baselines=base, n_steps=steps, internal_batch_size=min(steps, 64),
+                return_convergence_delta=True,
+            )  # fmt: skip
+            dt = time.perf_counter() - t0
+            rel = abs(float(delta_c)) / abs(span)
+            print(f"| {k} | pad | captum gausslegendre | {steps} | {span:.2f} | "
+                  f"{float(delta_c):.3g} | {rel:.2%} | {dt:.1f} |", flush=True)  # fmt: skip
+            if rel < 0.01:
+                break
+
+
+def embedding_forward(model, tokens: torch.Tensor, answer: int):
+    """F(embeddings) for captum: the token embeddings replaced, log p(answer) at the end."""
+
+    def forward(emb):
+        logits = model.run_with_hooks(
+            tokens.expand(emb.shape[0], -1), fwd_hooks=[("hook_embed", lambda a, hook: emb)]
+        )
+        return logits[:, -1].float().log_softmax(-1)[:, answer]
+
+    return forward
 
 
 def faithfulness(model) -> None:
     print("## Faithfulness on SmolLM2, 24 prompts (logprob of the predicted next token)")
     options = {
-        "integrated_gradients": {"n_steps": 32},
+        "integrated_gradients": {"n_steps": 32, "max_steps": 32},  # no refinement
         "kernel_shap": {"n_samples": 200},
         "lime": {"n_samples": 200},
     }
     t0 = time.perf_counter()
     c = mk.compare_input_attributions(model, FAITH_PROMPTS, options=options, progress=False)
     frame = c.to_dataframe()
+    for method, r in c.attributions.items():  # sensitivity-n (Ancona et al. 2018) per method
+        for n, v in mk.sensitivity_n(model, r, (1, 2, 4)).items():
+            frame.loc[method, f"sensitivity_{n}"] = v
     print(frame.round(3).to_string())
     print("Spearman between methods (mean over prompts):")
     print(c.correlations.numpy().round(2))
     print(f"({time.perf_counter() - t0:.0f} s)")
 
 
-def speed(model) -> None:
+def speed(model, methods: tuple[str, ...] = ("ig", "KernelSHAP", "LIME")) -> None:
     from captum.attr import IntegratedGradients, KernelShap, Lime
 
     print("## Speed on SmolLM2, one 30-token prompt")
@@ -128,23 +179,24 @@ def speed(model) -> None:
         out = fn()
         return out, time.perf_counter() - t0
 
-    steps = 32
-    theirs, t_captum = timed(
-        lambda: IntegratedGradients(forward).attribute(
-            x, baselines=base, n_steps=steps, method="gausslegendre", internal_batch_size=steps
+    if "ig" in methods:
+        steps = 32
+        theirs, t_captum = timed(
+            lambda: IntegratedGradients(forward).attribute(
+                x, baselines=base, n_steps=steps, method="gausslegendre", internal_batch_size=steps
+            )
         )
-    )
-    ours, t_ours = timed(
-        lambda: mk.attribute_inputs(
-            model, tokens, answer, n_steps=steps, quadrature="gausslegendre", progress=False
+        ours, t_ours = timed(
+            lambda: mk.attribute_inputs(
+                model, tokens, answer, n_steps=steps, quadrature="gausslegendre", progress=False
+            )
         )
-    )
-    diff = float((ours.scores[0] - theirs.sum(-1)[0]).abs().max())
-    print(
-        f"IG {steps} steps: captum {t_captum:.1f} s, mechkit {t_ours:.1f} s, "
-        f"ratio {t_captum / t_ours:.2f}x; max |difference| {diff:.2e} "
-        f"(max |attribution| {float(theirs.sum(-1).abs().max()):.3f})"
-    )
+        diff = float((ours.scores[0] - theirs.sum(-1)[0]).abs().max())
+        print(
+            f"IG {steps} steps: captum {t_captum:.1f} s, mechkit {t_ours:.1f} s, "
+            f"ratio {t_captum / t_ours:.2f}x; max |difference| {diff:.2e} "
+            f"(max |attribution| {float(theirs.sum(-1).abs().max()):.3f})"
+        )
 
     ids = tokens[0]
     n = len(ids)
@@ -166,6 +218,8 @@ def speed(model) -> None:
     samples = 500
     ones = torch.ones(1, n)
     for name, cls in (("KernelSHAP", KernelShap), ("LIME", Lime)):
+        if name not in methods:
+            continue
         _, t_default = timed(
             lambda cls=cls: cls(lambda m: masked(m)).attribute(ones, baselines=0, n_samples=samples)
         )
@@ -189,7 +243,7 @@ def speed(model) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["completeness", "speed", "faithfulness", "all"])
+    parser.add_argument("--part", choices=["completeness", "speed", "lime", "faithfulness", "all"])
     args = parser.parse_args()
     torch.manual_seed(0)
     model = mk.load_model("smollm2-135m")
@@ -198,6 +252,8 @@ def main() -> None:
         completeness(model)
     if part in ("speed", "all"):
         speed(model)
+    if part == "lime":  # LIME's timings alone
+        speed(model, ("LIME",))
     if part in ("faithfulness", "all"):
         faithfulness(model)
 

@@ -115,6 +115,12 @@ def sweep() -> Any:
         return next(iter(run.results.values())).normalized()
 
 
+def input_attribution() -> Any:
+    # integrated gradients (the defaults) of the predicted next token, the page's prompts
+    prompts = ["The Eiffel Tower is in the city of", "The capital of France is"]
+    return mk.attribute_inputs(_model(), prompts, progress=False)
+
+
 FIGURES: dict[str, Callable[[], Any]] = {
     f.__name__: f
     for f in (
@@ -128,6 +134,7 @@ FIGURES: dict[str, Callable[[], Any]] = {
         sae,
         steering,
         sweep,
+        input_attribution,
     )
 }
 

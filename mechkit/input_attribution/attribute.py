@@ -43,6 +43,8 @@ def attribute_inputs(
     baseline: Any = None,
     n_steps: int | None = None,
     quadrature: str | None = None,
+    tolerance: float | None = None,
+    max_steps: int | None = None,
     norm: str | None = None,
     n_samples: int | None = None,
     kernel_width: float | None = None,
@@ -73,8 +75,11 @@ def attribute_inputs(
             length; a feature's score is shared by its tokens.
         removal: ``"delete"`` (default) or ``"replace"`` (by ``replacement``, default the pad
             token) for perturbation methods.
-        baseline, n_steps, quadrature: integrated gradients (:mod:`.gradients`); defaults
-            ``"pad"``, 64, ``"adaptive"`` (measured completeness gaps on the docs page).
+        baseline, n_steps, quadrature, tolerance, max_steps: integrated gradients
+            (:mod:`.gradients`); defaults ``"pad"``, 64, ``"adaptive"`` (which bisects its
+            intervals until the completeness gap is within ``tolerance`` = 1% of
+            ``|F(x) - F(baseline)|``, at most ``max_steps`` = 1024 gradient points; measured
+            on the docs page).
         norm: saliency's ``"l2"`` (default) or ``"l1"``.
         n_samples, kernel_width, alpha, seed: LIME and KernelSHAP (500 samples, width 0.25,
             ridge 1.0, seed 0).
@@ -107,7 +112,8 @@ def attribute_inputs(
     check_batch_size(batch_size)
     check_budget(memory_budget)
     given = {
-        "baseline": baseline, "n_steps": n_steps, "quadrature": quadrature, "norm": norm,
+        "baseline": baseline, "n_steps": n_steps, "quadrature": quadrature,
+        "tolerance": tolerance, "max_steps": max_steps, "norm": norm,
         "n_samples": n_samples, "kernel_width": kernel_width, "alpha": alpha, "seed": seed,
         "layer": layer, "head": head, "max_features": max_features,
     }  # fmt: skip
@@ -139,10 +145,15 @@ def attribute_inputs(
 def _check_options(options: Options) -> None:
     if isinstance(options.baseline, str):
         check_choice("baseline", options.baseline, BASELINES, also="a token id or prompts")
-    for name in ("n_steps", "n_samples", "max_features"):
+    for name in ("n_steps", "n_samples", "max_features", "max_steps"):
         value = getattr(options, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidArgumentError(f"Expected {name} to be an integer >= 1; got {value!r}.")
+    if isinstance(options.tolerance, bool) or not options.tolerance >= 0:
+        raise InvalidArgumentError(
+            f"Expected tolerance >= 0 (a share of |F(x) - F(baseline)|); got "
+            f"{options.tolerance!r}. Hint: 0.01 asks for a completeness gap within 1%."
+        )
     if not options.kernel_width > 0 or not options.alpha >= 0:
         raise InvalidArgumentError(
             f"Expected kernel_width > 0 and alpha >= 0; got {options.kernel_width}, "

@@ -35,7 +35,7 @@ def demo_section(model: Model, out: Path, quick: bool = False) -> str:
     if getattr(model, "tokenizer", None) is None:  # a toy model: token ids
         prompts = [[1, 7, 3, 9, 4, 12], [5, 8, 2, 6, 11]]
     options = {
-        "integrated_gradients": {"n_steps": 8 if quick else 32},
+        "integrated_gradients": {"n_steps": 8 if quick else 32, "max_steps": 8 if quick else 32},
         "kernel_shap": {"n_samples": 32 if quick else 200},
         "lime": {"n_samples": 32 if quick else 200},
     }

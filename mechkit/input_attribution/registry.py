@@ -31,8 +31,10 @@ class Options:
 
     norm: str = "l2"  # saliency: the norm of the gradient over d_model
     baseline: Any = "pad"  # IG: no RMSNorm-of-zero jump at the baseline (docs page)
-    n_steps: int = 64  # IG: gradient points (the adaptive rule adds as many forward passes)
+    n_steps: int = 64  # IG: gradient points (adaptive: the first ones, after n_steps + 1 forwards)
     quadrature: str = "adaptive"  # IG: nodes where F changes; measured gap on the docs page
+    tolerance: float = 0.01  # IG adaptive: refine until |gap| <= tolerance * |F(x) - F(x')|
+    max_steps: int = 1024  # IG adaptive: gradient points at most
     n_samples: int = 500  # LIME, KernelSHAP: coalitions drawn
     kernel_width: float = 0.25  # LIME: of the exponential kernel on the cosine distance
     alpha: float = 1.0  # LIME: the ridge penalty

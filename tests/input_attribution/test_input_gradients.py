@@ -88,6 +88,43 @@ def test_completeness_and_batching(toy):
     assert torch.allclose(small.scores, r.scores, atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("baseline", ["pad", "mean"])
+def test_adaptive_rule_meets_its_tolerance_and_equals_captum(toy, baseline):
+    # the adaptive rule refines until |gap| <= tolerance * |F(x) - F(x')|; its attributions
+    # converge to captum's at many Gauss-Legendre points (an independent quadrature)
+    from captum.attr import IntegratedGradients
+
+    tokens = torch.tensor([PROMPT])
+    x = embed(toy, tokens)
+    base = embed(toy, torch.zeros_like(tokens)) if baseline == "pad" else x * 0 + toy.W_E.mean(0)
+    theirs = IntegratedGradients(embedding_function(toy, tokens, ANSWER)).attribute(
+        x, baselines=base.detach(), n_steps=200, method="gausslegendre", internal_batch_size=200
+    ).sum(-1)[0]  # fmt: skip
+    coarse = mk.attribute_inputs(
+        toy, tokens, ANSWER, baseline=baseline, n_steps=4, tolerance=0.5, progress=False
+    )
+    fine = mk.attribute_inputs(
+        toy, tokens, ANSWER, baseline=baseline, n_steps=4, tolerance=1e-5, progress=False
+    )
+    delta = fine.target_values - fine.extras["baseline_value"]
+    assert float((fine.completeness_gap / delta).abs().max()) <= 1e-5 + 1e-6
+    assert fine.extras["n_points"][0] > coarse.extras["n_points"][0] == 4  # it refined
+    assert torch.allclose(fine.scores[0], theirs.float(), atol=1e-4)
+    # the gap reported is the quadrature's: the coarse result is further from captum's
+    assert (coarse.scores[0] - theirs).abs().max() > (fine.scores[0] - theirs).abs().max()
+
+
+def test_adaptive_rule_stops_at_max_steps(toy):
+    r = mk.attribute_inputs(
+        toy, [PROMPT], ANSWER, n_steps=4, tolerance=0.0, max_steps=12, progress=False
+    )
+    assert int(r.extras["n_points"][0]) <= 12
+    with pytest.raises(mk.InvalidArgumentError, match="tolerance"):
+        mk.attribute_inputs(toy, [PROMPT], ANSWER, tolerance=-1.0, progress=False)
+    with pytest.raises(mk.InvalidArgumentError, match="max_steps"):
+        mk.attribute_inputs(toy, [PROMPT], ANSWER, method="saliency", max_steps=8, progress=False)
+
+
 def test_bos_is_kept_out_and_its_embedding_fixed(toy):
     r = mk.attribute_inputs(
         toy, [[0, *PROMPT]], ANSWER, baseline="zero", n_steps=48, progress=False
@@ -156,10 +193,12 @@ def test_smollm2_completeness_and_captum(smollm2):
         "France. It is named after the engineer Gustave Eiffel, whose company designed and"
     )
     tokens = smollm2.to_tokens(text, prepend_bos=False)[:, :30]
-    r = mk.attribute_inputs(smollm2, tokens, progress=False)  # defaults: pad, adaptive, 64
-    delta = r.target_values - r.extras["baseline_value"]
-    # measured 6.7% on this prompt (the benchmark's); a fixed Gauss-Legendre rule: 45% at 32
-    assert float((r.completeness_gap / delta).abs().max()) < 0.10
+    # the default baseline and rule (pad, adaptive) at a 5% tolerance, to keep the test cheap
+    # (the benchmark measures the default 1%); a fixed Gauss-Legendre rule: 45% at 32 points
+    r = mk.attribute_inputs(smollm2, tokens, tolerance=0.05, progress=False)
+    delta = r.extras["target_value"] - r.extras["baseline_value"]
+    assert float((r.completeness_gap / delta).abs().max()) <= 0.05 + 1e-4
+    assert int(r.extras["n_points"][0]) <= 1024
     # agreement with captum on the same embeddings at 6 points
     answer = int(smollm2(tokens)[0, -1].argmax())
     x = embed(smollm2, tokens)
