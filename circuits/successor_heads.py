@@ -28,6 +28,7 @@ their method on any model mechkit loads, with mechkit's public API only:
    nothing.
 
     python -m circuits.successor_heads --model smollm2-135m --out reports/successor_heads
+    python -m circuits.successor_heads --model gemma3-270m --out reports/successor_heads_gemma3
 
 GPT-2 small's published successor head (``PAPER_GPT2``) is kept as data.
 """
@@ -737,7 +738,11 @@ sequence differs from it by at most {g["within_sequence_max_abs_difference"]:.1e
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Find successor heads (Gould et al. 2023).")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument(
+        "--model", default="smollm2-135m",
+        help="a name mk.load_model knows: smollm2-135m (default), gemma3-270m (Gemma 3 270M, "
+        "converted offline from its GGUF file, about 80 s), ...",
+    )  # fmt: skip
     parser.add_argument("--out", default="reports/successor_heads")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
