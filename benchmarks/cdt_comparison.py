@@ -30,12 +30,14 @@ import torch
 
 import mechkit as mk
 
-METHODS = {
-    "eap": {},
-    "eap-ig-inputs": {"steps": 5},
-    "cd-t": {},
-    "exact": {},
+METHODS = {  # name: (method, options)
+    "eap": ("eap", {}),
+    "eap-ig-inputs": ("eap-ig-inputs", {"steps": 5}),
+    "cd-t": ("cd-t", {}),
+    "cd-t-per-edge": ("cd-t", {"propagation": "edge"}),
+    "exact": ("exact", {}),
 }
+DEFAULT_METHODS = ["eap", "eap-ig-inputs", "cd-t", "exact"]
 
 
 def _toy_task(n_prompts: int) -> tuple[mk.Model, torch.Tensor, torch.Tensor, object]:
@@ -83,9 +85,13 @@ def main() -> int:
     parser.add_argument("--task", choices=["toy", "ioi", "greater-than"], default="toy")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--sizes", type=int, nargs="+", default=[5, 10, 20, 40, 80])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--exact-candidates", type=int, default=0,
-                        help="exact scores only the union of the other methods' top K edges")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument(
+        "--exact-candidates",
+        type=int,
+        default=0,
+        help="exact scores only the union of the other methods' top K edges",
+    )
     parser.add_argument("--out", default="/tmp/cdt_comparison")
     args = parser.parse_args()
     out = Path(args.out)
@@ -110,8 +116,9 @@ def main() -> int:
     others = [m for m in args.methods if not (restricted and m == "exact")]
     for name in others:
         start = time.perf_counter()
-        graph = mk.edge_attribution(model, *inputs, method=name, progress=False,
-                                    **METHODS[name])  # fmt: skip
+        method, options = METHODS[name]
+        graph = mk.edge_attribution(model, *inputs, method=method, progress=False,
+                                    **options)  # fmt: skip
         seconds[name] = time.perf_counter() - start
         graphs.append(graph)
         print(f"{name:15s} {seconds[name]:8.2f} s, {graph.n_edges} edges", flush=True)
