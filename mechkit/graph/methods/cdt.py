@@ -66,6 +66,7 @@ from torch import Tensor
 from mechkit.core import Model, head_name, mlp_name, progress_bar
 from mechkit.errors import UnsupportedModelError, check_choice
 from mechkit.graph.layout import GraphLayout
+from mechkit.graph.methods.gradients import answer_positions
 from mechkit.graph.registry import EdgeScores, register_edge_method
 from mechkit.graph.setup import EdgeSetup, batch_metric, mean_value
 from mechkit.hook_scope import hook_scope
@@ -176,30 +177,33 @@ def clean_run(model: Model, tokens: Tensor) -> CleanRun:
     )
 
 
-def _norm(
-    module: Any, name: str, run: CleanRun, beta: Tensor, gamma: Tensor, repeats: int
-) -> tuple[Tensor, Tensor]:
-    """A norm, linear in each part with the clean run's scale; its bias to ``gamma``."""
+def _norm_linear(module: Any, name: str, run: CleanRun, x: Tensor, repeats: int) -> Tensor:
+    """A norm's linear part with the clean run's scale (no bias): what a relevant part becomes."""
     kind = type(module).__name__
     if kind == "Identity":
-        return beta, gamma
+        return x
     scale = run.scales[name].repeat(repeats, 1, 1)  # (copy * batch, pos, 1)
-    if beta.ndim == 4:  # per-head inputs (copy * batch, pos, head, d_model)
+    if x.ndim == 4:  # per-head inputs (copy * batch, pos, head, d_model)
         scale = scale[:, :, None]
     if kind in ("LayerNorm", "LayerNormPre"):
-        beta = beta - beta.mean(-1, keepdim=True)
-        gamma = gamma - gamma.mean(-1, keepdim=True)
+        x = x - x.mean(-1, keepdim=True)
     elif kind not in ("RMSNorm", "RMSNormPre"):
         raise UnsupportedModelError(
             f"Expected LayerNorm, RMSNorm or no normalization for CD-T; got {kind}."
         )
-    beta, gamma = beta / scale, gamma / scale
-    weight, bias = getattr(module, "w", None), getattr(module, "b", None)
-    if weight is not None:
-        beta, gamma = beta * weight, gamma * weight
-    if bias is not None:
-        gamma = gamma + bias
-    return beta, gamma
+    x = x / scale
+    weight = getattr(module, "w", None)
+    return x if weight is None else x * weight
+
+
+def _norm(
+    module: Any, name: str, run: CleanRun, beta: Tensor, gamma: Tensor, repeats: int
+) -> tuple[Tensor, Tensor]:
+    """A norm, linear in each part with the clean run's scale; its bias to ``gamma``."""
+    beta = _norm_linear(module, name, run, beta, repeats)
+    gamma = _norm_linear(module, name, run, gamma, repeats)
+    bias = getattr(module, "b", None)
+    return beta, gamma if bias is None else gamma + bias
 
 
 def _kv_weights(attn: Any, which: str) -> tuple[Tensor, Tensor]:
@@ -411,6 +415,91 @@ def _chunks(items: list[int], size: int) -> list[list[int]]:
     return [items[lo : lo + size] for lo in range(0, len(items), size)]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Clean:
+    """One layer's clean queries, keys, values (rotated, per head) and MLP pre-activations, so
+    that a source's copy computes only what its relevant part changes: its gamma is the clean
+    value minus the relevant part's (the rules are linear up to the nonlinearity)."""
+
+    model: Model
+    layer: int
+    run: CleanRun
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    pre: Tensor | None
+    gate: Tensor | None
+
+    @classmethod
+    def of(cls, model: Model, layer: int, run: CleanRun) -> _Clean:
+        block = model.blocks[layer]
+        attn = block.attn
+        x = _norm(block.ln1, f"blocks.{layer}.ln1", run, run.resid[layer], run.resid[layer], 1)[1]
+        W_K, b_K = _kv_weights(attn, "K")
+        W_V, b_V = _kv_weights(attn, "V")
+        group = model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads)
+        q = _project(x, attn.W_Q) + attn.b_Q
+        k = (_project(x, W_K) + b_K).repeat_interleave(group, dim=2)
+        v = (_project(x, W_V) + b_V).repeat_interleave(group, dim=2)
+        if model.cfg.positional_embedding_type == "rotary":
+            q, k = attn.apply_rotary(q), attn.apply_rotary(k)
+        pre = gate = None
+        if not model.cfg.attn_only:
+            mlp: Any = block.mlp
+            m = _norm(block.ln2, f"blocks.{layer}.ln2", run, run.mid[layer], run.mid[layer], 1)[1]
+            pre = m @ mlp.W_in + (0 if model.cfg.gated_mlp else mlp.b_in)
+            gate = m @ mlp.W_gate if model.cfg.gated_mlp else None
+        return cls(model, layer, run, q, k, v, pre, gate)
+
+    def _moved(self, d: Tensor, weight: Tensor, copies: int) -> Tensor:
+        """The relevant part ``d`` ``(copy * batch, pos, d_model)`` through ln1 and ``weight``,
+        per head ``(copy * batch, pos, head, d_head)``."""
+        block = self.model.blocks[self.layer]
+        x = _norm_linear(block.ln1, f"blocks.{self.layer}.ln1", self.run, d, copies)
+        group = self.model.cfg.n_heads // weight.shape[0]
+        return _project(x, weight).repeat_interleave(group, dim=2)
+
+    def relevant_z(self, kind: str, d: Tensor, copies: int) -> Tensor:
+        """Every head's ``z_beta`` when ``d`` enters its ``kind`` input alone (:func:`_attention_z`
+        with the other inputs clean)."""
+        attn = self.model.blocks[self.layer].attn
+        a_full = self.run.patterns[self.layer].repeat(copies, 1, 1, 1)
+        v = self.v.repeat(copies, 1, 1, 1)
+        if kind == "v":
+            return torch.einsum("bhqk,bkhd->bqhd", a_full, self._moved(d, _kv_weights(attn, "V")[0],
+                                                                       copies))  # fmt: skip
+        q, k = self.q.repeat(copies, 1, 1, 1), self.k.repeat(copies, 1, 1, 1)
+        rotary = self.model.cfg.positional_embedding_type == "rotary"
+        if kind == "q":
+            moved = self._moved(d, attn.W_Q, copies)
+            q = q - (attn.apply_rotary(moved) if rotary else moved)
+        else:
+            moved = self._moved(d, _kv_weights(attn, "K")[0], copies)
+            k = k - (attn.apply_rotary(moved) if rotary else moved)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / attn.attn_scale
+        if getattr(self.model.cfg, "attn_scores_soft_cap", -1.0) > 0:
+            cap = self.model.cfg.attn_scores_soft_cap
+            scores = cap * torch.tanh(scores / cap)
+        a_gamma = attn.apply_causal_mask(scores).softmax(-1)
+        return torch.einsum("bhqk,bkhd->bqhd", a_full - a_gamma, v)
+
+    def relevant_mlp(self, d: Tensor, copies: int) -> Tensor:
+        """The MLP output's ``beta`` when ``d`` enters its input alone (:func:`_mlp`)."""
+        assert self.pre is not None
+        block = self.model.blocks[self.layer]
+        mlp: Any = block.mlp
+        x_b = _norm_linear(block.ln2, f"blocks.{self.layer}.ln2", self.run, d, copies)
+        pre = self.pre.repeat(copies, 1, 1)
+        pre_b = x_b @ mlp.W_in
+        if self.gate is not None:
+            gate = self.gate.repeat(copies, 1, 1)
+            gate_b = x_b @ mlp.W_gate
+            h_b = mlp.act_fn(gate) * pre - mlp.act_fn(gate - gate_b) * (pre - pre_b)
+        else:
+            h_b = mlp.act_fn(pre) - mlp.act_fn(pre - pre_b)
+        return h_b @ mlp.W_out
+
+
 def _by_source(
     model: Model,
     layout: GraphLayout,
@@ -425,6 +514,7 @@ def _by_source(
     cfg = model.cfg
     run = clean_run(model, tokens)
     base, grad_z, grad_mlp = _output_gradients(model, tokens, metric)
+
     n_batch, seq = tokens.shape
     per_copy = n_batch * seq * 4 * (
         cfg.n_heads * (cfg.d_model + 3 * cfg.d_head + 2 * seq) + 4 * cfg.d_model
@@ -438,22 +528,17 @@ def _by_source(
     def sources(receiver: int) -> list[int]:
         return layout.valid[:, receiver].nonzero()[:, 0].tolist()
 
-    def relevant(part: list[int]) -> tuple[Tensor, Tensor]:
+    def relevant(part: list[int]) -> Tensor:
         """``delta`` of these senders as copies ``(copy * batch, pos, d_model)``."""
-        flat = delta[:, :, part].permute(2, 0, 1, 3).flatten(0, 1)
-        return flat, torch.zeros_like(flat)
+        return delta[:, :, part].permute(2, 0, 1, 3).flatten(0, 1)
 
     for layer in range(cfg.n_layers):
         first = index[head_name(layer, 0, "q")]
-        x = run.resid[layer]
+        clean = _Clean.of(model, layer, run)
         for part in _chunks(sources(first), size):
-            d, zero = relevant(part)
-            clean_x = x.repeat(len(part), 1, 1)
-            clean = (zero, clean_x)
-            moved = (d, clean_x - d)
+            d = relevant(part)
             for kind in ("q", "k", "v"):
-                inputs = {name: moved if name == kind else clean for name in ("q", "k", "v")}
-                z_b, _ = _attention_z(model, layer, run, inputs, len(part))
+                z_b = clean.relevant_z(kind, d, len(part))
                 # the metric's change when the head loses the relevant part of its z
                 per_head = -(z_b.unflatten(0, (len(part), n_batch)) * grad_z[layer]).sum((1, 2, 4))
                 if kind == "q":
@@ -465,9 +550,7 @@ def _by_source(
         if not cfg.attn_only:
             receiver = index[mlp_name(layer)]
             for part in _chunks(sources(receiver), size):
-                d, _ = relevant(part)
-                mid = run.mid[layer].repeat(len(part), 1, 1)
-                out_b, _ = _mlp(model, layer, run, d, mid - d, len(part))
+                out_b = clean.relevant_mlp(relevant(part), len(part))
                 value = -(out_b.unflatten(0, (len(part), n_batch)) * grad_mlp[layer]).sum((1, 2, 3))
                 scores[torch.tensor(part), receiver] = value
         bar.update(1)
@@ -475,11 +558,14 @@ def _by_source(
     # metric itself is read
     receiver = index["logits"]
     ln_final = getattr(model, "ln_final", torch.nn.Identity())
+    at = answer_positions(metric, tokens)  # one position per prompt: unembed only those
+    rows = torch.arange(n_batch, device=tokens.device)
     for part in _chunks(sources(receiver), size):
-        d, _ = relevant(part)
-        final = run.resid[cfg.n_layers].repeat(len(part), 1, 1)
-        x_b, _ = _norm(ln_final, "ln_final", run, d, final - d, len(part))
-        logits = run.logits.repeat(len(part), 1, 1) - x_b @ model.W_U
+        x_b = _norm_linear(ln_final, "ln_final", run, relevant(part), len(part))
+        clean_logits = run.logits if at is None else run.logits[rows, at]
+        if at is not None:  # (copy * batch, d_model) at each prompt's position
+            x_b = x_b[torch.arange(len(x_b), device=x_b.device), at.repeat(len(part))]
+        logits = clean_logits.repeat(len(part), *[1] * (clean_logits.ndim - 1)) - x_b @ model.W_U
         for c, s in enumerate(part):
             chunk = logits[c * n_batch : (c + 1) * n_batch]
             scores[s, receiver] = float(mean_value(metric, chunk)) - base
