@@ -201,7 +201,10 @@ def effective_embeddings(model: Any, ids: Int[Tensor, " n"]) -> Float[Tensor, "n
     x = model.embed(ids[None].to(model.cfg.device))  # (1, n, d_model)
     if not model.cfg.attn_only:
         block = model.blocks[0]
-        x = x + block.mlp(block.ln2(x))
+        out = block.mlp(block.ln2(x))
+        if getattr(model.cfg, "use_normalization_before_and_after", False):
+            out = block.ln2_post(out)  # Gemma normalizes the MLP's output before adding it
+        x = x + out
     return x[0].float()
 
 
@@ -221,6 +224,10 @@ def ov_logits(
     block = model.blocks[layer]
     x = block.ln1(effective_embeddings(model, ids)[None])[0]  # (n, d_model)
     out = torch.einsum("nm,hmd,hde->hne", x, block.attn.W_V.float(), block.attn.W_O.float())
+    # Gemma's norm of the attention output: its weights (its positive scale changes no ranking)
+    post = getattr(getattr(block, "ln1_post", None), "w", None)
+    if getattr(model.cfg, "use_normalization_before_and_after", False) and post is not None:
+        out = out * post.float()
     if model.cfg.normalization_type in ("LN", "LNPre"):
         out = out - out.mean(-1, keepdim=True)  # the final LayerNorm's centring
     weight = getattr(getattr(model, "ln_final", None), "w", None)
