@@ -152,7 +152,8 @@ def test_effective_embedding_and_ov_circuit_include_gemma_post_norms():
         hooks = [("blocks.0.hook_resid_pre", effective), ("blocks.0.attn.hook_z", only)]
         with torch.no_grad(), model.hooks(fwd_hooks=hooks):
             _, cache = model.run_with_cache(ids[:, None], return_type=None)
-        real = (cache["blocks.0.hook_attn_out"][:, 0] * model.ln_final.w) @ model.W_U
+        with torch.no_grad():
+            real = (cache["blocks.0.hook_attn_out"][:, 0] * model.ln_final.w) @ model.W_U
         ratio = ov[head] / real
         assert float(ratio.min()) > 0
         torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4, atol=0)
