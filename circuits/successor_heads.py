@@ -28,6 +28,7 @@ their method on any model mechkit loads, with mechkit's public API only:
    nothing.
 
     python -m circuits.successor_heads --model smollm2-135m --out reports/successor_heads
+    python -m circuits.successor_heads --model gemma3-270m --out reports/successor_heads_gemma3
 
 GPT-2 small's published successor head (``PAPER_GPT2``) is kept as data.
 """
@@ -200,7 +201,10 @@ def effective_embeddings(model: Any, ids: Int[Tensor, " n"]) -> Float[Tensor, "n
     x = model.embed(ids[None].to(model.cfg.device))  # (1, n, d_model)
     if not model.cfg.attn_only:
         block = model.blocks[0]
-        x = x + block.mlp(block.ln2(x))
+        out = block.mlp(block.ln2(x))
+        if getattr(model.cfg, "use_normalization_before_and_after", False):
+            out = block.ln2_post(out)  # Gemma normalizes the MLP's output before adding it
+        x = x + out
     return x[0].float()
 
 
@@ -220,6 +224,10 @@ def ov_logits(
     block = model.blocks[layer]
     x = block.ln1(effective_embeddings(model, ids)[None])[0]  # (n, d_model)
     out = torch.einsum("nm,hmd,hde->hne", x, block.attn.W_V.float(), block.attn.W_O.float())
+    # Gemma's norm of the attention output: its weights (its positive scale changes no ranking)
+    post = getattr(getattr(block, "ln1_post", None), "w", None)
+    if getattr(model.cfg, "use_normalization_before_and_after", False) and post is not None:
+        out = out * post.float()
     if model.cfg.normalization_type in ("LN", "LNPre"):
         out = out - out.mean(-1, keepdim=True)  # the final LayerNorm's centring
     weight = getattr(getattr(model, "ln_final", None), "w", None)
@@ -737,7 +745,11 @@ sequence differs from it by at most {g["within_sequence_max_abs_difference"]:.1e
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Find successor heads (Gould et al. 2023).")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument(
+        "--model", default="smollm2-135m",
+        help="a name mk.load_model knows: smollm2-135m (default), gemma3-270m (Gemma 3 270M, "
+        "converted offline from its GGUF file, about 80 s), ...",
+    )  # fmt: skip
     parser.add_argument("--out", default="reports/successor_heads")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -109,3 +109,51 @@ def test_any_spelling_counts_the_successor_in_another_spelling():
     strict = sh.succession_scores(model, shifted)
     loose = sh.succession_scores(model, shifted, any_spelling=True)
     assert float(strict[0, 0]) == 0.0 and float(loose[0, 0]) == 0.25
+
+
+def test_effective_embedding_and_ov_circuit_include_gemma_post_norms():
+    # Gemma normalizes the attention and MLP outputs before adding them to the residual: the
+    # effective embedding is the residual after block 0 with the attention output zeroed, and
+    # the OV logits carry ln1_post's weights
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32, n_ctx=8, d_vocab=20,
+        act_fn="gelu", normalization_type="RMS", positional_embedding_type="rotary",
+        use_normalization_before_and_after=True, seed=3,
+    )  # fmt: skip
+    model = HookedTransformer(cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".w"):  # weights away from 1, so that leaving them out shows
+                param.uniform_(0.2, 3.0, generator=torch.Generator().manual_seed(len(name)))
+    ids = torch.arange(5)
+    zero_attn = [("blocks.0.hook_attn_out", lambda act, hook: torch.zeros_like(act))]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids[:, None], return_type=None)
+        resid = model.run_with_hooks(ids[:, None], fwd_hooks=zero_attn, return_type=None,
+                                     stop_at_layer=1)  # fmt: skip
+    torch.testing.assert_close(sh.effective_embeddings(model, ids), resid[:, 0])
+    # each head alone on its own effective embedding (a one-token prompt attends to itself),
+    # biases zeroed: the real output after ln1_post, read through the final norm's weights and
+    # the unembedding, is the OV logits times a positive scale per head and token
+    with torch.no_grad():
+        model.blocks[0].attn.b_V.zero_()
+        model.blocks[0].attn.b_O.zero_()
+    ov = sh.ov_logits(model, 0, ids, torch.arange(20))
+    for head in range(2):
+
+        def only(act, hook, head=head):
+            act = act.clone()
+            act[:, :, 1 - head] = 0
+            return act
+
+        def effective(act, hook):
+            return sh.effective_embeddings(model, ids)[:, None]
+
+        hooks = [("blocks.0.hook_resid_pre", effective), ("blocks.0.attn.hook_z", only)]
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            _, cache = model.run_with_cache(ids[:, None], return_type=None)
+        with torch.no_grad():
+            real = (cache["blocks.0.hook_attn_out"][:, 0] * model.ln_final.w) @ model.W_U
+        ratio = ov[head] / real
+        assert float(ratio.min()) > 0
+        torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4, atol=0)

@@ -98,7 +98,7 @@ def test_without_normalization_cdt_is_real_edge_patching(ablation):
     model = _small(**MODELS["no norms"])
     corrupt = CORRUPT if ablation == "corrupt" else None
     ours = mk.edge_attribution(model, CLEAN, corrupt, metric, method="cd-t", ablation=ablation,
-                               progress=False)  # fmt: skip
+                               propagation="edge", progress=False)  # fmt: skip
     exact = mk.edge_attribution(model, CLEAN, corrupt, metric, method="exact", ablation=ablation,
                                 progress=False)  # fmt: skip
     valid = ours.layout.valid
@@ -106,11 +106,12 @@ def test_without_normalization_cdt_is_real_edge_patching(ablation):
     torch.testing.assert_close(ours.scores[valid], exact.scores[valid], atol=1e-4, rtol=1e-3)
 
 
-def test_on_a_linear_model_edges_into_the_logits_are_direct_attribution():
+@pytest.mark.parametrize("propagation", ["source", "edge"])
+def test_on_a_linear_model_edges_into_the_logits_are_direct_attribution(propagation):
     # no norms, no MLP: an edge into the logits carries delta_u W_U and nothing else
     model = _small(normalization_type=None, attn_only=True, n_layers=1)
     graph = mk.edge_attribution(model, CLEAN, None, metric, method="cd-t", ablation="zero",
-                                progress=False)  # fmt: skip
+                                propagation=propagation, progress=False)  # fmt: skip
     with torch.no_grad():
         _, cache = model.run_with_cache(CLEAN)
     direction = model.W_U[:, 0] - model.W_U[:, 1]
@@ -120,6 +121,64 @@ def test_on_a_linear_model_edges_into_the_logits_are_direct_attribution():
         expected = -float((head_out[:, -1, head] @ direction).mean().detach())  # zeroed: gone
         score = graph.scores[graph.layout.edge_index(f"L0H{head}->logits")]
         assert float(score) == pytest.approx(expected, abs=1e-4)
+
+
+def _last_receivers(layout, n_layers):
+    """Receivers after which nothing nonlinear runs in an attention-only model."""
+    return torch.tensor([r.kind == "logits" or r.layer == n_layers - 1
+                         for r in layout.receivers])  # fmt: skip
+
+
+def test_one_pass_per_source_equals_one_pass_per_edge_on_the_toy(toy):
+    # the source path weighs the receiver's relevant output by the metric's gradient (norm
+    # scales held), the edge path carries it through the rest: the same wherever only the
+    # frozen final norm and the unembedding follow (edges into layer 1 and the logits)
+    clean, corrupt = CLEAN % toy.cfg.d_vocab, CORRUPT % toy.cfg.d_vocab
+    fast = mk.edge_attribution(toy, clean, corrupt, metric, method="cd-t", progress=False)
+    slow = mk.edge_attribution(toy, clean, corrupt, metric, method="cd-t",
+                               propagation="edge", progress=False)  # fmt: skip
+    assert fast.method == "cd-t" and slow.method == "cd-t (per edge)"
+    last = _last_receivers(fast.layout, 2)
+    assert float(slow.scores[:, last].abs().max()) > 1e-2
+    torch.testing.assert_close(fast.scores[:, last], slow.scores[:, last], atol=1e-5, rtol=1e-4)
+    # into layer 0 the later attention is linearized: close in rank, not equal
+    from scipy.stats import spearmanr
+
+    valid = fast.layout.valid & ~last
+    assert spearmanr(fast.scores[valid], slow.scores[valid]).statistic > 0.95
+
+
+def test_one_pass_per_source_equals_one_pass_per_edge_with_rotary_and_gqa():
+    # one attention-only layer with RMSNorm, rotary and grouped keys/values: every receiver is
+    # followed by the final norm and the unembedding only, so every edge agrees
+    model = _small(**{**MODELS["llama-like"], "attn_only": True, "n_layers": 1})
+    fast = mk.edge_attribution(model, CLEAN, CORRUPT, metric, method="cd-t", progress=False)
+    slow = mk.edge_attribution(model, CLEAN, CORRUPT, metric, method="cd-t",
+                               propagation="edge", progress=False)  # fmt: skip
+    valid = fast.layout.valid
+    assert float(slow.scores[valid].abs().max()) > 1e-2
+    torch.testing.assert_close(fast.scores[valid], slow.scores[valid], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gpt-like", "llama-like"])
+def test_one_pass_per_source_equals_one_pass_per_edge_into_a_last_mlp(kind):
+    # one layer with an MLP (GELU, or SiLU-gated): the MLP's receivers and the logits are
+    # followed by the final norm and the unembedding only; prompts one batch at a time too
+    model = _small(**{**MODELS[kind], "n_layers": 1})
+    diff = mk.LogitDiff(torch.tensor([0, 0]), torch.tensor([1, 1]))  # splits into batches
+    fast = mk.edge_attribution(model, CLEAN, CORRUPT, diff, method="cd-t", batch_size=1,
+                               progress=False)  # fmt: skip
+    slow = mk.edge_attribution(model, CLEAN, CORRUPT, diff, method="cd-t",
+                               propagation="edge", progress=False)  # fmt: skip
+    last = torch.tensor([r.kind in ("mlp", "logits") for r in fast.layout.receivers])
+    assert float(slow.scores[:, last].abs().max()) > 1e-2
+    torch.testing.assert_close(fast.scores[:, last], slow.scores[:, last], atol=1e-5, rtol=1e-4)
+
+
+def test_propagation_is_checked(toy):
+    with pytest.raises(mk.InvalidArgumentError, match="Did you mean"):
+        mk.edge_attribution(toy, CLEAN % 500, CORRUPT % 500, metric, method="cd-t",
+                            propagation="sources", progress=False)  # fmt: skip
 
 
 def test_graphs_select_prune_and_evaluate_like_eap(toy):
