@@ -6,8 +6,9 @@ Requests: the built-in facts SmolLM2 knows at top-1 whose old and new objects ar
 new object is the next object of the same relation (CounterFact style). ROME optimises each
 ``v*`` once (``C`` does not enter it); the corpus edit uses the same ``k*``, ``v*`` with ``C``
 from :mod:`mechkit.corpus`. MEMIT's targets at its last layer (ROME's layer) are ROME's ``v* - W
-k*``. Writes ``OUT/editing_table.json`` after each stage (so a run cut short keeps what finished)
-and one CSV per method.
+k*``. Each ROME edit is scored as it is made; ``--rome-until`` stops making them at a time, and
+MEMIT then edits the facts done. Writes ``OUT/editing_table.json`` after each stage (so a run cut
+short keeps what finished) and one CSV per method.
 
     OMP_NUM_THREADS=1 nice python benchmarks/editing_table.py OUT [--edits 20] [--layer 4]
 """
@@ -26,8 +27,14 @@ import torch
 import mechkit as mk
 from mechkit.editing import RomeConfig, WeightEdit, evaluate_edits, known_facts, memit, rome
 from mechkit.editing.covariance import key_covariances
+from mechkit.editing.evaluation import EditEvaluation
 from mechkit.editing.rome import rome_update
 from mechkit.errors import MultiTokenAnswerError
+
+
+def cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One fact's scores after another, joined."""
+    return {m: torch.cat([p[m] for p in parts]) for m in parts[0]}
 
 
 def main() -> None:
@@ -40,6 +47,7 @@ def main() -> None:
     parser.add_argument("--fluency-tokens", type=int, default=10)
     parser.add_argument("--prefixes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rome-until", default=None, help='UTC "HH:MM": no new ROME edit after')
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     note: dict = {"threads": torch.get_num_threads(), "load_start": os.getloadavg()}
@@ -76,40 +84,47 @@ def main() -> None:
     C = key_covariances(model, layers, n_tokens=args.cov_tokens, progress=False)
     save("setup", t, c)
 
-    # ROME: one v* per fact (C = I and the corpus C share k*, v*)
-    t, c = time.time(), time.process_time()
+    # ROME, one fact at a time (C = I and the corpus C share k*, v*), each scored at once so a
+    # run cut short (--rome-until, UTC "HH:MM") keeps every fact it finished
     name = f"blocks.{layer}.mlp.W_out"
     W = model.blocks[layer].mlp.W_out.detach()
-    ident, corpus, per_edit = [], [], []
+    ident, per_edit, done = [], [], []
+    parts: dict[str, list] = {"before": [], "rome_corpus": [], "rome_identity": []}
     for f in requests:
-        t1, c1 = time.time(), time.process_time()
-        e = rome(model, f, layer=layer, covariance="identity", config=config)
-        per_edit.append((time.time() - t1, time.process_time() - c1, e.record["losses"]["steps"]))
-        ident.append(e)
-        k, v = e.keys[f"L{layer}"], e.values[f"L{layer}"]
-        corpus.append(WeightEdit({name: rome_update(W, k, v, C[layer])}, "ROME", e.requests))
-    note["rome_per_edit"] = {
-        "wall_mean": sum(p[0] for p in per_edit) / len(per_edit),
-        "cpu_mean": sum(p[1] for p in per_edit) / len(per_edit),
-        "steps_mean": sum(p[2] for p in per_edit) / len(per_edit),
-        "final_nll_mean": sum(e.record["losses"]["nll"] for e in ident) / len(ident),
-    }
-    note["rome_norm"] = {
-        "identity": sum(e.norm() for e in ident) / len(ident),
-        "corpus": sum(e.norm() for e in corpus) / len(corpus),
-        "W_out": float(W.norm()),
-    }
-    save("rome", t, c)
-
-    before = None
-    for label, edits in (("rome_corpus", corpus), ("rome_identity", ident)):
+        if args.rome_until and time.strftime("%H:%M", time.gmtime()) >= args.rome_until:
+            break
         t, c = time.time(), time.process_time()
-        ev = evaluate_edits(model, requests, edits, fluency_tokens=args.fluency_tokens,
-                            before=before, progress=False)  # fmt: skip
-        before = ev.before
-        note[label] = ev.summary()
-        ev.to_dataframe().to_csv(args.out / f"{label}.csv", index=False)
-        save(f"eval_{label}", t, c)
+        e = rome(model, f, layer=layer, covariance="identity", config=config)
+        per_edit.append((time.time() - t, time.process_time() - c, e.record["losses"]["steps"]))
+        k, v = e.keys[f"L{layer}"], e.values[f"L{layer}"]
+        corpus = WeightEdit({name: rome_update(W, k, v, C[layer])}, "ROME", e.requests)
+        ev = evaluate_edits(model, [f], [corpus], fluency_tokens=args.fluency_tokens,
+                            progress=False)  # fmt: skip
+        ev2 = evaluate_edits(model, [f], [e], fluency_tokens=args.fluency_tokens,
+                             before=ev.before, progress=False)  # fmt: skip
+        ident.append(e)
+        done.append(f)
+        parts["before"].append(ev.before)
+        parts["rome_corpus"].append(ev.after)
+        parts["rome_identity"].append(ev2.after)
+        note["rome_norm"] = {"identity": sum(x.norm() for x in ident) / len(ident), "W_out":
+                             float(W.norm())}  # fmt: skip
+        note.setdefault("rome_norm_corpus", []).append(corpus.norm())
+        note["rome_per_edit"] = {
+            "wall_mean": sum(p[0] for p in per_edit) / len(per_edit),
+            "cpu_mean": sum(p[1] for p in per_edit) / len(per_edit),
+            "steps_mean": sum(p[2] for p in per_edit) / len(per_edit),
+            "final_nll_mean": sum(x.record["losses"]["nll"] for x in ident) / len(ident),
+        }
+        before = cat(parts["before"])
+        for label in ("rome_corpus", "rome_identity"):
+            table = EditEvaluation(tuple(note["requests"][: len(done)]), before,
+                                   cat(parts[label]), "ROME")  # fmt: skip
+            note[label] = table.summary()
+            note[label]["n"] = len(done)
+            table.to_dataframe().to_csv(args.out / f"{label}.csv", index=False)
+        save(f"rome_{len(done)}", t, c)
+    requests = done
 
     targets = torch.stack([e.values[f"L{layer}"] - W.T @ e.keys[f"L{layer}"] for e in ident])
     for label, cov in (("memit_corpus", C), ("memit_identity", "identity")):
@@ -119,6 +134,7 @@ def main() -> None:
         ev = evaluate_edits(model, requests, e, fluency_tokens=args.fluency_tokens,
                             before=before, progress=False)  # fmt: skip
         note[label] = ev.summary()
+        note[label]["n"] = len(requests)
         note[label]["norm"] = e.norm()
         note[label]["lambda"] = e.record["lambda"]
         ev.to_dataframe().to_csv(args.out / f"{label}.csv", index=False)
