@@ -5,7 +5,8 @@ section 3.3), before and after:
   P(old)``;
 - **paraphrase**: the same on the fact's paraphrases (generalisation);
 - **neighbourhood** (specificity): the share of neighbour prompts (same relation, other
-  subjects) that still prefer their own object over the edited fact's new one;
+  subjects) that still prefer their own object over the edited fact's new one (neighbours
+  whose object is several tokens are left out);
 - **fluency**: the n-gram entropy of a greedy continuation of the prompt (ROME's
   ``compute_n_gram_entropy``: ``(2/3 H2 + 4/3 H3) / 2``, word bigrams and trigrams, in bits);
   repetitive text, a sign of a broken model, scores low.
@@ -165,9 +166,14 @@ def _scores(model: Model, facts: Sequence[Fact], fluency_tokens: int) -> dict[st
         para.append(
             float(_prefers(model, ps, [n] * len(ps), [o] * len(ps)).mean()) if ps else math.nan
         )
-        if f.neighbours:
-            prompts = [p for p, _ in f.neighbours]
-            own = [_one(model, obj) for _, obj in f.neighbours]
+        # neighbours whose own object is several tokens cannot be compared by one token: skipped
+        ids = [
+            (p, tokenizer_of(model).encode(obj, add_special_tokens=False))
+            for p, obj in f.neighbours
+        ]
+        usable = [(p, i[0]) for p, i in ids if len(i) == 1]
+        if usable:
+            prompts, own = [p for p, _ in usable], [i for _, i in usable]
             neigh.append(float(_prefers(model, prompts, own, [n] * len(own)).mean()))
         else:
             neigh.append(math.nan)

@@ -12,13 +12,24 @@ the residuals ``R = (z - h) / (layers left)`` give the least-squares update
 
 (in TransformerLens's layout ``out = k @ W_out``; the paper's ``Delta = R K^T (lambda C + K
 K^T)^-1`` transposed), which trades the new associations against the keys' second moment ``C``
-weighted by ``lambda`` (``mom2_weight``). With one fact and one layer it is ROME's update
-scaled by ``k^T C^-1 k / (lambda + k^T C^-1 k)`` (Sherman-Morrison), which tends to ROME's as
-``lambda`` goes to 0.
+weighted by ``lambda``. With one fact and one layer it is ROME's update scaled by ``k^T C^-1 k /
+(lambda + k^T C^-1 k)`` (Sherman-Morrison), ROME's own at ``lambda = 0``.
 
-``covariance="identity"`` uses ``C = s I`` with ``s`` the mean of ``|k|^2 / d_mlp`` over the
-edited keys, so that ``lambda`` means the same with either choice. ``mom2_weight`` defaults to
-``d_mlp``: MEMIT used 15,000 for GPT-J (``d_mlp`` 16,384) and 20,000 for GPT-2 XL (6,400).
+**Lambda, scale-free.** MEMIT's ``C`` is the keys' per-token second moment and its ``lambda``
+(``mom2_update_weight``: 15,000 for GPT-J, 20,000 for GPT-2 XL) a count of corpus tokens set
+against the edits; how much of each target a layer then realises depends on the keys' Mahalanobis
+norms ``q_i = k_i^T C^-1 k_i``: one fact alone realises ``q / (lambda + q)`` of its residual.
+These norms differ between models, layers and covariance estimates (on SmolLM2's subject keys
+``q`` is ~3,000-5,000 with the corpus covariance and ``d_mlp`` = 1,536 with a scaled identity), so
+a fixed ``lambda`` means different things; at ``lambda = d_mlp`` a two-fact edit over three layers
+of SmolLM2 realised too little to change a prediction. Here ``mom2_weight`` (``rho``) is relative:
+``lambda = rho * mean_i q_i`` in each layer, so one fact realises ``1 / (1 + rho)`` of its
+residual per layer whatever the model, the scale of ``C`` or its estimate; the absolute
+``lambda`` of each layer is kept in the edit's record (``record["lambda"]``). ``rho = 0`` is the
+limit of exact edits, ``W' k_i = W k_i + r_i`` for every fact at least ``C``-norm (ROME's update
+for one fact; EMMET, Gupta et al. 2024, for several). The update is computed in the equivalent
+form ``C^-1 K^T (lambda I + K C^-1 K^T)^-1 R`` (Woodbury), which holds at ``lambda = 0``.
+``covariance="identity"`` is ``C = I`` (its scale does not matter).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from mechkit.core.progress import progress_bar
@@ -46,12 +58,22 @@ from mechkit.editing.rome import (
 )
 from mechkit.errors import InvalidArgumentError
 
-__all__ = ["memit", "memit_update"]
+__all__ = ["memit", "memit_update", "key_norms", "MOM2_WEIGHT"]
+
+MOM2_WEIGHT = 0.1
+"""memit's default ``rho``: one fact alone realises 1/1.1 (91%) of its residual per layer."""
 
 
-def memit_update(keys: Tensor, residuals: Tensor, covariance: Tensor, mom2_weight: float) -> Tensor:
-    """``(lambda C + K^T K)^-1 K^T R``: the change of ``W_out`` (``(d_mlp, d_model)``) for keys
-    ``K`` ``(fact, d_mlp)`` and residuals ``R`` ``(fact, d_model)``.
+def memit_update(
+    keys: Float[Tensor, "fact d_mlp"],
+    residuals: Float[Tensor, "fact d_model"],
+    covariance: Float[Tensor, "d_mlp d_mlp"] | None,
+    mom2_weight: float,
+) -> Float[Tensor, "d_mlp d_model"]:
+    """``(lambda C + K^T K)^-1 K^T R``: the change of ``W_out`` for keys ``K`` and residuals
+    ``R``, with ``lambda = mom2_weight`` absolute (MEMIT's units; ``C`` None: the identity).
+    Computed as ``C^-1 K^T (lambda I + K C^-1 K^T)^-1 R``, which also holds at ``lambda = 0``
+    (then ``K (W + delta) = K W + R`` exactly, for independent keys).
 
     Example:
         >>> K, R = torch.randn(1, 6, dtype=torch.float64), torch.randn(1, 4, dtype=torch.float64)
@@ -61,8 +83,25 @@ def memit_update(keys: Tensor, residuals: Tensor, covariance: Tensor, mom2_weigh
         ((6, 4), True)
     """
     k = keys.double()
-    lhs = mom2_weight * covariance.double() + k.T @ k  # (d_mlp, d_mlp)
-    return torch.linalg.solve(lhs, k.T @ residuals.double())
+    c_inv_kt = k.T if covariance is None else torch.linalg.solve(covariance.double(), k.T)
+    gram = k @ c_inv_kt  # (fact, fact): K C^-1 K^T
+    eye = torch.eye(len(k), dtype=torch.float64, device=k.device)
+    return c_inv_kt @ torch.linalg.solve(mom2_weight * eye + gram, residuals.double())
+
+
+def key_norms(
+    keys: Float[Tensor, "fact d_mlp"], covariance: Float[Tensor, "d_mlp d_mlp"] | None
+) -> Float[Tensor, " fact"]:
+    """``q_i = k_i^T C^-1 k_i``, each key's squared Mahalanobis norm under ``C`` (None: the
+    identity), against which :func:`memit` sets its ``lambda``.
+
+    Example:
+        >>> key_norms(torch.tensor([[1.0, 2.0]]), 2 * torch.eye(2))
+        tensor([2.5000], dtype=torch.float64)
+    """
+    k = keys.double()
+    c_inv_kt = k.T if covariance is None else torch.linalg.solve(covariance.double(), k.T)
+    return (k * c_inv_kt.T).sum(-1)
 
 
 def memit(
@@ -71,7 +110,7 @@ def memit(
     *,
     layers: Sequence[int],
     covariance: Literal["corpus", "identity"] | Tensor | dict[int, Tensor] = "corpus",
-    mom2_weight: float | None = None,
+    mom2_weight: float = MOM2_WEIGHT,
     config: RomeConfig | None = None,
     n_tokens: int | None = None,
     targets: Tensor | None = None,
@@ -86,7 +125,9 @@ def memit(
             MLPs' indirect effect peaks); the targets are set at the last.
         covariance: ``"corpus"``, ``"identity"`` (module docstring), a tensor, or ``{layer:
             tensor}``.
-        mom2_weight: ``lambda`` (None: ``d_mlp``).
+        mom2_weight: ``rho``, ``lambda`` relative to the edited keys (module docstring):
+            ``lambda = rho * mean_i k_i^T C^-1 k_i`` per layer; 0 gives exact edits (ROME's
+            update for one fact in one layer). Larger keeps more of the corpus keys' outputs.
         config: how each target is optimised (:class:`~mechkit.editing.RomeConfig`).
         n_tokens: corpus tokens for the covariance (None: the whole training split).
         targets: ``(fact, d_model)`` changes of the last layer's MLP output at the subject to
@@ -96,7 +137,8 @@ def memit(
 
     Returns:
         A :class:`~mechkit.editing.WeightEdit` on every layer's ``W_out``; ``keys["L{l}"]``
-        ``(fact, d_mlp)``, ``values["z"]`` the targets ``(fact, d_model)``.
+        ``(fact, d_mlp)``, ``values["z"]`` the targets ``(fact, d_model)``; ``record["lambda"]``
+        the absolute ``lambda`` of each layer.
 
     Example:
         >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -113,9 +155,11 @@ def memit(
     if not layers:
         raise InvalidArgumentError("Expected at least one layer to edit; got none.")
     config = config or RomeConfig()
-    lam = float(model.cfg.d_mlp or 0) if mom2_weight is None else float(mom2_weight)
-    if lam < 0:
-        raise InvalidArgumentError(f"Expected mom2_weight >= 0; got {mom2_weight!r}.")
+    if isinstance(mom2_weight, bool) or not isinstance(mom2_weight, int | float) or mom2_weight < 0:
+        raise InvalidArgumentError(
+            f"Expected mom2_weight >= 0 (relative to the keys' norms; 0: exact edits); got "
+            f"{mom2_weight!r}."
+        )
     tfs = tokenize_facts(model, facts)
     prefixes = context_prefixes(model, config.n_prefixes, config.prefix_len, config.seed)
     prompts = [prefixed(tf, prefixes) for tf in tfs]
@@ -125,6 +169,7 @@ def memit(
     deltas: dict[str, Tensor] = {}
     keys: dict[str, Tensor] = {}
     losses = []
+    lambdas: dict[str, float] = {}
     with progress_bar(len(tfs) + len(layers), "MEMIT", enabled=progress) as bar:
         zs = []
         for i, (tf, group) in enumerate(zip(tfs, prompts, strict=True)):
@@ -149,10 +194,9 @@ def memit(
                 )  # (fact, d_mlp)
                 h = torch.stack([mean_at_subject(model, g, resid, last) for g in prompts])
             R = (z - h) / (len(layers) - n_done)  # noqa: N806  (fact, d_model)
-            C = Cs[layer]  # noqa: N806
-            if C is None:
-                scale = float((K.double() ** 2).sum(-1).mean()) / K.shape[1]
-                C = scale * torch.eye(K.shape[1], device=K.device)  # noqa: N806
+            C = Cs[layer]  # noqa: N806  (None: the identity)
+            lam = float(mom2_weight) * float(key_norms(K, C).mean())
+            lambdas[f"L{layer}"] = lam
             W = model.blocks[layer].mlp.W_out  # noqa: N806
             deltas[name] = memit_update(K, R, C, lam).to(W.dtype)
             keys[f"L{layer}"] = K.detach().cpu()
@@ -166,7 +210,8 @@ def memit(
         record={
             "layers": layers,
             "covariance": covariance if isinstance(covariance, str) else "given",
-            "mom2_weight": lam,
+            "mom2_weight": float(mom2_weight),
+            "lambda": lambdas,
             "config": dataclasses.asdict(config),
             "losses": losses,
         },

@@ -34,18 +34,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformer_lens.utils import apply_softcap
 
 from mechkit.core.types import Model
 from mechkit.editing.covariance import check_layer, covariances
 from mechkit.editing.edits import WeightEdit
 from mechkit.editing.facts import Fact, TokenizedFact, tokenize_fact, tokenize_facts
 from mechkit.errors import InvalidArgumentError, NonFiniteError, check_positive_int
-from mechkit.hook_scope import hook_scope, run_with_cache
+from mechkit.hook_scope import run_with_cache
 from mechkit.tokens import bos_token_id
 
 __all__ = [
@@ -217,7 +218,12 @@ def target_value(
     essence: TokenizedFact | None = None,
 ) -> tuple[Float[Tensor, " d_model"], dict[str, float]]:
     """``delta``: the change of block ``layer``'s MLP output at the subject's last token that
-    makes every prompt end with its ``new_target`` (ROME's step 2), and the final losses.
+    makes every prompt end with its ``new_target`` (ROME's step 2), and the losses of the
+    ``delta`` returned. The prompts and the KL prompt run as one right-padded batch (causal
+    attention keeps each row exact), the blocks up to ``layer`` once; each Adam step runs only
+    the blocks after it and unembeds only the last tokens (on SmolLM2 at layer 4, ~0.6 s of CPU
+    per step, half the per-prompt forwards' time). It stops once the mean NLL of the new
+    object is below ``config.stop_loss``.
 
     Example:
         >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -229,57 +235,67 @@ def target_value(
         (torch.Size([8]), ['kl', 'nll', 'steps'])
     """
     device = model.cfg.device
-    name = f"blocks.{layer}.hook_mlp_out"
     for p in prompts:
         if p.new_target is None:
             raise InvalidArgumentError(
                 "Expected facts with a new_target to edit towards; got one without. Hint: "
                 "fact.with_new_target(' Rome')."
             )
-    delta = torch.zeros(model.cfg.d_model, device=device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=config.lr)
-    groups = _by_length(prompts)
-    batches = [torch.stack([prompts[i].tokens for i in g]).to(device) for g in groups]
-    subject_at = [torch.tensor([prompts[i].last_subject for i in g], device=device) for g in groups]
-    new = [torch.tensor([prompts[i].new_target for i in g], device=device) for g in groups]
-    ess_tokens = ess_at = base_logp = None
-    if essence is not None and config.kl_weight > 0:
-        ess_tokens = essence.tokens[None].to(device)
-        ess_at = essence.last_subject
-        with torch.no_grad():
-            base_logp = model(ess_tokens)[0, -1].float().log_softmax(-1)
+    use_kl = essence is not None and config.kl_weight > 0
+    rows = [*prompts, essence] if use_kl and essence is not None else list(prompts)
+    n = len(prompts)
+    # one right-padded batch: causal attention keeps every row's own positions exact
+    tokens = torch.zeros(len(rows), max(r.n_tokens for r in rows), dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : r.n_tokens] = r.tokens.cpu()
+    tokens = tokens.to(device)  # (row, pos)
+    index = torch.arange(len(rows), device=device)
+    subject_at = torch.tensor([r.last_subject for r in rows], device=device)
+    last_at = torch.tensor([r.n_tokens - 1 for r in rows], device=device)
+    new = torch.tensor([p.new_target for p in prompts], device=device)
+    out_name, resid_name = f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.hook_resid_post"
+    with torch.no_grad():  # the blocks up to `layer` once: delta only changes what follows
+        _, cache = run_with_cache(
+            model, tokens, names_filter=[out_name, resid_name], stop_at_layer=layer + 1
+        )
+    base = cache[resid_name]  # (row, pos, d_model)
     # the original output's norm, for the clamp and the weight decay
+    v_norm = float(cache[out_name][index[:n], subject_at[:n]].norm(dim=-1).mean())
+
+    def last_logp(delta: Tensor) -> Tensor:
+        """Log-probabilities at each row's last token with ``delta`` added to the MLP output
+        at its subject's last token: ``(row, d_vocab)``."""
+        resid = base.clone()
+        resid[index, subject_at] += delta
+        resid = model(resid, start_at_layer=layer + 1, stop_at_layer=model.cfg.n_layers)
+        final = model.ln_final(resid[index, last_at][:, None])  # (row, 1, d_model)
+        logits = apply_softcap(model.unembed(final)[:, 0], model.cfg.output_logits_soft_cap)
+        return logits.float().log_softmax(-1)
+
+    delta = torch.zeros(model.cfg.d_model, device=device, requires_grad=True)
     with torch.no_grad():
-        _, cache = run_with_cache(model, batches[0], names_filter=name, stop_at_layer=layer + 1)
-        v_norm = float(cache[name][torch.arange(len(groups[0])), subject_at[0]].norm(dim=-1).mean())
-    rows_at: list[Tensor] = []
+        base_logp = last_logp(delta)[n] if use_kl else None
 
-    def add_delta(act: Tensor, hook: Any) -> Tensor:
-        at = rows_at[0]
-        act = act.clone()
-        act[torch.arange(act.shape[0], device=device), at] += delta
-        return act
+    def losses_of(logp: Tensor) -> tuple[Tensor, Tensor]:
+        nll = -logp[index[:n], new].mean()
+        kl = torch.zeros((), device=device)
+        if base_logp is not None:
+            kl = torch.sum(base_logp.exp() * (base_logp - logp[n]))  # KL(before || after)
+        return nll, kl
 
+    opt = torch.optim.Adam([delta], lr=config.lr)
     losses = {"nll": float("nan"), "kl": 0.0, "steps": 0.0}
-    with torch.enable_grad(), hook_scope(model, fwd_hooks=[(name, add_delta)]):
+    stopped = False
+    with torch.enable_grad():
         for step in range(config.steps):
             opt.zero_grad()
-            nll = torch.zeros((), device=device)
-            for tokens, at, target in zip(batches, subject_at, new, strict=True):
-                rows_at[:] = [at]
-                logp = model(tokens)[:, -1].float().log_softmax(-1)  # (rows, d_vocab)
-                nll = nll - logp[torch.arange(len(target)), target].sum()
-            nll = nll / len(prompts)
-            loss = nll + config.weight_decay * delta.pow(2).sum() / v_norm**2
-            kl = torch.zeros((), device=device)
-            if ess_tokens is not None and base_logp is not None:
-                rows_at[:] = [torch.tensor([ess_at], device=device)]
-                logp = model(ess_tokens)[0, -1].float().log_softmax(-1)
-                kl = torch.sum(base_logp.exp() * (base_logp - logp))  # KL(before || after)
-                loss = loss + config.kl_weight * kl
+            nll, kl = losses_of(last_logp(delta))
             losses = {"nll": float(nll.detach()), "kl": float(kl.detach()), "steps": step + 1.0}
-            if float(nll.detach()) < config.stop_loss:
+            if losses["nll"] < config.stop_loss:
+                stopped = True
                 break
+            decay = config.weight_decay * delta.pow(2).sum() / v_norm**2
+            loss = nll + config.kl_weight * kl + decay
             (grad,) = torch.autograd.grad(loss, [delta])
             delta.grad = grad
             opt.step()
@@ -287,6 +303,10 @@ def target_value(
                 limit = config.clamp * v_norm
                 if delta.norm() > limit:
                     delta.mul_(limit / delta.norm())
+    if not stopped:  # the losses of the delta returned, not of the one before the last step
+        with torch.no_grad():
+            nll, kl = losses_of(last_logp(delta))
+        losses.update(nll=float(nll), kl=float(kl))
     if not torch.isfinite(delta).all():
         raise NonFiniteError("The optimised value change is not finite. Hint: a smaller lr.")
     return delta.detach(), losses

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -47,5 +48,15 @@ def test_rome_on_smollm2_flips_the_fact_and_keeps_neighbours(smollm2):
     assert not torch.isnan(ev.after["fluency"]).any()
     with pytest.raises(mk.MultiTokenAnswerError, match="single token"):
         rome(smollm2, fact.with_new_target(" Buenos Aires"), layer=4, covariance="identity")
+    # a neighbour whose own object is two tokens (" Bangkok") is left out, not an error
+    extra = dataclasses.replace(
+        fact, neighbours=(*fact.neighbours, ("The capital of Thailand is", " Bangkok"))
+    )
+    nothing = mk.WeightEdit({}, "none")
+    [plain, more] = [
+        evaluate_edits(smollm2, [f], nothing, fluency_tokens=0, progress=False).after
+        for f in (fact, extra)
+    ]
+    assert torch.equal(plain["neighbourhood"], more["neighbourhood"])
     with pytest.raises(mk.InvalidArgumentError, match="subject"):
         tokenize_fact(smollm2, mk.editing.Fact("Fra", "The capital of {}nce is", " Paris"))

@@ -8,7 +8,7 @@ import torch
 
 import mechkit as mk
 from mechkit.editing import RomeConfig, WeightEdit, rome, rome_update
-from mechkit.editing.rome import context_prefixes, prefixed
+from mechkit.editing.rome import context_prefixes, essence_prompt, prefixed, target_value
 from tests.conftest import hook_count
 
 CONFIG = RomeConfig(steps=8, n_prefixes=3, prefix_len=3)
@@ -121,3 +121,28 @@ def test_bad_input(tiny, toy, tiny_facts):
         rome(tiny, tiny_facts[0], layer=0, covariance="wikipedia", config=CONFIG)
     with pytest.raises(mk.InvalidArgumentError, match="steps"):
         RomeConfig(steps=0)
+
+
+def test_the_batched_value_loss_equals_one_hooked_forward_per_prompt(tiny, tiny_facts):
+    # target_value runs all prompts (of several lengths) and the KL prompt as one right-padded
+    # batch from block layer + 1 on; its reported losses must be those of plain forwards
+    fact, layer = tiny_facts[0], 1
+    prompts = prefixed(fact, [[3, 4, 5], [7]])  # lengths 10, 8 and 7
+    essence = essence_prompt(tiny, fact)
+    delta, losses = target_value(tiny, prompts, layer, CONFIG, essence=essence)
+    assert losses["steps"] == CONFIG.steps and delta.norm() > 0
+
+    def last_logp(p, add):
+        def hook(act, hook):
+            act = act.clone()
+            act[0, p.last_subject] += add
+            return act
+
+        with tiny.hooks(fwd_hooks=[(f"blocks.{layer}.hook_mlp_out", hook)]), torch.no_grad():
+            return tiny(p.tokens[None])[0, -1].log_softmax(-1)
+
+    nll = -sum(float(last_logp(p, delta)[p.new_target]) for p in prompts) / len(prompts)
+    before, after = last_logp(essence, 0 * delta), last_logp(essence, delta)
+    kl = float((before.exp() * (before - after)).sum())
+    assert losses["nll"] == pytest.approx(nll, rel=1e-4)
+    assert losses["kl"] == pytest.approx(kl, rel=1e-3, abs=1e-6)
