@@ -193,12 +193,13 @@ def test_smollm2_completeness_and_captum(smollm2):
         "France. It is named after the engineer Gustave Eiffel, whose company designed and"
     )
     tokens = smollm2.to_tokens(text, prepend_bos=False)[:, :30]
-    # the default baseline and rule (pad, adaptive) at a 5% tolerance, to keep the test cheap
-    # (the benchmark measures the default 1%); a fixed Gauss-Legendre rule: 45% at 32 points
-    r = mk.attribute_inputs(smollm2, tokens, tolerance=0.05, progress=False)
+    # the default baseline and rule (pad, adaptive) at a 10% tolerance, to keep the test cheap
+    # (172 points, 1.3% measured; the benchmark measures the default 1%: 538 points); a fixed
+    # Gauss-Legendre rule is 45% off at 32 points
+    r = mk.attribute_inputs(smollm2, tokens, tolerance=0.1, progress=False)
     delta = r.extras["target_value"] - r.extras["baseline_value"]
-    assert float((r.completeness_gap / delta).abs().max()) <= 0.05 + 1e-4
-    assert int(r.extras["n_points"][0]) <= 1024
+    assert float((r.completeness_gap / delta).abs().max()) <= 0.1 + 1e-4
+    assert 32 < int(r.extras["n_points"][0]) <= 1024  # refined beyond its first 32 points
     # agreement with captum on the same embeddings at 6 points
     answer = int(smollm2(tokens)[0, -1].argmax())
     x = embed(smollm2, tokens)
