@@ -357,8 +357,23 @@ def _token_inputs(
     x = model.embed(ids[None].to(model.cfg.device))  # (1, n, d_model)
     if effective_embedding and not model.cfg.attn_only:
         block = model.blocks[0]
-        x = x + block.mlp(block.ln2(x))  # the residual after block 0, attention left out
+        out = block.mlp(block.ln2(x))
+        if getattr(model.cfg, "use_normalization_before_and_after", False):
+            out = block.ln2_post(out)  # Gemma normalizes the MLP's output before adding it
+        x = x + out  # the residual after block 0, attention left out
     return x[0]
+
+
+def _head_outputs(model: Model, layer: int) -> Float[Tensor, "head d_head d_model"]:
+    """``W_O`` as the logits read it: times the weights of the norm Gemma applies to the
+    attention's output (its per-token scale is positive and changes no ranking), then the
+    final norm's linear part."""
+    block = model.blocks[layer]
+    W_O = block.attn.W_O.float()
+    post = getattr(getattr(block, "ln1_post", None), "w", None)
+    if getattr(model.cfg, "use_normalization_before_and_after", False) and post is not None:
+        W_O = W_O * post.float()
+    return _to_logit_basis(model, W_O)
 
 
 def _to_logit_basis(model: Model, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
@@ -391,9 +406,7 @@ def _copying_scores(
     out = torch.zeros(cfg.n_layers, cfg.n_heads)
     for layer in range(cfg.n_layers):
         values = _ov_values(model, layer, inputs)  # (head, n, d_head)
-        W_O = _to_logit_basis(
-            model, model.blocks[layer].attn.W_O.float()
-        )  # (head, d_head, d_model)
+        W_O = _head_outputs(model, layer)  # (head, d_head, d_model)
         own_dir = torch.einsum("hdm,mn->hdn", W_O, W_U[:, ids])  # (head, d_head, n)
         own = torch.einsum("hnd,hdn->hn", values, own_dir)  # (head, n): logit of t itself
         at_least = torch.zeros(cfg.n_heads, n, dtype=torch.long, device=cfg.device)
@@ -457,9 +470,7 @@ def _successor_scores(
     out = torch.zeros(cfg.n_layers, cfg.n_heads)
     for layer in range(cfg.n_layers):
         values = _ov_values(model, layer, inputs[scored])  # (head, m, d_head)
-        W_O = _to_logit_basis(
-            model, model.blocks[layer].attn.W_O.float()
-        )  # (head, d_head, d_model)
+        W_O = _head_outputs(model, layer)  # (head, d_head, d_model)
         logits = values @ (W_O @ W_U)  # (head, m, u)
         target = logits.gather(-1, successor[None, :, None].expand(cfg.n_heads, -1, 1))[..., 0]
         best_other = logits.masked_fill(~others, float("-inf")).amax(-1)  # (head, m)

@@ -438,3 +438,53 @@ def test_detect_heads_progress_argument_drives_the_core_progress_bar(toy, monkey
     assert [b["enabled"] for b in bars] == [True, False]
     total = 5 if kind == "induction" else toy.cfg.n_layers  # prompts, or layers for OV kinds
     assert [(b["total"], b["bar"].n) for b in bars] == [(total, total)] * 2
+
+
+def test_successor_and_copying_scores_include_gemma_post_norms():
+    """Gemma normalizes the attention's and the MLP's outputs before adding them: the scores
+    read each token as the residual after block 0 with the attention zeroed, and each head's
+    output through ln1_post's weights. Checked against real one-token runs of each head."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32, n_ctx=8, d_vocab=12,
+        act_fn="gelu", normalization_type="RMS", positional_embedding_type="rotary",
+        use_normalization_before_and_after=True, seed=5,
+    )  # fmt: skip
+    model = HookedTransformer(cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".w"):  # weights away from 1, so that leaving one out shows
+                param.uniform_(0.2, 3.0, generator=torch.Generator().manual_seed(len(name)))
+        model.blocks[0].attn.b_V.zero_()
+        model.blocks[0].attn.b_O.zero_()
+    families = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    ids = torch.arange(12)
+    zero_attn = [("blocks.0.hook_attn_out", lambda act, hook: torch.zeros_like(act))]
+    with torch.no_grad():
+        effective = model.run_with_hooks(
+            ids[:, None], fwd_hooks=zero_attn, return_type=None, stop_at_layer=1
+        )  # (token, 1, d_model): the residual after block 0 without attention
+    expected = torch.zeros(1, 2)
+    for head in range(2):
+
+        def only(act, hook, head=head):
+            act = act.clone()
+            act[:, :, 1 - head] = 0
+            return act
+
+        hooks = [
+            ("blocks.0.hook_resid_pre", lambda act, hook: effective),
+            ("blocks.0.attn.hook_z", only),
+        ]
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            _, cache = model.run_with_cache(ids[:, None], return_type=None)
+        logits = (cache["blocks.0.hook_attn_out"][:, 0] * model.ln_final.w) @ model.W_U
+        wins = [
+            bool(logits[item, nxt] > logits[item, [t for t in family if t != nxt]].max())
+            for family in families
+            for item, nxt in zip(family[:-1], family[1:], strict=True)
+        ]
+        expected[0, head] = sum(wins) / len(wins)
+    got = detect_heads(model, "successor", tokens=families, progress=False).scores
+    torch.testing.assert_close(got, expected)
