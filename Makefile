@@ -60,7 +60,8 @@ docs: $(STAMP)
 	$(BIN)/python docs/scripts/execute_tutorials.py
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
 
-# Tests marked slow load the real 135M model (or Gemma); CI runs them through `make test`.
+# Tests marked slow load the real 135M model (or Gemma), build the wheel or the docs site, or start
+# processes (Ray, ranks, killed subprocesses); CI runs them through `make test`.
 test-fast: lint
 	$(BIN)/python -m pytest -q -n auto --maxschedchunk 1 -m "not slow"
 

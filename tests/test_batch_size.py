@@ -66,7 +66,9 @@ def _batch_size_calls(toy, toy_tokens, toy_sae, toy_graph):
         "evaluate_sae": lambda b: mk.evaluate_sae(
             toy, toy_sae, clean, batch_size=b, progress=False
         ),
-        "compare_lenses": lambda b: mk.lens.compare_lenses(toy, clean, batch_size=b),
+        "compare_lenses": lambda b: mk.lens.compare_lenses(
+            toy, clean, batch_size=b, progress=False
+        ),
         "patch_latents": lambda b: mk.patch_latents(
             toy, toy_sae, clean, corrupt, _metric, batch_size=b, progress=False
         ),

@@ -86,6 +86,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow  # builds the whole site (a minute or more)
 def test_docs_build_strict_with_every_page(site):
     missing = [page for page in PAGES if not (site / page).is_file()]
     assert not missing
@@ -111,6 +112,7 @@ def test_docs_api_reference_is_generated_from_docstrings(site):
     assert '<span class="gp">&gt;&gt;&gt; </span>' in misc  # a highlighted doctest prompt
 
 
+@pytest.mark.slow
 def test_docs_pages_fetch_nothing(site):
     remote = re.compile(r"<(?:script|link|img|iframe)\b[^>]*(?:src|href)=\"(?:https?:)?//", re.I)
     offenders = [

@@ -23,6 +23,9 @@ from mechkit.distributed import spawn
 from mechkit.errors import TrainConfigError
 from mechkit.sae import SAEConfig, TrainConfig, train_sae
 
+# every test starts two process ranks (torch.multiprocessing spawn): outside make test-fast
+pytestmark = pytest.mark.slow
+
 B = 64  # global batch
 TOL = 2e-5
 

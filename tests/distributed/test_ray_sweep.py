@@ -31,6 +31,9 @@ from mechkit.sae import SAEConfig, SparseDictionary
 
 ray = pytest.importorskip("ray")
 
+# a local Ray cluster and subprocess drivers: the whole module is outside make test-fast
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
 RTOL = 1e-5  # the actors run one thread, this process may run more: sums in another order

@@ -60,6 +60,7 @@ def _check_same(folder: Path, trained) -> None:
         torch.testing.assert_close(saved[key], value, atol=TOL, rtol=TOL, msg=key)
 
 
+@pytest.mark.slow  # two torchrun ranks in subprocesses
 def test_torchrun_on_two_ranks_equals_the_api_and_fills_the_cache_in_parallel(tmp_path, toy):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",

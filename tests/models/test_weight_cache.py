@@ -71,6 +71,7 @@ def test_complete_write_is_found(tmp_path, monkeypatch):
     assert (final / "weights.safetensors").read_bytes() == b"data"
 
 
+@pytest.mark.slow  # a writer subprocess (importing mechkit), killed
 def test_killed_writer_leaves_no_cache_entry(tmp_path, monkeypatch):
     """A process killed halfway through writing leaves no folder a later load would trust."""
     script = textwrap.dedent(

@@ -330,6 +330,7 @@ def test_resume_after_a_torn_journal(tmp_path):
         assert torch.allclose(resumed.results[name].scores, result.scores, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # a sweep subprocess (importing mechkit), killed and resumed
 def test_sweep_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
     # one patch per forward pass (a tiny memory budget), so cells reach the journal one by one
     sweeps = [
