@@ -71,18 +71,20 @@ def split_norm(
     """
     if model.cfg.normalization_type is None:
         return parts, bias
-    centre = model.cfg.normalization_type in ("LN", "LNPre")
-    if centre:
-        parts = parts - parts.mean(-1, keepdim=True)
-        bias = bias - bias.mean(-1, keepdim=True)
-    if scale is not None:
-        parts = parts / scale[:, :, None]
-        bias = bias / scale
-    w = getattr(module, "w", None)
-    if w is not None:
-        parts, bias = parts * w, bias * w
+    parts = _norm_linear(model, module, parts, None if scale is None else scale[:, :, None])
+    bias = _norm_linear(model, module, bias, scale)
     b = getattr(module, "b", None)
     return parts, (bias + b if b is not None else bias)
+
+
+def _norm_linear(model: Model, module: Any, x: Tensor, scale: Tensor | None) -> Tensor:
+    """The norm's linear part with its scale frozen: centre (LayerNorm), divide, times ``w``."""
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        x = x - x.mean(-1, keepdim=True)
+    if scale is not None:
+        x = x / scale
+    w = getattr(module, "w", None)
+    return x * w if w is not None else x
 
 
 @register("decompx")
@@ -174,16 +176,9 @@ def _packed_norm(
     """:func:`split_norm` on packed ``(batch, row, d_model)`` parts (row ``r`` at ``pos[r]``)."""
     if model.cfg.normalization_type is None:
         return parts, bias
-    if model.cfg.normalization_type in ("LN", "LNPre"):
-        parts = parts - parts.mean(-1, keepdim=True)
-        bias = bias - bias.mean(-1, keepdim=True)
     scale = cache.get(f"{name}.hook_scale")  # (batch, pos, 1)
-    if scale is not None:
-        parts = parts / scale[:, pos]
-        bias = bias / scale
-    w = getattr(module, "w", None)
-    if w is not None:
-        parts, bias = parts * w, bias * w
+    parts = _norm_linear(model, module, parts, None if scale is None else scale[:, pos])
+    bias = _norm_linear(model, module, bias, scale)
     b = getattr(module, "b", None)
     return parts, (bias + b if b is not None else bias)
 
