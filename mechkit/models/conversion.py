@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -236,20 +237,24 @@ def one_gguf_parse() -> Iterator[None]:
     import gguf
 
     module: Any = gguf  # the class is replaced by a function for the block's duration
-    original = module.GGUFReader
-    readers: dict[tuple[str, str], Any] = {}
+    with _GGUF_PATCH:  # threads take turns (a block may nest in its own thread)
+        original = module.GGUFReader
+        readers: dict[tuple[str, str], Any] = {}
 
-    def reader(path: Any, mode: str = "r") -> Any:
-        key = (str(Path(path).resolve()), mode)
-        if key not in readers:
-            readers[key] = original(path, mode)
-        return readers[key]
+        def reader(path: Any, mode: str = "r") -> Any:
+            key = (str(Path(path).resolve()), mode)
+            if key not in readers:
+                readers[key] = original(path, mode)
+            return readers[key]
 
-    module.GGUFReader = reader
-    try:
-        yield
-    finally:
-        module.GGUFReader = original
+        module.GGUFReader = reader
+        try:
+            yield
+        finally:
+            module.GGUFReader = original
+
+
+_GGUF_PATCH = threading.RLock()
 
 
 def load_gguf(path: Path, name: str, processing: Processing, n_ctx: int | None = None):
