@@ -152,8 +152,15 @@ def _within(seconds: float, call):
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     thread.join(seconds)
-    if thread.is_alive():
-        pytest.fail(f"did not return within {seconds} s (hang)")
+    if thread.is_alive():  # where every thread stands, for whoever debugs the hang
+        import sys
+        import traceback
+
+        stacks = "\n".join(
+            f"thread {ident}:\n" + "".join(traceback.format_stack(frame))
+            for ident, frame in sys._current_frames().items()
+        )
+        pytest.fail(f"did not return within {seconds} s (hang); the threads:\n{stacks}")
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return outcome.get("value")
