@@ -50,7 +50,7 @@ from mechkit.core.types import Model
 from mechkit.errors import UnsupportedModelError
 from mechkit.hook_scope import hook_scope, run_with_cache
 from mechkit.mixing.attention import row_normalise
-from mechkit.mixing.blocks import read_blocks
+from mechkit.mixing.blocks import frozen_norm, read_blocks
 from mechkit.mixing.registry import LayerMaps, MixingRun, register
 
 __all__ = ["split_norm", "check_decompx", "frozen_hooks", "adjoint_copies"]
@@ -71,20 +71,10 @@ def split_norm(
     """
     if model.cfg.normalization_type is None:
         return parts, bias
-    parts = _norm_linear(model, module, parts, None if scale is None else scale[:, :, None])
-    bias = _norm_linear(model, module, bias, scale)
+    parts = frozen_norm(model, module, parts, None if scale is None else scale[:, :, None])
+    bias = frozen_norm(model, module, bias, scale)
     b = getattr(module, "b", None)
     return parts, (bias + b if b is not None else bias)
-
-
-def _norm_linear(model: Model, module: Any, x: Tensor, scale: Tensor | None) -> Tensor:
-    """The norm's linear part with its scale frozen: centre (LayerNorm), divide, times ``w``."""
-    if model.cfg.normalization_type in ("LN", "LNPre"):
-        x = x - x.mean(-1, keepdim=True)
-    if scale is not None:
-        x = x / scale
-    w = getattr(module, "w", None)
-    return x * w if w is not None else x
 
 
 @register("decompx")
@@ -177,8 +167,8 @@ def _packed_norm(
     if model.cfg.normalization_type is None:
         return parts, bias
     scale = cache.get(f"{name}.hook_scale")  # (batch, pos, 1)
-    parts = _norm_linear(model, module, parts, None if scale is None else scale[:, pos])
-    bias = _norm_linear(model, module, bias, scale)
+    parts = frozen_norm(model, module, parts, None if scale is None else scale[:, pos])
+    bias = frozen_norm(model, module, bias, scale)
     b = getattr(module, "b", None)
     return parts, (bias + b if b is not None else bias)
 
