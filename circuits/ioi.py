@@ -631,12 +631,6 @@ def _template_means(model: Any, data: IOIDataset) -> list[torch.Tensor]:
     return means
 
 
-def _ablated_score_fn(model: Any, data: IOIDataset, metric: Any, means: list[torch.Tensor]):
-    """``score(kept_heads)``: the mean logit difference with every other head mean-ablated."""
-    scores = _ablated_scores_fn(model, data, metric, means)
-    return lambda kept: scores([kept])[0]
-
-
 PROMPTS_PER_PASS = 64
 """Prompts in one forward pass of :func:`_ablated_scores_fn` (the prompts times the head sets
 it scores together): one pass per set would leave a CPU's matrix units mostly idle."""

@@ -44,7 +44,11 @@ def test_ioi_dataset_follows_the_paper(smollm2, data):
 def test_mean_ablation_score_identities(smollm2, data):
     metric = mk.LogitDiff.from_pairs(data.pairs)
     means = ioi._template_means(smollm2, data)
-    score = ioi._ablated_score_fn(smollm2, data, metric, means)
+    scores = ioi._ablated_scores_fn(smollm2, data, metric, means)
+
+    def score(kept):  # one head set: one pass
+        return scores([kept])[0]
+
     everything = [(a, b) for a in range(smollm2.cfg.n_layers) for b in range(smollm2.cfg.n_heads)]
     with torch.no_grad():
         assert score(everything) == pytest.approx(
@@ -67,7 +71,7 @@ def test_mean_ablation_score_identities(smollm2, data):
     kept = [h for h in everything if h != (layer, head)]
     assert score(kept) == pytest.approx(expected, abs=1e-4)
     # several head sets in one pass (the prompts repeated once per set) = one pass per set
-    together = ioi._ablated_scores_fn(smollm2, data, metric, means)([kept, everything, [], kept])
+    together = scores([kept, everything, [], kept])
     assert together == pytest.approx([expected, score(everything), score([]), expected], abs=1e-4)
 
 
