@@ -81,8 +81,9 @@ def _induction(model: Any, out: Path, quick: bool = False) -> str:
 def _greater_than(model: Any, out: Path, quick: bool = False) -> str:
     from . import greater_than
 
-    n_prompts = 6 if quick else 16
-    report = greater_than.reproduce(model, n_prompts=n_prompts)
+    n_prompts = 4 if quick else 16
+    sizes = (30, 300) if quick else (30, 100, 300, 1000)
+    report = greater_than.reproduce(model, n_prompts=n_prompts, sizes=sizes)
     report.write(out / "greater_than")
     note = (
         "SmolLM2's tokenizer writes years digit by digit, so the paper's two-digit metric does "
