@@ -1,7 +1,9 @@
 """``torchrun -m mechkit.sae.train``: the command line on 2 gloo ranks (a real ``torchrun``
 subprocess) ends with the dictionary the Python API trains in one process at the same global
 batch; the ranks' parallel fill of the activation cache writes the file a serial fill writes;
-``--resume`` continues a checkpoint and an existing one is not overwritten without it.
+``--resume`` continues a checkpoint and an existing one is not overwritten without it; a 2-rank
+run whose rank 0 is killed (SIGKILL) after a checkpoint leaves no process behind and resumes to
+the uninterrupted run's dictionary.
 """
 
 from __future__ import annotations
