@@ -1,6 +1,7 @@
 """Doctests: every example in mechkit's docstrings runs in the suite (``--doctest-modules`` on
 ``mechkit/``), with ``mk`` and ``torch`` already imported, as a reader would have them. An
-example that loads a real model is marked ``slow``, like the tests that do (tests/conftest.py).
+example that loads a real model or starts processes is marked ``slow``, like the tests that do
+(tests/conftest.py).
 
 Order: the files that took longest in a recorded run (tests/durations.json) run first, and
 within a file its longest tests, so that the workers of ``pytest -n auto`` (which take one test
@@ -22,6 +23,9 @@ import mechkit.models.loading as _loading
 
 REAL_MODELS = ("smollm2-135m", "gemma3-270m")
 
+STARTS_PROCESSES = ("spawn(",)
+"""Examples that start processes (ranks joined in a process group) are slow as well."""
+
 REAL_MODEL_BYTES = 10 * 1024**2
 """GGUF files larger than this are real models (the 135M one is ~90 MB); tests of broken or
 hand-made files stay fast."""
@@ -36,7 +40,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if isinstance(item, pytest.DoctestItem) and item.dtest is not None:
             source = "".join(example.source for example in item.dtest.examples)
-            if any(name in source for name in REAL_MODELS):
+            if any(name in source for name in (*REAL_MODELS, *STARTS_PROCESSES)):
                 item.add_marker(pytest.mark.slow)
     items[:] = longest_first(items, DURATIONS)
 

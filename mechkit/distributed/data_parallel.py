@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -184,8 +185,17 @@ def _run_rank(rank: int, world: int, port: int, fn: Callable[..., Any], args: tu
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        # no rank leaves before all are done: rank 0 holds the group's store, and a rank that
+        # had not yet joined it would fail
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _sum_of_ranks(rank: int, world: int, folder: str) -> None:
+    """:func:`spawn`'s example: each rank writes ``sum over ranks of (rank + 1)`` to a file."""
+    total = global_sum(torch.tensor(rank + 1.0))
+    Path(folder, f"rank{rank}").write_text(f"{rank}/{world}: {total.item():g}")
 
 
 def spawn(fn: Callable[..., Any], world: int, *args: Any) -> None:
@@ -195,7 +205,10 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any) -> None:
     files). Raises when a rank fails.
 
     Example:
-        >>> spawn(print, 1, "hello")  # doctest: +SKIP
-        0 1 hello
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:  # 1 + 2 summed over the 2 ranks
+        ...     spawn(_sum_of_ranks, 2, folder)
+        ...     sorted(path.read_text() for path in Path(folder).iterdir())
+        ['0/2: 3', '1/2: 3']
     """
     mp.spawn(_run_rank, args=(world, _free_port(), fn, args), nprocs=world, join=True)
