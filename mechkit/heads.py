@@ -407,16 +407,21 @@ def _copying_scores(
     for layer in range(cfg.n_layers):
         values = _ov_values(model, layer, inputs)  # (head, n, d_head)
         W_O = _head_outputs(model, layer)  # (head, d_head, d_model)
-        own_dir = torch.einsum("hdm,mn->hdn", W_O, W_U[:, ids])  # (head, d_head, n)
+        n_heads, d_head = W_O.shape[:2]
+        W_O_rows = W_O.reshape(n_heads * d_head, -1)  # one matrix product for every head
+        own_dir = (W_O_rows @ W_U[:, ids]).view(n_heads, d_head, n)  # (head, d_head, n)
         own = torch.einsum("hnd,hdn->hn", values, own_dir)  # (head, n): logit of t itself
         at_least = torch.zeros(cfg.n_heads, n, dtype=torch.long, device=cfg.device)
         for lo in range(0, n_vocab, chunk):
             hi = min(lo + chunk, n_vocab)
-            W_OU = W_O @ W_U[:, lo:hi]  # (head, d_head, chunk)
+            W_OU = (W_O_rows @ W_U[:, lo:hi]).view(n_heads, d_head, hi - lo)
             logits = values @ W_OU  # (head, n, chunk)
-            is_self = ids[:, None] == torch.arange(lo, hi, device=cfg.device)  # (n, chunk)
-            beats = (logits >= own[..., None]) & ~is_self  # ties count against t
-            at_least += beats.sum(-1)
+            beats = (logits >= own[..., None]).sum(-1)  # ties count against t ...
+            # ... but t's own column does not: taken back where t lies in this chunk
+            inside = (ids >= lo) & (ids < hi)  # (n,)
+            column = (ids - lo).clamp(0, hi - lo - 1)[None, :, None].expand(n_heads, n, 1)
+            self_counted = (logits.gather(-1, column)[..., 0] >= own) & inside
+            at_least += beats - self_counted.long()
         out[layer] = (at_least < top_k).float().mean(-1).cpu()
         bar.update(1)
     return out
