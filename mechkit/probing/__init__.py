@@ -24,14 +24,18 @@ from mechkit.probing.das import DasResult, das
 from mechkit.probing.datasets import (
     FEMALE_NAMES,
     MALE_NAMES,
+    POS_TAGGER,
+    POS_TAGS,
     InterchangePairs,
     ProbingDataset,
     collect_activations,
+    documentation_sentences,
     interchange_pairs,
     ioi_name_tokens,
     ioi_position_pairs,
     ioi_swap_pairs,
     name_gender,
+    part_of_speech,
     prompts_per_forward,
     python_syntax,
 )
@@ -96,5 +100,9 @@ __all__ = [
     "name_gender",
     "prompts_per_forward",
     "python_syntax",
+    "part_of_speech",
+    "documentation_sentences",
+    "POS_TAGGER",
+    "POS_TAGS",
     "train_probe",
 ]
