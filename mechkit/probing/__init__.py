@@ -5,6 +5,7 @@ Three questions about a site's activations, each with its standard method:
 - *Is this property linearly readable here?* :func:`train_probe` fits probes at every layer
   with cross-validated regularisation and a control task (Hewitt & Liang 2019), on a
   :class:`ProbingDataset` (built in code: IOI name tokens, name gender, Python syntax roles,
+  part of speech of words of Python's documentation (with spaCy's tagger, an optional extra),
   or a user's JSONL).
 - *What happens if the model can no longer read it?* :func:`fit_leace` (Belrose et al. 2023)
   and :func:`fit_inlp` (Ravfogel et al. 2020) return a :class:`ConceptEraser`; :func:`erase`
