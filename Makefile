@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	# dev: tests and lint; docs: the site, which the test suite builds (tests/test_docs.py);
-	# ray: the scaling-out tests start a local Ray cluster
-	$(BIN)/python -m pip install --quiet -e ".[dev,docs,ray]"
+	# ray: the scaling-out tests start a local Ray cluster; pos: spaCy's English tagger for the
+	# part-of-speech probing dataset (about 15 s and 210 MB)
+	$(BIN)/python -m pip install --quiet -e ".[dev,docs,ray,pos]"
 	# Peers the tests use as independent references (captum: input attribution; concept-erasure:
 	# LEACE; pyvene: interchange interventions). --no-deps so none of them replaces the pinned
 	# torch; what they import beyond it (transformers, matplotlib, scipy) is already installed.

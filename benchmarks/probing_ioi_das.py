@@ -1,14 +1,19 @@
 """DAS on IOI swept over sites and positions, on SmolLM2-135M (CPU): the figures of the note.
 
-Run: ``OMP_NUM_THREADS=1 PYTHONPATH=$PWD nice python benchmarks/probing_ioi_das.py [out.json]``.
+Run: ``OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/probing_ioi_das.py sweep [out.json]``
+(whole-site patching), then ``... das LAYER POSITION K STEPS LR [SWAP] [out.json]`` (one DAS
+run: its progress bar gives the cost of a step; the training curve, held-out IIA and the
+illusion check go to the JSON).
 
 The task (Wang et al. 2022): "When {IO} and {S} went to the {place}, {S} gave a {thing} to" ->
 " {IO}", one template with single-token words so every prompt has the same token positions
-(:func:`mechkit.probing.ioi_swap_pairs`). Two interchanges from the IOI literature:
+(:func:`mechkit.probing.ioi_swap_pairs`). Three interchanges from the IOI literature:
 
 - ``repeated``: the source repeats the other name; the high-level model's counterfactual
   answer is the base's S (the name that is no longer the non-repeated one);
-- ``io``: the source has a new name C in the IO slot; the counterfactual answer is C.
+- ``io``: the source has a new name C in the IO slot; the counterfactual answer is C;
+- ``position``: the source has two new names and its indirect object in the other slot; the
+  variable is the IO's position alone (no name is shared), the counterfactual answer the base's S.
 
 1. whole-site patching (the residual stream after each of a set of layers, at IO, S1, S2 and
    END): IIA of the source's whole activation patched into the base, against the unchanged
@@ -32,9 +37,9 @@ import torch
 import mechkit as mk
 from mechkit.probing import das, interchange, ioi_swap_pairs
 
-OUT = sys.argv[1] if len(sys.argv) > 1 else "probing_ioi_das.json"
-N_PAIRS, N_DAS = 32, 40
-LAYERS = [0, 6, 12, 18, 24, 29]
+N_PAIRS, N_DAS = 32, 200
+LAYERS = [*range(0, 30, 2), 29]
+OUT = "probing_ioi_das.json"
 figures: dict = {"load": [], "settings": {"pairs": N_PAIRS, "layers": LAYERS}}
 
 
@@ -83,11 +88,8 @@ def sweep(model, pairs, swap: str, layers=LAYERS) -> dict:
     return out
 
 
-def main() -> None:
-    torch.manual_seed(0)
-    t0 = time.time()
-    model = mk.load_model("smollm2-135m", device="cpu")
-    # step 1's shortcut against mechkit's interchange on 8 pairs (the whole space at L12, S2)
+def check_shortcut(model) -> None:
+    """Step 1's shortcut against mechkit's interchange on 8 pairs (the whole space at L12, S2)."""
     check = ioi_swap_pairs(model, 8, swap="repeated", seed=1)
     ours = interchange(
         model,
@@ -108,7 +110,11 @@ def main() -> None:
         shortcut = model(edited, start_at_layer=13)[:, -1]
     figures["shortcut_vs_interchange_max_abs_logit_diff"] = float((ours - shortcut).abs().max())
     save()
-    for swap in ("repeated", "io"):
+
+
+def run_sweep(model, t0: float) -> None:
+    check_shortcut(model)
+    for swap in ("position", "repeated", "io"):
         pairs = ioi_swap_pairs(model, N_PAIRS, swap=swap)
         figures[swap] = sweep(model, pairs, swap)
         figures[swap]["example"] = {
@@ -119,40 +125,52 @@ def main() -> None:
         }
         figures[swap]["sweep_seconds"] = round(time.time() - t0, 1)
         save()
-    # DAS at the causal sites and one with no causal role
-    for swap in ("repeated", "io"):
-        info = figures[swap]
-        none = info["iia_none"]
-        causal = [s for s in info["sites"] if s["iia_full"] - none > 0.2]
-        idle = [s for s in info["sites"] if s["iia_full"] - none <= 0.1]
-        chosen = []
-        end = [s for s in causal if s["position"] == "END"]
-        if end:
-            chosen.append(end[0])  # the first layer where END carries the answer
-        name_pos = "S2" if swap == "repeated" else "IO"
-        at_name = [s for s in causal if s["position"] == name_pos]
-        if at_name:
-            chosen.append(at_name[len(at_name) // 2])
-        if swap == "io" and idle:
-            mid = [s for s in idle if s["position"] in ("S1", "S2")] or idle
-            chosen.append(mid[len(mid) // 2])
-        pairs = ioi_swap_pairs(model, N_DAS, swap=swap, seed=2)
-        info["das"] = []
-        for site in chosen:
-            t = time.time()
-            result = das(model, pairs.base, pairs.source, pairs.labels,
-                         hook_name=f"blocks.{site['layer']}.hook_resid_post",
-                         position=pairs.positions[site["position"]], choices=pairs.choices,
-                         k=1, steps=20, lr=5e-2, batch_size=8, test_fraction=0.5)  # fmt: skip
-            report = result.illusion
-            row = {"layer": site["layer"], "position": site["position"], "k": result.k,
-                   "iia_train": result.iia_train, "iia_test": result.iia_test,
-                   "iia_none": result.iia_none, "iia_full": result.iia_full,
-                   "illusion": None if report is None else report.to_dict(),
-                   "seconds": round(time.time() - t, 1)}  # fmt: skip
-            info["das"].append(row)
-            print(swap, row, flush=True)
-            save()
+
+
+def run_das(model, layer: int, position: str, k: int, steps: int, lr: float, swap: str) -> None:
+    """One DAS run (its progress bar on stderr gives the cost of a step), its curve and checks."""
+    pairs = ioi_swap_pairs(model, N_DAS, swap=swap, seed=2)
+    hook = f"blocks.{layer}.hook_resid_post"
+    common = dict(hook_name=hook, position=position, k=k, lr=lr, batch_size=16,
+                  test_fraction=0.3)  # fmt: skip
+    t = time.time()
+    result = das(model, pairs, steps=steps, progress=True, **common)
+    report = result.illusion
+    losses = result.losses
+    window = max(steps // 20, 1)
+    curve = [round(float(losses[i : i + window].mean()), 4) for i in range(0, steps, window)]
+    figures["das"] = {"swap": swap, "layer": layer, "position": position, "k": result.k,
+                      "steps": steps, "lr": lr, "batch_size": 16,
+                      "n_train": result.metadata["n_train"], "n_test": result.metadata["n_test"],
+                      "iia_train": result.iia_train, "iia_test": result.iia_test,
+                      "iia_none": result.iia_none, "iia_full": result.iia_full,
+                      "illusion": None if report is None else report.to_dict(),
+                      "loss_curve_every": window, "loss_curve": curve,
+                      "seconds": round(time.time() - t, 1)}  # fmt: skip
+    print(figures["das"], flush=True)
+    save()
+
+
+def main() -> None:
+    global OUT
+    torch.manual_seed(0)
+    t0 = time.time()
+    model = mk.load_model("smollm2-135m", device="cpu")
+    args = sys.argv[1:]
+    if args and args[0] == "das":
+        layer, position, k, steps, lr = (
+            int(args[1]),
+            args[2],
+            int(args[3]),
+            int(args[4]),
+            float(args[5]),
+        )
+        swap = args[6] if len(args) > 6 else "position"
+        OUT = args[7] if len(args) > 7 else f"probing_ioi_das_L{layer}_{position}_k{k}.json"
+        run_das(model, layer, position, k, steps, lr, swap)
+    else:
+        OUT = args[1] if len(args) > 1 else OUT
+        run_sweep(model, t0)
     figures["total_seconds"] = round(time.time() - t0, 1)
     save()
 

@@ -5,7 +5,9 @@ Run: ``OMP_NUM_THREADS=1 PYTHONPATH=$PWD nice python benchmarks/probing_user_das
 The high-level model: "After the meeting, {name} said that" -> " she" for a female name, " he"
 for a male one; the variable is the name's gender. Interchange: the base's answer should follow
 the source's name's gender. Whole-site patching at the name and the last token over layers
-first (where is the gender causal?), then DAS (k = 1) there, with the illusion check.
+first (where is the gender causal?), then DAS (k = 1, ``STEPS`` Adam steps) at the first layer
+where patching the name works and at the first where patching the last token works, with the
+illusion check.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from mechkit.probing import FEMALE_NAMES, MALE_NAMES, interchange_pairs  # noqa:
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else "probing_user_das.json"
 LAYERS = [0, 6, 12, 18, 24]
-figures: dict = {"load": [], "layers": LAYERS}
+STEPS, LR, BATCH = 80, 1e-2, 8
+figures: dict = {"load": [], "layers": LAYERS, "steps": STEPS, "lr": LR, "batch_size": BATCH}
 
 
 def save() -> None:
@@ -63,18 +66,20 @@ def main() -> None:
     causal = [s for s in figures["sweep"]["sites"] if s["iia_full"] - none > 0.2]
     chosen = [s for s in causal if s["position"] == "name"][:1]
     chosen += [s for s in causal if s["position"] == "END"][:1]
-    train = make(48, 1)
+    train = make(64, 1)
     figures["das"] = []
     for site in chosen:
         t = time.time()
         result = mk.das(model, train, hook_name=f"blocks.{site['layer']}.hook_resid_post",
-                        position=site["position"], k=1, steps=20, lr=5e-2, batch_size=8,
-                        test_fraction=0.5)  # fmt: skip
+                        position=site["position"], k=1, steps=STEPS, lr=LR,
+                        batch_size=BATCH, test_fraction=0.3, progress=True)  # fmt: skip
         report = result.illusion
         row = {"layer": site["layer"], "position": site["position"],
                "iia_train": result.iia_train, "iia_test": result.iia_test,
                "iia_none": result.iia_none, "iia_full": result.iia_full,
                "illusion": None if report is None else report.to_dict(),
+               "loss_first_10": round(float(result.losses[:10].mean()), 4),
+               "loss_last_10": round(float(result.losses[-10:].mean()), 4),
                "seconds": round(time.time() - t, 1)}  # fmt: skip
         figures["das"].append(row)
         print(row, flush=True)

@@ -5,6 +5,7 @@ Three questions about a site's activations, each with its standard method:
 - *Is this property linearly readable here?* :func:`train_probe` fits probes at every layer
   with cross-validated regularisation and a control task (Hewitt & Liang 2019), on a
   :class:`ProbingDataset` (built in code: IOI name tokens, name gender, Python syntax roles,
+  part of speech of words of Python's documentation (with spaCy's tagger, an optional extra),
   or a user's JSONL).
 - *What happens if the model can no longer read it?* :func:`fit_leace` (Belrose et al. 2023)
   and :func:`fit_inlp` (Ravfogel et al. 2020) return a :class:`ConceptEraser`; :func:`erase`
@@ -24,14 +25,18 @@ from mechkit.probing.das import DasResult, das
 from mechkit.probing.datasets import (
     FEMALE_NAMES,
     MALE_NAMES,
+    POS_TAGGER,
+    POS_TAGS,
     InterchangePairs,
     ProbingDataset,
     collect_activations,
+    documentation_sentences,
     interchange_pairs,
     ioi_name_tokens,
     ioi_position_pairs,
     ioi_swap_pairs,
     name_gender,
+    part_of_speech,
     prompts_per_forward,
     python_syntax,
 )
@@ -96,5 +101,9 @@ __all__ = [
     "name_gender",
     "prompts_per_forward",
     "python_syntax",
+    "part_of_speech",
+    "documentation_sentences",
+    "POS_TAGGER",
+    "POS_TAGS",
     "train_probe",
 ]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -54,6 +55,7 @@ from mechkit.errors import (
     check_choice,
     check_positive_int,
 )
+from mechkit.hook_scope import run_with_cache
 from mechkit.probing.datasets import InterchangePairs, prompts_per_forward
 from mechkit.probing.illusion import illusion_check
 from mechkit.probing.interchange import (
@@ -63,13 +65,65 @@ from mechkit.probing.interchange import (
     eval_subspace,
     forward_swapped,
     label_ids,
+    pad_id,
     prompt_rows,
     site_activations,
     subspace_edit,
     token_index,
 )
 from mechkit.reading import read_safetensors
-from mechkit.tokens import tokenize_answer
+from mechkit.tokens import pad_right, tokenize_answer
+
+CACHE_BYTES = 1 << 29
+"""The most bytes of base-run residual streams :func:`das` keeps to train from the site on."""
+
+
+def resume_layer(model: Model, hook_name: str) -> int | None:
+    """The block a forward pass resumes at from the residual stream at ``hook_name``
+    (``blocks.L.hook_resid_pre``: L; ``blocks.L.hook_resid_post``: L + 1), else None."""
+    found = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook_name)
+    if found is None:
+        return None
+    return int(found.group(1)) + int(found.group(2) == "post")
+
+
+def base_streams(
+    model: Model, rows: list[list[int]], hook_name: str, size: int
+) -> tuple[Tensor, Tensor]:
+    """The base runs' whole residual streams at ``hook_name`` (right-padded, ``(n, pos, d)``,
+    float32 CPU) and each run's last real token, ``size`` prompts per pass."""
+    tokens, mask = pad_right(rows, pad_id(model))
+    device = next(model.parameters()).device
+    block = int(hook_name.split(".")[1])  # the hook fires inside this block
+    stop = block + 1 if block + 1 < model.cfg.n_layers else None
+    out = []
+    for i in range(0, len(rows), size):
+        with torch.no_grad():
+            _, cache = run_with_cache(
+                model, tokens[i : i + size].to(device), names_filter=hook_name,
+                stop_at_layer=stop, return_type=None,
+            )  # fmt: skip
+        out.append(cache[hook_name].float().cpu())
+    return torch.cat(out), mask.sum(-1) - 1
+
+
+def forward_resumed(
+    model: Model, streams: Tensor, last: Tensor, index: Tensor, sources: Tensor, edit: Any,
+    layer: int,
+) -> Tensor:  # fmt: skip
+    """Logits ``(batch, d_vocab)`` at each base's last token with the base's residual stream at
+    ``index`` replaced by ``edit(h, s)``, the model run from block ``layer`` on (the blocks
+    before the site are the same in every step, so a training step skips them)."""
+    device = next(model.parameters()).device
+    streams = streams.to(device)
+    ar = torch.arange(streams.shape[0], device=device)
+    at = index.to(device)
+    edited = streams.clone()
+    edited[ar, at] = edit(streams[ar, at], sources.to(device)).to(streams.dtype)
+    dtype = next(model.parameters()).dtype
+    logits = model(edited.to(dtype), start_at_layer=layer)
+    return logits[ar, last.to(device)]
+
 
 __all__ = ["DasResult", "das"]
 
@@ -310,6 +364,13 @@ def das(
             f"test_fraction={test_fraction!r}."
         )
     index = token_index(base_rows, position)
+    # at a residual stream, training steps run only the blocks after the site, from the base
+    # runs' streams read once (when they fit in CACHE_BYTES)
+    layer_on = resume_layer(model, hook_name)
+    width = max(len(r) for r in base_rows)
+    streams = last = None
+    if layer_on is not None and n * width * d * 4 <= CACHE_BYTES:
+        streams, last = base_streams(model, base_rows, hook_name, size)
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=g)
     n_test = max(1, round(n * test_fraction))
@@ -355,9 +416,14 @@ def das(
                     return h + (((s - h) @ r.T) * m) @ r
             else:
                 edit = subspace_edit(r[:k])
-            logits = forward_swapped(
-                model, [base_rows[i] for i in rows], index[rows], sources[rows], edit, hook_name
-            )
+            if streams is not None and last is not None and layer_on is not None:
+                logits = forward_resumed(model, streams[rows], last[rows], index[rows],
+                                         sources[rows], edit, layer_on)  # fmt: skip
+            else:
+                logits = forward_swapped(
+                    model, [base_rows[i] for i in rows], index[rows], sources[rows], edit,
+                    hook_name,
+                )  # fmt: skip
             loss = choice_loss(logits, rows)
             if boundless:
                 loss = loss + 1e-3 * m.sum() / d
@@ -365,6 +431,7 @@ def das(
             loss.backward(inputs=params)
             optimizer.step()
             losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
             bar.update(1)
 
     with torch.no_grad():

