@@ -139,23 +139,60 @@ def embedding_forward(model, tokens: torch.Tensor, answer: int):
     return forward
 
 
-def faithfulness(model) -> None:
-    print("## Faithfulness on SmolLM2, 24 prompts (logprob of the predicted next token)")
-    options = {
-        "integrated_gradients": {"n_steps": 32, "max_steps": 32},  # no refinement
-        "kernel_shap": {"n_samples": 200},
-        "lime": {"n_samples": 200},
-    }
-    t0 = time.perf_counter()
-    c = mk.compare_input_attributions(model, FAITH_PROMPTS, options=options, progress=False)
-    frame = c.to_dataframe()
-    for method, r in c.attributions.items():  # sensitivity-n (Ancona et al. 2018) per method
+FAITH_OPTIONS: dict[str, dict] = {
+    "integrated_gradients": {"n_steps": 32, "max_steps": 32},  # no refinement
+    "kernel_shap": {"n_samples": 200},
+    "lime": {"n_samples": 200},
+}
+
+
+def markdown(frame, digits: int = 3) -> str:
+    """A pandas frame as a markdown table (no tabulate needed)."""
+    head = [frame.index.name or ""] + [str(c) for c in frame.columns]
+    rows = [[str(i)] + [f"{v:.{digits}f}" for v in frame.loc[i]] for i in frame.index]
+    lines = ["| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows]]
+    return "\n".join(lines)
+
+
+def faithfulness(model, n_prompts: int = len(FAITH_PROMPTS)) -> None:
+    """Every method on the same prompts: the measures of ``compare_input_attributions`` (one
+    method at a time, so each is timed), sensitivity-n, and the rank correlations."""
+    from mechkit.input_attribution.compare import DEFAULT_METHODS, rank_correlation
+
+    prompts = FAITH_PROMPTS[:n_prompts]
+    print(f"## Faithfulness on SmolLM2, {len(prompts)} prompts (logprob of the predicted token)")
+    print(f"options: {FAITH_OPTIONS}")
+    frames, found = [], {}
+    t_all = time.perf_counter()
+    for method in DEFAULT_METHODS:
+        t0 = time.perf_counter()
+        c = mk.compare_input_attributions(
+            model, prompts, methods=[method], options={method: FAITH_OPTIONS.get(method, {})},
+            progress=False,
+        )  # fmt: skip
+        t1 = time.perf_counter()
+        frame = c.to_dataframe()
+        r = c.attributions[method]
         for n, v in mk.sensitivity_n(model, r, (1, 2, 4)).items():
             frame.loc[method, f"sensitivity_{n}"] = v
-    print(frame.round(3).to_string())
+        t2 = time.perf_counter()
+        frame.loc[method, "s (method + erasure)"] = t1 - t0
+        frame.loc[method, "s (sensitivity-n)"] = t2 - t1
+        print(frame.round(3).to_string(header=not frames), flush=True)
+        frames.append(frame)
+        found[method] = r
+    import pandas as pd
+
+    table = pd.concat(frames)
+    print(markdown(table))
+    names = list(found)
     print("Spearman between methods (mean over prompts):")
-    print(c.correlations.numpy().round(2))
-    print(f"({time.perf_counter() - t0:.0f} s)")
+    corr = pd.DataFrame(
+        [[1.0 if a == b else rank_correlation(found[a], found[b]) for b in names] for a in names],
+        index=names, columns=names,
+    )  # fmt: skip
+    print(markdown(corr, 2))
+    print(f"({time.perf_counter() - t_all:.0f} s)")
 
 
 def speed(model, methods: tuple[str, ...] = ("ig", "KernelSHAP", "LIME")) -> None:
@@ -244,6 +281,7 @@ def speed(model, methods: tuple[str, ...] = ("ig", "KernelSHAP", "LIME")) -> Non
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", choices=["completeness", "speed", "lime", "faithfulness", "all"])
+    parser.add_argument("--prompts", type=int, default=len(FAITH_PROMPTS), help="faithfulness")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = mk.load_model("smollm2-135m")
@@ -255,7 +293,7 @@ def main() -> None:
     if part == "lime":  # LIME's timings alone
         speed(model, ("LIME",))
     if part in ("faithfulness", "all"):
-        faithfulness(model)
+        faithfulness(model, args.prompts)
 
 
 if __name__ == "__main__":
