@@ -29,8 +29,9 @@ variation, then bisects the intervals with the largest errors until the complete
 within ``tolerance`` (1%) of ``|F(x) - F(x')|`` or ``max_steps`` gradient points are spent;
 the result reports the gap and the points used (``n_points``). On SmolLM2, F along the path
 from the pad token is jagged (its total variation is several times ``F(x) - F(x')``, measured
-on the docs page), so fixed rules need hundreds of points; the adaptive rule puts them where F
-moves.
+on the docs page), so fixed rules miss its spikes (captum's Gauss-Legendre rule is 4.9% off at
+1024 points on a 30-token prompt, the default 0.17% at 480); the adaptive rule puts its points
+where F moves.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechkit.core.batching import each_batch, parse_budget
@@ -26,6 +26,7 @@ from mechkit.core.types import Model
 from mechkit.errors import InvalidArgumentError
 from mechkit.hook_scope import hook_scope
 from mechkit.input_attribution.targets import Target
+from mechkit.lens.logit_lens import decode_residual
 
 __all__ = ["PromptRun", "rows_per_pass", "word_starts"]
 
@@ -183,35 +184,55 @@ class PromptRun:
         return self.values_of_positions(self.keep_mask(kept))
 
     def values_of_positions(self, keep: Bool[Tensor, "row pos"]) -> Float[Tensor, "row step"]:
-        """The target with only the prompt positions ``keep`` of each row (True: kept)."""
+        """The target with only the prompt positions ``keep`` of each row (True: kept).
+
+        Identical perturbed prompts run once, and the distinct ones run longest first, so each
+        pass is padded only to its own longest row (the rows of LIME and KernelSHAP vary in
+        length by the features they delete)."""
         tokens = self.target.prompts[self.i]
         tail = self.target.appended(self.i)
-        rows: list[list[int]] = []
+        distinct: dict[tuple[int, ...], int] = {}
+        index: list[int] = []
         for row in keep.tolist():
             if self.removal == "delete":
                 kept = [t for t, k in zip(tokens, row, strict=True) if k]
                 kept = kept or [self.replacement]  # nothing left: the baseline token alone
             else:
                 kept = [t if k else self.replacement for t, k in zip(tokens, row, strict=True)]
-            rows.append(kept + tail)
-        ends = torch.tensor([len(r) - len(tail) for r in rows])
-        width = max(len(r) for r in rows)
-        batch = torch.zeros(len(rows), width, dtype=torch.long)
-        for k, r in enumerate(rows):
-            batch[k, : len(r)] = torch.tensor(r)  # right padding: real positions unchanged
+            index.append(distinct.setdefault(tuple(kept + tail), len(distinct)))
+        rows = list(distinct)
+        order = sorted(range(len(rows)), key=lambda k: -len(rows[k]))  # longest first
         device = self.model.cfg.device
-        out: list[Tensor] = []
+        values = torch.zeros(len(rows), self.n_steps)
 
         def work(part: slice) -> None:
+            chosen = [rows[k] for k in order[part]]
+            ends = torch.tensor([len(r) - len(tail) for r in chosen])
+            batch = torch.zeros(len(chosen), len(chosen[0]), dtype=torch.long)
+            for k, r in enumerate(chosen):
+                batch[k, : len(r)] = torch.tensor(r)  # right padding: real positions unchanged
             with torch.no_grad():
-                logits = self.model(batch[part].to(device))
-                value = self.target.values(self.i, logits, ends[part])
-            out.append(value.cpu())
+                value = self.target_values(batch.to(device), ends)
+            values[order[part]] = value.cpu()
             if self.bar is not None:
                 self.bar.update(part.stop - part.start)
 
         each_batch(len(rows), self.size, work)
-        return torch.cat(out)
+        return values[index]
+
+    def target_values(self, tokens: Tensor, ends: Int[Tensor, " row"]) -> Tensor:
+        """The target ``(row, step)`` of rows of ``tokens`` whose prompt part has ``ends``
+        tokens. The blocks run on every position; the final norm and the unembedding only on
+        the positions the target reads (``ends - 1 + s`` for step ``s``): on SmolLM2 the
+        unembedding is a quarter of a forward pass."""
+        model = self.model
+        resid = model(tokens, stop_at_layer=model.cfg.n_layers)  # (row, pos, d_model)
+        steps = torch.arange(self.n_steps, device=resid.device)
+        at = (ends.to(resid.device) - 1)[:, None] + steps  # (row, step)
+        picked = resid.gather(1, at[..., None].expand(-1, -1, resid.shape[-1]))
+        logits = decode_residual(model, picked)  # (row, step, d_vocab)
+        first = torch.ones(len(ends), dtype=torch.long)  # step s sits at position s
+        return self.target.values(self.i, logits, first)
 
     # ------------------------------------------------------------------------------ gradients
 
@@ -240,9 +261,8 @@ class PromptRun:
                 return chunk
 
             with torch.no_grad(), hook_scope(self.model, fwd_hooks=[("hook_embed", put)]):
-                logits = self.model(tokens.expand(chunk.shape[0], -1))
                 ends = torch.full((chunk.shape[0],), n_prompt)
-                out.append(self.target.values(self.i, logits, ends).cpu())
+                out.append(self.target_values(tokens.expand(chunk.shape[0], -1), ends).cpu())
             if self.bar is not None:
                 self.bar.update(part.stop - part.start)
 
@@ -272,9 +292,8 @@ class PromptRun:
 
             rows = chunk.shape[0]
             with torch.enable_grad(), hook_scope(self.model, fwd_hooks=[("hook_embed", put)]):
-                logits = self.model(tokens.expand(rows, -1))
                 ends = torch.full((rows,), n_prompt)
-                value = self.target.values(self.i, logits, ends)  # (row, step)
+                value = self.target_values(tokens.expand(rows, -1), ends)  # (row, step)
                 outputs = [value.sum()]
                 if each_step:
                     outputs += [value[:, s].sum() for s in range(n_steps)]

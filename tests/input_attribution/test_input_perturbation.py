@@ -175,3 +175,38 @@ def test_word_units_and_word_aggregation(toy):
     full = logprob(toy, PROMPT)
     naive = torch.tensor([full - logprob(toy, PROMPT[3:]), full - logprob(toy, PROMPT[:3])])
     assert torch.allclose(spans, naive, atol=1e-5)
+
+
+def test_perturbed_rows_run_once_each_and_equal_single_passes(toy, monkeypatch):
+    """Identical perturbed prompts run once, rows of several lengths are padded per pass, and
+    the target (read through the final norm and unembedding at the answer positions only)
+    equals one full forward pass per row, also for every step of a continuation."""
+    from mechkit.input_attribution.runs import PromptRun
+    from mechkit.input_attribution.targets import Continuation, resolve_target
+
+    target = resolve_target(toy, [PROMPT], Continuation(n_tokens=3))
+    run = PromptRun.build(toy, target, 0, batch_size=3)
+    answers = target.answers[0]
+    keep = torch.tensor(
+        [[1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 1, 0], [0, 0, 0, 0, 0, 1],
+         [1, 0, 1, 0, 1, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]],
+        dtype=torch.bool,
+    )  # fmt: skip
+    forward = type(toy).forward
+    rows_run = []
+
+    def counted(self, tokens, *args, **kwargs):
+        rows_run.append(tokens.shape[0])
+        return forward(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(type(toy), "forward", counted)
+    values = run.values_of_positions(keep)  # (row, step)
+    monkeypatch.undo()
+    assert sum(rows_run) == 5 and max(rows_run) <= 3  # 7 rows, 5 distinct, 3 per pass
+    for row, got in zip(keep.tolist(), values, strict=True):
+        kept = [t for t, k in zip(PROMPT, row, strict=True) if k] or [0]
+        with torch.no_grad():
+            logits = toy(torch.tensor([kept + answers[:-1]]))[0]
+        logp = logits[len(kept) - 1 :].log_softmax(-1)
+        naive = torch.stack([logp[s, a] for s, a in enumerate(answers)])
+        assert torch.allclose(got, naive, atol=1e-5)
