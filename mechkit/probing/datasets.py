@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import io
 import json
 import keyword
@@ -46,6 +47,7 @@ from torch import Tensor
 from mechkit.core.batching import check_budget, each_batch
 from mechkit.core.progress import progress_bar
 from mechkit.core.types import Model
+from mechkit.corpus import corpus_documents
 from mechkit.errors import (
     DatasetFormatError,
     EmptyDatasetError,
@@ -404,8 +406,6 @@ def _pos_tagger() -> Any:
     """spaCy's English tagger (tok2vec, tagger, attribute ruler; no parser), loaded once."""
     if POS_TAGGER not in _TAGGERS:
         try:
-            import importlib
-
             package = importlib.import_module(POS_TAGGER)
         except ImportError as exc:
             raise MissingDependencyError(
@@ -427,7 +427,6 @@ def documentation_sentences(split: str = "all") -> list[str]:
         >>> len(sentences) > 1000, sentences[0][0].isupper()
         (True, True)
     """
-    from mechkit.corpus import corpus_documents
 
     out = []
     for doc in corpus_documents(split):  # type: ignore[arg-type]
