@@ -13,6 +13,7 @@ subprocess (notebooks, the CLI) cannot be checked that way and carry the mark ex
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,6 +62,19 @@ def smollm2(session_cache: str):
 def toy():
     """The shipped two-layer attention-only toy model."""
     return mk.load_model("attn-only-2l", device="cpu")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs; a zombie waiting for its parent counts as gone (the
+    state follows the last ")" of /proc/PID/stat: a process name may hold spaces)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def hook_count(model) -> int:

@@ -24,6 +24,7 @@ from mechkit.sae import ActivationStore, SAEConfig, TrainConfig, load_sae, train
 from mechkit.sae.activations import RankShare
 from mechkit.sae.batchtopk import BatchTopKSAE
 from mechkit.sae.train import main
+from tests.conftest import process_alive
 
 ROOT = Path(__file__).resolve().parents[2]
 HOOK = "blocks.0.hook_resid_post"
@@ -128,17 +129,6 @@ def _ranks_of(agent: int) -> dict[int, int]:
     return ranks
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie waiting for its parent counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.slow  # two torchrun runs of 2 ranks in subprocesses, one killed
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks' processes in /proc")
 def test_a_two_rank_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(
@@ -176,9 +166,9 @@ def test_a_two_rank_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_r
     assert agent.returncode != 0  # the agent saw the failed rank and gave up
     # and tore the other rank down with it: no process of the run is left
     deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in ranks.values()) and time.monotonic() < deadline:
+    while any(process_alive(pid) for pid in ranks.values()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(pid) for pid in ranks.values()), ranks
+    assert not any(process_alive(pid) for pid in ranks.values()), ranks
     assert not (tmp_path / "sae").exists()  # it did not finish
     before = torch.load(ckpt / "checkpoint.pt", weights_only=True)["state"]
     assert 0 < before["step"] < KILL_STEPS
