@@ -24,10 +24,12 @@ import yaml
 import mechkit as mk
 from mechkit.__main__ import main
 from mechkit.distributed import RayExecutor
+from mechkit.distributed.ray_executor import _pid
 from mechkit.patching import sweep
 from mechkit.patching.sweep import load_config, run_sweep
 from mechkit.patching.sweep_remote import cells_task
 from mechkit.sae import SAEConfig, SparseDictionary
+from tests.conftest import process_alive
 
 ray = pytest.importorskip("ray")
 
@@ -292,27 +294,23 @@ def test_a_sweep_driver_killed_with_sigkill_resumes_with_each_cell_once(tmp_path
     assert len(cells) == total and max(Counter(cells).values()) == 1
 
 
-def test_closing_the_executor_leaves_no_actor_process(executor):
-    pids = executor.pids() or []
-    assert pids, "the module's executor should hold live actors here"
-    executor.close()
+def test_closing_the_executor_leaves_no_actor_process(cluster):
+    # its own executor: the test neither depends on the module's tests that ran before it on
+    # this worker nor closes the executor they share
+    executor = RayExecutor(actors=2)
+    try:
+        # tasks the actors can import (a function of this test module they cannot)
+        ran = {pid for _, pid in executor.map("attn-only-2l", _pid, [(), (), (), ()])}
+        pids = executor.pids()
+        assert len(pids) == 2 and ran <= set(pids), "two live actors ran the tasks"
+    finally:
+        executor.close()
     deadline = time.monotonic() + 20
     alive = pids
     while alive and time.monotonic() < deadline:
-        alive = [p for p in pids if _alive(p)]
+        alive = [p for p in pids if process_alive(p)]
         time.sleep(0.2)
     assert not alive, f"actor processes {alive} outlived close()"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie waiting for its parent counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def test_without_ray_mechkit_imports_and_asking_for_ray_names_the_install_command(
