@@ -209,11 +209,14 @@ def faithfulness(model, n_prompts: int = len(FAITH_PROMPTS)) -> None:
     print(f"({time.perf_counter() - t_all:.0f} s)")
 
 
-def speed(model, methods: tuple[str, ...] = ("ig", "KernelSHAP", "LIME")) -> None:
+def speed(
+    model, methods: tuple[str, ...] = ("ig", "KernelSHAP", "LIME"), samples: int = 500
+) -> None:
     from captum.attr import IntegratedGradients, KernelShap, Lime
 
     print("## Speed on SmolLM2, one 30-token prompt")
-    tokens = prompt_tokens(model, PROMPTS[0])
+    device = model.cfg.device
+    tokens = prompt_tokens(model, PROMPTS[0]).to(device)
     answer = int(model(tokens)[0, -1].argmax())
     x = model.W_E[tokens].detach()
     pad = model.tokenizer.pad_token_id
@@ -226,8 +229,12 @@ def speed(model, methods: tuple[str, ...] = ("ig", "KernelSHAP", "LIME")) -> Non
         return logits[:, -1].float().log_softmax(-1)[:, answer]
 
     def timed(fn):
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = fn()
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
         return out, time.perf_counter() - t0
 
     if "ig" in methods:
@@ -242,7 +249,7 @@ def speed(model, methods: tuple[str, ...] = ("ig", "KernelSHAP", "LIME")) -> Non
                 model, tokens, answer, n_steps=steps, quadrature="gausslegendre", progress=False
             )
         )
-        diff = float((ours.scores[0] - theirs.sum(-1)[0]).abs().max())
+        diff = float((ours.scores[0].cpu() - theirs.sum(-1)[0].cpu()).abs().max())
         print(
             f"IG {steps} steps: captum {t_captum:.1f} s, mechkit {t_ours:.1f} s, "
             f"ratio {t_captum / t_ours:.2f}x; max |difference| {diff:.2e} "
@@ -261,13 +268,13 @@ def speed(model, methods: tuple[str, ...] = ("ig", "KernelSHAP", "LIME")) -> Non
         batch = torch.full((len(rows), width), pad)
         for k, r in enumerate(rows):
             batch[k, : len(r)] = torch.tensor(r)
-        ends = torch.tensor([len(r) for r in rows])
+        ends = torch.tensor([len(r) for r in rows], device=device)
         with torch.no_grad():
-            logits = model(batch)
-        return logits[torch.arange(len(rows)), ends - 1].float().log_softmax(-1)[:, answer]
+            logits = model(batch.to(device))
+        rows_at = torch.arange(len(rows), device=device)
+        return logits[rows_at, ends - 1].float().log_softmax(-1)[:, answer]
 
-    samples = 500
-    ones = torch.ones(1, n)
+    ones = torch.ones(1, n, device=device)
     for name, cls in (("KernelSHAP", KernelShap), ("LIME", Lime)):
         if name not in methods:
             continue
@@ -399,16 +406,21 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=30, help="completeness: prompt length")
     parser.add_argument("--steps", type=int, default=32, help="inseq: IG steps")
     parser.add_argument("--prompts", type=int, default=len(FAITH_PROMPTS), help="faithfulness")
+    parser.add_argument("--samples", type=int, default=500, help="speed: KernelSHAP/LIME samples")
+    parser.add_argument(
+        "--methods", nargs="*", default=["ig", "KernelSHAP", "LIME"], help="speed: which"
+    )
+    parser.add_argument("--device", default="cpu", help="speed: cpu or cuda")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = mk.load_model("smollm2-135m")
+    model = mk.load_model("smollm2-135m", device=args.device)
     part = args.part or "all"
     if part in ("completeness", "all"):
         completeness(model, args.tokens)
     if part in ("speed", "all"):
-        speed(model)
+        speed(model, tuple(args.methods), args.samples)
     if part == "lime":  # LIME's timings alone
-        speed(model, ("LIME",))
+        speed(model, ("LIME",), args.samples)
     if part == "inseq":  # a benchmark-only dependency: see inseq_part
         inseq_part(model, args.steps)
     if part in ("faithfulness", "all"):
