@@ -28,11 +28,11 @@ def _ioi(model: Any, out: Path, quick: bool = False) -> str:
     def ours(published: list[str]) -> str:  # the paper's "9.6" in our names
         return ", ".join(str(parse_node(h)) for h in published) or "-"
 
-    # quick (the test suite): path patching on 2 prompts and evaluation on 8 halve the run;
-    # the classes still come out (the demo test checks the name movers)
-    n_prompts, n_path, n_eval = (8, 2, 8) if quick else (16, 8, 64)
+    # quick (the test suite): path patching on 2 prompts, evaluation on 8 and head scores on
+    # 4 repeated sequences; the classes still come out (the demo test checks the name movers)
+    n_prompts, n_path, n_eval, n_heads = (8, 2, 8, 4) if quick else (16, 8, 64, 16)
     report = ioi.reproduce(model, n_prompts=n_prompts, n_path_prompts=n_path,
-                           n_eval_prompts=n_eval)  # fmt: skip
+                           n_eval_prompts=n_eval, head_prompts=n_heads)  # fmt: skip
     report.write(out / "ioi")
     rows = [
         [kind, ", ".join(report.heads(kind)) or "none found", ours(heads)]
@@ -55,7 +55,10 @@ def _ioi(model: Any, out: Path, quick: bool = False) -> str:
 def _induction(model: Any, out: Path, quick: bool = False) -> str:
     from . import induction
 
+    # quick (the test suite): the same feeding heads, in the same order, as path patching on
+    # 20-token repeats (measured); the copying scores from 64 tokens, not 256
     quick_sizes = {"n_prompts": 4, "seq_len": 20, "n_path_prompts": 2, "path_heads": 1}
+    quick_sizes |= {"path_seq_len": 10, "copying_tokens": 64}
     sizes = {**quick_sizes, "n_controls": 1, "icl_sequences": 2} if quick else {}
     report = induction.reproduce(model, **sizes)
     report.write(out / "induction")

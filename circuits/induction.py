@@ -515,6 +515,7 @@ def reproduce(
     n_previous: int = 3,  # feeding heads reported: at most the 3 senders with the largest effect
     feed_fraction: float = 0.1,  # ... each with at least 10% of the largest one's effect
     n_controls: int = 5,  # random control draws, averaged
+    copying_tokens: int = 256,  # tokens the copying score samples (detect_heads' default)
     icl_sequences: int | None = 16,  # held-out text sequences (None: all of the test split)
     seed: int = 0,
     progress: bool = False,
@@ -533,6 +534,8 @@ def reproduce(
             that lower the metric through the keys by at least ``feed_fraction`` times the
             largest such drop.
         n_controls: random draws of control heads.
+        copying_tokens: how many random tokens the copying score samples (its standard error
+            is at most ``0.5 / sqrt(copying_tokens)``).
         icl_sequences: held-out sequences for the ICL score.
         seed: data and control draws.
         progress: path patching's progress bar.
@@ -555,7 +558,7 @@ def reproduce(
 
     # 2. prefix matching, copying and previous-token scores for every head
     prefix = mk.detect_heads(model, "induction", tokens=tokens)
-    copying = mk.detect_heads(model, "copying", seed=seed)
+    copying = mk.detect_heads(model, "copying", seed=seed, n_tokens=copying_tokens)
     previous = mk.detect_heads(model, "previous_token", tokens=tokens)
     lap("head_scores")
 
@@ -655,6 +658,7 @@ def reproduce(
             "n_previous": n_previous,
             "feed_fraction": feed_fraction,
             "n_controls": n_controls,
+            "copying_tokens": copying_tokens,
             "control_pool": [f"L{layer}H{head}" for layer, head in others]
             if len(others) <= 8
             else f"{len(others)} heads (neither induction nor feeding)",

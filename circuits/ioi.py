@@ -314,6 +314,7 @@ def reproduce(
     threshold: float = 0.2,
     min_attention: float = 0.1,
     max_per_class: int = 4,
+    head_prompts: int = 16,
     progress: bool = False,
 ) -> IOIReport:
     """Wang et al.'s method on ``model``, from the dataset to the circuit's faithfulness.
@@ -331,6 +332,8 @@ def reproduce(
             strongest score among the heads that qualify (at most ``max_per_class`` heads).
         min_attention: the attention from the end to IO a (backup or negative) name mover
             needs, besides attending to IO more than to S2.
+        head_prompts: repeated random sequences the induction, duplicate-token and
+            previous-token scores are read on (``mk.detect_heads``'s ``n_prompts``).
         progress: progress bars of the patching sweeps.
     """
     start = time.perf_counter()
@@ -406,9 +409,10 @@ def reproduce(
         classes["s-inhibition"].append(_evidence(layer, head, path_drop_into_movers=value))
 
     # 5. induction and duplicate-token heads: paths into the S-inhibition heads' values
-    induction_scores = mk.detect_heads(model, "induction", progress=False).scores
-    duplicate_scores = mk.detect_heads(model, "duplicate_token", progress=False).scores
-    previous_scores = mk.detect_heads(model, "previous_token", progress=False).scores
+    induction_scores, duplicate_scores, previous_scores = (
+        mk.detect_heads(model, kind, n_prompts=head_prompts, progress=False).scores
+        for kind in ("induction", "duplicate_token", "previous_token")
+    )
     group = model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads)
     value_sites = _unique_sites("v", [(lay, h // group) for (lay, h), _ in s_inhibition])
     induction: list[tuple[tuple[int, int], float]] = []
@@ -482,7 +486,8 @@ def _circuit_scores(
         sets.append([h for h in circuit_heads if h not in removed])
         sets.append([h for h in everything if h not in removed])
     sets += [[h for h in circuit_heads if h != head] for head in circuit_heads]
-    values = iter(_ablated_scores_fn(model, data, metric, means)(sets))  # in the order above
+    scorer = _ablated_scores_fn(model, data, metric, means)
+    values = iter(scorer(sets, reference=circuit_heads))  # in the order above
     full, circuit_ld, none = next(values), next(values), next(values)
     completeness = []
     for kind, _ in kinds:
@@ -637,36 +642,95 @@ it scores together): one pass per set would leave a CPU's matrix units mostly id
 
 
 def _ablated_scores_fn(model: Any, data: IOIDataset, metric: Any, means: list[torch.Tensor]):
-    """``scores(kept_sets)``: for each set of kept heads, the mean logit difference with every
-    other head mean-ablated. Several sets run in one forward pass: the prompts repeated once
-    per set, each copy with its own heads ablated."""
+    """``scores(kept_sets, reference=None)``: for each set of kept heads, the mean logit
+    difference (``metric``, a :class:`mk.LogitDiff` bound to ``data``) with every other head
+    mean-ablated.
+
+    A set's run equals, up to the first layer where their kept heads differ, the run of the
+    plain model or of ``reference`` (a kept set: the circuit, whose sets without one head or
+    one class differ from it only from that layer on). So each set starts at that layer from
+    the captured residual of whichever of the two agrees with it longest (a set equal to one
+    of them takes its score), sets that start at the same layer share a forward pass (the
+    prompts repeated once per set, each copy with its own heads ablated), and only the answer
+    position of each prompt is unembedded."""
     n_layers, n_heads, n = model.cfg.n_layers, model.cfg.n_heads, len(data)
     tokens = data.pairs.clean_tokens
+    at_answer = metric.positions
+    if at_answer is None:  # the last position
+        at_answer = torch.full((n,), tokens.shape[1] - 1, dtype=torch.long)
+    last = mk.LogitDiff(metric.answer, metric.wrong)  # on (prompt, 1, vocab) logits
     per_pass = max(1, PROMPTS_PER_PASS // n)
 
-    def scores(kept_sets: Sequence[Sequence[tuple[int, int]]]) -> list[float]:
-        out: list[float] = []
-        for lo in range(0, len(kept_sets), per_pass):
-            chunk = kept_sets[lo : lo + per_pass]
-            keep = torch.zeros(len(chunk), n_layers, n_heads, dtype=torch.bool)
-            for i, kept in enumerate(chunk):
-                for layer, head in kept:
-                    keep[i, layer, head] = True
-            edits = []
-            for layer in range(n_layers):
-                if bool(keep[:, layer].all()):
-                    continue  # every copy keeps this layer's heads
-                mean = means[layer].repeat(len(chunk), 1, 1, 1)  # (copy prompt, pos, head, d)
-                mask = keep[:, layer].repeat_interleave(n, 0).to(mean.device)[:, None, :, None]
-                edits.append(
-                    mk.Transform(
-                        mk.Site("z", layer=layer),
-                        lambda z, m=mask, v=mean: torch.where(m, z, v.to(z.dtype)),
-                    )
+    def mask_of(kept: Sequence[tuple[int, int]]) -> torch.Tensor:
+        keep = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+        for layer, head in kept:
+            keep[layer, head] = True
+        return keep
+
+    def first_difference(a: torch.Tensor, b: torch.Tensor) -> int:
+        differs = (a != b).any(-1).nonzero()
+        return int(differs[0]) if len(differs) else n_layers
+
+    def run(keeps: torch.Tensor, start: int, residual: torch.Tensor | None, layers=()) -> Any:
+        """The copies' logit differences (one per kept mask in ``keeps``) from ``start`` on,
+        and the residual entering each of ``layers``, ``{layer: (copy * prompt, pos, d)}``."""
+        copies = len(keeps)
+        edits = []
+        for layer in range(start, n_layers):
+            if bool(keeps[:, layer].all()):
+                continue  # every copy keeps this layer's heads
+            mean = means[layer].repeat(copies, 1, 1, 1)  # (copy prompt, pos, head, d)
+            mask = keeps[:, layer].repeat_interleave(n, 0).to(mean.device)[:, None, :, None]
+            edits.append(
+                mk.Transform(
+                    mk.Site("z", layer=layer),
+                    lambda z, m=mask, v=mean: torch.where(m, z, v.to(z.dtype)),
                 )
-            with torch.no_grad(), mk.intervene(model, *edits):
-                logits = model(tokens.repeat(len(chunk), 1))
-            out += [float(metric(logits[i * n : (i + 1) * n])) for i in range(len(chunk))]
+            )
+        sites = [mk.Site("resid_pre", layer=layer) for layer in layers]
+        with torch.no_grad(), mk.intervene(model, *edits), mk.capture(model, *sites) as acts:
+            if residual is None:
+                final = model(tokens.repeat(copies, 1), stop_at_layer=n_layers)
+            else:
+                final = model(residual, start_at_layer=start, stop_at_layer=n_layers)
+            at = final[torch.arange(copies * n), at_answer.repeat(copies)][:, None]
+            logits = model.unembed(model.ln_final(at))  # (copy * prompt, 1, vocab)
+        values = [float(last(logits[i * n : (i + 1) * n])) for i in range(copies)]
+        return values, {site.layer: acts[site] for site in sites}
+
+    def scores(
+        kept_sets: Sequence[Sequence[tuple[int, int]]],
+        reference: Sequence[tuple[int, int]] | None = None,
+    ) -> list[float]:
+        masks = [mask_of(kept) for kept in kept_sets]
+        refs = [torch.ones(n_layers, n_heads, dtype=torch.bool)]
+        if reference is not None:
+            refs.append(mask_of(reference))
+        plan = []  # per set: (reference, first layer where they differ)
+        for keep in masks:
+            firsts = [first_difference(keep, ref) for ref in refs]
+            best = max(range(len(refs)), key=lambda k: firsts[k])
+            plan.append((best, firsts[best]))
+        todo = sorted((start, i) for i, (_, start) in enumerate(plan) if start < n_layers)
+        chunks = [todo[lo : lo + per_pass] for lo in range(0, len(todo), per_pass)]
+        # a chunk starts at its earliest layer (sorted): every copy's reference residual there
+        needed: dict[int, set[int]] = {k: set() for k in range(len(refs))}
+        for chunk in chunks:
+            for _, i in chunk:
+                needed[plan[i][0]].add(chunk[0][0])
+        ref_values: dict[int, float] = {}
+        ref_resid: dict[int, dict[int, torch.Tensor]] = {}
+        for k, ref in enumerate(refs):
+            if any(r == k for r, _ in plan):
+                values, ref_resid[k] = run(ref[None], 0, None, sorted(needed[k]))
+                ref_values[k] = values[0]
+        out = [ref_values[k] if start == n_layers else 0.0 for k, start in plan]
+        for chunk in chunks:
+            start = chunk[0][0]
+            residual = torch.cat([ref_resid[plan[i][0]][start] for _, i in chunk])
+            values, _ = run(torch.stack([masks[i] for _, i in chunk]), start, residual)
+            for (_, i), value in zip(chunk, values, strict=True):
+                out[i] = value
         return out
 
     return scores

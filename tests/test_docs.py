@@ -86,8 +86,17 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.slow  # builds the whole site (a minute or more)
-def test_docs_build_strict_with_every_page(site):
+@pytest.mark.slow  # builds the whole site (half a minute or more)
+def test_docs_site(site):
+    """One test for every check of the built site: under ``pytest -n`` the tests of a module
+    go to whichever worker is free, so four tests built the site twice (30 s each)."""
+    _check_every_page(site)
+    _check_api_reference_is_generated_from_docstrings(site)
+    _check_pages_fetch_nothing(site)
+    _check_sweep_reference_page_matches_help(site)
+
+
+def _check_every_page(site):
     missing = [page for page in PAGES if not (site / page).is_file()]
     assert not missing
     for name in TECHNIQUES:  # each technique page: a formula block, a paper, an example, a figure
@@ -99,7 +108,7 @@ def test_docs_build_strict_with_every_page(site):
     assert (site / "assets" / "plotly.min.js").stat().st_size > 1_000_000
 
 
-def test_docs_api_reference_is_generated_from_docstrings(site):
+def _check_api_reference_is_generated_from_docstrings(site):
     patching = (site / "api" / "patching" / "index.html").read_text(encoding="utf-8")
     # the docstring of activation_patch, rendered with its Args section
     assert 'id="mechkit.patching.activation_patch"' in patching
@@ -112,8 +121,7 @@ def test_docs_api_reference_is_generated_from_docstrings(site):
     assert '<span class="gp">&gt;&gt;&gt; </span>' in misc  # a highlighted doctest prompt
 
 
-@pytest.mark.slow
-def test_docs_pages_fetch_nothing(site):
+def _check_pages_fetch_nothing(site):
     remote = re.compile(r"<(?:script|link|img|iframe)\b[^>]*(?:src|href)=\"(?:https?:)?//", re.I)
     offenders = [
         str(path.relative_to(site))
@@ -125,7 +133,7 @@ def test_docs_pages_fetch_nothing(site):
     assert "fonts.googleapis" not in css
 
 
-def test_sweep_reference_page_matches_help(site):
+def _check_sweep_reference_page_matches_help(site):
     page = (site / "reference" / "sweep-config" / "index.html").read_text(encoding="utf-8")
     help_text = _load_hooks().sweep_help()
     assert help_text.startswith("usage: mechkit sweep")

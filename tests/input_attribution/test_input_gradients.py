@@ -192,10 +192,10 @@ def test_smollm2_completeness_and_captum(smollm2):
         "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, "
         "France. It is named after the engineer Gustave Eiffel, whose company designed and"
     )
-    tokens = smollm2.to_tokens(text, prepend_bos=False)[:, :30]
-    # the default baseline and rule (pad, adaptive) at a 10% tolerance, to keep the test cheap
-    # (172 points, 1.3% measured; the benchmark measures the default 1%: 538 points); a fixed
-    # Gauss-Legendre rule is 45% off at 32 points
+    # the first 14 tokens ("... on the Champ"): the default baseline and rule (pad, adaptive)
+    # at a 10% tolerance, to keep the test cheap (210 points, 3.2% measured, 36 CPU s; the first
+    # 30 tokens: 172 points in 57 s; the benchmark measures the default 1% on those 30)
+    tokens = smollm2.to_tokens(text, prepend_bos=False)[:, :14]
     r = mk.attribute_inputs(smollm2, tokens, tolerance=0.1, progress=False)
     delta = r.extras["target_value"] - r.extras["baseline_value"]
     assert float((r.completeness_gap / delta).abs().max()) <= 0.1 + 1e-4

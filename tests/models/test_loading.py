@@ -36,14 +36,22 @@ def hf_smollm2():
     """The Hugging Face transformers model on the same GGUF file: the independent reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mechkit.models.conversion import one_gguf_parse
+
     path = _gguf_path()
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with one_gguf_parse():  # the tokenizer and the model read one parse of the file
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        hf = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
     return hf.eval(), tok
 
 
 @torch.no_grad()
-def test_smollm2_logits_match_hugging_face(smollm2, hf_smollm2):
+def test_smollm2_matches_hugging_face(smollm2, hf_smollm2, tmp_path):
+    """Our logits against transformers' on the same GGUF file, and the model loaded from a
+    local Hugging Face folder. One test for both: under ``pytest -n`` two tests of a module
+    may run on two workers, each loading the module's reference model."""
     hf, tok = hf_smollm2
     worst = 0.0
     for prompt in PROMPTS:
@@ -53,6 +61,17 @@ def test_smollm2_logits_match_hugging_face(smollm2, hf_smollm2):
         worst = max(worst, (ours - theirs).abs().max().item())
         assert ours.argmax(-1).equal(theirs.argmax(-1))
     assert worst < 1e-4, worst
+    # A GGUF-loaded model refuses save_pretrained; an unquantized copy writes a normal folder.
+    config = copy.deepcopy(hf.config)
+    del config.quantization_config
+    plain = type(hf)(config)
+    plain.load_state_dict(hf.state_dict())
+    plain.save_pretrained(tmp_path / "smol")
+    tok.save_pretrained(tmp_path / "smol")
+    model = mk.load_model(tmp_path / "smol", device="cpu")
+    assert mk.model_info(model).source == "hf-folder"
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
 
 
 @torch.no_grad()
@@ -109,21 +128,6 @@ def test_bfloat16_load(smollm2):
 
 
 @torch.no_grad()
-def test_local_hugging_face_folder(smollm2, hf_smollm2, tmp_path):
-    hf, tok = hf_smollm2
-    # A GGUF-loaded model refuses save_pretrained; an unquantized copy writes a normal folder.
-    config = copy.deepcopy(hf.config)
-    del config.quantization_config
-    plain = type(hf)(config)
-    plain.load_state_dict(hf.state_dict())
-    plain.save_pretrained(tmp_path / "smol")
-    tok.save_pretrained(tmp_path / "smol")
-    model = mk.load_model(tmp_path / "smol", device="cpu")
-    assert mk.model_info(model).source == "hf-folder"
-    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
-    assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
-
-
 def test_toy_model_loads_with_its_record(toy):
     assert toy.cfg.n_layers == 2 and toy.cfg.attn_only
     assert toy.tokenizer is None
