@@ -74,6 +74,13 @@ def test_mean_ablation_score_identities(smollm2):
     # several head sets in one pass (the prompts repeated once per set) = one pass per set
     together = scores([kept, everything, [], kept])
     assert together == pytest.approx([expected, score(everything), score([]), expected], abs=1e-4)
+    # sets started from a reference run at their first differing layer = sets run from the
+    # start (a circuit, the circuit without one head, without a layer's heads, the circuit
+    # itself, and the empty set, which differs from it at layer 0)
+    circuit = [(3, 1), (8, 4), (15, 2), (20, 3), (22, 7), (27, 0)]
+    sets = [circuit, [h for h in circuit if h != (20, 3)], [h for h in circuit if h[0] != 8], []]
+    from_start = [score(kept) for kept in sets]
+    assert scores(sets, reference=circuit) == pytest.approx(from_start, abs=1e-4)
 
 
 def test_year_metric_equals_a_direct_sum():
