@@ -89,7 +89,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if workers and os.environ.get("PYTEST_XDIST_WORKER"):
         # each worker of ``pytest -n`` gets its share of the cores: two workers of two torch
         # threads each on two cores ran four demo tests in 306 s, of one thread each in 231 s
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(workers)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        torch.set_num_threads(max(1, (cores or os.cpu_count() or 1) // int(workers)))
     real = _loading.load_gguf
 
     @functools.wraps(real)

@@ -693,7 +693,8 @@ def _ablated_scores_fn(model: Any, data: IOIDataset, metric: Any, means: list[to
                 final = model(tokens.repeat(copies, 1), stop_at_layer=n_layers)
             else:
                 final = model(residual, start_at_layer=start, stop_at_layer=n_layers)
-            at = final[torch.arange(copies * n), at_answer.repeat(copies)][:, None]
+            rows = torch.arange(copies * n, device=final.device)
+            at = final[rows, at_answer.repeat(copies).to(final.device)][:, None]
             logits = model.unembed(model.ln_final(at))  # (copy * prompt, 1, vocab)
         values = [float(last(logits[i * n : (i + 1) * n])) for i in range(copies)]
         return values, {site.layer: acts[site] for site in sites}
