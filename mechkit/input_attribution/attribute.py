@@ -66,8 +66,10 @@ def attribute_inputs(
             clean prompts; its logit difference is the default target and its corrupt prompts
             the ``baseline="corrupt"`` of IG).
         target: what is explained (:mod:`~mechkit.input_attribution.targets`): None (the
-            model's prediction), a token or one per prompt, a metric, or a
-            :class:`~mechkit.input_attribution.Continuation`.
+            model's prediction), a token or one per prompt, a metric, a
+            :class:`~mechkit.input_attribution.Continuation`, or the ``.resolved`` target of
+            an earlier attribution of the same prompts (its answers, not resolved again: a
+            second method then explains exactly what the first did).
         method: ``"integrated_gradients"`` (default), ``"saliency"``, ``"input_x_gradient"``,
             ``"occlusion"``, ``"shapley"``, ``"kernel_shap"``, ``"lime"`` or ``"attention"``.
         kind: for token targets, ``"logprob"`` (default), ``"logit"`` or ``"prob"``.
@@ -138,7 +140,7 @@ def attribute_inputs(
             found.append(METHODS[method](run, options))
             bar.update(1)
     settings = {k: _jsonable(getattr(options, k)) for k in READS[method]}
-    settings.update(kind=kind, unit=unit, removal=removal)
+    settings.update(kind=target_obj.kind, unit=unit, removal=removal)
     return assemble(model, target_obj, runs, found, method, settings)
 
 
@@ -174,13 +176,23 @@ def _resolve(model: Model, prompts: Any, target: Any, kind: str) -> tuple[Target
             raise EmptyDatasetError("Expected every prompt to have at least one token.")
         padded, mask = pad_right(rows, 0)
         check_tokens(model, padded, mask)
-        return resolve_target(model, rows, target, kind=kind), None
-    contrast = resolve_contrast(
-        model, prompts, ablation="zero", ablations=("zero",), needs_metric=False
-    )
-    tokens, mask = contrast.clean_tokens.cpu(), contrast.clean_mask.cpu()
-    rows = [t[m].tolist() for t, m in zip(tokens, mask, strict=True)]
-    return resolve_target(model, rows, target, kind=kind, pairs=contrast.pairs), contrast.pairs
+        pairs = None
+    else:
+        contrast = resolve_contrast(
+            model, prompts, ablation="zero", ablations=("zero",), needs_metric=False
+        )
+        tokens, mask = contrast.clean_tokens.cpu(), contrast.clean_mask.cpu()
+        rows = [t[m].tolist() for t, m in zip(tokens, mask, strict=True)]
+        pairs = contrast.pairs
+    if isinstance(target, Target):  # an earlier attribution's: the same prompts only
+        if target.prompts != rows:
+            raise InvalidArgumentError(
+                f"Expected the prompts the resolved target was made for ({len(target.prompts)} "
+                f"prompt(s)); got {len(rows)} prompt(s) that differ. Hint: pass the same "
+                "prompts as the attribution whose .resolved you pass, or a plain target."
+            )
+        return target, pairs
+    return resolve_target(model, rows, target, kind=kind, pairs=pairs), pairs
 
 
 def _with_baseline_tokens(model: Model, options: Options, pairs: Any, n: int) -> Options:

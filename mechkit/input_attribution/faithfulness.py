@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 ERASER_FRACTIONS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.2, 0.5)
+AOPC_FRACTIONS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -144,7 +145,10 @@ def _runs(
     removal: str | None,
     batch_size: int | None,
     memory_budget: int | str | None,
+    memos: Sequence[dict[tuple[int, ...], Tensor]] | None = None,
 ) -> list[PromptRun]:
+    """The attribution's prompt runs, limited to what it attributed; ``memos`` (one per
+    prompt) are shared with other measures of attributions of the same target."""
     if attribution.unit != "token" or attribution.resolved is None:
         raise InvalidArgumentError(
             f"Expected a token-level attribution made in this session by mk.attribute_inputs "
@@ -158,6 +162,7 @@ def _runs(
     )  # fmt: skip
     for i, run in enumerate(runs):  # never remove what the attribution did not attribute
         run.positions = [p for p in run.positions if bool(attribution.attributed[i, p])]
+        run.memo = None if memos is None else memos[i]
     return runs
 
 
@@ -187,11 +192,12 @@ def _erasure(
     batch_size: int | None,
     memory_budget: int | str | None,
     keep_top: bool,
+    memos: Sequence[dict[tuple[int, ...], Tensor]] | None = None,
 ) -> Tensor:
     fractions = tuple(float(f) for f in fractions)
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise InvalidArgumentError(f"Expected fractions in (0, 1]; got {fractions}.")
-    runs = _runs(model, attribution, removal, batch_size, memory_budget)
+    runs = _runs(model, attribution, removal, batch_size, memory_budget, memos)
     out = torch.full((len(runs), len(fractions)), float("nan"))
     for i, run in enumerate(runs):
         order = _order(attribution, i, run)
@@ -257,7 +263,7 @@ def aopc_curves(
     model: Model,
     attribution: InputAttribution,
     *,
-    fractions: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+    fractions: Sequence[float] = AOPC_FRACTIONS,
     n_random: int = 5,
     seed: int = 0,
     removal: str | None = None,
@@ -265,7 +271,9 @@ def aopc_curves(
     memory_budget: int | str | None = None,
 ) -> AOPCCurves:
     """Deletion and insertion curves in the attribution's order and in ``n_random`` random
-    orders (the control).
+    orders (the control). The random orders are drawn from the prompt's attributed positions,
+    not from the attribution, so every attribution of the same prompts meets the same control
+    for the same ``seed``.
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -274,18 +282,35 @@ def aopc_curves(
         >>> tuple(c.deletion.shape), c.aopc_deletion > c.random_aopc_deletion
         ((1, 11), True)
     """
+    return _aopc_curves(
+        model, attribution, fractions, n_random, seed, removal, batch_size, memory_budget
+    )
+
+
+def _aopc_curves(
+    model: Model,
+    attribution: InputAttribution,
+    fractions: Sequence[float],
+    n_random: int,
+    seed: int,
+    removal: str | None,
+    batch_size: int | None,
+    memory_budget: int | str | None,
+    memos: Sequence[dict[tuple[int, ...], Tensor]] | None = None,
+) -> AOPCCurves:
     fractions = tuple(float(f) for f in fractions)
     if any(not 0 <= f <= 1 for f in fractions):
         raise InvalidArgumentError(f"Expected fractions in [0, 1]; got {fractions}.")
-    runs = _runs(model, attribution, removal, batch_size, memory_budget)
+    runs = _runs(model, attribution, removal, batch_size, memory_budget, memos)
     gen = torch.Generator().manual_seed(seed)
     shape = (len(runs), len(fractions))
     curves = {k: torch.zeros(shape) for k in ("del", "ins", "rdel", "rins")}
     full, empty = torch.zeros(len(runs)), torch.zeros(len(runs))
     for i, run in enumerate(runs):
         order = _order(attribution, i, run)
+        positions = sorted(order)  # the control does not depend on the attribution
         orders = [order] + [
-            [order[k] for k in torch.randperm(len(order), generator=gen).tolist()]
+            [positions[k] for k in torch.randperm(len(order), generator=gen).tolist()]
             for _ in range(n_random)
         ]
         removed = [[], list(order)]  # the full prompt, the empty one
@@ -303,6 +328,43 @@ def aopc_curves(
     return AOPCCurves(
         fractions, curves["del"], curves["ins"], curves["rdel"], curves["rins"], full, empty
     )
+
+
+def faithfulness_row(
+    model: Model,
+    attribution: InputAttribution,
+    fractions: Sequence[float] = ERASER_FRACTIONS,
+    n_random: int = 5,
+    *,
+    memos: Sequence[dict[tuple[int, ...], Tensor]] | None = None,
+    batch_size: int | None = None,
+    memory_budget: int | str | None = None,
+) -> dict[str, float]:
+    """The measures :func:`~mechkit.compare_input_attributions` tabulates for one attribution:
+    comprehensiveness and sufficiency (AOPC over ``fractions``) and the AOPC deletion and
+    insertion curves, in the attribution's order and in ``n_random`` random orders (seed 0).
+    ``memos`` (one dict per prompt, shared by the attributions of one target) lets an erased
+    prompt asked for twice run once.
+
+    Example:
+        >>> model = mk.load_model("attn-only-2l")
+        >>> r = mk.attribute_inputs(model, [[1, 2, 3, 4]], 5, method="occlusion", progress=False)
+        >>> row = faithfulness_row(model, r, n_random=1)
+        >>> row["comprehensiveness"] == mk.comprehensiveness(model, r).aopc
+        True
+    """
+    cost: dict[str, Any] = dict(removal=None, batch_size=batch_size, memory_budget=memory_budget)
+    comp = _erasure(model, attribution, fractions, keep_top=False, memos=memos, **cost)
+    suff = _erasure(model, attribution, fractions, keep_top=True, memos=memos, **cost)
+    curves = _aopc_curves(model, attribution, AOPC_FRACTIONS, n_random, 0, memos=memos, **cost)
+    return {
+        "comprehensiveness": ErasureScores("comprehensiveness", tuple(fractions), comp).aopc,
+        "sufficiency": ErasureScores("sufficiency", tuple(fractions), suff).aopc,
+        "aopc_deletion": curves.aopc_deletion,
+        "aopc_insertion": curves.aopc_insertion,
+        "random_aopc_deletion": curves.random_aopc_deletion,
+        "random_aopc_insertion": curves.random_aopc_insertion,
+    }
 
 
 def sensitivity_n(

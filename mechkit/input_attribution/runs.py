@@ -94,6 +94,10 @@ class PromptRun:
             place.
         size: rows per forward pass; ``grad_size`` per pass with a backward pass.
         bar: the progress bar, advanced by one per row run.
+        memo: perturbed prompts already run (their token ids) and their target values. Runs
+            of the same model, target and prompt may share one within a call that changes
+            neither (``mk.compare_input_attributions`` measures every method's faithfulness
+            so, and runs each erased prompt once); None: nothing is kept between calls.
 
     Example:
         >>> model = mk.load_model("attn-only-2l")
@@ -113,6 +117,7 @@ class PromptRun:
     size: int = 64
     grad_size: int = 8
     bar: Any = None
+    memo: dict[tuple[int, ...], Tensor] | None = None
 
     @classmethod
     def build(
@@ -186,9 +191,9 @@ class PromptRun:
     def values_of_positions(self, keep: Bool[Tensor, "row pos"]) -> Float[Tensor, "row step"]:
         """The target with only the prompt positions ``keep`` of each row (True: kept).
 
-        Identical perturbed prompts run once, and the distinct ones run longest first, so each
-        pass is padded only to its own longest row (the rows of LIME and KernelSHAP vary in
-        length by the features they delete)."""
+        Identical perturbed prompts run once (and not at all when ``memo`` holds them), and the
+        distinct ones run longest first, so each pass is padded only to its own longest row
+        (the rows of LIME and KernelSHAP vary in length by the features they delete)."""
         tokens = self.target.prompts[self.i]
         tail = self.target.appended(self.i)
         distinct: dict[tuple[int, ...], int] = {}
@@ -201,7 +206,9 @@ class PromptRun:
                 kept = [t if k else self.replacement for t, k in zip(tokens, row, strict=True)]
             index.append(distinct.setdefault(tuple(kept + tail), len(distinct)))
         rows = list(distinct)
-        order = sorted(range(len(rows)), key=lambda k: -len(rows[k]))  # longest first
+        memo = {} if self.memo is None else self.memo
+        todo = [k for k, row in enumerate(rows) if row not in memo]
+        order = sorted(todo, key=lambda k: -len(rows[k]))  # longest first
         device = self.model.cfg.device
         values = torch.zeros(len(rows), self.n_steps)
 
@@ -217,7 +224,12 @@ class PromptRun:
             if self.bar is not None:
                 self.bar.update(part.stop - part.start)
 
-        each_batch(len(rows), self.size, work)
+        each_batch(len(order), self.size, work)
+        for k, row in enumerate(rows):
+            if row in memo:
+                values[k] = memo[row]
+        for k in todo:
+            memo[rows[k]] = values[k].clone()
         return values[index]
 
     def target_values(self, tokens: Tensor, ends: Int[Tensor, " row"]) -> Tensor:

@@ -8,6 +8,7 @@ import math
 import torch
 
 import mechkit as mk
+from mechkit.hook_scope import hook_scope
 from mechkit.input_attribution import rank_correlation
 
 PROMPT = [1, 7, 3, 9, 4, 12, 5, 8, 2, 6]
@@ -69,11 +70,24 @@ def test_compare_input_attributions(toy):
     assert c.methods == ["occlusion", "shapley", "lime", "attention"]
     assert torch.allclose(c.correlations.diagonal(), torch.ones(4, dtype=torch.float64))
     assert torch.allclose(c.correlations, c.correlations.T)
-    # the table is the measures of each method's own attribution
+    # the table is the measures of each method's own attribution, called one by one (the
+    # comparison runs an erased prompt that several of them ask for once)
+    for method, r in c.attributions.items():
+        curves = mk.aopc_curves(toy, r, n_random=2)
+        alone = {
+            "comprehensiveness": mk.comprehensiveness(toy, r).aopc,
+            "sufficiency": mk.sufficiency(toy, r).aopc,
+            "aopc_deletion": curves.aopc_deletion,
+            "aopc_insertion": curves.aopc_insertion,
+            "random_aopc_deletion": curves.random_aopc_deletion,
+            "random_aopc_insertion": curves.random_aopc_insertion,
+        }
+        for measure, value in alone.items():
+            assert math.isclose(c.table[method][measure], value, abs_tol=1e-5), (method, measure)
+        assert r.resolved is c.attributions["occlusion"].resolved  # one target, resolved once
+    # the random control depends on the prompt, not on the method
+    assert len({c.table[m]["random_aopc_deletion"] for m in c.methods}) == 1
     occ = c.attributions["occlusion"]
-    assert math.isclose(
-        c.table["occlusion"]["comprehensiveness"], mk.comprehensiveness(toy, occ).aopc, abs_tol=1e-6
-    )
     assert math.isclose(
         c.correlations[0, 1].item(), rank_correlation(occ, c.attributions["shapley"]), abs_tol=1e-9
     )
@@ -81,6 +95,38 @@ def test_compare_input_attributions(toy):
     assert list(frame.index) == c.methods and "sufficiency" in frame.columns
     assert type(c.plot()).__name__ == "Figure"
     assert c.top(1)[0][0] in c.methods
+
+
+def test_compare_runs_each_erased_prompt_once(toy):
+    rows = []
+
+    def count(act, hook):
+        rows.append(act.shape[0])
+
+    kw = dict(methods=["occlusion", "attention"], n_random=2, progress=False)
+    with hook_scope(toy, fwd_hooks=[("hook_embed", count)]):
+        c = mk.compare_input_attributions(toy, [PROMPT], ANSWER, **kw)
+        shared = sum(rows)
+        rows.clear()
+        for r in c.attributions.values():
+            mk.comprehensiveness(toy, r), mk.sufficiency(toy, r), mk.aopc_curves(toy, r, n_random=2)
+        alone = sum(rows)
+    # each measure on its own runs the same erased prompts again (the full and the empty one,
+    # the random orders, the top tokens the methods agree on); the attributions themselves
+    # ran in the comparison only
+    assert shared < alone
+
+
+def test_a_resolved_target_is_explained_again_and_checked(toy):
+    first = mk.attribute_inputs(toy, [PROMPT], None, method="occlusion", progress=False)
+    again = mk.attribute_inputs(toy, [PROMPT], first.resolved, method="saliency", progress=False)
+    assert again.resolved is first.resolved and again.options["kind"] == "logprob"
+    try:
+        mk.attribute_inputs(toy, [PROMPT[:5]], first.resolved, method="saliency", progress=False)
+    except mk.InvalidArgumentError as err:
+        assert "the prompts the resolved target was made for" in str(err)
+    else:
+        raise AssertionError("a target resolved for other prompts was accepted")
 
 
 def test_measures_refuse_word_level_results(toy):
