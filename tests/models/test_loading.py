@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,6 +73,54 @@ def test_smollm2_matches_hugging_face(smollm2, hf_smollm2, tmp_path):
     assert mk.model_info(model).source == "hf-folder"
     ids = tok(PROMPTS[0], return_tensors="pt").input_ids
     assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
+
+
+def test_one_gguf_parse_reads_what_gguf_and_transformers_read(tmp_path):
+    """The block's shared reader (a plain view of the memory map) and its shared metadata read
+    give what gguf's own reader and transformers' own read give, on a small file written here
+    with the kinds of field a model file has (strings, arrays of strings and floats, a tensor),
+    and a caller that edits its metadata does not edit the next caller's."""
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
+    from mechkit.models.conversion import one_gguf_parse
+
+    path = str(tmp_path / "tiny.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("tiny")
+    writer.add_context_length(32)
+    writer.add_embedding_length(8)
+    writer.add_block_count(1)
+    writer.add_head_count(2)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([f"tok{i}" for i in range(300)])
+    writer.add_token_scores([float(i) / 7 for i in range(300)])
+    writer.add_tensor("token_embd.weight", np.arange(2400, dtype=np.float32).reshape(300, 8))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    real_checkpoint = hf_gguf.load_gguf_checkpoint
+    theirs, their_meta = gguf.GGUFReader(path), real_checkpoint(path)
+    with one_gguf_parse():
+        ours = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(path) is ours
+        first = hf_gguf.load_gguf_checkpoint(path, return_tensors=False)
+        first["tokenizer"]["tokens"].clear()
+        second = hf_gguf.load_gguf_checkpoint(path)
+        with one_gguf_parse():  # a nested block shares the outer one's
+            assert gguf.GGUFReader(path) is ours
+    assert list(ours.fields) == list(theirs.fields)
+    for name, field in theirs.fields.items():
+        mine = ours.fields[name]
+        assert (mine.types, mine.data) == (field.types, field.data), name
+        assert all(np.array_equal(a, b) for a, b in zip(mine.parts, field.parts, strict=True))
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    pairs = zip(ours.tensors, theirs.tensors, strict=True)
+    assert all(np.array_equal(a.data, b.data) for a, b in pairs)
+    assert second == their_meta and len(second["tokenizer"]["tokens"]) == 300
+    assert hf_gguf.load_gguf_checkpoint is real_checkpoint  # put back after the block
+    assert gguf.GGUFReader(path) is not ours
 
 
 @torch.no_grad()
