@@ -338,19 +338,27 @@ def _incrementation(
     answers: Tensor,
     options: Tensor,
     edits: Sequence[Any],
-) -> dict[str, float]:
-    """At each prompt's last token: how often the successor is the model's top token, how often
+) -> dict[str, Tensor]:
+    """Per prompt, at its last token: whether the successor is the model's top token, whether
     it beats the other items of its sequence (``options``, ``(batch, d_vocab)`` bool), and its
-    mean log-probability."""
+    log-probability. Only the last tokens are unembedded."""
     with mk.intervene(model, *edits):
-        logits = model(tokens)
-    last = logits[torch.arange(len(tokens)), lengths - 1].log_softmax(-1)  # (batch, d_vocab)
+        resid = model(tokens, stop_at_layer=model.cfg.n_layers)  # (batch, pos, d_model)
+    rows = torch.arange(len(tokens), device=resid.device)
+    final = resid[rows, (lengths - 1).to(resid.device)][:, None]  # (batch, 1, d_model)
+    last = model.unembed(model.ln_final(final))[:, 0].log_softmax(-1)  # (batch, d_vocab)
+    answers = answers.to(last.device)
     among = last.masked_fill(~options.to(last.device), float("-inf")).argmax(-1)
     return {
-        "accuracy": float((last.argmax(-1) == answers).float().mean()),
-        "accuracy_among_items": float((among == answers).float().mean()),
-        "log_prob": float(last[torch.arange(len(tokens)), answers].mean()),
+        "accuracy": (last.argmax(-1) == answers).float().cpu(),
+        "accuracy_among_items": (among == answers).float().cpu(),
+        "log_prob": last[rows, answers].cpu(),
     }
+
+
+def _mean_over(values: dict[str, Tensor], rows: Tensor) -> dict[str, float]:
+    """The per-prompt values of :func:`_incrementation` averaged over ``rows`` (bool)."""
+    return {key: float(v[rows].mean()) for key, v in values.items()}
 
 
 def _head_means(model: Any, tokens: Tensor, lengths: Tensor) -> list[Tensor]:
@@ -358,7 +366,7 @@ def _head_means(model: Any, tokens: Tensor, lengths: Tensor) -> list[Tensor]:
     sites = [mk.Site("z", layer=layer) for layer in range(model.cfg.n_layers)]
     mask = torch.arange(tokens.shape[1])[None] < lengths[:, None]  # (batch, pos)
     with torch.no_grad(), mk.capture(model, *sites) as acts:
-        model(tokens)
+        model(tokens, stop_at_layer=model.cfg.n_layers)  # z only: no unembedding
     return [acts[s][mask].mean(0) for s in sites]  # (head, d_head) each
 
 
@@ -590,15 +598,21 @@ def reproduce(
         others = [c for c in everything if c not in cells]
         random_sets = [rng.sample(others, len(cells)) for _ in range(random_draws)]
 
+        # each run once over every prompt; each sequence's numbers are its prompts' share
+        args = (tokens, lengths, answer_ids, options)
+        clean = _incrementation(model, *args, [])
+        ablated = _incrementation(model, *args, _ablate(cells, means))
+        draws = [_incrementation(model, *args, _ablate(c, means)) for c in random_sets]
+
         def measure(rows: Tensor) -> dict[str, Any]:
-            args = (tokens[rows], lengths[rows], answer_ids[rows.to(tokens.device)], options[rows])
-            draws = [_incrementation(model, *args, _ablate(c, means)) for c in random_sets]
+            means_of_draws = [_mean_over(d, rows) for d in draws]
             return {
                 "n_prompts": int(rows.sum()),
-                "clean": _incrementation(model, *args, []),
-                "successor heads ablated": _incrementation(model, *args, _ablate(cells, means)),
+                "clean": _mean_over(clean, rows),
+                "successor heads ablated": _mean_over(ablated, rows),
                 "random heads ablated": {
-                    key: sum(d[key] for d in draws) / max(1, len(draws)) for key in draws[0]
+                    key: sum(d[key] for d in means_of_draws) / len(draws)
+                    for key in means_of_draws[0]
                 }
                 if draws
                 else {},
