@@ -49,13 +49,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/python -m mypy
 
-# One test at a time per worker (--maxschedchunk 1), the longest first (conftest.py orders them
-# from tests/durations.json), so the two workers of a 2-core machine finish together. The type
+# The longest first (conftest.py orders them from tests/durations.json), a test file at a time
+# per worker (--dist loadgroup: its module fixtures are built once; the demo's and the
+# tutorials' tests go one by one, conftest.py's SPREAD), in collection order
+# (--no-loadscope-reorder), so the two workers of a 2-core machine finish together. The type
 # check (one core for about a minute on a fresh clone) runs beside the tests instead of before
 # them, while the second core would wait; its report follows the tests', and both must pass.
 test: lint
 	@$(BIN)/python -m mypy > $(VENV)/mypy.log 2>&1 & typecheck=$$!; \
-	$(BIN)/python -m pytest -q -n auto --maxschedchunk 1; tests=$$?; \
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup --no-loadscope-reorder; tests=$$?; \
 	wait $$typecheck; typed=$$?; \
 	echo "mypy (make typecheck):"; cat $(VENV)/mypy.log; \
 	if [ $$tests -ne 0 ]; then exit $$tests; fi; exit $$typed
@@ -70,7 +72,7 @@ docs: $(STAMP)
 # Tests marked slow load the real 135M model (or Gemma), build the wheel or the docs site, or start
 # processes (Ray, ranks, killed subprocesses); CI runs them through `make test`.
 test-fast: lint
-	$(BIN)/python -m pytest -q -n auto --maxschedchunk 1 -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup --no-loadscope-reorder -m "not slow"
 
 clean:
 	rm -rf $(VENV) reports site build/docs-notebooks .pytest_cache .ruff_cache

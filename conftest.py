@@ -4,10 +4,11 @@ example that loads a real model or starts processes is marked ``slow``, like the
 (tests/conftest.py).
 
 Order: the files that took longest in a recorded run (tests/durations.json) run first, and
-within a file its longest tests, so that the workers of ``pytest -n auto`` (which take one test
-at a time, ``--maxschedchunk 1`` in the Makefile) end together instead of one of them finishing
-a long reproduction alone. A file's tests stay together, so module fixtures are built once per
-worker. Refresh the record with ``benchmarks/test_times.py RUN.xml --write-durations
+within a file its longest tests, so that the workers of ``pytest -n auto`` end together instead
+of one of them finishing a long reproduction alone. With ``--dist loadgroup`` (the Makefile) a
+worker takes a whole test file at a time, so that its module fixtures are built once; the
+demo's and the tutorials' tests, which share only the session's model, go one at a time
+(``SPREAD``). Refresh the record with ``benchmarks/test_times.py RUN.xml --write-durations
 tests/durations.json``; files it does not know run after those it does, in pytest's order.
 """
 
@@ -15,6 +16,7 @@ import functools
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -37,9 +39,15 @@ _running: dict[str, pytest.Item] = {}
 DURATIONS = Path(__file__).parent / "tests" / "durations.json"
 
 FIRST = frozenset({"tests/models/test_gemma3.py"})
-"""Files that run before the longest ones. xdist hands the first two tests to one worker and
-the next two to the other: Gemma's two tests first keep that worker busy converting Gemma
-while the other converts SmolLM2, which every other long test waits for."""
+"""Files that run before the longest ones. xdist hands the first work unit to one worker and
+the next to the other: Gemma's file first keeps that worker busy converting Gemma while the
+other converts SmolLM2, which every other long test waits for."""
+
+SPREAD = frozenset({"tests/test_readme_and_demo.py", "tests/test_tutorials.py"})
+"""Test files whose tests the workers take one at a time. Under ``--dist loadgroup`` (``make
+test``) every other test file is one work unit, so that its module fixtures (two spawned ranks,
+a Ray cluster, a transformers reference model) are built once, not once per worker; these two
+share nothing but the session's model, and are most of the time."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -49,6 +57,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if any(name in source for name in (*REAL_MODELS, *STARTS_PROCESSES)):
                 item.add_marker(pytest.mark.slow)
     items[:] = longest_first(items, DURATIONS)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup``: a test file is one work unit (but those in ``SPREAD``, whose tests
+    go one by one), in collection order with ``--no-loadscope-reorder``. xdist's own groups
+    (``xdist_group`` marks) rename node ids, which pytest 9 no longer allows, so the groups are
+    made here instead."""
+    if config.getvalue("dist") != "loadgroup":
+        return None  # xdist's scheduler for the mode asked
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::")[0]
+            return file if file.startswith("tests/") and file not in SPREAD else nodeid
+
+    return FileUnits(config, log)
 
 
 def longest_first(items: list[pytest.Item], record: Path) -> list[pytest.Item]:

@@ -51,7 +51,10 @@ def file_path(module: str) -> str:
 
 
 def node_id(module: str, name: str) -> str:
-    """pytest's node id of a JUnit test case (file, then class if any, then the name)."""
+    """pytest's node id of a JUnit test case (file, then class if any, then the name; without
+    the ``@group`` that ``--dist loadgroup`` appends, as xdist splits it off)."""
+    if name.rfind("@") > name.rfind("]"):
+        name = name.rsplit("@", 1)[0]
     path = file_path(module)
     dotted = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
     inner = module.removeprefix(dotted).strip(".")
