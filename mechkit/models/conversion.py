@@ -11,6 +11,7 @@ applies the processing in :class:`Processing`. GGUF conversions are cached (see
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import tempfile
@@ -241,8 +242,6 @@ def one_gguf_parse() -> Iterator[None]:
         >>> shared, gguf.GGUFReader.__name__  # the class itself is back after the block
         (True, 'GGUFReader')
     """
-    import copy
-
     import gguf
     import transformers.modeling_gguf_pytorch_utils as hf_gguf
 
