@@ -36,9 +36,10 @@ layer's own input norm is applied to ``x_t`` before ``W_V``. The head's output r
 through ``W_U`` after the final norm's centring (LayerNorm models) and weights (if not folded),
 without its scale (a positive factor changes no ranking) and without ``b_V``, ``b_O``, ``b_U``
 (they add the same logits whatever the token). Computed in float32, all heads of a layer at once.
-Cost: copying multiplies ``W_O`` by ``W_U`` in every layer: ``n_layers * n_heads * d_head *
-d_model * d_vocab`` multiply-adds (0.5 T for SmolLM2-135M: tens of seconds on a laptop CPU, a
-blink on a GPU).
+Cost: copying multiplies ``W_O`` by ``W_U`` in every layer: ``n_layers * n_heads *
+min(d_head, n_tokens) * d_model * d_vocab`` multiply-adds (0.5 T for SmolLM2-135M at 64 tokens
+or more: tens of seconds on a laptop CPU, a blink on a GPU; fewer tokens than ``d_head`` go
+through ``W_U`` as residual vectors instead, in proportion).
 
 Example:
     >>> model = mk.load_model("attn-only-2l")
@@ -408,14 +409,23 @@ def _copying_scores(
         values = _ov_values(model, layer, inputs)  # (head, n, d_head)
         W_O = _head_outputs(model, layer)  # (head, d_head, d_model)
         n_heads, d_head = W_O.shape[:2]
-        W_O_rows = W_O.reshape(n_heads * d_head, -1)  # one matrix product for every head
-        own_dir = (W_O_rows @ W_U[:, ids]).view(n_heads, d_head, n)  # (head, d_head, n)
-        own = torch.einsum("hnd,hdn->hn", values, own_dir)  # (head, n): logit of t itself
+        # logits = values @ W_O @ W_U, associated so that the product with W_U (the cost) has
+        # min(d_head, n) rows per head: W_O @ W_U for many tokens, the head outputs for few
+        few = n < d_head
+        if few:
+            rows = (values @ W_O).reshape(n_heads * n, -1)  # (head * n, d_model)
+            own = (rows * W_U[:, ids].T.repeat(n_heads, 1)).sum(-1).view(n_heads, n)
+        else:
+            rows = W_O.reshape(n_heads * d_head, -1)  # one matrix product for every head
+            own_dir = (rows @ W_U[:, ids]).view(n_heads, d_head, n)  # (head, d_head, n)
+            own = torch.einsum("hnd,hdn->hn", values, own_dir)  # (head, n): logit of t itself
         at_least = torch.zeros(cfg.n_heads, n, dtype=torch.long, device=cfg.device)
         for lo in range(0, n_vocab, chunk):
             hi = min(lo + chunk, n_vocab)
-            W_OU = (W_O_rows @ W_U[:, lo:hi]).view(n_heads, d_head, hi - lo)
-            logits = values @ W_OU  # (head, n, chunk)
+            if few:
+                logits = (rows @ W_U[:, lo:hi]).view(n_heads, n, hi - lo)
+            else:
+                logits = values @ (rows @ W_U[:, lo:hi]).view(n_heads, d_head, hi - lo)
             beats = (logits >= own[..., None]).sum(-1)  # ties count against t ...
             # ... but t's own column does not: taken back where t lies in this chunk
             inside = (ids >= lo) & (ids < hi)  # (n,)

@@ -279,8 +279,9 @@ def _naive_copying(model, ids, top_k):
     return out
 
 
+@pytest.mark.parametrize("n_ids", [40, 5])  # more tokens than d_head (8), and fewer
 @torch.no_grad()
-def test_copying_matches_a_per_head_computation_on_a_gqa_model(monkeypatch):
+def test_copying_matches_a_per_head_computation_on_a_gqa_model(monkeypatch, n_ids):
     torch.manual_seed(0)
     model = _hooked(
         n_layers=2, d_model=32, d_head=8, n_heads=4, n_key_value_heads=2, d_vocab=300,
@@ -290,7 +291,7 @@ def test_copying_matches_a_per_head_computation_on_a_gqa_model(monkeypatch):
         model.unembed.W_U.copy_(model.W_E.T)
         model.blocks[1].attn.W_O[3] = model.blocks[1].attn._W_V[1].T
     monkeypatch.setattr(heads, "_LOGIT_BUDGET", 1000)  # force many vocabulary chunks
-    ids = torch.randperm(300)[:40]
+    ids = torch.randperm(300)[:n_ids]
     ours = detect_heads(model, "copying", tokens=ids, top_k=20).scores
     assert torch.equal(ours, _naive_copying(model, ids, top_k=20))
     assert ours.max() > ours.min()
