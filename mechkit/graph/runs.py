@@ -407,22 +407,52 @@ def masked_logits(
         current[:, first : first + count] = block.reshape(n_circ, count, -1)
         filled[0] = max(filled[0], first + count)
 
+    # A layer's query, key and value inputs see the same senders (none is computed between
+    # them): whichever of the three hooks runs first computes the changes of all three in one
+    # pass over ``current`` (these passes are bound by reading it); the others take theirs.
+    receivers = receiver_hook_names(layout)
+    span: dict[int, tuple[int, int]] = {}  # a q/k/v hook's first receiver -> its layer's q, k, v
+    for name, first, _ in receivers:
+        if name.endswith(("hook_q_input", "hook_k_input", "hook_v_input")):
+            layer = name.split(".")[1]
+            qkv = [(f, c) for n, f, c in receivers if n.split(".")[1] == layer and "mlp" not in n
+                   and n.endswith("_input")]  # fmt: skip
+            span[first] = (qkv[0][0], sum(c for _, c in qkv))
+    done: dict[int, Tensor | None] = {}  # a layer's q, k, v changes, until each hook took its own
+
+    def change(first: int, count: int) -> Tensor | None:
+        """Sum over dropped senders of (ablated - current): ``(circuit, receiver, b * p * d)``,
+        None when no sender is dropped."""
+        upto = filled[0]  # senders computed so far all come before these receivers
+        weights = drop[:, first : first + count, :upto]  # (circuit, receiver, sender)
+        if not bool(weights.any()):
+            return None
+        return torch.matmul(weights, abl[:upto]) - torch.bmm(weights, current[:, :upto])
+
     def patch(first: int, count: int) -> Callable:
         def hook(act: Tensor, hook: Any) -> Tensor:
-            upto = filled[0]  # senders computed so far all come before this receiver
-            weights = drop[:, first : first + count, :upto]  # (circuit, receiver, sender)
-            if not bool(weights.any()):
+            if first in span:
+                group, total = span[first]
+                if group not in done:
+                    done[group] = change(group, total)
+                whole = done[group]
+                delta = None if whole is None else whole[:, first - group : first - group + count]
+                taken.setdefault(group, set()).add(first)
+                if len(taken[group]) == sum(1 for s in span.values() if s[0] == group):
+                    del done[group], taken[group]  # every hook of the layer took its part
+            else:
+                delta = change(first, count)
+            if delta is None or not bool(delta.any()):
                 return act
-            # sum over dropped senders of (ablated - current): (circuit, receiver, b * p * d)
-            delta = torch.matmul(weights, abl[:upto]) - torch.bmm(weights, current[:, :upto])
             delta = delta.reshape(n_circ, count, n_batch, seq, d_model).permute(0, 2, 3, 1, 4)
             delta = delta.reshape(n_circ * n_batch, seq, count, d_model)
             return act + (delta if act.ndim == 4 else delta[:, :, 0]).to(act.dtype)
 
         return hook
 
+    taken: dict[int, set[int]] = {}
     hooks = _sender_hooks(model, layout, store)
-    hooks += [(name, patch(first, count)) for name, first, count in receiver_hook_names(layout)]
+    hooks += [(name, patch(first, count)) for name, first, count in receivers]
     rows = tokens.repeat(n_circ, 1)  # (circuit * batch, pos)
     with graph_mode(model), hook_scope(model, fwd_hooks=hooks):
         logits = model(rows)
