@@ -410,15 +410,15 @@ def masked_logits(
     # A layer's query, key and value inputs see the same senders (none is computed between
     # them): whichever of the three hooks runs first computes the changes of all three in one
     # pass over ``current`` (these passes are bound by reading it); the others take theirs.
-    receivers = receiver_hook_names(layout)
+    receivers = receiver_hook_names(layout)  # in forward order: each layer's q, k, v together
     span: dict[int, tuple[int, int]] = {}  # a q/k/v hook's first receiver -> its layer's q, k, v
-    for name, first, _ in receivers:
-        if name.endswith(("hook_q_input", "hook_k_input", "hook_v_input")):
-            layer = name.split(".")[1]
-            qkv = [(f, c) for n, f, c in receivers if n.split(".")[1] == layer and "mlp" not in n
-                   and n.endswith("_input")]  # fmt: skip
-            span[first] = (qkv[0][0], sum(c for _, c in qkv))
+    for k, (name, first, _) in enumerate(receivers):
+        if name.endswith("hook_q_input"):
+            group = receivers[k : k + 3]  # hook_q_input, hook_k_input, hook_v_input
+            for _, member, _ in group:
+                span[member] = (first, sum(count for _, _, count in group))
     done: dict[int, Tensor | None] = {}  # a layer's q, k, v changes, until each hook took its own
+    taken: dict[int, int] = {}  # how many of a layer's three hooks took their part
 
     def change(first: int, count: int) -> Tensor | None:
         """Sum over dropped senders of (ablated - current): ``(circuit, receiver, b * p * d)``,
@@ -437,9 +437,9 @@ def masked_logits(
                     done[group] = change(group, total)
                 whole = done[group]
                 delta = None if whole is None else whole[:, first - group : first - group + count]
-                taken.setdefault(group, set()).add(first)
-                if len(taken[group]) == sum(1 for s in span.values() if s[0] == group):
-                    del done[group], taken[group]  # every hook of the layer took its part
+                taken[group] = taken.get(group, 0) + 1
+                if taken[group] == 3:  # every hook of the layer took its part
+                    del done[group], taken[group]
             else:
                 delta = change(first, count)
             if delta is None or not bool(delta.any()):
@@ -450,7 +450,6 @@ def masked_logits(
 
         return hook
 
-    taken: dict[int, set[int]] = {}
     hooks = _sender_hooks(model, layout, store)
     hooks += [(name, patch(first, count)) for name, first, count in receivers]
     rows = tokens.repeat(n_circ, 1)  # (circuit * batch, pos)
